@@ -1,0 +1,11 @@
+"""normfree: normalizer-free deep networks in PyTorch.
+
+NF-ResNets and NFNets (Brock et al. 2021a, 2021b), Adaptive Gradient Clipping, signal
+propagation analysis, and the batch-independent baselines (Fixup, SkipInit, ReZero, WS+GN,
+Mean Shift Rejection, Proxy Normalization) with BN for comparison.
+"""
+
+from normfree._version import __version__
+from normfree.models import create_model, list_models
+
+__all__ = ["__version__", "create_model", "list_models"]

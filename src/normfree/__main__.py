@@ -1,0 +1,5 @@
+import sys
+
+from normfree.cli import main
+
+sys.exit(main())

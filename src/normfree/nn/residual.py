@@ -1,0 +1,180 @@
+"""Residual-network primitives shared by every family in normfree.
+
+* :class:`ResidualBlock` - base class that marks a residual block and gives the analysis tools a
+  probe on the residual branch (``branch_probe``) and the block's place in the network.
+* :class:`StochasticDepth` - per-example branch dropping (Huang et al. 2016) with the per-block
+  rate ``rate·i/N`` and *no* ``1/keep`` rescaling by default, as in the official NF-ResNet/NFNet
+  code (Brock et al. 2021a, 2021b).
+* :class:`SkipInitGain` - a learnable scalar at the end of a residual branch, initialised to 0
+  (SkipInit, De & Smith 2020; ReZero, Bachlechner et al. 2020, is the same scalar).
+* :class:`SqueezeExcite` - squeeze-and-excitation with the NFNet ×2 gate (Brock et al. 2021b, §4.1).
+* :class:`ExpectedVariance` - the expected-variance bookkeeping of NF-ResNets
+  (Brock et al. 2021a, §4: ``h_{i+1} = h_i + α·f_i(h_i/β_i)``, ``β_i = sqrt(Var(h_i))``,
+  ``Var(h_{i+1}) = Var(h_i) + α²``, reset to 1 after each transition block).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ExpectedVariance",
+    "ResidualBlock",
+    "SkipInitGain",
+    "SqueezeExcite",
+    "StochasticDepth",
+    "stochastic_depth_rates",
+]
+
+
+class ResidualBlock(nn.Module):
+    """Base class of every residual block in normfree.
+
+    A subclass computes its residual branch ``r`` and passes it through ``self.branch_probe(r)``
+    *before* stochastic depth, the skip gain and α are applied. ``branch_probe`` is an identity
+    module, so a forward hook on it observes the branch output (Signal Propagation Plots report its
+    variance as ``res_avg_var``, Brock et al. 2021a, §3).
+
+    Attributes set by the model builder:
+        stage_index: index of the stage that holds the block.
+        is_transition: True for the first block of a stage whose shortcut changes shape
+            (the expected variance resets after it).
+        skip_gain: the block's :class:`SkipInitGain` if it has one, else ``None``.
+    """
+
+    def __init__(self, stage_index: int = 0, is_transition: bool = False) -> None:
+        super().__init__()
+        self.stage_index = stage_index
+        self.is_transition = is_transition
+        self.branch_probe = nn.Identity()
+        self.skip_gain: SkipInitGain | None = None
+
+
+def stochastic_depth_rates(rate: float, num_blocks: int) -> list[float]:
+    """Per-block drop rates ``rate·i/N`` for blocks ``i = 0..N-1`` (official NF-ResNet/NFNet rule;
+    the first block is never dropped)."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"stochastic depth rate must be in [0, 1), got {rate}")
+    if num_blocks < 0:
+        raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+    return [rate * i / num_blocks for i in range(num_blocks)]
+
+
+class StochasticDepth(nn.Module):
+    """Drop the residual branch of whole examples with probability ``drop_rate`` in training.
+
+    The mask has shape ``(B, 1, ..., 1)`` (one Bernoulli draw per example). The official code does
+    not rescale kept examples (``scale_by_keep=False``); set ``scale_by_keep=True`` for the
+    ``1/keep`` rescaling of Huang et al. Identity in eval mode or when ``drop_rate == 0``.
+    """
+
+    def __init__(self, drop_rate: float = 0.0, scale_by_keep: bool = False) -> None:
+        super().__init__()
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        self.drop_rate = float(drop_rate)
+        self.scale_by_keep = bool(scale_by_keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_rate == 0.0:
+            return x
+        keep = 1.0 - self.drop_rate
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(keep)
+        if self.scale_by_keep:
+            mask = mask / keep
+        return x * mask
+
+    def extra_repr(self) -> str:
+        return f"drop_rate={self.drop_rate:g}, scale_by_keep={self.scale_by_keep}"
+
+
+class SkipInitGain(nn.Module):
+    """A learnable scalar ``g`` (parameter ``gain``, shape ``()``) multiplying a residual branch.
+
+    SkipInit (De & Smith 2020) and ReZero (Bachlechner et al. 2020) both use
+    ``x + g·F(x)`` with ``g`` initialised to 0, so every block starts as the identity.
+    """
+
+    def __init__(self, init: float = 0.0) -> None:
+        super().__init__()
+        self.init = float(init)
+        self.gain = nn.Parameter(torch.empty(()))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.gain.fill_(self.init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+    def extra_repr(self) -> str:
+        return f"init={self.init:g}"
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018) with a scaled gate, as in NFNets.
+
+    ``y = x · gate_gain · sigmoid(fc2(relu(fc1(mean_hw(x)))))``. NFNets use ``gate_gain = 2`` so
+    the gate is 1 on average at init, and an *unscaled* ReLU inside (Brock et al. 2021b, §4.1).
+    ``fc1``/``fc2`` are 1×1 convolutions with bias (the layout of timm's ports).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        hidden_channels: int,
+        gate_gain: float = 2.0,
+        activation: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if hidden_channels < 1:
+            raise ValueError(f"hidden_channels must be >= 1, got {hidden_channels}")
+        self.gate_gain = float(gate_gain)
+        self.fc1 = nn.Conv2d(channels, hidden_channels, 1, bias=True)
+        self.act = activation if activation is not None else nn.ReLU()
+        self.fc2 = nn.Conv2d(hidden_channels, channels, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean(dim=(2, 3), keepdim=True)
+        s = self.fc2(self.act(self.fc1(s)))
+        return x * (torch.sigmoid(s) * self.gate_gain)
+
+
+class ExpectedVariance:
+    """Expected variance of the residual stream while a model is built block by block.
+
+    Brock et al. 2021a (§4): a block computes ``h + α·f(h/β)`` with ``β = sqrt(Var(h))``, so its
+    branch sees unit-variance input and the variance grows by ``α²`` per block; after a transition
+    block (whose shortcut sees the normalised input) the variance is reset to ``1 + α²``.
+
+    >>> ev = ExpectedVariance(alpha=0.2)
+    >>> [round(ev.next_block(first_in_stage=(i == 0)), 4) for i in range(3)]
+    [1.0, 0.9806, 0.9623]
+    >>> [round(v, 2) for v in ev.history]
+    [1.04, 1.08, 1.12]
+    """
+
+    def __init__(self, alpha: float, initial_variance: float = 1.0) -> None:
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        self.alpha = float(alpha)
+        self.variance = float(initial_variance)
+        self.history: list[float] = []
+
+    def next_block(self, first_in_stage: bool) -> float:
+        """Return the input multiplier ``1/β`` for the next block and advance the bookkeeping.
+
+        ``first_in_stage`` marks a stage's first block: the official code resets the expected
+        variance to 1 after it, because its shortcut carries the normalised signal.
+        """
+        beta_multiplier = 1.0 / math.sqrt(self.variance)
+        if first_in_stage:
+            self.variance = 1.0
+        self.variance += self.alpha**2
+        self.history.append(self.variance)
+        return beta_multiplier

@@ -1,0 +1,4 @@
+"""Optimisation for normalizer-free training: AGC, MSR gradient projection, schedules, EMA and
+parameter groups."""
+
+__all__: list[str] = []
