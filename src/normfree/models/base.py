@@ -77,41 +77,49 @@ class NormFreeModel(nn.Module):
     and call ``self.init_weights()`` at the end of ``__init__`` if they need custom init.
     """
 
-    meta: ModelMeta
-    feature_info: list[FeatureInfo]
-    stem: nn.Module
-    stages: nn.ModuleList
-    final: nn.Module
-    head: ClassifierHead
+    # Set by subclasses (no class-level annotations: TorchScript would try to resolve them):
+    # meta: ModelMeta, feature_info: list[FeatureInfo], in_chans: int, stem, stages (ModuleList of
+    # Sequential), final, head (ClassifierHead).
 
     def __init__(self) -> None:
         super().__init__()
         self.grad_checkpointing = False
+        self.in_chans = 3
 
     # ----------------------------------------------------------------- forward
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
-            raise ValueError(f"expected an image batch of shape (N, C, H, W), got {tuple(x.shape)}")
-        in_chans = getattr(self, "in_chans", None)
-        if in_chans is not None and x.shape[1] != in_chans:
             raise ValueError(
-                f"{self.meta.name} expects {in_chans} input channels, got {x.shape[1]} "
-                f"(input shape {tuple(x.shape)})"
+                "expected an image batch of shape (N, C, H, W), got shape " + str(x.shape)
+            )
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                "model expects " + str(self.in_chans) + " input channels, got "
+                + str(x.shape[1]) + " (input shape " + str(x.shape) + ")"
             )
         return self.stem(x)
 
-    def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            for block in stage:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
-        return stage(x)
+    def _run_stages_eager(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's output; per-block gradient checkpointing when enabled in training."""
+        outs = []
+        use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for stage in self.stages:
+            if use_ckpt:
+                for block in stage:
+                    x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = stage(x)
+            outs.append(x)
+        return outs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image → last feature map (after ``final``), before pooling."""
         x = self.forward_stem(x)
-        for stage in self.stages:
-            x = self._run_stage(stage, x)
+        if torch.jit.is_scripting():
+            for stage in self.stages:
+                x = stage(x)
+        else:
+            x = self._run_stages_eager(x)[-1]
         return self.final(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -124,13 +132,8 @@ class NormFreeModel(nn.Module):
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Multi-scale features for use as a backbone: the stem output and each stage's output,
         in the order of ``feature_info``."""
-        feats = []
         x = self.forward_stem(x)
-        feats.append(x)
-        for stage in self.stages:
-            x = self._run_stage(stage, x)
-            feats.append(x)
-        return feats
+        return [x, *self._run_stages_eager(x)]
 
     # ----------------------------------------------------------- declarations
     @property

@@ -1,0 +1,111 @@
+"""One entry point to load weights from any supported source into a normfree model."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from normfree.checkpoints.deepmind import deepmind_to_normfree, read_haiku_file
+from normfree.checkpoints.errors import CheckpointError
+from normfree.checkpoints.io import atomic_save, load_tensors, save_safetensors
+from normfree.checkpoints.state_dict import LoadReport, load_state_dict_checked
+from normfree.checkpoints.timm import is_timm_state_dict, timm_to_normfree
+
+__all__ = ["CheckpointFormat", "load_pretrained", "save_model"]
+
+CheckpointFormat = Literal["auto", "normfree", "timm", "deepmind", "state_dict"]
+MODEL_FILE_FORMAT = "normfree.model"
+
+
+def save_model(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Save a model's weights atomically: ``.safetensors`` (tensors + model name in the metadata)
+    or a torch file readable with ``weights_only=True``."""
+    meta = getattr(model, "meta", None)
+    name = meta.name if meta is not None else type(model).__name__
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if Path(path).suffix == ".safetensors":
+        save_safetensors(state, path, metadata={"format": MODEL_FILE_FORMAT, "model_name": name})
+    else:
+        atomic_save({"format": MODEL_FILE_FORMAT, "version": 1, "model_name": name,
+                     "state_dict": state}, path)
+
+
+def _is_tensor_mapping(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def _extract_state_dict(obj: Any, use_ema: bool, path: Path) -> Mapping[str, torch.Tensor]:
+    """normfree model files, normfree training checkpoints (``model`` / ``ema``) or plain state
+    dicts (``state_dict`` / ``model`` wrappers as other tools write them)."""
+    if _is_tensor_mapping(obj):
+        return obj
+    if isinstance(obj, Mapping):
+        keys = ("ema", "model") if use_ema else ("state_dict", "model", "model_state")
+        for key in keys:
+            value = obj.get(key)
+            if isinstance(value, Mapping) and "state_dict" in value:
+                value = value["state_dict"]
+            if _is_tensor_mapping(value):
+                return value
+        if use_ema:
+            raise CheckpointError(f"{path} has no EMA weights (keys: {sorted(obj)})")
+    raise CheckpointError(f"{path} holds no recognisable state dict (got {type(obj).__name__})")
+
+
+def load_pretrained(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    format: CheckpointFormat = "auto",  # noqa: A002 - the natural name
+    strict: bool = True,
+    use_ema: bool = False,
+    trust_pickle: bool = False,
+) -> LoadReport:
+    """Load weights into ``model`` from a file.
+
+    Supported (``format="auto"`` detects them):
+
+    * normfree model files (:func:`save_model`) and training checkpoints (``last.pt``,
+      ``best.pt``; ``use_ema=True`` takes the EMA weights);
+    * timm state dicts of its ``dm_nfnet_f*`` ports (renamed, gains reshaped);
+    * DeepMind's official ``F*_haiku.npz`` NFNet files, which are pickles: they load only with
+      ``trust_pickle=True`` (see :func:`normfree.checkpoints.read_haiku_file`);
+    * ``.safetensors`` files and plain state dicts.
+
+    A mismatched checkpoint raises :class:`CheckpointMismatchError` listing missing, unexpected
+    and mis-shaped parameters and loads nothing, unless ``strict=False``.
+    """
+    path = Path(path)
+    if format == "auto":
+        format = _detect(path)
+    if format == "deepmind":
+        state = deepmind_to_normfree(read_haiku_file(path, trust_pickle=trust_pickle), model)
+    else:
+        state = dict(_extract_state_dict(load_tensors(path), use_ema, path))
+        if format == "timm" or (format == "auto_torch" and is_timm_state_dict(state)):
+            state = timm_to_normfree(state)
+    return load_state_dict_checked(model, state, strict=strict, source=str(path))
+
+
+def _detect(path: Path) -> str:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return "auto_torch"
+    if path.suffix in (".npz", ".pkl", ".pickle", ".dill"):
+        # a real zip .npz may also be a flat Haiku export; both go through the DeepMind reader
+        return "deepmind" if not zipfile.is_zipfile(path) or _is_npz(path) else "auto_torch"
+    return "auto_torch"
+
+
+def _is_npz(path: Path) -> bool:
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith(".npy") for n in z.namelist())

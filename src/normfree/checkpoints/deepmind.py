@@ -1,0 +1,216 @@
+"""DeepMind's official NFNet weight files (``F0_haiku.npz`` … ``F6_haiku.npz``).
+
+Despite the suffix these files are pickles (written with ``dill``) of a two-level mapping
+``{module_path: {param_name: numpy array}}`` with Haiku module paths such as
+``NFNet/~/nf_block_3/~/conv1b`` (Brock et al. 2021b, official ``utils.load_haiku_file``).
+Unpickling can execute code, so :func:`read_haiku_file` refuses unless the caller opts in with
+``trust_pickle=True``; even then it uses a restricted unpickler that only rebuilds numpy arrays
+and plain/Haiku mappings (Haiku's mapping classes become dicts, haiku is never imported).
+A real ``.npz`` archive with flat ``module/param`` keys is read with ``allow_pickle=False``.
+
+Layouts: conv kernels are HWIO (→ OIHW), linear weights ``(in, out)`` (→ ``(out, in)``; the
+squeeze-excite linears become 1×1 convs), gains and biases ``(C,)``, ``skip_gain`` a scalar.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from normfree.checkpoints.errors import CheckpointError
+
+__all__ = ["deepmind_to_normfree", "normfree_to_deepmind", "read_haiku_file"]
+
+_ALLOWED_NUMPY = {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _MappingShim(dict):
+    """Stands in for Haiku's FlatMapping/FlatMap classes when unpickling."""
+
+    def __setstate__(self, state: Any) -> None:  # FlatMapping pickles its items as state
+        if isinstance(state, Mapping):
+            self.update(state)
+        elif isinstance(state, (tuple, list)):
+            for item in state:
+                if isinstance(item, Mapping):
+                    self.update(item)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_NUMPY:
+            return super().find_class(module, name)
+        if module.startswith("numpy") and name.endswith("Dtype"):  # numpy>=1.25 dtype classes
+            return super().find_class(module, name)
+        if module == "builtins" and name in {"dict", "list", "tuple", "set", "frozenset"}:
+            return super().find_class(module, name)
+        if module == "collections" and name in {"OrderedDict", "defaultdict"}:
+            return super().find_class(module, name)
+        if module.startswith(("haiku", "dill")) and ("Map" in name or name == "_create_namedtuple"):
+            return _MappingShim
+        raise pickle.UnpicklingError(
+            f"refusing to unpickle {module}.{name}: a Haiku weight file only holds numpy arrays "
+            "in nested mappings"
+        )
+
+
+def read_haiku_file(
+    path: str | os.PathLike[str], trust_pickle: bool = False
+) -> dict[str, dict[str, np.ndarray]]:
+    """Read an official weight file into ``{module_path: {param: array}}``.
+
+    Args:
+        path: ``F0_haiku.npz`` etc.
+        trust_pickle: must be True for the official files, because they are pickles: loading a
+            pickle from an untrusted source can run arbitrary code. normfree still restricts
+            what the pickle may construct, but only opt in for files whose origin you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weight file not found: {path}")
+    if zipfile.is_zipfile(path):
+        with np.load(path, allow_pickle=False) as npz:
+            tree: dict[str, dict[str, np.ndarray]] = {}
+            for key in npz.files:
+                module, _, param = key.rpartition("/")
+                tree.setdefault(module, {})[param] = npz[key]
+            return tree
+    if not trust_pickle:
+        raise CheckpointError(
+            f"{path} is a pickle (DeepMind's Haiku weight files are dill pickles despite the "
+            ".npz suffix). Unpickling can execute code from the file, so normfree only reads it "
+            "with trust_pickle=True (CLI: --trust-pickle); do that only for files you trust."
+        )
+    try:
+        with open(path, "rb") as f:
+            raw = _RestrictedUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"cannot read Haiku weight file {path}: {e}") from e
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"{path}: expected a mapping of module paths, got {type(raw)}")
+    return {str(m): {str(k): np.asarray(v) for k, v in dict(p).items()} for m, p in raw.items()}
+
+
+_BLOCK = re.compile(r"^NFNet/~/nf_block(?:_(\d+))?/~/(.+)$")
+_SKIP = re.compile(r"^NFNet/~/nf_block(?:_(\d+))?$")
+_CONV = {"conv0": "conv1", "conv1": "conv2", "conv1b": "conv2b", "conv2": "conv3",
+         "conv_shortcut": "downsample.conv"}
+_SE = {"squeeze_excite/~/linear": "attn_last.fc1", "squeeze_excite/~/linear_1": "attn_last.fc2"}
+_PARAM = {"w": "weight", "b": "bias", "gain": "gain", "bias": "bias"}
+
+
+def _block_positions(model: nn.Module) -> list[tuple[int, int]]:
+    stages = getattr(model, "stages", None)
+    if stages is None:
+        raise CheckpointError("DeepMind weights map onto normfree NFNet models (model.stages)")
+    return [(s, b) for s, stage in enumerate(stages) for b in range(len(stage))]
+
+
+def _to_torch(name: str, array: np.ndarray, is_linear: bool) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(array)).float()
+    if name.endswith("weight"):
+        if t.dim() == 4:  # HWIO -> OIHW
+            t = t.permute(3, 2, 0, 1)
+        elif t.dim() == 2:  # (in, out) -> (out, in)
+            t = t.t()
+            if not is_linear:  # SE linears are 1x1 convs in normfree
+                t = t[:, :, None, None]
+    return t.contiguous()
+
+
+def deepmind_to_normfree(
+    tree: Mapping[str, Mapping[str, np.ndarray]], model: nn.Module
+) -> dict[str, torch.Tensor]:
+    """Rename and re-layout an official NFNet parameter tree into ``model``'s state-dict keys."""
+    positions = _block_positions(model)
+    out: dict[str, torch.Tensor] = {}
+    for module, params in tree.items():
+        for pname, array in params.items():
+            target = _target_name(module, pname, positions)
+            out[target] = _to_torch(target, np.asarray(array), is_linear=target.startswith("head."))
+    return out
+
+
+def _target_name(module: str, pname: str, positions: list[tuple[int, int]]) -> str:
+    def block(idx: str | None) -> str:
+        k = int(idx) if idx else 0
+        if k >= len(positions):
+            raise CheckpointError(
+                f"weight file has block {module} but the model has only {len(positions)} blocks "
+                "(wrong variant?)"
+            )
+        s, b = positions[k]
+        return f"stages.{s}.{b}"
+
+    m = _SKIP.match(module)
+    if m and pname == "skip_gain":
+        return f"{block(m.group(1))}.skip_gain.gain"
+    param = _PARAM.get(pname)
+    if param is None:
+        raise CheckpointError(f"unknown parameter {module}/{pname} in the weight file")
+    if module.startswith("NFNet/~/stem_conv"):
+        return f"stem.conv{int(module[len('NFNet/~/stem_conv'):]) + 1}.{param}"
+    if module == "NFNet/~/final_conv":
+        return f"final.conv.{param}"
+    if module == "NFNet/~/linear":
+        return f"head.fc.{param}"
+    m = _BLOCK.match(module)
+    if m:
+        sub = m.group(2)
+        if sub in _CONV:
+            return f"{block(m.group(1))}.{_CONV[sub]}.{param}"
+        if sub in _SE:
+            return f"{block(m.group(1))}.{_SE[sub]}.{param}"
+    raise CheckpointError(f"unknown module {module!r} in the weight file")
+
+
+def normfree_to_deepmind(model: nn.Module) -> dict[str, dict[str, np.ndarray]]:
+    """The inverse mapping: a normfree NFNet as an official parameter tree (HWIO, ``(in, out)``).
+    Used to write test fixtures and to hand weights back to the JAX code."""
+    positions = {pos: k for k, pos in enumerate(_block_positions(model))}
+    inv_conv = {v: k for k, v in _CONV.items()}
+    inv_se = {v: k for k, v in _SE.items()}
+    inv_param = {"weight": "w", "gain": "gain"}
+    tree: dict[str, dict[str, np.ndarray]] = {}
+    for key, t in model.state_dict().items():
+        a = t.detach().cpu().float()
+        parts = key.split(".")
+        if key.startswith("stem.conv"):
+            module, pname = f"NFNet/~/stem_conv{int(parts[1][4:]) - 1}", inv_param.get(parts[2], "bias")
+        elif key.startswith("final.conv."):
+            module, pname = "NFNet/~/final_conv", inv_param.get(parts[2], "bias")
+        elif key.startswith("head.fc."):
+            module, pname = "NFNet/~/linear", "w" if parts[2] == "weight" else "b"
+        elif key.startswith("stages."):
+            k = positions[(int(parts[1]), int(parts[2]))]
+            blk = "NFNet/~/nf_block" + (f"_{k}" if k else "")
+            rest = ".".join(parts[3:-1])
+            if rest == "skip_gain":
+                tree.setdefault(blk, {})["skip_gain"] = a.numpy()
+                continue
+            if rest in inv_conv:
+                module, pname = f"{blk}/~/{inv_conv[rest]}", inv_param.get(parts[-1], "bias")
+            elif rest in inv_se:
+                module, pname = f"{blk}/~/{inv_se[rest]}", "w" if parts[-1] == "weight" else "b"
+            else:
+                raise CheckpointError(f"no official name for {key}")
+        else:
+            raise CheckpointError(f"no official name for {key}")
+        if pname == "w":
+            a = a.permute(2, 3, 1, 0) if module.endswith(tuple(_CONV)) or "stem_conv" in module \
+                or module.endswith("final_conv") else a.reshape(a.shape[0], a.shape[1]).t()
+        tree.setdefault(module, {})[pname] = np.ascontiguousarray(a.numpy())
+    return tree

@@ -1,0 +1,352 @@
+"""NF-ResNets (Brock, De & Smith 2021a, "Characterizing signal propagation to close the
+performance gap in unnormalized ResNets", arXiv 2101.08692), following DeepMind's
+``nfnets/nf_resnet.py``.
+
+A block computes ``h_{i+1} = shortcut + α · g · f_i(φ(h_i)·γ / β_i)`` (paper §4, eq. 2):
+
+* ``β_i`` is the expected standard deviation of ``h_i`` (tracked by
+  :class:`~normfree.nn.ExpectedVariance`, reset after every transition block);
+* ``f_i`` is a pre-activation bottleneck (ImageNet) or basic block (small images) of Scaled WS
+  convolutions with γ-scaled activations, so that ``Var(f_i) ≈ 1``;
+* at a transition the shortcut is a strided 1×1 WS conv of the *normalised* input
+  ``φ(h_i)·γ/β_i``, so the variance resets to ``1 + α²``;
+* ``g`` is a SkipInit gain initialised to 0 (so at init every block passes its shortcut through);
+* stochastic depth drops whole examples' branches with rate ``rate·i/N`` and no rescaling.
+
+Deviations from timm's ``nf_resnet*``: γ lives in the activation (timm folds it into every conv,
+which also scales the stem that has no activation in front of it), the shortcut is a strided 1×1
+conv without average pooling (as in DeepMind's NF-ResNet), and ``eps`` floors ``N·Var`` (1e-4)
+instead of being added to the variance.
+
+``use_ws=False`` replaces every Scaled WS conv by a plain He-initialised conv and the γ-scaled
+activation by the plain one: the paper's "NF, He-init" network whose channel means drift with
+depth (mean shift, §4.1, Fig. 2). It exists for analysis and comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
+from normfree.models.registry import register_model
+from normfree.nn.activations import nf_activation
+from normfree.nn.head import ClassifierHead
+from normfree.nn.padding import same_padding_amounts
+from normfree.nn.residual import (
+    ExpectedVariance,
+    ResidualBlock,
+    SkipInitGain,
+    SqueezeExcite,
+    StochasticDepth,
+    stochastic_depth_rates,
+)
+from normfree.nn.ws import ScaledStdConv2d
+
+__all__ = ["NFResNet", "NFResNetBlock", "HeConv2d", "MaxPoolSame"]
+
+PAPER = "Brock, De & Smith 2021, arXiv 2101.08692"
+
+
+class HeConv2d(nn.Conv2d):
+    """A plain convolution with He (fan-in, ReLU gain) normal init and zero bias, used by the
+    ``use_ws=False`` ("NF, He-init") variants. Padding ``k//2`` (symmetric)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 groups: int = 1) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride,
+                         padding=kernel_size // 2, groups=groups, bias=True)
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class MaxPoolSame(nn.Module):
+    """3×3 stride-2 max-pool with TF/JAX "SAME" padding (pads with -inf, extra pixel after),
+    as the official stem's ``hk.max_pool(padding='SAME')``."""
+
+    def __init__(self, kernel_size: int = 3, stride: int = 2) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ph = same_padding_amounts(x.shape[-2], self.kernel_size, self.stride, 1)
+        pw = same_padding_amounts(x.shape[-1], self.kernel_size, self.stride, 1)
+        x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]), value=float("-inf"))
+        return F.max_pool2d(x, self.kernel_size, self.stride)
+
+
+def _conv(in_ch: int, out_ch: int, k: int, stride: int, use_ws: bool) -> nn.Module:
+    if use_ws:
+        return ScaledStdConv2d(in_ch, out_ch, k, stride=stride, padding="same")
+    return HeConv2d(in_ch, out_ch, k, stride=stride)
+
+
+def _act(name: str, use_ws: bool) -> nn.Module:
+    # He-init variants use the plain activation (He init already targets ReLU's variance).
+    return nf_activation(name, gamma="table" if use_ws else 1.0)
+
+
+class NFResNetBlock(ResidualBlock):
+    """Normalizer-free pre-activation residual block (Brock et al. 2021a, §4; official
+    ``NFResBlock``).
+
+    ``out = act(x)·(1/β)``; shortcut = strided 1×1 conv of ``out`` when the shape changes, else
+    ``x``; branch = ``conv1 → act → conv2 → act → conv3`` (bottleneck, ``bottleneck=True``) or
+    ``conv1 → act → conv2`` (basic); optional ×2 squeeze-excite; then
+    ``branch_probe → stochastic depth → skip gain → ×α``, added to the shortcut.
+    """
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        stride: int,
+        beta_multiplier: float,
+        alpha: float,
+        bottleneck: bool = True,
+        bottleneck_ratio: float = 0.25,
+        activation: str = "relu",
+        use_ws: bool = True,
+        use_se: bool = False,
+        se_ratio: float = 0.25,
+        drop_path_rate: float = 0.0,
+        skipinit_init: float = 0.0,
+        stage_index: int = 0,
+    ) -> None:
+        projection = stride > 1 or in_ch != out_ch
+        super().__init__(stage_index=stage_index, is_transition=projection)
+        self.alpha = float(alpha)
+        self.beta_multiplier = float(beta_multiplier)
+        self.act = _act(activation, use_ws)
+        self.downsample = _conv(in_ch, out_ch, 1, stride, use_ws) if projection else None
+        if bottleneck:
+            width = int(out_ch * bottleneck_ratio)
+            self.conv1 = _conv(in_ch, width, 1, 1, use_ws)
+            self.conv2 = _conv(width, width, 3, stride, use_ws)
+            self.conv3 = _conv(width, out_ch, 1, 1, use_ws)
+        else:
+            self.conv1 = _conv(in_ch, out_ch, 3, stride, use_ws)
+            self.conv2 = _conv(out_ch, out_ch, 3, 1, use_ws)
+            self.conv3 = None
+        self.attn_last = (
+            SqueezeExcite(out_ch, max(1, int(in_ch * se_ratio)), gate_gain=2.0) if use_se else None
+        )
+        self.drop_path = StochasticDepth(drop_path_rate)
+        self.skip_gain = SkipInitGain(skipinit_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(x) * self.beta_multiplier
+        shortcut = self.downsample(out) if self.downsample is not None else x
+        r = self.conv2(self.act(self.conv1(out)))
+        if self.conv3 is not None:
+            r = self.conv3(self.act(r))
+        if self.attn_last is not None:
+            r = self.attn_last(r)
+        r = self.branch_probe(r)
+        r = self.skip_gain(self.drop_path(r))
+        return r * self.alpha + shortcut
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha:g}, beta_multiplier={self.beta_multiplier:.6f}"
+
+
+class NFResNet(NormFreeModel):
+    """Normalizer-free ResNet (Brock et al. 2021a), ImageNet or small-image layout.
+
+    Args:
+        depths: blocks per stage.
+        channels: output channels per stage.
+        num_classes: classifier size (0: no classifier).
+        in_chans: input channels.
+        stem: ``"imagenet"`` (7×7/2 WS conv + 3×3/2 SAME max-pool, 64 channels) or ``"small"``
+            (one 3×3/1 WS conv, for 8×8–32×32 images).
+        stem_channels: channels of the stem conv.
+        strides: per-stage strides.
+        bottleneck: bottleneck (1×1–3×3–1×1, ratio 0.25) or basic (3×3–3×3) blocks.
+        alpha: residual scale α (variance grows by α² per block).
+        activation: a name known to :func:`normfree.nn.nf_activation` (γ-scaled).
+        use_ws: Scaled WS convs (default) or plain He-init convs ("NF, He-init").
+        use_se: add ×2 squeeze-excite (ratio ``se_ratio``) after the last conv of each branch.
+        stochdepth_rate: network-wide rate; block ``i`` of ``N`` drops with ``rate·i/N``.
+        drop_rate: dropout before the classifier.
+        skipinit_init: initial value of every SkipInit gain (0: blocks start as identities).
+    """
+
+    def __init__(
+        self,
+        depths: Sequence[int],
+        channels: Sequence[int],
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        stem: str = "imagenet",
+        stem_channels: int = 64,
+        strides: Sequence[int] = (1, 2, 2, 2),
+        bottleneck: bool = True,
+        alpha: float = 0.2,
+        activation: str = "relu",
+        use_ws: bool = True,
+        use_se: bool = False,
+        se_ratio: float = 0.25,
+        stochdepth_rate: float = 0.1,
+        drop_rate: float = 0.25,
+        skipinit_init: float = 0.0,
+        meta: ModelMeta | None = None,
+    ) -> None:
+        super().__init__()
+        if not (len(depths) == len(channels) == len(strides)):
+            raise ValueError(
+                f"depths, channels and strides need one entry per stage, got {len(depths)}, "
+                f"{len(channels)} and {len(strides)}"
+            )
+        if stem not in ("imagenet", "small"):
+            raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
+        self.in_chans = in_chans
+        if stem == "imagenet":
+            self.stem = nn.Sequential()
+            self.stem.add_module("conv", _conv(in_chans, stem_channels, 7, 2, use_ws))
+            self.stem.add_module("pool", MaxPoolSame(3, 2))
+            reduction = 4
+        else:
+            self.stem = nn.Sequential()
+            self.stem.add_module("conv", _conv(in_chans, stem_channels, 3, 1, use_ws))
+            reduction = 1
+        self.feature_info = [FeatureInfo("stem", stem_channels, reduction)]
+
+        variance = ExpectedVariance(alpha)
+        rates = stochastic_depth_rates(stochdepth_rate, sum(depths))
+        in_ch, block_idx = stem_channels, 0
+        self.stages = nn.ModuleList()
+        for s, (depth, out_ch, stride) in enumerate(zip(depths, channels, strides)):
+            blocks = []
+            for b in range(depth):
+                block_stride = stride if b == 0 else 1
+                transition = block_stride > 1 or in_ch != out_ch
+                blocks.append(
+                    NFResNetBlock(
+                        in_ch, out_ch, block_stride,
+                        beta_multiplier=variance.next_block(first_in_stage=transition),
+                        alpha=alpha, bottleneck=bottleneck, activation=activation,
+                        use_ws=use_ws, use_se=use_se, se_ratio=se_ratio,
+                        drop_path_rate=rates[block_idx], skipinit_init=skipinit_init,
+                        stage_index=s,
+                    )
+                )
+                in_ch, block_idx = out_ch, block_idx + 1
+            reduction *= stride
+            self.stages.append(nn.Sequential(*blocks))
+            self.feature_info.append(FeatureInfo(f"stages.{s}", out_ch, reduction))
+        self.expected_variances = list(variance.history)
+        self.final = _act(activation, use_ws)
+        self.head = ClassifierHead(in_ch, num_classes, drop_rate=drop_rate, init_std=0.01)
+        self.meta = meta or ModelMeta(name="nf_resnet", family="nf_resnet", paper=PAPER)
+        self.meta = self.meta.with_updates(drop_rate=drop_rate, stochdepth_rate=stochdepth_rate)
+
+
+# ----------------------------------------------------------------------------- registry
+_IMAGENET_DEPTHS = {
+    26: (2, 2, 2, 2),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3),
+    288: (24, 24, 24, 24),
+    600: (50, 50, 50, 50),
+}
+
+
+def _imagenet(depth: int, num_classes: int, **overrides: Any) -> NFResNet:
+    name = f"nf_resnet{depth}"
+    meta = ModelMeta(name=name, family="nf_resnet", train_size=224, test_size=224, paper=PAPER)
+    kwargs: dict[str, Any] = dict(depths=_IMAGENET_DEPTHS[depth], channels=(256, 512, 1024, 2048))
+    kwargs.update(overrides)
+    return NFResNet(num_classes=num_classes, meta=meta, **kwargs)
+
+
+@register_model
+def nf_resnet26(num_classes: int = 1000, **overrides: Any) -> NFResNet:
+    """NF-ResNet-26 (depths 2,2,2,2; not in the official code, as in timm)."""
+    return _imagenet(26, num_classes, **overrides)
+
+
+@register_model
+def nf_resnet50(num_classes: int = 1000, **overrides: Any) -> NFResNet:
+    """NF-ResNet-50 (Brock et al. 2021a): 25.56M parameters."""
+    return _imagenet(50, num_classes, **overrides)
+
+
+@register_model
+def nf_resnet101(num_classes: int = 1000, **overrides: Any) -> NFResNet:
+    """NF-ResNet-101 (Brock et al. 2021a)."""
+    return _imagenet(101, num_classes, **overrides)
+
+
+@register_model
+def nf_resnet152(num_classes: int = 1000, **overrides: Any) -> NFResNet:
+    """NF-ResNet-152 (Brock et al. 2021a)."""
+    return _imagenet(152, num_classes, **overrides)
+
+
+@register_model
+def nf_resnet200(num_classes: int = 1000, **overrides: Any) -> NFResNet:
+    """NF-ResNet-200 (Brock et al. 2021a)."""
+    return _imagenet(200, num_classes, **overrides)
+
+
+@register_model
+def nf_resnet288(num_classes: int = 1000, **overrides: Any) -> NFResNet:
+    """NF-ResNet-288 (Brock et al. 2021a)."""
+    return _imagenet(288, num_classes, **overrides)
+
+
+@register_model
+def nf_resnet600(num_classes: int = 1000, **overrides: Any) -> NFResNet:
+    """NF-ResNet-600 (Brock et al. 2021a; the depth of the paper's SPP figure)."""
+    return _imagenet(600, num_classes, **overrides)
+
+
+def cifar_depths(depth: int) -> tuple[int, int, int]:
+    """Blocks per stage of a small-image basic-block ResNet of ``depth = 6n + 2`` layers
+    (He et al. 2016, §4.2)."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"small-image ResNet depth must be 6n+2 (e.g. 20, 56, 110), got {depth}")
+    n = (depth - 2) // 6
+    return (n, n, n)
+
+
+def _small(depth: int, num_classes: int, width: int = 1, **overrides: Any) -> NFResNet:
+    name = f"nf_resnet_cifar{depth}"
+    meta = ModelMeta(name=name, family="nf_resnet", train_size=32, test_size=32, paper=PAPER)
+    kwargs: dict[str, Any] = dict(
+        depths=cifar_depths(depth), channels=(16 * width, 32 * width, 64 * width),
+        strides=(1, 2, 2), stem="small", stem_channels=16 * width, bottleneck=False,
+        stochdepth_rate=0.0, drop_rate=0.0,
+    )
+    kwargs.update(overrides)
+    return NFResNet(num_classes=num_classes, meta=meta, **kwargs)
+
+
+@register_model
+def nf_resnet_cifar20(num_classes: int = 10, **overrides: Any) -> NFResNet:
+    """Small-image NF-ResNet-20 (3×3 stem, three stages of basic blocks; ``width`` multiplies
+    the 16/32/64 channels)."""
+    return _small(20, num_classes, **overrides)
+
+
+@register_model
+def nf_resnet_cifar56(num_classes: int = 10, **overrides: Any) -> NFResNet:
+    """Small-image NF-ResNet-56."""
+    return _small(56, num_classes, **overrides)
+
+
+@register_model
+def nf_resnet_cifar110(num_classes: int = 10, **overrides: Any) -> NFResNet:
+    """Small-image NF-ResNet-110."""
+    return _small(110, num_classes, **overrides)

@@ -1,0 +1,166 @@
+"""Checkpoint interop: normfree files, timm and DeepMind layouts, errors, atomic writes."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import normfree
+from normfree.checkpoints import (
+    CheckpointError,
+    CheckpointMismatchError,
+    atomic_save,
+    load_pretrained,
+    normfree_to_deepmind,
+    normfree_to_timm,
+    save_model,
+)
+
+TSV = Path(__file__).resolve().parents[3] / "shared" / "reference" / "dm-nfnet-f0-params.tsv"
+
+
+def _small_nfnet(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = normfree.create_model("nfnet_f0", num_classes=10, depths=(1, 1, 2, 1))
+    with torch.no_grad():  # non-trivial gains so a wrong mapping shows in the logits
+        for name, p in model.named_parameters():
+            if name.endswith(("gain", "bias")):
+                p.uniform_(0.5, 1.5) if name.endswith("gain") else p.normal_(0, 0.1)
+    return model.eval()
+
+
+def _logits(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_normfree_model_file_round_trip(tmp_path: Path, suffix: str) -> None:
+    src, dst = _small_nfnet(0), _small_nfnet(1)
+    path = tmp_path / f"model{suffix}"
+    save_model(src, path)
+    report = load_pretrained(dst, path)
+    assert not report.missing and not report.unexpected and not report.mismatched
+    torch.testing.assert_close(_logits(dst), _logits(src), rtol=0, atol=0)
+
+
+def test_timm_state_dict_round_trip(tmp_path: Path) -> None:
+    src, dst = _small_nfnet(0), _small_nfnet(1)
+    timm_sd = normfree_to_timm(src.state_dict())
+    # timm's documented naming (pytorch-ports.md §A3)
+    assert "stages.0.0.skipinit_gain" in timm_sd and timm_sd["stages.0.0.skipinit_gain"].shape == ()
+    assert timm_sd["stem.conv1.gain"].shape == (16, 1, 1, 1)
+    assert "final_conv.weight" in timm_sd and "head.fc.weight" in timm_sd
+    assert "stages.0.0.attn_last.fc1.weight" in timm_sd
+    torch.save(timm_sd, tmp_path / "timm.pth")
+    load_pretrained(dst, tmp_path / "timm.pth")
+    torch.testing.assert_close(_logits(dst), _logits(src), rtol=0, atol=0)
+
+
+def _write_haiku_pickle(tree: dict, path: Path) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(tree, f, protocol=4)
+
+
+def test_deepmind_file_round_trip_needs_opt_in(tmp_path: Path) -> None:
+    src, dst = _small_nfnet(0), _small_nfnet(1)
+    tree = normfree_to_deepmind(src)
+    assert tree["NFNet/~/stem_conv0"]["w"].shape == (3, 3, 3, 16)  # HWIO
+    assert tree["NFNet/~/linear"]["w"].shape == (3072, 10)  # (in, out)
+    path = tmp_path / "F0_haiku.npz"
+    _write_haiku_pickle(tree, path)
+    with pytest.raises(CheckpointError, match="trust_pickle=True"):
+        load_pretrained(dst, path)
+    load_pretrained(dst, path, trust_pickle=True)
+    torch.testing.assert_close(_logits(dst), _logits(src), rtol=0, atol=0)
+
+
+def test_deepmind_restricted_unpickler_refuses_code(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self):  # noqa: ANN204
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.npz"
+    with open(path, "wb") as f:
+        pickle.dump({"NFNet/~/linear": {"w": Evil()}}, f)
+    with pytest.raises(CheckpointError, match="refusing to unpickle builtins.print"):
+        load_pretrained(_small_nfnet(0), path, trust_pickle=True)
+
+
+def test_official_f0_names_and_shapes_match_reference_table() -> None:
+    """Every parameter of the official F0 (dm-nfnet-f0-params.tsv) maps 1:1 onto nfnet_f0."""
+    if not TSV.is_file():
+        pytest.skip("shared/reference not present")
+    with torch.device("meta"):
+        model = normfree.create_model("nfnet_f0")
+    tree = {}
+    for line in TSV.read_text().splitlines():
+        module, param, shape = line.split("\t")
+        shape = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+        tree.setdefault(module, {})[param] = np.broadcast_to(np.float32(0), shape)
+    from normfree.checkpoints import deepmind_to_normfree
+
+    converted = deepmind_to_normfree(tree, model)
+    own = model.state_dict()
+    assert set(converted) == set(own)
+    assert all(tuple(converted[k].shape) == tuple(own[k].shape) for k in own)
+    assert sum(v.numel() for v in converted.values()) == 71_489_284
+
+
+def test_mismatch_lists_everything_and_loads_nothing(tmp_path: Path) -> None:
+    src = normfree.create_model("nf_resnet_cifar20", num_classes=10)
+    dst = normfree.create_model("nf_resnet_cifar20", num_classes=5)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    sd = src.state_dict()
+    sd.pop("stem.conv.gain")
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "m.pt")
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_pretrained(dst, tmp_path / "m.pt")
+    msg = str(info.value)
+    assert "stem.conv.gain" in msg and "extra.weight" in msg and "head.fc.weight" in msg
+    assert "[5, 64]" in msg and "[10, 64]" in msg
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} was changed by a failed strict load"
+    report = load_pretrained(dst, tmp_path / "m.pt", strict=False)
+    assert "stem.conv.weight" in report.loaded and "head.fc.weight" not in report.loaded
+    assert torch.equal(dst.state_dict()["stem.conv.weight"], src.state_dict()["stem.conv.weight"])
+
+
+def test_corrupt_and_missing_files_are_errors(tmp_path: Path) -> None:
+    model = normfree.create_model("nf_resnet_cifar20")
+    save_model(model, tmp_path / "ok.pt")
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "bad.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_pretrained(model, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_pretrained(model, tmp_path / "nope.pt")
+
+
+def test_torch_file_with_arbitrary_objects_is_refused(tmp_path: Path) -> None:
+    class Thing:
+        pass
+
+    torch.save({"state_dict": Thing()}, tmp_path / "obj.pt")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_pretrained(normfree.create_model("nf_resnet_cifar20"), tmp_path / "obj.pt")
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path: Path) -> None:
+    path = tmp_path / "ck.pt"
+    atomic_save({"a": torch.ones(2)}, path)
+
+    class Boom:
+        def __reduce__(self):  # noqa: ANN204
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_save({"a": Boom()}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temp file left behind
