@@ -1,7 +1,11 @@
 """Checkpoint interop: normfree files, DeepMind's Haiku NFNet files and timm state dicts."""
 
 from normfree.checkpoints.api import load_pretrained, save_model
-from normfree.checkpoints.deepmind import deepmind_to_normfree, normfree_to_deepmind, read_haiku_file
+from normfree.checkpoints.deepmind import (
+    deepmind_to_normfree,
+    normfree_to_deepmind,
+    read_haiku_file,
+)
 from normfree.checkpoints.errors import CheckpointError, CheckpointMismatchError
 from normfree.checkpoints.io import atomic_save, atomic_write_bytes, load_tensors, save_safetensors
 from normfree.checkpoints.state_dict import LoadReport, compare_state_dict, load_state_dict_checked

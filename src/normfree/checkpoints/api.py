@@ -64,7 +64,7 @@ def load_pretrained(
     model: nn.Module,
     path: str | os.PathLike[str],
     *,
-    format: CheckpointFormat = "auto",  # noqa: A002 - the natural name
+    format: CheckpointFormat = "auto",
     strict: bool = True,
     use_ema: bool = False,
     trust_pickle: bool = False,

@@ -120,7 +120,7 @@ def _block_positions(model: nn.Module) -> list[tuple[int, int]]:
 
 
 def _to_torch(name: str, array: np.ndarray, is_linear: bool) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(array)).float()
+    t = torch.tensor(np.asarray(array, dtype=np.float32))  # keeps 0-d skip gains 0-d
     if name.endswith("weight"):
         if t.dim() == 4:  # HWIO -> OIHW
             t = t.permute(3, 2, 0, 1)
@@ -189,7 +189,8 @@ def normfree_to_deepmind(model: nn.Module) -> dict[str, dict[str, np.ndarray]]:
         a = t.detach().cpu().float()
         parts = key.split(".")
         if key.startswith("stem.conv"):
-            module, pname = f"NFNet/~/stem_conv{int(parts[1][4:]) - 1}", inv_param.get(parts[2], "bias")
+            module = f"NFNet/~/stem_conv{int(parts[1][4:]) - 1}"
+            pname = inv_param.get(parts[2], "bias")
         elif key.startswith("final.conv."):
             module, pname = "NFNet/~/final_conv", inv_param.get(parts[2], "bias")
         elif key.startswith("head.fc."):
@@ -212,5 +213,5 @@ def normfree_to_deepmind(model: nn.Module) -> dict[str, dict[str, np.ndarray]]:
         if pname == "w":
             a = a.permute(2, 3, 1, 0) if module.endswith(tuple(_CONV)) or "stem_conv" in module \
                 or module.endswith("final_conv") else a.reshape(a.shape[0], a.shape[1]).t()
-        tree.setdefault(module, {})[pname] = np.ascontiguousarray(a.numpy())
+        tree.setdefault(module, {})[pname] = a.contiguous().numpy()
     return tree

@@ -53,7 +53,7 @@ def timm_to_normfree(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 
 def normfree_to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`timm_to_normfree` (for use with ``timm.create_model('dm_nfnet_f0')``)."""
+    """The inverse of :func:`timm_to_normfree` (load into ``timm.create_model('dm_nfnet_f0')``)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         m = _SKIP_OURS.match(key)

@@ -1,6 +1,10 @@
 """The model zoo. Importing this package registers every family."""
 
+# Families register themselves on import (one module per family): NF-ResNets, NFNets F0–F7(+),
+# NF-RegNets B0–B8; baselines: Fixup and BN / WS+GN / SkipInit pre-activation ResNets.
+from normfree.models import fixup, nf_regnet, nf_resnet, nfnet, resnet  # noqa: F401
 from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
+from normfree.models.flops import count_flops, count_params
 from normfree.models.registry import (
     UnknownModelError,
     create_model,
@@ -9,13 +13,13 @@ from normfree.models.registry import (
     register_model,
 )
 
-# Families register themselves on import (one module per family).
-
 __all__ = [
     "FeatureInfo",
     "ModelMeta",
     "NormFreeModel",
     "UnknownModelError",
+    "count_flops",
+    "count_params",
     "create_model",
     "list_models",
     "model_entrypoint",

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from normfree.nn.head import ClassifierHead
 from normfree.nn.residual import ResidualBlock
 
 __all__ = ["FeatureInfo", "ModelMeta", "NormFreeModel"]

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normfree.models._layers import HeConv2d
 from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
 from normfree.models.registry import register_model
 from normfree.nn.activations import nf_activation
@@ -47,24 +48,9 @@ from normfree.nn.residual import (
 )
 from normfree.nn.ws import ScaledStdConv2d
 
-__all__ = ["NFResNet", "NFResNetBlock", "HeConv2d", "MaxPoolSame"]
+__all__ = ["HeConv2d", "MaxPoolSame", "NFResNet", "NFResNetBlock"]
 
 PAPER = "Brock, De & Smith 2021, arXiv 2101.08692"
-
-
-class HeConv2d(nn.Conv2d):
-    """A plain convolution with He (fan-in, ReLU gain) normal init and zero bias, used by the
-    ``use_ws=False`` ("NF, He-init") variants. Padding ``k//2`` (symmetric)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 groups: int = 1) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride,
-                         padding=kernel_size // 2, groups=groups, bias=True)
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
 
 
 class MaxPoolSame(nn.Module):

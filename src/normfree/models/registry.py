@@ -55,13 +55,17 @@ def model_entrypoint(name: str) -> Callable[..., NormFreeModel]:
         ) from None
 
 
-def create_model(name: str, num_classes: int = 1000, **overrides: Any) -> NormFreeModel:
+def create_model(name: str, num_classes: int | None = None, **overrides: Any) -> NormFreeModel:
     """Build a registered model.
 
     Args:
         name: a name from :func:`list_models`, e.g. ``"nf_resnet50"`` or ``"nfnet_f0"``.
-        num_classes: size of the classifier (0 for a feature extractor).
+        num_classes: size of the classifier (0 for a feature extractor); ``None`` keeps the
+            family's default (1000 for ImageNet models, 10 for the small-image ``*_cifar*`` ones).
         **overrides: architecture options of the family (``drop_rate``, ``stochdepth_rate``,
             ``in_chans``, ``alpha``, ``activation``, …); unknown options raise ``TypeError``.
     """
-    return model_entrypoint(name)(num_classes=num_classes, **overrides)
+    fn = model_entrypoint(name)
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    return fn(**overrides)
