@@ -6,6 +6,15 @@ Mean Shift Rejection, Proxy Normalization) with BN for comparison.
 """
 
 from normfree._version import __version__
-from normfree.models import create_model, list_models
+from normfree.checkpoints import load_pretrained, save_model
+from normfree.models import count_flops, count_params, create_model, list_models
 
-__all__ = ["__version__", "create_model", "list_models"]
+__all__ = [
+    "__version__",
+    "count_flops",
+    "count_params",
+    "create_model",
+    "list_models",
+    "load_pretrained",
+    "save_model",
+]
