@@ -20,7 +20,7 @@ from normfree.checkpoints import (
     save_model,
 )
 
-TSV = Path(__file__).resolve().parents[3] / "shared" / "reference" / "dm-nfnet-f0-params.tsv"
+TSV = Path(__file__).resolve().parents[1] / "models" / "data" / "dm_nfnet_f0_params.tsv"
 
 
 def _small_nfnet(seed: int) -> torch.nn.Module:
