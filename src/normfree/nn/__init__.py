@@ -1,6 +1,44 @@
 """Building blocks of normalizer-free networks. No knowledge of models, training or analysis."""
 
+from normfree.nn.activations import (
+    GAMMA_TABLE,
+    ScaledActivation,
+    activation_gamma,
+    activation_names,
+    get_activation,
+    nf_activation,
+)
+from normfree.nn.fixup import (
+    FIXUP_SCALAR_LR_SCALE,
+    ScalarBias,
+    ScalarMultiplier,
+    fixup_init_branch_,
+    fixup_param_groups,
+    fixup_scalar_parameter_names,
+    fixup_scale_factor,
+    he_fan_out_normal_,
+    he_fan_out_std,
+)
 from normfree.nn.head import ClassifierHead
+from normfree.nn.msr import (
+    CONV_TYPES,
+    ChannelNoise,
+    apply_zero_mean_init,
+    kernel_mean_dims,
+    kernel_slice_means,
+    zero_mean_conv_weights,
+    zero_mean_init_,
+)
+from normfree.nn.padding import Conv2dSame, pad_same, same_padding_amounts, static_same_padding
+from normfree.nn.proxy_norm import (
+    FoldedProxyNormActivation,
+    NormAct,
+    ProxyNormActivation,
+    fold_proxy_norm,
+    midpoint_normal_quantiles,
+    proxy_norm_decay_names,
+    proxy_norm_no_decay_names,
+)
 from normfree.nn.residual import (
     ExpectedVariance,
     ResidualBlock,
@@ -9,13 +47,60 @@ from normfree.nn.residual import (
     StochasticDepth,
     stochastic_depth_rates,
 )
+from normfree.nn.ws import (
+    ScaledStdConv2d,
+    StdConv2dBase,
+    WSConv2d,
+    fold_weight_standardization,
+    qiao_standardize,
+    scaled_standardize,
+)
 
 __all__ = [
+    "CONV_TYPES",
+    "FIXUP_SCALAR_LR_SCALE",
+    "GAMMA_TABLE",
+    "ChannelNoise",
     "ClassifierHead",
+    "Conv2dSame",
     "ExpectedVariance",
+    "FoldedProxyNormActivation",
+    "NormAct",
+    "ProxyNormActivation",
     "ResidualBlock",
+    "ScalarBias",
+    "ScalarMultiplier",
+    "ScaledActivation",
+    "ScaledStdConv2d",
     "SkipInitGain",
     "SqueezeExcite",
+    "StdConv2dBase",
     "StochasticDepth",
+    "WSConv2d",
+    "activation_gamma",
+    "activation_names",
+    "apply_zero_mean_init",
+    "fixup_init_branch_",
+    "fixup_param_groups",
+    "fixup_scalar_parameter_names",
+    "fixup_scale_factor",
+    "fold_proxy_norm",
+    "fold_weight_standardization",
+    "get_activation",
+    "he_fan_out_normal_",
+    "he_fan_out_std",
+    "kernel_mean_dims",
+    "kernel_slice_means",
+    "midpoint_normal_quantiles",
+    "nf_activation",
+    "pad_same",
+    "proxy_norm_decay_names",
+    "proxy_norm_no_decay_names",
+    "qiao_standardize",
+    "same_padding_amounts",
+    "scaled_standardize",
+    "static_same_padding",
     "stochastic_depth_rates",
+    "zero_mean_conv_weights",
+    "zero_mean_init_",
 ]

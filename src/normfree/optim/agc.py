@@ -1,0 +1,333 @@
+"""Adaptive gradient clipping (AGC, Brock et al. 2021b, §4.1, Eq. 3).
+
+For every unit ``i`` of a parameter ``W`` with gradient ``G``::
+
+    max_norm_i = λ · max(‖W_i‖_F, ε)
+    G_i ← G_i · max_norm_i / max(‖G_i‖_F, 1e-6)      where ‖G_i‖_F > max_norm_i
+
+Units in PyTorch layouts (:func:`unitwise_norm`): a tensor with ``ndim ≥ 2`` has one unit per
+output row (the norm runs over every dim but 0: conv ``(O, I, kh, kw)``, linear ``(O, I)``);
+a tensor with ``ndim ≤ 1`` (gains, biases, scalars) is a single unit, as in the official code
+(``nfnets/agc_optax.py``). ε = 1e-3 keeps zero-initialised parameters from being clipped to zero.
+
+:func:`adaptive_clip_grad_` is the functional form; :class:`AGC` wraps any optimizer, applies the
+clipping before each step, excludes parameters by name, pattern or predicate (by default a
+normfree model's classifier, which the paper never clips) and supports per-group clipping values.
+Norms are computed in float32 (float64 for float64 tensors), so bf16/fp16 gradients are handled;
+with ``GradScaler`` clip after ``scaler.unscale_`` (``scaler.step(AGC(...))`` does this).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+__all__ = ["AGC", "adaptive_clip_grad_", "unitwise_norm"]
+
+_MIN_GRAD_NORM = 1e-6  # denominator floor of the official code
+
+ExcludeSpec = Iterable[str] | str | Callable[[str, torch.Tensor], bool] | None
+
+
+def _norm_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm per unit: over every dim but 0 (keepdim) for ``ndim ≥ 2``, over the whole
+    tensor (a 0-d result) for ``ndim ≤ 1``. Computed in float32 (float64 for float64 input)."""
+    dtype = _norm_dtype(x)
+    if x.ndim <= 1:
+        return torch.linalg.vector_norm(x, 2, dtype=dtype)
+    return torch.linalg.vector_norm(x, 2, dim=tuple(range(1, x.ndim)), keepdim=True, dtype=dtype)
+
+
+def _check_clipping(clipping: Any, eps: Any) -> tuple[float, float]:
+    if isinstance(clipping, bool) or not isinstance(clipping, (int, float)):
+        raise TypeError(f"clipping must be a float, got {type(clipping).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not (math.isfinite(clipping) and clipping > 0.0):
+        raise ValueError(f"clipping must be a positive finite number, got {clipping}")
+    if not (math.isfinite(eps) and eps >= 0.0):
+        raise ValueError(f"eps must be a non-negative finite number, got {eps}")
+    return float(clipping), float(eps)
+
+
+@torch.no_grad()
+def _clip_same_device(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    clipping: float,
+    eps: float,
+    norm_dtype: torch.dtype,
+    skip_unclipped: bool,
+) -> None:
+    """AGC on tensors that share a device and a norm dtype.
+
+    Per-unit norms of matrices/kernels take one reduction kernel per tensor (the minimum memory
+    traffic: every element is read once); the norms of all ``ndim ≤ 1`` tensors take one
+    ``_foreach_norm``. Every unit's norm then goes into one flat vector, the clip factors are
+    computed for all units at once and applied with one ``_foreach_mul_``. With
+    ``skip_unclipped`` (CPU, where a host sync is free and bandwidth is the cost) tensors with no
+    clipped unit are not touched.
+    """
+    big = [i for i, p in enumerate(params) if p.ndim >= 2]
+    small = [i for i, p in enumerate(params) if p.ndim <= 1]
+    order = big + small
+    param_norms: list[torch.Tensor] = []
+    grad_norms: list[torch.Tensor] = []
+    for i in big:
+        dims = tuple(range(1, params[i].ndim))
+        param_norms.append(torch.linalg.vector_norm(params[i], 2, dim=dims, dtype=norm_dtype))
+        grad_norms.append(torch.linalg.vector_norm(grads[i], 2, dim=dims, dtype=norm_dtype))
+    if small:
+        sp = torch._foreach_norm([params[i] for i in small], 2, dtype=norm_dtype)
+        sg = torch._foreach_norm([grads[i] for i in small], 2, dtype=norm_dtype)
+        param_norms.append(torch.stack(list(sp)))
+        grad_norms.append(torch.stack(list(sg)))
+    param_norm = torch.cat(param_norms)
+    grad_norm = torch.cat(grad_norms)
+
+    max_norm = param_norm.clamp_min_(eps).mul_(clipping)
+    clipped = grad_norm > max_norm
+    scale = torch.where(clipped, max_norm / grad_norm.clamp_min(_MIN_GRAD_NORM), 1.0)
+
+    sizes = [params[i].shape[0] for i in big] + [1] * len(small)
+    scales = scale.split(sizes)
+    targets = [grads[i] for i in order]
+    factors = [
+        s.view((-1,) + (1,) * (g.ndim - 1)) if g.ndim >= 2 else s.view(())
+        for s, g in zip(scales, targets)
+    ]
+    if skip_unclipped:
+        ends = torch.tensor(sizes, device=clipped.device).cumsum_(0) - 1
+        per_tensor = torch.diff(clipped.cumsum(0)[ends], prepend=ends.new_zeros(1)).tolist()
+        keep = [k for k, n in enumerate(per_tensor) if n > 0]
+        targets = [targets[k] for k in keep]
+        factors = [factors[k] for k in keep]
+    if targets:
+        torch._foreach_mul_(targets, factors)
+
+
+def _collect(parameters: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    out = []
+    for p in parameters:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"parameters must be tensors, got {type(p).__name__}")
+        if p.grad is None or p.numel() == 0:
+            continue
+        if p.grad.is_sparse:
+            raise ValueError("adaptive gradient clipping does not support sparse gradients")
+        if p.grad.shape != p.shape:
+            raise ValueError(f"gradient shape {tuple(p.grad.shape)} != parameter {tuple(p.shape)}")
+        out.append(p)
+    return out
+
+
+def _adaptive_clip_grad(
+    params: list[torch.Tensor], clipping: float, eps: float, skip_unclipped: bool | None = None
+) -> None:
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for p in params:
+        groups[(p.grad.device, _norm_dtype(p, p.grad))].append(p)
+    for (device, norm_dtype), group in groups.items():
+        skip = device.type == "cpu" if skip_unclipped is None else skip_unclipped
+        _clip_same_device(
+            [p.detach() for p in group],
+            [p.grad.detach() for p in group],
+            clipping,
+            eps,
+            norm_dtype,
+            skip,
+        )
+
+
+def adaptive_clip_grad_(
+    parameters: torch.Tensor | Iterable[torch.Tensor], clipping: float = 0.01, eps: float = 1e-3
+) -> None:
+    """Clip the gradients of ``parameters`` in place, unit-wise (Brock et al. 2021b, Eq. 3).
+
+    ``max_norm = clipping·max(‖W_i‖, eps)``; units with ``‖G_i‖ > max_norm`` are rescaled by
+    ``max_norm/max(‖G_i‖, 1e-6)``. Parameters whose ``.grad`` is None are skipped. Call it after
+    ``GradScaler.unscale_`` when training with a scaler.
+    """
+    clipping, eps = _check_clipping(clipping, eps)
+    params = _collect(parameters)
+    if params:
+        _adaptive_clip_grad(params, clipping, eps)
+
+
+def _resolve_exclusions(model: nn.Module | None, exclude: ExcludeSpec) -> list[str]:
+    """Names of the parameters of ``model`` that ``exclude`` selects (see :class:`AGC`)."""
+    if exclude is None:
+        if model is None or not hasattr(model, "classifier_parameter_names"):
+            return []
+        exclude = list(model.classifier_parameter_names())
+    if callable(exclude):
+        if model is None:
+            raise ValueError("an exclude predicate needs model= to name the parameters")
+        return [name for name, p in model.named_parameters() if exclude(name, p)]
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(f"exclude entries must be names or patterns, got {pattern!r}")
+    if not patterns:
+        return []
+    if model is None:
+        raise ValueError("exclude by name needs model= so that names can be resolved")
+    named = list(model.named_parameters())
+    selected = []
+    for pattern in patterns:
+        hits = [name for name, _ in named if fnmatch.fnmatchcase(name, pattern)]
+        if not hits:
+            raise ValueError(f"exclude pattern {pattern!r} matches no parameter of the model")
+        selected.extend(h for h in hits if h not in selected)
+    return selected
+
+
+class AGC(Optimizer):
+    """Wrap ``optimizer`` so that each ``step`` first applies adaptive gradient clipping.
+
+    The wrapper shares the inner optimizer's ``param_groups``, ``state`` and ``defaults`` (the
+    same objects), so LR schedulers, ``GradScaler`` (``scaler.step(agc)`` unscales, then AGC
+    clips, then the inner optimizer steps) and checkpointing (``state_dict``/``load_state_dict``
+    are the inner optimizer's, including each group's ``"clipping"``) work unchanged. State-dict
+    hooks belong on the inner optimizer; step hooks may go on either.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``.
+        clipping: λ for every param group without its own ``"clipping"`` key; a group whose
+            ``"clipping"`` is None is not clipped.
+        eps: ε, the floor of the parameter norm.
+        exclude: parameters never clipped, resolved once with ``model.named_parameters()``:
+            names / ``fnmatch`` patterns (each must match something) or a predicate
+            ``(name, param) -> bool``. ``None`` excludes ``model.classifier_parameter_names()``
+            when the model declares it (normfree models do; the paper never clips the final
+            linear layer), otherwise nothing. Pass ``()`` to clip everything.
+        model: the module owning the parameters (needed for exclusion by name).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        clipping: float = 0.01,
+        eps: float = 1e-3,
+        exclude: ExcludeSpec = None,
+        model: nn.Module | None = None,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+        if isinstance(optimizer, AGC):
+            raise TypeError("optimizer is already wrapped in AGC")
+        self.clipping, self.eps = _check_clipping(clipping, eps)
+        self.optimizer = optimizer
+        # What Optimizer.__init__ sets, minus the parameter groups (shared with `optimizer`).
+        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._patch_step_function()
+        self.excluded_names: list[str] = _resolve_exclusions(model, exclude)
+        named = dict(model.named_parameters()) if model is not None else {}
+        self._excluded_ids = frozenset(id(named[n]) for n in self.excluded_names)
+        for group in self.param_groups:
+            self._init_group(group)
+
+    # -- shared state -------------------------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> defaultdict:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: defaultdict) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def _init_group(self, group: dict[str, Any]) -> None:
+        group.setdefault("clipping", self.clipping)
+        if group["clipping"] is not None:
+            _check_clipping(group["clipping"], self.eps)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the inner optimizer (``"clipping"`` defaults to the wrapper's λ)."""
+        self.optimizer.add_param_group(param_group)
+        self._init_group(self.param_groups[-1])
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return (
+            f"AGC(clipping={self.clipping}, eps={self.eps}, "
+            f"excluded={self.excluded_names}, optimizer={self.optimizer!r})"
+        )
+
+    # -- clipping -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def clip_grad_(self) -> None:
+        """Apply AGC to the gradients of every clipped group's non-excluded parameters."""
+        by_clipping: dict[float, list[torch.Tensor]] = defaultdict(list)
+        for group in self.param_groups:
+            clipping = group.get("clipping", self.clipping)
+            if clipping is None:
+                continue
+            by_clipping[float(clipping)].extend(
+                p for p in group["params"] if id(p) not in self._excluded_ids
+            )
+        for clipping, params in by_clipping.items():
+            params = _collect(params)
+            if params:
+                _adaptive_clip_grad(params, clipping, self.eps)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Clip the gradients, then step the inner optimizer. A closure is wrapped so that the
+        gradients it produces are clipped before the inner optimizer uses them."""
+        if closure is None:
+            self.clip_grad_()
+            return self.optimizer.step()
+
+        def clipped_closure() -> Any:
+            loss = closure()
+            self.clip_grad_()
+            return loss
+
+        return self.optimizer.step(clipped_closure)
