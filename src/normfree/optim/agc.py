@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
+
+from normfree.optim.wrapper import OptimizerWrapper
 
 __all__ = ["AGC", "adaptive_clip_grad_", "unitwise_norm"]
 
@@ -195,7 +197,7 @@ def _resolve_exclusions(model: nn.Module | None, exclude: ExcludeSpec) -> list[s
     return selected
 
 
-class AGC(Optimizer):
+class AGC(OptimizerWrapper):
     """Wrap ``optimizer`` so that each ``step`` first applies adaptive gradient clipping.
 
     The wrapper shares the inner optimizer's ``param_groups``, ``state`` and ``defaults`` (the
@@ -225,75 +227,18 @@ class AGC(Optimizer):
         exclude: ExcludeSpec = None,
         model: nn.Module | None = None,
     ) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
-        if isinstance(optimizer, AGC):
-            raise TypeError("optimizer is already wrapped in AGC")
+        super().__init__(optimizer)
         self.clipping, self.eps = _check_clipping(clipping, eps)
-        self.optimizer = optimizer
-        # What Optimizer.__init__ sets, minus the parameter groups (shared with `optimizer`).
-        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._patch_step_function()
         self.excluded_names: list[str] = _resolve_exclusions(model, exclude)
         named = dict(model.named_parameters()) if model is not None else {}
         self._excluded_ids = frozenset(id(named[n]) for n in self.excluded_names)
         for group in self.param_groups:
             self._init_group(group)
 
-    # -- shared state -------------------------------------------------------------------------
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self) -> defaultdict:  # type: ignore[override]
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: defaultdict) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
     def _init_group(self, group: dict[str, Any]) -> None:
         group.setdefault("clipping", self.clipping)
         if group["clipping"] is not None:
             _check_clipping(group["clipping"], self.eps)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the inner optimizer (``"clipping"`` defaults to the wrapper's λ)."""
-        self.optimizer.add_param_group(param_group)
-        self._init_group(self.param_groups[-1])
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state_dict)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return (
@@ -318,16 +263,5 @@ class AGC(Optimizer):
             if params:
                 _adaptive_clip_grad(params, clipping, self.eps)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Clip the gradients, then step the inner optimizer. A closure is wrapped so that the
-        gradients it produces are clipped before the inner optimizer uses them."""
-        if closure is None:
-            self.clip_grad_()
-            return self.optimizer.step()
-
-        def clipped_closure() -> Any:
-            loss = closure()
-            self.clip_grad_()
-            return loss
-
-        return self.optimizer.step(clipped_closure)
+    def before_step(self) -> None:
+        self.clip_grad_()

@@ -33,15 +33,15 @@ whole filters by a scalar, which maps the zero-mean subspace to itself.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from normfree.nn.msr import IncludeSpec, kernel_mean_dims, zero_mean_conv_weights
+from normfree.optim.wrapper import OptimizerWrapper
 
 __all__ = ["MeanShiftRejection", "project_zero_mean_", "zero_mean_eligible"]
 
@@ -72,7 +72,7 @@ def project_zero_mean_(tensors: Tensor | Iterable[Tensor]) -> None:
         t.sub_(t.mean(dim=dims, keepdim=True, dtype=acc).to(t.dtype))
 
 
-class MeanShiftRejection(Optimizer):
+class MeanShiftRejection(OptimizerWrapper):
     """Wrap ``optimizer`` so that each ``step`` keeps the selected conv kernels zero-mean.
 
     Args:
@@ -99,20 +99,10 @@ class MeanShiftRejection(Optimizer):
         mode: Mode = "project_grad",
         include: IncludeSpec = None,
     ) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        self.optimizer = optimizer
+        super().__init__(optimizer)
         self.mode: Mode = mode
-        # What Optimizer.__init__ sets, minus the parameter groups (shared with `optimizer`).
-        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._patch_step_function()
         self._params: list[Tensor] | None = self._resolve(params, include)
 
     def _resolve(
@@ -137,49 +127,6 @@ class MeanShiftRejection(Optimizer):
         if missing:
             raise ValueError(f"{len(missing)} selected kernels are not in the optimizer: {missing}")
         return selected
-
-    # -- shared state -------------------------------------------------------------------------
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self) -> defaultdict:  # type: ignore[override]
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: defaultdict) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state_dict)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         which = "all conv kernels" if self._params is None else f"{len(self._params)} kernels"
@@ -208,20 +155,9 @@ class MeanShiftRejection(Optimizer):
         """Project the constrained kernels themselves onto the isocline (no rescaling)."""
         project_zero_mean_(self.constrained_parameters())
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Project the gradients, step the inner optimizer and, in ``"project_update"`` mode,
-        re-project the weights. A closure is wrapped so its gradients are projected."""
-        if closure is None:
-            self.project_grad_()
-            loss = self.optimizer.step()
-        else:
+    def before_step(self) -> None:
+        self.project_grad_()
 
-            def projected_closure() -> Any:
-                out = closure()
-                self.project_grad_()
-                return out
-
-            loss = self.optimizer.step(projected_closure)
+    def after_step(self) -> None:
         if self.mode == "project_update":
             self.project_weights_()
-        return loss

@@ -1,0 +1,108 @@
+"""Exponential moving average of a model's weights, with the NFNet warmup.
+
+The NFNet recipe (Brock et al. 2021b, App. C; DeepMind ``utils.tf1_ema``) keeps an EMA of all
+parameters *and* state and evaluates it next to the raw weights. The decay warms up as::
+
+    decay_t = min(decay, (1 + t) / (10 + t))
+    ema ← decay_t · ema + (1 − decay_t) · θ
+
+where ``t`` counts previous updates (0 at the first), so early averages are not dominated by the
+random initialisation. Floating-point buffers (BatchNorm running statistics) are averaged the
+same way; integer buffers (``num_batches_tracked``) are copied.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ModelEMA", "ema_decay"]
+
+
+def ema_decay(decay: float, step: int, warmup: bool = True) -> float:
+    """Decay used for update number ``step`` (0-based): ``min(decay, (1+t)/(10+t))`` with
+    warmup, else ``decay``."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+    if step < 0:
+        raise ValueError(f"EMA step must be >= 0, got {step}")
+    return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+class ModelEMA:
+    """An EMA copy of ``model`` (``self.module``, always in eval mode, no gradients).
+
+    Args:
+        model: the model to average (DDP / compiled wrappers are unwrapped).
+        decay: the target decay (0.99999 in the NFNet ImageNet runs).
+        warmup: use the ``(1+t)/(10+t)`` warmup.
+        device: keep the copy on another device (e.g. ``"cpu"`` to save accelerator memory).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float = 0.9999,
+        warmup: bool = True,
+        device: torch.device | str | None = None,
+    ) -> None:
+        ema_decay(decay, 0)  # validates
+        self.decay = float(decay)
+        self.warmup = bool(warmup)
+        self.module = copy.deepcopy(_unwrap(model)).eval()
+        if device is not None:
+            self.module.to(device)
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> float:
+        """Fold the current weights of ``model`` into the average; returns the decay used."""
+        d = ema_decay(self.decay, self.num_updates, self.warmup)
+        src = _unwrap(model).state_dict()
+        for name, ema_t in self.module.state_dict().items():
+            if name not in src:
+                raise KeyError(f"EMA: parameter/buffer {name!r} is missing from the model")
+            new = src[name].detach().to(ema_t.device)
+            if ema_t.is_floating_point() or ema_t.is_complex():
+                ema_t.mul_(d).add_(new.to(ema_t.dtype), alpha=1.0 - d)
+            else:
+                ema_t.copy_(new)
+        self.num_updates += 1
+        return d
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"module": weights, "num_updates": t, "decay": d, "warmup": w}``."""
+        return {
+            "module": self.module.state_dict(),
+            "num_updates": self.num_updates,
+            "decay": self.decay,
+            "warmup": self.warmup,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> Any:
+        missing = {"module", "num_updates"} - set(state)
+        if missing:
+            raise KeyError(f"EMA state is missing {sorted(missing)}")
+        self.num_updates = int(state["num_updates"])
+        self.decay = float(state.get("decay", self.decay))
+        self.warmup = bool(state.get("warmup", self.warmup))
+        return self.module.load_state_dict(state["module"], strict=strict)
