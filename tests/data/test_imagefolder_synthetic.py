@@ -1,0 +1,113 @@
+"""Image-folder trees (with and without train/val) and synthetic data."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from normfree.data import AugmentConfig, build_datasets
+from normfree.data.build import IMAGENET_MEAN_STD
+
+
+def test_imagefolder_without_split_dirs(tmp_path: Path, make_image_tree: Callable) -> None:
+    make_image_tree(tmp_path, ["cat", "ant", "bee"], 5)
+    b = build_datasets(f"imagefolder:{tmp_path}", image_size=16, seed=3)
+    assert b.classes == ["ant", "bee", "cat"]  # sorted folder names
+    assert (b.num_classes, b.in_chans, b.image_size, b.test_size) == (3, 3, 16, 16)
+    assert np.bincount(b.val.labels.numpy()).tolist() == [1, 1, 1]  # round(0.2 * 5) per class
+    assert len(b.train) == 12 and not set(b.train.files) & set(b.val.files)
+    again = build_datasets(f"imagefolder:{tmp_path}", image_size=16, seed=3)
+    other = build_datasets(f"imagefolder:{tmp_path}", image_size=16, seed=4)
+    assert again.val.files == b.val.files and other.val.files != b.val.files
+    x, y = b.val[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert b.classes[y] in Path(b.val.files[0]).parent.name
+    assert pickle.loads(pickle.dumps(b.train)).files == b.train.files
+
+
+def test_imagefolder_with_train_val(tmp_path: Path, make_image_tree: Callable) -> None:
+    make_image_tree(tmp_path / "train", ["a", "b"], 4)
+    make_image_tree(tmp_path / "val", ["b"], 2)
+    aug = AugmentConfig(crop="random_resized", flip=True)
+    b = build_datasets(f"imagefolder:{tmp_path}", image_size=12, test_size=20, augment=aug)
+    assert (len(b.train), len(b.val)) == (8, 2) and b.val.labels.tolist() == [1, 1]
+    assert b.train[0][0].shape == (3, 12, 12) and b.val[1][0].shape == (3, 20, 20)
+    make_image_tree(tmp_path / "val", ["zebra"], 1)
+    with pytest.raises(ValueError, match="not a class of the training tree"):
+        build_datasets(f"imagefolder:{tmp_path}")
+
+
+def test_eval_is_resize_then_centre_crop(tmp_path: Path) -> None:
+    # a 60x80 image: grey border, uniform colour in the central 30x40 region. Short side -> 48
+    # (+32 for test 16), centre crop 16: only the central colour survives.
+    arr = np.full((60, 80, 3), 90, np.uint8)
+    arr[15:45, 20:60] = (200, 30, 120)
+    (tmp_path / "c").mkdir()
+    Image.fromarray(arr).save(tmp_path / "c" / "x.png")
+    Image.fromarray(arr).save(tmp_path / "c" / "y.png")
+    b = build_datasets(f"imagefolder:{tmp_path}", image_size=16, val_fraction=0.5)
+    x, _ = b.val[0]
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in IMAGENET_MEAN_STD)
+    expected = (torch.tensor([200, 30, 120]).view(3, 1, 1) / 255 - mean) / std
+    torch.testing.assert_close(x, expected.expand(3, 16, 16), rtol=0, atol=1e-6)
+
+
+def test_imagefolder_errors(tmp_path: Path, make_image_tree: Callable) -> None:
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        build_datasets(f"imagefolder:{tmp_path / 'missing'}")
+    with pytest.raises(FileNotFoundError, match="expected class folders"):
+        build_datasets(f"imagefolder:{tmp_path}")
+    (tmp_path / "empty_class").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="no images"):
+        build_datasets(f"imagefolder:{tmp_path}")
+    make_image_tree(tmp_path, ["full"], 2)
+    with pytest.raises(FileNotFoundError, match=r"without images.*empty_class"):
+        build_datasets(f"imagefolder:{tmp_path}")
+    with pytest.raises(ValueError, match="needs a path"):
+        build_datasets("imagefolder:")
+
+
+def test_synthetic_is_deterministic_and_learnable() -> None:
+    spec = "synthetic:num_classes=4,size=8,channels=2,n=200,n_val=80"
+    a, a2, other = (build_datasets(spec, seed=s) for s in (7, 7, 8))
+    assert (a.num_classes, a.in_chans, a.image_size, len(a.train), len(a.val)) == (4, 2, 8, 200, 80)
+    xa = torch.stack([a.train[i][0] for i in range(200)])
+    xa2 = torch.stack([a2.train[i][0] for i in range(200)])
+    assert torch.equal(xa, xa2) and torch.equal(a.val.labels, a2.val.labels)
+    assert not torch.equal(xa, torch.stack([other.train[i][0] for i in range(200)]))
+    assert np.bincount(a.train.labels.numpy()).tolist() == [50] * 4
+    assert abs(float(xa.mean())) < 0.05 and abs(float(xa.std()) - 1) < 0.05
+    # nearest class mean (fitted on train) classifies held-out examples well
+    ya = a.train.labels
+    centroids = torch.stack([xa[ya == c].mean(0) for c in range(4)]).flatten(1)
+    xv = torch.stack([a.val[i][0] for i in range(80)]).flatten(1)
+    pred = torch.cdist(xv, centroids).argmin(1)
+    assert float((pred == a.val.labels).float().mean()) > 0.9
+
+
+def test_synthetic_defaults_and_spec_errors() -> None:
+    b = build_datasets("synthetic")
+    assert (b.num_classes, b.in_chans, b.image_size, len(b.train), len(b.val)) == (
+        10,
+        3,
+        32,
+        512,
+        102,  # round(512 * 0.2)
+    )
+    assert b.train[0][0].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="unknown synthetic option 'classes'"):
+        build_datasets("synthetic:classes=3")
+    with pytest.raises(ValueError, match=r"size=.*not a valid int"):
+        build_datasets("synthetic:size=big")
+    with pytest.raises(ValueError, match="num_classes must be an int >= 2"):
+        build_datasets("synthetic:num_classes=1")
+    with pytest.raises(ValueError, match="key=value"):
+        build_datasets("synthetic:n")
