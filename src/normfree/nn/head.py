@@ -36,7 +36,8 @@ class ClassifierHead(nn.Module):
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         device = next(self.parameters(), torch.empty(0)).device
-        self.fc = nn.Linear(self.in_features, num_classes, device=device) if num_classes else nn.Identity()
+        fc = nn.Linear(self.in_features, num_classes, device=device) if num_classes else None
+        self.fc = fc if fc is not None else nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

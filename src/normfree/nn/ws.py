@@ -1,0 +1,410 @@
+"""Weight-standardized convolutions.
+
+* :func:`scaled_standardize` / :class:`ScaledStdConv2d` - Scaled Weight Standardization of
+  NF-ResNets / NFNets (Brock et al. 2021a, eq. 2; 2021b; official ``base.WSConv2D``)::
+
+      Ŵ = gain · γ · (W − μ) · rsqrt(max(N·σ², eps))
+
+  with μ, σ² the mean and *biased* variance of each output filter over (in/groups, kh, kw),
+  N = (in/groups)·kh·kw the fan-in, and ``eps = 1e-4`` a floor on N·σ² (not added to it).
+* :func:`qiao_standardize` / :class:`WSConv2d` - Weight Standardization of Qiao et al. 2019
+  (arXiv 1903.10520, eq. 5; used with GroupNorm): ``Ŵ = (W − μ) / (σ_unbiased + 1e-5)``.
+
+Both modules share :class:`StdConv2dBase`: TF/JAX ``"SAME"`` padding (default), fp32
+standardization under autocast / low-precision weights, an inference cache of the standardized
+weight, and folding into a plain ``nn.Conv2d`` (:meth:`StdConv2dBase.to_conv2d`,
+:func:`fold_weight_standardization`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from normfree.nn.padding import Conv2dSame, _pad_same_2d, conv_pair, resolve_padding
+
+__all__ = [
+    "ScaledStdConv2d",
+    "StdConv2dBase",
+    "WSConv2d",
+    "fold_weight_standardization",
+    "qiao_standardize",
+    "scaled_standardize",
+]
+
+
+def _reduce_dims(weight: Tensor) -> list[int]:
+    if weight.dim() < 2:
+        raise ValueError(
+            f"weight must have >= 2 dims (out, in, ...), got shape {list(weight.shape)}"
+        )
+    return list(range(1, weight.dim()))
+
+
+def _scaled_standardize_parts(
+    weight: Tensor, gain: Tensor | None, eps: float, gamma: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(Ŵ, W − μ, rsqrt(max(N·var, eps)), scale, N·var < eps)``; the single source of the
+    formula. ``N·var`` of the biased variance is the sum of squared deviations, computed two-pass
+    (mean first) as exactly as ``var_mean`` and several times faster on CPU."""
+    dims = _reduce_dims(weight)
+    centered = weight - weight.mean(dim=dims, keepdim=True)
+    n_var = torch.linalg.vector_norm(centered, dim=dims, keepdim=True).square()  # N·var
+    rstd = torch.rsqrt(torch.clamp(n_var, min=eps))
+    scale = rstd if gain is None else rstd * gain.reshape([-1] + [1] * len(dims))
+    if gamma != 1.0:
+        scale = scale * gamma
+    return centered * scale, centered, rstd, scale, n_var < eps
+
+
+class _ScaledStandardize(torch.autograd.Function):
+    """Scaled WS with an analytic backward (fewer passes over the weight than autograd's).
+
+    With c = W − μ, r = rsqrt(max(Σc², eps)), a = gain·γ·r and upstream gradient δ (per unit):
+    ``∂L/∂W = a·(δ − mean(δ)) − a·r²·(Σδc)·c`` (the last term vanishes where the floor is
+    active) and ``∂L/∂gain = γ·r·Σδc``. First-order only (``once_differentiable``).
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, gain: Tensor | None, eps: float, gamma: float) -> Tensor:
+        out, centered, rstd, scale, floored = _scaled_standardize_parts(weight, gain, eps, gamma)
+        ctx.save_for_backward(centered, rstd, scale, floored)
+        ctx.gamma = gamma
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        centered, rstd, scale, floored = ctx.saved_tensors
+        dims = list(range(1, centered.dim()))
+        dot = (grad_out * centered).sum(dim=dims, keepdim=True)  # Σ δ·c per unit
+        grad_weight = grad_gain = None
+        if ctx.needs_input_grad[0]:
+            mean_grad = grad_out.sum(dim=dims, keepdim=True) / centered[0].numel()
+            grad_weight = torch.addcmul(-scale * mean_grad, grad_out, scale)
+            coef = (-scale * rstd * rstd * dot).masked_fill(floored, 0.0)
+            grad_weight.addcmul_(centered, coef)
+        if ctx.needs_input_grad[1]:
+            grad_gain = (dot * rstd).reshape(-1) * ctx.gamma
+        return grad_weight, grad_gain, None, None
+
+
+def scaled_standardize(
+    weight: Tensor, gain: Tensor | None = None, eps: float = 1e-4, gamma: float = 1.0
+) -> Tensor:
+    """Scaled WS (Brock et al. 2021a, eq. 2; official ``WSConv2D``), per output unit (dim 0):
+    ``gain·γ·(W − μ)·rsqrt(max(N·var, eps))``, biased variance, ``N = W[0].numel()`` (fan-in),
+    ``eps`` a floor on N·var (not added).
+
+    ``gain`` has shape ``(out,)`` (``None`` means 1). Computed in ``weight``'s dtype. When a
+    gradient is needed an analytic backward is used (first-order only; double backward raises).
+    """
+    if gain is not None and gain.shape != weight.shape[:1]:
+        raise ValueError(f"gain must have shape ({weight.shape[0]},), got {list(gain.shape)}")
+    if not torch.jit.is_scripting():
+        needs_grad = weight.requires_grad or (gain is not None and gain.requires_grad)
+        if needs_grad and torch.is_grad_enabled() and not torch.jit.is_tracing():
+            return _ScaledStandardize.apply(weight, gain, eps, gamma)
+    return _scaled_standardize_parts(weight, gain, eps, gamma)[0]
+
+
+def qiao_standardize(weight: Tensor, eps: float = 1e-5) -> Tensor:
+    """Weight Standardization of Qiao et al. 2019 (eq. 5, official code): per output filter,
+    ``(W − μ) / (σ + eps)`` with the *unbiased* (Bessel-corrected) standard deviation."""
+    dims = _reduce_dims(weight)
+    if weight[0].numel() < 2:
+        raise ValueError("qiao_standardize needs >= 2 weights per output filter (unbiased std)")
+    centered = weight - weight.mean(dim=dims, keepdim=True)
+    std = torch.linalg.vector_norm(centered, dim=dims, keepdim=True) / math.sqrt(
+        weight[0].numel() - 1
+    )
+    return centered / (std + eps)
+
+
+class StdConv2dBase(nn.Conv2d):
+    """Base of weight-standardized 2-D convs: ``conv(x, standardize(W)) + bias``.
+
+    Subclasses override :meth:`standardize` (the formula, applied to an fp32/fp64 weight).
+
+    * ``padding="same"`` (default) is TF/JAX ``"SAME"``: a static symmetric padding when that is
+      equivalent (stride 1 with odd kernels, 1×1 kernels), otherwise a dynamic asymmetric pad
+      (extra pixel after), as the official NFNet weights expect. ``"valid"``, an int or a pair
+      behave as in ``nn.Conv2d``.
+    * The standardization runs in fp32 when the weight is fp16/bf16 and ignores autocast; the
+      result is cast back to the weight's dtype (autocast then casts it for the conv, as for a
+      plain conv).
+    * Inference cache: when no gradient can flow to the parameters (``torch.no_grad``,
+      ``inference_mode`` or frozen parameters) the standardized weight is computed once and reused
+      until a parameter changes. The key is the parameters' version counters and storage, so
+      ``optimizer.step()``, ``load_state_dict`` and ``.to()`` invalidate it. The cache is not
+      part of the state dict and is skipped under TorchScript, tracing and ``torch.compile``.
+      Writes through ``param.data`` bypass version counters: call :meth:`clear_weight_cache`
+      after them.
+    * Folding: :meth:`to_conv2d` returns an equivalent plain conv (for export / deployment).
+    """
+
+    __jit_ignored_attributes__: ClassVar[list[str]] = ["_ws_cache"]
+    _ws_cache: tuple | None = None
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = "same",
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("groups", groups)):  # fmt: skip
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible "
+                f"by groups ({groups})"
+            )
+        kernel_size = conv_pair(kernel_size, "kernel_size")
+        stride = conv_pair(stride, "stride")
+        dilation = conv_pair(dilation, "dilation")
+        static, dynamic = resolve_padding(padding, kernel_size, stride, dilation)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, static, dilation, groups, bias,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+        self.same_padding: bool = isinstance(padding, str) and padding.lower() == "same"
+        self.dynamic_padding: bool = dynamic
+
+    @property
+    def fan_in(self) -> int:
+        """N = (in/groups)·kh·kw."""
+        return self.weight[0].numel()
+
+    def reset_parameters(self) -> None:
+        """Raw weight ~ N(0, 1/N) (fan-in normal, official ``VarianceScaling(1, fan_in, normal)``);
+        bias 0."""
+        nn.init.normal_(self.weight, 0.0, 1.0 / math.sqrt(self.weight[0].numel()))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        self._ws_cache = None
+
+    def standardize(self, weight: Tensor) -> Tensor:
+        """The standardization formula, applied to ``weight`` (fp32 or fp64). Override it."""
+        raise NotImplementedError
+
+    def standardized_weight(self) -> Tensor:
+        """The effective conv weight (with autograd, no cache), in the weight's dtype."""
+        weight = self.weight
+        if weight.dtype == torch.float16 or weight.dtype == torch.bfloat16:
+            return self.standardize(weight.float()).to(weight.dtype)
+        return self.standardize(weight)
+
+    def clear_weight_cache(self) -> None:
+        """Drop the cached inference weight (it is rebuilt on the next no-grad forward)."""
+        self._ws_cache = None
+
+    @torch.jit.unused
+    def _eager_weight(self) -> Tensor:
+        params = self._parameters  # direct dict access: this runs on every forward
+        weight, gain = params["weight"], params.get("gain")
+        grad_wanted = torch.is_grad_enabled() and (
+            weight.requires_grad or (gain is not None and gain.requires_grad)
+        )
+        if grad_wanted or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            self._ws_cache = None  # don't keep a stale copy alive while training
+            return self.standardized_weight()
+        key: tuple = (
+            torch.is_inference_mode_enabled(),
+            weight._version,
+            weight.data_ptr(),
+            weight.dtype,
+            weight.device,
+        )
+        if gain is not None:
+            key += (gain._version, gain.data_ptr(), gain.dtype)
+        cache = self._ws_cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        with torch.no_grad():
+            standardized = self.standardized_weight()
+        # Holding detached views of the parameters keeps their storage alive, so a new parameter
+        # tensor can never reuse the cached data pointer.
+        pinned = (weight.detach(), None if gain is None else gain.detach())
+        self._ws_cache = (key, standardized, pinned)
+        return standardized
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            weight = self.standardized_weight()
+        else:
+            weight = self._eager_weight()
+        if self.dynamic_padding:
+            x = _pad_same_2d(x, self.kernel_size, self.stride, self.dilation)
+        return self._conv_forward(x, weight, self.bias)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._ws_cache = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._ws_cache = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_ws_cache"] = None
+        return state
+
+    def to_conv2d(self) -> nn.Conv2d:
+        """A plain conv with the standardized weight folded in (same outputs, same device/dtype).
+
+        Returns ``nn.Conv2d`` when the padding is static and :class:`~normfree.nn.padding.
+        Conv2dSame` (an ``nn.Conv2d`` subclass) when ``"SAME"`` needs a dynamic pad.
+        """
+        ch = (self.in_channels, self.out_channels, self.kernel_size, self.stride)
+        kwargs = {"device": self.weight.device, "dtype": self.weight.dtype}
+        conv: nn.Conv2d
+        if self.dynamic_padding:
+            conv = Conv2dSame(*ch, self.dilation, self.groups, self.bias is not None, **kwargs)
+        else:
+            conv = nn.Conv2d(
+                *ch, self.padding, self.dilation, self.groups, self.bias is not None, **kwargs
+            )
+        with torch.no_grad():
+            conv.weight.copy_(self.standardized_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        conv.train(self.training)
+        return conv
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.same_padding:
+            text = re.sub(r", padding=\(\d+, \d+\)", "", text) + ", padding='same'"
+        return text
+
+
+class ScaledStdConv2d(StdConv2dBase):
+    """Conv2d with Scaled Weight Standardization (Brock et al. 2021a, eq. 2; official
+    ``base.WSConv2D``): ``Ŵ = gain·γ·(W − μ)·rsqrt(max(N·var, eps))`` per output channel.
+
+    Args:
+        padding: ``"same"`` (default, TF/JAX semantics as in the official NF models),
+            ``"valid"``, an int or a pair.
+        gain_init: initial value of the learnable per-channel ``gain`` (shape ``(out,)``).
+        eps: floor on N·var (official 1e-4).
+        gamma: fixed scale folded into the weight (e.g. an activation's γ; the official models
+            keep γ in the activation and use 1).
+
+    Raw weight ~ N(0, 1/N), bias 0, ``gain = gain_init`` (:meth:`reset_parameters`). Training
+    uses the analytic backward of :func:`scaled_standardize` (first-order only).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = "same",
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        gain_init: float = 1.0,
+        eps: float = 1e-4,
+        gamma: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+        self.gain_init = float(gain_init)
+        self.eps = float(eps)
+        self.gamma = float(gamma)
+        self.gain = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Fan-in normal weight, zero bias, ``gain = gain_init``."""
+        super().reset_parameters()
+        gain = getattr(self, "gain", None)  # absent while nn.Conv2d.__init__ runs
+        if gain is not None:
+            nn.init.constant_(gain, self.gain_init)
+
+    def standardize(self, weight: Tensor) -> Tensor:
+        return scaled_standardize(weight, self.gain.to(weight.dtype), self.eps, self.gamma)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr() + f", eps={self.eps:g}"
+        return text + f", gamma={self.gamma:g}" if self.gamma != 1.0 else text
+
+
+class WSConv2d(StdConv2dBase):
+    """Conv2d with the Weight Standardization of Qiao et al. 2019 (arXiv 1903.10520, eq. 5):
+    ``Ŵ = (W − μ) / (σ_unbiased + eps)`` per output filter; no gain, no fan-in scaling. Meant
+    to be followed by GroupNorm (the WS+GN baseline). ``padding`` as in :class:`StdConv2dBase`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = "same",
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        eps: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+        if self.fan_in < 2:
+            raise ValueError(
+                "WSConv2d needs a fan-in (in_channels/groups·kh·kw) >= 2 for the unbiased std, "
+                f"got {self.fan_in}"
+            )
+        self.eps = float(eps)
+
+    def standardize(self, weight: Tensor) -> Tensor:
+        return qiao_standardize(weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", eps={self.eps:g}"
+
+
+def fold_weight_standardization(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace every :class:`StdConv2dBase` in ``model`` by its folded plain conv
+    (:meth:`StdConv2dBase.to_conv2d`), for export and inference. Works on a deep copy unless
+    ``inplace``; a bare WS conv is returned folded."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, StdConv2dBase):
+        return model.to_conv2d()
+    if not inplace:
+        model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, StdConv2dBase):
+                setattr(parent, name, child.to_conv2d())
+    return model
