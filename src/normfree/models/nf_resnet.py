@@ -40,10 +40,8 @@ from normfree.nn.head import ClassifierHead
 from normfree.nn.padding import same_padding_amounts
 from normfree.nn.residual import (
     ExpectedVariance,
-    ResidualBlock,
-    SkipInitGain,
+    NFResidualBlock,
     SqueezeExcite,
-    StochasticDepth,
     stochastic_depth_rates,
 )
 from normfree.nn.ws import ScaledStdConv2d
@@ -80,7 +78,7 @@ def _act(name: str, use_ws: bool) -> nn.Module:
     return nf_activation(name, gamma="table" if use_ws else 1.0)
 
 
-class NFResNetBlock(ResidualBlock):
+class NFResNetBlock(NFResidualBlock):
     """Normalizer-free pre-activation residual block (Brock et al. 2021a, §4; official
     ``NFResBlock``).
 
@@ -107,12 +105,12 @@ class NFResNetBlock(ResidualBlock):
         skipinit_init: float = 0.0,
         stage_index: int = 0,
     ) -> None:
-        projection = stride > 1 or in_ch != out_ch
-        super().__init__(stage_index=stage_index, is_transition=projection)
-        self.alpha = float(alpha)
-        self.beta_multiplier = float(beta_multiplier)
-        self.act = _act(activation, use_ws)
-        self.downsample = _conv(in_ch, out_ch, 1, stride, use_ws) if projection else None
+        super().__init__(
+            in_ch, out_ch, stride, beta_multiplier, alpha, _act(activation, use_ws),
+            drop_path_rate=drop_path_rate, skipinit_init=skipinit_init, stage_index=stage_index,
+        )  # fmt: skip
+        if self.is_transition:
+            self.downsample = _conv(in_ch, out_ch, 1, stride, use_ws)
         if bottleneck:
             width = int(out_ch * bottleneck_ratio)
             self.conv1 = _conv(in_ch, width, 1, 1, use_ws)
@@ -125,23 +123,14 @@ class NFResNetBlock(ResidualBlock):
         self.attn_last = (
             SqueezeExcite(out_ch, max(1, int(in_ch * se_ratio)), gate_gain=2.0) if use_se else None
         )
-        self.drop_path = StochasticDepth(drop_path_rate)
-        self.skip_gain = SkipInitGain(skipinit_init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act(x) * self.beta_multiplier
-        shortcut = self.downsample(out) if self.downsample is not None else x
+    def branch(self, out: torch.Tensor) -> torch.Tensor:
         r = self.conv2(self.act(self.conv1(out)))
         if self.conv3 is not None:
             r = self.conv3(self.act(r))
         if self.attn_last is not None:
             r = self.attn_last(r)
-        r = self.branch_probe(r)
-        r = self.skip_gain(self.drop_path(r))
-        return r * self.alpha + shortcut
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha:g}, beta_multiplier={self.beta_multiplier:.6f}"
+        return r
 
 
 class NFResNet(NormFreeModel):

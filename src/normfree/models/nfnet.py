@@ -54,10 +54,8 @@ from normfree.nn.head import ClassifierHead
 from normfree.nn.padding import same_padding_amounts
 from normfree.nn.residual import (
     ExpectedVariance,
-    ResidualBlock,
-    SkipInitGain,
+    NFResidualBlock,
     SqueezeExcite,
-    StochasticDepth,
     stochastic_depth_rates,
 )
 from normfree.nn.ws import ScaledStdConv2d
@@ -139,7 +137,7 @@ def grouped_width(channels: int, ratio: float, group_size: int) -> tuple[int, in
     return group_size * groups, groups
 
 
-class NFNetBlock(ResidualBlock):
+class NFNetBlock(NFResidualBlock):
     """NFNet block (official ``nfnet.NFBlock``; Brock et al. 2021b, Fig. 4).
 
     Forward: ``out = act(x)·beta_multiplier``; shortcut ``downsample(out)`` or ``x``; branch
@@ -177,33 +175,25 @@ class NFNetBlock(ResidualBlock):
         skipinit_init: float = 0.0,
         stage_index: int = 0,
     ) -> None:
-        projection = stride > 1 or in_ch != out_ch
-        super().__init__(stage_index=stage_index, is_transition=projection)
-        self.alpha = float(alpha)
-        self.beta_multiplier = float(beta_multiplier)
-        self.stride = int(stride)
+        super().__init__(
+            in_ch, out_ch, stride, beta_multiplier, alpha, nf_activation(activation),
+            drop_path_rate=drop_path_rate, skipinit_init=skipinit_init, stage_index=stage_index,
+        )  # fmt: skip
         width, groups = grouped_width(out_ch, expansion, group_size)
         self.width, self.groups = width, groups
-        self.act = nf_activation(activation)
-        self.downsample = AvgPoolShortcut(in_ch, out_ch, stride) if projection else None
+        if self.is_transition:
+            self.downsample = AvgPoolShortcut(in_ch, out_ch, stride)
         self.conv1 = ScaledStdConv2d(in_ch, width, 1)
         self.conv2 = ScaledStdConv2d(width, width, 3, stride=stride, groups=groups)
         self.conv2b = ScaledStdConv2d(width, width, 3, groups=groups) if use_two_convs else None
         self.conv3 = ScaledStdConv2d(width, out_ch, 1)
         self.attn_last = SqueezeExcite(out_ch, max(1, int(out_ch * se_ratio)), gate_gain=2.0)
-        self.drop_path = StochasticDepth(drop_path_rate)
-        self.skip_gain = SkipInitGain(skipinit_init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act(x) * self.beta_multiplier
-        shortcut = self.downsample(out) if self.downsample is not None else x
+    def branch(self, out: torch.Tensor) -> torch.Tensor:
         r = self.conv2(self.act(self.conv1(out)))
         if self.conv2b is not None:
             r = self.conv2b(self.act(r))
-        r = self.attn_last(self.conv3(self.act(r)))
-        r = self.branch_probe(r)
-        r = self.skip_gain(self.drop_path(r))
-        return r * self.alpha + shortcut
+        return self.attn_last(self.conv3(self.act(r)))
 
     def extra_repr(self) -> str:
         return (

@@ -41,6 +41,7 @@ from normfree.nn.proxy_norm import (
 )
 from normfree.nn.residual import (
     ExpectedVariance,
+    NFResidualBlock,
     ResidualBlock,
     SkipInitGain,
     SqueezeExcite,
@@ -65,6 +66,7 @@ __all__ = [
     "Conv2dSame",
     "ExpectedVariance",
     "FoldedProxyNormActivation",
+    "NFResidualBlock",
     "NormAct",
     "ProxyNormActivation",
     "ResidualBlock",

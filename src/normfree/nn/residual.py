@@ -2,6 +2,8 @@
 
 * :class:`ResidualBlock` - base class that marks a residual block and gives the analysis tools a
   probe on the residual branch (``branch_probe``) and the block's place in the network.
+* :class:`NFResidualBlock` - the normalizer-free block frame
+  ``h_{i+1} = shortcut + α·g·drop(f(φ(h_i)/β_i))`` shared by NF-ResNets, NFNets and NF-RegNets.
 * :class:`StochasticDepth` - per-example branch dropping (Huang et al. 2016) with the per-block
   rate ``rate·i/N`` and *no* ``1/keep`` rescaling by default, as in the official NF-ResNet/NFNet
   code (Brock et al. 2021a, 2021b).
@@ -22,6 +24,7 @@ from torch import nn
 
 __all__ = [
     "ExpectedVariance",
+    "NFResidualBlock",
     "ResidualBlock",
     "SkipInitGain",
     "SqueezeExcite",
@@ -178,3 +181,54 @@ class ExpectedVariance:
         self.variance += self.alpha**2
         self.history.append(self.variance)
         return beta_multiplier
+
+
+class NFResidualBlock(ResidualBlock):
+    """The normalizer-free residual block frame (Brock et al. 2021a, §4, eq. 2; official
+    ``NFResBlock`` / ``NFBlock``)::
+
+        out = act(x) · (1/β)                      # γ-scaled activation, unit-variance input
+        shortcut = downsample(out) if the shape changes else x
+        h = shortcut + α · skip_gain(drop_path(branch(out)))
+
+    Subclasses build ``downsample`` (or leave it ``None``) and their convolutions, and implement
+    :meth:`branch`. ``branch_probe`` sees the branch output before stochastic depth, the skip
+    gain and α (the point of ``res_avg_var`` in Signal Propagation Plots).
+    """
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        stride: int,
+        beta_multiplier: float,
+        alpha: float,
+        activation: nn.Module,
+        drop_path_rate: float = 0.0,
+        skipinit_init: float = 0.0,
+        stage_index: int = 0,
+    ) -> None:
+        super().__init__(stage_index=stage_index, is_transition=stride > 1 or in_ch != out_ch)
+        self.alpha = float(alpha)
+        self.beta_multiplier = float(beta_multiplier)
+        self.stride = int(stride)
+        self.act = activation
+        self.downsample = None  # set by subclasses whose shortcut changes shape
+        self.drop_path = StochasticDepth(drop_path_rate)
+        self.skip_gain = SkipInitGain(skipinit_init)
+
+    def branch(self, out: torch.Tensor) -> torch.Tensor:
+        """The residual function ``f`` applied to the normalised input ``out``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(x) * self.beta_multiplier
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = self.downsample(out)
+        r = self.branch_probe(self.branch(out))
+        r = self.skip_gain(self.drop_path(r))
+        return r * self.alpha + shortcut
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha:g}, beta_multiplier={self.beta_multiplier:.6f}"
