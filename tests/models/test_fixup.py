@@ -211,7 +211,7 @@ def test_zero_pad_shortcut_matches_official_option_a() -> None:
     n = sum(p.numel() for p in model.parameters())
     n_proj = sum(p.numel() for p in projection.parameters())
     assert n_proj - n == 16 * 32 + 32 * 64  # the two 1×1 projection convs
-    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 1000)
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)  # small-image default: 10 classes
     with pytest.raises(ValueError, match="reduce channels"):
         ZeroPadShortcut(32, 16, 1)
     with pytest.raises(ValueError, match="shortcut"):
