@@ -177,3 +177,14 @@ def test_block_is_residual_block_with_probe() -> None:
     blocks = [b for _, b in model.residual_blocks()]
     assert all(isinstance(b, NFResNetBlock) for b in blocks)
     assert [b.is_transition for b in blocks] == [False] * 3 + [True, False, False] * 2
+
+
+@pytest.mark.parametrize("name", ["nf_resnet_cifar20", "bn_resnet_cifar20", "fixup_resnet_cifar20"])
+def test_torch_compile_matches_eager(name: str) -> None:
+    """Dynamo traces the models (backend="eager": graph capture without slow codegen on CPU)."""
+    torch.manual_seed(0)
+    model = normfree.create_model(name).eval()
+    x = torch.randn(2, 3, 8, 8)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
