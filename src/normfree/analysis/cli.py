@@ -1,0 +1,231 @@
+"""``normfree spp`` and ``normfree diagnose``: the analysis tools on the command line.
+
+MODEL is a registered name (``normfree models``), optionally with its own overrides in brackets
+(``'nf_resnet_cifar56[use_ws=False]'``), or ``package.module:factory`` for any callable returning
+an ``nn.Module`` (``torchvision.models:resnet18``; then pass ``--image-size``). ``--override
+key=value`` applies to every model; values are parsed as YAML scalars (``False``, ``0.2``,
+``relu``, ``[1, 2]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import sys
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+__all__ = ["add_parser", "build_model", "parse_model_spec", "parse_overrides"]
+
+_SPEC = re.compile(r"^(?P<name>[^\[\]]+?)(?:\[(?P<kw>.*)\])?$")
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if "".join(cur).strip():
+        parts.append("".join(cur))
+    return parts
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["use_ws=False", "alpha=0.5"]`` → ``{"use_ws": False, "alpha": 0.5}`` (YAML values)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"override must look like key=value, got {item!r}")
+        out[key] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name[k=v,k2=v2]"`` → ``("name", {k: v, k2: v2})``."""
+    match = _SPEC.match(spec.strip())
+    if not match:
+        raise ValueError(f"cannot parse model {spec!r}; use NAME or NAME[key=value,...]")
+    kw = match.group("kw")
+    return match.group("name").strip(), parse_overrides(_split_top_level(kw) if kw else [])
+
+
+def build_model(spec: str, overrides: dict[str, Any] | None = None) -> nn.Module:
+    """Build the model named by ``spec`` (registered name or ``module:factory``)."""
+    name, own = parse_model_spec(spec)
+    kwargs = {**(overrides or {}), **own}
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        factory = getattr(importlib.import_module(module_name), attr, None)
+        if not callable(factory):
+            raise ValueError(f"{name!r}: {module_name} has no callable {attr!r}")
+        model = factory(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{name!r} returned {type(model).__name__}, not an nn.Module")
+        return model
+    from normfree.models import create_model
+
+    return create_model(name, **kwargs)
+
+
+def _input_shape(model: nn.Module, spec: str, image_size: int | None) -> tuple[int, int, int]:
+    in_chans = getattr(model, "in_chans", 3)
+    if image_size is None:
+        meta = getattr(model, "meta", None)
+        image_size = getattr(meta, "test_size", None)
+        if image_size is None:
+            raise ValueError(f"{spec}: pass --image-size (the model does not declare one)")
+    return (int(in_chans), int(image_size), int(image_size))
+
+
+def _zero_gains(model: nn.Module) -> bool:
+    from normfree.nn.residual import SkipInitGain
+
+    gains = [m.gain for m in model.modules() if isinstance(m, SkipInitGain)]
+    return bool(gains) and all(float(g.detach()) == 0.0 for g in gains)
+
+
+def _common(p: argparse.ArgumentParser, batch: int) -> None:
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input height = width (default: the model's test size)")  # fmt: skip
+    p.add_argument("--batch", type=int, default=batch, help=f"batch size (default {batch})")
+    p.add_argument("--override", action="append", metavar="KEY=VALUE",
+                   help="model option for every model, e.g. use_ws=False (repeatable)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the Gaussian input and the model")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument(
+        "--points",
+        nargs="+",
+        default=None,
+        metavar="GLOB",
+        help="module names/globs to measure ('*' stays within a dotted component)",
+    )
+    p.add_argument(
+        "--branch-points",
+        nargs="+",
+        default=None,
+        metavar="GLOB",
+        help="last module of each residual branch, for non-normfree models",
+    )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "spp",
+        help="signal propagation plots of one or more models",
+        description="Signal Propagation Plots (Brock et al. 2021a) at init.",
+    )
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="registered name, NAME[key=value,...] or package.module:factory",
+    )
+    _common(p, batch=16)
+    p.add_argument("--out", default=None, help="PNG file for the three-panel plot")
+    p.add_argument("--json", default=None, help="write the results as JSON")
+    p.add_argument("--csv", default=None, help="write the results as CSV")
+    p.add_argument(
+        "--skip-gains-one",
+        action="store_true",
+        help="set SkipInit gains to 1 for the measurement (the model is unchanged)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("train", "eval"),
+        default="train",
+        help="train: batch statistics (paper); eval: running statistics",
+    )
+    p.add_argument("--log-scale", action="store_true", help="log-scale y axes in the plot")
+    p.add_argument("--quiet", action="store_true", help="do not print the tables")
+    p.set_defaults(func=run_spp)
+
+    d = sub.add_parser("diagnose", help="check a model for signal-propagation problems",
+                       description="Mean shift, exploding/vanishing variance, residual branches "
+                       "out of scale and batch dependence at initialisation. Exit code 1 when "
+                       "a problem is found.")  # fmt: skip
+    d.add_argument(
+        "model",
+        metavar="MODEL",
+        help="registered name, NAME[key=value,...] or package.module:factory",
+    )
+    _common(d, batch=8)
+    d.add_argument(
+        "--keep-skip-gains",
+        action="store_true",
+        help="measure with the SkipInit gains as they are (default: set to 1)",
+    )
+    d.add_argument("--no-batch-check", action="store_true", help="skip the batch-dependence test")
+    d.add_argument("--json", default=None, help="write the diagnosis as JSON")
+    d.set_defaults(func=run_diagnose)
+
+
+def run_spp(args: argparse.Namespace) -> int:
+    from normfree.analysis.plots import plot_spp
+    from normfree.analysis.spp import save_results, signal_propagation, write_csv
+
+    try:
+        overrides = parse_overrides(args.override)
+        results = []
+        for spec in args.models:
+            torch.manual_seed(args.seed)
+            model = build_model(spec, overrides).to(args.device)
+            if _zero_gains(model) and not args.skip_gains_one:
+                print(
+                    f"note: every SkipInit gain of {spec} is 0, so its blocks are identities "
+                    "at init; pass --skip-gains-one to see the branches",
+                    file=sys.stderr,
+                )
+            result = signal_propagation(
+                model, input_shape=_input_shape(model, spec, args.image_size),
+                points=args.points, branch_points=args.branch_points, batch_size=args.batch,
+                seed=args.seed, skip_gains_to_one=args.skip_gains_one, mode=args.mode,
+                label=spec,
+            )  # fmt: skip
+            results.append(result)
+            if not args.quiet:
+                print(result.table())
+        if args.json:
+            save_results(results, args.json)
+        if args.csv:
+            write_csv(results, args.csv)
+        if args.out:
+            plot_spp(results, args.out, log_scale=args.log_scale)
+            print(f"wrote {args.out}")
+    except (ValueError, TypeError, KeyError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_diagnose(args: argparse.Namespace) -> int:
+    from normfree.analysis.diagnose import diagnose
+
+    try:
+        torch.manual_seed(args.seed)
+        model = build_model(args.model, parse_overrides(args.override)).to(args.device)
+        result = diagnose(
+            model, input_shape=_input_shape(model, args.model, args.image_size),
+            points=args.points, branch_points=args.branch_points, batch_size=args.batch,
+            seed=args.seed, skip_gains_to_one=not args.keep_skip_gains,
+            check_batch_dependence=not args.no_batch_check, label=args.model,
+        )  # fmt: skip
+    except (ValueError, TypeError, KeyError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(result.to_text())
+    if args.json:
+        result.to_json(args.json)
+    return result.exit_code

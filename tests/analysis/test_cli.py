@@ -1,0 +1,63 @@
+"""``normfree spp`` and ``normfree diagnose``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from normfree.analysis.cli import parse_model_spec, parse_overrides
+from normfree.cli import main
+
+
+def test_parse_overrides_and_model_specs() -> None:
+    assert parse_overrides(["use_ws=False", "alpha=0.5", "activation=gelu", "d=[1, 2]"]) == {
+        "use_ws": False,
+        "alpha": 0.5,
+        "activation": "gelu",
+        "d": [1, 2],
+    }
+    assert parse_model_spec("nf_resnet_cifar20[use_ws=False,depths=[1, 1, 1]]") == (
+        "nf_resnet_cifar20",
+        {"use_ws": False, "depths": [1, 1, 1]},
+    )
+    assert parse_model_spec("torchvision.models:resnet18") == ("torchvision.models:resnet18", {})
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["use_ws"])
+
+
+def test_spp_command_writes_plot_json_and_csv(tmp_path, capsys) -> None:
+    pytest.importorskip("matplotlib")
+    out, js, cs = tmp_path / "spp.png", tmp_path / "spp.json", tmp_path / "spp.csv"
+    rc = main(["spp", "nf_resnet_cifar20", "nf_resnet_cifar20[use_ws=False]", "--image-size", "8",
+               "--batch", "4", "--skip-gains-one", "--out", str(out), "--json", str(js),
+               "--csv", str(cs)])  # fmt: skip
+    assert rc == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    data = json.loads(js.read_text())
+    assert [d["label"] for d in data] == ["nf_resnet_cifar20", "nf_resnet_cifar20[use_ws=False]"]
+    assert all(d["config"]["skip_gains_to_one"] for d in data)
+    assert len(cs.read_text().splitlines()) == 1 + 2 * 10
+    assert "avg_sq_mean" in capsys.readouterr().out
+
+
+def test_spp_command_notes_zero_skip_gains(capsys) -> None:
+    assert main(["spp", "nf_resnet_cifar20", "--image-size", "8", "--batch", "2", "--quiet"]) == 0
+    assert "--skip-gains-one" in capsys.readouterr().err
+
+
+def test_diagnose_exit_codes(capsys) -> None:
+    assert main(["diagnose", "nf_resnet_cifar20", "--image-size", "8"]) == 0
+    assert "no problems found" in capsys.readouterr().out
+    assert main(["diagnose", "bn_resnet_cifar20", "--image-size", "8"]) == 1
+    assert "batch dependence (train mode)" in capsys.readouterr().out
+    assert main(["diagnose", "nf_resnet_cifar20", "--override", "nonsense=1"]) == 2
+    assert "nonsense" in capsys.readouterr().err
+
+
+def test_diagnose_any_module_by_factory_path(capsys) -> None:
+    pytest.importorskip("torchvision")
+    rc = main(["diagnose", "torchvision.models:resnet18", "--image-size", "16",
+               "--branch-points", "layer?.*.bn2"])  # fmt: skip
+    assert rc == 1  # BatchNorm in train mode
+    assert "layer1.0.bn1" in capsys.readouterr().out

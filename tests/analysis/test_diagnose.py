@@ -1,0 +1,111 @@
+"""``diagnose`` and batch dependence, on registered models and hand-made ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import normfree
+from normfree.analysis import DiagnoseThresholds, batch_dependence, diagnose
+
+
+def _model(name: str, **overrides: object) -> nn.Module:
+    torch.manual_seed(0)
+    return normfree.create_model(name, **overrides)
+
+
+def _status(diag, check: str) -> str:
+    return next(f.status for f in diag.findings if f.check == check)
+
+
+def test_bn_model_is_batch_dependent_in_train_mode_only() -> None:
+    model = _model("bn_resnet_cifar20")
+    diag = diagnose(model, input_shape=(3, 16, 16))
+    assert _status(diag, "batch dependence (train mode)") == "problem"
+    assert _status(diag, "batch dependence (eval mode)") == "ok"
+    assert not diag.ok and diag.exit_code == 1
+    train = batch_dependence(model, input_shape=(3, 16, 16), modes=("train",))[0]
+    bn_names = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert [n for n, _ in train.causes] == bn_names  # every BN couples the batch, in order
+
+
+def test_nf_model_is_batch_independent_and_healthy() -> None:
+    model = _model("nf_resnet_cifar20")
+    diag = diagnose(model, input_shape=(3, 16, 16))
+    assert diag.ok and diag.exit_code == 0, diag.to_text()
+    for res in batch_dependence(model, input_shape=(3, 16, 16)):
+        assert not res.dependent and res.causes == []
+        assert res.max_rel_diff <= 1e-6
+
+
+def test_he_init_nf_model_is_flagged_for_mean_shift() -> None:
+    diag = diagnose(_model("nf_resnet_cifar20", use_ws=False), input_shape=(3, 32, 32),
+                    check_batch_dependence=False)  # fmt: skip
+    finding = next(f for f in diag.findings if f.check == "mean shift")
+    assert finding.status == "problem"
+    assert finding.values["growth"] >= 10
+    assert finding.layers and all(n.startswith("stages.") for n in finding.layers)
+    assert "mean shift" in diag.to_text() and "problem" in diag.to_text()
+
+
+class _Deep(nn.Module):
+    """A plain residual net whose blocks multiply the signal: variance explodes."""
+
+    def __init__(self, gain: float, depth: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.blocks = nn.Sequential(*(_Scale(gain) for _ in range(depth)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+
+class _Scale(normfree.nn.ResidualBlock):
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.branch_probe(x * self.gain)
+
+
+def test_exploding_and_vanishing_variance_and_branch_scale() -> None:
+    torch.manual_seed(0)
+    diag = diagnose(_Deep(gain=4.0), input_shape=(3, 4, 4), check_batch_dependence=False)
+    var = next(f for f in diag.findings if f.check == "variance")
+    assert var.status == "problem" and "explodes" in var.message
+    assert var.values["max_rel_var"] > 1e3  # 5^16 × stem variance
+    branches = next(f for f in diag.findings if f.check == "residual branches")
+    assert branches.status == "problem"  # branch variance 16× its input's, and not steady
+    torch.manual_seed(0)
+    diag = diagnose(_Deep(gain=-0.9), input_shape=(3, 4, 4), check_batch_dependence=False)
+    var = next(f for f in diag.findings if f.check == "variance")
+    assert var.status == "problem" and "vanishes" in var.message  # 0.1^16
+
+
+def test_thresholds_are_configurable() -> None:
+    model = _model("bn_resnet_cifar20")
+    loose = DiagnoseThresholds(batch_rtol=10.0)
+    assert diagnose(model, input_shape=(3, 8, 8), thresholds=loose).ok
+
+
+def test_fixup_zero_branches_are_information_not_a_problem() -> None:
+    diag = diagnose(_model("fixup_resnet_cifar20"), input_shape=(3, 16, 16),
+                    check_batch_dependence=False)  # fmt: skip
+    assert _status(diag, "residual branches") == "info"
+
+
+def test_json_report(tmp_path) -> None:
+    import json
+
+    diag = diagnose(_model("nf_resnet_cifar20"), input_shape=(3, 8, 8))
+    data = json.loads(diag.to_json(tmp_path / "d.json").read_text())
+    assert data["ok"] is True and data["spp"]["format"] == "normfree.spp"
+    assert {f["check"] for f in data["findings"]} >= {"mean shift", "variance"}
+
+
+@pytest.mark.parametrize("batch", [1])
+def test_batch_of_one_is_not_checked(batch: int) -> None:
+    with pytest.raises(ValueError, match="at least 2"):
+        batch_dependence(_model("nf_resnet_cifar20"), input_shape=(3, 8, 8), batch_size=batch)

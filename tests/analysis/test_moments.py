@@ -1,0 +1,112 @@
+"""Moments and normalized sensitivity (Labatie 2019) with forward-mode AD."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from normfree.analysis import (
+    FeedforwardProbe,
+    MomentsResult,
+    ResNetProbe,
+    effective_rank,
+    fit_growth,
+    moment_stats,
+    propagate_moments,
+)
+
+
+def test_moment_stats_of_gaussian_match_closed_forms() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, 16, 16, generator=gen, dtype=torch.float64) * 2.0 + 1.0
+    s = moment_stats(x)
+    assert s["mu2"] == pytest.approx(4.0, rel=0.02)
+    assert s["mu4"] == pytest.approx(3 * 16.0, rel=0.04)  # μ4 = 3σ⁴
+    assert s["kurtosis"] == pytest.approx(3.0, rel=0.03)
+    assert s["nu1_abs_z"] == pytest.approx(math.sqrt(2 / math.pi), rel=0.01)
+    assert s["nu2"] == pytest.approx(5.0, rel=0.02)  # σ² + m²
+
+
+def test_effective_rank_equals_svd_definition_and_iid_limit() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 12, 5, 5, generator=gen, dtype=torch.float64)
+    x[:, 3] += 2.5 * x[:, 0]  # correlated channels
+    m = x.permute(0, 2, 3, 1).reshape(-1, 12)
+    s = torch.linalg.svdvals(m - m.mean(0))  # Labatie: λ = s² of the centred (NHW × C) matrix
+    lam = s**2
+    assert effective_rank(x) == pytest.approx(float(lam.sum() / lam.max()), rel=1e-10)
+    # i.i.d. Gaussian features: r_eff ≈ C / (1 + sqrt(C/N))² (other-methods.md §8.4)
+    n, c = 20000, 64
+    iid = torch.randn(n, c, generator=gen, dtype=torch.float64)
+    assert effective_rank(iid) == pytest.approx(c / (1 + math.sqrt(c / n)) ** 2, rel=0.03)
+    assert effective_rank(torch.ones(4, 3)) == 0.0
+
+
+def test_sensitivity_equals_reverse_mode_jvp_reference() -> None:
+    torch.manual_seed(0)
+    model = FeedforwardProbe(depth=3, width=6, norm="batch").double()
+    x = torch.randn(5, 3, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    result = propagate_moments(model, inputs=x, seed=0)
+    dx = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).double()
+    model.train()
+    # independent reference: the double-backward JVP of reverse-mode autograd
+    y, jvp = torch.autograd.functional.jvp(model, x, dx)
+    last = result.points[-1]
+    assert last.mu2_dx == pytest.approx(float(jvp.square().mean()), rel=1e-10)
+    mu2_y = moment_stats(y)["mu2"]
+    assert last.chi == pytest.approx(math.sqrt(float(jvp.square().mean()) / mu2_y), rel=1e-10)
+    assert result.input_chi == pytest.approx(
+        math.sqrt(float(dx.square().mean()) / moment_stats(x)["mu2"]), rel=1e-12
+    )
+    # increments chain: χ_l = χ_in · Π δχ
+    prod = result.input_chi * math.prod(p.delta_chi for p in result.points)
+    assert prod == pytest.approx(last.chi, rel=1e-10)
+
+
+def test_linear_net_sensitivity_closed_form() -> None:
+    # a single linear layer y = 3x: dx is scaled like x, so χ stays at its input value
+    model = nn.Sequential(nn.Linear(4, 4, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(3 * torch.eye(4))
+    r = propagate_moments(model, input_shape=(4,), batch_size=64, points=["0"])
+    assert r.points[0].chi == pytest.approx(r.input_chi, rel=1e-6)
+    assert r.points[0].delta_chi == pytest.approx(1.0, rel=1e-6)
+
+
+def test_fit_growth_on_synthetic_laws() -> None:
+    depths = list(range(1, 31))
+    exp = fit_growth([1.2**d for d in depths])
+    assert exp.verdict == "exponential" and exp.exp_r2 == pytest.approx(1.0)
+    assert exp.factor_per_layer == pytest.approx(1.2)
+    power = fit_growth([d**0.4 for d in depths])
+    assert power.verdict == "power law" and power.pow_r2 == pytest.approx(1.0)
+    assert power.exponent == pytest.approx(0.4)
+    assert fit_growth([1.0, 1.01, 1.02, 1.01]).verdict == "no growth"
+    with pytest.raises(ValueError, match="at least 3"):
+        fit_growth([1.0, 2.0])
+    with pytest.raises(ValueError, match="depths must be > 0"):
+        fit_growth([1.0, 2.0, 3.0], [0, 1, 2])
+
+
+def test_bn_feedforward_grows_exponentially_bn_resnet_as_power_law(tmp_path) -> None:
+    """Labatie 2019, Figs. 4–5 at CPU scale."""
+    torch.manual_seed(0)
+    ff = propagate_moments(FeedforwardProbe(depth=20, width=16), input_shape=(3, 8, 8),
+                           batch_size=16)  # fmt: skip
+    torch.manual_seed(0)
+    res = propagate_moments(ResNetProbe(units=20, width=16), input_shape=(3, 8, 8),
+                            batch_size=16)  # fmt: skip
+    assert ff.fit.verdict == "exponential"
+    assert ff.fit.exp_r2 > 0.99 and ff.fit.exp_r2 > ff.fit.pow_r2
+    assert ff.fit.factor_per_layer > 1.1  # δχ > 1 at every layer, compounding
+    assert all(p.delta_chi > 1.0 for p in ff.points)
+    assert res.fit.verdict == "power law"
+    assert res.fit.pow_r2 > 0.95 and res.fit.pow_r2 > res.fit.exp_r2
+    assert ff.points[-1].chi > 10 * res.points[-1].chi
+    # BN-ResNet moments stay Gaussian-like (no fat tails)
+    assert all(abs(p.kurtosis - 3.0) < 0.5 for p in res.points)
+    back = MomentsResult.from_json(ff.to_json(tmp_path / "m.json"))
+    assert back == ff
