@@ -209,7 +209,7 @@ def test_overrides_and_errors() -> None:
     with pytest.raises(ValueError, match="width"):
         normfree.create_model("bn_resnet_cifar20", width=0)
     with pytest.raises(ValueError, match="norm"):
-        normfree.models.resnet.PreActResNet((1,), (16,), strides=(1,), norm="layer")
+        normfree.models.resnet.PreActResNet((1,), (16,), strides=(1,), norm="instance")
     with pytest.raises(ValueError, match="6n"):
         normfree.models.resnet.skipinit_resnet_cifar(21)
     with pytest.raises(TypeError):

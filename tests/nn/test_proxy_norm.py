@@ -392,3 +392,17 @@ def test_torchscript_and_export() -> None:
         torch.testing.assert_close(torch.jit.script(folded)(x), ref, rtol=1e-5, atol=1e-6)
     exported = torch.export.export(block, (x,))
     torch.testing.assert_close(exported.module()(x), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_centering_only_variant_subtracts_the_proxy_mean() -> None:
+    """``scale=False`` (the network "Top"): φ(γy+β) − E[φ(γY+β)], and it folds exactly."""
+    torch.manual_seed(0)
+    pn = ProxyNormActivation(3, "relu", scale=False)
+    with torch.no_grad():
+        pn.bias.uniform_(-0.5, 0.5)
+        pn.proxy_weight.uniform_(-0.2, 0.2)
+    y = torch.randn(4, 3, 5, 5)
+    mean, _ = pn.proxy_moments()
+    expected = torch.relu(y + pn.bias[None, :, None, None]) - mean[None, :, None, None]
+    torch.testing.assert_close(pn(y), expected)
+    torch.testing.assert_close(pn.folded()(y), pn(y))

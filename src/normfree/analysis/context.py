@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from normfree.nn.msr import ChannelNoise
 from normfree.nn.residual import SkipInitGain, StochasticDepth
 
 __all__ = [
@@ -28,14 +29,15 @@ __all__ = [
 ]
 
 ANALYSIS_MODES = ("train", "eval")
-# Modules that inject randomness in train mode; analysis runs them in eval mode (identity).
+# Modules that inject randomness in train mode (dropout, stochastic depth, MSR's channel noise);
+# analysis runs them in eval mode (identity).
 STOCHASTIC_CLASS_NAMES: frozenset[str] = frozenset(
     {"DropPath", "StochasticDepth", "DropBlock", "DropBlock2d"}
 )
 
 
 def _is_stochastic(module: nn.Module) -> bool:
-    return isinstance(module, (nn.modules.dropout._DropoutNd, StochasticDepth)) or (
+    return isinstance(module, (nn.modules.dropout._DropoutNd, StochasticDepth, ChannelNoise)) or (
         type(module).__name__ in STOCHASTIC_CLASS_NAMES
     )
 

@@ -126,6 +126,9 @@ class ProxyNormActivation(nn.Module):
             it must be elementwise (it is applied to the (C, N) proxy points as well).
         eps: ε added to the proxy variance (0.03 in the paper's code).
         num_quantiles: N, the number of midpoint quantiles of the proxy (200).
+        scale: ``False`` keeps only the proxy centering, ``φ(γ·y + β) − E[φ(γ·Y + β)]``: the
+            network "Top" of Labatie et al. 2021 (the last activation before global pooling,
+            whose scale the classifier absorbs; Graphcore's ``efficientnet.py``).
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class ProxyNormActivation(nn.Module):
         activation: ActivationSpec = "relu",
         eps: float = 0.03,
         num_quantiles: int = 200,
+        scale: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(num_channels, bool) or not isinstance(num_channels, int):
@@ -146,6 +150,7 @@ class ProxyNormActivation(nn.Module):
         self.num_channels = num_channels
         self.eps = eps
         self.num_quantiles = num_quantiles
+        self.scale = bool(scale)
         self.act = _build_activation(activation)
         self.register_buffer(
             "quantiles", midpoint_normal_quantiles(num_quantiles), persistent=False
@@ -192,9 +197,9 @@ class ProxyNormActivation(nn.Module):
 
     def folded_affine(self) -> tuple[Tensor, Tensor]:
         """``(a, b)`` with ``PN-Act(y) = a·φ(γ·y + β) + b``: ``a = (Var + ε)^(-1/2)`` and
-        ``b = −a·E``, shape ``(C,)``."""
+        ``b = −a·E``, shape ``(C,)`` (``a = 1`` when ``scale=False``)."""
         mean, var = self.proxy_moments()
-        scale = torch.rsqrt(var + self.eps)
+        scale = torch.rsqrt(var + self.eps) if self.scale else torch.ones_like(mean)
         return scale, -scale * mean
 
     def forward(self, x: Tensor) -> Tensor:
@@ -218,7 +223,8 @@ class ProxyNormActivation(nn.Module):
         return folded
 
     def extra_repr(self) -> str:
-        return f"{self.num_channels}, eps={self.eps:g}, num_quantiles={self.num_quantiles}"
+        extra = "" if self.scale else ", scale=False"
+        return f"{self.num_channels}, eps={self.eps:g}, num_quantiles={self.num_quantiles}{extra}"
 
 
 class FoldedProxyNormActivation(nn.Module):
