@@ -16,6 +16,8 @@ __all__ = ["build_parser", "main"]
 # whose parser sets ``func`` (args -> exit code).
 SUBCOMMANDS: list[str] = [
     "normfree.models.cli",
+    "normfree.analysis.cli",
+    "normfree.train.cli",
 ]
 
 

@@ -1,1 +1,72 @@
-"""normfree.train"""
+"""Training and evaluation: the NFNet recipe (Brock et al. 2021b, App. C) as ``normfree train``.
+
+* :class:`Config` and its sections (typed, YAML + ``key=value`` overrides, shipped recipes);
+* :func:`train` / :class:`Trainer` (DDP, AGC, EMA, warmup+cosine, exact resume);
+* :func:`evaluate` / :func:`evaluate_checkpoint` (raw and EMA top-1/top-5);
+* :func:`save_checkpoint` / :func:`load_checkpoint` (atomic, ``weights_only``).
+"""
+
+from normfree.train.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
+from normfree.train.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    DebugConfig,
+    DistConfig,
+    EMAConfig,
+    LogConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TrainLoopConfig,
+    validate_config,
+)
+from normfree.train.config_io import (
+    apply_overrides,
+    config_from_dict,
+    config_help,
+    config_to_dict,
+    dump_config,
+    list_recipes,
+    load_recipe,
+    resolve_config,
+)
+from normfree.train.evaluate import evaluate, evaluate_checkpoint
+from normfree.train.loop import (
+    NonFiniteLossError,
+    SimulatedCrash,
+    Trainer,
+    TrainingInterrupted,
+    train,
+)
+
+__all__ = [
+    "CheckpointError",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DebugConfig",
+    "DistConfig",
+    "EMAConfig",
+    "LogConfig",
+    "NonFiniteLossError",
+    "OptimConfig",
+    "ScheduleConfig",
+    "SimulatedCrash",
+    "TrainLoopConfig",
+    "Trainer",
+    "TrainingInterrupted",
+    "apply_overrides",
+    "config_from_dict",
+    "config_help",
+    "config_to_dict",
+    "dump_config",
+    "evaluate",
+    "evaluate_checkpoint",
+    "list_recipes",
+    "load_checkpoint",
+    "load_recipe",
+    "resolve_config",
+    "save_checkpoint",
+    "train",
+    "validate_config",
+]

@@ -1,0 +1,232 @@
+"""Build the pieces of a run from a :class:`~normfree.train.config.Config`: data, model,
+optimizer (+AGC), schedule and data loaders. The NFNet recipe (Brock et al. 2021b, App. C) is
+the default; models declare their deviations (``meta.recipe``, ``lr_scale``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from normfree.models import NormFreeModel, create_model
+from normfree.optim.param_groups import build_param_groups
+from normfree.optim.schedules import WarmupDecayLR, scaled_peak_lr
+from normfree.train.config import Config, ConfigError
+from normfree.train.distributed import SeededDataset, ShardedBatchSampler, shard_indices
+
+__all__ = [
+    "agc_enabled",
+    "build_data",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "count_params",
+    "dataset_kind",
+    "make_eval_loader",
+    "make_train_loader",
+    "model_args",
+    "model_resolution",
+    "peak_lr",
+    "steps_per_epoch",
+    "warmup_steps",
+]
+
+log = logging.getLogger("normfree.train")
+
+
+def dataset_kind(spec: str) -> str:
+    return spec.partition(":")[0].strip().lower()
+
+
+def model_resolution(cfg: Config, meta: Any | None = None) -> tuple[int | None, int | None]:
+    """Train/test sizes for ``build_datasets``: the config's, else — for image folders, whose
+    images have no native size — the model's ``meta.train_size`` / ``meta.test_size``
+    (NFNet-F0: 192/256). Fixed-size datasets (digits, CIFAR, synthetic) keep their own size."""
+    size, test = cfg.data.image_size, cfg.data.test_size
+    if dataset_kind(cfg.data.spec) != "imagefolder" or (size and test):
+        return size, test
+    if meta is None:  # probe: a throw-away instance only for its metadata
+        meta = create_model(cfg.model, num_classes=1, **cfg.model_kwargs).meta
+    return size or meta.train_size, test or meta.test_size
+
+
+def build_data(
+    cfg: Config,
+    *,
+    test_size: int | None = None,
+    train_augment: bool = True,
+    meta: Any | None = None,
+) -> Any:
+    """``normfree.data.build_datasets`` with the config's spec, sizes (:func:`model_resolution`)
+    and augmentation."""
+    from normfree.data import AugmentConfig, build_datasets
+
+    d = cfg.data
+    image_size, default_test = model_resolution(cfg, meta)
+    augment = None
+    if train_augment:
+        augment = AugmentConfig(
+            crop=d.crop,
+            pad=d.pad,
+            flip=d.flip,
+            randaugment=tuple(d.randaugment) if d.randaugment else None,
+        )
+    return build_datasets(
+        d.spec,
+        image_size=image_size,
+        test_size=test_size if test_size is not None else default_test,
+        augment=augment,
+        seed=cfg.seed,
+        val_fraction=d.val_fraction,
+    )
+
+
+def model_args(cfg: Config, num_classes: int, in_chans: int) -> dict[str, Any]:
+    """The ``create_model`` call of a run (stored in checkpoints to rebuild the model)."""
+    kwargs: dict[str, Any] = dict(cfg.model_kwargs)
+    if cfg.train.drop_rate is not None:
+        kwargs["drop_rate"] = cfg.train.drop_rate
+    if cfg.train.stochdepth_rate is not None:
+        kwargs["stochdepth_rate"] = cfg.train.stochdepth_rate
+    return {"name": cfg.model, "num_classes": num_classes, "in_chans": in_chans, "kwargs": kwargs}
+
+
+def build_model(args: dict[str, Any]) -> NormFreeModel:
+    """``create_model`` from :func:`model_args` output; dropout and stochastic depth come from
+    the model's metadata unless the config overrides them."""
+    try:
+        return create_model(
+            args["name"],
+            num_classes=args["num_classes"],
+            in_chans=args["in_chans"],
+            **args["kwargs"],
+        )
+    except TypeError as e:
+        raise ConfigError(f"model {args['name']!r} rejected its arguments: {e}") from e
+
+
+def agc_enabled(cfg: Config, model: nn.Module) -> bool:
+    """``optim.agc`` if set, else the model's recipe hint (BN baselines: off), else on."""
+    if cfg.optim.agc is not None:
+        return cfg.optim.agc
+    recipe = getattr(getattr(model, "meta", None), "recipe", {}) or {}
+    return bool(recipe.get("agc", True))
+
+
+def peak_lr(cfg: Config) -> float:
+    """``optim.lr``, or ``base_lr · batch_size / 256`` (Brock et al. 2021b: 0.1 · B/256)."""
+    return (
+        cfg.optim.lr
+        if cfg.optim.lr is not None
+        else scaled_peak_lr(cfg.optim.base_lr, cfg.train.batch_size)
+    )
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer over :func:`~normfree.optim.param_groups.build_param_groups`, wrapped in
+    :class:`~normfree.optim.AGC` unless AGC is off (groups carry their own ``clipping``)."""
+    o = cfg.optim
+    use_agc = agc_enabled(cfg, model)
+    lr = peak_lr(cfg)
+    groups = build_param_groups(
+        model,
+        lr=lr,
+        weight_decay=o.weight_decay,
+        clipping=o.clipping if use_agc else None,
+        clip_classifier=o.clip_classifier,
+    )
+    if o.name == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0
+        )
+    elif o.name == "adamw":
+        opt = torch.optim.AdamW(groups, lr=lr, betas=o.betas, eps=o.eps)
+    elif o.name == "adam":
+        opt = torch.optim.Adam(groups, lr=lr, betas=o.betas, eps=o.eps)
+    elif o.name == "rmsprop":
+        opt = torch.optim.RMSprop(groups, lr=lr, momentum=o.momentum, eps=o.eps)
+    else:  # pragma: no cover - the config type rules this out
+        raise ConfigError(f"unknown optimizer optim.name={o.name!r}")
+    if not use_agc:
+        return opt
+    from normfree.optim.agc import AGC
+
+    # clipping per group (None on the classifier group), so no name-based exclusion here
+    return AGC(opt, clipping=o.clipping, eps=o.agc_eps, exclude=())
+
+
+def warmup_steps(cfg: Config, steps_per_epoch: int, total_steps: int) -> int:
+    s = cfg.schedule
+    steps = (
+        s.warmup_steps if s.warmup_steps is not None else round(s.warmup_epochs * steps_per_epoch)
+    )
+    if steps > total_steps:
+        log.warning(
+            "warmup (%d steps) is longer than the run (%d steps): clamped", steps, total_steps
+        )
+    return min(steps, total_steps)
+
+
+def build_scheduler(
+    cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> WarmupDecayLR:
+    """Per-step linear warmup then ``schedule.decay`` over ``epochs · steps_per_epoch`` steps."""
+    total = cfg.train.epochs * steps_per_epoch
+    return WarmupDecayLR(
+        optimizer,
+        warmup_steps=warmup_steps(cfg, steps_per_epoch, total),
+        total_steps=total,
+        final_ratio=cfg.schedule.final_ratio,
+        decay=cfg.schedule.decay,
+    )
+
+
+def make_train_loader(
+    dataset: Dataset, sampler: ShardedBatchSampler, workers: int, pin_memory: bool
+) -> DataLoader:
+    """DataLoader over ``SeededDataset(dataset)`` with this rank's batch sampler. The loader
+    gets its own generator so that it never draws from the global RNG (exact resume)."""
+    return DataLoader(
+        SeededDataset(dataset),
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(sampler.seed + sampler.epoch),
+        persistent_workers=False,
+    )
+
+
+def make_eval_loader(
+    dataset: Dataset, batch_size: int, rank: int, world_size: int, workers: int, pin_memory: bool
+) -> DataLoader:
+    """Loader of this rank's evaluation shard (``rank::world_size``, no padding)."""
+    if world_size > 1:
+        dataset = Subset(dataset, shard_indices(len(dataset), rank, world_size))  # type: ignore[arg-type]
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def steps_per_epoch(cfg: Config, num_examples: int) -> int:
+    """Optimizer steps per epoch (incomplete last global batch dropped)."""
+    steps = num_examples // cfg.train.batch_size
+    if steps == 0:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is larger than the training set "
+            f"({num_examples} examples)"
+        )
+    if cfg.train.max_steps_per_epoch:
+        steps = min(steps, cfg.train.max_steps_per_epoch)
+    return steps
+
+
+def count_params(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))

@@ -1,0 +1,197 @@
+"""Training checkpoints: atomic writes, strict loads and RNG state capture.
+
+A checkpoint is one ``torch.save`` mapping of tensors and plain Python values (the config is a
+plain dict), so it loads with ``torch.load(weights_only=True)``::
+
+    {"format": "normfree-train", "version": 1, "model": ..., "ema": ..., "optimizer": ...,
+     "scheduler": ..., "scaler": ..., "rng": [per-rank states], "position": {"epoch", ...},
+     "config": {...}, "model_args": {...}, "progress": {...}}
+
+Writes go to a temporary file in the destination folder, are flushed and ``fsync``-ed, then
+renamed over the target with ``os.replace`` (atomic on POSIX and Windows), so a crash mid-write
+leaves the previous checkpoint intact. A file that cannot be read or is not a normfree training
+checkpoint raises :class:`CheckpointError` — never a silent fresh start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "REQUIRED_KEYS",
+    "CheckpointError",
+    "atomic_link_or_copy",
+    "capture_rng_state",
+    "checkpoint_config",
+    "load_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "normfree-train"
+CHECKPOINT_VERSION = 1
+REQUIRED_KEYS = ("model", "optimizer", "scheduler", "rng", "position", "config", "model_args")
+
+
+class CheckpointError(RuntimeError):
+    """A training checkpoint is missing, unreadable, truncated or of the wrong kind."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` atomically to ``path`` (temp file in the same folder, fsync, rename).
+
+    ``format`` and ``version`` keys are added. If anything fails the temporary file is removed
+    and an existing ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_link_or_copy(src: str | Path, dst: str | Path) -> Path:
+    """Make ``dst`` a snapshot of ``src`` atomically: a hard link when the file system allows
+    (``src`` is later *replaced*, not rewritten, so the link keeps this version), else a copy."""
+    src, dst = Path(src), Path(dst)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                while chunk := fin.read(1 << 24):
+                    fout.write(chunk)
+                fout.flush()
+                os.fsync(fout.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(dst.parent)
+    return dst
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a training checkpoint (``torch.load(weights_only=True)``).
+
+    Raises:
+        CheckpointError: the file is missing, unreadable/truncated, or not a normfree training
+            checkpoint (wrong format tag, newer version, missing keys).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {str(path)!r}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or truncated and cannot be loaded "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "refusing to start from scratch — restore the file or start a new run"
+        ) from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} is not a normfree training checkpoint "
+            f"(expected a mapping with format={CHECKPOINT_FORMAT!r})"
+        )
+    version = state.get("version")
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has version {version!r}; this normfree reads "
+            f"versions <= {CHECKPOINT_VERSION}"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: missing {missing}")
+    return state
+
+
+def checkpoint_config(state: dict[str, Any], path: str | Path = "checkpoint") -> Any:
+    """The :class:`~normfree.train.config.Config` stored in a checkpoint (CheckpointError when
+    this version of normfree cannot read it)."""
+    from normfree.train.config import ConfigError
+    from normfree.train.config_io import config_from_dict
+
+    try:
+        return config_from_dict(state["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{str(path)!r} holds a config this normfree cannot read: {e}") from e
+
+
+# ----------------------------------------------------------------------------------- RNG
+def capture_rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy, torch CPU and CUDA generator states (plain values and
+    tensors only, ``weights_only``-loadable)."""
+    np_state = np.random.get_state()  # noqa: NPY002  (the global legacy RNG is what we save)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    try:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        npst = state["numpy"]
+        key = npst["key"].numpy().astype(np.uint32)
+        np.random.set_state(  # noqa: NPY002  (the global legacy RNG is what we save)
+            ("MT19937", key, npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+        )
+        torch.set_rng_state(state["torch"])
+        cuda_states = state.get("cuda") or []
+        if cuda_states and torch.cuda.is_available():
+            if len(cuda_states) != torch.cuda.device_count():
+                raise CheckpointError(
+                    f"checkpoint holds CUDA RNG states for {len(cuda_states)} devices, "
+                    f"this process sees {torch.cuda.device_count()}"
+                )
+            torch.cuda.set_rng_state_all(cuda_states)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"malformed RNG state in checkpoint: {e}") from e

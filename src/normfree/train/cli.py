@@ -1,0 +1,281 @@
+"""``normfree train`` and ``normfree eval``.
+
+``normfree train [--recipe NAME] [--config FILE] [key=value ...]`` resolves the configuration
+(:mod:`normfree.train.config_io`), then trains in this process, in each process started by
+``torchrun``, or in ``--nproc N`` processes it spawns itself. ``--resume RUN_DIR`` continues a
+run from its ``last.pt``. ``normfree eval CHECKPOINT`` reports raw and EMA metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser", "run_eval", "run_train"]
+
+log = logging.getLogger("normfree.train")
+
+# keys that may change when resuming (they do not affect the weights)
+RESUME_OVERRIDABLE = ("log.", "debug.", "dist.", "data.workers", "train.threads", "train.device")
+
+_DESCRIPTION = """\
+Train a model with the NFNet recipe (SGD+Nesterov, AGC, warmup+cosine, label smoothing, EMA).
+With no arguments: NF-ResNet-20 on scikit-learn's 8x8 digits (the 'digits' recipe).
+
+Configuration: defaults <- --recipe (digits unless --config is given) <- --config FILE (YAML)
+<- KEY=VALUE overrides (dotted keys, YAML values), e.g.
+  normfree train --config cfg.yaml model=nfnet_f0 optim.lr=0.2 data=imagefolder:/data/in1k
+Distributed: torchrun --nproc_per_node N -m normfree train ...   or   normfree train --nproc N
+"""
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not break tqdm progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover
+            self.handleError(record)
+
+
+def _setup_logging(rank: int) -> None:
+    logger = logging.getLogger("normfree")
+    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from normfree.train.config_io import config_help, list_recipes
+
+    p = sub.add_parser(
+        "train",
+        help="train a model (default: NF-ResNet-20 on the bundled digits)",
+        description=_DESCRIPTION,
+        epilog="configuration keys (KEY=VALUE):\n" + config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("-c", "--config", metavar="FILE", help="YAML config file")
+    p.add_argument(
+        "-r",
+        "--recipe",
+        metavar="NAME",
+        help=f"shipped recipe: {', '.join(list_recipes())} or none "
+        "(default: digits unless --config is given)",
+    )
+    p.add_argument("-o", "--out", metavar="DIR", help="run folder (same as out_dir=DIR)")
+    p.add_argument("--data", metavar="SPEC", help="dataset spec (same as data.spec=SPEC)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (last.pt)")
+    p.add_argument("--nproc", type=int, metavar="N", help="spawn N data-parallel processes")
+    p.add_argument("--print-config", action="store_true", help="print the config and exit")
+    p.set_defaults(func=run_train)
+
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a training checkpoint (raw and EMA weights)",
+        description="Top-1/top-5 accuracy and loss of the raw and EMA weights of a checkpoint.",
+    )
+    e.add_argument("checkpoint", help="a .pt written by normfree train, or a run folder")
+    e.add_argument("--data", metavar="SPEC", help="dataset spec (default: the run's)")
+    e.add_argument("--split", choices=("val", "train"), default="val")
+    e.add_argument("--image-size", type=int, help="resolution override (default: the run's)")
+    e.add_argument("--test-size", type=int, help="evaluation resolution (default: the run's)")
+    e.add_argument("--batch-size", type=int, help="evaluation batch size")
+    e.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    e.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast dtype")
+    e.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    e.set_defaults(func=run_eval)
+
+
+# ------------------------------------------------------------------------------------ train
+def _resolve(args: argparse.Namespace) -> Any:
+    from normfree.train.checkpointing import checkpoint_config, load_checkpoint
+    from normfree.train.config import ConfigError, DebugConfig
+    from normfree.train.config_io import apply_overrides, resolve_config
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out_dir={args.out}")
+    if args.data:
+        overrides.append(f"data.spec={args.data}")
+    if args.resume is None:
+        return resolve_config(args.recipe, args.config, overrides)
+    if args.config or args.recipe:
+        raise ConfigError("--resume continues a run with its own config; drop --config/--recipe")
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if not key.startswith(RESUME_OVERRIDABLE):
+            raise ConfigError(
+                f"cannot change {key!r} when resuming (only {', '.join(RESUME_OVERRIDABLE)})"
+            )
+    run_dir = Path(args.resume)
+    if not run_dir.is_dir():
+        raise ConfigError(f"--resume {str(run_dir)!r}: no such run folder")
+    last = run_dir / "last.pt"
+    cfg = checkpoint_config(load_checkpoint(last), last)
+    cfg.debug = DebugConfig()  # fault injection never carries over
+    return apply_overrides(cfg, overrides)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Entry point of ``normfree train`` (returns the exit code)."""
+    from normfree.train.checkpointing import CheckpointError
+    from normfree.train.config import ConfigError
+    from normfree.train.config_io import dump_config
+    from normfree.train.loop import NonFiniteLossError, SimulatedCrash, TrainingInterrupted, train
+
+    rank = int(os.environ.get("RANK", "0"))
+    _setup_logging(rank)
+    try:
+        cfg = _resolve(args)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    if args.nproc is not None:
+        return _spawn(args)
+    try:
+        summary = train(cfg, resume=args.resume)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except SimulatedCrash as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except TrainingInterrupted as e:
+        if rank == 0:
+            print(f"{e}; last.pt written. Continue with --resume <run folder>", file=sys.stderr)
+        return 130
+    if rank == 0:
+        ema = summary.get("ema_val_top1")
+        ema_txt = f" (EMA {ema:.2f}%)" if ema is not None else ""
+        print(
+            f"val_top1 {summary['val_top1']:.2f}%{ema_txt}, best {summary['best_val_top1']:.2f}% "
+            f"at epoch {summary['best_epoch']}; {summary['wall_time_s']:.1f}s; "
+            f"run folder {summary['run_dir']}"
+        )
+    return 0
+
+
+def _spawned_worker(local_rank: int, nproc: int, port: int, argv: list[str]) -> None:
+    os.environ.update(
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(nproc),
+        LOCAL_WORLD_SIZE=str(nproc),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    from normfree.cli import main
+
+    code = main(["train", *argv])
+    if code:
+        raise SystemExit(code)
+
+
+def _child_argv(args: argparse.Namespace) -> list[str]:
+    """The ``normfree train`` arguments of a spawned worker (everything but ``--nproc``)."""
+    argv: list[str] = []
+    for flag, value in (
+        ("--config", args.config),
+        ("--recipe", args.recipe),
+        ("--out", args.out),
+        ("--data", args.data),
+        ("--resume", args.resume),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv + list(args.overrides)
+
+
+def _spawn(args: argparse.Namespace) -> int:
+    import torch.multiprocessing as mp
+
+    from normfree.train.distributed import find_free_port
+
+    if args.nproc < 1:
+        print(f"error: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
+        return 2
+    if "WORLD_SIZE" in os.environ:
+        print("error: --nproc cannot be combined with torchrun", file=sys.stderr)
+        return 2
+    argv = _child_argv(args)
+    context = mp.start_processes(
+        _spawned_worker,
+        args=(args.nproc, find_free_port(), argv),
+        nprocs=args.nproc,
+        start_method="spawn",
+        join=False,
+    )
+    interrupted = False
+    try:
+        while True:
+            try:
+                if context.join():
+                    break
+            except KeyboardInterrupt:
+                # the workers got the same Ctrl-C: let them finish the step and write last.pt
+                if interrupted:
+                    for proc in context.processes:
+                        proc.terminate()
+                    raise
+                interrupted = True
+                print("waiting for the workers to write last.pt ...", file=sys.stderr)
+    except mp.ProcessExitedException as e:
+        return int(e.exit_code) if e.exit_code and e.exit_code > 0 else 1
+    except mp.ProcessRaisedException as e:
+        print(f"error: a worker failed:\n{e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------- eval
+def run_eval(args: argparse.Namespace) -> int:
+    """Entry point of ``normfree eval``."""
+    from normfree.train.checkpointing import CheckpointError
+    from normfree.train.config import ConfigError
+    from normfree.train.evaluate import evaluate_checkpoint
+
+    _setup_logging(0)
+    try:
+        result = evaluate_checkpoint(
+            args.checkpoint,
+            args.data,
+            image_size=args.image_size,
+            test_size=args.test_size,
+            batch_size=args.batch_size,
+            split=args.split,
+            device=args.device,
+            workers=args.workers,
+            precision=args.precision,
+        )
+    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{result['model']} on {result['data']} ({result['split']}, {result['count']} images)")
+    for name in ("raw", "ema"):
+        m = result[name]
+        if m is not None:
+            print(
+                f"  {name:4s} top1 {m['top1']:6.2f}%  top5 {m['top5']:6.2f}%  loss {m['loss']:.4f}"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0

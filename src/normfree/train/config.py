@@ -1,0 +1,235 @@
+"""The training configuration: one typed tree of dataclasses (:class:`Config`).
+
+Resolution order (later wins): the dataclass defaults (the NFNet ImageNet recipe of Brock et al.
+2021b, App. C, where it applies) → a shipped recipe (``--recipe``, ``digits`` unless a config file
+is given) → a YAML file (``--config``) → command-line overrides ``section.key=value``. Values are
+parsed as YAML (``optim.lr=0.2``, ``data.flip=true``, ``data.randaugment=[2,9]``,
+``optim.lr=null``) and checked against the field's type; unknown or ill-typed keys raise
+:class:`ConfigError` naming the key. ``normfree train --help`` lists every key
+(:func:`config_help`). Parsing, recipes and overrides live in :mod:`normfree.train.config_io`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DebugConfig",
+    "DistConfig",
+    "EMAConfig",
+    "LogConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainLoopConfig",
+    "validate_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, ill-typed or out of range (the message names it)."""
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with an immutable default and its ``--help`` text."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    """Dataset, resolution, augmentation and batch mixing (``normfree.data``)."""
+
+    SHORTHAND: ClassVar[str] = "spec"
+
+    spec: str = _f(
+        "digits",
+        "dataset: digits | cifar10:/dir | cifar100:/dir | imagefolder:/dir | "
+        "synthetic:num_classes=10,size=32,channels=3,n=512",
+    )
+    image_size: int | None = _f(None, "training resolution (null: the dataset's own size)")
+    test_size: int | None = _f(None, "evaluation resolution (null: as the data package decides)")
+    val_fraction: float = _f(0.2, "held-out fraction when the dataset has no validation split")
+    crop: Literal["none", "pad", "random_resized"] = _f("none", "training crop")
+    pad: int = _f(4, "padding of the 'pad' crop, in pixels")
+    flip: bool = _f(False, "random horizontal flips")
+    randaugment: tuple[int, int] | None = _f(None, "RandAugment [num_ops, magnitude] or null")
+    mixup_alpha: float = _f(0.0, "MixUp Beta(α, α) (0: off; NFNet: 0.2)")
+    cutmix_alpha: float = _f(0.0, "CutMix Beta(α, α) (0: off; NFNet: 1.0, uniform area)")
+    mix_switch_prob: float = _f(0.5, "probability of CutMix when both are on")
+    workers: int = _f(0, "DataLoader worker processes per rank")
+    eval_batch_size: int | None = _f(None, "evaluation batch per rank (null: the training one)")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and Adaptive Gradient Clipping (Brock et al. 2021b, §4 and App. C)."""
+
+    name: Literal["sgd", "adamw", "adam", "rmsprop"] = _f("sgd", "optimizer")
+    lr: float | None = _f(None, "peak learning rate (null: base_lr · batch_size / 256)")
+    base_lr: float = _f(0.1, "learning rate per 256 examples when lr is null")
+    momentum: float = _f(0.9, "SGD/RMSprop momentum")
+    nesterov: bool = _f(True, "Nesterov momentum for SGD")
+    weight_decay: float = _f(2e-5, "weight decay (not on gains, biases, scalars)")
+    betas: tuple[float, float] = _f((0.9, 0.999), "Adam/AdamW betas")
+    eps: float = _f(1e-8, "Adam/AdamW/RMSprop epsilon")
+    agc: bool | None = _f(None, "Adaptive Gradient Clipping (null: the model's recipe, default on)")
+    clipping: float = _f(0.01, "AGC λ (max ‖G‖/‖W‖ per unit)")
+    agc_eps: float = _f(1e-3, "AGC ε (floor of ‖W‖)")
+    clip_classifier: bool = _f(False, "also clip the final classifier (the paper does not)")
+
+
+@dataclass
+class ScheduleConfig:
+    """Per-step learning-rate schedule: linear warmup, then decay to final_ratio · peak."""
+
+    decay: Literal["cosine", "linear", "constant"] = _f("cosine", "decay after warmup")
+    warmup_epochs: float = _f(5.0, "linear warmup length in epochs")
+    warmup_steps: int | None = _f(None, "warmup length in optimizer steps (overrides epochs)")
+    final_ratio: float = _f(0.0, "final lr as a fraction of the peak")
+
+
+@dataclass
+class TrainLoopConfig:
+    """The training loop."""
+
+    epochs: int = _f(360, "number of epochs")
+    batch_size: int = _f(4096, "global batch per optimizer step (all ranks, all accumulation)")
+    accum_steps: int = _f(1, "gradient accumulation micro-batches per optimizer step")
+    label_smoothing: float = _f(0.1, "label smoothing (applied after MixUp/CutMix)")
+    drop_rate: float | None = _f(None, "classifier dropout (null: model metadata)")
+    stochdepth_rate: float | None = _f(None, "stochastic depth rate (null: model metadata)")
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "autocast dtype (fp16 uses a scaler)")
+    channels_last: bool = _f(False, "channels_last memory format")
+    compile: bool = _f(False, "torch.compile the model")
+    grad_checkpointing: bool = _f(False, "recompute block activations in the backward pass")
+    sync_bn: bool = _f(False, "SyncBatchNorm across ranks (BN baselines only)")
+    skip_nonfinite: bool = _f(False, "skip steps with a NaN/Inf loss instead of stopping")
+    deterministic: bool = _f(False, "torch.use_deterministic_algorithms(True)")
+    threads: int | None = _f(None, "torch CPU threads per rank (null: cores / local ranks)")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    eval_every_epochs: int = _f(1, "evaluate every N epochs (and after the last)")
+    checkpoint_every_steps: int = _f(0, "also write last.pt every N steps (0: each epoch)")
+    max_steps_per_epoch: int | None = _f(None, "cut every epoch short after N optimizer steps")
+    best_metric: Literal["val_top1", "ema_val_top1"] = _f("val_top1", "metric that picks best.pt")
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the weights (decay_t = min(decay, (1+t)/(10+t)))."""
+
+    enabled: bool = _f(True, "keep and evaluate an EMA of the weights")
+    decay: float = _f(0.99999, "EMA decay")
+    warmup: bool = _f(True, "use the (1+t)/(10+t) warmup")
+    every_steps: int = _f(1, "update the EMA every N optimizer steps")
+
+
+@dataclass
+class LogConfig:
+    """Run folder outputs and console progress."""
+
+    every_steps: int = _f(10, "write a per-step record to metrics.jsonl every N steps")
+    progress: bool = _f(True, "tqdm progress bars")
+    tensorboard: bool = _f(True, "TensorBoard logs (if tensorboard is installed)")
+    csv: bool = _f(True, "metrics.csv with the per-epoch records")
+    plot: bool = _f(True, "curves.png (if matplotlib is installed)")
+
+
+@dataclass
+class DistConfig:
+    """torch.distributed (torchrun or --nproc)."""
+
+    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "auto: nccl on CUDA, gloo on CPU")
+    timeout_s: int = _f(1800, "collective timeout in seconds")
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests (reset when a run is resumed)."""
+
+    stop_after_steps: int | None = _f(None, "simulate a crash after this many optimizer steps")
+    nonfinite_at_step: int | None = _f(None, "make the loss NaN at this optimizer step")
+    step_sleep_s: float = _f(0.0, "sleep after every step (to interrupt tests at a known pace)")
+
+
+@dataclass
+class Config:
+    """Everything a training run needs; written to ``config.yaml`` in the run folder."""
+
+    model: str = _f("nf_resnet_cifar20", "registered model name (normfree models)")
+    model_kwargs: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "extra create_model arguments, e.g. {width: 2}"}
+    )
+    seed: int = _f(0, "seed of initialisation, data order, augmentation and mixing")
+    out_dir: str | None = _f(None, "run folder (null: runs/<model>-<data>-<timestamp>)")
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+def validate_config(cfg: Config) -> None:
+    """Range checks the types cannot express; raises :class:`ConfigError` naming the key."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            value: Any = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            raise ConfigError(f"config key {key!r} must be {what}, got {value!r}")
+
+    t, o, d = cfg.train, cfg.optim, cfg.data
+    need(bool(cfg.model), "model", "a model name")
+    need(t.epochs > 0, "train.epochs", "> 0")
+    need(t.batch_size > 0, "train.batch_size", "> 0")
+    need(t.accum_steps > 0, "train.accum_steps", "> 0")
+    need(t.batch_size % t.accum_steps == 0, "train.batch_size", "divisible by train.accum_steps")
+    need(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "in [0, 1)")
+    need(t.drop_rate is None or 0.0 <= t.drop_rate < 1.0, "train.drop_rate", "in [0, 1)")
+    need(
+        t.stochdepth_rate is None or 0.0 <= t.stochdepth_rate < 1.0,
+        "train.stochdepth_rate",
+        "in [0, 1)",
+    )
+    need(t.threads is None or t.threads > 0, "train.threads", "> 0 or null")
+    need(t.eval_every_epochs > 0, "train.eval_every_epochs", "> 0")
+    need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", ">= 0")
+    need(o.lr is None or o.lr > 0, "optim.lr", "> 0 or null")
+    need(o.base_lr > 0, "optim.base_lr", "> 0")
+    need(o.weight_decay >= 0, "optim.weight_decay", ">= 0")
+    need(0.0 <= o.momentum < 1.0, "optim.momentum", "in [0, 1)")
+    need(o.clipping > 0, "optim.clipping", "> 0")
+    need(o.agc_eps > 0, "optim.agc_eps", "> 0")
+    s = cfg.schedule
+    need(s.warmup_epochs >= 0, "schedule.warmup_epochs", ">= 0")
+    need(s.warmup_steps is None or s.warmup_steps >= 0, "schedule.warmup_steps", ">= 0 or null")
+    need(0.0 <= s.final_ratio <= 1.0, "schedule.final_ratio", "in [0, 1]")
+    need(0.0 < d.val_fraction < 1.0, "data.val_fraction", "in (0, 1)")
+    need(d.image_size is None or d.image_size > 0, "data.image_size", "> 0 or null")
+    need(d.test_size is None or d.test_size > 0, "data.test_size", "> 0 or null")
+    need(d.workers >= 0, "data.workers", ">= 0")
+    need(d.pad >= 0, "data.pad", ">= 0")
+    need(d.mixup_alpha >= 0, "data.mixup_alpha", ">= 0")
+    need(d.cutmix_alpha >= 0, "data.cutmix_alpha", ">= 0")
+    need(0.0 <= d.mix_switch_prob <= 1.0, "data.mix_switch_prob", "in [0, 1]")
+    need(d.eval_batch_size is None or d.eval_batch_size > 0, "data.eval_batch_size", "> 0 or null")
+    need(0.0 <= cfg.ema.decay <= 1.0, "ema.decay", "in [0, 1]")
+    need(cfg.ema.every_steps > 0, "ema.every_steps", "> 0")
+    need(cfg.log.every_steps > 0, "log.every_steps", "> 0")
+    need(cfg.dist.timeout_s > 0, "dist.timeout_s", "> 0")
+    g = cfg.debug
+    need(g.stop_after_steps is None or g.stop_after_steps > 0, "debug.stop_after_steps", "> 0")
+    need(
+        t.max_steps_per_epoch is None or t.max_steps_per_epoch > 0,
+        "train.max_steps_per_epoch",
+        "> 0",
+    )
+    need(
+        t.best_metric == "val_top1" or cfg.ema.enabled, "train.best_metric", "val_top1 without EMA"
+    )

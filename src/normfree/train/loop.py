@@ -1,0 +1,429 @@
+"""The training loop: :func:`train` runs a :class:`~normfree.train.config.Config` end to end.
+
+One optimizer step = ``accum_steps`` micro-batches per rank; the loss is the mean over the global
+batch (label smoothing, or MixUp/CutMix soft targets), AGC clips inside ``optimizer.step``, the
+learning rate follows the per-step warmup + cosine schedule and the EMA is updated after every
+step. Each epoch ends with an evaluation of the raw and EMA weights and an atomic ``last.pt``
+(``best.pt`` follows the best ``train.best_metric``). Resuming restores model, EMA, optimizer,
+schedule, scaler, per-rank RNG states and the data position (epoch, step within the epoch;
+the data order is a function of ``seed`` and epoch), so on CPU with deterministic settings a
+resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normfree.train import builders as B
+from normfree.train.checkpointing import load_checkpoint
+from normfree.train.config import Config, validate_config
+from normfree.train.config_io import dump_config
+from normfree.train.distributed import (
+    DistInfo,
+    ShardedBatchSampler,
+    all_reduce_sum,
+    cleanup_distributed,
+    example_seed,
+    init_distributed,
+    local_world_size,
+)
+from normfree.train.errors import NonFiniteLossError, SimulatedCrash, TrainingInterrupted
+from normfree.train.evaluate import autocast_context, evaluate
+from normfree.train.run_logger import RunLogger
+from normfree.train.trainer_state import TrainerState, prepare_run_dir, setup_sync_batchnorm
+
+__all__ = ["NonFiniteLossError", "SimulatedCrash", "Trainer", "TrainingInterrupted", "train"]
+
+log = logging.getLogger("normfree.train")
+
+
+class Trainer(TrainerState):
+    """Holds the state of one run; :meth:`fit` trains and returns ``summary.json``'s content."""
+
+    def __init__(self, cfg: Config, info: DistInfo, resume: str | Path | None = None) -> None:
+        validate_config(cfg)
+        self.cfg, self.info, self.t0 = cfg, info, time.perf_counter()
+        t = cfg.train
+        threads = t.threads or max(1, (os.cpu_count() or 1) // local_world_size())
+        torch.set_num_threads(threads)
+        if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        state = None
+        if resume is not None:
+            self.run_dir = Path(resume)
+            state = load_checkpoint(self.run_dir / "last.pt")
+        # same initialisation on every rank
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % (1 << 32))  # noqa: NPY002  (the global legacy RNG is what we save)
+        torch.manual_seed(cfg.seed)
+        self.bundle = B.build_data(cfg)
+        if state is None:
+            self.model_args = B.model_args(cfg, self.bundle.num_classes, self.bundle.in_chans)
+        else:
+            self.model_args = state["model_args"]
+        model = setup_sync_batchnorm(B.build_model(self.model_args), cfg, info)
+        if t.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        model.to(info.device)
+        if t.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.num_params = B.count_params(model)
+        self.steps_per_epoch = B.steps_per_epoch(cfg, len(self.bundle.train))
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        self.optimizer = B.build_optimizer(cfg, model)
+        self.scheduler = B.build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=t.precision == "fp16")
+        self.ema = None
+        if cfg.ema.enabled:
+            from normfree.optim.ema import ModelEMA
+
+            self.ema = ModelEMA(model, decay=cfg.ema.decay, warmup=cfg.ema.warmup)
+        self.mixer = None
+        if cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0:
+            from normfree.data import BatchMixer
+
+            self.mixer = BatchMixer(
+                self.bundle.num_classes,
+                mixup_alpha=cfg.data.mixup_alpha,
+                cutmix_alpha=cfg.data.cutmix_alpha,
+                switch_prob=cfg.data.mix_switch_prob,
+                label_smoothing=t.label_smoothing,
+            )
+        self.epoch = self.step_in_epoch = self.global_step = self.skipped_steps = 0
+        self.best: dict[str, Any] = {"val_top1": -math.inf, "ema_val_top1": -math.inf, "epoch": 0}
+        self.last_eval: dict[str, Any] = {}
+        self.wall_offset = 0.0
+        if state is not None:
+            self._load_state(state)
+        else:
+            torch.manual_seed(example_seed(cfg.seed, info.rank, 0x7A11))
+            random.seed(example_seed(cfg.seed, info.rank, 0x9A11))
+            np.random.seed(example_seed(cfg.seed, info.rank, 0x4A11) % (1 << 32))  # noqa: NPY002  (the global legacy RNG is what we save)
+            self.run_dir = prepare_run_dir(cfg, info, self.bundle.name)
+        self.train_model: nn.Module = model
+        if info.distributed:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[info.device.index] if info.device.type == "cuda" else None
+            )
+        if t.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.logger = RunLogger(
+            self.run_dir,
+            enabled=info.is_main,
+            tensorboard=cfg.log.tensorboard,
+            csv=cfg.log.csv,
+            plot=cfg.log.plot,
+            resume_step=self.global_step if state is not None else None,
+        )
+        if info.is_main:
+            dump_config(cfg, self.run_dir / "config.yaml")
+        self._stop_requested = False
+        self._updating = False
+
+    # ------------------------------------------------------------------------------ training
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.mixer is not None:
+            from normfree.data import soft_target_cross_entropy
+
+            return soft_target_cross_entropy(logits, target)
+        return F.cross_entropy(logits, target, label_smoothing=self.cfg.train.label_smoothing)
+
+    def _train_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        cfg, info, dev = self.cfg, self.info, self.info.device
+        number = self.global_step + 1  # 1-based number of this step
+        sums = torch.zeros(5, dtype=torch.float64, device=dev)  # loss, n, correct, bad, stop
+        for k, (x, y) in enumerate(micro):
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            if cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            target = y
+            if self.mixer is not None:
+                gen = torch.Generator().manual_seed(example_seed(cfg.seed, number, k, info.rank))
+                x, target = self.mixer(x, y, gen)
+            last = k == len(micro) - 1
+            sync = contextlib.nullcontext()
+            if info.distributed and not last:
+                sync = self.train_model.no_sync()  # type: ignore[operator]
+            with sync:
+                with autocast_context(dev, cfg.train.precision):
+                    logits = self.train_model(x)
+                loss = self._loss(logits.float(), target)
+                if cfg.debug.nonfinite_at_step == number:
+                    loss = loss * float("nan")
+                self.scaler.scale(loss / len(micro)).backward()
+            n = y.shape[0]
+            sums[0] += loss.detach().double() * n
+            sums[1] += n
+            if self.mixer is None:
+                sums[2] += (logits.detach().argmax(1) == y).sum()
+        sums[3] = float(not torch.isfinite(sums[0]).item())
+        sums[4] = float(self._stop_requested)
+        all_reduce_sum(sums, info)
+        loss_sum, n, correct, bad, stop = sums.tolist()
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            where = f"step {number} (epoch {self.epoch + 1}, batch {self.step_in_epoch + 1})"
+            if not cfg.train.skip_nonfinite:
+                last_pt = self.run_dir / "last.pt"
+                kept = (
+                    f"the last good checkpoint is kept at {last_pt}"
+                    if last_pt.exists()
+                    else "no checkpoint had been written yet"
+                )
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss_sum / max(n, 1)}) at {where}; stopping, {kept}. "
+                    "Lower the learning rate, check the data, or set train.skip_nonfinite=true."
+                )
+            log.warning("non-finite loss at %s: step skipped", where)
+            self.skipped_steps += 1
+            self._updating = True
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before step()"
+                self.scheduler.step()
+        else:
+            self._updating = True
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None and number % cfg.ema.every_steps == 0:
+                self.ema.update(self.model)
+            self.scheduler.step()
+        self.global_step += 1
+        self.step_in_epoch += 1
+        self._updating = False
+        out = {"loss": loss_sum / n, "n": n, "skipped": bool(bad), "stop": bool(stop)}
+        if self.mixer is None:
+            out["correct"] = correct
+        return out
+
+    def _lr(self) -> float:
+        for g in self.optimizer.param_groups:
+            if g.get("lr_scale", 1.0) == 1.0:
+                return float(g["lr"])
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _train_epoch(self) -> dict[str, float]:
+        cfg, info = self.cfg, self.info
+        sampler = ShardedBatchSampler(
+            len(self.bundle.train),
+            cfg.train.batch_size,
+            rank=info.rank,
+            world_size=info.world_size,
+            accum_steps=cfg.train.accum_steps,
+            seed=cfg.seed,
+            epoch=self.epoch,
+            start_step=self.step_in_epoch,
+            max_steps=cfg.train.max_steps_per_epoch,
+        )
+        loader = B.make_train_loader(
+            self.bundle.train, sampler, cfg.data.workers, info.device.type == "cuda"
+        )
+        self.train_model.train()
+        bar = None
+        if cfg.log.progress and info.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=self.step_in_epoch,
+                desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
+                dynamic_ncols=True,
+                leave=False,
+            )
+        totals = {"loss": 0.0, "n": 0.0, "correct": 0.0}
+        it = iter(loader)
+        try:
+            while self.step_in_epoch < self.steps_per_epoch:
+                try:
+                    micro = [next(it) for _ in range(cfg.train.accum_steps)]
+                except Exception:
+                    if self._stop_requested:  # DataLoader workers died on the same Ctrl-C
+                        raise KeyboardInterrupt from None
+                    raise
+                out = self._train_step(micro)
+                totals["loss"] += out["loss"] * out["n"]
+                totals["n"] += out["n"]
+                totals["correct"] += out.get("correct", 0.0)
+                self._after_step(out, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+            del it
+        result = {"train_loss": totals["loss"] / max(totals["n"], 1)}
+        if self.mixer is None:
+            result["train_top1"] = 100.0 * totals["correct"] / max(totals["n"], 1)
+        return result
+
+    def _after_step(self, out: dict[str, Any], bar: Any) -> None:
+        cfg = self.cfg
+        lr = self._lr()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.3g}", refresh=False)
+        if self.global_step % cfg.log.every_steps == 0 or self.global_step == 1:
+            rec: dict[str, Any] = {
+                "kind": "step",
+                "step": self.global_step,
+                "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
+                "loss": out["loss"] if math.isfinite(out["loss"]) else None,
+                "lr": lr,
+                "wall_time_s": self.wall_time(),
+            }
+            if "correct" in out:
+                rec["train_top1"] = 100.0 * out["correct"] / out["n"]
+            if out["skipped"]:
+                rec["skipped"] = True
+            self.logger.log(rec)
+        every = cfg.train.checkpoint_every_steps
+        if out["stop"]:
+            self.save()
+            raise TrainingInterrupted(f"interrupted at step {self.global_step}")
+        if every and self.global_step % every == 0 and self.step_in_epoch < self.steps_per_epoch:
+            self.save()
+        if cfg.debug.step_sleep_s:
+            time.sleep(cfg.debug.step_sleep_s)
+        if cfg.debug.stop_after_steps == self.global_step:
+            raise SimulatedCrash(f"debug.stop_after_steps={self.global_step}: simulated crash")
+
+    # ---------------------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict[str, float]:
+        cfg, info = self.cfg, self.info
+        bs = cfg.data.eval_batch_size or max(1, cfg.train.batch_size // info.world_size)
+        loader = B.make_eval_loader(
+            self.bundle.val, bs, info.rank, info.world_size, cfg.data.workers, False
+        )
+        kw = {
+            "info": info,
+            "precision": cfg.train.precision,
+            "channels_last": cfg.train.channels_last,
+        }
+        raw = evaluate(self.model, loader, info.device, **kw)
+        out = {f"val_{k}": v for k, v in raw.items() if k != "count"}
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, loader, info.device, **kw)
+            out.update({f"ema_val_{k}": v for k, v in ema.items() if k != "count"})
+        return out
+
+    # ------------------------------------------------------------------------------- driver
+    def _end_epoch(self, train_stats: dict[str, float], epoch_t0: float) -> None:
+        cfg = self.cfg
+        done = self.epoch + 1
+        record: dict[str, Any] = {"kind": "epoch", "epoch": done, **train_stats}
+        improved = False
+        if done % cfg.train.eval_every_epochs == 0 or done == cfg.train.epochs:
+            self.last_eval = self.evaluate()
+            record.update(self.last_eval)
+            key = cfg.train.best_metric
+            if self.last_eval[key] > self.best[key] or not self.best["epoch"]:
+                improved = True
+            for k in ("val_top1", "ema_val_top1"):
+                if k in self.last_eval:
+                    self.best[k] = max(self.best[k], self.last_eval[k])
+            if improved:
+                self.best["epoch"] = done
+        self.epoch, self.step_in_epoch = done, 0
+        record.update(
+            step=self.global_step,
+            lr=self._lr(),
+            epoch_time_s=time.perf_counter() - epoch_t0,
+            wall_time_s=self.wall_time(),
+        )
+        self.logger.log(record)
+        self.save(best=improved)
+        self.logger.write_summary(self.summary("running"))
+        if self.info.is_main:
+            msg = f"epoch {done}/{cfg.train.epochs}  train_loss {record['train_loss']:.4f}"
+            for k in ("val_top1", "val_loss", "ema_val_top1"):
+                if k in record:
+                    msg += f"  {k} {record[k]:.4g}"
+            log.info(msg)
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``train.epochs`` (from the resumed position) and return the summary."""
+        restore = None
+        if threading.current_thread() is threading.main_thread():
+            restore = {
+                sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+            }
+        status = "failed"
+        try:
+            if self.info.is_main:
+                log.info(
+                    "training %s (%.2fM params) on %s: %d steps/epoch × %d epochs → %s",
+                    self.cfg.model,
+                    self.num_params / 1e6,
+                    self.cfg.data.spec,
+                    self.steps_per_epoch,
+                    self.cfg.train.epochs,
+                    self.run_dir,
+                )
+            while self.epoch < self.cfg.train.epochs:
+                t0 = time.perf_counter()
+                stats = self._train_epoch()
+                self._end_epoch(stats, t0)
+            status = "completed"
+        except TrainingInterrupted:
+            status = "interrupted"
+            raise
+        except KeyboardInterrupt:
+            status = "interrupted"
+            if self._updating or self.info.distributed:
+                log.error("interrupted inside a parameter update: last.pt not updated")
+            else:
+                self.save()
+            raise TrainingInterrupted(f"interrupted at step {self.global_step}") from None
+        except SimulatedCrash:
+            status = "crashed"
+            raise
+        finally:
+            if restore is not None:
+                for sig, handler in restore.items():
+                    signal.signal(sig, handler)
+            if status != "crashed":
+                self.logger.write_summary(self.summary(status))
+                self.logger.plot()
+            self.logger.close()
+        return self.summary(status)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """SIGINT (Ctrl-C) or SIGTERM (preemption, torchrun stopping workers): finish the step,
+        write last.pt, stop. A second signal aborts at once."""
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        if self.info.is_main:
+            log.warning(
+                "%s: finishing this step, writing last.pt, then stopping "
+                "(press Ctrl-C again to abort without saving)",
+                signal.Signals(signum).name,
+            )
+
+
+def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
+    """Train ``cfg`` (joining the torchrun process group if there is one) and return the run
+    summary. ``resume`` is a run folder whose ``last.pt`` is continued."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    info = init_distributed(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s)
+    try:
+        return Trainer(cfg, info, resume=resume).fit()
+    finally:
+        cleanup_distributed()
+        torch.set_num_threads(threads)  # leave the caller's process as it was
+        torch.use_deterministic_algorithms(deterministic)

@@ -1,0 +1,116 @@
+"""Recipe wiring: optimizer choice with AGC, models' recipe hints, schedule length,
+resolution from model metadata, accumulation and precision options."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import normfree
+from normfree.optim.agc import AGC
+from normfree.train import Config, Trainer, train
+from normfree.train import builders as B
+from normfree.train.distributed import DistInfo
+
+
+def test_sgd_nesterov_with_agc_and_classifier_unclipped(make_cfg: Callable[..., Config]) -> None:
+    cfg = make_cfg()
+    model = normfree.create_model("nf_resnet_cifar20", num_classes=10, in_chans=1)
+    opt = B.build_optimizer(cfg, model)
+    assert isinstance(opt, AGC) and isinstance(opt.optimizer, torch.optim.SGD)
+    assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+    clip = {n: g["clipping"] for g in opt.param_groups for n in g["param_names"]}
+    assert clip["head.fc.weight"] is None and clip["head.fc.bias"] is None
+    assert clip["stem.conv.weight"] == cfg.optim.clipping == 0.2
+    assert all(g["lr"] == pytest.approx(0.4) for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "rmsprop"])
+def test_other_optimizers_still_clip(make_cfg: Callable[..., Config], name: str) -> None:
+    cfg = make_cfg(f"optim.name={name}")
+    opt = B.build_optimizer(cfg, normfree.create_model("nf_resnet_cifar20", num_classes=10))
+    assert isinstance(opt, AGC) and type(opt.optimizer).__name__.lower() == name
+
+
+def test_model_recipe_hints(make_cfg: Callable[..., Config]) -> None:
+    cfg = make_cfg()
+    bn = normfree.create_model("bn_resnet_cifar20", num_classes=10)
+    assert not B.agc_enabled(cfg, bn) and not isinstance(B.build_optimizer(cfg, bn), AGC)
+    assert B.agc_enabled(make_cfg("optim.agc=true"), bn)  # the config wins
+    fixup = normfree.create_model("fixup_resnet_cifar20", num_classes=10)
+    opt = B.build_optimizer(cfg, fixup)
+    lrs = {n: g["lr"] for g in opt.param_groups for n in g["param_names"]}
+    for n in lrs:
+        assert lrs[n] == pytest.approx(0.4 * fixup.lr_scale(n))
+    assert min(lrs.values()) == pytest.approx(0.04)
+
+
+def test_schedule_and_resolution(make_cfg: Callable[..., Config]) -> None:
+    cfg = make_cfg("schedule.warmup_epochs=1.5")
+    assert B.steps_per_epoch(cfg, 1438) == 22 and B.warmup_steps(cfg, 22, 440) == 33
+    sched = B.build_scheduler(cfg, torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], 0.4), 22)
+    assert sched.total_steps == 20 * 22 and sched.warmup_steps == 33
+    assert B.model_resolution(cfg) == (None, None)  # digits keeps its 8x8
+    folder = make_cfg("data=imagefolder:/nowhere", "model=nf_regnet_b0")
+    assert B.model_resolution(folder) == (192, 224)  # the model's train/test sizes
+    sized = make_cfg("data=imagefolder:/nowhere", "data.image_size=64", "data.test_size=80")
+    assert B.model_resolution(sized) == (64, 80)
+
+
+def test_model_overrides_reach_the_model(make_cfg: Callable[..., Config]) -> None:
+    cfg = make_cfg("train.drop_rate=0.3", "train.stochdepth_rate=0.2")
+    model = B.build_model(B.model_args(cfg, 10, 1))
+    assert model.meta.drop_rate == 0.3 and model.meta.stochdepth_rate == 0.2
+    default = B.build_model(B.model_args(make_cfg(), 10, 1))
+    assert default.meta.drop_rate == normfree.create_model("nf_resnet_cifar20").meta.drop_rate
+
+
+def test_gradient_accumulation_matches_the_full_batch(make_cfg: Callable[..., Config]) -> None:
+    common = [
+        "train.epochs=1",
+        "train.max_steps_per_epoch=3",
+        "train.batch_size=32",
+        "ema.enabled=false",
+    ]
+    one = train(make_cfg(*common, out="a"))
+    two = train(make_cfg(*common, "train.accum_steps=4", out="b"))
+    a = torch.load(f"{one['run_dir']}/last.pt", weights_only=True)["model"]
+    b = torch.load(f"{two['run_dir']}/last.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_channels_last_and_sync_bn_warning(
+    make_cfg: Callable[..., Config], caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = make_cfg(
+        "train.precision=bf16",
+        "train.channels_last=true",
+        "train.sync_bn=true",
+        "train.batch_size=16",
+        "train.max_steps_per_epoch=2",
+        "train.epochs=1",
+    )
+    with caplog.at_level(logging.WARNING, logger="normfree.train"):
+        trainer = Trainer(cfg, DistInfo())
+    assert "no BatchNorm" in caplog.text
+    summary = trainer.fit()
+    assert summary["steps"] == 2 and summary["val_loss"] is not None
+    assert trainer.model.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_sync_bn_is_gpu_only_and_a_no_op_for_nf_models(make_cfg: Callable[..., Config]) -> None:
+    from normfree.train.config import ConfigError
+    from normfree.train.trainer_state import setup_sync_batchnorm
+
+    cfg = make_cfg("train.sync_bn=true")
+    bn = normfree.create_model("bn_resnet_cifar20", num_classes=10)
+    two_cpu_ranks = DistInfo(rank=0, world_size=2, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="sync_bn needs CUDA"):
+        setup_sync_batchnorm(bn, cfg, two_cpu_ranks)
+    assert setup_sync_batchnorm(bn, cfg, DistInfo()) is bn  # single process: nothing to sync
+    nf = normfree.create_model("nf_resnet_cifar20", num_classes=10)
+    assert setup_sync_batchnorm(nf, cfg, two_cpu_ranks) is nf  # no BatchNorm at all

@@ -1,0 +1,162 @@
+"""The typed training config: recipes, YAML files, dotted overrides, errors that name the key,
+and the generated ``--help``."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from normfree.cli import build_parser, main
+from normfree.train import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_help,
+    config_to_dict,
+    dump_config,
+    list_recipes,
+    resolve_config,
+)
+from normfree.train.builders import peak_lr
+
+
+def _leaf_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += _leaf_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def test_no_arguments_is_the_digits_recipe() -> None:
+    cfg = resolve_config()
+    assert cfg.model == "nf_resnet_cifar20" and cfg.data.spec == "digits"
+    assert cfg.train.batch_size == 64 and peak_lr(cfg) == pytest.approx(0.4)
+
+
+def test_paper_defaults_without_recipe() -> None:
+    cfg = resolve_config(recipe="none")
+    o = cfg.optim
+    assert (o.name, o.momentum, o.nesterov, o.clipping, o.agc_eps) == ("sgd", 0.9, True, 0.01, 1e-3)
+    assert o.weight_decay == 2e-5 and not o.clip_classifier
+    assert cfg.train.label_smoothing == 0.1 and cfg.schedule.decay == "cosine"
+    assert cfg.ema.enabled and cfg.ema.warmup and cfg.ema.decay == 0.99999
+    assert peak_lr(cfg) == pytest.approx(0.1 * 4096 / 256)
+
+
+def test_shipped_recipes_resolve() -> None:
+    assert {"digits", "cifar", "nfnet_imagenet"} <= set(list_recipes())
+    for name in list_recipes():
+        resolve_config(recipe=name)
+    imagenet = resolve_config(recipe="nfnet_imagenet")
+    assert imagenet.model == "nfnet_f0" and peak_lr(imagenet) == pytest.approx(1.6)
+    assert imagenet.data.randaugment == (4, 5) and imagenet.train.stochdepth_rate == 0.25
+    with pytest.raises(ConfigError, match="unknown recipe 'imagenette'"):
+        resolve_config(recipe="imagenette")
+
+
+def test_overrides_are_typed() -> None:
+    cfg = resolve_config(
+        overrides=[
+            "model=nfnet_f0",
+            "optim.lr=0.2",
+            "optim.weight_decay=1e-4",  # YAML 1.1 reads this as a string: still a float
+            "data=cifar10:/data/cifar-10-batches-py",  # section shorthand for data.spec
+            "data.randaugment=[2, 9]",
+            "data.flip=true",
+            "model_kwargs.width=2",
+            "optim.betas=0.8,0.99",
+            "train.precision=bf16",
+            "out_dir=runs/x",
+        ]
+    )
+    assert cfg.model == "nfnet_f0" and cfg.optim.lr == 0.2 and cfg.optim.weight_decay == 1e-4
+    assert cfg.data.spec == "cifar10:/data/cifar-10-batches-py"
+    assert cfg.data.randaugment == (2, 9) and cfg.data.flip is True
+    assert cfg.model_kwargs == {"width": 2} and cfg.optim.betas == (0.8, 0.99)
+    assert cfg.train.precision == "bf16" and cfg.out_dir == "runs/x"
+    assert resolve_config(overrides=["optim.lr=0.2", "optim.lr=null"]).optim.lr is None
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("optim.lrr=0.1", "optim.lrr"),
+        ("optimizer.lr=0.1", "optimizer"),
+        ("train.epochs=abc", "train.epochs"),
+        ("train.epochs=1.5", "train.epochs"),
+        ("data.flip=maybe", "data.flip"),
+        ("train.precision=fp8", "train.precision"),
+        ("data.randaugment=[1,2,3]", "data.randaugment"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.label_smoothing=1.0", "train.label_smoothing"),
+        ("optim=sgd", "optim"),
+        ("optim.lr", "optim.lr"),
+    ],
+)
+def test_bad_overrides_name_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        resolve_config(overrides=[override])
+
+
+def test_unknown_key_suggests_close_name() -> None:
+    with pytest.raises(ConfigError, match="did you mean lr"):
+        resolve_config(overrides=["optim.lrr=0.1"])
+
+
+def test_yaml_file_layering_and_errors(tmp_path: Path) -> None:
+    good = tmp_path / "cfg.yaml"
+    good.write_text("model: nfnet_f0\ntrain:\n  epochs: 3\noptim:\n  lr: 0.05\n")
+    cfg = resolve_config(config_file=good, overrides=["train.epochs=4"])
+    assert cfg.model == "nfnet_f0" and cfg.optim.lr == 0.05 and cfg.train.epochs == 4
+    assert cfg.train.batch_size == 4096  # a file alone starts from the paper defaults
+    assert resolve_config("digits", good).train.batch_size == 64  # recipe, then file
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.epochz"):
+        resolve_config(config_file=bad)
+    bad.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match="'train' must be a mapping"):
+        resolve_config(config_file=bad)
+    bad.write_text("train: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        resolve_config(config_file=bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_config(config_file=tmp_path / "missing.yaml")
+
+
+def test_dump_and_reload_roundtrip(tmp_path: Path) -> None:
+    cfg = resolve_config(overrides=["data.randaugment=[2,9]", "model_kwargs.width=2"])
+    dump_config(cfg, tmp_path / "c.yaml")
+    again = config_from_dict(yaml.safe_load((tmp_path / "c.yaml").read_text()))
+    assert again == cfg
+    assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def test_help_documents_every_key(capsys: pytest.CaptureFixture[str]) -> None:
+    text = config_help()
+    for key in _leaf_keys():
+        assert f"  {key} (" in text, key
+    assert "[digits: 64]" in text  # the recipe's value next to the default
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = capsys.readouterr().out
+    for key in _leaf_keys():
+        assert key in out, key
+    assert "--resume" in out and "--nproc" in out and "--recipe" in out
+
+
+def test_print_config_and_cli_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--print-config", "optim.lr=0.3"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 0.3 and printed["model"] == "nf_resnet_cifar20"
+    assert main(["train", "--print-config", "optim.bogus=1"]) == 2
+    assert "optim.bogus" in capsys.readouterr().err
