@@ -51,8 +51,9 @@ def _extract_state_dict(obj: Any, use_ema: bool, path: Path) -> Mapping[str, tor
         keys = ("ema", "model") if use_ema else ("state_dict", "model", "model_state")
         for key in keys:
             value = obj.get(key)
-            if isinstance(value, Mapping) and "state_dict" in value:
-                value = value["state_dict"]
+            for inner in ("state_dict", "module"):  # {"ema": {"module": ...}} etc.
+                if isinstance(value, Mapping) and inner in value:
+                    value = value[inner]
             if _is_tensor_mapping(value):
                 return value
         if use_ema:

@@ -25,10 +25,12 @@ __all__ = [
     "build_scheduler",
     "count_params",
     "dataset_kind",
+    "init_weights_from",
     "make_eval_loader",
     "make_train_loader",
     "model_args",
     "model_resolution",
+    "msr_enabled",
     "peak_lr",
     "steps_per_epoch",
     "warmup_steps",
@@ -108,12 +110,22 @@ def build_model(args: dict[str, Any]) -> NormFreeModel:
         raise ConfigError(f"model {args['name']!r} rejected its arguments: {e}") from e
 
 
+def _recipe_flag(value: bool | None, model: nn.Module, key: str, default: bool) -> bool:
+    """The config's value if set, else the model's ``meta.recipe[key]``, else ``default``."""
+    if value is not None:
+        return value
+    recipe = getattr(getattr(model, "meta", None), "recipe", {}) or {}
+    return bool(recipe.get(key, default))
+
+
 def agc_enabled(cfg: Config, model: nn.Module) -> bool:
     """``optim.agc`` if set, else the model's recipe hint (BN baselines: off), else on."""
-    if cfg.optim.agc is not None:
-        return cfg.optim.agc
-    recipe = getattr(getattr(model, "meta", None), "recipe", {}) or {}
-    return bool(recipe.get("agc", True))
+    return _recipe_flag(cfg.optim.agc, model, "agc", True)
+
+
+def msr_enabled(cfg: Config, model: nn.Module) -> bool:
+    """``optim.msr`` if set, else the model's recipe hint (MSR ResNets: on), else off."""
+    return _recipe_flag(cfg.optim.msr, model, "msr", False)
 
 
 def peak_lr(cfg: Config) -> float:
@@ -150,12 +162,19 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         opt = torch.optim.RMSprop(groups, lr=lr, momentum=o.momentum, eps=o.eps)
     else:  # pragma: no cover - the config type rules this out
         raise ConfigError(f"unknown optimizer optim.name={o.name!r}")
-    if not use_agc:
-        return opt
-    from normfree.optim.agc import AGC
+    if use_agc:
+        from normfree.optim.agc import AGC
 
-    # clipping per group (None on the classifier group), so no name-based exclusion here
-    return AGC(opt, clipping=o.clipping, eps=o.agc_eps, exclude=())
+        # clipping per group (None on the classifier group), so no name-based exclusion here
+        opt = AGC(opt, clipping=o.clipping, eps=o.agc_eps, exclude=())
+    if msr_enabled(cfg, model):
+        from normfree.optim.msr import MeanShiftRejection
+
+        # plain SGD keeps projected weights on the isocline; adaptive optimizers need the
+        # update re-projected (Ruff et al. 2019, §3; see normfree.optim.msr)
+        mode = "project_grad" if o.name == "sgd" else "project_update"
+        opt = MeanShiftRejection(opt, model, mode=mode)
+    return opt
 
 
 def warmup_steps(cfg: Config, steps_per_epoch: int, total_steps: int) -> int:
@@ -230,3 +249,18 @@ def steps_per_epoch(cfg: Config, num_examples: int) -> int:
 
 def count_params(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
+
+
+def init_weights_from(cfg: Config, model: nn.Module) -> None:
+    """Load ``cfg.init_from`` into a fresh model (fine-tuning): a run folder means its
+    ``best.pt``; any format :func:`normfree.load_pretrained` reads is accepted."""
+    if not cfg.init_from:
+        return
+    from pathlib import Path
+
+    from normfree.checkpoints import load_pretrained
+
+    path = Path(cfg.init_from)
+    if path.is_dir():
+        path = path / "best.pt"
+    load_pretrained(model, path, use_ema=cfg.init_use_ema)

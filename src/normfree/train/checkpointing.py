@@ -18,12 +18,16 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from normfree.checkpoints.errors import CheckpointError
+from normfree.checkpoints.io import atomic_save, atomic_write_bytes
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -43,43 +47,12 @@ CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "rng", "position", "config", "model_args")
 
 
-class CheckpointError(RuntimeError):
-    """A training checkpoint is missing, unreadable, truncated or of the wrong kind."""
-
-
-def _fsync_dir(directory: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` atomically to ``path`` (temp file in the same folder, fsync, rename).
-
-    ``format`` and ``version`` keys are added. If anything fails the temporary file is removed
-    and an existing ``path`` is left untouched.
-    """
+    """Write ``state`` atomically to ``path`` (:func:`normfree.checkpoints.atomic_save`: temp
+    file in the same folder, fsync, rename). ``format`` and ``version`` keys are added; if
+    anything fails an existing ``path`` is left untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    atomic_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, path)
     return path
 
 
@@ -91,20 +64,21 @@ def atomic_link_or_copy(src: str | Path, dst: str | Path) -> Path:
     os.close(fd)
     os.unlink(tmp)
     try:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                while chunk := fin.read(1 << 24):
-                    fout.write(chunk)
-                fout.flush()
-                os.fsync(fout.fileno())
+        os.link(src, tmp)
+    except OSError:  # no hard links here: copy into a temp file, then rename
+
+        def copy(fout: Any) -> None:
+            with open(src, "rb") as fin:
+                shutil.copyfileobj(fin, fout, 1 << 24)
+
+        atomic_write_bytes(dst, copy)
+        return dst
+    try:
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(dst.parent)
     return dst
 
 

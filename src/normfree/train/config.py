@@ -79,6 +79,9 @@ class OptimConfig:
     clipping: float = _f(0.01, "AGC λ (max ‖G‖/‖W‖ per unit)")
     agc_eps: float = _f(1e-3, "AGC ε (floor of ‖W‖)")
     clip_classifier: bool = _f(False, "also clip the final classifier (the paper does not)")
+    msr: bool | None = _f(
+        None, "Mean Shift Rejection: keep conv kernels zero-mean (null: the model's recipe)"
+    )
 
 
 @dataclass
@@ -114,6 +117,13 @@ class TrainLoopConfig:
     checkpoint_every_steps: int = _f(0, "also write last.pt every N steps (0: each epoch)")
     max_steps_per_epoch: int | None = _f(None, "cut every epoch short after N optimizer steps")
     best_metric: Literal["val_top1", "ema_val_top1"] = _f("val_top1", "metric that picks best.pt")
+    finetune_epochs: int = _f(
+        0, "after training, fine-tune this many epochs at finetune_size (FixRes-style; 0: off)"
+    )
+    finetune_size: int | None = _f(
+        None, "fine-tune/test resolution (null: model meta.recipe finetune_size, else test_size)"
+    )
+    finetune_lr_scale: float = _f(0.1, "fine-tune peak lr as a fraction of the main peak lr")
 
 
 @dataclass
@@ -163,6 +173,12 @@ class Config:
         default_factory=dict, metadata={"help": "extra create_model arguments, e.g. {width: 2}"}
     )
     seed: int = _f(0, "seed of initialisation, data order, augmentation and mixing")
+    init_from: str | None = _f(
+        None,
+        "initialise the weights from a checkpoint before training: a run folder (its best.pt), "
+        "a normfree/timm/.safetensors file (fine-tuning; see normfree.load_pretrained)",
+    )
+    init_use_ema: bool = _f(False, "with init_from: take the checkpoint's EMA weights")
     out_dir: str | None = _f(None, "run folder (null: runs/<model>-<data>-<timestamp>)")
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -198,6 +214,9 @@ def validate_config(cfg: Config) -> None:
         "in [0, 1)",
     )
     need(t.threads is None or t.threads > 0, "train.threads", "> 0 or null")
+    need(t.finetune_epochs >= 0, "train.finetune_epochs", ">= 0")
+    need(t.finetune_size is None or t.finetune_size > 0, "train.finetune_size", "> 0 or null")
+    need(t.finetune_lr_scale > 0, "train.finetune_lr_scale", "> 0")
     need(t.eval_every_epochs > 0, "train.eval_every_epochs", "> 0")
     need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", ">= 0")
     need(o.lr is None or o.lr > 0, "optim.lr", "> 0 or null")

@@ -77,7 +77,10 @@ class Trainer(TrainerState):
             self.model_args = B.model_args(cfg, self.bundle.num_classes, self.bundle.in_chans)
         else:
             self.model_args = state["model_args"]
-        model = setup_sync_batchnorm(B.build_model(self.model_args), cfg, info)
+        model = B.build_model(self.model_args)
+        if state is None:
+            B.init_weights_from(cfg, model)
+        model = setup_sync_batchnorm(model, cfg, info)
         if t.grad_checkpointing:
             model.set_grad_checkpointing(True)
         model.to(info.device)
@@ -422,8 +425,36 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     info = init_distributed(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s)
     try:
-        return Trainer(cfg, info, resume=resume).fit()
+        trainer = Trainer(cfg, info, resume=resume)
+        summary = trainer.fit()
+        if cfg.train.finetune_epochs > 0 and summary.get("status") == "completed":
+            finetune_cfg = finetune_config(cfg, trainer.run_dir, trainer.model)
+            summary["finetune"] = Trainer(finetune_cfg, info).fit()
+        return summary
     finally:
         cleanup_distributed()
         torch.set_num_threads(threads)  # leave the caller's process as it was
         torch.use_deterministic_algorithms(deterministic)
+
+
+def finetune_config(cfg: Config, run_dir: Path, model: nn.Module) -> Config:
+    """The second phase of reduced-resolution training (Touvron et al. 2019 "FixRes"; Masters
+    et al. 2021, §5): start from the run's final weights and train ``train.finetune_epochs``
+    more at ``train.finetune_size`` (default: the model's ``meta.recipe["finetune_size"]``, else
+    its ``test_size``) with ``finetune_lr_scale`` × the peak lr, no warmup, into
+    ``RUN_DIR/finetune`` (resume that folder with ``--resume RUN_DIR/finetune``)."""
+    from normfree.train.config_io import copy_config
+
+    meta = getattr(model, "meta", None)
+    size = cfg.train.finetune_size
+    if size is None and meta is not None:
+        size = int(meta.recipe.get("finetune_size", meta.test_size))
+    ft = copy_config(cfg)
+    ft.init_from = str(Path(run_dir) / "last.pt")
+    ft.init_use_ema = False
+    ft.out_dir = str(Path(run_dir) / "finetune")
+    ft.optim.lr = B.peak_lr(cfg) * cfg.train.finetune_lr_scale
+    ft.schedule.warmup_epochs, ft.schedule.warmup_steps = 0.0, 0
+    ft.train.epochs, ft.train.finetune_epochs = cfg.train.finetune_epochs, 0
+    ft.data.image_size = ft.data.test_size = size
+    return ft
