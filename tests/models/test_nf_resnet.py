@@ -129,7 +129,7 @@ def test_unknown_model_suggests_close_names() -> None:
 
 def test_invalid_small_depth() -> None:
     with pytest.raises(ValueError, match="6n\\+2"):
-        from normfree.models.nf_resnet import cifar_depths
+        from normfree.models._layers import cifar_depths
 
         cifar_depths(21)
 

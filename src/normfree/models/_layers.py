@@ -1,4 +1,6 @@
-"""Layers shared by several model families (NF-ResNet "He-init" variants and the baselines).
+"""Layers shared by several model families (NF-ResNets, their "He-init" variants and the
+ResNet-layout baselines): :class:`HeConv2d`, :class:`MaxPoolSame`, :func:`resnet_stem` and
+:func:`check_resnet_layout`.
 
 :class:`HeConv2d` is a plain convolution with He-normal init (He et al. 2015, eq. 10 for
 ``fan_in``, eq. 14 for ``fan_out``), symmetric ``k//2`` padding and an optional bias. It is a
@@ -8,9 +10,22 @@ superset of the class of the same name in :mod:`normfree.models.nf_resnet` (same
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HeConv2d"]
+from normfree.nn.padding import same_padding_amounts
+
+__all__ = [
+    "STEM_KINDS",
+    "HeConv2d",
+    "MaxPoolSame",
+    "check_resnet_layout",
+    "cifar_depths",
+    "resnet_stem",
+]
 
 _MODES = ("fan_in", "fan_out")
 
@@ -52,3 +67,58 @@ class HeConv2d(nn.Conv2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", mode={self.mode}"
+
+
+class MaxPoolSame(nn.Module):
+    """3×3 stride-2 max-pool with TF/JAX "SAME" padding (pads with -inf, extra pixel after),
+    as the official stem's ``hk.max_pool(padding='SAME')``."""
+
+    def __init__(self, kernel_size: int = 3, stride: int = 2) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ph = same_padding_amounts(x.shape[-2], self.kernel_size, self.stride, 1)
+        pw = same_padding_amounts(x.shape[-1], self.kernel_size, self.stride, 1)
+        x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]), value=float("-inf"))
+        return F.max_pool2d(x, self.kernel_size, self.stride)
+
+
+STEM_KINDS = ("imagenet", "small")
+
+
+def check_resnet_layout(
+    depths: Sequence[int], channels: Sequence[int], strides: Sequence[int], stem: str
+) -> None:
+    """The argument checks every ResNet-layout family shares (one entry per stage, a known stem)."""
+    if not (len(depths) == len(channels) == len(strides)):
+        raise ValueError(
+            f"depths, channels and strides need one entry per stage, got {len(depths)}, "
+            f"{len(channels)} and {len(strides)}"
+        )
+    if stem not in STEM_KINDS:
+        raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
+
+
+def resnet_stem(
+    stem: str, in_chans: int, channels: int, conv: Callable[[int, int, int, int], nn.Module]
+) -> tuple[nn.Sequential, int]:
+    """``(stem, reduction)``: ``"imagenet"`` = 7×7/2 conv + 3×3/2 SAME max-pool (He et al. 2016),
+    ``"small"`` = one 3×3/1 conv (for 8×8–32×32 images). ``conv(in, out, kernel, stride)``."""
+    module = nn.Sequential()
+    if stem == "imagenet":
+        module.add_module("conv", conv(in_chans, channels, 7, 2))
+        module.add_module("pool", MaxPoolSame(3, 2))
+        return module, 4
+    module.add_module("conv", conv(in_chans, channels, 3, 1))
+    return module, 1
+
+
+def cifar_depths(depth: int) -> tuple[int, int, int]:
+    """Blocks per stage of a small-image basic-block ResNet of ``depth = 6n + 2`` layers
+    (He et al. 2016, §4.2)."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"small-image ResNet depth must be 6n+2 (e.g. 20, 56, 110), got {depth}")
+    n = (depth - 2) // 6
+    return (n, n, n)

@@ -47,7 +47,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normfree.models._layers import HeConv2d
+from normfree.models._layers import (
+    HeConv2d,
+)
 from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
 from normfree.models.registry import register_model
 from normfree.models.resnet import group_norm_groups

@@ -52,9 +52,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normfree.models._layers import HeConv2d
+from normfree.models._layers import (
+    HeConv2d,
+    MaxPoolSame,
+    check_resnet_layout,
+    cifar_depths,
+)
 from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
-from normfree.models.nf_resnet import MaxPoolSame, cifar_depths
 from normfree.models.registry import register_model
 from normfree.nn.fixup import (
     FIXUP_SCALAR_LR_SCALE,
@@ -217,13 +221,7 @@ class FixupResNet(NormFreeModel):
         meta: ModelMeta | None = None,
     ) -> None:
         super().__init__()
-        if not (len(depths) == len(channels) == len(strides)):
-            raise ValueError(
-                f"depths, channels and strides need one entry per stage, got {len(depths)}, "
-                f"{len(channels)} and {len(strides)}"
-            )
-        if stem not in ("imagenet", "small"):
-            raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
+        check_resnet_layout(depths, channels, strides, stem)
         if sum(depths) < 1:
             raise ValueError(f"a Fixup ResNet needs at least one block, got depths {depths}")
         self.in_chans = in_chans

@@ -50,9 +50,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normfree.models._layers import HeConv2d
+from normfree.models._layers import (
+    HeConv2d,
+    MaxPoolSame,
+    check_resnet_layout,
+    cifar_depths,
+)
 from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
-from normfree.models.nf_resnet import MaxPoolSame, cifar_depths
 from normfree.models.registry import register_model
 from normfree.nn.head import ClassifierHead
 from normfree.nn.msr import ChannelNoise, apply_zero_mean_init
@@ -212,13 +216,7 @@ class MSRResNet(NormFreeModel):
         meta: ModelMeta | None = None,
     ) -> None:
         super().__init__()
-        if not (len(depths) == len(channels) == len(strides)):
-            raise ValueError(
-                f"depths, channels and strides need one entry per stage, got {len(depths)}, "
-                f"{len(channels)} and {len(strides)}"
-            )
-        if stem not in ("imagenet", "small"):
-            raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
+        check_resnet_layout(depths, channels, strides, stem)
         if shortcut not in ("zero_pad", "conv"):
             raise ValueError(f"shortcut must be 'zero_pad' or 'conv', got {shortcut!r}")
         if bottleneck and any(c % 4 for c in channels):

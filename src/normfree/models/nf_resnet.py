@@ -29,15 +29,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from normfree.models._layers import HeConv2d
+from normfree.models._layers import (
+    HeConv2d,
+    MaxPoolSame,
+    check_resnet_layout,
+    cifar_depths,
+    resnet_stem,
+)
 from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
 from normfree.models.registry import register_model
 from normfree.nn.activations import nf_activation
 from normfree.nn.head import ClassifierHead
-from normfree.nn.padding import same_padding_amounts
 from normfree.nn.residual import (
     ExpectedVariance,
     NFResidualBlock,
@@ -49,22 +53,6 @@ from normfree.nn.ws import ScaledStdConv2d
 __all__ = ["HeConv2d", "MaxPoolSame", "NFResNet", "NFResNetBlock"]
 
 PAPER = "Brock, De & Smith 2021, arXiv 2101.08692"
-
-
-class MaxPoolSame(nn.Module):
-    """3×3 stride-2 max-pool with TF/JAX "SAME" padding (pads with -inf, extra pixel after),
-    as the official stem's ``hk.max_pool(padding='SAME')``."""
-
-    def __init__(self, kernel_size: int = 3, stride: int = 2) -> None:
-        super().__init__()
-        self.kernel_size = kernel_size
-        self.stride = stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ph = same_padding_amounts(x.shape[-2], self.kernel_size, self.stride, 1)
-        pw = same_padding_amounts(x.shape[-1], self.kernel_size, self.stride, 1)
-        x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]), value=float("-inf"))
-        return F.max_pool2d(x, self.kernel_size, self.stride)
 
 
 def _conv(in_ch: int, out_ch: int, k: int, stride: int, use_ws: bool) -> nn.Module:
@@ -176,23 +164,11 @@ class NFResNet(NormFreeModel):
         meta: ModelMeta | None = None,
     ) -> None:
         super().__init__()
-        if not (len(depths) == len(channels) == len(strides)):
-            raise ValueError(
-                f"depths, channels and strides need one entry per stage, got {len(depths)}, "
-                f"{len(channels)} and {len(strides)}"
-            )
-        if stem not in ("imagenet", "small"):
-            raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
+        check_resnet_layout(depths, channels, strides, stem)
         self.in_chans = in_chans
-        if stem == "imagenet":
-            self.stem = nn.Sequential()
-            self.stem.add_module("conv", _conv(in_chans, stem_channels, 7, 2, use_ws))
-            self.stem.add_module("pool", MaxPoolSame(3, 2))
-            reduction = 4
-        else:
-            self.stem = nn.Sequential()
-            self.stem.add_module("conv", _conv(in_chans, stem_channels, 3, 1, use_ws))
-            reduction = 1
+        self.stem, reduction = resnet_stem(
+            stem, in_chans, stem_channels, lambda i, o, k, s: _conv(i, o, k, s, use_ws)
+        )
         self.feature_info = [FeatureInfo("stem", stem_channels, reduction)]
 
         variance = ExpectedVariance(alpha)
@@ -285,15 +261,6 @@ def nf_resnet288(num_classes: int = 1000, **overrides: Any) -> NFResNet:
 def nf_resnet600(num_classes: int = 1000, **overrides: Any) -> NFResNet:
     """NF-ResNet-600 (Brock et al. 2021a; the depth of the paper's SPP figure)."""
     return _imagenet(600, num_classes, **overrides)
-
-
-def cifar_depths(depth: int) -> tuple[int, int, int]:
-    """Blocks per stage of a small-image basic-block ResNet of ``depth = 6n + 2`` layers
-    (He et al. 2016, §4.2)."""
-    if depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"small-image ResNet depth must be 6n+2 (e.g. 20, 56, 110), got {depth}")
-    n = (depth - 2) // 6
-    return (n, n, n)
 
 
 def _small(depth: int, num_classes: int, width: int = 1, **overrides: Any) -> NFResNet:

@@ -56,9 +56,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from normfree.models._layers import HeConv2d
+from normfree.models._layers import (
+    HeConv2d,
+    check_resnet_layout,
+    cifar_depths,
+    resnet_stem,
+)
 from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
-from normfree.models.nf_resnet import MaxPoolSame, cifar_depths
 from normfree.models.registry import register_model
 from normfree.nn.fixup import ScalarBias
 from normfree.nn.head import ClassifierHead
@@ -298,25 +302,12 @@ class PreActResNet(NormFreeModel):
         meta: ModelMeta | None = None,
     ) -> None:
         super().__init__()
-        if not (len(depths) == len(channels) == len(strides)):
-            raise ValueError(
-                f"depths, channels and strides need one entry per stage, got {len(depths)}, "
-                f"{len(channels)} and {len(strides)}"
-            )
-        if stem not in ("imagenet", "small"):
-            raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
+        check_resnet_layout(depths, channels, strides, stem)
         layers = _Layers(
             norm, use_ws, use_biases, gn_groups, gn_min_channels_per_group, proxy_norm, norm_eps
         )
         self.in_chans = in_chans
-        self.stem = nn.Sequential()
-        if stem == "imagenet":
-            self.stem.add_module("conv", layers.conv(in_chans, stem_channels, 7, 2))
-            self.stem.add_module("pool", MaxPoolSame(3, 2))
-            reduction = 4
-        else:
-            self.stem.add_module("conv", layers.conv(in_chans, stem_channels, 3, 1))
-            reduction = 1
+        self.stem, reduction = resnet_stem(stem, in_chans, stem_channels, layers.conv)
         self.feature_info = [FeatureInfo("stem", stem_channels, reduction)]
 
         rates = stochastic_depth_rates(stochdepth_rate, sum(depths))
