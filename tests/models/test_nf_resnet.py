@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -88,17 +90,13 @@ def test_he_init_variant_shows_mean_shift() -> None:
 
 
 @pytest.mark.parametrize("name", ["nf_resnet_cifar20", "nf_resnet26"])
-def test_batch_independent_in_eval_and_train(name: str) -> None:
+def test_batch_independent_in_eval_and_train(name: str, batch_gap: Callable[..., float]) -> None:
     torch.manual_seed(0)
     model = normfree.create_model(name, num_classes=5, skipinit_init=0.5, drop_rate=0.0,
                                   stochdepth_rate=0.0)
     x = torch.randn(8, 3, 32, 32)
     for mode in (False, True):
-        model.train(mode)
-        with torch.no_grad():
-            full = model(x)
-            single = torch.cat([model(x[i : i + 1]) for i in range(8)])
-        torch.testing.assert_close(single, full, rtol=1e-5, atol=1e-6)
+        assert batch_gap(model.train(mode), x) <= 1e-5
 
 
 def test_small_variant_forward_features_and_intermediates() -> None:

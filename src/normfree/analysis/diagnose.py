@@ -26,7 +26,6 @@ every block is the identity at initialisation and the checks would see nothing.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ from torch import nn
 from normfree.analysis.batch_dependence import BatchDependence, batch_dependence
 from normfree.analysis.context import make_inputs
 from normfree.analysis.spp import SPPResult, channel_stats, signal_propagation
+from normfree.atomic import atomic_write_json
 
 __all__ = ["DiagnoseThresholds", "Diagnosis", "Finding", "diagnose"]
 
@@ -113,9 +113,8 @@ class Diagnosis:
         }
 
     def to_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        """Write the diagnosis as indented JSON to ``path`` (atomically)."""
+        return atomic_write_json(path, self.to_dict())
 
 
 def _top(items: list[tuple[str, float]], n: int) -> list[str]:

@@ -29,11 +29,9 @@ pathological feedforward nets) or as a power law (``log χ`` linear in ``log l``
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +40,7 @@ from torch import nn
 
 from normfree.analysis.context import analysis_mode, make_inputs, model_label
 from normfree.analysis.recorder import record_points
+from normfree.analysis.result_io import JsonResult
 from normfree.analysis.spp import resolve_points
 
 __all__ = [
@@ -177,7 +176,7 @@ def fit_growth(
 
 
 @dataclass
-class MomentsResult:
+class MomentsResult(JsonResult):
     """Per-point moments and sensitivity, the input's χ, and the growth fit over depth ≥ 1."""
 
     label: str
@@ -211,15 +210,6 @@ class MomentsResult:
         fit = GrowthFit(**data["fit"]) if data.get("fit") else None
         points = [MomentsPoint(**p) for p in data["points"]]
         return cls(data["label"], points, data["input_chi"], fit, dict(data.get("config", {})))
-
-    def to_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> MomentsResult:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def table(self) -> str:
         head = (f"{'#':>4} {'point':32s} {'l':>4} {'mu2':>10} {'kurt':>7} {'nu1|z|':>7} "

@@ -18,6 +18,7 @@ from typing import Any
 from normfree.analysis.moments import MomentsResult
 from normfree.analysis.power import PowerResult
 from normfree.analysis.spp import SPPResult
+from normfree.atomic import atomic_save_figure
 
 __all__ = ["plot_moments", "plot_power", "plot_spp"]
 
@@ -56,7 +57,7 @@ def _as_list(results: Any, kind: type) -> list[Any]:
 
 def _save(fig: Any, path: str | Path | None, dpi: int) -> None:
     if path is not None:
-        fig.savefig(Path(path), dpi=dpi)
+        atomic_save_figure(fig, path, dpi=dpi)
 
 
 def plot_spp(

@@ -18,10 +18,8 @@ terms sum to ``E[y²]`` up to rounding. BatchNorm keeps ``channel_mean`` at β_c
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +27,7 @@ from torch import nn
 
 from normfree.analysis.context import analysis_mode, make_inputs, model_label
 from normfree.analysis.recorder import record_points
+from normfree.analysis.result_io import JsonResult
 from normfree.analysis.spp import resolve_points
 
 __all__ = ["PowerPoint", "PowerResult", "power_decomposition", "power_profile"]
@@ -82,7 +81,7 @@ def power_decomposition(y: torch.Tensor, channel_dim: int = 1) -> dict[str, floa
 
 
 @dataclass
-class PowerResult:
+class PowerResult(JsonResult):
     """Power decomposition at each point, in forward order."""
 
     label: str
@@ -107,15 +106,6 @@ class PowerResult:
             raise ValueError("not a normfree power result (missing format 'normfree.power')")
         points = [PowerPoint(**p) for p in data["points"]]
         return cls(data["label"], points, dict(data.get("config", {})))
-
-    def to_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> PowerResult:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def table(self) -> str:
         lines = [self.label, f"{'#':>4} {'point':32s} {'E[y²]':>10} {'chan-mean':>10} "

@@ -17,7 +17,7 @@ The reductions run over every axis except the channel axis (``channel_dim``, 1 f
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +30,8 @@ from torch import nn
 from normfree.analysis.context import analysis_mode, make_inputs, model_label
 from normfree.analysis.points import PointSpec, default_points, points_from_patterns
 from normfree.analysis.recorder import attach_branches, record_points
+from normfree.analysis.result_io import JsonResult, read_json
+from normfree.atomic import atomic_write_json, atomic_write_text
 
 __all__ = [
     "SPPPoint",
@@ -69,7 +71,7 @@ class SPPPoint:
 
 
 @dataclass
-class SPPResult:
+class SPPResult(JsonResult):
     """A Signal Propagation Plot: one :class:`SPPPoint` per measurement point, in forward order.
 
     ``label`` names the model in plots; ``config`` records how it was measured (input shape,
@@ -136,16 +138,10 @@ class SPPResult:
             config=dict(data.get("config", {})),
         )
 
-    def to_json(self, path: str | Path) -> Path:
-        """Write the result as JSON (floats round-trip exactly)."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
-
     @classmethod
     def from_json(cls, path: str | Path) -> SPPResult | list[SPPResult]:
         """Read a file written by :meth:`to_json` (one result) or :func:`save_results` (list)."""
-        data = json.loads(Path(path).read_text())
+        data = read_json(path)
         if isinstance(data, list):
             return [cls.from_dict(d) for d in data]
         return cls.from_dict(data)
@@ -175,22 +171,18 @@ class SPPResult:
 
 def write_csv(results: Sequence[SPPResult], path: str | Path) -> Path:
     """Write several results to one CSV file (a ``label`` column tells them apart)."""
-    path = Path(path)
-    fields = ["label", *SPPPoint.__dataclass_fields__]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for result in results:
-            for row in result.csv_rows():
-                writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    return path
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=["label", *SPPPoint.__dataclass_fields__])
+    writer.writeheader()
+    for result in results:
+        for row in result.csv_rows():
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return atomic_write_text(path, buf.getvalue())
 
 
 def save_results(results: Sequence[SPPResult], path: str | Path) -> Path:
     """Write several results to one JSON file (a list); read back with ``SPPResult.from_json``."""
-    path = Path(path)
-    path.write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
-    return path
+    return atomic_write_json(path, [r.to_dict() for r in results])
 
 
 def resolve_points(

@@ -1,52 +1,23 @@
 """Safe, atomic reading and writing of tensor files.
 
-Writes go to a temporary file in the target directory, are flushed to disk and then renamed over
-the target (``os.replace`` is atomic on POSIX and Windows), so a crash never leaves a half-written
-checkpoint behind. Reads use ``torch.load(weights_only=True)`` (no arbitrary code) or
-safetensors.
+Writes go through :func:`normfree.atomic.atomic_write_bytes` (temporary file, fsync, rename), so a
+crash never leaves a half-written checkpoint behind. Reads use ``torch.load(weights_only=True)``
+(no arbitrary code) or safetensors.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from normfree.atomic import atomic_write_bytes
 from normfree.checkpoints.errors import CheckpointError
 
 __all__ = ["atomic_save", "atomic_write_bytes", "load_tensors", "save_safetensors"]
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> None:
-    """Call ``write(fileobj)`` on a temporary file next to ``path``, fsync it, then rename it
-    over ``path``. On any error the temporary file is removed and ``path`` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # persist the rename itself
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:

@@ -1,6 +1,7 @@
 """Layers shared by several model families (NF-ResNets, their "He-init" variants and the
-ResNet-layout baselines): :class:`HeConv2d`, :class:`MaxPoolSame`, :func:`resnet_stem` and
-:func:`check_resnet_layout`.
+ResNet-layout baselines): :class:`HeConv2d`, :class:`MaxPoolSame`, :func:`resnet_stem`,
+:func:`check_resnet_layout` and the two standard layouts, :func:`imagenet_layout` and
+:func:`small_image_layout`.
 
 :class:`HeConv2d` is a plain convolution with He-normal init (He et al. 2015, eq. 10 for
 ``fan_in``, eq. 14 for ``fan_out``), symmetric ``k//2`` padding and an optional bias. It is a
@@ -11,6 +12,7 @@ superset of the class of the same name in :mod:`normfree.models.nf_resnet` (same
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +21,15 @@ from torch import nn
 from normfree.nn.padding import same_padding_amounts
 
 __all__ = [
+    "IMAGENET_DEPTHS",
     "STEM_KINDS",
     "HeConv2d",
     "MaxPoolSame",
     "check_resnet_layout",
     "cifar_depths",
+    "imagenet_layout",
     "resnet_stem",
+    "small_image_layout",
 ]
 
 _MODES = ("fan_in", "fan_out")
@@ -122,3 +127,35 @@ def cifar_depths(depth: int) -> tuple[int, int, int]:
         raise ValueError(f"small-image ResNet depth must be 6n+2 (e.g. 20, 56, 110), got {depth}")
     n = (depth - 2) // 6
     return (n, n, n)
+
+
+# blocks per stage of the 4-stage bottleneck ResNets (He et al. 2016, Table 1; 26, 288 and 600
+# as in the NF-ResNet paper's figures and timm)
+IMAGENET_DEPTHS: dict[int, tuple[int, int, int, int]] = {
+    26: (2, 2, 2, 2),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3),
+    288: (24, 24, 24, 24),
+    600: (50, 50, 50, 50),
+}
+
+
+def imagenet_layout(depth: int) -> dict[str, Any]:
+    """Constructor arguments of the ImageNet bottleneck ResNet of ``depth`` layers: 7×7 stem,
+    output widths 256/512/1024/2048 (the constructors' default stem, strides and blocks)."""
+    if depth not in IMAGENET_DEPTHS:
+        raise ValueError(f"no ImageNet ResNet of depth {depth}; known: {sorted(IMAGENET_DEPTHS)}")
+    return {"depths": IMAGENET_DEPTHS[depth], "channels": (256, 512, 1024, 2048)}
+
+
+def small_image_layout(depth: int, width: Any = 1) -> dict[str, Any]:
+    """Constructor arguments of the small-image basic-block ResNet of ``depth = 6n + 2`` layers
+    (He et al. 2016, §4.2): 3×3 stem, three stages of ``width``·16/32/64 channels, strides 1/2/2."""
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        raise ValueError(f"width must be a positive int, got {width!r}")
+    return {
+        "depths": cifar_depths(depth), "channels": (16 * width, 32 * width, 64 * width),
+        "strides": (1, 2, 2), "stem": "small", "stem_channels": 16 * width, "bottleneck": False,
+    }  # fmt: skip

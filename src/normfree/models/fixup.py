@@ -56,7 +56,8 @@ from normfree.models._layers import (
     HeConv2d,
     MaxPoolSame,
     check_resnet_layout,
-    cifar_depths,
+    imagenet_layout,
+    small_image_layout,
 )
 from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
 from normfree.models.registry import register_model
@@ -73,7 +74,6 @@ from normfree.nn.residual import ResidualBlock, StochasticDepth, stochastic_dept
 __all__ = ["FixupBlock", "FixupResNet", "ZeroPadShortcut", "fixup_resnet_cifar"]
 
 PAPER = "Zhang, Dauphin & Ma 2019, arXiv 1901.09321"
-_IMAGENET_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 _SHORTCUTS = ("projection", "zero_pad")
 
 
@@ -293,7 +293,7 @@ def _imagenet(depth: int, num_classes: int, overrides: dict[str, Any]) -> FixupR
         name=f"fixup_resnet{depth}", family="fixup_resnet", train_size=224, test_size=224,
         paper=PAPER,
     )  # fmt: skip
-    kwargs: dict[str, Any] = dict(depths=_IMAGENET_DEPTHS[depth], channels=(256, 512, 1024, 2048))
+    kwargs = imagenet_layout(depth)
     kwargs.update(overrides)
     return FixupResNet(num_classes=num_classes, meta=meta, **kwargs)
 
@@ -301,17 +301,11 @@ def _imagenet(depth: int, num_classes: int, overrides: dict[str, Any]) -> FixupR
 def fixup_resnet_cifar(depth: int, num_classes: int = 10, **overrides: Any) -> FixupResNet:
     """Small-image Fixup ResNet of any depth ``6n+2`` (3×3 stem, basic blocks, ``width``·16/32/64
     channels); the registered ``fixup_resnet_cifar*`` names fix the depth."""
-    width = overrides.pop("width", 1)
-    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-        raise ValueError(f"width must be a positive int, got {width!r}")
     meta = ModelMeta(
         name=f"fixup_resnet_cifar{depth}", family="fixup_resnet", train_size=32, test_size=32,
         paper=PAPER,
     )  # fmt: skip
-    kwargs: dict[str, Any] = dict(
-        depths=cifar_depths(depth), channels=(16 * width, 32 * width, 64 * width),
-        strides=(1, 2, 2), stem="small", stem_channels=16 * width, bottleneck=False,
-    )  # fmt: skip
+    kwargs = small_image_layout(depth, overrides.pop("width", 1))
     kwargs.update(overrides)
     return FixupResNet(num_classes=num_classes, meta=meta, **kwargs)
 

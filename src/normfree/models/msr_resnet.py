@@ -54,7 +54,8 @@ from normfree.models._layers import (
     HeConv2d,
     MaxPoolSame,
     check_resnet_layout,
-    cifar_depths,
+    imagenet_layout,
+    small_image_layout,
 )
 from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
 from normfree.models.registry import register_model
@@ -271,16 +272,10 @@ class MSRResNet(NormFreeModel):
 
 # ----------------------------------------------------------------------------- registry
 def _small(depth: int, num_classes: int, overrides: dict[str, Any]) -> MSRResNet:
-    width = overrides.pop("width", 1)
-    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-        raise ValueError(f"width must be a positive int, got {width!r}")
     name = f"msr_resnet_cifar{depth}"
     meta = ModelMeta(name=name, family="msr_resnet", train_size=32, test_size=32, paper=PAPER)
-    kwargs: dict[str, Any] = dict(
-        depths=cifar_depths(depth), channels=(16 * width, 32 * width, 64 * width),
-        strides=(1, 2, 2), stem="small", stem_channels=16 * width, bottleneck=False,
-        shortcut="zero_pad",
-    )  # fmt: skip
+    kwargs = small_image_layout(depth, overrides.pop("width", 1))
+    kwargs["shortcut"] = "zero_pad"
     kwargs.update(overrides)
     return MSRResNet(num_classes=num_classes, meta=meta, **kwargs)
 
@@ -309,6 +304,6 @@ def msr_resnet50(num_classes: int = 1000, **overrides: Any) -> MSRResNet:
     """MSR ResNet-50: torchvision v1.5 bottleneck layout (stride on the 3×3), 1×1 projection
     shortcuts, BN replaced by noise + per-channel bias, zero-mean init."""
     meta = ModelMeta(name="msr_resnet50", family="msr_resnet", paper=PAPER)
-    kwargs: dict[str, Any] = dict(depths=(3, 4, 6, 3), channels=(256, 512, 1024, 2048))
+    kwargs = imagenet_layout(50)
     kwargs.update(overrides)
     return MSRResNet(num_classes=num_classes, meta=meta, **kwargs)

@@ -35,8 +35,9 @@ from normfree.models._layers import (
     HeConv2d,
     MaxPoolSame,
     check_resnet_layout,
-    cifar_depths,
+    imagenet_layout,
     resnet_stem,
+    small_image_layout,
 )
 from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
 from normfree.models.registry import register_model
@@ -202,21 +203,10 @@ class NFResNet(NormFreeModel):
 
 
 # ----------------------------------------------------------------------------- registry
-_IMAGENET_DEPTHS = {
-    26: (2, 2, 2, 2),
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-    152: (3, 8, 36, 3),
-    200: (3, 24, 36, 3),
-    288: (24, 24, 24, 24),
-    600: (50, 50, 50, 50),
-}
-
-
 def _imagenet(depth: int, num_classes: int, **overrides: Any) -> NFResNet:
     name = f"nf_resnet{depth}"
     meta = ModelMeta(name=name, family="nf_resnet", train_size=224, test_size=224, paper=PAPER)
-    kwargs: dict[str, Any] = dict(depths=_IMAGENET_DEPTHS[depth], channels=(256, 512, 1024, 2048))
+    kwargs = imagenet_layout(depth)
     kwargs.update(overrides)
     return NFResNet(num_classes=num_classes, meta=meta, **kwargs)
 
@@ -263,14 +253,10 @@ def nf_resnet600(num_classes: int = 1000, **overrides: Any) -> NFResNet:
     return _imagenet(600, num_classes, **overrides)
 
 
-def _small(depth: int, num_classes: int, width: int = 1, **overrides: Any) -> NFResNet:
+def _small(depth: int, num_classes: int, width: Any = 1, **overrides: Any) -> NFResNet:
     name = f"nf_resnet_cifar{depth}"
     meta = ModelMeta(name=name, family="nf_resnet", train_size=32, test_size=32, paper=PAPER)
-    kwargs: dict[str, Any] = dict(
-        depths=cifar_depths(depth), channels=(16 * width, 32 * width, 64 * width),
-        strides=(1, 2, 2), stem="small", stem_channels=16 * width, bottleneck=False,
-        stochdepth_rate=0.0, drop_rate=0.0,
-    )
+    kwargs = {**small_image_layout(depth, width), "stochdepth_rate": 0.0, "drop_rate": 0.0}
     kwargs.update(overrides)
     return NFResNet(num_classes=num_classes, meta=meta, **kwargs)
 

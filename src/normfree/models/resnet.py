@@ -59,8 +59,9 @@ from torch import Tensor, nn
 from normfree.models._layers import (
     HeConv2d,
     check_resnet_layout,
-    cifar_depths,
+    imagenet_layout,
     resnet_stem,
+    small_image_layout,
 )
 from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
 from normfree.models.registry import register_model
@@ -76,7 +77,6 @@ from normfree.nn.residual import (
 from normfree.nn.ws import WSConv2d
 
 __all__ = [
-    "IMAGENET_DEPTHS",
     "PreActResNet",
     "PreActResNetBlock",
     "group_norm_groups",
@@ -107,7 +107,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rezero_resnet": dict(norm="none", rezero=True),  # identical to skipinit (module docstring)
 }
 _NORMS = ("batch", "group", "layer", "none")
-IMAGENET_DEPTHS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 
 def group_norm_groups(channels: int, max_groups: int = 32, min_channels_per_group: int = 2) -> int:
@@ -350,17 +349,11 @@ def _build(
     family: str, depth: int, small: bool, num_classes: int, overrides: dict[str, Any]
 ) -> PreActResNet:
     if small:
-        width = overrides.pop("width", 1)
-        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-            raise ValueError(f"width must be a positive int, got {width!r}")
         name, size = f"{family}_cifar{depth}", 32
-        kwargs: dict[str, Any] = dict(
-            depths=cifar_depths(depth), channels=(16 * width, 32 * width, 64 * width),
-            strides=(1, 2, 2), stem="small", stem_channels=16 * width, bottleneck=False,
-        )  # fmt: skip
+        kwargs = small_image_layout(depth, overrides.pop("width", 1))
     else:
         name, size = f"{family}{depth}", 224
-        kwargs = dict(depths=IMAGENET_DEPTHS[depth], channels=(256, 512, 1024, 2048))
+        kwargs = imagenet_layout(depth)
     meta = ModelMeta(
         name=name, family=family, train_size=size, test_size=size, paper=PAPERS[family]
     )

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from normfree.atomic import atomic_write_bytes
 from normfree.checkpoints.errors import CheckpointError
-from normfree.checkpoints.io import atomic_save, atomic_write_bytes
+from normfree.checkpoints.io import atomic_save
 
 __all__ = [
     "CHECKPOINT_FORMAT",

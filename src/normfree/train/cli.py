@@ -9,12 +9,13 @@ run from its ``last.pt``. ``normfree eval CHECKPOINT`` reports raw and EMA metri
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from normfree.atomic import atomic_write_json
 
 __all__ = ["add_parser", "run_eval", "run_train"]
 
@@ -277,5 +278,5 @@ def run_eval(args: argparse.Namespace) -> int:
                 f"  {name:4s} top1 {m['top1']:6.2f}%  top5 {m['top5']:6.2f}%  loss {m['loss']:.4f}"
             )
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(args.json, result)
     return 0

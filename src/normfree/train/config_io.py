@@ -20,6 +20,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from normfree.atomic import atomic_write_text
 from normfree.train.config import Config, ConfigError, validate_config
 
 __all__ = [
@@ -196,7 +197,7 @@ def dump_config(cfg: Config, path: str | Path | None = None) -> str:
     """The config as YAML text; also written to ``path`` when given."""
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     if path is not None:
-        Path(path).write_text(text)
+        atomic_write_text(path, text)
     return text
 
 

@@ -11,24 +11,18 @@ extras: when ``tensorboard`` / ``matplotlib`` is missing a warning is logged and
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunLogger", "plot_curves", "read_metrics", "write_json_atomic"]
+from normfree.atomic import atomic_save_figure, atomic_write_json, atomic_write_text
+
+__all__ = ["RunLogger", "plot_curves", "read_metrics"]
 
 log = logging.getLogger("normfree.train")
-
-
-def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON via a temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -89,7 +83,7 @@ def plot_curves(records: list[dict[str, Any]], path: str | Path) -> bool:
         ax.plot(*zip(*pts))
     ax.set(xlabel="step", ylabel="learning rate", title="schedule")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_save_figure(fig, path, dpi=100)
     plt.close(fig)
     return True
 
@@ -123,9 +117,7 @@ class RunLogger:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume_step is not None:
             kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= resume_step]
-            with open(self.metrics_path, "w") as f:
-                for r in kept:
-                    f.write(json.dumps(r) + "\n")
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
             self.records = kept
         self._file = open(self.metrics_path, "a")
         if tensorboard:
@@ -157,16 +149,15 @@ class RunLogger:
         fields: list[str] = []
         for r in rows:
             fields.extend(k for k in r if k not in fields)
-        tmp = self.run_dir / ".metrics.csv.tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.run_dir / "metrics.csv")
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.enabled:
-            write_json_atomic(self.run_dir / "summary.json", summary)
+            atomic_write_json(self.run_dir / "summary.json", summary)
 
     def plot(self) -> None:
         if self.enabled and self.want_plot:
