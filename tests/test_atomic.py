@@ -56,3 +56,11 @@ def test_figure_is_written_in_the_suffix_format(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert b"<svg" in svg.read_bytes()[:400]
     assert _leftovers(tmp_path) == []
+
+
+def test_unwritable_target_names_the_file_not_the_temp_file(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match=r"cannot write .*a_file/x\.json") as info:
+        atomic_write_json(blocker / "x.json", {"a": 1})
+    assert ".tmp" not in str(info.value)

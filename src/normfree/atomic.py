@@ -22,8 +22,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[IO[bytes]]
     it over ``path`` (parent folders are created). On any error the temporary file is removed
     and ``path`` is untouched. Returns ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from e
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -46,6 +46,16 @@ def test_spp_command_notes_zero_skip_gains(capsys) -> None:
     assert "--skip-gains-one" in capsys.readouterr().err
 
 
+def test_unwritable_outputs_fail_before_the_analysis(tmp_path, capsys) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    target = blocker / "spp.json"  # a path below a regular file can never be created
+    assert main(["spp", "nf_resnet_cifar20", "--image-size", "8", "--json", str(target)]) == 2
+    captured = capsys.readouterr()
+    assert f"cannot write {target}" in captured.err and captured.out == ""  # nothing ran
+    assert main(["diagnose", "nf_resnet_cifar20", "--image-size", "8", "--json", str(target)]) == 2
+    assert f"cannot write {target}" in capsys.readouterr().err
+
 def test_diagnose_exit_codes(capsys) -> None:
     assert main(["diagnose", "nf_resnet_cifar20", "--image-size", "8"]) == 0
     assert "no problems found" in capsys.readouterr().out

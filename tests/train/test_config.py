@@ -160,3 +160,23 @@ def test_print_config_and_cli_errors(capsys: pytest.CaptureFixture[str]) -> None
     assert printed["optim"]["lr"] == 0.3 and printed["model"] == "nf_resnet_cifar20"
     assert main(["train", "--print-config", "optim.bogus=1"]) == 2
     assert "optim.bogus" in capsys.readouterr().err
+
+
+def test_bad_model_and_data_are_clean_cli_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Input errors end in one ``error:`` line and exit code 2, before any run folder is made."""
+    out = f"out_dir={tmp_path / 'runs'}"
+    assert main(["train", "--print-config", "model=nf_resnet_cifar21"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'nf_resnet_cifar21'" in err and "nf_resnet_cifar20" in err
+    missing = tmp_path / "no_cifar"
+    assert main(["train", out, "--data", f"cifar10:{missing}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data.spec=") and str(missing) in err and "Traceback" not in err
+    assert main(["train", out, "model_kwargs.width=0"]) == 2
+    assert "width must be a positive int" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert main(["train", "--out", str(tmp_path / "a_file" / "run")]) == 2
+    assert "cannot create the run folder" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -172,11 +174,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=run_diagnose)
 
 
+def _check_writable(*paths: str | None) -> None:
+    """Fail before the analysis runs when an output file could not be written."""
+    for path in paths:
+        if path is None:
+            continue
+        folder = Path(path).resolve().parent
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise OSError(f"cannot write {path}: {folder} is not a writable folder")
+
+
 def run_spp(args: argparse.Namespace) -> int:
     from normfree.analysis.plots import plot_spp
     from normfree.analysis.spp import save_results, signal_propagation, write_csv
 
     try:
+        _check_writable(args.json, args.csv, args.out)
         overrides = parse_overrides(args.override)
         results = []
         for spec in args.models:
@@ -204,7 +219,7 @@ def run_spp(args: argparse.Namespace) -> int:
         if args.out:
             plot_spp(results, args.out, log_scale=args.log_scale)
             print(f"wrote {args.out}")
-    except (ValueError, TypeError, KeyError, ImportError) as err:
+    except (ValueError, TypeError, KeyError, ImportError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -214,6 +229,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
     from normfree.analysis.diagnose import diagnose
 
     try:
+        _check_writable(args.json)
         torch.manual_seed(args.seed)
         model = build_model(args.model, parse_overrides(args.override)).to(args.device)
         result = diagnose(
@@ -222,10 +238,10 @@ def run_diagnose(args: argparse.Namespace) -> int:
             seed=args.seed, skip_gains_to_one=not args.keep_skip_gains,
             check_batch_dependence=not args.no_batch_check, label=args.model,
         )  # fmt: skip
-    except (ValueError, TypeError, KeyError, ImportError) as err:
+        print(result.to_text())
+        if args.json:
+            result.to_json(args.json)
+    except (ValueError, TypeError, KeyError, ImportError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(result.to_text())
-    if args.json:
-        result.to_json(args.json)
     return result.exit_code

@@ -76,14 +76,17 @@ def build_data(
             flip=d.flip,
             randaugment=tuple(d.randaugment) if d.randaugment else None,
         )
-    return build_datasets(
-        d.spec,
-        image_size=image_size,
-        test_size=test_size if test_size is not None else default_test,
-        augment=augment,
-        seed=cfg.seed,
-        val_fraction=d.val_fraction,
-    )
+    try:
+        return build_datasets(
+            d.spec,
+            image_size=image_size,
+            test_size=test_size if test_size is not None else default_test,
+            augment=augment,
+            seed=cfg.seed,
+            val_fraction=d.val_fraction,
+        )
+    except (OSError, ValueError, ImportError) as e:  # missing / malformed data, missing extra
+        raise ConfigError(f"data.spec={d.spec!r}: {e}") from e
 
 
 def model_args(cfg: Config, num_classes: int, in_chans: int) -> dict[str, Any]:
@@ -106,7 +109,7 @@ def build_model(args: dict[str, Any]) -> NormFreeModel:
             in_chans=args["in_chans"],
             **args["kwargs"],
         )
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"model {args['name']!r} rejected its arguments: {e}") from e
 
 

@@ -99,7 +99,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt or truncated and cannot be loaded "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "refusing to start from scratch — restore the file or start a new run"
+            "restore the file from a copy or give another checkpoint (a resume never falls back "
+            "to a fresh start)"
         ) from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from normfree.models.registry import UnknownModelError, model_entrypoint
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -202,6 +204,10 @@ def validate_config(cfg: Config) -> None:
 
     t, o, d = cfg.train, cfg.optim, cfg.data
     need(bool(cfg.model), "model", "a model name")
+    try:
+        model_entrypoint(cfg.model)
+    except UnknownModelError as e:
+        raise ConfigError(f"model={cfg.model!r}: {e}") from None
     need(t.epochs > 0, "train.epochs", "> 0")
     need(t.batch_size > 0, "train.batch_size", "> 0")
     need(t.accum_steps > 0, "train.accum_steps", "> 0")

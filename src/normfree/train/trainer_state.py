@@ -55,7 +55,10 @@ def prepare_run_dir(cfg: Config, info: DistInfo, data_name: str) -> Path:
             f"--resume {run_dir} or choose another --out"
         )
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the run folder {str(run_dir)!r}: {e.strerror}") from e
     return run_dir
 
 
