@@ -22,6 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "checkpoints": {"atomic", "nn", "models"},
     "analysis": {"atomic", "nn", "models"},
     "train": {"atomic", "nn", "models", "optim", "checkpoints", "data"},
+    "deploy": {"atomic", "nn", "models"},
     "__init__": {"_version", "checkpoints", "models"},
 }
 CLI_MODULES = {"cli", "__main__"}  # normfree/cli.py, __main__.py and every <pkg>/cli.py: the top

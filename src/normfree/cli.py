@@ -18,6 +18,7 @@ SUBCOMMANDS: list[str] = [
     "normfree.models.cli",
     "normfree.analysis.cli",
     "normfree.train.cli",
+    "normfree.deploy.cli",
 ]
 
 

@@ -5,7 +5,10 @@ plain dict), so it loads with ``torch.load(weights_only=True)``::
 
     {"format": "normfree-train", "version": 1, "model": ..., "ema": ..., "optimizer": ...,
      "scheduler": ..., "scaler": ..., "rng": [per-rank states], "position": {"epoch", ...},
-     "config": {...}, "model_args": {...}, "progress": {...}}
+     "config": {...}, "model_args": {...}, "data_info": {...}, "progress": {...}}
+
+``data_info`` (input size, channels, normalisation, class names; absent in files written before
+it existed) tells a deployment what to feed the model.
 
 Writes go to a temporary file in the destination folder, are flushed and ``fsync``-ed, then
 renamed over the target with ``os.replace`` (atomic on POSIX and Windows), so a crash mid-write

@@ -155,6 +155,7 @@ class TrainerState:
             },
             "config": config_to_dict(self.cfg),
             "model_args": self.model_args,
+            "data_info": self.data_info(),
             "progress": {
                 "best": self.best,
                 "last_eval": self.last_eval,
@@ -162,6 +163,16 @@ class TrainerState:
                 "skipped_steps": self.skipped_steps,
             },
         }
+
+    def data_info(self) -> dict[str, Any]:
+        """What a user of the weights needs to feed the model: input size, channels and
+        normalisation, class names (kept in checkpoints for ``normfree export``)."""
+        b = self.bundle
+        return {
+            "name": b.name, "num_classes": b.num_classes, "in_chans": b.in_chans,
+            "image_size": b.image_size, "test_size": b.test_size,
+            "mean": list(b.mean), "std": list(b.std), "classes": b.classes,
+        }  # fmt: skip
 
     def save(self, best: bool = False) -> None:
         state = self.state_dict()  # collective: every rank takes part

@@ -1,0 +1,125 @@
+"""``normfree export``: fold a model and write it as ONNX or a ``torch.export`` program.
+
+The source is a training checkpoint (``runs/…/best.pt``: the model is rebuilt from it, with its
+EMA weights unless ``--raw``) or a model spec as for ``normfree spp`` (registered name,
+``NAME[key=value,…]`` or ``package.module:factory``), optionally with ``--weights`` (any file
+:func:`normfree.load_pretrained` reads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+__all__ = ["add_parser", "run_export"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="fold a model and export it (ONNX or torch.export .pt2)",
+        description="Fold weight standardization and proxy normalization into plain layers, "
+        "export with a dynamic batch size at a fixed image size, and check the saved file "
+        "against the eager model. Writes PATH and PATH.json (input shape, normalisation, "
+        "classes, the check's result).",
+    )
+    p.add_argument("source", metavar="SOURCE",
+                   help="training checkpoint (.pt) or model: NAME, NAME[key=value,...], "
+                   "package.module:factory")  # fmt: skip
+    p.add_argument("--out", required=True, help="output file: .onnx or .pt2")
+    p.add_argument("--format", choices=("onnx", "pt2"), default=None,
+                   help="default: from the --out suffix")  # fmt: skip
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input height = width (default: the checkpoint's test size, else the "
+                   "model's)")  # fmt: skip
+    p.add_argument("--weights", default=None,
+                   help="weights for a model SOURCE (normfree, timm or DeepMind file)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow DeepMind's pickled .npz weight files (they can run code: only "
+                   "for files from a source you trust)")  # fmt: skip
+    p.add_argument("--raw", action="store_true",
+                   help="checkpoint SOURCE: export the raw weights, not the EMA weights")
+    p.add_argument("--override", action="append", metavar="KEY=VALUE",
+                   help="model option for a model SOURCE, e.g. num_classes=10 (repeatable)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip running the saved file against the eager model")
+    p.set_defaults(func=run_export)
+
+
+def _from_checkpoint(path: Path, raw: bool) -> tuple[nn.Module, dict[str, Any], str]:
+    from normfree.checkpoints import load_state_dict_checked
+    from normfree.train.builders import build_model
+    from normfree.train.checkpointing import load_checkpoint
+
+    state = load_checkpoint(path)
+    model = build_model(state["model_args"])
+    use_ema = not raw and state.get("ema") is not None
+    weights = state["ema"]["module"] if use_ema else state["model"]
+    load_state_dict_checked(model, weights, source=str(path))
+    info = dict(state.get("data_info") or {})
+    if not info:  # written before checkpoints recorded it: what the config says, if anything
+        data = state["config"].get("data", {})
+        info = {"test_size": data.get("test_size") or data.get("image_size")}
+    return model, info, "ema" if use_ema else "raw"
+
+
+def _from_spec(args: argparse.Namespace) -> nn.Module:
+    from normfree.analysis.cli import build_model, parse_overrides
+    from normfree.checkpoints import load_pretrained
+
+    model = build_model(args.source, parse_overrides(args.override))
+    if args.weights:
+        load_pretrained(model, args.weights, trust_pickle=args.trust_pickle)
+    return model
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Entry point of ``normfree export``."""
+    from normfree.checkpoints import CheckpointError
+    from normfree.deploy.export import ExportError, export_model
+
+    source = Path(args.source)
+    try:
+        if source.is_file():
+            if args.weights or args.override:
+                raise ValueError("--weights/--override apply to a model SOURCE, not a checkpoint")
+            model, info, weights = _from_checkpoint(source, args.raw)
+        else:
+            model, info, weights = _from_spec(args), {}, args.weights or "initialisation"
+        meta = getattr(model, "meta", None)
+        size = args.image_size or info.get("test_size") or getattr(meta, "test_size", None)
+        if not size:
+            raise ValueError("pass --image-size (neither the source nor the model declares one)")
+        in_chans = int(info.get("in_chans") or getattr(model, "in_chans", 3))
+        metadata = {
+            "model": getattr(meta, "name", type(model).__name__),
+            "source": str(args.source),
+            "weights": weights,
+            "input": "normalised float32 (B, C, H, W); B is free",
+            "mean": info.get("mean"),
+            "std": info.get("std"),
+            "classes": info.get("classes"),
+            "dataset": info.get("name"),
+        }
+        result = export_model(
+            model, args.out, (in_chans, int(size), int(size)), format=args.format,
+            opset=args.opset, verify=not args.no_verify, metadata=metadata,
+        )  # fmt: skip
+    except (CheckpointError, ExportError, ValueError, TypeError, KeyError, ImportError,
+            OSError) as e:  # fmt: skip
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    folded = ", ".join(f"{n} {k}" for k, n in result.folded.items()) or "nothing"
+    check = (
+        f"checked with {result.verified_with}: max |diff| {result.max_abs_diff:.2e}"
+        if result.verified_with
+        else "not checked"
+    )
+    shape = ", ".join(map(str, result.input_shape))
+    print(f"wrote {result.path} ({result.format}, input (B, {shape}), folded {folded}; {check})")
+    return 0

@@ -1,0 +1,231 @@
+"""Export a model for deployment: fold it (:func:`prepare_for_inference`), trace it with
+``torch.export`` at a fixed image size and a dynamic batch dimension, save it as ONNX or as a
+``torch.export`` program (``.pt2``), and check the saved file against the eager model before it
+replaces anything at the destination.
+
+The image size is fixed because TF/JAX "SAME" padding (NFNets, NF-RegNets) depends on it; the
+batch size is free. Inputs are normalised ``(B, C, H, W)`` float32 tensors, as in training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from normfree.atomic import atomic_write_json
+from normfree.deploy.inference import folded_module_counts, prepare_for_inference
+
+__all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "export_model"]
+
+# format name -> file suffix
+EXPORT_FORMATS: dict[str, str] = {"onnx": ".onnx", "pt2": ".pt2"}
+_MAX_BATCH = 1 << 16
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported, or the exported file disagrees with the eager model."""
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_model` wrote and how it was checked.
+
+    ``max_abs_diff`` is the largest difference between the saved model's outputs and the eager
+    (unfolded, eval-mode) model's on a random batch whose size differs from the traced one;
+    ``verified_with`` names the runtime that ran the saved file (``None``: not verified).
+    """
+
+    path: str
+    format: str
+    input_shape: tuple[int, ...]
+    folded: dict[str, int]
+    max_abs_diff: float | None = None
+    verified_with: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": 1, **asdict(self)}
+
+
+def _format_of(path: Path, fmt: str | None) -> str:
+    if fmt is None:
+        for name, suffix in EXPORT_FORMATS.items():
+            if path.suffix == suffix:
+                return name
+        raise ValueError(
+            f"cannot tell the export format from {path.name!r}: name the file *.onnx or *.pt2, "
+            f"or choose the format ({', '.join(sorted(EXPORT_FORMATS))})"
+        )
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; expected one of {sorted(EXPORT_FORMATS)}")
+    return fmt
+
+
+def _check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(input_shape)
+    if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ValueError(f"input_shape must be three positive ints (C, H, W), got {shape}")
+    return shape  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _eager_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The unfolded model's eval-mode output on its own device, as CPU float32."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    with torch.no_grad(), _eval_mode(model):
+        return model(x.to(device)).float().cpu()
+
+
+def _trace(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
+    try:
+        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    except Exception as e:  # torch raises many types here; all mean "cannot trace"
+        raise ExportError(f"torch.export could not trace the model: {type(e).__name__}: {e}") from e
+
+
+def _save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int | None) -> None:
+    try:
+        import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
+    except ImportError as e:
+        raise ImportError('ONNX export needs onnxscript: pip install "normfree[export]"') from e
+    batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
+    try:
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, input_names=["input"], output_names=["output"],
+            dynamic_shapes=({0: batch},), opset_version=opset, verbose=False,
+        )  # fmt: skip
+    except Exception as e:
+        raise ExportError(f"ONNX export failed: {type(e).__name__}: {e}") from e
+    program.save(path)  # weights > 2 GB go to an external-data file beside it
+
+
+def _onnx_runner(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], str] | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        ort = None
+    if ort is not None:
+        session: Any = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = "onnxruntime"
+    else:
+        try:
+            from onnx.reference import ReferenceEvaluator
+        except ImportError:
+            return None
+        session, name = ReferenceEvaluator(str(path)), "onnx.reference"
+    return (lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])), name
+
+
+def _pt2_runner(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    module = torch.export.load(str(path)).module()
+    return (lambda x: module(x)), "torch.export.load"
+
+
+def _verify(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    reference: torch.Tensor,
+    check: torch.Tensor,
+    atol: float,
+    result: ExportResult,
+    path: Path,
+) -> None:
+    with torch.no_grad():
+        got = run(check)
+    if got.shape != reference.shape:
+        raise ExportError(
+            f"the exported model returns shape {tuple(got.shape)} for a batch of "
+            f"{check.shape[0]}, the eager model {tuple(reference.shape)}"
+        )
+    result.max_abs_diff = (got - reference).abs().max().item()
+    tol = atol * (1.0 + reference.abs().max().item())
+    if not result.max_abs_diff <= tol:
+        raise ExportError(
+            f"the exported model differs from the eager model by {result.max_abs_diff:.3g} "
+            f"(> {tol:.3g}); nothing was written to {path}"
+        )
+
+
+def export_model(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    input_shape: Sequence[int],
+    *,
+    format: str | None = None,
+    opset: int | None = None,
+    verify: bool = True,
+    atol: float = 1e-4,
+    seed: int = 0,
+    metadata: dict[str, Any] | None = None,
+) -> ExportResult:
+    """Fold ``model`` and export it to ``path`` (``.onnx`` or ``.pt2``) for inputs of shape
+    ``(B, *input_shape)`` with any batch size ``B``.
+
+    With ``verify`` (default) the saved file is loaded back (onnxruntime, else the ``onnx``
+    reference evaluator; ``torch.export.load`` for ``.pt2``) and run on a random batch of 3; its
+    outputs must match the eager model's within ``atol·(1 + max|output|)``, or
+    :class:`ExportError` is raised and ``path`` is left as it was. The file only appears at
+    ``path`` once it is complete (and checked). ``metadata`` (e.g. input normalisation and
+    class names) is stored with the result in a ``PATH.json`` sidecar.
+
+    The exported graph runs on CPU in float32; ``model`` itself is not modified.
+    """
+    path = Path(path)
+    fmt = _format_of(path, format)
+    shape = _check_shape(input_shape)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    folded = prepare_for_inference(model).cpu().float()
+    gen = torch.Generator().manual_seed(seed)
+    example = torch.randn(2, *shape, generator=gen)  # batch 2: 1 would be specialised
+    check = torch.randn(3, *shape, generator=gen)
+    with torch.no_grad():
+        try:
+            folded(example)
+        except Exception as e:
+            shape_txt = tuple(example.shape)
+            raise ExportError(f"the model does not run on a {shape_txt} input: {e}") from e
+    result = ExportResult(
+        str(path), fmt, shape, folded_module_counts(model), metadata=dict(metadata or {})
+    )
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staged = staging / path.name
+        if fmt == "onnx":
+            _save_onnx(folded, example, staged, opset)
+        else:
+            torch.export.save(_trace(folded, example), str(staged))
+        if verify:
+            runner = _onnx_runner(staged) if fmt == "onnx" else _pt2_runner(staged)
+            if runner is not None:
+                run, result.verified_with = runner
+                _verify(run, _eager_output(model, check), check, atol, result, path)
+        for extra in sorted(staging.iterdir()):  # external-data files first, the model last
+            if extra.name != path.name:
+                os.replace(extra, path.parent / extra.name)
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    atomic_write_json(path.with_name(path.name + ".json"), result.to_dict())
+    return result

@@ -1,0 +1,148 @@
+"""Inference folding and export: the folded / exported model computes what the eager eval-mode
+model computes, the source model is untouched, and a failed export leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import normfree
+from normfree.cli import main
+from normfree.deploy import ExportError, export_model, folded_module_counts, prepare_for_inference
+from normfree.deploy import export as export_mod
+from normfree.nn import ProxyNormActivation
+from normfree.nn.ws import StdConv2dBase
+
+FOLDABLE = ["nf_resnet_cifar20", "lnpn_resnet_cifar20", "wsgn_resnet_cifar20"]
+QUIET = ["log.progress=false", "log.tensorboard=false", "log.plot=false", "train.threads=1"]
+
+
+def _trained_like(name: str, **kwargs: object) -> nn.Module:
+    """A model with every parameter moved off its init (zero-init gains, classifiers and PN
+    parameters would make the comparisons vacuous)."""
+    torch.manual_seed(0)
+    model = normfree.create_model(name, **kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("name", FOLDABLE)
+def test_prepare_for_inference_matches_eval_and_leaves_the_model_alone(name: str) -> None:
+    model = _trained_like(name, num_classes=5).train()
+    counts = folded_module_counts(model)
+    assert sum(counts.values()) > 0
+    fast = prepare_for_inference(model)
+    assert model.training and sum(folded_module_counts(model).values()) == sum(counts.values())
+    assert not fast.training and not any(p.requires_grad for p in fast.parameters())
+    assert not any(isinstance(m, (StdConv2dBase, ProxyNormActivation)) for m in fast.modules())
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        expected = model.eval()(x)
+        got = fast(x)
+    assert expected.abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pt2_export_has_a_free_batch_and_a_sidecar(tmp_path: Path) -> None:
+    model = _trained_like("gnpn_resnet_cifar20", num_classes=4).train()
+    path = tmp_path / "sub" / "model.pt2"
+    result = export_model(model, path, (3, 16, 16), metadata={"classes": list("abcd")})
+    assert result.format == "pt2" and result.verified_with == "torch.export.load"
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+    assert result.folded == {"ProxyNormActivation": 2 * 9 + 1}  # two per block + the final one
+    assert model.training  # the export never changed the caller's model
+    program = torch.export.load(str(path)).module()
+    for batch in (1, 7):
+        x = torch.randn(batch, 3, 16, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+    sidecar = json.loads((tmp_path / "sub" / "model.pt2.json").read_text())
+    assert sidecar["input_shape"] == [3, 16, 16] and sidecar["metadata"]["classes"] == list("abcd")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt2", "model.pt2.json"]
+
+
+def test_onnx_export_runs_in_an_onnx_runtime(tmp_path: Path) -> None:
+    pytest.importorskip("onnxscript")
+    onnx = pytest.importorskip("onnx")
+    model = _trained_like("nfnet_f0", num_classes=6, depths=(1, 1, 1, 1), widths=(32, 64, 96, 96),
+                          group_size=8, stem_channels=(8, 8, 16))  # fmt: skip
+    path = tmp_path / "nfnet.onnx"
+    result = export_model(model, path, (3, 34, 34))  # odd size: asymmetric SAME padding
+    assert result.verified_with in ("onnxruntime", "onnx.reference")
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+    proto = onnx.load(str(path))
+    constants = {init.name for init in proto.graph.initializer}
+    convs = [node for node in proto.graph.node if node.op_type == "Conv"]
+    assert len(convs) > 5 and all(node.input[1] in constants for node in convs)  # WS folded
+    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value  # symbolic batch
+
+
+def test_failed_check_keeps_the_old_file_and_leaves_no_temporaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _trained_like("nf_resnet_cifar20")
+    path = tmp_path / "model.pt2"
+    path.write_bytes(b"previous export")
+
+    def broken_runner(p: Path):
+        module = torch.export.load(str(p)).module()
+        return (lambda x: module(x) + 1.0), "broken"
+
+    monkeypatch.setattr(export_mod, "_pt2_runner", broken_runner)
+    with pytest.raises(ExportError, match="differs from the eager model"):
+        export_model(model, path, (3, 8, 8))
+    assert path.read_bytes() == b"previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt2"]
+
+
+def test_bad_requests_are_clear_errors(tmp_path: Path) -> None:
+    model = normfree.create_model("nf_resnet_cifar20")
+    with pytest.raises(ValueError, match=r"\*\.onnx or \*\.pt2"):
+        export_model(model, tmp_path / "m.bin", (3, 8, 8))
+    with pytest.raises(ValueError, match="unknown export format"):
+        export_model(model, tmp_path / "m.onnx", (3, 8, 8), format="tflite")
+    with pytest.raises(ValueError, match=r"three positive ints"):
+        export_model(model, tmp_path / "m.pt2", (8, 8))
+    with pytest.raises(ExportError, match="does not run"):
+        export_model(model, tmp_path / "m.pt2", (5, 8, 8))  # the model takes 3 channels
+    with pytest.raises(TypeError):
+        prepare_for_inference("nf_resnet_cifar20")  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_command_from_a_training_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *QUIET, "train.epochs=1",
+                 "train.max_steps_per_epoch=2"]) == 0  # fmt: skip
+    out = tmp_path / "digits.pt2"
+    assert main(["export", str(run / "best.pt"), "--out", str(out)]) == 0
+    assert "checked with torch.export.load" in capsys.readouterr().out
+    meta = json.loads(out.with_name("digits.pt2.json").read_text())
+    assert meta["input_shape"] == [1, 8, 8] and meta["metadata"]["weights"] == "ema"
+    assert meta["metadata"]["classes"] == [str(i) for i in range(10)]
+    assert len(meta["metadata"]["mean"]) == 1 and meta["metadata"]["dataset"] == "digits"
+    state = torch.load(run / "best.pt", weights_only=True)
+    reference = normfree.create_model("nf_resnet_cifar20", num_classes=10, in_chans=1)
+    reference.load_state_dict(state["ema"]["module"])
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        got = torch.export.load(str(out)).module()(x)
+        torch.testing.assert_close(got, reference.eval()(x), rtol=1e-4, atol=1e-5)
+    # errors: options that do not apply, unknown models, unreadable checkpoints
+    assert main(["export", str(run / "best.pt"), "--out", str(out), "--weights", "w.pt"]) == 2
+    assert "apply to a model SOURCE" in capsys.readouterr().err
+    assert main(["export", "nf_resnet_cifar21", "--out", str(out)]) == 2
+    assert "nf_resnet_cifar20" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["export", str(bad), "--out", str(out)]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
