@@ -14,27 +14,18 @@ from __future__ import annotations
 
 import argparse
 import platform
-import random
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import normfree
+from interleaved import median_ratio, time_interleaved
 from normfree.deploy import export_model, prepare_for_inference
 
 __all__ = ["main"]
-
-
-def _timer(fn: Callable[[], object], inner: int) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - start) / inner
 
 
 def bench_model(name: str, size: int, batch: int, rounds: int, inner: int) -> dict[str, float]:
@@ -64,19 +55,11 @@ def bench_model(name: str, size: int, batch: int, rounds: int, inner: int) -> di
         steps["onnxruntime"] = lambda: session.run(None, feed)
     except ImportError:
         pass
-    for step in steps.values():
-        step()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    order = list(steps)
-    rng = random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for key in order:
-            times[key].append(_timer(steps[key], inner))
+    times = time_interleaved(steps, rounds, inner)
     out = {f"{k} ms": statistics.median(v) * 1e3 for k, v in times.items()}
     for k in steps:
         if k != "eager":
-            out[f"{k}/eager"] = statistics.median(a / b for a, b in zip(times[k], times["eager"]))
+            out[f"{k}/eager"] = median_ratio(times[k], times["eager"])
     return out
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import random
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from interleaved import median_ratio, time_interleaved
 from normfree.nn import ScaledStdConv2d
 
 __all__ = ["SHAPES", "VarMeanScaledStdConv2d", "main"]
@@ -44,14 +43,6 @@ class VarMeanScaledStdConv2d(ScaledStdConv2d):
         var, mean = torch.var_mean(weight, dim=(1, 2, 3), correction=0, keepdim=True)
         scale = torch.rsqrt(torch.clamp(var * weight[0].numel(), min=self.eps))
         return (weight - mean) * (scale * self.gain.view(-1, 1, 1, 1) * self.gamma)
-
-
-def _time(fn: Callable[[], object], inner: int) -> float:
-    fn()  # untimed: absorbs the allocator/cache state left by the previous variant
-    start = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - start) / inner
 
 
 def _train_step(module: nn.Module, x: Tensor, grad_out: Tensor) -> Callable[[], None]:
@@ -92,22 +83,14 @@ def bench_shape(
             # A separate copy: a grad-enabled forward drops the inference cache, so sharing the
             # module with the interleaved train steps would recompute the weight every time.
             steps[f"eval/{name}"] = _eval_step(copy.deepcopy(module).eval(), x)
-    for step in steps.values():  # warm-up
-        step()
-        step()
-    times: dict[str, list[float]] = {key: [] for key in steps}
-    order = list(steps)
-    rng = random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)  # a fresh order each round: no variant always follows the same one
-        for key in order:
-            times[key].append(_time(steps[key], inner))
+    times = time_interleaved(steps, rounds, inner)
     result: dict[str, dict[str, float]] = {}
     for key, values in times.items():
-        mode, name = key.split("/")
-        base = times[f"{mode}/conv"]
-        ratios = [v / b for v, b in zip(values, base)]
-        result[key] = {"ms": statistics.median(values) * 1e3, "ratio": statistics.median(ratios)}
+        mode = key.split("/")[0]
+        result[key] = {
+            "ms": statistics.median(values) * 1e3,
+            "ratio": median_ratio(values, times[f"{mode}/conv"]),
+        }
     return result
 
 

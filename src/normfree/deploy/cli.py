@@ -15,6 +15,8 @@ from typing import Any
 
 from torch import nn
 
+from normfree.deploy.export import EXPORT_FORMATS
+
 __all__ = ["add_parser", "run_export"]
 
 
@@ -30,8 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", metavar="SOURCE",
                    help="training checkpoint (.pt) or model: NAME, NAME[key=value,...], "
                    "package.module:factory")  # fmt: skip
-    p.add_argument("--out", required=True, help="output file: .onnx or .pt2")
-    p.add_argument("--format", choices=("onnx", "pt2"), default=None,
+    suffixes = " or ".join(EXPORT_FORMATS.values())
+    p.add_argument("--out", required=True, help=f"output file: {suffixes}")
+    p.add_argument("--format", choices=sorted(EXPORT_FORMATS), default=None,
                    help="default: from the --out suffix")  # fmt: skip
     p.add_argument("--image-size", type=int, default=None,
                    help="input height = width (default: the checkpoint's test size, else the "
@@ -54,13 +57,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _from_checkpoint(path: Path, raw: bool) -> tuple[nn.Module, dict[str, Any], str]:
     from normfree.checkpoints import load_state_dict_checked
     from normfree.train.builders import build_model
-    from normfree.train.checkpointing import load_checkpoint
+    from normfree.train.checkpointing import checkpoint_weights, load_checkpoint
 
     state = load_checkpoint(path)
     model = build_model(state["model_args"])
-    use_ema = not raw and state.get("ema") is not None
-    weights = state["ema"]["module"] if use_ema else state["model"]
-    load_state_dict_checked(model, weights, source=str(path))
+    use_ema = not raw and bool(state.get("ema"))
+    load_state_dict_checked(model, checkpoint_weights(state, ema=use_ema), source=str(path))
     info = dict(state.get("data_info") or {})
     if not info:  # written before checkpoints recorded it: what the config says, if anything
         data = state["config"].get("data", {})

@@ -62,7 +62,8 @@ def _format_of(path: Path, fmt: str | None) -> str:
             if path.suffix == suffix:
                 return name
         raise ValueError(
-            f"cannot tell the export format from {path.name!r}: name the file *.onnx or *.pt2, "
+            f"cannot tell the export format from {path.name!r}: name the file "
+            f"{' or '.join('*' + s for s in EXPORT_FORMATS.values())}, "
             f"or choose the format ({', '.join(sorted(EXPORT_FORMATS))})"
         )
     if fmt not in EXPORT_FORMATS:
@@ -79,12 +80,14 @@ def _check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    was_training = model.training
+    """``model`` in eval mode; every submodule's own mode is restored on exit."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def _eager_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ __all__ = [
     "atomic_link_or_copy",
     "capture_rng_state",
     "checkpoint_config",
+    "checkpoint_weights",
     "load_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
@@ -120,6 +121,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: missing {missing}")
     return state
+
+
+def checkpoint_weights(state: dict[str, Any], ema: bool = False) -> dict[str, torch.Tensor]:
+    """The model state dict of a loaded training checkpoint: the raw weights, or with ``ema``
+    the EMA weights (:class:`CheckpointError` when the run kept none)."""
+    if not ema:
+        return state["model"]
+    if not state.get("ema"):
+        raise CheckpointError("the checkpoint holds no EMA weights (train.ema was off)")
+    return state["ema"]["module"]
 
 
 def checkpoint_config(state: dict[str, Any], path: str | Path = "checkpoint") -> Any:

@@ -117,7 +117,7 @@ def evaluate_checkpoint(
         "epoch", "step"}`` with ``top1``/``top5`` in percent and ``loss``.
     """
     from normfree.train.builders import build_data, build_model
-    from normfree.train.checkpointing import checkpoint_config, load_checkpoint
+    from normfree.train.checkpointing import checkpoint_config, checkpoint_weights, load_checkpoint
     from normfree.train.distributed import select_device
 
     if split not in ("val", "train"):
@@ -143,7 +143,7 @@ def evaluate_checkpoint(
     bs = batch_size or cfg.data.eval_batch_size or min(cfg.train.batch_size, 512)
     loader = DataLoader(dataset, batch_size=bs, shuffle=False, num_workers=workers)
     prec = precision or cfg.train.precision
-    model.load_state_dict(state["model"])
+    model.load_state_dict(checkpoint_weights(state))
     model.to(dev)
     result: dict[str, Any] = {
         "checkpoint": str(path),
@@ -158,6 +158,6 @@ def evaluate_checkpoint(
     }
     result["count"] = result["raw"]["count"]
     if state.get("ema"):
-        model.load_state_dict(state["ema"]["module"])
+        model.load_state_dict(checkpoint_weights(state, ema=True))
         result["ema"] = evaluate(model, loader, dev, precision=prec)
     return result

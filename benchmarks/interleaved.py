@@ -1,0 +1,40 @@
+"""Side-by-side timing shared by the benchmarks: every variant runs once per round, in a fresh
+random order each round, so machine noise hits all of them alike; ratios are taken per round."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+__all__ = ["median_ratio", "time_interleaved"]
+
+
+def _time(fn: Callable[[], object], inner: int) -> float:
+    fn()  # untimed: absorbs the allocator/cache state left by the previous variant
+    start = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - start) / inner
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[], object]], rounds: int, inner: int, seed: int = 0
+) -> dict[str, list[float]]:
+    """Seconds per call of each step, one entry per round (after one warm-up call each)."""
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {key: [] for key in steps}
+    order = list(steps)
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(order)  # no variant always follows the same one
+        for key in order:
+            times[key].append(_time(steps[key], inner))
+    return times
+
+
+def median_ratio(times: list[float], base: list[float]) -> float:
+    """Median over rounds of ``times / base`` (both from one :func:`time_interleaved` run)."""
+    return statistics.median(t / b for t, b in zip(times, base))
