@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import FAULTY_CLI
 
 from normfree.train import Config, load_checkpoint, train
 
@@ -51,16 +52,15 @@ def test_two_processes_match_one_and_resume_exactly(
         "--standalone",
         "--nproc_per_node",
         "2",
-        "-m",
-        "normfree",
+        FAULTY_CLI,
         "train",
         "--out",
         str(crashed),
         *QUIET,
         *DDP_RUN,
-        "debug.stop_after_steps=5",
         timeout=180,
         python_module=True,
+        faults="crash_after=5",
     )
     assert res.returncode != 0 and "simulated crash" in res.stderr
     pos = load_checkpoint(crashed / "last.pt")["position"]
