@@ -129,6 +129,8 @@ def _resolve(args: argparse.Namespace) -> Any:
 
 def _error(e: BaseException, code: int) -> int:
     """Print the one-line error of ``e`` (the last line of a worker's traceback text)."""
+    if isinstance(e, OSError) and e.strerror and e.filename is None:
+        e = Exception(e.strerror)  # "[Errno 28] cannot write ..." -> "cannot write ..."
     text = str(e).strip().splitlines()
     print(f"error: {text[-1] if text else type(e).__name__}", file=sys.stderr)
     return code
@@ -165,9 +167,8 @@ def run_train(args: argparse.Namespace) -> int:
         return _error(e, 2)
     except NonFiniteLossError as e:
         return _error(e, 1)
-    except OSError as e:  # disk full, folder gone or read-only mid-run
-        kept = " (the last checkpoint written is intact)" if args.resume or cfg.out_dir else ""
-        return _error(OSError(f"{e}{kept}"), 1)
+    except OSError as e:  # disk full, folder gone or read-only mid-run (names the file)
+        return _error(e, 1)
     except TrainingInterrupted as e:
         if rank == 0:
             print(f"{e}; last.pt written. Continue with --resume <run folder>", file=sys.stderr)

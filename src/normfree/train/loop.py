@@ -462,6 +462,10 @@ class Trainer(TrainerState):
                 self.logger.write_summary(self.summary(status))
                 self.logger.plot()
                 self.logger.close()
+            except OSError as e:  # never hide the error that ended the run (disk full...)
+                if status == "completed":
+                    raise
+                log.warning("could not write the run summary: %s", e)
             finally:
                 self.close()
         return self.summary(status)
