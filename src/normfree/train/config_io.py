@@ -158,6 +158,10 @@ def _validate(data: dict[str, Any]) -> Config:
 
 
 # --------------------------------------------------------------------------- dict <-> config
+# sections older versions wrote (``debug``: test fault injection, now done with callbacks)
+_RETIRED_SECTIONS = ("debug",)
+
+
 def _merge(base: dict[str, Any], data: Any, cls: Any, prefix: str) -> None:
     """Lay ``data`` over ``base`` (both plain mappings of the dataclass ``cls``): sections are
     merged key by key (a string is a section's shorthand, e.g. ``data: digits``), every other
@@ -181,6 +185,8 @@ def config_from_dict(data: dict[str, Any] | None, base: Config | None = None) ->
     """A :class:`Config` from a nested mapping (as in a YAML file) laid over ``base``
     (the defaults when None). Unknown or ill-typed keys raise :class:`ConfigError`."""
     tree = config_to_dict(base if base is not None else Config())
+    if isinstance(data, dict):  # files and checkpoints written before a key was retired
+        data = {k: v for k, v in data.items() if k not in _RETIRED_SECTIONS}
     _merge(tree, data or {}, Config, "")
     return _validate(tree)
 
