@@ -27,6 +27,7 @@ log = logging.getLogger("normfree.data")
 class UnreadableImageError(ValueError):
     """An image file of the dataset cannot be decoded (the message names the file)."""
 
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
