@@ -12,6 +12,8 @@ from normfree.atomic import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    file_mode,
+    remove_stale_temp_files,
 )
 
 
@@ -64,3 +66,70 @@ def test_unwritable_target_names_the_file_not_the_temp_file(tmp_path: Path) -> N
     with pytest.raises(OSError, match=r"cannot write .*a_file/x\.json") as info:
         atomic_write_json(blocker / "x.json", {"a": 1})
     assert ".tmp" not in str(info.value)
+
+
+def test_files_honour_the_umask(tmp_path: Path) -> None:
+    """New files get ``0o666 & ~umask`` like ``open()`` would, not mkstemp's 0o600."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        assert file_mode() == 0o644
+        a = atomic_write_json(tmp_path / "a.json", {"a": 1})
+        os.umask(0o002)
+        b = atomic_write_text(tmp_path / "b.txt", "b")
+    finally:
+        os.umask(old)
+    assert a.stat().st_mode & 0o777 == 0o644
+    assert b.stat().st_mode & 0o777 == 0o664
+
+
+def test_disk_full_is_a_named_oserror_and_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    import torch
+
+    from normfree.checkpoints.io import atomic_save
+
+    path = tmp_path / "last.pt"
+    atomic_save({"w": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    class Full:  # torch.save writes through f.write; the disk fills after 1 kB
+        def __init__(self, f) -> None:
+            self.f = f
+
+        def write(self, data: bytes) -> int:
+            if self.f.tell() + len(data) > 1024:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name: str):
+            return getattr(self.f, name)
+
+        def __enter__(self) -> Full:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: Full(real_fdopen(*a, **k)))
+    with pytest.raises(OSError, match=r"cannot write .*last\.pt: the disk is full") as info:
+        atomic_save({"w": torch.zeros(10_000)}, path)  # torch.save: "RuntimeError: unexpected pos"
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before and _leftovers(tmp_path) == []
+
+
+def test_stale_temp_files_are_removed(tmp_path: Path) -> None:
+    (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"x" * 10)
+    (tmp_path / ".best.pt.k_9z.tmp").write_bytes(b"x")
+    (tmp_path / "keep.tmp").write_text("not ours")
+    (tmp_path / "last.pt").write_text("kept")
+    removed = remove_stale_temp_files(tmp_path)
+    assert sorted(p.name for p in removed) == [".best.pt.k_9z.tmp", ".last.pt.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.tmp", "last.pt"]

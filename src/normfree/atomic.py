@@ -2,19 +2,59 @@
 
 The content goes to a temporary file in the target's directory, is flushed and fsync'ed, and is
 then renamed over the target (``os.replace`` is atomic on POSIX and Windows): a reader, or a run
-interrupted mid-write, sees either the old file or the new one, never half of one.
+interrupted mid-write, sees either the old file or the new one, never half of one. Files get the
+mode a plain ``open`` would give them (``0o666`` less the process umask), not the ``0o600`` of
+the temporary file. A failed write (disk full, read-only folder) raises an ``OSError`` whose
+message names the target and says it was left as it was. A process killed mid-write leaves its
+``.<name>.*.tmp`` behind; :func:`remove_stale_temp_files` clears them.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_save_figure", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = [
+    "atomic_save_figure",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "check_writable",
+    "file_mode",
+    "remove_stale_temp_files",
+]
+
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # mkstemp(prefix=".<name>.", suffix=".tmp")
+
+
+def _umask() -> int:
+    """The process umask (read from /proc on Linux, else set-and-restore)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The permission bits ``open(path, "w")`` would give a new file: ``0o666 & ~umask``."""
+    return 0o666 & ~_umask()
+
+
+def _write_error(path: Path, e: OSError) -> OSError:
+    what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return OSError(e.errno, f"cannot write {path}: {what}; {path.name} was left as it was")
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
@@ -29,15 +69,19 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[IO[bytes]]
         raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from e
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # POSIX: mkstemp made it 0o600
+                os.fchmod(f.fileno(), file_mode())
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from e
         raise
     try:  # persist the rename itself
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -48,6 +92,43 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[IO[bytes]]
     except OSError:
         pass
     return path
+
+
+def check_writable(path: str | os.PathLike[str]) -> Path:
+    """Fail early (``OSError`` naming ``path``) when :func:`atomic_write_bytes` could not write
+    ``path``: creates (then removes) a temporary file in its folder, or in the nearest existing
+    ancestor when the folder does not exist yet. Use it before a long computation whose result
+    goes to ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        raise OSError(errno.EISDIR, f"cannot write {path}: it is a folder")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+    os.close(fd)
+    os.unlink(tmp)
+    return path
+
+
+def remove_stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files an interrupted :func:`atomic_write_bytes` left directly
+    in ``folder`` (only call it while no other process writes there). Returns what was removed."""
+    removed: list[Path] = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if _TEMP_NAME.match(p.name) and p.is_file():
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

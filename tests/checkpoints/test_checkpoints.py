@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +165,30 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path: Path) -> None:
         atomic_save({"a": Boom()}, path)
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temp file left behind
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["numpy_pwn", "numpy.f2py.__main__"],
+    ids=["module-from-cwd", "numpy-submodule"],
+)
+def test_deepmind_allow_list_is_exact_and_checked_before_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str
+) -> None:
+    """A crafted ``F1_haiku.npz`` naming a module that merely *starts with* ``numpy`` is refused
+    before the module is imported: a ``numpy_pwn.py`` in the working directory never runs, and
+    ``numpy.f2py.__main__`` (which runs f2py on import) is never imported."""
+    marker = tmp_path / "pwned"
+    (tmp_path / "numpy_pwn.py").write_text(
+        f"open({str(marker)!r}, 'w').write('code ran')\nclass EvilDtype:\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    path = tmp_path / "F1_haiku.npz"
+    # GLOBAL '<module> EvilDtype', EMPTY_TUPLE, REDUCE, STOP
+    path.write_bytes(b"c" + module.encode() + b"\nEvilDtype\n)R.")
+    with pytest.raises(CheckpointError, match=rf"refusing to unpickle {re.escape(module)}\."):
+        load_pretrained(_small_nfnet(0), path, trust_pickle=True)
+    assert module not in sys.modules
+    assert not marker.exists()

@@ -13,6 +13,10 @@ import torch
 
 from normfree.train import Config, resolve_config
 
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # faults.py: the fault-injection callbacks
+from faults import FAULTY_CLI  # noqa: E402  (python -m normfree with NORMFREE_TEST_FAULTS)
+
 QUIET = ["log.progress=false", "log.tensorboard=false", "log.plot=false", "train.threads=1"]
 
 # a short run that exercises every random stream: per-example crop augmentation, MixUp/CutMix,
@@ -41,11 +45,15 @@ def make_cfg(tmp_path: Path) -> Callable[..., Config]:
 
 
 def _run_cli(
-    *args: str, timeout: float = 120, python_module: bool = False
+    *args: str, timeout: float = 120, python_module: bool = False, faults: str = ""
 ) -> subprocess.CompletedProcess:
-    """``python -m normfree ARGS`` (``python ARGS`` with ``python_module``) in a subprocess."""
+    """``python -m normfree ARGS`` (``python ARGS`` with ``python_module``) in a subprocess;
+    ``faults`` (e.g. ``"crash_after=7"``) runs it through ``faulty_normfree.py`` instead."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env["NORMFREE_TEST_FAULTS"] = faults
     cmd = [sys.executable, *args] if python_module else [sys.executable, "-m", "normfree", *args]
+    if faults and not python_module:
+        cmd = [sys.executable, FAULTY_CLI, *args]
     return subprocess.run(
         cmd,
         capture_output=True,

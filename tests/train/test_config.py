@@ -100,6 +100,8 @@ def test_overrides_are_typed() -> None:
         ("train.label_smoothing=1.0", "train.label_smoothing"),
         ("optim=sgd", "optim"),
         ("optim.lr", "optim.lr"),
+        ("train.epochs=true", "train.epochs"),
+        ("data.image_size=[", "data.image_size"),
     ],
 )
 def test_bad_overrides_name_the_key(override: str, key: str) -> None:
@@ -180,3 +182,24 @@ def test_bad_model_and_data_are_clean_cli_errors(
     assert main(["train", "--out", str(tmp_path / "a_file" / "run")]) == 2
     assert "cannot create the run folder" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_retired_debug_section_of_older_files_is_ignored() -> None:
+    """Checkpoints and config.yaml files written before fault injection left the config hold a
+    ``debug`` section; they still load (the section is dropped)."""
+    old = config_to_dict(resolve_config())
+    old["debug"] = {"stop_after_steps": None, "nonfinite_at_step": None, "step_sleep_s": 0.0}
+    assert config_from_dict(old) == resolve_config()
+    with pytest.raises(ConfigError, match="unknown config key 'debug'"):
+        resolve_config(overrides=["debug.step_sleep_s=1"])
+
+
+def test_type_errors_name_the_expected_type() -> None:
+    with pytest.raises(ConfigError, match=r"'train\.epochs': expected int, got 'abc'"):
+        resolve_config(overrides=["train.epochs=abc"])
+    with pytest.raises(ConfigError, match=r"'data\.image_size': expected int \| null, got 1\.5"):
+        resolve_config(overrides=["data.image_size=1.5"])
+    with pytest.raises(ConfigError, match=r"'train\.precision': expected \{fp32,bf16,fp16\}"):
+        resolve_config(overrides=["train.precision=fp8"])
+    with pytest.raises(ConfigError, match=r"expected int, got True"):
+        resolve_config(overrides=["train.epochs=true"])  # pydantic alone would read 1

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import FAULTY_CLI
 
 from normfree.train import Config, load_checkpoint, train
 
@@ -51,16 +52,15 @@ def test_two_processes_match_one_and_resume_exactly(
         "--standalone",
         "--nproc_per_node",
         "2",
-        "-m",
-        "normfree",
+        FAULTY_CLI,
         "train",
         "--out",
         str(crashed),
         *QUIET,
         *DDP_RUN,
-        "debug.stop_after_steps=5",
         timeout=180,
         python_module=True,
+        faults="crash_after=5",
     )
     assert res.returncode != 0 and "simulated crash" in res.stderr
     pos = load_checkpoint(crashed / "last.pt")["position"]
@@ -68,3 +68,52 @@ def test_two_processes_match_one_and_resume_exactly(
     resumed = run_cli("train", "--nproc", "2", "--resume", str(crashed), timeout=180)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(final_weights(ddp), final_weights(crashed))
+
+
+def _spawned_workers(pid: int) -> list[int]:
+    """Child processes of ``pid`` started by multiprocessing's spawn (not its resource
+    tracker)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    out = []
+    for child in children:
+        cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
+            out.append(child)
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_a_dying_worker_is_named_by_the_launcher(tmp_path: Path) -> None:
+    """``--nproc 2`` with one worker killed (SIGKILL, as the OOM killer would): the launcher
+    says which rank died and how, stops the other and exits non-zero."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "normfree", "train", "--nproc", "2", "--out", str(run), *QUIET,
+         "train.epochs=50", "train.batch_size=32"],
+        env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 150
+    while not (run / "metrics.jsonl").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    workers = _spawned_workers(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in err
+    line = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and "was killed by SIGKILL" in line[0], err
+    assert "worker rank 0 of 2" in line[0] or "worker rank 1 of 2" in line[0]
+    assert not any(Path(f"/proc/{w}").exists() for w in workers)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from faults import FAULTY_CLI
 
 from normfree.train import Config, load_checkpoint, train
 
@@ -49,7 +50,7 @@ def test_simulated_crash_then_resume(
 ) -> None:
     ref = _reference(make_cfg, random_run)
     run = tmp_path / "crashed"
-    crashed = run_cli("train", "--out", str(run), *QUIET, *random_run, "debug.stop_after_steps=7")
+    crashed = run_cli("train", "--out", str(run), *QUIET, *random_run, faults="crash_after=7")
     assert crashed.returncode == 3, crashed.stderr
     assert "simulated crash" in crashed.stderr
     assert load_checkpoint(run / "last.pt")["position"]["global_step"] == 6
@@ -77,11 +78,11 @@ def test_killed_or_interrupted_then_resume(
         *QUIET,
         *random_run,
         "log.every_steps=1",
-        "debug.step_sleep_s=0.25",
     ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env["NORMFREE_TEST_FAULTS"] = "sleep=0.25"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "normfree", *args],
+        [sys.executable, FAULTY_CLI, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -51,7 +51,14 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key.isidentifier():
             raise ValueError(f"override must look like key=value, got {item!r}")
-        out[key] = yaml.safe_load(value) if value.strip() else ""
+        try:
+            out[key] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+            raise ValueError(
+                f"override {item!r}: the value is not valid YAML ({problem}); close brackets "
+                "and quote strings, e.g. alpha=0.2 or widths=[16,32]"
+            ) from None
     return out
 
 
@@ -61,7 +68,10 @@ def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
     if not match:
         raise ValueError(f"cannot parse model {spec!r}; use NAME or NAME[key=value,...]")
     kw = match.group("kw")
-    return match.group("name").strip(), parse_overrides(_split_top_level(kw) if kw else [])
+    try:
+        return match.group("name").strip(), parse_overrides(_split_top_level(kw) if kw else [])
+    except ValueError as e:
+        raise ValueError(f"model {spec!r}: {e}") from None
 
 
 def build_model(spec: str, overrides: dict[str, Any] | None = None) -> nn.Module:

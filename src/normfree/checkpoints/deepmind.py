@@ -30,11 +30,23 @@ from normfree.checkpoints.errors import CheckpointError
 
 __all__ = ["deepmind_to_normfree", "normfree_to_deepmind", "read_haiku_file"]
 
-_ALLOWED_NUMPY = {
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-}
+# Exact (module, name) pairs the restricted unpickler may resolve. Nothing else is looked up,
+# and the check runs *before* any import, so a crafted file cannot import a module by naming it.
+_ALLOWED_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),  # protocol-2 pickles spell bytes as _codecs.encode(str, "latin1")
+    ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"),
+    ("builtins", "set"), ("builtins", "frozenset"),
+    ("collections", "OrderedDict"), ("collections", "defaultdict"),
+})  # fmt: skip
+# Haiku's / dill's mapping classes: replaced by a plain dict, never imported.
+_MAPPING_GLOBALS = frozenset({
+    ("haiku._src.data_structures", "FlatMapping"), ("haiku._src.data_structures", "FlatMap"),
+    ("haiku.data_structures", "FlatMapping"), ("haiku.data_structures", "FlatMap"),
+    ("dill._dill", "_create_namedtuple"),
+})  # fmt: skip
 
 
 class _MappingShim(dict):
@@ -50,17 +62,14 @@ class _MappingShim(dict):
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only the exact pairs of ``_ALLOWED_GLOBALS`` (and the Haiku mapping shims);
+    the name is checked before anything is imported."""
+
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_NUMPY:
-            return super().find_class(module, name)
-        if module.startswith("numpy") and name.endswith("Dtype"):  # numpy>=1.25 dtype classes
-            return super().find_class(module, name)
-        if module == "builtins" and name in {"dict", "list", "tuple", "set", "frozenset"}:
-            return super().find_class(module, name)
-        if module == "collections" and name in {"OrderedDict", "defaultdict"}:
-            return super().find_class(module, name)
-        if module.startswith(("haiku", "dill")) and ("Map" in name or name == "_create_namedtuple"):
+        if (module, name) in _MAPPING_GLOBALS:
             return _MappingShim
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
         raise pickle.UnpicklingError(
             f"refusing to unpickle {module}.{name}: a Haiku weight file only holds numpy arrays "
             "in nested mappings"

@@ -20,9 +20,22 @@ from normfree.checkpoints.errors import CheckpointError
 __all__ = ["atomic_save", "atomic_write_bytes", "load_tensors", "save_safetensors"]
 
 
+def _torch_save(obj: Any, f: Any) -> None:
+    """``torch.save`` that reports a failed write as the ``OSError`` behind it: on a full disk
+    PyTorch's writer raises ``RuntimeError: unexpected pos`` with the ``OSError`` as context."""
+    try:
+        torch.save(obj, f)
+    except RuntimeError as e:
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, OSError):
+            raise cause from e
+        raise
+
+
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save(obj, path)`` atomically (see module docstring)."""
-    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+    """``torch.save(obj, path)`` atomically (see module docstring). A failed write (disk full)
+    raises ``OSError`` naming ``path``, which keeps its previous content."""
+    atomic_write_bytes(path, lambda f: _torch_save(obj, f))
 
 
 def save_safetensors(

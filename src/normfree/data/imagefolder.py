@@ -2,10 +2,13 @@
 
 Class indices follow the sorted class-folder names of the training tree (as torchvision's
 ``ImageFolder``); files are decoded with Pillow to RGB ``uint8`` tensors in ``__getitem__``.
+A file that cannot be decoded raises :class:`UnreadableImageError` naming it, or — with
+``skip_unreadable`` — is replaced by the next readable file (with its label) and logged once.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,14 @@ from normfree.data._optional import require_pil
 from normfree.data.augment import Compose
 from normfree.data.base import ImageDataset
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "scan_image_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "UnreadableImageError", "scan_image_folder"]
+
+log = logging.getLogger("normfree.data")
+
+
+class UnreadableImageError(ValueError):
+    """An image file of the dataset cannot be decoded (the message names the file)."""
+
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -77,8 +87,12 @@ def scan_image_folder(
 class ImageFolderDataset(ImageDataset):
     """Images decoded from ``files`` with Pillow (RGB, ``uint8`` ``(3, H, W)``)."""
 
-    def __init__(self, files: list[Path], labels: Tensor, transform: Compose) -> None:
+    def __init__(
+        self, files: list[Path], labels: Tensor, transform: Compose, skip_unreadable: bool = False
+    ) -> None:
         super().__init__(transform)
+        self.skip_unreadable = skip_unreadable
+        self.unreadable: set[str] = set()  # files this process failed to decode
         if len(files) != labels.numel():
             raise ValueError(f"{len(files)} files but {labels.numel()} labels")
         self.files = [str(f) for f in files]
@@ -92,5 +106,25 @@ class ImageFolderDataset(ImageDataset):
             with image_mod.open(path) as im:
                 arr = np.asarray(im.convert("RGB"))
         except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot decode image {path}: {exc}") from exc
+            raise UnreadableImageError(
+                f"cannot decode image {path} ({exc}); remove or replace the file, or set "
+                "data.skip_unreadable=true to skip unreadable files"
+            ) from exc
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        if not self.skip_unreadable:
+            return super().__getitem__(index)
+        for k in range(len(self)):  # the next readable file stands in for an unreadable one
+            i = (index + k) % len(self)
+            if self.files[i] in self.unreadable:
+                continue
+            try:
+                return super().__getitem__(i)
+            except UnreadableImageError as e:
+                self.unreadable.add(self.files[i])
+                log.warning(
+                    "skipping unreadable image %s (%s); %d unreadable file(s) skipped so far",
+                    self.files[i], e.__cause__, len(self.unreadable),
+                )  # fmt: skip
+        raise UnreadableImageError(f"no image of the dataset can be decoded ({self.files[0]}, …)")

@@ -6,12 +6,12 @@
 * :func:`save_checkpoint` / :func:`load_checkpoint` (atomic, ``weights_only``).
 """
 
+from normfree.train.callbacks import Callback
 from normfree.train.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
 from normfree.train.config import (
     Config,
     ConfigError,
     DataConfig,
-    DebugConfig,
     DistConfig,
     EMAConfig,
     LogConfig,
@@ -22,6 +22,7 @@ from normfree.train.config import (
 )
 from normfree.train.config_io import (
     apply_overrides,
+    config_diff,
     config_from_dict,
     config_help,
     config_to_dict,
@@ -33,29 +34,28 @@ from normfree.train.config_io import (
 from normfree.train.evaluate import evaluate, evaluate_checkpoint
 from normfree.train.loop import (
     NonFiniteLossError,
-    SimulatedCrash,
     Trainer,
     TrainingInterrupted,
     train,
 )
 
 __all__ = [
+    "Callback",
     "CheckpointError",
     "Config",
     "ConfigError",
     "DataConfig",
-    "DebugConfig",
     "DistConfig",
     "EMAConfig",
     "LogConfig",
     "NonFiniteLossError",
     "OptimConfig",
     "ScheduleConfig",
-    "SimulatedCrash",
     "TrainLoopConfig",
     "Trainer",
     "TrainingInterrupted",
     "apply_overrides",
+    "config_diff",
     "config_from_dict",
     "config_help",
     "config_to_dict",

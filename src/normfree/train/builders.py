@@ -23,6 +23,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "build_scheduler",
+    "check_input_size",
     "count_params",
     "dataset_kind",
     "init_weights_from",
@@ -77,7 +78,7 @@ def build_data(
             randaugment=tuple(d.randaugment) if d.randaugment else None,
         )
     try:
-        return build_datasets(
+        bundle = build_datasets(
             d.spec,
             image_size=image_size,
             test_size=test_size if test_size is not None else default_test,
@@ -87,6 +88,10 @@ def build_data(
         )
     except (OSError, ValueError, ImportError) as e:  # missing / malformed data, missing extra
         raise ConfigError(f"data.spec={d.spec!r}: {e}") from e
+    for split in (bundle.train, bundle.val):  # image folders: data.skip_unreadable
+        if hasattr(split, "skip_unreadable"):
+            split.skip_unreadable = d.skip_unreadable
+    return bundle
 
 
 def model_args(cfg: Config, num_classes: int, in_chans: int) -> dict[str, Any]:
@@ -248,6 +253,21 @@ def steps_per_epoch(cfg: Config, num_examples: int) -> int:
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
     return steps
+
+
+def check_input_size(model: nn.Module, size: int | None, key: str) -> None:
+    """Refuse inputs smaller than the model's total stride (its deepest ``feature_info``
+    reduction, e.g. 32 for NFNets): below it the last feature map is computed from padding
+    alone and the model trains on nothing (a 1×1 input into nfnet_f0)."""
+    infos = getattr(model, "feature_info", None) or []
+    minimum = max((int(f.reduction) for f in infos), default=1)
+    if size is not None and size < minimum:
+        name = getattr(getattr(model, "meta", None), "name", type(model).__name__)
+        raise ConfigError(
+            f"{key}={size}: {size}x{size} inputs are below {name}'s minimum size of "
+            f"{minimum}x{minimum} (its total stride); use images of at least {minimum} pixels "
+            "or a model made for small images"
+        )
 
 
 def count_params(model: nn.Module) -> int:

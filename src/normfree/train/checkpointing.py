@@ -40,6 +40,7 @@ __all__ = [
     "CheckpointError",
     "atomic_link_or_copy",
     "capture_rng_state",
+    "check_weights_fit",
     "checkpoint_config",
     "checkpoint_weights",
     "load_checkpoint",
@@ -131,6 +132,44 @@ def checkpoint_weights(state: dict[str, Any], ema: bool = False) -> dict[str, to
     if not state.get("ema"):
         raise CheckpointError("the checkpoint holds no EMA weights (train.ema was off)")
     return state["ema"]["module"]
+
+
+def check_weights_fit(
+    model_args: dict[str, Any], weights: dict[str, Any], path: str | Path = "checkpoint"
+) -> None:
+    """Check a checkpoint's tensors against the model its ``model_args`` describe *before* that
+    model is allocated: the model is built on the meta device (no memory), and every parameter
+    and buffer must be present with the checkpoint's shape. A file whose ``model_args`` ask for
+    a model its tensors do not fill (e.g. a few MB asking for a 1.5 GB model) raises
+    :class:`CheckpointError` naming what differs."""
+    from normfree.train.builders import build_model
+
+    if not isinstance(weights, dict) or not all(
+        isinstance(t, torch.Tensor) for t in weights.values()
+    ):
+        raise CheckpointError(f"{str(path)!r}: the model weights are not a mapping of tensors")
+    with torch.device("meta"):
+        skeleton = build_model(model_args)
+    expected = skeleton.state_dict()
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    wrong = [
+        f"{k}: checkpoint {tuple(weights[k].shape)}, model {tuple(expected[k].shape)}"
+        for k in expected.keys() & weights.keys()
+        if tuple(weights[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or wrong:
+        size = sum(t.numel() for t in expected.values())
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
+            if items:
+                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+                parts.append(f"{len(items)} {label}: {'; '.join(sorted(items)[:3])}{more}")
+        raise CheckpointError(
+            f"{str(path)!r} does not hold the weights of the model its model_args describe "
+            f"({model_args.get('name')!r}, {size / 1e6:.1f}M values): {' | '.join(parts)}; "
+            "the file is damaged or was not written by normfree train"
+        )
 
 
 def checkpoint_config(state: dict[str, Any], path: str | Path = "checkpoint") -> Any:

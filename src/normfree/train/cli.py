@@ -12,17 +12,13 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
-from normfree.atomic import atomic_write_json
+from normfree.atomic import atomic_write_json, check_writable
 
 __all__ = ["add_parser", "run_eval", "run_train"]
 
 log = logging.getLogger("normfree.train")
-
-# keys that may change when resuming (they do not affect the weights)
-RESUME_OVERRIDABLE = ("log.", "debug.", "dist.", "data.workers", "train.threads", "train.device")
 
 _DESCRIPTION = """\
 Train a model with the NFNet recipe (SGD+Nesterov, AGC, warmup+cosine, label smoothing, EMA).
@@ -77,7 +73,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-o", "--out", metavar="DIR", help="run folder (same as out_dir=DIR)")
     p.add_argument("--data", metavar="SPEC", help="dataset spec (same as data.spec=SPEC)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (last.pt)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR (last.pt); KEY=VALUE may change logging, workers, "
+        "device, and to recover a diverged run optim.lr/base_lr, schedule.*, optim.clipping, "
+        "optim.agc_eps, train.skip_nonfinite",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let a new run replace an earlier run's files in its run folder",
+    )
     p.add_argument("--nproc", type=int, metavar="N", help="spawn N data-parallel processes")
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
     p.set_defaults(func=run_train)
@@ -102,9 +109,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------ train
 def _resolve(args: argparse.Namespace) -> Any:
-    from normfree.train.checkpointing import checkpoint_config, load_checkpoint
-    from normfree.train.config import ConfigError, DebugConfig
-    from normfree.train.config_io import apply_overrides, resolve_config
+    from normfree.train.config import ConfigError
+    from normfree.train.config_io import resolve_config
+    from normfree.train.run_folder import resume_config
 
     overrides = list(args.overrides)
     if args.out:
@@ -115,51 +122,53 @@ def _resolve(args: argparse.Namespace) -> Any:
         return resolve_config(args.recipe, args.config, overrides)
     if args.config or args.recipe:
         raise ConfigError("--resume continues a run with its own config; drop --config/--recipe")
-    for item in overrides:
-        key = item.split("=", 1)[0]
-        if not key.startswith(RESUME_OVERRIDABLE):
-            raise ConfigError(
-                f"cannot change {key!r} when resuming (only {', '.join(RESUME_OVERRIDABLE)})"
-            )
-    run_dir = Path(args.resume)
-    if not run_dir.is_dir():
-        raise ConfigError(f"--resume {str(run_dir)!r}: no such run folder")
-    last = run_dir / "last.pt"
-    cfg = checkpoint_config(load_checkpoint(last), last)
-    cfg.debug = DebugConfig()  # fault injection never carries over
-    return apply_overrides(cfg, overrides)
+    if args.overwrite:
+        raise ConfigError("--overwrite starts a new run; it cannot be combined with --resume")
+    return resume_config(args.resume, overrides)
+
+
+def _error(e: BaseException, code: int) -> int:
+    """Print the one-line error of ``e`` (the last line of a worker's traceback text)."""
+    if isinstance(e, OSError) and e.strerror and e.filename is None:
+        e = Exception(e.strerror)  # "[Errno 28] cannot write ..." -> "cannot write ..."
+    text = str(e).strip().splitlines()
+    print(f"error: {text[-1] if text else type(e).__name__}", file=sys.stderr)
+    return code
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Entry point of ``normfree train`` (returns the exit code)."""
+    from normfree.data.imagefolder import UnreadableImageError
     from normfree.train.checkpointing import CheckpointError
     from normfree.train.config import ConfigError
     from normfree.train.config_io import dump_config
-    from normfree.train.loop import NonFiniteLossError, SimulatedCrash, TrainingInterrupted, train
+    from normfree.train.loop import NonFiniteLossError, TrainingInterrupted, train
 
     rank = int(os.environ.get("RANK", "0"))
     _setup_logging(rank)
     try:
         cfg = _resolve(args)
     except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(e, 2)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
     if args.nproc is not None:
+        from normfree.train.distributed import select_device
+
+        try:  # a device the workers cannot use fails here, once, not in every worker
+            select_device(cfg.train.device)
+        except ConfigError as e:
+            return _error(e, 2)
         return _spawn(args)
     try:
-        summary = train(cfg, resume=args.resume)
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (ConfigError, CheckpointError, UnreadableImageError) as e:
+        return _error(e, 2)
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except SimulatedCrash as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return _error(e, 1)
+    except OSError as e:  # disk full, folder gone or read-only mid-run (names the file)
+        return _error(e, 1)
     except TrainingInterrupted as e:
         if rank == 0:
             print(f"{e}; last.pt written. Continue with --resume <run folder>", file=sys.stderr)
@@ -203,6 +212,8 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     ):
         if value is not None:
             argv += [flag, str(value)]
+    if args.overwrite:
+        argv.append("--overwrite")
     return argv + list(args.overrides)
 
 
@@ -240,11 +251,38 @@ def _spawn(args: argparse.Namespace) -> int:
                 interrupted = True
                 print("waiting for the workers to write last.pt ...", file=sys.stderr)
     except mp.ProcessExitedException as e:
+        _stop_workers(context)
+        if e.signal_name:
+            why = f"was killed by {e.signal_name}"
+            if e.signal_name == "SIGKILL":
+                why += " (out of memory? the kernel log says: dmesg | grep -i kill)"
+        else:
+            why = f"exited with code {e.exit_code}"
+        print(
+            f"error: worker rank {e.error_index} of {args.nproc} {why}; the other workers "
+            "were stopped. Continue from the last checkpoint with --resume <run folder>",
+            file=sys.stderr,
+        )
         return int(e.exit_code) if e.exit_code and e.exit_code > 0 else 1
     except mp.ProcessRaisedException as e:
-        print(f"error: a worker failed:\n{e}", file=sys.stderr)
+        _stop_workers(context)
+        lines = [x for x in str(e).strip().splitlines() if x.strip()]
+        print(
+            f"error: worker rank {e.error_index} of {args.nproc} failed: "
+            f"{lines[-1] if lines else 'unknown error'}",
+            file=sys.stderr,
+        )
         return 1
     return 0
+
+
+def _stop_workers(context: Any) -> None:
+    """Terminate the workers still running (they would wait for the dead one forever)."""
+    for proc in context.processes:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in context.processes:
+        proc.join(10)
 
 
 # ------------------------------------------------------------------------------------- eval
@@ -256,6 +294,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     _setup_logging(0)
     try:
+        if args.json:
+            check_writable(args.json)
         result = evaluate_checkpoint(
             args.checkpoint,
             args.data,
@@ -267,9 +307,8 @@ def run_eval(args: argparse.Namespace) -> int:
             workers=args.workers,
             precision=args.precision,
         )
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (CheckpointError, ConfigError, ValueError, OSError) as e:
+        return _error(e, 2)
     print(f"{result['model']} on {result['data']} ({result['split']}, {result['count']} images)")
     for name in ("raw", "ema"):
         m = result[name]
@@ -278,5 +317,8 @@ def run_eval(args: argparse.Namespace) -> int:
                 f"  {name:4s} top1 {m['top1']:6.2f}%  top5 {m['top5']:6.2f}%  loss {m['loss']:.4f}"
             )
     if args.json:
-        atomic_write_json(args.json, result)
+        try:
+            atomic_write_json(args.json, result)
+        except OSError as e:
+            return _error(e, 2)
     return 0

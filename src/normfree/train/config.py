@@ -4,8 +4,8 @@ Resolution order (later wins): the dataclass defaults (the NFNet ImageNet recipe
 2021b, App. C, where it applies) → a shipped recipe (``--recipe``, ``digits`` unless a config file
 is given) → a YAML file (``--config``) → command-line overrides ``section.key=value``. Values are
 parsed as YAML (``optim.lr=0.2``, ``data.flip=true``, ``data.randaugment=[2,9]``,
-``optim.lr=null``) and checked against the field's type; unknown or ill-typed keys raise
-:class:`ConfigError` naming the key. ``normfree train --help`` lists every key
+``optim.lr=null``) and validated against the field's type by pydantic; unknown or ill-typed keys
+raise :class:`ConfigError` naming the key. ``normfree train --help`` lists every key
 (:func:`config_help`). Parsing, recipes and overrides live in :mod:`normfree.train.config_io`.
 """
 
@@ -14,13 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from pydantic import ConfigDict
+
 from normfree.models.registry import UnknownModelError, model_entrypoint
 
 __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
-    "DebugConfig",
     "DistConfig",
     "EMAConfig",
     "LogConfig",
@@ -35,6 +36,10 @@ class ConfigError(ValueError):
     """A configuration key is unknown, ill-typed or out of range (the message names it)."""
 
 
+# pydantic (normfree.train.config_io validates these dataclasses): unknown keys are errors
+_PYDANTIC = ConfigDict(extra="forbid")
+
+
 def _f(default: Any, help: str) -> Any:
     """A dataclass field with an immutable default and its ``--help`` text."""
     return field(default=default, metadata={"help": help})
@@ -43,6 +48,8 @@ def _f(default: Any, help: str) -> Any:
 @dataclass
 class DataConfig:
     """Dataset, resolution, augmentation and batch mixing (``normfree.data``)."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _PYDANTIC
 
     SHORTHAND: ClassVar[str] = "spec"
 
@@ -63,11 +70,16 @@ class DataConfig:
     mix_switch_prob: float = _f(0.5, "probability of CutMix when both are on")
     workers: int = _f(0, "DataLoader worker processes per rank")
     eval_batch_size: int | None = _f(None, "evaluation batch per rank (null: the training one)")
+    skip_unreadable: bool = _f(
+        False, "image folders: skip files that cannot be decoded (a warning names each one)"
+    )
 
 
 @dataclass
 class OptimConfig:
     """Optimizer and Adaptive Gradient Clipping (Brock et al. 2021b, §4 and App. C)."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _PYDANTIC
 
     name: Literal["sgd", "adamw", "adam", "rmsprop"] = _f("sgd", "optimizer")
     lr: float | None = _f(None, "peak learning rate (null: base_lr · batch_size / 256)")
@@ -90,6 +102,8 @@ class OptimConfig:
 class ScheduleConfig:
     """Per-step learning-rate schedule: linear warmup, then decay to final_ratio · peak."""
 
+    __pydantic_config__: ClassVar[ConfigDict] = _PYDANTIC
+
     decay: Literal["cosine", "linear", "constant"] = _f("cosine", "decay after warmup")
     warmup_epochs: float = _f(5.0, "linear warmup length in epochs")
     warmup_steps: int | None = _f(None, "warmup length in optimizer steps (overrides epochs)")
@@ -99,6 +113,8 @@ class ScheduleConfig:
 @dataclass
 class TrainLoopConfig:
     """The training loop."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _PYDANTIC
 
     epochs: int = _f(360, "number of epochs")
     batch_size: int = _f(4096, "global batch per optimizer step (all ranks, all accumulation)")
@@ -132,6 +148,8 @@ class TrainLoopConfig:
 class EMAConfig:
     """Exponential moving average of the weights (decay_t = min(decay, (1+t)/(10+t)))."""
 
+    __pydantic_config__: ClassVar[ConfigDict] = _PYDANTIC
+
     enabled: bool = _f(True, "keep and evaluate an EMA of the weights")
     decay: float = _f(0.99999, "EMA decay")
     warmup: bool = _f(True, "use the (1+t)/(10+t) warmup")
@@ -141,6 +159,8 @@ class EMAConfig:
 @dataclass
 class LogConfig:
     """Run folder outputs and console progress."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _PYDANTIC
 
     every_steps: int = _f(10, "write a per-step record to metrics.jsonl every N steps")
     progress: bool = _f(True, "tqdm progress bars")
@@ -153,22 +173,17 @@ class LogConfig:
 class DistConfig:
     """torch.distributed (torchrun or --nproc)."""
 
+    __pydantic_config__: ClassVar[ConfigDict] = _PYDANTIC
+
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "auto: nccl on CUDA, gloo on CPU")
     timeout_s: int = _f(1800, "collective timeout in seconds")
 
 
 @dataclass
-class DebugConfig:
-    """Fault injection for tests (reset when a run is resumed)."""
-
-    stop_after_steps: int | None = _f(None, "simulate a crash after this many optimizer steps")
-    nonfinite_at_step: int | None = _f(None, "make the loss NaN at this optimizer step")
-    step_sleep_s: float = _f(0.0, "sleep after every step (to interrupt tests at a known pace)")
-
-
-@dataclass
 class Config:
     """Everything a training run needs; written to ``config.yaml`` in the run folder."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _PYDANTIC
 
     model: str = _f("nf_resnet_cifar20", "registered model name (normfree models)")
     model_kwargs: dict[str, Any] = field(
@@ -189,7 +204,6 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 def validate_config(cfg: Config) -> None:
@@ -248,8 +262,6 @@ def validate_config(cfg: Config) -> None:
     need(cfg.ema.every_steps > 0, "ema.every_steps", "> 0")
     need(cfg.log.every_steps > 0, "log.every_steps", "> 0")
     need(cfg.dist.timeout_s > 0, "dist.timeout_s", "> 0")
-    g = cfg.debug
-    need(g.stop_after_steps is None or g.stop_after_steps > 0, "debug.stop_after_steps", "> 0")
     need(
         t.max_steps_per_epoch is None or t.max_steps_per_epoch > 0,
         "train.max_steps_per_epoch",

@@ -4,8 +4,11 @@ Resolution order (later wins): the dataclass defaults → a shipped recipe (``--
 ``digits`` unless a config file is given) → a YAML file (``--config``) → command-line overrides
 ``section.key=value``. Override values are parsed as YAML (``optim.lr=0.2``, ``data.flip=true``,
 ``data.randaugment=[2,9]``, ``optim.lr=null``) except for string fields, which take the text as
-typed; every value is checked against the field's annotation. Unknown or ill-typed keys raise
-:class:`~normfree.train.config.ConfigError` naming the key.
+typed. Layers are merged as plain nested mappings and the result is validated once by pydantic
+(a ``TypeAdapter`` over the config dataclasses: lax scalar conversion such as ``"1e-4"`` → float
+and lists → tuples, unknown keys forbidden). Pydantic's errors are turned into one
+:class:`~normfree.train.config.ConfigError` that names the dotted key, the expected type and, for
+unknown keys, the closest valid names.
 """
 
 from __future__ import annotations
@@ -15,16 +18,19 @@ import difflib
 import importlib.resources
 import types
 import typing
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from normfree.atomic import atomic_write_text
 from normfree.train.config import Config, ConfigError, validate_config
 
 __all__ = [
     "apply_overrides",
+    "config_diff",
     "config_from_dict",
     "config_help",
     "config_to_dict",
@@ -38,6 +44,11 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- typing helpers
+@cache
+def _adapter() -> TypeAdapter[Config]:
+    return TypeAdapter(Config)
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -62,79 +73,22 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it converted (lists → tuples,
-    ints → floats). Raises :class:`ConfigError` naming ``key``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    bad = ConfigError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise bad
-    if origin is Literal:
-        if value in args and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads "1e-3" as a string
-            except ValueError:
-                raise bad from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [yaml.safe_load(v) for v in value.split(",")]
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key) for v in value)
-        if len(value) != len(args):
-            raise bad
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return dict(value)
-    raise TypeError(f"unsupported config annotation {tp!r} for {key!r}")  # pragma: no cover
+def _leaves(tp: Any) -> tuple[Any, ...]:
+    """The members of a union (``int | None`` → ``(int, NoneType)``), else ``(tp,)``."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
 
 
 def _wants_raw_string(tp: Any) -> bool:
     """True when a command-line value should be kept as typed (str fields, str Literals)."""
-    origin = typing.get_origin(tp)
-    if tp is str:
-        return True
-    if origin is Literal:
-        return all(isinstance(a, str) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return all(_wants_raw_string(a) for a in typing.get_args(tp) if a is not type(None))
-    return False
+    for arg in _leaves(tp):
+        if arg is type(None) or arg is str:
+            continue
+        if typing.get_origin(arg) is Literal and all(isinstance(a, str) for a in arg.__args__):
+            continue
+        return False
+    return True
 
 
 def _unknown(key: str, options: list[str]) -> ConfigError:
@@ -143,39 +97,103 @@ def _unknown(key: str, options: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint} (see `normfree train --help`)")
 
 
-# --------------------------------------------------------------------------- dict <-> config
-def _merge_into(obj: Any, data: dict[str, Any], prefix: str) -> None:
-    if not isinstance(data, dict):
-        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping")
-    hints = _hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
+def _locate(loc: tuple[Any, ...]) -> tuple[str, Any, list[str]]:
+    """Follow a pydantic error location through the config dataclasses: the dotted key of the
+    field it points into, that field's annotation (None when unknown) and its siblings' names."""
+    cls: Any = Config
+    parts: list[str] = []
+    for item in loc:
+        names = [f.name for f in dataclasses.fields(cls)]
+        parts.append(str(item))
+        if item not in names:
+            return ".".join(parts), None, names
+        tp = _hints(cls)[item]
+        if not _is_section(tp):
+            return ".".join(parts), tp, names
+        cls = tp
+    return ".".join(parts) or "<root>", cls, []
+
+
+def _lookup(data: Any, key: str) -> Any:
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _validation_error(err: ValidationError, data: dict[str, Any]) -> ConfigError:
+    first = err.errors()[0]
+    key, tp, names = _locate(tuple(first["loc"]))
+    if first["type"] in ("unexpected_keyword_argument", "extra_forbidden") or tp is None:
+        return _unknown(key, names)
+    if _is_section(tp):
+        return ConfigError(f"config section {key!r} must be a mapping, got {first['input']!r}")
+    return ConfigError(
+        f"config key {key!r}: expected {_type_name(tp)}, got {_lookup(data, key)!r} "
+        f"({first['msg'][0].lower()}{first['msg'][1:]})"
+    )
+
+
+def _no_bool_numbers(data: dict[str, Any], cls: Any = Config, prefix: str = "") -> None:
+    """pydantic's lax mode reads ``true`` as 1 for numbers; a config never means that."""
+    hints = _hints(cls)
     for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise _unknown(full, names)
-        tp = hints[key]
+        tp = hints.get(key)
+        if tp is None:
+            continue
+        if _is_section(tp) and isinstance(value, dict):
+            _no_bool_numbers(value, tp, f"{prefix}{key}.")
+        elif isinstance(value, bool) and bool not in _leaves(tp) and Any not in _leaves(tp):
+            raise ConfigError(
+                f"config key {prefix + key!r}: expected {_type_name(tp)}, got {value}"
+            )
+
+
+def _validate(data: dict[str, Any]) -> Config:
+    """The :class:`Config` of a complete nested mapping (pydantic; errors → ConfigError)."""
+    _no_bool_numbers(data)
+    try:
+        return _adapter().validate_python(data)
+    except ValidationError as e:
+        raise _validation_error(e, data) from None
+
+
+# --------------------------------------------------------------------------- dict <-> config
+# sections older versions wrote (``debug``: test fault injection, now done with callbacks)
+_RETIRED_SECTIONS = ("debug",)
+
+
+def _merge(base: dict[str, Any], data: Any, cls: Any, prefix: str) -> None:
+    """Lay ``data`` over ``base`` (both plain mappings of the dataclass ``cls``): sections are
+    merged key by key (a string is a section's shorthand, e.g. ``data: digits``), every other
+    value replaces the one below. Validation happens afterwards, on the whole tree."""
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "<root>"
+        raise ConfigError(f"config section {where!r} must be a mapping, got {data!r}")
+    hints = _hints(cls)
+    for key, value in data.items():
+        tp = hints.get(key)
         if _is_section(tp):
             shorthand = getattr(tp, "SHORTHAND", None)
             if isinstance(value, str) and shorthand:
                 value = {shorthand: value}
-            _merge_into(getattr(obj, key), value, f"{full}.")
+            _merge(base[key], value, tp, f"{prefix}{key}.")
         else:
-            setattr(obj, key, _coerce(value, tp, full))
+            base[key] = value
 
 
 def config_from_dict(data: dict[str, Any] | None, base: Config | None = None) -> Config:
     """A :class:`Config` from a nested mapping (as in a YAML file) laid over ``base``
-    (a copy; the defaults when None). Unknown or ill-typed keys raise :class:`ConfigError`."""
-    cfg = copy_config(base) if base is not None else Config()
-    _merge_into(cfg, data or {}, "")
-    return cfg
+    (the defaults when None). Unknown or ill-typed keys raise :class:`ConfigError`."""
+    tree = config_to_dict(base if base is not None else Config())
+    if isinstance(data, dict):  # files and checkpoints written before a key was retired
+        data = {k: v for k, v in data.items() if k not in _RETIRED_SECTIONS}
+    _merge(tree, data or {}, Config, "")
+    return _validate(tree)
 
 
 def copy_config(cfg: Config) -> Config:
     """A deep copy of ``cfg``."""
-    fresh = Config()
-    _merge_into(fresh, config_to_dict(cfg), "")
-    return fresh
+    return _validate(config_to_dict(cfg))
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -233,9 +251,33 @@ def load_recipe(name: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- overrides
+def _override_value(item: str, key: str, raw: str, tp: Any) -> Any:
+    """The value of one ``key=raw`` override: the text itself for string fields, else YAML
+    (``a,b`` is also accepted for tuples)."""
+    if (
+        tp is not None
+        and _wants_raw_string(tp)
+        and raw.strip().lower() not in ("null", "none", "~")
+    ):
+        return raw
+    if not raw.strip():
+        return None
+    if tp is not None and any(typing.get_origin(a) is tuple for a in _leaves(tp)):
+        if "," in raw and not raw.strip().startswith(("[", "(")):
+            raw = f"[{raw}]"
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise ConfigError(
+            f"override {item!r}: the value of {key!r} is not valid YAML ({problem}); "
+            "quote strings and close brackets, e.g. model_kwargs.width=2 or data.randaugment=[2,9]"
+        ) from None
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply ``section.key=value`` strings (values parsed as YAML) to a copy of ``cfg``."""
-    cfg = copy_config(cfg)
+    tree = config_to_dict(cfg)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=0.2)")
@@ -243,44 +285,54 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         key = key.strip()
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
-        obj: Any = cfg
+        node: dict[str, Any] = tree
+        cls: Any = Config
         parts = key.split(".")
         for i, part in enumerate(parts):
             full = ".".join(parts[: i + 1])
-            if isinstance(obj, dict):  # model_kwargs.width=2
-                if i == len(parts) - 1:
-                    obj[part] = yaml.safe_load(raw)
+            last = i == len(parts) - 1
+            if cls is None:  # inside a free-form mapping (model_kwargs.width=2)
+                if last:
+                    node[part] = _override_value(item, full, raw, None)
                 else:
-                    obj = obj.setdefault(part, {})
+                    child = node.get(part)
+                    node = node.setdefault(part, {}) if not isinstance(child, dict) else child
                 continue
-            names = [f.name for f in dataclasses.fields(obj)]
+            names = [f.name for f in dataclasses.fields(cls)]
             if part not in names:
                 raise _unknown(full, names)
-            tp = _hints(type(obj))[part]
-            last = i == len(parts) - 1
+            tp = _hints(cls)[part]
             if _is_section(tp):
                 if last:
                     shorthand = getattr(tp, "SHORTHAND", None)
                     if not shorthand:
                         raise ConfigError(f"config key {full!r} is a section; set {full}.<key>=...")
-                    setattr(getattr(obj, part), shorthand, raw)
+                    node[part][shorthand] = raw
                 else:
-                    obj = getattr(obj, part)
+                    node, cls = node[part], tp
                 continue
-            if not last:
-                if typing.get_origin(tp) is dict:
-                    obj = getattr(obj, part)
-                    continue
-                raise _unknown(key, names)
-            if _wants_raw_string(tp) and raw.strip().lower() not in ("null", "none", "~"):
-                value: Any = raw
+            if last:
+                node[part] = _override_value(item, full, raw, tp)
+            elif typing.get_origin(tp) is dict:
+                node, cls = node[part], None
             else:
-                try:
-                    value = yaml.safe_load(raw) if raw.strip() else None
-                except yaml.YAMLError:
-                    value = raw
-            setattr(obj, part, _coerce(value, tp, full))
-    return cfg
+                raise _unknown(key, names)
+    return _validate(tree)
+
+
+def config_diff(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old value, new value)}`` for every leaf that differs (plain values)."""
+    out: dict[str, tuple[Any, Any]] = {}
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict) and not prefix.startswith("model_kwargs"):
+            for k in list(a) + [k for k in b if k not in a]:
+                walk(a.get(k), b.get(k), f"{prefix}{k}" if not prefix else f"{prefix}.{k}")
+        elif a != b:
+            out[prefix] = (a, b)
+
+    walk(config_to_dict(old), config_to_dict(new), "")
+    return out
 
 
 def resolve_config(

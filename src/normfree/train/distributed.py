@@ -85,16 +85,31 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def select_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` (CUDA device ``local_rank`` if available, else CPU), ``cuda``, ``cpu``,
-    ``cuda:N``."""
-    if device == "auto":
+def select_device(device: str, local_rank: int = 0, what: str = "train.device") -> torch.device:
+    """``auto`` (CUDA device ``local_rank`` if available, else CPU), ``cpu``, ``cuda`` (device
+    ``local_rank``), ``cuda:N``. Anything else, or CUDA on a machine without it, raises
+    :class:`~normfree.train.config.ConfigError` naming ``what`` (the option that set it)."""
+    from normfree.train.config import ConfigError
+
+    name = str(device).strip().lower()
+    if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise ValueError("train.device='cuda' but CUDA is not available")
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(device)
+            raise ConfigError(
+                f"{what}={device!r} but CUDA is not available on this machine; use auto or cpu"
+            )
+        index = local_rank if name == "cuda" else name.partition(":")[2]
+        if not str(index).isdigit() or int(index) >= torch.cuda.device_count():
+            raise ConfigError(
+                f"{what}={device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                "device(s) (cuda:0 ...)"
+            )
+        return torch.device(f"cuda:{int(index)}")
+    raise ConfigError(f"{what}={device!r} is not a device normfree runs on; use auto, cpu, cuda "
+                      "or cuda:N")  # fmt: skip
 
 
 def init_distributed(

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteLossError", "SimulatedCrash", "TrainingInterrupted"]
+__all__ = ["NonFiniteLossError", "TrainingInterrupted"]
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/Inf (and ``train.skip_nonfinite`` is off)."""
-
-
-class SimulatedCrash(RuntimeError):
-    """Raised by ``debug.stop_after_steps`` to imitate a killed run (nothing is saved)."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -116,12 +116,22 @@ def evaluate_checkpoint(
         ``{"checkpoint", "data", "split", "count", "raw": {...}, "ema": {...} | None,
         "epoch", "step"}`` with ``top1``/``top5`` in percent and ``loss``.
     """
-    from normfree.train.builders import build_data, build_model
-    from normfree.train.checkpointing import checkpoint_config, checkpoint_weights, load_checkpoint
+    from normfree.train.builders import build_data, build_model, check_input_size
+    from normfree.train.checkpointing import (
+        check_weights_fit,
+        checkpoint_config,
+        checkpoint_weights,
+        load_checkpoint,
+    )
     from normfree.train.distributed import select_device
 
     if split not in ("val", "train"):
         raise ValueError(f"split must be 'val' or 'train', got {split!r}")
+    for name, value in (("batch size", batch_size), ("image size", image_size),
+                        ("test size", test_size), ("workers", workers)):  # fmt: skip
+        if value is not None and value < (0 if name == "workers" else 1):
+            raise ValueError(f"--{name.replace(' ', '-')} must be a positive number, got {value}")
+    dev = select_device(device, what="--device")
     path = resolve_checkpoint_path(checkpoint)
     state = load_checkpoint(path)
     cfg = checkpoint_config(state, path)
@@ -129,8 +139,10 @@ def evaluate_checkpoint(
         cfg.data.spec = data
     if image_size is not None:
         cfg.data.image_size = image_size
-    dev = select_device(device)
     args = state["model_args"]
+    check_weights_fit(args, checkpoint_weights(state), path)
+    if state.get("ema"):
+        check_weights_fit(args, checkpoint_weights(state, ema=True), path)
     model = build_model(args)
     bundle = build_data(cfg, test_size=test_size, train_augment=False, meta=model.meta)
     if bundle.num_classes != args["num_classes"] or bundle.in_chans != args["in_chans"]:
@@ -140,6 +152,7 @@ def evaluate_checkpoint(
             f"{args['in_chans']}"
         )
     dataset = bundle.val if split == "val" else bundle.train
+    check_input_size(model, getattr(bundle, "test_size", None), "--test-size")
     bs = batch_size or cfg.data.eval_batch_size or min(cfg.train.batch_size, 512)
     loader = DataLoader(dataset, batch_size=bs, shuffle=False, num_workers=workers)
     prec = precision or cfg.train.precision

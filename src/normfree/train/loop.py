@@ -13,6 +13,7 @@ resumed run ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -21,6 +22,7 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from normfree.train import builders as B
-from normfree.train.checkpointing import load_checkpoint
+from normfree.train.callbacks import Callback
+from normfree.train.checkpointing import check_weights_fit, load_checkpoint
 from normfree.train.config import Config, validate_config
 from normfree.train.config_io import dump_config
 from normfree.train.distributed import (
@@ -42,12 +45,18 @@ from normfree.train.distributed import (
     init_distributed,
     local_world_size,
 )
-from normfree.train.errors import NonFiniteLossError, SimulatedCrash, TrainingInterrupted
+from normfree.train.errors import NonFiniteLossError, TrainingInterrupted
 from normfree.train.evaluate import autocast_context, evaluate
+from normfree.train.run_folder import RunFolderLock, record_config_change, resume_changes
 from normfree.train.run_logger import RunLogger
-from normfree.train.trainer_state import TrainerState, prepare_run_dir, setup_sync_batchnorm
+from normfree.train.trainer_state import (
+    TrainerState,
+    lock_for_resume,
+    prepare_run_dir,
+    setup_sync_batchnorm,
+)
 
-__all__ = ["NonFiniteLossError", "SimulatedCrash", "Trainer", "TrainingInterrupted", "train"]
+__all__ = ["NonFiniteLossError", "Trainer", "TrainingInterrupted", "train"]
 
 log = logging.getLogger("normfree.train")
 
@@ -55,9 +64,35 @@ log = logging.getLogger("normfree.train")
 class Trainer(TrainerState):
     """Holds the state of one run; :meth:`fit` trains and returns ``summary.json``'s content."""
 
-    def __init__(self, cfg: Config, info: DistInfo, resume: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        info: DistInfo,
+        resume: str | Path | None = None,
+        callbacks: Sequence[Callback] = (),
+        overwrite: bool = False,
+    ) -> None:
         validate_config(cfg)
         self.cfg, self.info, self.t0 = cfg, info, time.perf_counter()
+        self.callbacks = list(callbacks)
+        self._lock: RunFolderLock | None = None
+        try:
+            self._setup(resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (done by :meth:`fit`; idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def _setup(self, resume: str | Path | None, overwrite: bool) -> None:
+        cfg, info = self.cfg, self.info
         t = cfg.train
         threads = t.threads or max(1, (os.cpu_count() or 1) // local_world_size())
         torch.set_num_threads(threads)
@@ -65,9 +100,12 @@ class Trainer(TrainerState):
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         state = None
+        changes: dict[str, tuple[Any, Any]] = {}
         if resume is not None:
             self.run_dir = Path(resume)
             state = load_checkpoint(self.run_dir / "last.pt")
+            changes = resume_changes(state, self.run_dir, cfg)
+            self._lock = lock_for_resume(self.run_dir, info)
         # same initialisation on every rank
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % (1 << 32))  # noqa: NPY002  (the global legacy RNG is what we save)
@@ -77,7 +115,10 @@ class Trainer(TrainerState):
             self.model_args = B.model_args(cfg, self.bundle.num_classes, self.bundle.in_chans)
         else:
             self.model_args = state["model_args"]
+            check_weights_fit(self.model_args, state["model"], Path(resume or ".") / "last.pt")
         model = B.build_model(self.model_args)
+        B.check_input_size(model, getattr(self.bundle, "image_size", None), "data.image_size")
+        B.check_input_size(model, getattr(self.bundle, "test_size", None), "data.test_size")
         if state is None:
             B.init_weights_from(cfg, model)
         model = setup_sync_batchnorm(model, cfg, info)
@@ -115,11 +156,13 @@ class Trainer(TrainerState):
         self.wall_offset = 0.0
         if state is not None:
             self._load_state(state)
+            if changes:
+                self._apply_resume_changes(changes)
         else:
             torch.manual_seed(example_seed(cfg.seed, info.rank, 0x7A11))
             random.seed(example_seed(cfg.seed, info.rank, 0x9A11))
             np.random.seed(example_seed(cfg.seed, info.rank, 0x4A11) % (1 << 32))  # noqa: NPY002  (the global legacy RNG is what we save)
-            self.run_dir = prepare_run_dir(cfg, info, self.bundle.name)
+            self.run_dir, self._lock = prepare_run_dir(cfg, info, self.bundle.name, overwrite)
         self.train_model: nn.Module = model
         if info.distributed:
             self.train_model = nn.parallel.DistributedDataParallel(
@@ -139,6 +182,27 @@ class Trainer(TrainerState):
             dump_config(cfg, self.run_dir / "config.yaml")
         self._stop_requested = False
         self._updating = False
+
+    def _apply_resume_changes(self, changes: dict[str, tuple[Any, Any]]) -> None:
+        """A resume that changes the learning rate, schedule or clipping (diverged-run
+        recovery): the loaded optimizer keeps its state (momentum, step counts) but takes the
+        new config's group hyperparameters, and the schedule continues from the same step with
+        the new peak and shape. The change is recorded in ``config_history.jsonl``."""
+        cfg = self.cfg
+        if any(k.startswith(("optim.", "schedule.")) for k in changes):
+            # a throw-away optimizer over a copy of the model (wrappers may touch weights)
+            fresh = B.build_optimizer(cfg, copy.deepcopy(self.model))
+            sched = B.build_scheduler(cfg, fresh, self.steps_per_epoch)
+            for group, new in zip(self.optimizer.param_groups, fresh.param_groups):
+                group.update({k: v for k, v in new.items() if k not in ("params", "lr")})
+            for attr in ("base_lrs", "warmup_steps", "total_steps", "final_ratio", "decay"):
+                setattr(self.scheduler, attr, copy.copy(getattr(sched, attr)))
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+                group["lr"] = lr
+        if self.info.is_main:
+            for key, (old, new) in changes.items():
+                log.warning("resume: %s changed from %r to %r", key, old, new)
+            record_config_change(self.run_dir, "resume", self.global_step, changes)
 
     # ------------------------------------------------------------------------------ training
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -168,8 +232,8 @@ class Trainer(TrainerState):
                 with autocast_context(dev, cfg.train.precision):
                     logits = self.train_model(x)
                 loss = self._loss(logits.float(), target)
-                if cfg.debug.nonfinite_at_step == number:
-                    loss = loss * float("nan")
+                for cb in self.callbacks:
+                    loss = cb.on_loss(self, number, loss)
                 self.scaler.scale(loss / len(micro)).backward()
             n = y.shape[0]
             sums[0] += loss.detach().double() * n
@@ -300,10 +364,8 @@ class Trainer(TrainerState):
             raise TrainingInterrupted(f"interrupted at step {self.global_step}")
         if every and self.global_step % every == 0 and self.step_in_epoch < self.steps_per_epoch:
             self.save()
-        if cfg.debug.step_sleep_s:
-            time.sleep(cfg.debug.step_sleep_s)
-        if cfg.debug.stop_after_steps == self.global_step:
-            raise SimulatedCrash(f"debug.stop_after_steps={self.global_step}: simulated crash")
+        for cb in self.callbacks:
+            cb.on_step_end(self)
 
     # ---------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, float]:
@@ -392,17 +454,20 @@ class Trainer(TrainerState):
             else:
                 self.save()
             raise TrainingInterrupted(f"interrupted at step {self.global_step}") from None
-        except SimulatedCrash:
-            status = "crashed"
-            raise
         finally:
             if restore is not None:
                 for sig, handler in restore.items():
                     signal.signal(sig, handler)
-            if status != "crashed":
+            try:
                 self.logger.write_summary(self.summary(status))
                 self.logger.plot()
-            self.logger.close()
+                self.logger.close()
+            except OSError as e:  # never hide the error that ended the run (disk full...)
+                if status == "completed":
+                    raise
+                log.warning("could not write the run summary: %s", e)
+            finally:
+                self.close()
         return self.summary(status)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -419,13 +484,21 @@ class Trainer(TrainerState):
             )
 
 
-def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
+def train(
+    cfg: Config,
+    resume: str | Path | None = None,
+    callbacks: Sequence[Callback] = (),
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Train ``cfg`` (joining the torchrun process group if there is one) and return the run
-    summary. ``resume`` is a run folder whose ``last.pt`` is continued."""
+    summary. ``resume`` is a run folder whose ``last.pt`` is continued (``cfg`` may differ from
+    the checkpoint's config only in :func:`~normfree.train.run_folder.resume_overridable` keys);
+    ``callbacks`` hook into the loop (:class:`~normfree.train.callbacks.Callback`);
+    ``overwrite`` lets a new run replace an earlier run's files in ``cfg.out_dir``."""
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     info = init_distributed(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s)
     try:
-        trainer = Trainer(cfg, info, resume=resume)
+        trainer = Trainer(cfg, info, resume=resume, callbacks=callbacks, overwrite=overwrite)
         summary = trainer.fit()
         if cfg.train.finetune_epochs > 0 and summary.get("status") == "completed":
             finetune_cfg = finetune_config(cfg, trainer.run_dir, trainer.model)

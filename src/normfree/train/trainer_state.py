@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,15 @@ from normfree.train.checkpointing import (
 from normfree.train.config import Config, ConfigError
 from normfree.train.config_io import config_to_dict
 from normfree.train.distributed import DistInfo, example_seed
+from normfree.train.run_folder import RunFolderError, RunFolderLock, check_new_run_folder
 
-__all__ = ["TrainerState", "default_run_dir", "prepare_run_dir", "setup_sync_batchnorm"]
+__all__ = [
+    "TrainerState",
+    "default_run_dir",
+    "lock_for_resume",
+    "prepare_run_dir",
+    "setup_sync_batchnorm",
+]
 
 log = logging.getLogger("normfree.train")
 
@@ -42,24 +50,54 @@ def default_run_dir(cfg: Config, data_name: str) -> Path:
     return Path("runs") / f"{cfg.model}-{safe}-{stamp}"
 
 
-def prepare_run_dir(cfg: Config, info: DistInfo, data_name: str) -> Path:
-    """The run folder of a new run (rank 0 picks the name, every rank gets it); refuses a folder
-    that already holds a checkpoint."""
+def _on_main(info: DistInfo, action: Callable[[], None]) -> None:
+    """Run ``action`` on rank 0; a ConfigError there is raised on every rank (no rank waits
+    at the next collective for a rank that stopped)."""
+    error = [""]
+    if info.is_main:
+        try:
+            action()
+        except ConfigError as e:
+            error[0] = str(e)
+    if info.distributed:
+        dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise RunFolderError(error[0])
+
+
+def prepare_run_dir(
+    cfg: Config, info: DistInfo, data_name: str, overwrite: bool = False
+) -> tuple[Path, RunFolderLock]:
+    """The run folder of a new run (rank 0 picks the name, every rank gets it), locked by rank
+    0. Refuses a folder in use or holding an earlier run's files (unless ``overwrite``)."""
     name = [str(cfg.out_dir or default_run_dir(cfg, data_name))]
     if info.distributed:
         dist.broadcast_object_list(name, src=0)
     run_dir = Path(name[0])
-    if (run_dir / "last.pt").exists():
-        raise ConfigError(
-            f"run folder {str(run_dir)!r} already holds a checkpoint; continue it with "
-            f"--resume {run_dir} or choose another --out"
-        )
-    if info.is_main:
+    lock = RunFolderLock(run_dir)
+
+    def claim() -> None:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot create the run folder {str(run_dir)!r}: {e.strerror}") from e
-    return run_dir
+        lock.acquire()
+        try:
+            check_new_run_folder(run_dir, overwrite)
+        except BaseException:
+            lock.release()
+            raise
+
+    _on_main(info, claim)
+    return run_dir, lock
+
+
+def lock_for_resume(run_dir: Path, info: DistInfo) -> RunFolderLock:
+    """Rank 0's lock of a run folder being resumed (refused while another process holds it,
+    or when the folder is read-only)."""
+    lock = RunFolderLock(run_dir)
+    _on_main(info, lock.acquire)
+    return lock
 
 
 def setup_sync_batchnorm(model: nn.Module, cfg: Config, info: DistInfo) -> nn.Module:
