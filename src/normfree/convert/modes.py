@@ -1,0 +1,357 @@
+"""The conversion modes: graph surgery on a traced BatchNorm network (see :mod:`.graph`).
+
+With BN's eval transform ``BN(z) = s·(z − μ) + β``, ``s = γ/√(σ² + ε)`` (Ioffe & Szegedy 2015,
+Alg. 1, running statistics μ, σ²), a conv ``z = W∗x + b`` followed by BN is the conv with
+``W_f = s·W`` and ``b_f = s·(b − μ) + β`` (per output channel).
+
+* ``"bn_free"`` (exact): every Conv→BN becomes one conv with ``(W_f, b_f)``; every residual
+  branch ``h + F(h)`` becomes ``h + g·F(h)`` with a learnable scalar ``g`` initialised to 1
+  (:class:`normfree.nn.SkipInitGain`; SkipInit, De & Smith 2020, starts it at 0 instead). The
+  outputs equal the BN model's eval outputs up to float rounding.
+* ``"nf"`` (normalizer-free): every Conv→BN becomes a Scaled-WS conv
+  (:class:`normfree.nn.ScaledStdConv2d`, Brock et al. 2021a eq. 2:
+  ``Ŵ = gain·(W − mean W)/‖W − mean W‖``). The raw weight is ``W_f/‖W_f − mean W_f‖`` and the
+  gain ``‖W_f − mean W_f‖`` per channel, so ``Ŵ = W_f − mean(W_f)``: the standardised weight
+  reproduces the folded one except for its per-channel mean ``m_c``, which WS removes. That mean
+  contributes ``m_c·Σ x`` over each receptive field; its expectation is restored in the bias when
+  calibration inputs are given (:func:`calibrate_nf_biases`; exact per channel in expectation,
+  the per-position part cannot be carried by a bias). Residual branches get ``h + α·g·F(h)``
+  (Brock et al. 2021a §3: the NF-ResNet branch scale α, here fixed, default 0.2) with the
+  branch's last WS gain and bias divided by α so that the function is unchanged, and a learnable
+  ``g = 1``. The input scaling ``1/β`` of NF-ResNets is not inserted: it sets the signal scale at
+  *initialisation*, which a converted network takes from its trained weights; it would be
+  absorbed exactly into the first WS gain of each branch. Likewise the activations are not
+  γ-scaled: for ReLU-family activations ``γ·φ(x)`` is absorbed exactly by the next WS gain
+  (positive homogeneity), so it changes nothing.
+* ``"gn"``: WS+GN (Qiao et al. 2019): each conv that feeds a BN becomes a
+  :class:`normfree.nn.WSConv2d` with the same raw weight; each BN becomes a GroupNorm whose
+  affine is BN's (γ, β). Approximate: per-example group statistics replace running statistics.
+* ``"gnpn"``: as ``"gn"`` but every BN→activation becomes GN (no affine) → Proxy-Norm
+  activation (Labatie et al. 2021, :class:`normfree.nn.NormAct` with ``proxy=True``) with
+  ``γ, β`` from BN and the proxy at N(0, 1); a BN without a following activation becomes GN.
+
+A BN whose input is not a conv used only by it (e.g. pre-activation ``BN → ReLU → conv`` after
+a residual add) cannot be folded: the BN-free and NF modes raise unless
+``standalone_bn="affine"``, which keeps it as a learnable per-channel affine
+(:class:`~normfree.convert.layers.ChannelAffine`, exact); the GN modes replace it by a GroupNorm.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from normfree.convert.graph import (
+    ConversionError,
+    NormSite,
+    describe_input,
+    find_norms,
+    find_residual_adds,
+)
+from normfree.convert.layers import ChannelAffine
+from normfree.models.resnet import group_norm_groups
+from normfree.nn.proxy_norm import NormAct
+from normfree.nn.residual import SkipInitGain
+from normfree.nn.ws import ScaledStdConv2d, WSConv2d
+
+__all__ = [
+    "MODES",
+    "ConvertOptions",
+    "add_residual_gains",
+    "bn_scale_shift",
+    "calibrate_nf_biases",
+    "fold_conv_bn",
+    "replace_norms",
+]
+
+MODES: dict[str, str] = {
+    "bn_free": "exact: BN folded into its conv, learnable residual gain = 1",
+    "nf": "normalizer-free: scaled-WS convs from the folded weights, α-scaled residuals",
+    "gn": "WS + GroupNorm with BN's affine (approximate at conversion)",
+    "gnpn": "WS + GroupNorm + Proxy-Norm activations with BN's affine (approximate)",
+}
+_GAIN_PREFIX = "residual_gain_"
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Options of :func:`normfree.convert.convert_model` (stored with a converted model).
+
+    Attributes:
+        standalone_bn: ``"error"`` (default) or ``"affine"``: what the BN-free and NF modes do
+            with a BN not fed by a conv (see the module docstring).
+        residual_alpha: the NF mode's fixed residual-branch scale α (1 disables it).
+        max_groups: the GN modes' group count is the largest divisor of C up to this with at
+            least 2 channels per group (:func:`normfree.models.resnet.group_norm_groups`).
+    """
+
+    standalone_bn: str = "error"
+    residual_alpha: float = 0.2
+    max_groups: int = 32
+
+    def __post_init__(self) -> None:
+        if self.standalone_bn not in ("error", "affine"):
+            raise ValueError(
+                f"standalone_bn must be 'error' or 'affine', got {self.standalone_bn!r}"
+            )
+        if not float(self.residual_alpha) > 0:
+            raise ValueError(f"residual_alpha must be > 0, got {self.residual_alpha}")
+        if isinstance(self.max_groups, bool) or not isinstance(self.max_groups, int) or \
+                self.max_groups < 1:  # fmt: skip
+            raise ValueError(f"max_groups must be a positive int, got {self.max_groups!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ConvertOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown conversion options {sorted(unknown)}")
+        return cls(**data)
+
+
+def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """``(s, t)`` in float64 with ``BN_eval(z) = s·z + t`` per channel."""
+    mean = bn.running_mean.detach().double()
+    inv = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mean)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mean)
+    scale = gamma * inv
+    return scale, beta - mean * scale
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """``(W_f, b_f)`` in float64: the conv equal to ``BN_eval(conv(x))``."""
+    scale, shift = bn_scale_shift(bn)
+    weight = conv.weight.detach().double() * scale.reshape(-1, 1, 1, 1)
+    bias = shift if conv.bias is None else shift + conv.bias.detach().double() * scale
+    return weight, bias
+
+
+def _conv_kwargs(conv: nn.Conv2d, name: str) -> dict[str, Any]:
+    if conv.padding_mode != "zeros":
+        raise ConversionError(
+            f"Conv2d '{name}' uses padding_mode={conv.padding_mode!r}; conversion supports "
+            "zero padding"
+        )
+    padding = conv.padding
+    if isinstance(padding, str):  # torch's "same" / "valid" (stride 1)
+        if padding == "valid":
+            padding = (0, 0)
+        elif all(k % 2 for k in conv.kernel_size):
+            padding = tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+        else:
+            raise ConversionError(
+                f"Conv2d '{name}' has padding='same' with an even kernel {conv.kernel_size}; "
+                "conversion supports explicit or odd-kernel 'same' padding"
+            )
+    return dict(
+        in_channels=conv.in_channels, out_channels=conv.out_channels,
+        kernel_size=conv.kernel_size, stride=conv.stride, padding=tuple(padding),
+        dilation=conv.dilation, groups=conv.groups,
+    )  # fmt: skip
+
+
+def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    parent, _, attr = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, attr, module)
+
+
+def _drop_node(gm: fx.GraphModule, node: fx.Node, replacement: fx.Node) -> None:
+    node.replace_all_uses_with(replacement)
+    gm.graph.erase_node(node)
+
+
+def _like(param: Tensor, value: Tensor) -> Tensor:
+    return value.to(dtype=param.dtype, device=param.device)
+
+
+def _scaled_ws_conv(conv: nn.Conv2d, name: str, weight: Tensor, bias: Tensor) -> ScaledStdConv2d:
+    """A ScaledStdConv2d whose standardised weight is ``weight − mean(weight)`` per channel."""
+    ws = ScaledStdConv2d(**_conv_kwargs(conv, name), bias=True, eps=1e-4)
+    ws.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    dims = (1, 2, 3)
+    norm = torch.linalg.vector_norm(weight - weight.mean(dim=dims, keepdim=True), dim=dims)
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    with torch.no_grad():
+        ws.weight.copy_(_like(ws.weight, weight / safe.reshape(-1, 1, 1, 1)))
+        ws.gain.copy_(_like(ws.gain, norm))
+        ws.bias.copy_(_like(ws.bias, bias))
+    return ws
+
+
+def _ws_conv(conv: nn.Conv2d, name: str) -> WSConv2d:
+    try:
+        ws = WSConv2d(**_conv_kwargs(conv, name), bias=conv.bias is not None)
+    except ValueError as e:
+        raise ConversionError(f"Conv2d '{name}': {e}") from e
+    ws.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        ws.weight.copy_(conv.weight)
+        if conv.bias is not None:
+            ws.bias.copy_(conv.bias)
+    return ws
+
+
+def _standalone_error(gm: fx.GraphModule, site: NormSite, mode: str) -> ConversionError:
+    return ConversionError(
+        f"BatchNorm2d '{site.bn_name}' follows {describe_input(gm, site)}, not a Conv2d used "
+        f"only by it: mode '{mode}' folds each BN into the conv that feeds it (Conv→BN(→act)); "
+        "pass standalone_bn='affine' (CLI: --standalone-bn affine) to keep such a BN as an "
+        "exact learnable per-channel affine, or use mode 'gn' / 'gnpn'"
+    )
+
+
+def _affine_of(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    c = bn.num_features
+    gamma = bn.weight.detach() if bn.weight is not None else torch.ones(c)
+    beta = bn.bias.detach() if bn.bias is not None else torch.zeros(c)
+    return gamma, beta
+
+
+def _activation_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
+    if node.op == "call_module":
+        act = copy.deepcopy(gm.get_submodule(str(node.target)))
+    else:
+        act = {F.relu: nn.ReLU, torch.relu: nn.ReLU, F.relu6: nn.ReLU6, F.silu: nn.SiLU,
+               F.gelu: nn.GELU, F.hardswish: nn.Hardswish}[node.target]()  # fmt: skip
+    if hasattr(act, "inplace"):
+        act.inplace = False
+    return act
+
+
+def replace_norms(
+    gm: fx.GraphModule, mode: str, options: ConvertOptions
+) -> tuple[dict[str, tuple[Tensor, Tensor]], int, int]:
+    """Replace every BN site of ``gm`` (in place) for ``mode``. Returns ``(folded, sites,
+    affine)``: for the NF mode the folded ``(W_f, b_f)`` of each WS conv by module name (for
+    :func:`calibrate_nf_biases`), the number of BNs replaced and how many became
+    :class:`ChannelAffine`."""
+    if mode not in MODES:
+        raise ConversionError(f"unknown mode {mode!r}; choose one of {sorted(MODES)}")
+    sites = find_norms(gm)
+    folded: dict[str, tuple[Tensor, Tensor]] = {}
+    affines = 0
+    for site in sites:
+        bn = gm.get_submodule(site.bn_name)
+        conv_name = str(site.conv.target) if site.conv is not None else ""
+        conv = gm.get_submodule(conv_name) if site.conv is not None else None
+        if mode in ("bn_free", "nf"):
+            if conv is None:
+                if options.standalone_bn != "affine":
+                    raise _standalone_error(gm, site, mode)
+                scale, shift = bn_scale_shift(bn)
+                affine = ChannelAffine(bn.num_features).to(bn.running_mean.device)
+                with torch.no_grad():
+                    affine.weight.copy_(scale)
+                    affine.bias.copy_(shift)
+                _set_module(gm, site.bn_name, affine)
+                affines += 1
+                continue
+            weight, bias = fold_conv_bn(conv, bn)
+            if mode == "bn_free":
+                new = nn.Conv2d(**_conv_kwargs(conv, conv_name), bias=True)
+                new.to(device=conv.weight.device, dtype=conv.weight.dtype)
+                with torch.no_grad():
+                    new.weight.copy_(weight)
+                    new.bias.copy_(bias)
+            else:
+                new = _scaled_ws_conv(conv, conv_name, weight, bias)
+                folded[conv_name] = (weight, bias)
+            _set_module(gm, conv_name, new)
+            _drop_node(gm, site.bn, site.conv)
+            continue
+        # GN modes
+        if conv is not None:
+            _set_module(gm, conv_name, _ws_conv(conv, conv_name))
+        c = bn.num_features
+        groups = group_norm_groups(c, options.max_groups)
+        gamma, beta = _affine_of(bn)
+        if mode == "gnpn" and site.act is not None:
+            block = NormAct(c, "gn", proxy=True, activation=_activation_module(gm, site.act),
+                            num_groups=groups, eps_norm=bn.eps)  # fmt: skip
+            with torch.no_grad():
+                block.act.weight.copy_(gamma)
+                block.act.bias.copy_(beta)
+            _set_module(gm, site.bn_name, block.to(bn.running_mean.device))
+            _drop_node(gm, site.act, site.bn)
+        else:
+            norm = nn.GroupNorm(groups, c, eps=bn.eps, affine=True).to(bn.running_mean.device)
+            with torch.no_grad():
+                norm.weight.copy_(gamma)
+                norm.bias.copy_(beta)
+            _set_module(gm, site.bn_name, norm)
+    _finish(gm)
+    return folded, len(sites), affines
+
+
+@torch.no_grad()
+def calibrate_nf_biases(
+    gm: fx.GraphModule, folded: dict[str, tuple[Tensor, Tensor]], example: Tensor
+) -> None:
+    """Restore in each WS conv's bias the mean output that WS removed (see module docstring).
+
+    One forward pass over ``example``: at each WS conv, in graph order, the bias gets
+    ``mean_{n,h,w}(conv(x, W_f) − conv(x, Ŵ))`` per channel, computed on the input ``x`` that
+    the (already corrected) network upstream delivers, so the corrections compose."""
+    handles = []
+    for name, (weight, _) in folded.items():
+        module = gm.get_submodule(name)
+
+        def hook(mod: nn.Module, args: tuple[Tensor, ...], out: Tensor, w: Tensor = weight
+                 ) -> Tensor:  # fmt: skip
+            x = args[0]
+            exact = F.conv2d(x, w.to(x.dtype), None, mod.stride, mod.padding, mod.dilation,
+                             mod.groups)  # fmt: skip
+            delta = (exact - (out - mod.bias.reshape(1, -1, 1, 1))).mean(dim=(0, 2, 3))
+            mod.bias.add_(delta.to(mod.bias.dtype))
+            return out + delta.reshape(1, -1, 1, 1).to(out.dtype)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        gm(example)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def add_residual_gains(gm: fx.GraphModule, mode: str, options: ConvertOptions) -> int:
+    """Give every residual branch of ``gm`` a learnable scalar gain (init 1) and, in the NF mode,
+    the fixed scale α when the branch ends in a WS conv (whose gain and bias are divided by α).
+    Returns the number of residual branches. No-op in the GN modes (the norm handles scale)."""
+    if mode not in ("bn_free", "nf"):
+        return 0
+    adds = find_residual_adds(gm)
+    alpha = float(options.residual_alpha)
+    for i, res in enumerate(adds):
+        name = f"{_GAIN_PREFIX}{i}"
+        gm.add_submodule(name, SkipInitGain(1.0))
+        with gm.graph.inserting_after(res.branch):
+            gain = gm.graph.call_module(name, (res.branch,))
+        res.node.replace_input_with(res.branch, gain)
+        producer = gm.get_submodule(str(res.branch.target)) if res.branch.op == "call_module" \
+            else None  # fmt: skip
+        if mode == "nf" and alpha != 1.0 and isinstance(producer, ScaledStdConv2d) \
+                and len(res.branch.users) == 1:  # fmt: skip
+            with torch.no_grad():
+                producer.gain.div_(alpha)
+                producer.bias.div_(alpha)
+            with gm.graph.inserting_after(gain):
+                scaled = gm.graph.call_function(operator.mul, (gain, alpha))
+            res.node.replace_input_with(gain, scaled)
+    _finish(gm)
+    return len(adds)
+
+
+def _finish(gm: fx.GraphModule) -> None:
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
