@@ -30,6 +30,7 @@ from normfree.convert.modes import (
     ConvertOptions,
     add_residual_gains,
     calibrate_nf_biases,
+    mark_residual_outputs,
     replace_norms,
 )
 from normfree.convert.sources import build_source, infer_source
@@ -104,7 +105,9 @@ class ConvertedModel(nn.Module):
     Declares, like :class:`normfree.models.NormFreeModel`: ``meta`` (``recipe={"agc": True}``,
     no batch statistics), ``classifier_parameter_names()`` (the last ``nn.Linear`` of the
     graph: AGC leaves it unclipped), ``no_weight_decay_names()`` (tensors with ndim ≤ 1),
-    ``lr_scale``, ``num_classes`` and ``in_chans``. ``description`` rebuilds it.
+    ``lr_scale``, ``num_classes``, ``in_chans`` and ``analysis_points`` (an ``nn.Identity``
+    after each residual add: the residual stream, for ``normfree spp``). ``description``
+    rebuilds it.
     """
 
     def __init__(self, net: fx.GraphModule, description: dict[str, Any]) -> None:
@@ -112,6 +115,8 @@ class ConvertedModel(nn.Module):
         self.net = net
         self.description = description
         self.report: ConversionReport | None = None
+        # residual-stream outputs for normfree spp / diagnose (set by convert_model)
+        self.analysis_points: list[str] | None = None
         self.in_chans = int(description["in_chans"])
         self._classifier = last_linear(net)
         size = description.get("image_size") or 224
@@ -276,6 +281,7 @@ def _convert(
     if mode == "nf" and example is not None:
         calibrate_nf_biases(gm, folded, example)
     residuals = add_residual_gains(gm, mode, options)
+    outputs = mark_residual_outputs(gm)
     description = {
         "format": CONVERTED_FORMAT,
         "version": 1,
@@ -287,6 +293,7 @@ def _convert(
         "image_size": image_size,
     }
     converted = ConvertedModel(gm, description).eval()
+    converted.analysis_points = [f"net.{n}" for n in outputs] or None
     report = ConversionReport(mode, norms, affine, residuals, bool(folded) and example is not None)
     if example is not None:
         reference = copy.deepcopy(model).eval()

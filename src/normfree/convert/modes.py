@@ -67,6 +67,7 @@ __all__ = [
     "bn_scale_shift",
     "calibrate_nf_biases",
     "fold_conv_bn",
+    "mark_residual_outputs",
     "replace_norms",
 ]
 
@@ -77,6 +78,7 @@ MODES: dict[str, str] = {
     "gnpn": "WS + GroupNorm + Proxy-Norm activations with BN's affine (approximate)",
 }
 _GAIN_PREFIX = "residual_gain_"
+_OUT_PREFIX = "residual_out_"
 
 
 @dataclass(frozen=True)
@@ -349,6 +351,22 @@ def add_residual_gains(gm: fx.GraphModule, mode: str, options: ConvertOptions) -
             res.node.replace_input_with(gain, scaled)
     _finish(gm)
     return len(adds)
+
+
+def mark_residual_outputs(gm: fx.GraphModule) -> list[str]:
+    """Insert an ``nn.Identity`` named ``residual_out_{i}`` after every residual add (all modes):
+    the residual stream's measurement points for ``normfree spp`` / ``diagnose``. Returns their
+    names in graph order."""
+    names = []
+    for i, res in enumerate(find_residual_adds(gm)):
+        name = f"{_OUT_PREFIX}{i}"
+        gm.add_submodule(name, nn.Identity())
+        with gm.graph.inserting_after(res.node):
+            probe = gm.graph.call_module(name, (res.node,))
+        res.node.replace_all_uses_with(probe, delete_user_cb=lambda user, p=probe: user is not p)
+        names.append(name)
+    _finish(gm)
+    return names
 
 
 def _finish(gm: fx.GraphModule) -> None:
