@@ -176,10 +176,16 @@ def _like(param: Tensor, value: Tensor) -> Tensor:
     return value.to(dtype=param.dtype, device=param.device)
 
 
+def _uninitialised(cls: type[nn.Module], like: nn.Conv2d, **kwargs: Any) -> Any:
+    """``cls(**kwargs)`` on ``like``'s device and dtype without running its random init (every
+    tensor is overwritten by the caller)."""
+    w = like.weight
+    return torch.nn.utils.skip_init(cls, **kwargs, device=w.device, dtype=w.dtype)
+
+
 def _scaled_ws_conv(conv: nn.Conv2d, name: str, weight: Tensor, bias: Tensor) -> ScaledStdConv2d:
     """A ScaledStdConv2d whose standardised weight is ``weight − mean(weight)`` per channel."""
-    ws = ScaledStdConv2d(**_conv_kwargs(conv, name), bias=True, eps=1e-4)
-    ws.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    ws = _uninitialised(ScaledStdConv2d, conv, **_conv_kwargs(conv, name), bias=True, eps=1e-4)
     dims = (1, 2, 3)
     norm = torch.linalg.vector_norm(weight - weight.mean(dim=dims, keepdim=True), dim=dims)
     safe = torch.where(norm > 0, norm, torch.ones_like(norm))
@@ -192,10 +198,9 @@ def _scaled_ws_conv(conv: nn.Conv2d, name: str, weight: Tensor, bias: Tensor) ->
 
 def _ws_conv(conv: nn.Conv2d, name: str) -> WSConv2d:
     try:
-        ws = WSConv2d(**_conv_kwargs(conv, name), bias=conv.bias is not None)
+        ws = _uninitialised(WSConv2d, conv, **_conv_kwargs(conv, name), bias=conv.bias is not None)
     except ValueError as e:
         raise ConversionError(f"Conv2d '{name}': {e}") from e
-    ws.to(device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
         ws.weight.copy_(conv.weight)
         if conv.bias is not None:
@@ -260,8 +265,7 @@ def replace_norms(
                 continue
             weight, bias = fold_conv_bn(conv, bn)
             if mode == "bn_free":
-                new = nn.Conv2d(**_conv_kwargs(conv, conv_name), bias=True)
-                new.to(device=conv.weight.device, dtype=conv.weight.dtype)
+                new = _uninitialised(nn.Conv2d, conv, **_conv_kwargs(conv, conv_name), bias=True)
                 with torch.no_grad():
                     new.weight.copy_(weight)
                     new.bias.copy_(bias)
