@@ -183,7 +183,7 @@ def test_save_needs_a_source_or_explicit_pickle(tmp_path):
         save_converted(c, tmp_path / "m.pt")
     assert not (tmp_path / "m.pt").exists()
     save_converted(c, tmp_path / "m.pt", allow_pickle=True)
-    with pytest.raises(Exception, match="weights_only|Unpickl|unpickl|pickle"):
+    with pytest.raises(Exception, match=r"(?i)pickl|weights_only"):
         load_converted(tmp_path / "m.pt")
     assert isinstance(load_converted(tmp_path / "m.pt", trust_pickle=True), ConvertedModel)
 
@@ -195,7 +195,7 @@ def test_bad_inputs_name_the_module():
     with pytest.raises(ConversionError, match="BatchNorm1d '1'"):
         convert_model(mlp, "bn_free")
     pre = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 3))
-    with pytest.raises(ConversionError, match="BatchNorm2d '0' follows the model input.*affine"):
+    with pytest.raises(ConversionError, match=r"BatchNorm2d '0' follows the model input.*affine"):
         convert_model(pre, "nf")
     no_stats = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
     with pytest.raises(ConversionError, match="'1' has no running statistics"):
