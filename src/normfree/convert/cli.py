@@ -25,7 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["add_parser", "evaluate_converted_file", "run_convert", "run_eval_converted"]
+__all__ = [
+    "add_parser",
+    "evaluate_converted_file",
+    "run_convert",
+    "run_convert_experiment",
+    "run_eval_converted",
+]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,6 +71,62 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="write the conversion report here")
     p.add_argument("--seed", type=int, default=0, help="seed of the Gaussian example input")
     p.set_defaults(func=run_convert)
+
+    e = sub.add_parser(
+        "convert-experiment",
+        help="train a BN ResNet, convert it with every mode, fine-tune at several batch sizes",
+        description="The experiment of docs/convert.md: held-out accuracy of the BN model and "
+        "its conversions at conversion and while fine-tuning at batch sizes 2, 8, 64.",
+    )
+    e.add_argument("--data", default="digits", help="dataset spec (default: bundled digits)")
+    e.add_argument("--pretrain-steps", type=int, default=300)
+    e.add_argument("--finetune-steps", type=int, default=150)
+    e.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 8, 64])
+    e.add_argument("--finetune-lr", type=float, default=0.01)
+    e.add_argument("--clipping", type=float, default=0.05, help="AGC λ of the converted models")
+    e.add_argument("--width", type=int, default=16)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    e.add_argument("--json", default=None, help="write the results here")
+    e.add_argument("--figure", default=None, help="write the figure here (.png)")
+    e.add_argument("--table", default=None, help="write the Markdown table here")
+    e.set_defaults(func=run_convert_experiment)
+
+
+def run_convert_experiment(args: argparse.Namespace) -> int:
+    """Entry point of ``normfree convert-experiment``."""
+    from normfree.analysis.cli import _check_writable
+    from normfree.atomic import atomic_write_json, atomic_write_text
+    from normfree.convert.experiment import (
+        ExperimentConfig,
+        plot_results,
+        results_table,
+        run_experiment,
+    )
+
+    try:
+        _check_writable(args.json, args.figure, args.table)
+        torch.set_num_threads(args.threads)
+        cfg = ExperimentConfig(
+            data=args.data, width=args.width, pretrain_steps=args.pretrain_steps,
+            finetune_steps=args.finetune_steps, batch_sizes=tuple(args.batch_sizes),
+            finetune_lr=args.finetune_lr, clipping=args.clipping, seed=args.seed,
+        )  # fmt: skip
+        result = run_experiment(cfg)
+        table = results_table(result)
+        print(table)
+        if args.json:
+            atomic_write_json(args.json, result)
+        if args.table:
+            atomic_write_text(args.table, table + "\n")
+        if args.figure:
+            plot_results(result, args.figure)
+            print(f"wrote {args.figure}")
+    except (ValueError, TypeError, ImportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"done in {result['seconds']:.0f}s")
+    return 0
 
 
 def _split_spec(spec: str, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
