@@ -29,7 +29,7 @@ from normfree.convert.modes import (
     MODES,
     ConvertOptions,
     add_residual_gains,
-    calibrate_nf_biases,
+    calibrate_nf,
     mark_residual_outputs,
     replace_norms,
 )
@@ -279,7 +279,7 @@ def _convert(
     gm = trace(work)
     folded, norms, affine = replace_norms(gm, mode, options)
     if mode == "nf" and example is not None:
-        calibrate_nf_biases(gm, folded, example)
+        calibrate_nf(gm, folded, example, options.nf_fit, options.nf_shrinkage)
     residuals = add_residual_gains(gm, mode, options)
     outputs = mark_residual_outputs(gm)
     description = {

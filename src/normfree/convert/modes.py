@@ -10,19 +10,23 @@ Alg. 1, running statistics μ, σ²), a conv ``z = W∗x + b`` followed by BN is
   outputs equal the BN model's eval outputs up to float rounding.
 * ``"nf"`` (normalizer-free): every Conv→BN becomes a Scaled-WS conv
   (:class:`normfree.nn.ScaledStdConv2d`, Brock et al. 2021a eq. 2:
-  ``Ŵ = gain·(W − mean W)/‖W − mean W‖``). The raw weight is ``W_f/‖W_f − mean W_f‖`` and the
-  gain ``‖W_f − mean W_f‖`` per channel, so ``Ŵ = W_f − mean(W_f)``: the standardised weight
-  reproduces the folded one except for its per-channel mean ``m_c``, which WS removes. That mean
-  contributes ``m_c·Σ x`` over each receptive field; its expectation is restored in the bias when
-  calibration inputs are given (:func:`calibrate_nf_biases`; exact per channel in expectation,
-  the per-position part cannot be carried by a bias). Residual branches get ``h + α·g·F(h)``
-  (Brock et al. 2021a §3: the NF-ResNet branch scale α, here fixed, default 0.2) with the
-  branch's last WS gain and bias divided by α so that the function is unchanged, and a learnable
-  ``g = 1``. The input scaling ``1/β`` of NF-ResNets is not inserted: it sets the signal scale at
-  *initialisation*, which a converted network takes from its trained weights; it would be
-  absorbed exactly into the first WS gain of each branch. Likewise the activations are not
-  γ-scaled: for ReLU-family activations ``γ·φ(x)`` is absorbed exactly by the next WS gain
-  (positive homogeneity), so it changes nothing.
+  ``Ŵ = gain·(W − mean W)/‖W − mean W‖``), which can only express kernels with zero mean per
+  output channel. Without data, the raw weight is ``W_f/‖W_f − mean W_f‖`` and the gain
+  ``‖W_f − mean W_f‖``, so ``Ŵ = W_f − mean(W_f)``: the folded kernel minus its per-channel mean
+  ``m_c``, whose contribution ``m_c·Σx`` over each receptive field is lost. With calibration
+  inputs (:func:`calibrate_nf`), each WS conv, visited in graph order on the input that the
+  already-fitted network delivers, gets the zero-mean kernel that minimises the variance of
+  the lost part, ``Ŵ = W_f − λ·Σ⁻¹1`` (Σ the shrunk covariance of its input patches,
+  ``λ = 1ᵀW_f / 1ᵀΣ⁻¹1``; ``nf_fit="mean"`` keeps ``W_f − mean``), and the bias
+  ``b_f + (W_f − Ŵ)·E[patch]`` restores the expected output. The per-example, per-position part
+  cannot be carried by a bias, so the error is reported, not zero.
+  Residual branches get ``h + α·g·F(h)`` (Brock et al. 2021a §3: the NF-ResNet branch scale
+  α, here fixed, default 0.2) with the branch's last WS gain and bias divided by α so that the
+  function is unchanged, and a learnable ``g = 1``. The input scaling ``1/β`` of NF-ResNets is
+  not inserted: it sets the signal scale at *initialisation*, which a converted network takes
+  from its trained weights; it would be absorbed exactly into the first WS gain of each branch.
+  Likewise the activations are not γ-scaled: for ReLU-family activations ``γ·φ(x)`` is
+  absorbed exactly by the next WS gain (positive homogeneity), so it changes nothing.
 * ``"gn"``: WS+GN (Qiao et al. 2019): each conv that feeds a BN becomes a
   :class:`normfree.nn.WSConv2d` with the same raw weight; each BN becomes a GroupNorm whose
   affine is BN's (γ, β). Approximate: per-example group statistics replace running statistics.
@@ -65,7 +69,7 @@ __all__ = [
     "ConvertOptions",
     "add_residual_gains",
     "bn_scale_shift",
-    "calibrate_nf_biases",
+    "calibrate_nf",
     "fold_conv_bn",
     "mark_residual_outputs",
     "replace_norms",
@@ -91,11 +95,17 @@ class ConvertOptions:
         residual_alpha: the NF mode's fixed residual-branch scale α (1 disables it).
         max_groups: the GN modes' group count is the largest divisor of C up to this with at
             least 2 channels per group (:func:`normfree.models.resnet.group_norm_groups`).
+        nf_fit: how the NF mode fits its zero-mean WS kernels on calibration data:
+            ``"covariance"`` (default; least output error) or ``"mean"`` (WS's own projection,
+            with the bias restoring the expected output) (:func:`calibrate_nf`).
+        nf_shrinkage: ridge added to the patch covariance, as a fraction of its mean variance.
     """
 
     standalone_bn: str = "error"
     residual_alpha: float = 0.2
     max_groups: int = 32
+    nf_fit: str = "covariance"
+    nf_shrinkage: float = 0.1
 
     def __post_init__(self) -> None:
         if self.standalone_bn not in ("error", "affine"):
@@ -107,6 +117,10 @@ class ConvertOptions:
         if isinstance(self.max_groups, bool) or not isinstance(self.max_groups, int) or \
                 self.max_groups < 1:  # fmt: skip
             raise ValueError(f"max_groups must be a positive int, got {self.max_groups!r}")
+        if self.nf_fit not in ("mean", "covariance"):
+            raise ValueError(f"nf_fit must be 'mean' or 'covariance', got {self.nf_fit!r}")
+        if not float(self.nf_shrinkage) > 0:
+            raise ValueError(f"nf_shrinkage must be > 0, got {self.nf_shrinkage}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -240,7 +254,7 @@ def replace_norms(
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], int, int]:
     """Replace every BN site of ``gm`` (in place) for ``mode``. Returns ``(folded, sites,
     affine)``: for the NF mode the folded ``(W_f, b_f)`` of each WS conv by module name (for
-    :func:`calibrate_nf_biases`), the number of BNs replaced and how many became
+    :func:`calibrate_nf`), the number of BNs replaced and how many became
     :class:`ChannelAffine`."""
     if mode not in MODES:
         raise ConversionError(f"unknown mode {mode!r}; choose one of {sorted(MODES)}")
@@ -299,27 +313,82 @@ def replace_norms(
     return folded, len(sites), affines
 
 
-@torch.no_grad()
-def calibrate_nf_biases(
-    gm: fx.GraphModule, folded: dict[str, tuple[Tensor, Tensor]], example: Tensor
-) -> None:
-    """Restore in each WS conv's bias the mean output that WS removed (see module docstring).
+def _zero_mean_fit(
+    weight: Tensor, patches: Tensor, groups: int, fit: str, shrinkage: float
+) -> tuple[Tensor, Tensor]:
+    """The zero-mean kernel ``Ŵ`` (per output channel) closest to ``weight`` and the bias shift
+    ``(W − Ŵ)·E[patch]``, both float64; ``patches`` is ``(n, C_in·kh·kw)`` (unfold order).
 
-    One forward pass over ``example``: at each WS conv, in graph order, the bias gets
-    ``mean_{n,h,w}(conv(x, W_f) − conv(x, Ŵ))`` per channel, computed on the input ``x`` that
-    the (already corrected) network upstream delivers, so the corrections compose."""
+    ``fit="mean"``: ``Ŵ = W − mean(W)`` (the Euclidean projection WS itself makes).
+    ``fit="covariance"``: ``Ŵ = W − λ·Σ⁻¹1`` with ``λ = 1ᵀW / 1ᵀΣ⁻¹1``, Σ the (shrunk) covariance
+    of the input patches: the zero-mean kernel minimising ``E[(W·p − Ŵ·p − E[(W − Ŵ)·p])²]``,
+    i.e. the output variance of what WS removes, which is then smallest where the input
+    varies least."""
+    out_ch = weight.shape[0]
+    w = weight.reshape(groups, out_ch // groups, -1)  # (G, O/G, N)
+    n = w.shape[-1]
+    p = patches.double().reshape(patches.shape[0], groups, n).transpose(0, 1)  # (G, rows, N)
+    mu = p.mean(dim=1)  # (G, N)
+    ones = torch.ones_like(mu).unsqueeze(-1)  # (G, N, 1)
+    if fit == "mean":
+        direction = ones.squeeze(-1)
+    else:
+        x = (p - mu.unsqueeze(1)) / max(1, p.shape[1] - 1) ** 0.5  # Σ = xᵀx
+        ridge = shrinkage * x.square().sum(dim=(1, 2)).clamp_min(1e-12) / n  # δ per group
+        if x.shape[1] >= n:  # primal: (xᵀx + δI)⁻¹ 1
+            cov = torch.bmm(x.transpose(1, 2), x)
+            cov.diagonal(dim1=-2, dim2=-1).add_(ridge[:, None])
+            direction = torch.linalg.solve(cov, ones).squeeze(-1)
+        else:  # dual (Woodbury): (1 − xᵀ(xxᵀ + δI)⁻¹x1)/δ, cheaper with few rows
+            gram = torch.bmm(x, x.transpose(1, 2))
+            gram.diagonal(dim1=-2, dim2=-1).add_(ridge[:, None])
+            inner = torch.linalg.solve(gram, torch.bmm(x, ones))
+            direction = ((ones - torch.bmm(x.transpose(1, 2), inner)) / ridge[:, None, None])
+            direction = direction.squeeze(-1)
+    lam = w.sum(dim=-1) / direction.sum(dim=-1, keepdim=True)  # (G, O/G)
+    fitted = w - lam.unsqueeze(-1) * direction.unsqueeze(1)
+    shift = torch.einsum("goi,gi->go", w - fitted, mu)
+    return fitted.reshape(weight.shape), shift.reshape(-1)
+
+
+@torch.no_grad()
+def calibrate_nf(
+    gm: fx.GraphModule,
+    folded: dict[str, tuple[Tensor, Tensor]],
+    example: Tensor,
+    fit: str = "covariance",
+    shrinkage: float = 0.1,
+    max_rows: int = 4096,
+) -> None:
+    """Fit every WS conv of the NF mode to its folded conv on calibration data.
+
+    One forward pass over ``example``; at each WS conv, in graph order, the input patches ``p``
+    that the already-fitted network upstream delivers give the zero-mean kernel ``Ŵ`` closest
+    to ``W_f`` (:func:`_zero_mean_fit`) and the bias ``b_f + (W_f − Ŵ)·E[p]`` that restores the
+    expected output; the raw weight and gain are set so that WS yields exactly ``Ŵ``. At most
+    ``max_rows`` patch positions (a fixed random subset) enter each covariance."""
+    if fit not in ("mean", "covariance"):
+        raise ValueError(f"fit must be 'mean' or 'covariance', got {fit!r}")
     handles = []
-    for name, (weight, _) in folded.items():
+    gen = torch.Generator().manual_seed(0)
+    for name, (weight, bias) in folded.items():
         module = gm.get_submodule(name)
 
-        def hook(mod: nn.Module, args: tuple[Tensor, ...], out: Tensor, w: Tensor = weight
-                 ) -> Tensor:  # fmt: skip
+        def hook(mod: nn.Module, args: tuple[Tensor, ...], out: Tensor, w: Tensor = weight,
+                 b: Tensor = bias) -> Tensor:  # fmt: skip
             x = args[0]
-            exact = F.conv2d(x, w.to(x.dtype), None, mod.stride, mod.padding, mod.dilation,
-                             mod.groups)  # fmt: skip
-            delta = (exact - (out - mod.bias.reshape(1, -1, 1, 1))).mean(dim=(0, 2, 3))
-            mod.bias.add_(delta.to(mod.bias.dtype))
-            return out + delta.reshape(1, -1, 1, 1).to(out.dtype)
+            cols = F.unfold(x.double(), mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+            rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+            if rows.shape[0] > max_rows:
+                rows = rows[torch.randperm(rows.shape[0], generator=gen)[:max_rows]]
+            fitted, shift = _zero_mean_fit(w, rows, mod.groups, fit, shrinkage)
+            norm = torch.linalg.vector_norm(fitted, dim=(1, 2, 3))
+            safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+            mod.weight.copy_(_like(mod.weight, fitted / safe.reshape(-1, 1, 1, 1)))
+            mod.gain.copy_(_like(mod.gain, norm))
+            mod.bias.copy_(_like(mod.bias, b + shift))
+            return F.conv2d(x, mod.standardized_weight(), mod.bias, mod.stride, mod.padding,
+                            mod.dilation, mod.groups)  # fmt: skip
 
         handles.append(module.register_forward_hook(hook))
     try:
