@@ -73,8 +73,13 @@ def test_bn_free_resnet18_equals_eval_outputs_and_is_batch_independent(resnet18)
     x = _inputs()
     with torch.no_grad():
         ref = resnet18(x)
+    before = copy.deepcopy(resnet18.state_dict())
+    resnet18.train()
     c = convert_model(resnet18, "bn_free", x, source="torchvision:resnet18",
                       source_kwargs={"num_classes": 10})  # fmt: skip
+    assert resnet18.training  # the original keeps its mode and its tensors
+    resnet18.eval()
+    assert all(torch.equal(v, resnet18.state_dict()[k]) for k, v in before.items())
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in c.modules())
     gains = [m for m in c.modules() if isinstance(m, SkipInitGain)]
     assert len(gains) == 8 and all(float(g.gain.detach()) == 1.0 for g in gains)  # 8 BasicBlocks
@@ -94,16 +99,6 @@ def test_bn_free_resnet18_equals_eval_outputs_and_is_batch_independent(resnet18)
     groups = build_param_groups(c, lr=0.1, weight_decay=1e-4, clipping=0.01)
     unclipped = {n for g in groups if g["clipping"] is None for n in g["param_names"]}
     assert unclipped == {"net.fc.weight", "net.fc.bias"}
-
-
-def test_original_model_is_not_modified(resnet18):
-    before = copy.deepcopy(resnet18.state_dict())
-    resnet18.train()
-    convert_model(resnet18, "nf", _inputs())
-    assert resnet18.training
-    resnet18.eval()
-    after = resnet18.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_bn_free_mobilenet_v2_and_timm_resnet_exact():
@@ -169,7 +164,7 @@ def test_gn_modes_take_bn_affine_and_are_batch_independent(resnet18, mode):
 
 
 def test_save_load_round_trip(resnet18, tmp_path):
-    c = convert_model(resnet18, "nf", _inputs(), source="torchvision:resnet18",
+    c = convert_model(resnet18, "nf", source="torchvision:resnet18",
                       source_kwargs={"num_classes": 10})  # fmt: skip
     x = _inputs(3)
     for suffix in (".safetensors", ".pt"):
