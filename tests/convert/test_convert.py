@@ -113,6 +113,11 @@ def test_bn_free_mobilenet_v2_and_timm_resnet_exact():
     tr = _warm(timm.create_model("resnet18", num_classes=10))
     c = convert_model(tr, "bn_free", _inputs())
     assert c.report.rel_error < 1e-5 and c.report.residuals == 8
+    # timm's fused BatchNormAct2d (BN → drop → act in one module)
+    mv3 = _warm(timm.create_model("mobilenetv3_small_050", num_classes=10))
+    assert any(type(m).__name__ == "BatchNormAct2d" for m in mv3.modules())
+    c = convert_model(mv3, "bn_free", _inputs(4))
+    assert c.report.rel_error < 1e-5 and c.report.norms == 34
 
 
 def test_nf_mode_is_ws_calibrated_bounded_and_batch_independent(resnet18):

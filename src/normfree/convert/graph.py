@@ -35,6 +35,7 @@ __all__ = [
     "conv_depths",
     "find_norms",
     "find_residual_adds",
+    "is_bn_act",
     "last_linear",
     "trace",
 ]
@@ -85,7 +86,8 @@ class NormSite:
     Attributes:
         bn: the BN call node; ``bn_name`` its module's qualified name.
         conv: the ``nn.Conv2d`` call feeding it when that conv's only user is this BN, else None.
-        act: the elementwise activation call that is the BN's only user, else None.
+        act: the elementwise activation call that is the BN's only user, else None (always
+            None for a fused ``BatchNormAct2d``, whose activation is inside it).
     """
 
     bn: fx.Node
@@ -144,10 +146,13 @@ def find_norms(gm: fx.GraphModule) -> list[NormSite]:
             continue
         name = str(node.target)
         seen[name] = seen.get(name, 0) + 1
-        if type(module) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        fused = is_bn_act(module)
+        if type(module) not in (nn.BatchNorm2d, nn.SyncBatchNorm) and not fused:
             kind = type(module).__name__
-            what = ("2-D conv nets (BatchNorm2d after a Conv2d)" if kind.startswith("BatchNorm")
-                    else "plain BatchNorm2d (its subclass adds behaviour the modes do not know)")
+            what = ("2-D conv nets (BatchNorm2d after a Conv2d)"
+                    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm3d))
+                    else "plain BatchNorm2d and timm's BatchNormAct2d (this subclass adds "
+                    "behaviour the modes do not know)")
             raise ConversionError(f"{kind} '{name}': conversion supports {what}")  # fmt: skip
         if not module.track_running_stats or module.running_mean is None:
             raise ConversionError(
@@ -164,7 +169,9 @@ def find_norms(gm: fx.GraphModule) -> list[NormSite]:
         ):
             conv = src
         users = list(node.users)
-        act = users[0] if len(users) == 1 and _is_activation(gm, users[0]) else None
+        act = None
+        if not fused and len(users) == 1 and _is_activation(gm, users[0]):
+            act = users[0]
         sites.append(NormSite(node, name, conv, act))
     if not sites:
         raise ConversionError(
@@ -186,6 +193,17 @@ def find_norms(gm: fx.GraphModule) -> list[NormSite]:
                 "needs a conv module used once"
             )
     return sites
+
+
+def is_bn_act(module: nn.Module) -> bool:
+    """timm's ``BatchNormAct2d``: BatchNorm2d → ``drop`` → ``act`` in one module (recognised by
+    class and its two submodules; timm is not imported)."""
+    return (
+        isinstance(module, nn.BatchNorm2d)
+        and type(module).__name__ == "BatchNormAct2d"
+        and isinstance(getattr(module, "drop", None), nn.Module)
+        and isinstance(getattr(module, "act", None), nn.Module)
+    )
 
 
 def describe_input(gm: fx.GraphModule, site: NormSite) -> str:

@@ -52,15 +52,17 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from normfree.convert.graph import (
+    ELEMENTWISE_ACTIVATIONS,
     ConversionError,
     NormSite,
     describe_input,
     find_norms,
     find_residual_adds,
+    is_bn_act,
 )
 from normfree.convert.layers import ChannelAffine
 from normfree.models.resnet import group_norm_groups
-from normfree.nn.proxy_norm import NormAct
+from normfree.nn.proxy_norm import NormAct, ProxyNormActivation
 from normfree.nn.residual import SkipInitGain
 from normfree.nn.ws import ScaledStdConv2d, WSConv2d
 
@@ -263,6 +265,8 @@ def replace_norms(
     affines = 0
     for site in sites:
         bn = gm.get_submodule(site.bn_name)
+        # timm's BatchNormAct2d: its drop → act stay after whatever replaces the BN part
+        tail = [copy.deepcopy(bn.drop), copy.deepcopy(bn.act)] if is_bn_act(bn) else []
         conv_name = str(site.conv.target) if site.conv is not None else ""
         conv = gm.get_submodule(conv_name) if site.conv is not None else None
         if mode in ("bn_free", "nf"):
@@ -274,7 +278,7 @@ def replace_norms(
                 with torch.no_grad():
                     affine.weight.copy_(scale)
                     affine.bias.copy_(shift)
-                _set_module(gm, site.bn_name, affine)
+                _set_module(gm, site.bn_name, nn.Sequential(affine, *tail) if tail else affine)
                 affines += 1
                 continue
             weight, bias = fold_conv_bn(conv, bn)
@@ -287,7 +291,10 @@ def replace_norms(
                 new = _scaled_ws_conv(conv, conv_name, weight, bias)
                 folded[conv_name] = (weight, bias)
             _set_module(gm, conv_name, new)
-            _drop_node(gm, site.bn, site.conv)
+            if tail:
+                _set_module(gm, site.bn_name, nn.Sequential(*tail))
+            else:
+                _drop_node(gm, site.bn, site.conv)
             continue
         # GN modes
         if conv is not None:
@@ -303,12 +310,23 @@ def replace_norms(
                 block.act.bias.copy_(beta)
             _set_module(gm, site.bn_name, block.to(bn.running_mean.device))
             _drop_node(gm, site.act, site.bn)
+        elif mode == "gnpn" and tail and type(tail[1]) in ELEMENTWISE_ACTIVATIONS:
+            act = tail[1]
+            if hasattr(act, "inplace"):
+                act.inplace = False
+            pn = ProxyNormActivation(c, act)
+            with torch.no_grad():
+                pn.weight.copy_(gamma)
+                pn.bias.copy_(beta)
+            norm = nn.GroupNorm(groups, c, eps=bn.eps, affine=False)
+            block = nn.Sequential(norm, tail[0], pn).to(bn.running_mean.device)
+            _set_module(gm, site.bn_name, block)
         else:
             norm = nn.GroupNorm(groups, c, eps=bn.eps, affine=True).to(bn.running_mean.device)
             with torch.no_grad():
                 norm.weight.copy_(gamma)
                 norm.bias.copy_(beta)
-            _set_module(gm, site.bn_name, norm)
+            _set_module(gm, site.bn_name, nn.Sequential(norm, *tail) if tail else norm)
     _finish(gm)
     return folded, len(sites), affines
 
