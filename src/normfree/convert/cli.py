@@ -65,6 +65,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "exact per-channel affine with 'affine' (default: error)")  # fmt: skip
     p.add_argument("--alpha", type=float, default=0.2, help="nf: residual branch scale α")
     p.add_argument("--max-groups", type=int, default=32, help="gn/gnpn: most GroupNorm groups")
+    p.add_argument("--nf-fit", choices=("covariance", "mean"), default="covariance",
+                   help="nf: how WS kernels are fitted on the calibration data")
     p.add_argument("--raw", action="store_true", help="checkpoint SOURCE: raw, not EMA weights")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow a SOURCE file holding a pickled module (it can run code)")
@@ -236,7 +238,7 @@ def run_convert(args: argparse.Namespace) -> int:
         converted = convert_model(
             model, args.to, example, source=spec, source_kwargs=kwargs,
             standalone_bn=args.standalone_bn, residual_alpha=args.alpha,
-            max_groups=args.max_groups,
+            max_groups=args.max_groups, nf_fit=args.nf_fit,
         )  # fmt: skip
         save_converted(converted, args.out, allow_pickle=spec is None)
         report = converted.report
