@@ -382,7 +382,7 @@ def load_converted(path: str | os.PathLike[str], *, trust_pickle: bool = False) 
 
 def is_converted_file(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a file written by :func:`save_converted` (a cheap check of the
-    safetensors header, or a ``weights_only`` load of a torch file)."""
+    safetensors header, or a memory-mapped ``weights_only`` load of a torch file)."""
     path = Path(path)
     if not path.is_file():
         return False
@@ -392,7 +392,8 @@ def is_converted_file(path: str | os.PathLike[str]) -> bool:
 
             with safe_open(str(path), "pt") as f:
                 return (f.metadata() or {}).get("format") == CONVERTED_FORMAT
-        obj = load_tensors(path)
+        # mmap: the tensors are not read, only the small pickled structure
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return False
     return isinstance(obj, dict) and obj.get("format") == CONVERTED_FORMAT
