@@ -424,9 +424,11 @@ def add_residual_gains(gm: fx.GraphModule, mode: str, options: ConvertOptions) -
         return 0
     adds = find_residual_adds(gm)
     alpha = float(options.residual_alpha)
+    param = next(gm.parameters(), None)
+    device = param.device if param is not None else None
     for i, res in enumerate(adds):
         name = f"{_GAIN_PREFIX}{i}"
-        gm.add_submodule(name, SkipInitGain(1.0))
+        gm.add_submodule(name, SkipInitGain(1.0).to(device))
         with gm.graph.inserting_after(res.branch):
             gain = gm.graph.call_module(name, (res.branch,))
         res.node.replace_input_with(res.branch, gain)
