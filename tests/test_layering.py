@@ -21,9 +21,11 @@ ALLOWED: dict[str, set[str]] = {
     "optim": {"nn"},
     "checkpoints": {"atomic", "nn", "models"},
     "analysis": {"atomic", "nn", "models"},
-    "train": {"atomic", "nn", "models", "optim", "checkpoints", "data"},
+    # train may build a converted model (``model=converted:PATH``, train/builders.py)
+    "train": {"atomic", "nn", "models", "optim", "checkpoints", "data", "convert"},
     "deploy": {"atomic", "nn", "models"},
-    "__init__": {"_version", "checkpoints", "models"},
+    "convert": {"atomic", "nn", "models", "optim", "checkpoints", "data"},
+    "__init__": {"_version", "checkpoints", "convert", "models"},
 }
 CLI_MODULES = {"cli", "__main__"}  # normfree/cli.py, __main__.py and every <pkg>/cli.py: the top
 

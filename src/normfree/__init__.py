@@ -7,14 +7,18 @@ Mean Shift Rejection, Proxy Normalization) with BN for comparison.
 
 from normfree._version import __version__
 from normfree.checkpoints import load_pretrained, save_model
+from normfree.convert import convert_model, load_converted, save_converted
 from normfree.models import count_flops, count_params, create_model, list_models
 
 __all__ = [
     "__version__",
+    "convert_model",
     "count_flops",
     "count_params",
     "create_model",
     "list_models",
+    "load_converted",
     "load_pretrained",
+    "save_converted",
     "save_model",
 ]

@@ -75,7 +75,14 @@ def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def build_model(spec: str, overrides: dict[str, Any] | None = None) -> nn.Module:
-    """Build the model named by ``spec`` (registered name or ``module:factory``)."""
+    """Build the model named by ``spec`` (registered name or ``module:factory``), or load the
+    converted model in the file ``spec`` (``normfree convert``)."""
+    from normfree.convert import is_converted_file, load_converted
+
+    if is_converted_file(spec):
+        if overrides:
+            raise ValueError(f"{spec}: a converted model file takes no --override")
+        return load_converted(spec)
     name, own = parse_model_spec(spec)
     kwargs = {**(overrides or {}), **own}
     if ":" in name:

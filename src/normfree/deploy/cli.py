@@ -87,7 +87,12 @@ def run_export(args: argparse.Namespace) -> int:
 
     source = Path(args.source)
     try:
-        if source.is_file():
+        from normfree.convert import is_converted_file, load_converted
+
+        if is_converted_file(source):  # a `normfree convert` output file
+            model = load_converted(source)
+            info, weights = {"test_size": model.meta.test_size, "in_chans": model.in_chans}, "raw"
+        elif source.is_file():
             if args.weights or args.override:
                 raise ValueError("--weights/--override apply to a model SOURCE, not a checkpoint")
             model, info, weights = _from_checkpoint(source, args.raw)

@@ -106,7 +106,19 @@ def model_args(cfg: Config, num_classes: int, in_chans: int) -> dict[str, Any]:
 
 def build_model(args: dict[str, Any]) -> NormFreeModel:
     """``create_model`` from :func:`model_args` output; dropout and stochastic depth come from
-    the model's metadata unless the config overrides them."""
+    the model's metadata unless the config overrides them. ``model=converted:PATH`` loads a
+    model written by ``normfree convert`` (:func:`normfree.convert.build_converted`)."""
+    from normfree.convert.api import CONVERTED_PREFIX
+
+    if str(args["name"]).startswith(CONVERTED_PREFIX):
+        from normfree.convert.api import build_converted
+
+        try:
+            return build_converted(  # type: ignore[return-value]
+                args["name"], args["num_classes"], args["in_chans"], args["kwargs"]
+            )
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model {args['name']!r}: {e}") from e
     try:
         return create_model(
             args["name"],

@@ -293,6 +293,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from normfree.train.evaluate import evaluate_checkpoint
 
     _setup_logging(0)
+    from normfree.convert import is_converted_file
+
+    if is_converted_file(args.checkpoint):  # a `normfree convert` output file
+        from normfree.convert.cli import run_eval_converted
+
+        return run_eval_converted(args)
     try:
         if args.json:
             check_writable(args.json)

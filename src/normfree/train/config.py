@@ -219,7 +219,8 @@ def validate_config(cfg: Config) -> None:
     t, o, d = cfg.train, cfg.optim, cfg.data
     need(bool(cfg.model), "model", "a model name")
     try:
-        model_entrypoint(cfg.model)
+        if not cfg.model.startswith("converted:"):  # normfree.convert.CONVERTED_PREFIX
+            model_entrypoint(cfg.model)
     except UnknownModelError as e:
         raise ConfigError(f"model={cfg.model!r}: {e}") from None
     need(t.epochs > 0, "train.epochs", "> 0")

@@ -1,0 +1,420 @@
+"""``convert_model``: a trained BatchNorm network → a batch-independent one with its weights.
+
+The result is a :class:`ConvertedModel`: a plain ``nn.Module`` (its traced, rewritten graph in
+``.net``) that declares what normfree's training and analysis need (classifier = the last
+``nn.Linear`` of the graph, no-decay parameters, ``meta``) and carries a JSON description of how
+to rebuild it (source architecture + mode + options), so that :func:`save_converted` writes only
+tensors and that description; :func:`load_converted` rebuilds the architecture and loads the
+tensors without unpickling anything. See :mod:`normfree.convert.modes` for the maths.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from normfree.checkpoints.errors import CheckpointError
+from normfree.checkpoints.io import atomic_save, load_tensors, save_safetensors
+from normfree.checkpoints.state_dict import load_state_dict_checked
+from normfree.convert.graph import ConversionError, last_linear, trace
+from normfree.convert.modes import (
+    MODES,
+    ConvertOptions,
+    add_residual_gains,
+    calibrate_nf,
+    mark_residual_outputs,
+    replace_norms,
+)
+from normfree.convert.sources import build_source, infer_source
+from normfree.models.base import ModelMeta
+
+__all__ = [
+    "CONVERTED_FORMAT",
+    "CONVERTED_PREFIX",
+    "ConversionReport",
+    "ConvertedModel",
+    "build_converted",
+    "convert_model",
+    "is_converted_file",
+    "load_converted",
+    "measure_conversion",
+    "save_converted",
+]
+
+CONVERTED_FORMAT = "normfree.converted"
+CONVERTED_PREFIX = "converted:"  # `normfree train model=converted:PATH`
+
+
+@dataclass
+class ConversionReport:
+    """How a conversion went. The error fields compare the converted model with the BN model in
+    eval mode on the example input (None without one).
+
+    Attributes:
+        mode: the conversion mode.
+        norms: BatchNorm layers replaced; ``affine``: of those, kept as a per-channel affine.
+        residuals: residual branches found (each given a gain in the BN-free and NF modes).
+        calibrated: whether the NF biases were calibrated on example data.
+        examples: number of example inputs compared.
+        max_abs_diff: ``max |y − y_BN|`` over the logits.
+        rel_error: ``‖y − y_BN‖ / ‖y_BN‖`` (Frobenius norms over the batch).
+        top1_agreement: fraction of examples whose argmax agrees (2-D outputs only).
+    """
+
+    mode: str
+    norms: int
+    affine: int
+    residuals: int
+    calibrated: bool
+    examples: int = 0
+    max_abs_diff: float | None = None
+    rel_error: float | None = None
+    top1_agreement: float | None = None
+
+    def summary(self) -> str:
+        text = (
+            f"mode {self.mode}: {self.norms} BatchNorm replaced ({self.affine} as affine), "
+            f"{self.residuals} residual branches"
+        )
+        if self.mode == "nf":
+            text += ", biases " + ("calibrated" if self.calibrated else "not calibrated")
+        if self.rel_error is not None:
+            text += (
+                f"; on {self.examples} examples vs the BN model (eval): relative logit error "
+                f"{self.rel_error:.3g}, max |diff| {self.max_abs_diff:.3g}"
+            )
+            if self.top1_agreement is not None:
+                text += f", top-1 agreement {100 * self.top1_agreement:.1f}%"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ConvertedModel(nn.Module):
+    """A converted network: ``forward(x) = net(x)`` with ``net`` the rewritten ``fx`` graph.
+
+    Declares, like :class:`normfree.models.NormFreeModel`: ``meta`` (``recipe={"agc": True}``,
+    no batch statistics), ``classifier_parameter_names()`` (the last ``nn.Linear`` of the
+    graph: AGC leaves it unclipped), ``no_weight_decay_names()`` (tensors with ndim ≤ 1),
+    ``lr_scale``, ``num_classes``, ``in_chans`` and ``analysis_points`` (an ``nn.Identity``
+    after each residual add: the residual stream, for ``normfree spp``). ``description``
+    rebuilds it.
+    """
+
+    def __init__(self, net: fx.GraphModule, description: dict[str, Any]) -> None:
+        super().__init__()
+        self.net = net
+        self.description = description
+        self.report: ConversionReport | None = None
+        # residual-stream outputs for normfree spp / diagnose (set by convert_model)
+        self.analysis_points: list[str] | None = None
+        self.in_chans = int(description["in_chans"])
+        self._classifier = last_linear(net)
+        size = description.get("image_size") or 224
+        source = str(description.get("source") or "module").split(":")[-1]
+        mode = description["mode"]
+        self.meta = ModelMeta(
+            name=f"{source}-{mode}", family=f"converted_{mode}", train_size=size,
+            test_size=size, uses_batch_stats=False, recipe={"agc": True},
+            paper="converted from a BatchNorm network (docs/convert.md)",
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    @property
+    def mode(self) -> str:
+        return str(self.description["mode"])
+
+    def get_classifier(self) -> nn.Module | None:
+        return None if self._classifier is None else self.net.get_submodule(self._classifier)
+
+    @property
+    def num_classes(self) -> int:
+        fc = self.get_classifier()
+        if not isinstance(fc, nn.Linear):
+            raise AttributeError("this converted model has no nn.Linear classifier")
+        return int(fc.out_features)
+
+    def classifier_parameter_names(self) -> list[str]:
+        fc = self.get_classifier()
+        if fc is None:
+            return []
+        return [f"net.{self._classifier}.{n}" for n, _ in fc.named_parameters()]
+
+    def no_weight_decay_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.ndim <= 1}
+
+    def lr_scale(self, name: str) -> float:
+        return 1.0
+
+    def residual_blocks(self) -> Iterator[tuple[str, nn.Module]]:
+        return iter(())
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, source={self.description.get('source')!r}"
+
+
+def _as_batch(example_input: Tensor | Sequence[Tensor] | None) -> Tensor | None:
+    if example_input is None:
+        return None
+    if isinstance(example_input, Tensor):
+        batch = example_input
+    else:
+        batch = torch.cat(list(example_input))
+    if batch.dim() != 4:
+        raise ConversionError(
+            f"example_input must be an image batch (N, C, H, W), got shape {list(batch.shape)}"
+        )
+    return batch
+
+
+def _in_chans(gm: fx.GraphModule) -> int:
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            if isinstance(module, nn.modules.conv._ConvNd):
+                return int(module.in_channels)
+    return 3
+
+
+@torch.no_grad()
+def measure_conversion(
+    reference: nn.Module, converted: nn.Module, example: Tensor
+) -> dict[str, float | None]:
+    """``max_abs_diff``, ``rel_error`` and ``top1_agreement`` of ``converted`` against
+    ``reference`` on ``example`` (both run in eval mode; their modes are restored)."""
+    modes = [(m, m.training) for m in (reference, converted)]
+    try:
+        reference.eval()
+        converted.eval()
+        ref = reference(example).double()
+        out = converted(example).double()
+    finally:
+        for m, training in modes:
+            m.train(training)
+    diff = out - ref
+    top1 = None
+    if ref.dim() == 2:
+        top1 = float((out.argmax(1) == ref.argmax(1)).double().mean())
+    return {
+        "max_abs_diff": float(diff.abs().max()),
+        "rel_error": float(torch.linalg.vector_norm(diff) / torch.linalg.vector_norm(ref)),
+        "top1_agreement": top1,
+    }
+
+
+def convert_model(
+    model: nn.Module,
+    to: str = "bn_free",
+    example_input: Tensor | Sequence[Tensor] | None = None,
+    *,
+    source: str | None = None,
+    source_kwargs: dict[str, Any] | None = None,
+    options: ConvertOptions | None = None,
+    **option_kwargs: Any,
+) -> ConvertedModel:
+    """Convert a BatchNorm network into a batch-independent one that keeps its weights.
+
+    Args:
+        model: any ``nn.Module`` with Conv2d→BatchNorm2d(→activation) patterns that torch.fx
+            can trace (torchvision ResNet/ResNeXt/MobileNet, timm ResNets, normfree BN models).
+            It is not modified; the BN running statistics are used (eval-mode semantics).
+        to: ``"bn_free"`` (exact), ``"nf"``, ``"gn"`` or ``"gnpn"`` (:data:`MODES`,
+            :mod:`normfree.convert.modes`).
+        example_input: an image batch (or a list of batches) from the data: calibrates the NF
+            mode's biases and measures the conversion error (:attr:`ConvertedModel.report`).
+        source / source_kwargs: how to rebuild the architecture for :func:`save_converted`
+            (``"torchvision:resnet18"``, ``"timm:resnet50"``, ``"normfree:NAME"``,
+            ``"pkg.module:factory"``); inferred for normfree models.
+        options / option_kwargs: :class:`ConvertOptions` (``standalone_bn``,
+            ``residual_alpha``, ``max_groups``).
+
+    Returns:
+        A :class:`ConvertedModel` in eval mode, with ``report`` (a :class:`ConversionReport`).
+
+    Raises:
+        ConversionError: untraceable model, no BN, BN the mode cannot handle (the message names
+            the module and what the mode supports).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if options is None:
+        options = ConvertOptions(**option_kwargs)
+    elif option_kwargs:
+        raise TypeError("pass either options= or option keywords, not both")
+    if to not in MODES:
+        raise ConversionError(f"unknown mode {to!r}; choose one of {sorted(MODES)}")
+    example = _as_batch(example_input)
+    if source is None:
+        inferred = infer_source(model)
+        if inferred is not None:
+            source, inferred_kwargs = inferred
+            source_kwargs = {**inferred_kwargs, **(source_kwargs or {})}
+    image_size = int(example.shape[-1]) if example is not None else None
+    if image_size is None:
+        image_size = getattr(getattr(model, "meta", None), "test_size", None)
+    return _convert(model, to, options, example, source, source_kwargs or {}, image_size)
+
+
+def _convert(
+    model: nn.Module,
+    mode: str,
+    options: ConvertOptions,
+    example: Tensor | None,
+    source: str | None,
+    source_kwargs: dict[str, Any],
+    image_size: int | None,
+) -> ConvertedModel:
+    work = copy.deepcopy(model).eval()
+    gm = trace(work)
+    folded, norms, affine = replace_norms(gm, mode, options)
+    if mode == "nf" and example is not None:
+        calibrate_nf(gm, folded, example, options.nf_fit, options.nf_shrinkage)
+    residuals = add_residual_gains(gm, mode, options)
+    outputs = mark_residual_outputs(gm)
+    description = {
+        "format": CONVERTED_FORMAT,
+        "version": 1,
+        "source": source,
+        "source_kwargs": source_kwargs,
+        "mode": mode,
+        "options": options.to_dict(),
+        "in_chans": _in_chans(gm),
+        "image_size": image_size,
+    }
+    converted = ConvertedModel(gm, description).eval()
+    converted.analysis_points = [f"net.{n}" for n in outputs] or None
+    report = ConversionReport(mode, norms, affine, residuals, bool(folded) and example is not None)
+    if example is not None:
+        reference = copy.deepcopy(model).eval()
+        report.examples = int(example.shape[0])
+        for key, value in measure_conversion(reference, converted, example).items():
+            setattr(report, key, value)
+    converted.report = report
+    return converted
+
+
+def save_converted(
+    model: ConvertedModel, path: str | os.PathLike[str], *, allow_pickle: bool = False
+) -> None:
+    """Write ``model`` atomically: ``.safetensors`` (tensors; the description in the metadata) or
+    a torch file readable with ``weights_only=True`` (``{"format", "description",
+    "state_dict"}``). A model whose architecture has no source spec (converted from a module
+    object that normfree cannot rebuild) is only written as a full pickled module, with
+    ``allow_pickle=True`` (loading it then needs ``trust_pickle=True``)."""
+    if not isinstance(model, ConvertedModel):
+        raise TypeError(f"expected a ConvertedModel, got {type(model).__name__}")
+    desc = model.description
+    if desc.get("source") is None:
+        if not allow_pickle:
+            raise ConversionError(
+                "this converted model has no source architecture to rebuild it from: pass "
+                "source='torchvision:resnet18' (or timm:NAME, normfree:NAME, module:factory) to "
+                "convert_model, or allow_pickle=True to write a full pickled module"
+            )
+        if Path(path).suffix == ".safetensors":
+            raise ConversionError("a pickled module cannot be written as .safetensors; use .pt")
+        atomic_save(model, path)
+        return
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if Path(path).suffix == ".safetensors":
+        save_safetensors(state, path, metadata={"format": CONVERTED_FORMAT,
+                                                "description": json.dumps(desc)})  # fmt: skip
+    else:
+        atomic_save({"format": CONVERTED_FORMAT, "description": desc, "state_dict": state}, path)
+
+
+def _read(path: Path, trust_pickle: bool) -> tuple[dict[str, Any] | None, Any]:
+    """``(description, state_dict)``, or ``(None, module)`` for a trusted pickled module."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != CONVERTED_FORMAT:
+            raise CheckpointError(f"{path} is not a converted-model file (no {CONVERTED_FORMAT})")
+        return json.loads(meta["description"]), load_tensors(path)
+    try:
+        obj = load_tensors(path)
+    except CheckpointError:
+        if not trust_pickle:
+            raise
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(obj, ConvertedModel):
+            raise CheckpointError(
+                f"{path} holds a {type(obj).__name__}, not a ConvertedModel"
+            ) from None
+        return None, obj
+    if not (isinstance(obj, dict) and obj.get("format") == CONVERTED_FORMAT):
+        raise CheckpointError(f"{path} is not a converted-model file (no {CONVERTED_FORMAT})")
+    return obj["description"], obj["state_dict"]
+
+
+def load_converted(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> ConvertedModel:
+    """Rebuild a model written by :func:`save_converted` (eval mode): the source architecture
+    is built from the description, converted again (structure only) and the tensors loaded
+    strictly. Pickled full modules load only with ``trust_pickle=True``."""
+    path = Path(path)
+    description, state = _read(path, trust_pickle)
+    if description is None:
+        return state.eval()
+    if description.get("version") != 1 or description.get("mode") not in MODES:
+        raise CheckpointError(f"{path}: unsupported converted-model description {description}")
+    source = build_source(description["source"], description.get("source_kwargs"))
+    converted = _convert(
+        source, description["mode"], ConvertOptions.from_dict(description["options"]), None,
+        description["source"], description.get("source_kwargs") or {},
+        description.get("image_size"),
+    )  # fmt: skip
+    load_state_dict_checked(converted, state, strict=True, source=str(path))
+    return converted.eval()
+
+
+def is_converted_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a file written by :func:`save_converted` (a cheap check of the
+    safetensors header, or a memory-mapped ``weights_only`` load of a torch file)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                return (f.metadata() or {}).get("format") == CONVERTED_FORMAT
+        # mmap: the tensors are not read, only the small pickled structure
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    return isinstance(obj, dict) and obj.get("format") == CONVERTED_FORMAT
+
+
+def build_converted(
+    spec: str, num_classes: int, in_chans: int, kwargs: dict[str, Any] | None = None
+) -> ConvertedModel:
+    """The model of ``normfree train model=converted:PATH``: the converted model in ``PATH``
+    (training mode), checked against the dataset's classes and channels."""
+    path = spec[len(CONVERTED_PREFIX):] if spec.startswith(CONVERTED_PREFIX) else spec
+    if kwargs:
+        raise ValueError(f"a converted model takes no model options, got {sorted(kwargs)}")
+    try:
+        model = load_converted(path)
+    except CheckpointError as e:
+        raise ValueError(str(e)) from e
+    if model.num_classes != num_classes or model.in_chans != in_chans:
+        raise ValueError(
+            f"{path} is a {model.num_classes}-class model on {model.in_chans} channels but the "
+            f"dataset has {num_classes} classes and {in_chans} channels; convert a model built "
+            "for this dataset"
+        )
+    return model.train()

@@ -1,0 +1,311 @@
+"""``normfree convert SOURCE --to MODE --out PATH``: convert a trained BatchNorm network.
+
+SOURCE is one of:
+
+* an architecture: ``torchvision:NAME``, ``timm:NAME``, a registered normfree name, or
+  ``package.module:factory`` (each optionally ``NAME[key=value,...]``, e.g.
+  ``torchvision:resnet18[num_classes=10]``), with its weights from ``--weights``;
+* a normfree training checkpoint (``runs/…/best.pt``; EMA weights unless ``--raw``) or a normfree
+  model file (``normfree.save_model``);
+* a file holding a whole pickled ``nn.Module``: only with ``--trust-pickle`` (unpickling runs
+  code); the converted model is then written as a pickle too.
+
+Calibration / error measurement input: ``--data SPEC`` (e.g. ``digits``; the first
+``--calib-batches`` training batches, without augmentation), else Gaussian noise of
+``--image-size``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "add_parser",
+    "evaluate_converted_file",
+    "run_convert",
+    "run_convert_experiment",
+    "run_eval_converted",
+]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from normfree.convert.modes import MODES
+
+    modes = "; ".join(f"{k}: {v}" for k, v in MODES.items())
+    p = sub.add_parser(
+        "convert",
+        help="convert a trained BatchNorm network into a batch-independent one",
+        description="Turn a Conv→BatchNorm network into a BN-free, normalizer-free (scaled WS), "
+        f"WS+GN or GN+Proxy-Norm network that keeps its weights. Modes: {modes}.",
+    )
+    p.add_argument("source", metavar="CHECKPOINT_OR_MODEL",
+                   help="torchvision:NAME, timm:NAME, normfree NAME, module:factory (optionally "
+                   "NAME[key=value,...]), a normfree checkpoint, or a pickled module file with "
+                   "--trust-pickle")  # fmt: skip
+    p.add_argument("--to", required=True, choices=sorted(MODES), help="conversion mode")
+    p.add_argument("--out", required=True, help="output file: .safetensors or .pt")
+    p.add_argument("--weights", default=None,
+                   help="weights for an architecture SOURCE (state dict / normfree file)")
+    p.add_argument("--override", action="append", metavar="KEY=VALUE",
+                   help="argument of the architecture, e.g. num_classes=10 (repeatable)")
+    p.add_argument("--data", default=None,
+                   help="dataset spec for calibration and the error report, e.g. digits")
+    p.add_argument("--calib-batches", type=int, default=4, help="batches of --data (default 4)")
+    p.add_argument("--batch", type=int, default=32, help="calibration batch size (default 32)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="size of the Gaussian example input when there is no --data")
+    p.add_argument("--standalone-bn", choices=("error", "affine"), default="error",
+                   help="bn_free/nf: a BN not fed by a conv (pre-activation nets) becomes an "
+                   "exact per-channel affine with 'affine' (default: error)")  # fmt: skip
+    p.add_argument("--alpha", type=float, default=0.2, help="nf: residual branch scale α")
+    p.add_argument("--max-groups", type=int, default=32, help="gn/gnpn: most GroupNorm groups")
+    p.add_argument("--nf-fit", choices=("covariance", "mean"), default="covariance",
+                   help="nf: how WS kernels are fitted on the calibration data")
+    p.add_argument("--raw", action="store_true", help="checkpoint SOURCE: raw, not EMA weights")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a SOURCE file holding a pickled module (it can run code)")
+    p.add_argument("--json", default=None, help="write the conversion report here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Gaussian example input")
+    p.set_defaults(func=run_convert)
+
+    e = sub.add_parser(
+        "convert-experiment",
+        help="train a BN ResNet, convert it with every mode, fine-tune at several batch sizes",
+        description="The experiment of docs/convert.md: held-out accuracy of the BN model and "
+        "its conversions at conversion and while fine-tuning at batch sizes 2, 8, 64.",
+    )
+    e.add_argument("--data", default="digits", help="dataset spec (default: bundled digits)")
+    e.add_argument("--pretrain-steps", type=int, default=300)
+    e.add_argument("--finetune-steps", type=int, default=150)
+    e.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 8, 64])
+    e.add_argument("--finetune-lr", type=float, default=0.01)
+    e.add_argument("--clipping", type=float, default=0.05, help="AGC λ of the converted models")
+    e.add_argument("--width", type=int, default=16)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    e.add_argument("--json", default=None, help="write the results here")
+    e.add_argument("--figure", default=None, help="write the figure here (.png)")
+    e.add_argument("--table", default=None, help="write the Markdown table here")
+    e.set_defaults(func=run_convert_experiment)
+
+
+def run_convert_experiment(args: argparse.Namespace) -> int:
+    """Entry point of ``normfree convert-experiment``."""
+    from normfree.analysis.cli import _check_writable
+    from normfree.atomic import atomic_write_json, atomic_write_text
+    from normfree.convert.experiment import (
+        ExperimentConfig,
+        plot_results,
+        results_table,
+        run_experiment,
+    )
+
+    try:
+        _check_writable(args.json, args.figure, args.table)
+        torch.set_num_threads(args.threads)
+        cfg = ExperimentConfig(
+            data=args.data, width=args.width, pretrain_steps=args.pretrain_steps,
+            finetune_steps=args.finetune_steps, batch_sizes=tuple(args.batch_sizes),
+            finetune_lr=args.finetune_lr, clipping=args.clipping, seed=args.seed,
+        )  # fmt: skip
+        result = run_experiment(cfg)
+        table = results_table(result)
+        print(table)
+        if args.json:
+            atomic_write_json(args.json, result)
+        if args.table:
+            atomic_write_text(args.table, table + "\n")
+        if args.figure:
+            plot_results(result, args.figure)
+            print(f"wrote {args.figure}")
+    except (ValueError, TypeError, ImportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"done in {result['seconds']:.0f}s")
+    return 0
+
+
+def _split_spec(spec: str, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    from normfree.analysis.cli import parse_model_spec
+
+    name, kwargs = parse_model_spec(spec)
+    return name, {**overrides, **kwargs}
+
+
+def _from_file(path: Path, args: argparse.Namespace) -> tuple[nn.Module, str | None, dict]:
+    """A model from a normfree checkpoint / model file, or a trusted pickled module."""
+    from normfree.checkpoints import CheckpointError, load_state_dict_checked
+    from normfree.checkpoints.io import load_tensors
+
+    try:
+        obj = load_tensors(path)
+    except CheckpointError:
+        if not args.trust_pickle:
+            raise
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(obj, nn.Module):
+            raise ValueError(f"{path} holds a {type(obj).__name__}, not an nn.Module") from None
+        return obj, None, {}
+    if isinstance(obj, dict) and "model_args" in obj:  # training checkpoint
+        from normfree.train.builders import build_model
+        from normfree.train.checkpointing import checkpoint_weights
+
+        margs = obj["model_args"]
+        model = build_model(margs)
+        use_ema = not args.raw and bool(obj.get("ema"))
+        load_state_dict_checked(model, checkpoint_weights(obj, ema=use_ema), source=str(path))
+        kwargs = {"num_classes": margs["num_classes"], "in_chans": margs["in_chans"],
+                  **margs["kwargs"]}  # fmt: skip
+        return model, f"normfree:{margs['name']}", kwargs
+    if isinstance(obj, dict) and obj.get("format") == "normfree.model":
+        from normfree.checkpoints import load_pretrained
+        from normfree.convert.sources import build_source
+
+        name, kwargs = _split_spec(f"normfree:{obj['model_name']}", _overrides(args))
+        model = build_source(name, kwargs)
+        load_pretrained(model, path)
+        return model, name, kwargs
+    raise ValueError(
+        f"{path} is neither a normfree training checkpoint nor a normfree model file; for a "
+        "bare state dict give the architecture as SOURCE and the file as --weights"
+    )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from normfree.analysis.cli import parse_overrides
+
+    return parse_overrides(args.override)
+
+
+def _from_spec(args: argparse.Namespace) -> tuple[nn.Module, str, dict]:
+    from normfree.checkpoints import load_pretrained
+    from normfree.convert.sources import build_source
+
+    name, kwargs = _split_spec(args.source, _overrides(args))
+    if ":" not in name:
+        name = f"normfree:{name}"
+    model = build_source(name, kwargs)
+    if args.weights:
+        fmt = "auto" if name.startswith("normfree:") else "state_dict"
+        load_pretrained(model, args.weights, format=fmt)
+    else:
+        print("note: no --weights: converting randomly initialised weights", file=sys.stderr)
+    return model, name, kwargs
+
+
+def _example(args: argparse.Namespace, model: nn.Module) -> torch.Tensor:
+    if args.data:
+        from normfree.data import build_datasets
+
+        bundle = build_datasets(args.data, image_size=args.image_size, augment=None)
+        n = min(len(bundle.train), args.calib_batches * args.batch)
+        g = torch.Generator().manual_seed(args.seed)
+        idx = torch.randperm(len(bundle.train), generator=g)[:n].tolist()
+        return torch.stack([bundle.train[i][0] for i in idx])
+    size = args.image_size or getattr(getattr(model, "meta", None), "test_size", None)
+    if not size:
+        raise ValueError("pass --data or --image-size (the model declares no input size)")
+    g = torch.Generator().manual_seed(args.seed)
+    in_chans = int(getattr(model, "in_chans", 3))
+    print("note: no --data: calibrating and measuring on Gaussian noise", file=sys.stderr)
+    return torch.randn(args.batch, in_chans, size, size, generator=g)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Entry point of ``normfree convert``."""
+    from normfree.analysis.cli import _check_writable
+    from normfree.checkpoints import CheckpointError
+    from normfree.convert import ConversionError, convert_model, save_converted
+
+    try:
+        _check_writable(args.out, args.json)
+        if Path(args.out).suffix not in (".safetensors", ".pt", ".pth"):
+            raise ValueError(f"--out must end in .safetensors or .pt, got {args.out!r}")
+        source = Path(args.source)
+        if source.is_file():
+            if args.weights:
+                raise ValueError("--weights applies to an architecture SOURCE, not a file")
+            model, spec, kwargs = _from_file(source, args)
+        else:
+            model, spec, kwargs = _from_spec(args)
+        example = _example(args, model)
+        converted = convert_model(
+            model, args.to, example, source=spec, source_kwargs=kwargs,
+            standalone_bn=args.standalone_bn, residual_alpha=args.alpha,
+            max_groups=args.max_groups, nf_fit=args.nf_fit,
+        )  # fmt: skip
+        save_converted(converted, args.out, allow_pickle=spec is None)
+        report = converted.report
+        if args.json:
+            from normfree.atomic import atomic_write_json
+
+            atomic_write_json(args.json, report.to_dict())
+    except (ConversionError, CheckpointError, ValueError, TypeError, KeyError, ImportError,
+            OSError) as e:  # fmt: skip
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    pickled = " (a pickled module: load it with trust_pickle=True)" if spec is None else ""
+    print(f"wrote {args.out}{pickled}")
+    return 0
+
+
+def evaluate_converted_file(
+    path: str, data: str | None, *, batch_size: int | None = None, split: str = "val",
+    device: str = "auto", image_size: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """``normfree eval`` of a converted-model file: top-1/top-5/loss on ``data``'s held-out (or
+    training) split, in the result layout of :func:`normfree.train.evaluate.evaluate_checkpoint`
+    (no EMA)."""
+    from torch.utils.data import DataLoader
+
+    from normfree.convert import load_converted
+    from normfree.data import build_datasets
+    from normfree.train.distributed import select_device
+    from normfree.train.evaluate import evaluate
+
+    if not data:
+        raise ValueError(f"{path} is a converted model: pass --data (it records no dataset)")
+    if split not in ("val", "train"):
+        raise ValueError(f"split must be 'val' or 'train', got {split!r}")
+    model = load_converted(path)
+    bundle = build_datasets(data, image_size=image_size, augment=None)
+    if bundle.num_classes != model.num_classes or bundle.in_chans != model.in_chans:
+        raise ValueError(
+            f"dataset {data!r} has {bundle.num_classes} classes × {bundle.in_chans} channels but "
+            f"{path} was built for {model.num_classes} × {model.in_chans}"
+        )
+    dataset = bundle.val if split == "val" else bundle.train
+    loader = DataLoader(dataset, batch_size=batch_size or 256, shuffle=False)
+    dev = select_device(device)
+    metrics = evaluate(model.to(dev), loader, dev)
+    return {"checkpoint": str(path), "model": model.meta.name, "data": data, "split": split,
+            "count": metrics["count"], "raw": metrics, "ema": None}  # fmt: skip
+
+
+def run_eval_converted(args: argparse.Namespace) -> int:
+    """``normfree eval FILE`` for a converted-model file (same output as for checkpoints)."""
+    from normfree.checkpoints import CheckpointError
+
+    try:
+        result = evaluate_converted_file(
+            args.checkpoint, args.data, batch_size=args.batch_size, split=args.split,
+            device=args.device, image_size=args.image_size,
+        )  # fmt: skip
+    except (CheckpointError, ValueError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = result["raw"]
+    print(f"{result['model']} on {result['data']} ({result['split']}, {result['count']} images)")
+    print(f"  raw  top1 {m['top1']:6.2f}%  top5 {m['top5']:6.2f}%  loss {m['loss']:.4f}")
+    if args.json:
+        from normfree.atomic import atomic_write_json
+
+        atomic_write_json(args.json, result)
+    return 0

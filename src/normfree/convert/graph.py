@@ -1,0 +1,251 @@
+"""The dataflow view of a BatchNorm network that conversion works on, from a ``torch.fx`` trace.
+
+Nothing here guesses from module names: every pattern is read from the traced graph.
+
+* :func:`trace` - ``torch.fx.symbolic_trace`` with every ``nn.modules.batchnorm._BatchNorm`` kept
+  as one leaf call (so that subclasses are seen as the BN they are).
+* :func:`find_norms` - each BatchNorm call with the ``nn.Conv2d`` that feeds it (when the BN's
+  input is a conv used only by that BN: the foldable ``Conv→BN`` pattern of Ioffe & Szegedy 2015,
+  §3.2) and the activation that follows it (when the BN's only user is an elementwise
+  activation: ``Conv→BN→act``).
+* :func:`find_residual_adds` - every ``a + b`` of two traced tensors whose operands differ in
+  *convolution depth* (the most convolutions on any path from the input): the deeper operand is
+  the residual branch ``F(x)``, the other the skip path (identity or projection shortcut), as in
+  ``h + F(h)`` of He et al. 2016. Sums of equally deep operands are left alone.
+* :func:`last_linear` - the classifier: the last ``nn.Linear`` call in graph order.
+
+Every structural problem raises :class:`ConversionError` naming the module and what the modes
+support.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = [
+    "ELEMENTWISE_ACTIVATIONS",
+    "ConversionError",
+    "NormSite",
+    "ResidualAdd",
+    "conv_depths",
+    "find_norms",
+    "find_residual_adds",
+    "is_bn_act",
+    "last_linear",
+    "trace",
+]
+
+# Activation modules whose forward is elementwise (Proxy Norm and γ tables need that).
+ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Tanh,
+    nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.CELU, nn.SELU,
+)  # fmt: skip
+_ACT_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6,
+                  torch.nn.functional.silu, torch.nn.functional.gelu,
+                  torch.nn.functional.hardswish}  # fmt: skip
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_FUNCTIONAL_BN = {torch.nn.functional.batch_norm, torch.batch_norm}
+
+
+class ConversionError(ValueError):
+    """A model (or a part of it) that a conversion mode cannot handle; the message names the
+    module and what the mode supports."""
+
+
+class _Tracer(fx.Tracer):
+    """Keeps every BatchNorm (subclasses too) and every plain torch.nn module as a leaf."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _BatchNorm) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``model`` as an ``fx.GraphModule`` sharing its modules (a ``ConversionError`` when the
+    model cannot be traced)."""
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
+        raise ConversionError(
+            f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "
+            "conversion needs a model whose forward torch.fx can trace (no Python control flow "
+            "on tensor values or shapes)"
+        ) from e
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+@dataclass
+class NormSite:
+    """One BatchNorm call in the graph.
+
+    Attributes:
+        bn: the BN call node; ``bn_name`` its module's qualified name.
+        conv: the ``nn.Conv2d`` call feeding it when that conv's only user is this BN, else None.
+        act: the elementwise activation call that is the BN's only user, else None (always
+            None for a fused ``BatchNormAct2d``, whose activation is inside it).
+    """
+
+    bn: fx.Node
+    bn_name: str
+    conv: fx.Node | None
+    act: fx.Node | None
+
+
+@dataclass
+class ResidualAdd:
+    """``add(branch, skip)``: ``branch`` is the operand with more convolutions on its path."""
+
+    node: fx.Node
+    branch: fx.Node
+    skip: fx.Node
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+
+
+def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return type(_module(gm, node)) in ELEMENTWISE_ACTIVATIONS
+    if node.op == "call_function":
+        return node.target in _ACT_FUNCTIONS and len(node.args) == 1 and not node.kwargs
+    return False
+
+
+def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"{type(_module(gm, node)).__name__} '{node.target}'"
+    if node.op == "placeholder":
+        return "the model input"
+    return f"{node.op} {getattr(node.target, '__name__', node.target)}"
+
+
+def find_norms(gm: fx.GraphModule) -> list[NormSite]:
+    """Every BatchNorm call of ``gm`` in graph order, with its feeding conv and following act.
+
+    Raises :class:`ConversionError` for: no BatchNorm at all, a functional ``batch_norm`` call,
+    a BN other than ``BatchNorm2d`` (e.g. ``BatchNorm1d`` in an MLP), a BN module called more
+    than once, a BN without running statistics, and a BN subclass with extra behaviour (e.g.
+    timm's ``BatchNormAct2d``).
+    """
+    sites: list[NormSite] = []
+    seen: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _FUNCTIONAL_BN:
+            raise ConversionError(
+                f"functional batch_norm call '{node.name}': conversion handles BatchNorm2d "
+                "modules only (replace the functional call by an nn.BatchNorm2d)"
+            )
+        module = _module(gm, node)
+        if not isinstance(module, _BatchNorm):
+            continue
+        name = str(node.target)
+        seen[name] = seen.get(name, 0) + 1
+        fused = is_bn_act(module)
+        if type(module) not in (nn.BatchNorm2d, nn.SyncBatchNorm) and not fused:
+            kind = type(module).__name__
+            what = ("2-D conv nets (BatchNorm2d after a Conv2d)"
+                    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm3d))
+                    else "plain BatchNorm2d and timm's BatchNormAct2d (this subclass adds "
+                    "behaviour the modes do not know)")
+            raise ConversionError(f"{kind} '{name}': conversion supports {what}")  # fmt: skip
+        if not module.track_running_stats or module.running_mean is None:
+            raise ConversionError(
+                f"BatchNorm2d '{name}' has no running statistics (track_running_stats=False): it "
+                "normalizes with the statistics of each batch even in eval mode, so there is no "
+                "fixed transform to convert; retrain it with running statistics"
+            )
+        src = node.args[0]
+        conv = None
+        if (
+            isinstance(src, fx.Node)
+            and type(_module(gm, src)) is nn.Conv2d
+            and len(src.users) == 1
+        ):
+            conv = src
+        users = list(node.users)
+        act = None
+        if not fused and len(users) == 1 and _is_activation(gm, users[0]):
+            act = users[0]
+        sites.append(NormSite(node, name, conv, act))
+    if not sites:
+        raise ConversionError(
+            f"{gm.__class__.__name__} has no BatchNorm2d: there is nothing to convert (conversion "
+            "turns Conv→BatchNorm2d networks into batch-independent ones)"
+        )
+    shared = sorted(n for n, c in seen.items() if c > 1)
+    if shared:
+        raise ConversionError(
+            f"BatchNorm module(s) {shared} are called more than once; conversion needs one "
+            "BatchNorm2d module per normalization site"
+        )
+    convs = [s.conv for s in sites if s.conv is not None]
+    for conv in convs:
+        uses = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == conv.target)
+        if uses > 1:
+            raise ConversionError(
+                f"Conv2d '{conv.target}' is called {uses} times; folding a BatchNorm into it "
+                "needs a conv module used once"
+            )
+    return sites
+
+
+def is_bn_act(module: nn.Module) -> bool:
+    """timm's ``BatchNormAct2d``: BatchNorm2d → ``drop`` → ``act`` in one module (recognised by
+    class and its two submodules; timm is not imported)."""
+    return (
+        isinstance(module, nn.BatchNorm2d)
+        and type(module).__name__ == "BatchNormAct2d"
+        and isinstance(getattr(module, "drop", None), nn.Module)
+        and isinstance(getattr(module, "act", None), nn.Module)
+    )
+
+
+def describe_input(gm: fx.GraphModule, site: NormSite) -> str:
+    """What feeds a BN (for error messages)."""
+    src = site.bn.args[0]
+    return _describe(gm, src) if isinstance(src, fx.Node) else repr(src)
+
+
+def conv_depths(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """For each node, the most convolution calls on any path from a graph input to it."""
+    depth: dict[fx.Node, int] = {}
+    for node in gm.graph.nodes:
+        inputs = node.all_input_nodes
+        d = max((depth[i] for i in inputs), default=0)
+        if isinstance(_module(gm, node), nn.modules.conv._ConvNd):
+            d += 1
+        depth[node] = d
+    return depth
+
+
+def find_residual_adds(gm: fx.GraphModule) -> list[ResidualAdd]:
+    """Every residual ``branch + skip`` of ``gm`` in graph order (see the module docstring)."""
+    depth = conv_depths(gm)
+    adds = []
+    for node in gm.graph.nodes:
+        is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+            node.op == "call_method" and node.target in ("add", "add_")
+        )
+        if not is_add or len(node.args) != 2 or node.kwargs:
+            continue
+        a, b = node.args
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or depth[a] == depth[b]:
+            continue
+        branch, skip = (a, b) if depth[a] > depth[b] else (b, a)
+        adds.append(ResidualAdd(node, branch, skip))
+    return adds
+
+
+def last_linear(gm: fx.GraphModule) -> str | None:
+    """Qualified name of the last ``nn.Linear`` called in ``gm`` (the classifier), or None."""
+    found = None
+    for node in gm.graph.nodes:
+        if isinstance(_module(gm, node), nn.Linear):
+            found = str(node.target)
+    return found
