@@ -350,7 +350,7 @@ class NormFreeModel(nn.Module):
             self.head = type(head)(
                 self.feature_info[max_index]["num_chs"], 0, drop_rate=head.drop_rate,
                 init_std=head.init_std, global_pool="",
-            )  # fmt: skip
+            ).train(head.training)  # fmt: skip
         if prune_head or prune_end:
             self.reset_classifier(0, "")
         return take
