@@ -88,7 +88,8 @@ def test_same_topology_as_nf_resnet(reference: str, names: tuple[str, ...]) -> N
         ]
         assert model.num_features == ref.num_features
         with torch.no_grad():
-            assert [f.shape for f in model.forward_intermediates(x, intermediates_only=True)] == ref_shapes
+            feats = model.forward_intermediates(x, intermediates_only=True)
+            assert [f.shape for f in feats] == ref_shapes
 
 
 def test_bn_layout_is_bn_relu_conv_with_final_bn_relu() -> None:

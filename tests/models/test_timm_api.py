@@ -104,6 +104,7 @@ def test_forward_intermediates_equal_the_features_only_extractor(family: str) ->
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         early, taken = model.forward_intermediates(x, indices=[0, 1], stop_early=True)
         torch.testing.assert_close(early, inter[1], rtol=0, atol=0)
+        assert len(taken) == 2 and taken[1] is early
         normed = model.forward_intermediates(x, indices=[-1], norm=True, intermediates_only=True)
         torch.testing.assert_close(normed[0], ref, rtol=0, atol=0)
 
