@@ -13,20 +13,22 @@ import torch.fx
 import normfree
 from normfree.models import FeatureInfo, create_model
 
+SHORT = dict(depths=(1, 1, 1))  # one block per stage of the small-image ResNets
+
 # one small model per family: (registered name, overrides shrinking it, image size)
 FAMILIES = {
-    "nf_resnet": ("nf_resnet_cifar20", {}, 16),
+    "nf_resnet": ("nf_resnet_cifar20", SHORT, 8),
     "nfnet": ("nfnet_f0", dict(depths=(1, 1, 1, 1), widths=(32, 64, 96, 96), group_size=8,
                                stem_channels=(8, 8, 8)), 32),
     "nf_regnet": ("nf_regnet_b0", dict(depths=(1, 1, 1, 1), widths=(16, 32, 48, 64)), 33),
     "efficientnet": ("efficientnet_b0_g16_gn", dict(width=0.25, depth=0.25, head_channels=64),
                      32),
-    "bn_resnet": ("bn_resnet_cifar20", {}, 16),
-    "wsgn_resnet": ("wsgn_resnet_cifar20", {}, 16),
-    "gnpn_resnet": ("gnpn_resnet_cifar20", {}, 16),
-    "skipinit_resnet": ("skipinit_resnet_cifar20", {}, 16),
-    "fixup_resnet": ("fixup_resnet_cifar20", {}, 16),
-    "msr_resnet": ("msr_resnet_cifar20", {}, 16),
+    "bn_resnet": ("bn_resnet_cifar20", SHORT, 8),
+    "wsgn_resnet": ("wsgn_resnet_cifar20", SHORT, 8),
+    "gnpn_resnet": ("gnpn_resnet_cifar20", SHORT, 8),
+    "skipinit_resnet": ("skipinit_resnet_cifar20", SHORT, 8),
+    "fixup_resnet": ("fixup_resnet_cifar20", SHORT, 8),
+    "msr_resnet": ("msr_resnet_cifar20", SHORT, 8),
 }
 IDS = list(FAMILIES)
 
@@ -67,7 +69,7 @@ def test_create_model_keywords_have_timm_meaning(family: str) -> None:
         feats = model.forward_features(x)
     # num_classes=0 + global_pool='': the unpooled feature map comes out
     assert out.shape == feats.shape and out.shape[1] == model.num_features
-    torch.testing.assert_close(out, feats, rtol=0, atol=0)
+    assert torch.equal(out, feats)
     assert model.meta.stochdepth_rate == 0.1 and model.head.drop_rate == 0.3
     rates = [m.drop_rate for m in model.modules() if type(m).__name__ == "StochasticDepth"]
     assert rates and max(rates) == pytest.approx(0.1 * (len(rates) - 1) / len(rates))
@@ -81,8 +83,8 @@ def test_create_model_keywords_have_timm_meaning(family: str) -> None:
         model.reset_classifier(0, "catavgmax")
         pooled = model(x)
     assert model.head_hidden_size == 2 * model.num_features == pooled.shape[1]
-    torch.testing.assert_close(pooled[:, : model.num_features], feats.mean((2, 3)))
-    torch.testing.assert_close(pooled[:, model.num_features :], feats.amax((2, 3)))
+    assert torch.allclose(pooled[:, : model.num_features], feats.mean((2, 3)), atol=1e-6)
+    assert torch.equal(pooled[:, model.num_features :], feats.amax((2, 3)))
 
 
 @pytest.mark.parametrize("family", IDS)
@@ -94,19 +96,19 @@ def test_forward_intermediates_equal_the_features_only_extractor(family: str) ->
     with torch.no_grad():
         final, inter = model.forward_intermediates(x)
         ref = model.forward_features(x)
-        torch.testing.assert_close(final, ref, rtol=0, atol=0)
+        assert torch.equal(final, ref)
         assert len(inter) == len(infos) == len(model.stages) + 1
         for t, info in zip(inter, infos):
             assert t.shape[1] == info["num_chs"] == info.num_chs
             assert x.shape[-1] // info["reduction"] in (t.shape[-1], t.shape[-1] - 1)
         last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
         for a, b in zip(last_two, inter[-2:]):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            assert torch.equal(a, b)
         early, taken = model.forward_intermediates(x, indices=[0, 1], stop_early=True)
-        torch.testing.assert_close(early, inter[1], rtol=0, atol=0)
+        assert torch.equal(early, inter[1])
         assert len(taken) == 2 and taken[1] is early
         normed = model.forward_intermediates(x, indices=[-1], norm=True, intermediates_only=True)
-        torch.testing.assert_close(normed[0], ref, rtol=0, atol=0)
+        assert torch.equal(normed[0], ref)
 
     extractor = _build(family, features_only=True, out_indices=(1, -1)).eval()
     extractor.model.load_state_dict(model.state_dict(), strict=False)
@@ -118,8 +120,8 @@ def test_forward_intermediates_equal_the_features_only_extractor(family: str) ->
         only = model.forward_intermediates(x, indices=(1, -1), intermediates_only=True)
     assert len(feats) == 2
     for a, b, c in zip(feats, only, (inter[1], inter[-1])):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-        torch.testing.assert_close(a, c, rtol=0, atol=0)
+        assert torch.equal(a, b)
+        assert torch.equal(a, c)
     # the extractor lost the classifier: no head parameters left
     assert not [n for n, _ in extractor.named_parameters() if ".head." in n]
 
@@ -136,7 +138,7 @@ def test_fx_trace_equals_eager(family: str) -> None:
         eager = model(x)
         torch.manual_seed(3)
         traced = graph(x)
-        torch.testing.assert_close(traced, eager, rtol=0, atol=0)
+        assert torch.equal(traced, eager)
     # the input check survives tracing
     with pytest.raises(ValueError, match="input channels"):
         graph(x[:, :2])
@@ -155,9 +157,9 @@ def test_prune_intermediate_layers_keeps_the_maps_it_returns(family: str) -> Non
     with torch.no_grad():
         pruned = model.forward_intermediates(x, indices=kept, intermediates_only=True)
         out = model(x)
-    torch.testing.assert_close(pruned[0], full[0], rtol=0, atol=0)
-    torch.testing.assert_close(pruned[1], full[2], rtol=0, atol=0)
-    torch.testing.assert_close(out, full[2], rtol=0, atol=0)  # no pooling, no final layer
+    assert torch.equal(pruned[0], full[0])
+    assert torch.equal(pruned[1], full[2])
+    assert torch.equal(out, full[2])  # no pooling, no final layer
 
 
 @pytest.mark.parametrize("family", IDS)
@@ -221,26 +223,27 @@ def test_pretrained_loads_a_local_file_the_timm_way(tmp_path) -> None:
     path = tmp_path / "w.safetensors"
     normfree.save_model(source, path)
     with pytest.raises(ValueError, match=r"pretrained_cfg_overlay=dict\(file=PATH\)"):
-        create_model("nf_resnet_cifar20", pretrained=True)
+        create_model("nf_resnet_cifar20", pretrained=True, **SHORT)
     with pytest.raises(ValueError, match="downloads nothing"):
-        create_model("nf_resnet_cifar20", pretrained=True, pretrained_cfg_overlay=dict(url="x"))
+        create_model("nf_resnet_cifar20", pretrained=True, pretrained_cfg_overlay=dict(url="x"),
+                     **SHORT)
     model = create_model("nf_resnet_cifar20", pretrained=True,
-                         pretrained_cfg_overlay=dict(file=str(path)))  # fmt: skip
+                         pretrained_cfg_overlay=dict(file=str(path)), **SHORT)  # fmt: skip
     assert model.pretrained_cfg["file"] == str(path)
     for (name, a), b in zip(source.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
     # another class count: the pretrained trunk with a fresh classifier (timm's rule)
     torch.manual_seed(0)
     model3 = create_model("nf_resnet_cifar20", pretrained=True, num_classes=3,
-                          pretrained_cfg=dict(file=str(path)))  # fmt: skip
+                          pretrained_cfg=dict(file=str(path)), **SHORT)  # fmt: skip
     assert model3.num_classes == 3 and model3.pretrained_cfg["num_classes"] == 10
     assert torch.equal(model3.stages[2][0].conv1.weight, source.stages[2][0].conv1.weight)
     # checkpoint_path loads after creation, strictly
-    model_ck = create_model("nf_resnet_cifar20", checkpoint_path=path)
+    model_ck = create_model("nf_resnet_cifar20", checkpoint_path=path, **SHORT)
     assert torch.equal(model_ck.head.fc.weight, source.head.fc.weight)
     x = _image("nf_resnet")
     with torch.no_grad():
-        torch.testing.assert_close(model_ck.eval()(x), source.eval()(x), rtol=0, atol=0)
+        assert torch.equal(model_ck.eval()(x), source.eval()(x))
 
 
 def test_bad_timm_arguments_fail_clearly() -> None:
