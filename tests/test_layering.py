@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "train": {"atomic", "nn", "models", "optim", "checkpoints", "data", "convert"},
     "deploy": {"atomic", "nn", "models"},
     "convert": {"atomic", "nn", "models", "optim", "checkpoints", "data"},
+    "integrations": {"atomic", "nn", "models", "checkpoints"},
     "__init__": {"_version", "checkpoints", "convert", "models"},
 }
 CLI_MODULES = {"cli", "__main__"}  # normfree/cli.py, __main__.py and every <pkg>/cli.py: the top

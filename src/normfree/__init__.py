@@ -9,6 +9,10 @@ from normfree._version import __version__
 from normfree.checkpoints import load_pretrained, save_model
 from normfree.convert import convert_model, load_converted, save_converted
 from normfree.models import count_flops, count_params, create_model, list_models
+from normfree.models.registry import set_weights_loader
+
+set_weights_loader(load_pretrained)  # create_model(pretrained=True) reads files through it
+del set_weights_loader
 
 __all__ = [
     "__version__",

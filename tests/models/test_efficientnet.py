@@ -138,7 +138,7 @@ def test_branch_probe_sees_the_branch_before_drop_connect() -> None:
 def test_feature_info_matches_intermediates() -> None:
     model = normfree.create_model("efficientnet_b0_g16_gn").eval()
     with torch.no_grad():
-        feats = model.forward_intermediates(torch.randn(1, 3, 64, 64))
+        feats = model.forward_intermediates(torch.randn(1, 3, 64, 64), intermediates_only=True)
     assert [f.shape[1] for f in feats] == [i.num_chs for i in model.feature_info]
     assert [64 // f.shape[-1] for f in feats] == [i.reduction for i in model.feature_info]
     assert [i.reduction for i in model.feature_info] == [2, 2, 4, 8, 16, 16, 32, 32]

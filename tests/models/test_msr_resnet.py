@@ -133,7 +133,7 @@ def test_post_activation_blocks_and_options() -> None:
         out = model.stages[1][0](h)  # option A: subsample, zero channels appended
         torch.testing.assert_close(out[:, :16], h[:, :, ::2, ::2].relu(), rtol=0, atol=0)
         assert torch.equal(out[:, 16:], torch.zeros_like(out[:, 16:]))
-        feats = model.forward_intermediates(torch.randn(2, 3, 8, 8))
+        feats = model.forward_intermediates(torch.randn(2, 3, 8, 8), intermediates_only=True)
     assert all((f >= 0).all() for f in feats)  # every stage ends with a ReLU
     with pytest.raises(ValueError, match="shortcut"):
         MSRResNet((1,), (16,), strides=(1,), shortcut="B")

@@ -193,7 +193,7 @@ def test_b0_forward_batch_independence_intermediates_and_zero_init_classifier() 
     model = normfree.create_model("nf_regnet_b0").eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        feats = model.forward_intermediates(x)
+        feats = model.forward_intermediates(x, intermediates_only=True)
         logits = model.forward_head(model.final(feats[-1]))
         # zero-initialised classifier: exactly zero logits at init
         assert logits.shape == (1, 1000) and torch.count_nonzero(logits) == 0

@@ -102,7 +102,7 @@ def test_batch_independent_in_eval_and_train(name: str, batch_gap: Callable[...,
 def test_small_variant_forward_features_and_intermediates() -> None:
     model = normfree.create_model("nf_resnet_cifar20", num_classes=7, in_chans=1, width=2)
     x = torch.randn(2, 1, 8, 8)
-    feats = model.forward_intermediates(x)
+    feats = model.forward_intermediates(x, intermediates_only=True)
     assert [f.shape[1] for f in feats] == [fi.num_chs for fi in model.feature_info]
     assert [8 // f.shape[-1] for f in feats] == [fi.reduction for fi in model.feature_info]
     assert model(x).shape == (2, 7)

@@ -354,7 +354,7 @@ def test_nfnet_f0_forward_intermediates_and_classifier_reset() -> None:
     model = normfree.create_model("nfnet_f0").eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        feats = model.forward_intermediates(x)
+        feats = model.forward_intermediates(x, intermediates_only=True)
         logits = model.forward_head(model.final(feats[-1]))
     assert [f.shape[1] for f in feats] == [fi.num_chs for fi in model.feature_info]
     assert [64 // f.shape[-1] for f in feats] == [fi.reduction for fi in model.feature_info]

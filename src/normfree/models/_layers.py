@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normfree.nn.padding import same_padding_amounts
+from normfree.nn.padding import _pad_same_2d
+
+torch.fx.wrap("_pad_same_2d")  # a torch.fx leaf: the amounts depend on the input's size
 
 __all__ = [
     "IMAGENET_DEPTHS",
@@ -84,9 +86,8 @@ class MaxPoolSame(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ph = same_padding_amounts(x.shape[-2], self.kernel_size, self.stride, 1)
-        pw = same_padding_amounts(x.shape[-1], self.kernel_size, self.stride, 1)
-        x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]), value=float("-inf"))
+        k, s = self.kernel_size, self.stride
+        x = _pad_same_2d(x, (k, k), (s, s), (1, 1), value=float("-inf"))
         return F.max_pool2d(x, self.kernel_size, self.stride)
 
 

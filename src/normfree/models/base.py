@@ -17,9 +17,9 @@ scalars at lr/10) and its feature maps for use as a backbone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -27,7 +27,21 @@ from torch.utils.checkpoint import checkpoint
 
 from normfree.nn.residual import ResidualBlock
 
-__all__ = ["FeatureInfo", "ModelMeta", "NormFreeModel"]
+__all__ = [
+    "FeatureInfo",
+    "FeatureInfoList",
+    "ModelMeta",
+    "NormFreeModel",
+    "check_image_batch",
+    "feature_take_indices",
+]
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+SMALL_IMAGE_MAX = 64  # models whose test size is at most this are small-image (CIFAR) models
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,8 @@ class ModelMeta:
         recipe: training hints read by ``normfree.train`` (e.g. ``{"agc": False}`` for BN
             baselines, ``{"scalar_lr_scale": 0.1}`` for Fixup).
         paper: the paper the architecture comes from.
+        crop_pct / interpolation / mean / std: the evaluation preprocessing; ``None`` derives
+            it (:meth:`data_config`).
     """
 
     name: str
@@ -55,18 +71,157 @@ class ModelMeta:
     uses_batch_stats: bool = False
     recipe: dict[str, Any] = field(default_factory=dict)
     paper: str = ""
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def with_updates(self, **changes: Any) -> ModelMeta:
         return replace(self, **changes)
 
+    @property
+    def small_image(self) -> bool:
+        """A small-image (CIFAR-style, 32 px) model rather than an ImageNet one."""
+        return self.test_size <= SMALL_IMAGE_MAX
 
-@dataclass(frozen=True)
-class FeatureInfo:
-    """One feature map offered to a downstream head (detection, segmentation)."""
+    def data_config(self, in_chans: int = 3) -> dict[str, Any]:
+        """The model's input preprocessing with timm's ``pretrained_cfg`` keys.
 
-    module: str  # "stem" or "stages.S"
-    num_chs: int
-    reduction: int
+        ImageNet models: train at ``train_size``, evaluate at ``test_size`` after resizing the
+        short side to ``size + 32`` and centre-cropping (the official NFNet eval
+        ``resize_crop_32``, Brock et al. 2021b, and :mod:`normfree.data`'s image-folder eval),
+        i.e. ``crop_pct = size / (size + 32)``; bicubic resizing; ImageNet mean/std.
+        Small-image models: the whole 32 px image (``crop_pct = 1``), bilinear, CIFAR-10
+        mean/std. Fields set on the meta take precedence.
+        """
+        small = self.small_image
+        size, test = self.train_size, self.test_size
+        if self.crop_pct is not None:
+            crop, test_crop = self.crop_pct, self.crop_pct
+        elif small:
+            crop, test_crop = 1.0, 1.0
+        else:
+            crop, test_crop = size / (size + 32), test / (test + 32)
+        return {
+            "input_size": (in_chans, size, size),
+            "test_input_size": (in_chans, test, test),
+            "interpolation": self.interpolation or ("bilinear" if small else "bicubic"),
+            "crop_pct": crop,
+            "test_crop_pct": test_crop,
+            "crop_mode": "center",
+            "mean": self.mean or (CIFAR10_MEAN if small else IMAGENET_MEAN),
+            "std": self.std or (CIFAR10_STD if small else IMAGENET_STD),
+        }
+
+
+class FeatureInfo(dict):
+    """One feature map offered to a downstream head (detection, segmentation): a dict with
+    timm's keys ``module`` (``"stem"`` or ``"stages.S"``), ``num_chs`` and ``reduction``, also
+    readable as attributes (``info.num_chs``)."""
+
+    def __init__(self, module: str, num_chs: int, reduction: int, **extra: Any) -> None:
+        super().__init__(module=module, num_chs=num_chs, reduction=reduction, **extra)
+
+    @property
+    def module(self) -> str:
+        return self["module"]
+
+    @property
+    def num_chs(self) -> int:
+        return self["num_chs"]
+
+    @property
+    def reduction(self) -> int:
+        return self["reduction"]
+
+    def __repr__(self) -> str:
+        return f"FeatureInfo({dict.__repr__(self)})"
+
+
+class FeatureInfoList(list):
+    """A model's feature maps (a list of :class:`FeatureInfo`) with the accessors of timm's
+    ``FeatureInfo``: ``channels()``, ``reduction()``, ``module_name()``, ``get(key)`` and
+    ``get_dicts()`` read the entries at ``out_indices`` (all of them unless set), or at ``idx``
+    (an index or a list of indices)."""
+
+    def __init__(self, infos: Any = (), out_indices: Sequence[int] | None = None) -> None:
+        super().__init__(infos)
+        self._out_indices = None if out_indices is None else tuple(out_indices)
+
+    @property
+    def out_indices(self) -> tuple[int, ...]:
+        return tuple(range(len(self))) if self._out_indices is None else self._out_indices
+
+    def get(self, key: str, idx: int | Sequence[int] | None = None) -> Any:
+        if idx is None:
+            return [self[i][key] for i in self.out_indices]
+        if isinstance(idx, (tuple, list)):
+            return [self[i][key] for i in idx]
+        return self[idx][key]
+
+    def get_dicts(
+        self, keys: Sequence[str] | None = None, idx: int | Sequence[int] | None = None
+    ) -> Any:
+        def pick(i: int) -> dict[str, Any]:
+            return dict(self[i]) if keys is None else {k: self[i][k] for k in keys}
+
+        if idx is None:
+            return [pick(i) for i in self.out_indices]
+        if isinstance(idx, (tuple, list)):
+            return [pick(i) for i in idx]
+        return pick(idx)
+
+    def channels(self, idx: int | Sequence[int] | None = None) -> Any:
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: int | Sequence[int] | None = None) -> Any:
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: int | Sequence[int] | None = None) -> Any:
+        return self.get("module", idx)
+
+
+def feature_take_indices(
+    num_features: int, indices: int | Sequence[int] | None = None
+) -> tuple[list[int], int]:
+    """timm's rule for which feature maps to take: ``None`` all, an int ``n`` the last ``n``, a
+    sequence those indices (negative ones count from the end). Returns the absolute indices and
+    their maximum."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ValueError(f"last-n ({indices}) is out of range (1 to {num_features})")
+        take = [num_features - indices + i for i in range(indices)]
+    else:
+        take = []
+        for i in indices:
+            idx = num_features + i if i < 0 else i
+            if not 0 <= idx < num_features:
+                raise ValueError(
+                    f"feature index {idx} is out of range (0 to {num_features - 1})"
+                )
+            take.append(idx)
+        if not take:
+            raise ValueError("indices must name at least one feature map")
+    return take, max(take)
+
+
+def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
+    """Raise ``ValueError`` unless ``x`` is an ``(N, in_chans, H, W)`` batch (a ``torch.fx``
+    leaf, so that traced models keep the check)."""
+    if x.dim() != 4:
+        raise ValueError(
+            "expected an image batch of shape (N, C, H, W), got shape " + str(x.shape)
+        )
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            "model expects " + str(in_chans) + " input channels, got "
+            + str(x.shape[1]) + " (input shape " + str(x.shape) + ")"
+        )
+
+
+torch.fx.wrap("check_image_batch")
 
 
 class NormFreeModel(nn.Module):
@@ -74,11 +229,20 @@ class NormFreeModel(nn.Module):
 
     Subclasses build ``stem``, ``stages``, ``final``, ``head``, set ``meta`` and ``feature_info``,
     and call ``self.init_weights()`` at the end of ``__init__`` if they need custom init.
+
+    The model API is timm's (same names, arguments and return values): ``forward_features``,
+    ``forward_head(pre_logits=)``, ``forward_intermediates``, ``prune_intermediate_layers``,
+    ``reset_classifier(num_classes, global_pool)``, ``get_classifier``, ``group_matcher``,
+    ``no_weight_decay``, ``set_grad_checkpointing``, ``num_features``, ``head_hidden_size``,
+    ``feature_info`` and ``pretrained_cfg`` / ``default_cfg``.
     """
 
     # Set by subclasses (no class-level annotations: TorchScript would try to resolve them):
     # meta: ModelMeta, feature_info: list[FeatureInfo], in_chans: int, stem, stages (ModuleList of
     # Sequential), final, head (ClassifierHead).
+    __jit_unused_properties__: ClassVar[list[str]] = [
+        "feature_info", "pretrained_cfg", "default_cfg", "head_hidden_size",
+    ]  # fmt: skip
 
     def __init__(self) -> None:
         super().__init__()
@@ -87,29 +251,16 @@ class NormFreeModel(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:
-            raise ValueError(
-                "expected an image batch of shape (N, C, H, W), got shape " + str(x.shape)
-            )
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                "model expects " + str(self.in_chans) + " input channels, got "
-                + str(x.shape[1]) + " (input shape " + str(x.shape) + ")"
-            )
+        check_image_batch(x, self.in_chans)
         return self.stem(x)
 
-    def _run_stages_eager(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every stage's output; per-block gradient checkpointing when enabled in training."""
-        outs = []
-        use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for stage in self.stages:
-            if use_ckpt:
-                for block in stage:
-                    x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = stage(x)
-            outs.append(x)
-        return outs
+    def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One stage; per-block gradient checkpointing when enabled in training."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            for block in stage:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
+        return stage(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image → last feature map (after ``final``), before pooling."""
@@ -118,7 +269,8 @@ class NormFreeModel(nn.Module):
             for stage in self.stages:
                 x = stage(x)
         else:
-            x = self._run_stages_eager(x)[-1]
+            for stage in self.stages:
+                x = self._run_stage(stage, x)
         return self.final(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -128,27 +280,113 @@ class NormFreeModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Multi-scale features for use as a backbone: the stem output and each stage's output,
-        in the order of ``feature_info``."""
+    @torch.jit.unused
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Forward pass that also returns feature maps (timm's signature and semantics).
+
+        Feature ``0`` is the stem output and feature ``i`` the output of stage ``i - 1``, as in
+        ``feature_info``.
+
+        Args:
+            x: image batch ``(N, C, H, W)``.
+            indices: ``None`` takes every feature map, an int ``n`` the last ``n``, a sequence
+                those indices (negative ones count from the end).
+            norm: apply the model's ``final`` module (its final norm / conv + activation) to the
+                last feature map when it is taken.
+            stop_early: stop after the last stage needed by ``indices``.
+            output_fmt: only ``"NCHW"``.
+            intermediates_only: return only the list of feature maps.
+
+        Returns:
+            The list of feature maps, or ``(final_features, feature_maps)`` where
+            ``final_features`` equals :meth:`forward_features` (``forward_head`` applies to it)
+            when every stage ran.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        last = len(self.stages)
+        take, max_index = feature_take_indices(last + 1, indices)
+        intermediates = []
         x = self.forward_stem(x)
-        return [x, *self._run_stages_eager(x)]
+        if 0 in take:
+            intermediates.append(x)
+        stages = list(self.stages)[:max_index] if stop_early else list(self.stages)
+        for feat_idx, stage in enumerate(stages, start=1):
+            x = self._run_stage(stage, x)
+            if feat_idx in take:
+                intermediates.append(self.final(x) if norm and feat_idx == last else x)
+        if intermediates_only:
+            return intermediates
+        if len(stages) == last:
+            x = self.final(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | Sequence[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Remove the layers that the feature maps ``indices`` do not need (timm's semantics):
+        the stages after the last one taken; ``final`` when it is not reached or
+        ``prune_norm``; the classifier (``reset_classifier(0, '')``) when ``prune_head`` or
+        when the network no longer ends at its last stage. Returns the absolute indices kept
+        (valid for :meth:`forward_intermediates` afterwards)."""
+        take, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        prune_end = max_index < len(self.stages)
+        self.stages = self.stages[:max_index]
+        if prune_end or prune_norm:
+            self.final = nn.Identity()
+        if prune_end:
+            head = self.head
+            self.head = type(head)(
+                self.feature_info[max_index]["num_chs"], 0, drop_rate=head.drop_rate,
+                init_std=head.init_std, global_pool="",
+            ).train(head.training)  # fmt: skip
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take
 
     # ----------------------------------------------------------- declarations
+    @property
+    def feature_info(self) -> FeatureInfoList:
+        """The feature maps offered as a backbone (:class:`FeatureInfo` dicts, timm's keys)."""
+        return self.__dict__["_feature_info"]
+
+    @feature_info.setter
+    def feature_info(self, infos: Sequence[FeatureInfo]) -> None:
+        self.__dict__["_feature_info"] = FeatureInfoList(infos)
+
     @property
     def num_classes(self) -> int:
         return self.head.num_classes
 
     @property
     def num_features(self) -> int:
+        """Channels of the last feature map (before pooling)."""
         return self.head.in_features
 
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of the pooled features the classifier reads (``forward_head(pre_logits=True)``)."""
+        return self.head.pooled_features
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier (e.g. for fine-tuning on a new label set)."""
-        self.head.reset(num_classes)
+    def get_classifier(self, name_only: bool = False) -> nn.Module | str:
+        return "head.fc" if name_only else self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier (e.g. for fine-tuning on a new label set); ``global_pool``
+        (``"avg"``, ``"max"``, ``"avgmax"``, ``"catavgmax"`` or ``""`` for none) changes the
+        pooling, ``None`` keeps it."""
+        self.head.reset(num_classes, global_pool)
 
     def classifier_parameter_names(self) -> list[str]:
         """Names of the classifier's parameters; AGC excludes the classifier by default."""
@@ -158,6 +396,20 @@ class NormFreeModel(nn.Module):
         """Parameters that take no weight decay: gains, biases and scalars (every tensor with
         ndim ≤ 1), as in the NFNet recipe (Brock et al. 2021b, App. C)."""
         return {n for n, p in self.named_parameters() if p.ndim <= 1}
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """timm's name for :meth:`no_weight_decay_names` (read by timm's optimizer factory)."""
+        return self.no_weight_decay_names()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups in timm's format, from input to output: the stem, then one group
+        per block (per stage with ``coarse=True``), then ``final``; the classifier falls in the
+        last group. Used by timm's layer-wise learning-rate decay
+        (``timm.optim.param_groups_layer_decay``)."""
+        blocks = r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)"
+        return {"stem": r"^stem", "blocks": [(blocks, None), (r"^final", (99999,))]}
 
     def lr_scale(self, name: str) -> float:
         """Learning-rate multiplier for a parameter (1.0 unless the method says otherwise)."""
@@ -169,9 +421,53 @@ class NormFreeModel(nn.Module):
             if isinstance(module, ResidualBlock):
                 yield name, module
 
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass to save memory."""
         self.grad_checkpointing = bool(enable)
+
+    # ------------------------------------------------------- pretrained config
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's ``pretrained_cfg`` dict: the model's real train/test input sizes, crop,
+        interpolation, mean/std (:meth:`ModelMeta.data_config`), class count, pool size, first
+        conv and classifier names; weight-source keys (``file``…) are set by ``create_model``."""
+        cfg = self.__dict__.get("_pretrained_cfg")
+        if cfg is None:
+            cfg = self.__dict__["_pretrained_cfg"] = self.default_pretrained_cfg()
+        return cfg
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, cfg: dict[str, Any]) -> None:
+        self.__dict__["_pretrained_cfg"] = dict(cfg)
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name for :attr:`pretrained_cfg` (the same dict)."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: dict[str, Any]) -> None:
+        self.pretrained_cfg = cfg
+
+    def default_pretrained_cfg(self, num_classes: int | None = None) -> dict[str, Any]:
+        """A fresh :attr:`pretrained_cfg` (``num_classes`` defaults to the classifier's)."""
+        cfg: dict[str, Any] = dict.fromkeys(_SOURCE_KEYS)
+        cfg.update(architecture=self.meta.name, tag=None, custom_load=False)
+        cfg.update(self.meta.data_config(self.in_chans))
+        reduction = self.feature_info[-1]["reduction"] if self.feature_info else 1
+        train, test = cfg["input_size"][-1], cfg["test_input_size"][-1]
+        first_conv = next(
+            (f"stem.{n}" for n, m in self.stem.named_modules() if isinstance(m, nn.Conv2d)), None
+        )
+        cfg.update(
+            min_input_size=None, fixed_input_size=False,
+            num_classes=self.num_classes if num_classes is None else num_classes,
+            pool_size=(-(-train // reduction),) * 2, test_pool_size=(-(-test // reduction),) * 2,
+            first_conv=first_conv, classifier="head.fc", license="apache-2.0",
+            paper_name=self.meta.paper or None,
+        )  # fmt: skip
+        return cfg
 
     def reset_parameters(self) -> None:
         """Re-initialise every submodule that defines ``reset_parameters``, then apply the
@@ -183,3 +479,7 @@ class NormFreeModel(nn.Module):
 
     def init_weights(self) -> None:
         """Model-specific initialisation applied after the modules' own (override)."""
+
+
+#: timm's weight-source keys of a ``pretrained_cfg`` (only ``file`` is used: nothing downloads)
+_SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source")

@@ -67,6 +67,7 @@ __all__ = [
     "NFNet",
     "NFNetBlock",
     "NFNetVariant",
+    "avg_pool2d_same",
     "grouped_width",
 ]
 
@@ -91,23 +92,30 @@ class AvgPool2dSame(nn.Module):
         self.stride = int(stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, s = self.kernel_size, self.stride
-        top, bottom = same_padding_amounts(x.shape[-2], k, s, 1)
-        left, right = same_padding_amounts(x.shape[-1], k, s, 1)
-        if top == 0 and bottom == 0 and left == 0 and right == 0:
-            return F.avg_pool2d(x, k, s)
-        if top == 0 and left == 0 and k == s:
-            # Padding only after and windows that tile the input: ceil_mode clips the last
-            # window to the input and divides by its in-bounds size, exactly as SAME here.
-            return F.avg_pool2d(x, k, s, ceil_mode=True, count_include_pad=False)
-        pad = [left, right, top, bottom]
-        summed = F.avg_pool2d(F.pad(x, pad), k, s)
-        ones = x.new_ones([1, 1, x.shape[-2], x.shape[-1]])
-        counts = F.avg_pool2d(F.pad(ones, pad), k, s)
-        return summed / counts
+        return avg_pool2d_same(x, self.kernel_size, self.stride)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding='same'"
+
+
+def avg_pool2d_same(x: torch.Tensor, k: int, s: int) -> torch.Tensor:
+    """:class:`AvgPool2dSame`'s computation (a ``torch.fx`` leaf: it reads the input's size)."""
+    top, bottom = same_padding_amounts(x.shape[-2], k, s, 1)
+    left, right = same_padding_amounts(x.shape[-1], k, s, 1)
+    if top == 0 and bottom == 0 and left == 0 and right == 0:
+        return F.avg_pool2d(x, k, s)
+    if top == 0 and left == 0 and k == s:
+        # Padding only after and windows that tile the input: ceil_mode clips the last
+        # window to the input and divides by its in-bounds size, exactly as SAME here.
+        return F.avg_pool2d(x, k, s, ceil_mode=True, count_include_pad=False)
+    pad = [left, right, top, bottom]
+    summed = F.avg_pool2d(F.pad(x, pad), k, s)
+    ones = x.new_ones([1, 1, x.shape[-2], x.shape[-1]])
+    counts = F.avg_pool2d(F.pad(ones, pad), k, s)
+    return summed / counts
+
+
+torch.fx.wrap("avg_pool2d_same")
 
 
 class AvgPoolShortcut(nn.Module):

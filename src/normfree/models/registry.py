@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
-from collections.abc import Callable
+import inspect
+import os
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
+
+from torch import nn
 
 from normfree.models.base import NormFreeModel
 
-__all__ = ["UnknownModelError", "create_model", "list_models", "model_entrypoint", "register_model"]
+__all__ = [
+    "UnknownModelError",
+    "create_model",
+    "list_models",
+    "model_entrypoint",
+    "register_model",
+    "set_weights_loader",
+]
 
 _REGISTRY: dict[str, Callable[..., NormFreeModel]] = {}
 F = TypeVar("F", bound=Callable[..., NormFreeModel])
@@ -55,17 +67,165 @@ def model_entrypoint(name: str) -> Callable[..., NormFreeModel]:
         ) from None
 
 
-def create_model(name: str, num_classes: int | None = None, **overrides: Any) -> NormFreeModel:
-    """Build a registered model.
+#: Loads a weights file (path) into a model; installed by :mod:`normfree` (the checkpoint
+#: layer's ``load_pretrained``), which sits above the models in the package layering.
+_WEIGHTS_LOADER: list[Callable[[nn.Module, str], Any]] = []
+
+#: timm keywords with no normfree counterpart: accepted only when unset (``None``), as timm's
+#: scripts pass them.
+_UNSUPPORTED = {
+    "drop_block_rate": "normfree models have no DropBlock",
+    "bn_momentum": "set BatchNorm momentum on the modules after creation",
+    "bn_eps": "set BatchNorm eps on the modules after creation",
+}
+
+
+def set_weights_loader(loader: Callable[[nn.Module, str], Any]) -> None:
+    """Install the function ``create_model(pretrained=True)`` loads weight files with."""
+    _WEIGHTS_LOADER[:] = [loader]
+
+
+def _default_num_classes(fn: Callable[..., NormFreeModel]) -> int:
+    param = inspect.signature(fn).parameters.get("num_classes")
+    default = None if param is None else param.default
+    return default if isinstance(default, int) else 1000
+
+
+def _resolve_pretrained_cfg(
+    name: str, pretrained_cfg: Any, overlay: dict[str, Any] | None
+) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` argument (``None``, a tag string, a dict or timm's
+    ``PretrainedCfg``) plus ``pretrained_cfg_overlay`` as one dict of overrides."""
+    cfg: dict[str, Any] = {}
+    if isinstance(pretrained_cfg, str):
+        if pretrained_cfg:
+            raise ValueError(
+                f"{name} has no pretrained tag {pretrained_cfg!r}: normfree models carry no "
+                "tagged weights; pass pretrained_cfg_overlay=dict(file=PATH)"
+            )
+    elif dataclasses.is_dataclass(pretrained_cfg) and not isinstance(pretrained_cfg, type):
+        cfg.update({f.name: getattr(pretrained_cfg, f.name)
+                    for f in dataclasses.fields(pretrained_cfg)})  # fmt: skip
+    elif isinstance(pretrained_cfg, dict):
+        cfg.update(pretrained_cfg)
+    elif pretrained_cfg is not None:
+        raise TypeError(
+            f"pretrained_cfg must be a dict, a tag string or None, got "
+            f"{type(pretrained_cfg).__name__}"
+        )
+    cfg.update(overlay or {})
+    return cfg
+
+
+def _load_pretrained(model: NormFreeModel, cfg: dict[str, Any]) -> None:
+    state, file = cfg.get("state_dict"), cfg.get("file")
+    if state is not None:
+        model.load_state_dict(state, strict=True)
+        return
+    if not file:
+        remote = [k for k in ("url", "hf_hub_id") if cfg.get(k)]
+        hint = (f" (its {' / '.join(remote)} is not downloaded: fetch the file yourself)"
+                if remote else "")  # fmt: skip
+        raise ValueError(
+            f"pretrained=True needs a local weights file for {model.meta.name}{hint}: pass "
+            "pretrained_cfg_overlay=dict(file=PATH) (normfree, timm or DeepMind .npz weights), "
+            "or pretrained=False with checkpoint_path=PATH; normfree downloads nothing"
+        )
+    if not _WEIGHTS_LOADER:  # pragma: no cover - installed whenever normfree is imported
+        raise RuntimeError("no weights loader installed: import normfree first")
+    _WEIGHTS_LOADER[0](model, str(file))
+
+
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    num_classes: int | None = None,
+    *,
+    pretrained_cfg: Any = None,
+    pretrained_cfg_overlay: dict[str, Any] | None = None,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
+    global_pool: str | None = None,
+    drop_path_rate: float | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Build a registered model, with the keywords and meanings of ``timm.create_model``.
 
     Args:
         name: a name from :func:`list_models`, e.g. ``"nf_resnet50"`` or ``"nfnet_f0"``.
-        num_classes: size of the classifier (0 for a feature extractor); ``None`` keeps the
-            family's default (1000 for ImageNet models, 10 for the small-image ``*_cifar*`` ones).
+        pretrained: load weights from the local file named by ``pretrained_cfg_overlay=
+            dict(file=PATH)`` (or ``pretrained_cfg=dict(file=PATH)``); a clear ``ValueError``
+            when none is given (nothing is downloaded). The weights are loaded into the model
+            with the configuration's class count (``num_classes`` of the cfg, the family's
+            default unless overlaid); a different ``num_classes`` then gets a fresh classifier.
+        num_classes: size of the classifier (0: no classifier, pooled features out); ``None``
+            keeps the family's default (1000 for ImageNet models, 10 for the ``*_cifar*`` ones).
+        pretrained_cfg / pretrained_cfg_overlay: a ``pretrained_cfg`` dict (or a timm
+            ``PretrainedCfg``) and entries replacing those of the model's own
+            (:attr:`NormFreeModel.pretrained_cfg`); the result is the model's ``pretrained_cfg``.
+        checkpoint_path: a weights file loaded (strictly) after creation, as in timm.
+        features_only: return a :class:`~normfree.models.features.FeatureExtractor` of the
+            feature maps ``out_indices`` (timm's rule; ``None`` all of them) instead.
+        global_pool: ``"avg"`` (default), ``"max"``, ``"avgmax"``, ``"catavgmax"`` or ``""``
+            (no pooling; needs ``num_classes=0``).
+        drop_path_rate: timm's name of the stochastic-depth rate (normfree's
+            ``stochdepth_rate``, which stays accepted).
         **overrides: architecture options of the family (``drop_rate``, ``stochdepth_rate``,
             ``in_chans``, ``alpha``, ``activation``, …); unknown options raise ``TypeError``.
+            timm's ``cache_dir`` is ignored; ``output_stride`` must be 32 (no dilated variants).
     """
+    if not isinstance(pretrained, bool):
+        raise TypeError(
+            f"pretrained must be True or False, got {pretrained!r} (num_classes is the third "
+            "argument, as in timm; pass it by keyword)"
+        )
     fn = model_entrypoint(name)
-    if num_classes is not None:
-        overrides["num_classes"] = num_classes
-    return fn(**overrides)
+    overrides = {k: v for k, v in overrides.items() if v is not None}  # timm drops unset args
+    overrides.pop("cache_dir", None)
+    for key, why in _UNSUPPORTED.items():
+        if key in overrides:
+            raise ValueError(f"{key}={overrides[key]!r} is not supported: {why}")
+    output_stride = overrides.pop("output_stride", 32)
+    if output_stride != 32:
+        raise ValueError(f"output_stride={output_stride} is not supported (only 32)")
+    feature_cls = overrides.pop("feature_cls", None)
+    if feature_cls not in (None, "getter", "list"):
+        raise ValueError(f"feature_cls={feature_cls!r} is not supported (None, 'getter', 'list')")
+    if drop_path_rate is not None:
+        rate = overrides.get("stochdepth_rate", drop_path_rate)
+        if rate != drop_path_rate:
+            raise ValueError(
+                f"drop_path_rate={drop_path_rate} and stochdepth_rate={rate} disagree: they are "
+                "the same option, give one"
+            )
+        overrides["stochdepth_rate"] = drop_path_rate
+    if not (num_classes is None or (isinstance(num_classes, int) and num_classes >= 0)):
+        raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+
+    cfg_updates = _resolve_pretrained_cfg(name, pretrained_cfg, pretrained_cfg_overlay)
+    weights_classes = cfg_updates.get("num_classes", _default_num_classes(fn))
+    build_classes = weights_classes if pretrained else num_classes
+    if build_classes is not None:
+        overrides["num_classes"] = build_classes
+    model = fn(**overrides)
+    cfg = model.default_pretrained_cfg(num_classes=weights_classes)
+    cfg.update(cfg_updates)
+    model.pretrained_cfg = cfg
+    if pretrained:
+        _load_pretrained(model, cfg)
+    wanted = model.num_classes if num_classes is None else num_classes
+    if wanted != model.num_classes or (global_pool is not None
+                                       and global_pool != model.head.global_pool):  # fmt: skip
+        model.reset_classifier(wanted, global_pool)
+    if checkpoint_path:
+        if not _WEIGHTS_LOADER:  # pragma: no cover
+            raise RuntimeError("no weights loader installed: import normfree first")
+        _WEIGHTS_LOADER[0](model, str(checkpoint_path))
+    if features_only:
+        from normfree.models.features import FeatureExtractor
+
+        return FeatureExtractor(model, out_indices)
+    if out_indices is not None:
+        raise ValueError("out_indices needs features_only=True")
+    return model

@@ -32,6 +32,7 @@ __all__ = [
     "CONV_TYPES",
     "ChannelNoise",
     "apply_zero_mean_init",
+    "channel_noise",
     "kernel_mean_dims",
     "kernel_slice_means",
     "zero_mean_conv_weights",
@@ -151,6 +152,25 @@ def apply_zero_mean_init(
     return [name for name, _ in selected]
 
 
+def channel_noise(x: Tensor, delta: float, shift: float) -> Tensor:
+    """``x[n, c]·a[n, c] + b[n, c]`` with ``a ~ U[1−δ, 1+δ]``, ``b ~ U[−s, s]`` drawn per example
+    and channel (see :class:`ChannelNoise`). A leaf of ``torch.fx`` traces (it reads the shape)."""
+    if x.ndim < 2:
+        raise ValueError(f"ChannelNoise expects input (N, C, ...), got shape {list(x.shape)}")
+    shape = [x.shape[0], x.shape[1]] + [1] * (x.ndim - 2)
+    out = x
+    if delta > 0.0:
+        scale = torch.empty(shape, dtype=x.dtype, device=x.device)
+        out = out * scale.uniform_(1.0 - delta, 1.0 + delta)
+    if shift > 0.0:
+        offset = torch.empty(shape, dtype=x.dtype, device=x.device)
+        out = out + offset.uniform_(-shift, shift)
+    return out
+
+
+torch.fx.wrap("channel_noise")
+
+
 class ChannelNoise(nn.Module):
     """Training-only channel noise of MSR (Ruff et al. 2019, §3 (3); the authors'
     ``PerMapRandomScalingLayer``): ``y[n, c] = x[n, c]·a[n, c] + b[n, c]`` with independent
@@ -171,17 +191,7 @@ class ChannelNoise(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or (self.delta == 0.0 and self.shift == 0.0):
             return x
-        if x.ndim < 2:
-            raise ValueError(f"ChannelNoise expects input (N, C, ...), got shape {list(x.shape)}")
-        shape = [x.shape[0], x.shape[1]] + [1] * (x.ndim - 2)
-        out = x
-        if self.delta > 0.0:
-            scale = torch.empty(shape, dtype=x.dtype, device=x.device)
-            out = out * scale.uniform_(1.0 - self.delta, 1.0 + self.delta)
-        if self.shift > 0.0:
-            offset = torch.empty(shape, dtype=x.dtype, device=x.device)
-            out = out + offset.uniform_(-self.shift, self.shift)
-        return out
+        return channel_noise(x, self.delta, self.shift)
 
     def extra_repr(self) -> str:
         return f"delta={self.delta:g}, shift={self.shift:g}"

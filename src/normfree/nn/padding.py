@@ -84,6 +84,9 @@ def _pad_same_2d(
     return F.pad(x, [left, right, top, bottom], value=value)
 
 
+torch.fx.wrap("_pad_same_2d")  # a torch.fx leaf: the amounts depend on the input's size
+
+
 def conv_pair(
     value: int | tuple[int, int] | list[int], name: str, minimum: int = 1
 ) -> tuple[int, int]:

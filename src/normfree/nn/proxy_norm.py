@@ -116,6 +116,18 @@ def _check_input(x: Tensor, num_channels: int, who: str) -> None:
         )
 
 
+def _check_elementwise(proxy: Tensor, z: Tensor) -> None:
+    if z.shape != proxy.shape:
+        raise ValueError(
+            f"the activation must be elementwise: it mapped shape {list(proxy.shape)} "
+            f"to {list(z.shape)}"
+        )
+
+
+for _leaf in ("_check_input", "_check_elementwise"):
+    torch.fx.wrap(_leaf)  # leaves of torch.fx traces: they read shapes
+
+
 class ProxyNormActivation(nn.Module):
     """Proxy-normalized activation PN-Act (Labatie et al. 2021, §4; see the module docstring).
 
@@ -186,11 +198,7 @@ class ProxyNormActivation(nn.Module):
         proxy_scale = 1.0 + self.proxy_weight.to(dtype)
         proxy = proxy_scale[:, None] * u + self.proxy_bias.to(dtype)[:, None]
         z = self.act(self.weight.to(dtype)[:, None] * proxy + self.bias.to(dtype)[:, None])
-        if z.shape != proxy.shape:
-            raise ValueError(
-                f"the activation must be elementwise: it mapped shape {list(proxy.shape)} "
-                f"to {list(z.shape)}"
-            )
+        _check_elementwise(proxy, z)
         mean = z.mean(dim=1)
         var = (z - mean[:, None]).square().mean(dim=1)
         return mean, var

@@ -29,6 +29,7 @@ __all__ = [
     "SkipInitGain",
     "SqueezeExcite",
     "StochasticDepth",
+    "drop_path",
     "stochastic_depth_rates",
 ]
 
@@ -66,6 +67,21 @@ def stochastic_depth_rates(rate: float, num_blocks: int) -> list[float]:
     return [rate * i / num_blocks for i in range(num_blocks)]
 
 
+def drop_path(x: torch.Tensor, drop_rate: float, scale_by_keep: bool = False) -> torch.Tensor:
+    """``x·mask`` with one Bernoulli(1 − ``drop_rate``) draw per example (mask shape
+    ``(B, 1, ..., 1)``), divided by the keep rate when ``scale_by_keep``. A leaf of
+    ``torch.fx`` traces (it reads the input's shape)."""
+    keep = 1.0 - drop_rate
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(keep)
+    if scale_by_keep:
+        mask = mask / keep
+    return x * mask
+
+
+torch.fx.wrap("drop_path")
+
+
 class StochasticDepth(nn.Module):
     """Drop the residual branch of whole examples with probability ``drop_rate`` in training.
 
@@ -84,12 +100,7 @@ class StochasticDepth(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.drop_rate == 0.0:
             return x
-        keep = 1.0 - self.drop_rate
-        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-        mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(keep)
-        if self.scale_by_keep:
-            mask = mask / keep
-        return x * mask
+        return drop_path(x, self.drop_rate, self.scale_by_keep)
 
     def extra_repr(self) -> str:
         return f"drop_rate={self.drop_rate:g}, scale_by_keep={self.scale_by_keep}"

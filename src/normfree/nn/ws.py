@@ -29,6 +29,8 @@ from torch.autograd.function import once_differentiable
 
 from normfree.nn.padding import Conv2dSame, _pad_same_2d, conv_pair, resolve_padding
 
+torch.fx.wrap("_pad_same_2d")  # torch.fx leaves: they branch on the input's size / dtype
+
 __all__ = [
     "ScaledStdConv2d",
     "StdConv2dBase",
@@ -127,6 +129,17 @@ def qiao_standardize(weight: Tensor, eps: float = 1e-5) -> Tensor:
     return centered / (std + eps)
 
 
+def _upcast_half(weight: Tensor) -> Tensor:
+    """fp16/bf16 → fp32; other dtypes unchanged."""
+    if weight.dtype == torch.float16 or weight.dtype == torch.bfloat16:
+        return weight.float()
+    return weight
+
+
+for _leaf in ("_upcast_half", "scaled_standardize", "qiao_standardize"):
+    torch.fx.wrap(_leaf)
+
+
 class StdConv2dBase(nn.Conv2d):
     """Base of weight-standardized 2-D convs: ``conv(x, standardize(W)) + bias``.
 
@@ -205,9 +218,7 @@ class StdConv2dBase(nn.Conv2d):
     def standardized_weight(self) -> Tensor:
         """The effective conv weight (with autograd, no cache), in the weight's dtype."""
         weight = self.weight
-        if weight.dtype == torch.float16 or weight.dtype == torch.bfloat16:
-            return self.standardize(weight.float()).to(weight.dtype)
-        return self.standardize(weight)
+        return self.standardize(_upcast_half(weight)).to(weight.dtype)
 
     def clear_weight_cache(self) -> None:
         """Drop the cached inference weight (it is rebuilt on the next no-grad forward)."""
@@ -220,7 +231,8 @@ class StdConv2dBase(nn.Conv2d):
         grad_wanted = torch.is_grad_enabled() and (
             weight.requires_grad or (gain is not None and gain.requires_grad)
         )
-        if grad_wanted or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        if (grad_wanted or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or isinstance(self.weight, torch.fx.Proxy)):  # fx: trace, never cache
             self._ws_cache = None  # don't keep a stale copy alive while training
             return self.standardized_weight()
         key: tuple = (

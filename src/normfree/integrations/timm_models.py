@@ -1,0 +1,8 @@
+"""Holder of the timm entrypoints that :func:`normfree.integrations.timm.register_timm_models`
+creates (timm's registry records each entrypoint's module and lists its name in that module's
+``__all__``; keeping them here leaves the bridge module itself unchanged).
+
+``timm.list_models(module="timm_models")`` lists the registered normfree models.
+"""
+
+__all__: list[str] = []

@@ -1,0 +1,269 @@
+"""timm's model API on one small model of every family: create_model keywords, classifier reset
+and pooling, forward_intermediates == features_only extractor, pruning, group_matcher,
+pretrained_cfg, weight files, and torch.fx traces equal to eager."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.fx
+
+import normfree
+from normfree.models import FeatureInfo, create_model
+
+SHORT = dict(depths=(1, 1, 1))  # one block per stage of the small-image ResNets
+
+# one small model per family: (registered name, overrides shrinking it, image size)
+FAMILIES = {
+    "nf_resnet": ("nf_resnet_cifar20", SHORT, 8),
+    "nfnet": ("nfnet_f0", dict(depths=(1, 1, 1, 1), widths=(32, 64, 96, 96), group_size=8,
+                               stem_channels=(8, 8, 8)), 32),
+    "nf_regnet": ("nf_regnet_b0", dict(depths=(1, 1, 1, 1), widths=(16, 32, 48, 64)), 33),
+    "efficientnet": ("efficientnet_b0_g16_gn", dict(width=0.25, depth=0.25, head_channels=64),
+                     32),
+    "bn_resnet": ("bn_resnet_cifar20", SHORT, 8),
+    "wsgn_resnet": ("wsgn_resnet_cifar20", SHORT, 8),
+    "gnpn_resnet": ("gnpn_resnet_cifar20", SHORT, 8),
+    "skipinit_resnet": ("skipinit_resnet_cifar20", SHORT, 8),
+    "fixup_resnet": ("fixup_resnet_cifar20", SHORT, 8),
+    "msr_resnet": ("msr_resnet_cifar20", SHORT, 8),
+}
+IDS = list(FAMILIES)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _build(family: str, seed: int = 0, **kwargs):
+    name, small, _ = FAMILIES[family]
+    torch.manual_seed(seed)
+    return create_model(name, **{**small, **kwargs})
+
+
+def _image(family: str, n: int = 2) -> torch.Tensor:
+    size = FAMILIES[family][2]
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _perturb(model: torch.nn.Module) -> None:
+    """Non-zero residual gains and classifier, so every layer changes the output."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("family", IDS)
+def test_create_model_keywords_have_timm_meaning(family: str) -> None:
+    model = _build(family, pretrained=False, num_classes=0, global_pool="", drop_rate=0.3,
+                   drop_path_rate=0.1).eval()  # fmt: skip
+    x = _image(family)
+    with torch.no_grad():
+        out = model(x)
+        feats = model.forward_features(x)
+    # num_classes=0 + global_pool='': the unpooled feature map comes out
+    assert out.shape == feats.shape and out.shape[1] == model.num_features
+    assert torch.equal(out, feats)
+    assert model.meta.stochdepth_rate == 0.1 and model.head.drop_rate == 0.3
+    rates = [m.drop_rate for m in model.modules() if type(m).__name__ == "StochasticDepth"]
+    assert rates and max(rates) == pytest.approx(0.1 * (len(rates) - 1) / len(rates))
+    # reset_classifier(num_classes, global_pool) as timm: None keeps the pooling
+    with pytest.raises(ValueError, match="global_pool=''"):
+        model.reset_classifier(4)
+    model.reset_classifier(4, "avg")
+    assert model.get_classifier().out_features == 4 and model.get_classifier(True) == "head.fc"
+    with torch.no_grad():
+        assert model(x).shape == (2, 4)
+        model.reset_classifier(0, "catavgmax")
+        pooled = model(x)
+    assert model.head_hidden_size == 2 * model.num_features == pooled.shape[1]
+    assert torch.allclose(pooled[:, : model.num_features], feats.mean((2, 3)), atol=1e-6)
+    assert torch.equal(pooled[:, model.num_features :], feats.amax((2, 3)))
+
+
+@pytest.mark.parametrize("family", IDS)
+def test_forward_intermediates_equal_the_features_only_extractor(family: str) -> None:
+    model = _build(family).eval()
+    _perturb(model)
+    x = _image(family)
+    infos = model.feature_info
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x)
+        ref = model.forward_features(x)
+        assert torch.equal(final, ref)
+        assert len(inter) == len(infos) == len(model.stages) + 1
+        for t, info in zip(inter, infos):
+            assert t.shape[1] == info["num_chs"] == info.num_chs
+            assert x.shape[-1] // info["reduction"] in (t.shape[-1], t.shape[-1] - 1)
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        for a, b in zip(last_two, inter[-2:]):
+            assert torch.equal(a, b)
+        early, taken = model.forward_intermediates(x, indices=[0, 1], stop_early=True)
+        assert torch.equal(early, inter[1])
+        assert len(taken) == 2 and taken[1] is early
+        normed = model.forward_intermediates(x, indices=[-1], norm=True, intermediates_only=True)
+        assert torch.equal(normed[0], ref)
+
+    extractor = _build(family, features_only=True, out_indices=(1, -1)).eval()
+    extractor.model.load_state_dict(model.state_dict(), strict=False)
+    assert extractor.out_indices == (1, len(infos) - 1)
+    assert extractor.feature_info.channels() == [infos[1]["num_chs"], infos[-1]["num_chs"]]
+    assert extractor.feature_info.reduction() == [infos[1]["reduction"], infos[-1]["reduction"]]
+    with torch.no_grad():
+        feats = extractor(x)
+        only = model.forward_intermediates(x, indices=(1, -1), intermediates_only=True)
+    assert len(feats) == 2
+    for a, b, c in zip(feats, only, (inter[1], inter[-1])):
+        assert torch.equal(a, b)
+        assert torch.equal(a, c)
+    # the extractor lost the classifier: no head parameters left
+    assert not [n for n, _ in extractor.named_parameters() if ".head." in n]
+
+
+@pytest.mark.parametrize("family", IDS)
+def test_fx_trace_equals_eager(family: str) -> None:
+    model = _build(family, drop_path_rate=0.2)
+    _perturb(model)
+    x = _image(family)
+    for training in (False, True):
+        model.train(training)
+        graph = torch.fx.symbolic_trace(model)
+        torch.manual_seed(3)
+        eager = model(x)
+        torch.manual_seed(3)
+        traced = graph(x)
+        assert torch.equal(traced, eager)
+    # the input check survives tracing
+    with pytest.raises(ValueError, match="input channels"):
+        graph(x[:, :2])
+
+
+@pytest.mark.parametrize("family", IDS)
+def test_prune_intermediate_layers_keeps_the_maps_it_returns(family: str) -> None:
+    model = _build(family).eval()
+    _perturb(model)
+    x = _image(family)
+    with torch.no_grad():
+        full = model.forward_intermediates(x, intermediates_only=True)
+    kept = model.prune_intermediate_layers([0, 2])
+    assert kept == [0, 2] and len(model.stages) == 2 and model.num_classes == 0
+    assert model.num_features == model.feature_info[2]["num_chs"]
+    with torch.no_grad():
+        pruned = model.forward_intermediates(x, indices=kept, intermediates_only=True)
+        out = model(x)
+    assert torch.equal(pruned[0], full[0])
+    assert torch.equal(pruned[1], full[2])
+    assert torch.equal(out, full[2])  # no pooling, no final layer
+
+
+@pytest.mark.parametrize("family", IDS)
+def test_group_matcher_no_weight_decay_and_pretrained_cfg(family: str) -> None:
+    model = _build(family)
+    names = [n for n, _ in model.named_parameters()]
+    fine, coarse = model.group_matcher(), model.group_matcher(coarse=True)
+    block_re = re.compile(fine["blocks"][0][0])
+    stage_re = re.compile(coarse["blocks"][0][0])
+    blocks = {block_re.match(n).groups() for n in names if block_re.match(n)}
+    assert len(blocks) == sum(len(s) for s in model.stages)
+    assert {stage_re.match(n).groups() for n in names if stage_re.match(n)} == {
+        (str(i),) for i in range(len(model.stages))
+    }
+    groups = [fine["stem"], fine["blocks"][0][0], fine["blocks"][1][0], r"^head\."]
+    unmatched = [n for n in names if not any(re.match(g, n) for g in groups)]
+    assert not unmatched  # every parameter belongs to stem, a block, final or the head
+
+    # timm's name for the family's rule (NF: gains, biases, scalars; Fixup decays everything)
+    no_decay = model.no_weight_decay()
+    assert no_decay == model.no_weight_decay_names() and no_decay <= set(names)
+
+    cfg = model.pretrained_cfg
+    meta = model.meta
+    assert model.default_cfg is cfg
+    assert cfg["input_size"] == (3, meta.train_size, meta.train_size)
+    assert cfg["test_input_size"] == (3, meta.test_size, meta.test_size)
+    assert cfg["architecture"] == meta.name and cfg["classifier"] == "head.fc"
+    assert cfg["num_classes"] == model.num_classes
+    assert isinstance(model.get_submodule(cfg["first_conv"]), torch.nn.Conv2d)
+    last = model.feature_info[-1]["reduction"]
+    assert cfg["pool_size"] == (-(-meta.train_size // last),) * 2
+    if meta.small_image:
+        assert cfg["crop_pct"] == 1.0 and cfg["mean"] == (0.4914, 0.4822, 0.4465)
+    else:
+        assert cfg["crop_pct"] == meta.train_size / (meta.train_size + 32)
+        assert cfg["interpolation"] == "bicubic" and cfg["mean"] == (0.485, 0.456, 0.406)
+
+
+def test_nfnet_f0_data_config_is_the_papers() -> None:
+    """F0 trains at 192 px and is evaluated at 256 px after resizing to 288 (Brock et al.
+    2021b, Table 2; official ``resize_crop_32``)."""
+    cfg = _build("nfnet").pretrained_cfg  # F0's meta with small widths
+    assert cfg["input_size"] == (3, 192, 192) and cfg["test_input_size"] == (3, 256, 256)
+    assert int(256 / cfg["test_crop_pct"]) == 288 and int(192 / cfg["crop_pct"]) == 224
+    assert cfg["pool_size"] == (6, 6) and cfg["test_pool_size"] == (8, 8)
+
+
+def test_feature_info_entries_are_timm_dicts() -> None:
+    model = _build("nf_resnet")
+    info = model.feature_info
+    assert info[0]["num_chs"] == 16 and info[0]["module"] == "stem" and info[-1].reduction == 4
+    assert info.channels() == [16, 16, 32, 64] and info.reduction() == [1, 1, 2, 4]
+    assert info.module_name(1) == "stages.0" and info.get_dicts(idx=0)["num_chs"] == 16
+    assert FeatureInfo("stem", 3, 1) == {"module": "stem", "num_chs": 3, "reduction": 1}
+
+
+def test_pretrained_loads_a_local_file_the_timm_way(tmp_path) -> None:
+    source = _build("nf_resnet", seed=5)
+    _perturb(source)
+    path = tmp_path / "w.safetensors"
+    normfree.save_model(source, path)
+    with pytest.raises(ValueError, match=r"pretrained_cfg_overlay=dict\(file=PATH\)"):
+        create_model("nf_resnet_cifar20", pretrained=True, **SHORT)
+    with pytest.raises(ValueError, match="downloads nothing"):
+        create_model("nf_resnet_cifar20", pretrained=True, pretrained_cfg_overlay=dict(url="x"),
+                     **SHORT)
+    model = create_model("nf_resnet_cifar20", pretrained=True,
+                         pretrained_cfg_overlay=dict(file=str(path)), **SHORT)  # fmt: skip
+    assert model.pretrained_cfg["file"] == str(path)
+    for (name, a), b in zip(source.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # another class count: the pretrained trunk with a fresh classifier (timm's rule)
+    torch.manual_seed(0)
+    model3 = create_model("nf_resnet_cifar20", pretrained=True, num_classes=3,
+                          pretrained_cfg=dict(file=str(path)), **SHORT)  # fmt: skip
+    assert model3.num_classes == 3 and model3.pretrained_cfg["num_classes"] == 10
+    assert torch.equal(model3.stages[2][0].conv1.weight, source.stages[2][0].conv1.weight)
+    # checkpoint_path loads after creation, strictly
+    model_ck = create_model("nf_resnet_cifar20", checkpoint_path=path, **SHORT)
+    assert torch.equal(model_ck.head.fc.weight, source.head.fc.weight)
+    x = _image("nf_resnet")
+    with torch.no_grad():
+        assert torch.equal(model_ck.eval()(x), source.eval()(x))
+
+
+def test_bad_timm_arguments_fail_clearly() -> None:
+    name = "nf_resnet_cifar20"
+    cases = [
+        (dict(drop_block_rate=0.1), "DropBlock"),
+        (dict(output_stride=16), "output_stride"),
+        (dict(num_classes=5, global_pool=""), "needs num_classes=0"),
+        (dict(global_pool="median"), "global_pool must be one of"),
+        (dict(out_indices=(1,)), "features_only"),
+        (dict(features_only=True, out_indices=(7,)), "out of range"),
+        (dict(drop_path_rate=0.1, stochdepth_rate=0.2), "disagree"),
+        (dict(pretrained_cfg="in22k"), "no pretrained tag"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            create_model(name, **kwargs)
+    with pytest.raises(TypeError, match="keyword"):
+        create_model(name, 10)
+    # unset timm options (None) are ignored, as timm's create_model does
+    model = create_model(name, drop_block_rate=None, bn_momentum=None, cache_dir=None)
+    assert model.meta.stochdepth_rate == 0.0
+    assert create_model(name, stochdepth_rate=0.1).meta.stochdepth_rate == 0.1  # normfree alias
