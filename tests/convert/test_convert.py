@@ -227,15 +227,8 @@ def test_normfree_bn_resnet():
 
     torch.manual_seed(0)
     model = _warm(create_model("bn_resnet_cifar20", num_classes=10), (4, 3, 16, 16), 2)
-    try:
-        c = convert_model(model, "bn_free", _inputs(), standalone_bn="affine")
-    except ConversionError as e:
-        if "cannot trace" in str(e):
-            pytest.skip(
-                "normfree models are not torch.fx-traceable yet (shape checks in "
-                "models/base.py; the timm-conventions issue makes them traceable): " + str(e)
-            )
-        raise
+    # normfree's BN ResNets are pre-activation (BN before the conv): kept as exact affines
+    c = convert_model(model, "bn_free", _inputs(), standalone_bn="affine")
     assert c.report.rel_error < 1e-5
     assert c.description["source"] == "normfree:bn_resnet_cifar20"
 
