@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 import normfree
 from normfree.models import count_flops, count_params
-from normfree.models.nfnet import NFNET_VARIANTS, AvgPool2dSame, NFNet, NFNetBlock
+from normfree.models.nfnet import NFNET_VARIANTS, NFNet, NFNetBlock
+from normfree.nn import AvgPool2dSame
 from normfree.nn import ScaledStdConv2d, SqueezeExcite
 
 ALPHA = 0.2

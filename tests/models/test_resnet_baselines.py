@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import normfree
-from normfree.models.resnet import PreActResNetBlock, group_norm_groups
-from normfree.nn import ScalarBias, WSConv2d
+from normfree.models.resnet import PreActResNetBlock
+from normfree.nn import ScalarBias, WSConv2d, group_norm_groups
 
 SMALL = ("bn_resnet_cifar20", "wsgn_resnet_cifar20", "skipinit_resnet_cifar20")
 
@@ -234,20 +234,3 @@ def test_skipinit_1202_layers_builds_and_runs() -> None:
 def test_skipinit_10004_layers_builds_and_runs() -> None:
     """161M parameters (~0.65 GB); ~3 s to build and ~1 s forward on an idle CPU core."""
     _deep_forward("skipinit_resnet_cifar10004", 5001)  # 6·1667 + 2 layers
-
-
-def test_shared_he_conv_matches_nf_resnet_default() -> None:
-    """``models._layers.HeConv2d`` with default arguments is the NF-ResNet's He-init conv."""
-    from normfree.models import _layers, nf_resnet
-
-    torch.manual_seed(0)
-    ours = _layers.HeConv2d(8, 16, 3, stride=2)
-    torch.manual_seed(0)
-    theirs = nf_resnet.HeConv2d(8, 16, 3, stride=2)
-    assert ours.padding == theirs.padding and ours.stride == theirs.stride
-    torch.testing.assert_close(ours.state_dict(), theirs.state_dict(), rtol=0, atol=0)
-    fan_out = _layers.HeConv2d(8, 64, 3, bias=False, mode="fan_out")
-    assert fan_out.bias is None
-    assert fan_out.weight.std().item() == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.05)
-    with pytest.raises(ValueError, match="mode"):
-        _layers.HeConv2d(8, 16, 3, mode="fan_avg")

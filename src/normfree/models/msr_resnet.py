@@ -50,17 +50,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normfree.models._layers import (
-    HeConv2d,
-    MaxPoolSame,
+from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
+from normfree.models.layouts import (
     check_resnet_layout,
     imagenet_layout,
     small_image_layout,
 )
-from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
 from normfree.models.registry import register_model
+from normfree.nn.conv import HeConv2d
 from normfree.nn.head import ClassifierHead
 from normfree.nn.msr import ChannelNoise, apply_zero_mean_init
+from normfree.nn.pooling import MaxPoolSame
 from normfree.nn.residual import (
     ResidualBlock,
     SkipInitGain,

@@ -56,17 +56,18 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from normfree.models._layers import (
-    HeConv2d,
+from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
+from normfree.models.layouts import (
     check_resnet_layout,
     imagenet_layout,
     resnet_stem,
     small_image_layout,
 )
-from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
 from normfree.models.registry import register_model
+from normfree.nn.conv import HeConv2d
 from normfree.nn.fixup import ScalarBias
 from normfree.nn.head import ClassifierHead
+from normfree.nn.norm import group_norm_groups
 from normfree.nn.proxy_norm import ProxyNormActivation, proxy_norm_decay_names
 from normfree.nn.residual import (
     ResidualBlock,
@@ -79,7 +80,6 @@ from normfree.nn.ws import WSConv2d
 __all__ = [
     "PreActResNet",
     "PreActResNetBlock",
-    "group_norm_groups",
     "resnet_family",
     "skipinit_resnet_cifar",
 ]
@@ -107,24 +107,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rezero_resnet": dict(norm="none", rezero=True),  # identical to skipinit (module docstring)
 }
 _NORMS = ("batch", "group", "layer", "none")
-
-
-def group_norm_groups(channels: int, max_groups: int = 32, min_channels_per_group: int = 2) -> int:
-    """Number of GroupNorm groups for ``channels``: the largest ``g ≤ max_groups`` that divides
-    ``channels`` and leaves at least ``min_channels_per_group`` channels per group (at least 1).
-
-    >>> [group_norm_groups(c) for c in (16, 32, 64, 256)]
-    [8, 16, 32, 32]
-    """
-    if channels < 1 or max_groups < 1 or min_channels_per_group < 1:
-        raise ValueError(
-            f"channels, max_groups and min_channels_per_group must be >= 1, got {channels}, "
-            f"{max_groups} and {min_channels_per_group}"
-        )
-    g = max(1, min(max_groups, channels // min_channels_per_group))
-    while channels % g:
-        g -= 1
-    return g
 
 
 def resnet_family(norm: str, use_ws: bool, proxy_norm: bool, rezero: bool) -> str:

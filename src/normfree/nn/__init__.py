@@ -8,6 +8,7 @@ from normfree.nn.activations import (
     get_activation,
     nf_activation,
 )
+from normfree.nn.conv import HeConv2d, grouped_width
 from normfree.nn.fixup import (
     FIXUP_SCALAR_LR_SCALE,
     ScalarBias,
@@ -29,7 +30,9 @@ from normfree.nn.msr import (
     zero_mean_conv_weights,
     zero_mean_init_,
 )
+from normfree.nn.norm import group_norm_groups
 from normfree.nn.padding import Conv2dSame, pad_same, same_padding_amounts, static_same_padding
+from normfree.nn.pooling import AvgPool2dSame, AvgPoolShortcut, MaxPoolSame
 from normfree.nn.proxy_norm import (
     FoldedProxyNormActivation,
     NormAct,
@@ -61,11 +64,15 @@ __all__ = [
     "CONV_TYPES",
     "FIXUP_SCALAR_LR_SCALE",
     "GAMMA_TABLE",
+    "AvgPool2dSame",
+    "AvgPoolShortcut",
     "ChannelNoise",
     "ClassifierHead",
     "Conv2dSame",
     "ExpectedVariance",
     "FoldedProxyNormActivation",
+    "HeConv2d",
+    "MaxPoolSame",
     "NFResidualBlock",
     "NormAct",
     "ProxyNormActivation",
@@ -89,6 +96,8 @@ __all__ = [
     "fold_proxy_norm",
     "fold_weight_standardization",
     "get_activation",
+    "group_norm_groups",
+    "grouped_width",
     "he_fan_out_normal_",
     "he_fan_out_std",
     "kernel_mean_dims",

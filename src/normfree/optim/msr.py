@@ -4,7 +4,8 @@ Let ``P`` be the orthogonal projection onto the zero-mean subspace of a conv ker
 the mean of every spatial slice ``W[o, i, ...]`` (k×k kernels) or of every filter over its input
 channels (1×1 kernels); see :func:`normfree.nn.msr.kernel_mean_dims`. The paper subtracts "the
 weighted channel-wise mean of the spatial kernel gradients" at every step. The authors' code has
-two versions that disagree (reference notes, other-methods.md §3):
+two versions that disagree (``trainer.ZeroMeanNormaliseGrads`` in the ``pytorch_resnet_cifar10/``
+code of the authors' repository, commit ``b5fc345``: an ``ORIG`` branch and a current one):
 
 * ``ORIG``: ``g ← g − m·mean(g)`` with ``m = 0.99``: leaves 1 % of the mean, so the weights
   drift off the isocline, slowly;

@@ -1,12 +1,8 @@
-"""Layers shared by several model families (NF-ResNets, their "He-init" variants and the
-ResNet-layout baselines): :class:`HeConv2d`, :class:`MaxPoolSame`, :func:`resnet_stem`,
-:func:`check_resnet_layout` and the two standard layouts, :func:`imagenet_layout` and
-:func:`small_image_layout`.
-
-:class:`HeConv2d` is a plain convolution with He-normal init (He et al. 2015, eq. 10 for
-``fan_in``, eq. 14 for ``fan_out``), symmetric ``k//2`` padding and an optional bias. It is a
-superset of the class of the same name in :mod:`normfree.models.nf_resnet` (same defaults:
-``bias=True``, ``mode="fan_in"``), so that module can import it from here.
+"""The ResNet layouts that several model families share (NF-ResNets, their "He-init" variants,
+the normalized and SkipInit baselines, Fixup and MSR ResNets): :func:`resnet_stem`,
+:func:`check_resnet_layout` and the two standard layouts, :func:`imagenet_layout` (He et al. 2016,
+arXiv 1512.03385, Table 1) and :func:`small_image_layout` (§4.2). Layers live in
+:mod:`normfree.nn`; this module only says how they are arranged.
 """
 
 from __future__ import annotations
@@ -14,81 +10,19 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from normfree.nn.padding import same_padding_amounts
+from normfree.nn.pooling import MaxPoolSame
 
 __all__ = [
     "IMAGENET_DEPTHS",
     "STEM_KINDS",
-    "HeConv2d",
-    "MaxPoolSame",
     "check_resnet_layout",
     "cifar_depths",
     "imagenet_layout",
     "resnet_stem",
     "small_image_layout",
 ]
-
-_MODES = ("fan_in", "fan_out")
-
-
-class HeConv2d(nn.Conv2d):
-    """Plain 2-D convolution with He-normal init: ``W ~ N(0, 2/fan)`` with ``fan`` the fan-in
-    ``C_in/groups·k²`` (``mode="fan_in"``) or the fan-out ``C_out·k²`` (``mode="fan_out"``,
-    torchvision's ResNet and Fixup's rule); zero bias. Padding ``k//2`` (symmetric).
-
-    Args:
-        bias: add a learnable per-channel bias (initialised to 0).
-        mode: ``"fan_in"`` or ``"fan_out"``.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        groups: int = 1,
-        bias: bool = True,
-        mode: str = "fan_in",
-    ) -> None:
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        if not isinstance(kernel_size, int) or kernel_size < 1:
-            raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
-        self.mode = mode  # read by reset_parameters, which nn.Conv2d.__init__ calls
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
-            groups=groups, bias=bias,
-        )  # fmt: skip
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_normal_(self.weight, mode=self.mode, nonlinearity="relu")
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", mode={self.mode}"
-
-
-class MaxPoolSame(nn.Module):
-    """3×3 stride-2 max-pool with TF/JAX "SAME" padding (pads with -inf, extra pixel after),
-    as the official stem's ``hk.max_pool(padding='SAME')``."""
-
-    def __init__(self, kernel_size: int = 3, stride: int = 2) -> None:
-        super().__init__()
-        self.kernel_size = kernel_size
-        self.stride = stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ph = same_padding_amounts(x.shape[-2], self.kernel_size, self.stride, 1)
-        pw = same_padding_amounts(x.shape[-1], self.kernel_size, self.stride, 1)
-        x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]), value=float("-inf"))
-        return F.max_pool2d(x, self.kernel_size, self.stride)
-
 
 STEM_KINDS = ("imagenet", "small")
 
