@@ -10,8 +10,7 @@ import torch.nn.functional as F
 import normfree
 from normfree.models import count_flops, count_params
 from normfree.models.nf_regnet import NF_REGNET_VARIANTS, NFRegNet, NFRegNetBlock
-from normfree.nn import AvgPool2dSame
-from normfree.nn import ScaledStdConv2d, SqueezeExcite
+from normfree.nn import AvgPool2dSame, ScaledStdConv2d, SqueezeExcite
 
 ALPHA = 0.2
 SILU_GAMMA = 1.7881293296813965  # official base.nonlinearities['silu']

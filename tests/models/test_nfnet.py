@@ -13,8 +13,7 @@ import torch.nn.functional as F
 import normfree
 from normfree.models import count_flops, count_params
 from normfree.models.nfnet import NFNET_VARIANTS, NFNet, NFNetBlock
-from normfree.nn import AvgPool2dSame
-from normfree.nn import ScaledStdConv2d, SqueezeExcite
+from normfree.nn import AvgPool2dSame, ScaledStdConv2d, SqueezeExcite
 
 ALPHA = 0.2
 GELU_GAMMA = 1.7015043497085571  # official base.nonlinearities['gelu']

@@ -166,17 +166,17 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     else:  # pragma: no cover - the config type rules this out
         raise ConfigError(f"unknown optimizer optim.name={o.name!r}")
     if use_agc:
-        from normfree.optim.agc import AGC
+        from normfree.optim.agc import attach_agc
 
         # clipping per group (None on the classifier group), so no name-based exclusion here
-        opt = AGC(opt, clipping=o.clipping, eps=o.agc_eps, exclude=())
+        attach_agc(opt, clipping=o.clipping, eps=o.agc_eps, exclude=())
     if msr_enabled(cfg, model):
-        from normfree.optim.msr import MeanShiftRejection
+        from normfree.optim.msr import attach_msr
 
         # plain SGD keeps projected weights on the isocline; adaptive optimizers need the
         # update re-projected (Ruff et al. 2019, §3; see normfree.optim.msr)
         mode = "project_grad" if o.name == "sgd" else "project_update"
-        opt = MeanShiftRejection(opt, model, mode=mode)
+        attach_msr(opt, model, mode=mode)
     return opt
 
 
