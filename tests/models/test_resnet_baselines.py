@@ -226,6 +226,7 @@ def _deep_forward(name: str, num_blocks: int) -> None:
     assert out.shape == (2, 10) and torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_skipinit_1202_layers_builds_and_runs() -> None:
     _deep_forward("skipinit_resnet_cifar1202", 600)  # 6·200 + 2 layers
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from normfree.models import NormFreeModel, create_model
+from normfree.models import NormFreeModel, count_params, create_model
 from normfree.optim.param_groups import build_param_groups
 from normfree.optim.schedules import WarmupDecayLR, scaled_peak_lr
 from normfree.train.config import Config, ConfigError
@@ -248,10 +248,6 @@ def steps_per_epoch(cfg: Config, num_examples: int) -> int:
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
     return steps
-
-
-def count_params(model: nn.Module) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
 
 
 def init_weights_from(cfg: Config, model: nn.Module) -> None:
