@@ -111,7 +111,7 @@ def test_bn_layout_is_bn_relu_conv_with_final_bn_relu() -> None:
 
 
 def test_bn_model_is_batch_dependent_in_train_and_independent_in_eval(
-    batch_gap: Callable[..., float]
+    batch_gap: Callable[..., float],
 ) -> None:
     torch.manual_seed(0)
     model = normfree.create_model("bn_resnet_cifar20", num_classes=10)
@@ -149,7 +149,7 @@ def test_wsgn_uses_ws_convs_and_group_rule() -> None:
     assert convs and all(isinstance(m, WSConv2d) and m.bias is None for m in convs)
     groups = {m.num_channels: m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)}
     assert groups == {32: 16, 64: 32, 128: 32}
-    plain = normfree.create_model("wsgn_resnet_cifar20", use_ws=False)
+    plain = normfree.create_model("wsgn_resnet_cifar20", norm="gn")
     assert not any(isinstance(m, WSConv2d) for m in plain.modules())
     with pytest.raises(ValueError, match="channels"):
         group_norm_groups(0)
@@ -196,9 +196,9 @@ def test_overrides_and_errors() -> None:
     with pytest.raises(ValueError, match="width"):
         normfree.create_model("bn_resnet_cifar20", width=0)
     with pytest.raises(ValueError, match="norm"):
-        normfree.models.resnet.PreActResNet((1,), (16,), strides=(1,), norm="instance")
+        normfree.models.resnet.PreActResNet((1,), (16,), strides=(1,), norm="instance")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="6n"):
-        normfree.models.resnet.skipinit_resnet_cifar(21)
+        normfree.models.skipinit_resnet.skipinit_resnet_cifar(21)
     with pytest.raises(TypeError):
         normfree.create_model("bn_resnet50", not_an_option=1)
 

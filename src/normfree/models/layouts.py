@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from normfree.models.base import FeatureInfo
 from normfree.nn.pooling import MaxPoolSame
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "check_resnet_layout",
     "cifar_depths",
     "imagenet_layout",
+    "resnet_stages",
     "resnet_stem",
     "small_image_layout",
 ]
@@ -52,6 +54,30 @@ def resnet_stem(
         return module, 4
     module.add_module("conv", conv(in_chans, channels, 3, 1))
     return module, 1
+
+
+def resnet_stages(
+    make_block: Callable[[int, int, int, int, int], nn.Module],
+    depths: Sequence[int],
+    channels: Sequence[int],
+    strides: Sequence[int],
+    in_ch: int,
+    reduction: int,
+) -> tuple[nn.ModuleList, list[FeatureInfo]]:
+    """``(stages, feature_info)``: stage ``s`` is an ``nn.Sequential`` of ``depths[s]`` blocks
+    ``make_block(in_ch, out_ch, stride, stage_index, block_index)`` (the stride on the first
+    block, ``block_index`` counted over the whole network); ``feature_info`` lists each stage's
+    output channels and reduction (``reduction`` is the stem's)."""
+    stages, info, block_idx = nn.ModuleList(), [], 0
+    for s, (depth, out_ch, stride) in enumerate(zip(depths, channels, strides)):
+        blocks = []
+        for b in range(depth):
+            blocks.append(make_block(in_ch, out_ch, stride if b == 0 else 1, s, block_idx))
+            in_ch, block_idx = out_ch, block_idx + 1
+        reduction *= stride
+        stages.append(nn.Sequential(*blocks))
+        info.append(FeatureInfo(f"stages.{s}", out_ch, reduction))
+    return stages, info
 
 
 def cifar_depths(depth: int) -> tuple[int, int, int]:

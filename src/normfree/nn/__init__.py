@@ -30,9 +30,10 @@ from normfree.nn.msr import (
     zero_mean_conv_weights,
     zero_mean_init_,
 )
-from normfree.nn.norm import group_norm_groups
+from normfree.nn.norm import NORM_SPECS, NormLayers, group_norm_groups, norm_layers
 from normfree.nn.padding import Conv2dSame, pad_same, same_padding_amounts, static_same_padding
 from normfree.nn.pooling import AvgPool2dSame, AvgPoolShortcut, MaxPoolSame
+from normfree.nn.preact import PreActBlock
 from normfree.nn.proxy_norm import (
     FoldedProxyNormActivation,
     NormAct,
@@ -64,6 +65,7 @@ __all__ = [
     "CONV_TYPES",
     "FIXUP_SCALAR_LR_SCALE",
     "GAMMA_TABLE",
+    "NORM_SPECS",
     "AvgPool2dSame",
     "AvgPoolShortcut",
     "ChannelNoise",
@@ -75,6 +77,8 @@ __all__ = [
     "MaxPoolSame",
     "NFResidualBlock",
     "NormAct",
+    "NormLayers",
+    "PreActBlock",
     "ProxyNormActivation",
     "ResidualBlock",
     "ScalarBias",
@@ -104,6 +108,7 @@ __all__ = [
     "kernel_slice_means",
     "midpoint_normal_quantiles",
     "nf_activation",
+    "norm_layers",
     "pad_same",
     "proxy_norm_decay_names",
     "proxy_norm_no_decay_names",
