@@ -1,8 +1,10 @@
 """The ResNet layouts that several model families share (NF-ResNets, their "He-init" variants,
 the normalized and SkipInit baselines, Fixup and MSR ResNets): :func:`resnet_stem`,
-:func:`check_resnet_layout` and the two standard layouts, :func:`imagenet_layout` (He et al. 2016,
-arXiv 1512.03385, Table 1) and :func:`small_image_layout` (§4.2). Layers live in
-:mod:`normfree.nn`; this module only says how they are arranged.
+:func:`resnet_stages`, :func:`check_resnet_layout` and the two standard layouts,
+:func:`imagenet_layout` (He et al. 2016, arXiv 1512.03385, Table 1) and
+:func:`small_image_layout` (§4.2); :class:`PreActResNetBase` is the ResNetV2 body of the
+normalized baselines and SkipInit. Layers live in :mod:`normfree.nn`; this module only says how
+they are arranged.
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ from typing import Any
 
 from torch import nn
 
-from normfree.models.base import FeatureInfo
+from normfree.models.base import FeatureInfo, NormFreeModel
+from normfree.nn.head import ClassifierHead
 from normfree.nn.pooling import MaxPoolSame
+from normfree.nn.preact import BlockLayers, PreActBlock
+from normfree.nn.residual import stochastic_depth_rates
 
 __all__ = [
     "IMAGENET_DEPTHS",
     "STEM_KINDS",
+    "PreActResNetBase",
     "check_resnet_layout",
     "cifar_depths",
     "imagenet_layout",
@@ -119,3 +125,58 @@ def small_image_layout(depth: int, width: Any = 1) -> dict[str, Any]:
         "depths": cifar_depths(depth), "channels": (16 * width, 32 * width, 64 * width),
         "strides": (1, 2, 2), "stem": "small", "stem_channels": 16 * width, "bottleneck": False,
     }  # fmt: skip
+
+
+class PreActResNetBase(NormFreeModel):
+    """The pre-activation ResNet body (He et al. 2016, arXiv 1603.05027) with the NF-ResNet
+    topology: ``stem → stages of`` :class:`~normfree.nn.PreActBlock` ``→ final (norm, act) →
+    head (pool, dropout, linear N(0, 0.01))``. ``layers`` decides what surrounds the convs; a
+    family sets ``meta`` after calling this constructor.
+
+    Args:
+        layers: conv / norm / activation factory (:class:`~normfree.nn.NormLayers` or SkipInit's).
+        depths / channels / strides / stem / stem_channels / in_chans / bottleneck: the layout.
+        skip_gain / gain_init: a scalar gain per branch (SkipInit, ReZero) and its initial value.
+        num_classes / drop_rate / stochdepth_rate: head size, dropout, stochastic depth.
+    """
+
+    def __init__(
+        self,
+        layers: BlockLayers,
+        depths: Sequence[int],
+        channels: Sequence[int],
+        strides: Sequence[int],
+        stem: str,
+        stem_channels: int,
+        in_chans: int,
+        bottleneck: bool,
+        skip_gain: bool,
+        gain_init: float,
+        num_classes: int,
+        drop_rate: float,
+        stochdepth_rate: float,
+    ) -> None:
+        super().__init__()
+        check_resnet_layout(depths, channels, strides, stem)
+        self.in_chans = in_chans
+        self.stem, reduction = resnet_stem(stem, in_chans, stem_channels, layers.conv)
+        self.feature_info = [FeatureInfo("stem", stem_channels, reduction)]
+
+        rates = stochastic_depth_rates(stochdepth_rate, sum(depths))
+
+        def block(in_ch: int, out_ch: int, stride: int, stage: int, index: int) -> PreActBlock:
+            return PreActBlock(
+                in_ch, out_ch, stride, layers, bottleneck=bottleneck,
+                drop_path_rate=rates[index], skip_gain=skip_gain, gain_init=gain_init,
+                stage_index=stage,
+            )  # fmt: skip
+
+        self.stages, stage_info = resnet_stages(
+            block, depths, channels, strides, stem_channels, reduction
+        )
+        self.feature_info += stage_info
+        width = channels[-1]
+        self.final = nn.Sequential()
+        self.final.add_module("norm", layers.norm(width))
+        self.final.add_module("act", layers.act(width, top=True))
+        self.head = ClassifierHead(width, num_classes, drop_rate=drop_rate, init_std=0.01)

@@ -33,22 +33,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
-
-from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
+from normfree.models.base import ModelMeta
 from normfree.models.layouts import (
-    check_resnet_layout,
+    PreActResNetBase,
     imagenet_layout,
-    resnet_stages,
-    resnet_stem,
     small_image_layout,
 )
 from normfree.models.registry import register_model
-from normfree.nn.head import ClassifierHead
 from normfree.nn.norm import NormSpec, norm_layers
 from normfree.nn.preact import PreActBlock
 from normfree.nn.proxy_norm import proxy_norm_decay_names
-from normfree.nn.residual import stochastic_depth_rates
 
 __all__ = ["PAPERS", "PreActResNet", "PreActResNetBlock", "resnet_family"]
 
@@ -71,7 +65,7 @@ def resnet_family(norm: NormSpec, rezero: bool = False) -> str:
     return ("rezero_" if rezero else "") + f"{norm}_resnet"
 
 
-class PreActResNet(NormFreeModel):
+class PreActResNet(PreActResNetBase):
     """Pre-activation ResNet with the NF-ResNet topology and one normalization scheme.
 
     Args:
@@ -111,31 +105,12 @@ class PreActResNet(NormFreeModel):
         drop_rate: float = 0.0,
         meta: ModelMeta | None = None,
     ) -> None:
-        super().__init__()
-        check_resnet_layout(depths, channels, strides, stem)
         layers = norm_layers(norm, norm_eps, gn_groups, gn_min_channels_per_group)
-        self.in_chans = in_chans
-        self.stem, reduction = resnet_stem(stem, in_chans, stem_channels, layers.conv)
-        self.feature_info = [FeatureInfo("stem", stem_channels, reduction)]
-
-        rates = stochastic_depth_rates(stochdepth_rate, sum(depths))
-
-        def block(in_ch: int, out_ch: int, stride: int, stage: int, index: int) -> PreActBlock:
-            return PreActBlock(
-                in_ch, out_ch, stride, layers, bottleneck=bottleneck,
-                drop_path_rate=rates[index], skip_gain=rezero, gain_init=rezero_init,
-                stage_index=stage,
-            )  # fmt: skip
-
-        self.stages, stage_info = resnet_stages(
-            block, depths, channels, strides, stem_channels, reduction
-        )
-        self.feature_info += stage_info
-        width = channels[-1]
-        self.final = nn.Sequential()
-        self.final.add_module("norm", layers.norm(width))
-        self.final.add_module("act", layers.act(width, top=True))
-        self.head = ClassifierHead(width, num_classes, drop_rate=drop_rate, init_std=0.01)
+        super().__init__(
+            layers, depths, channels, strides, stem, stem_channels, in_chans, bottleneck,
+            skip_gain=rezero, gain_init=rezero_init, num_classes=num_classes,
+            drop_rate=drop_rate, stochdepth_rate=stochdepth_rate,
+        )  # fmt: skip
         if meta is None:
             family = resnet_family(norm, rezero)
             meta = ModelMeta(name=family, family=family, paper=PAPERS.get(family, ""))

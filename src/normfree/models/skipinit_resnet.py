@@ -28,20 +28,15 @@ from typing import Any
 
 from torch import nn
 
-from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
+from normfree.models.base import ModelMeta
 from normfree.models.layouts import (
-    check_resnet_layout,
+    PreActResNetBase,
     imagenet_layout,
-    resnet_stages,
-    resnet_stem,
     small_image_layout,
 )
 from normfree.models.registry import register_model
 from normfree.nn.conv import HeConv2d
 from normfree.nn.fixup import ScalarBias
-from normfree.nn.head import ClassifierHead
-from normfree.nn.preact import PreActBlock
-from normfree.nn.residual import stochastic_depth_rates
 
 __all__ = ["PAPERS", "SkipInitLayers", "SkipInitResNet", "skipinit_resnet_cifar"]
 
@@ -68,7 +63,7 @@ class SkipInitLayers:
         return nn.ReLU()
 
 
-class SkipInitResNet(NormFreeModel):
+class SkipInitResNet(PreActResNetBase):
     """Pre-activation ResNet without normalization, ``x + g·f(x)`` per block (De & Smith 2020).
 
     Args:
@@ -100,31 +95,11 @@ class SkipInitResNet(NormFreeModel):
         drop_rate: float = 0.0,
         meta: ModelMeta | None = None,
     ) -> None:
-        super().__init__()
-        check_resnet_layout(depths, channels, strides, stem)
-        layers = SkipInitLayers(use_biases)
-        self.in_chans = in_chans
-        self.stem, reduction = resnet_stem(stem, in_chans, stem_channels, layers.conv)
-        self.feature_info = [FeatureInfo("stem", stem_channels, reduction)]
-
-        rates = stochastic_depth_rates(stochdepth_rate, sum(depths))
-
-        def block(in_ch: int, out_ch: int, stride: int, stage: int, index: int) -> PreActBlock:
-            return PreActBlock(
-                in_ch, out_ch, stride, layers, bottleneck=bottleneck,
-                drop_path_rate=rates[index], skip_gain=True, gain_init=skipinit_init,
-                stage_index=stage,
-            )  # fmt: skip
-
-        self.stages, stage_info = resnet_stages(
-            block, depths, channels, strides, stem_channels, reduction
-        )
-        self.feature_info += stage_info
-        width = channels[-1]
-        self.final = nn.Sequential()
-        self.final.add_module("norm", layers.norm(width))
-        self.final.add_module("act", layers.act(width, top=True))
-        self.head = ClassifierHead(width, num_classes, drop_rate=drop_rate, init_std=0.01)
+        super().__init__(
+            SkipInitLayers(use_biases), depths, channels, strides, stem, stem_channels,
+            in_chans, bottleneck, skip_gain=True, gain_init=skipinit_init,
+            num_classes=num_classes, drop_rate=drop_rate, stochdepth_rate=stochdepth_rate,
+        )  # fmt: skip
         if meta is None:
             meta = ModelMeta(
                 name="skipinit_resnet", family="skipinit_resnet", paper=PAPERS["skipinit_resnet"]
