@@ -14,7 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from normfree.models.base import FeatureInfo, NormFreeModel
+from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
+from normfree.models.registry import register_model
 from normfree.nn.head import ClassifierHead
 from normfree.nn.pooling import MaxPoolSame
 from normfree.nn.preact import BlockLayers, PreActBlock
@@ -27,9 +28,11 @@ __all__ = [
     "check_resnet_layout",
     "cifar_depths",
     "imagenet_layout",
+    "register_depths",
     "resnet_stages",
     "resnet_stem",
     "small_image_layout",
+    "variant_layout",
 ]
 
 STEM_KINDS = ("imagenet", "small")
@@ -180,3 +183,50 @@ class PreActResNetBase(NormFreeModel):
         self.final.add_module("norm", layers.norm(width))
         self.final.add_module("act", layers.act(width, top=True))
         self.head = ClassifierHead(width, num_classes, drop_rate=drop_rate, init_std=0.01)
+
+
+def variant_layout(
+    family: str, depth: int, small: bool, paper: str, overrides: dict[str, Any]
+) -> tuple[dict[str, Any], ModelMeta]:
+    """``(layout kwargs, meta)`` of the registered variant ``{family}{depth}`` (ImageNet, 224 px)
+    or ``{family}_cifar{depth}`` (small images, 32 px; pops ``width`` from ``overrides``)."""
+    if small:
+        name, size = f"{family}_cifar{depth}", 32
+        layout = small_image_layout(depth, overrides.pop("width", 1))
+    else:
+        name, size = f"{family}{depth}", 224
+        layout = imagenet_layout(depth)
+    meta = ModelMeta(name=name, family=family, train_size=size, test_size=size, paper=paper)
+    return layout, meta
+
+
+def register_depths(
+    family: str,
+    doc: str,
+    imagenet_depths: Sequence[int],
+    small_depths: Sequence[int],
+    build: Callable[..., nn.Module],
+    namespace: dict[str, Any],
+) -> None:
+    """Register ``{family}{d}`` for ``imagenet_depths`` and ``{family}_cifar{d}`` for
+    ``small_depths``; each entry calls ``build(depth, small, num_classes, overrides)`` and is
+    also bound in ``namespace`` (the family module's ``globals()``)."""
+
+    def register(depth: int, small: bool) -> None:
+        def entry(num_classes: int = 10 if small else 1000, **overrides: Any) -> nn.Module:
+            return build(depth, small, num_classes, overrides)
+
+        name = f"{family}_cifar{depth}" if small else f"{family}{depth}"
+        kind = (
+            "Small-image (3×3 stem, basic blocks, ``width``·16/32/64 channels)"
+            if small
+            else "ImageNet (bottleneck)"
+        )
+        entry.__name__ = entry.__qualname__ = name
+        entry.__doc__ = f"{kind} {doc}; depth {depth}."
+        namespace[name] = register_model(entry)
+
+    for depth in imagenet_depths:
+        register(depth, small=False)
+    for depth in small_depths:
+        register(depth, small=True)

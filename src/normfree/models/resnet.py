@@ -30,16 +30,15 @@ The block is :class:`normfree.nn.PreActBlock` (forward pass in its docstring).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from normfree.models.base import ModelMeta
 from normfree.models.layouts import (
     PreActResNetBase,
-    imagenet_layout,
-    small_image_layout,
+    register_depths,
+    variant_layout,
 )
-from normfree.models.registry import register_model
 from normfree.nn.norm import NormSpec, norm_layers
 from normfree.nn.preact import PreActBlock
 from normfree.nn.proxy_norm import proxy_norm_decay_names
@@ -145,34 +144,19 @@ _REGISTERED: dict[NormSpec, tuple[tuple[int, ...], tuple[int, ...]]] = {
 }
 
 
-def _register(norm: NormSpec, depth: int, small: bool) -> None:
+def _build_for(norm: NormSpec) -> Callable[[int, bool, int, dict[str, Any]], PreActResNet]:
     family = resnet_family(norm)
-    name = f"{family}_cifar{depth}" if small else f"{family}{depth}"
-    size = 32 if small else 224
 
-    def entry(num_classes: int = 10 if small else 1000, **overrides: Any) -> PreActResNet:
-        layout = (
-            small_image_layout(depth, overrides.pop("width", 1)) if small
-            else imagenet_layout(depth)
-        )  # fmt: skip
-        meta = ModelMeta(
-            name=name, family=family, train_size=size, test_size=size, paper=PAPERS[family]
-        )
+    def build(depth: int, small: bool, num_classes: int, overrides: dict[str, Any]) -> PreActResNet:
+        layout, meta = variant_layout(family, depth, small, PAPERS[family], overrides)
         kwargs = {**layout, "norm": norm, **overrides}
         return PreActResNet(num_classes=num_classes, meta=meta, **kwargs)
 
-    kind = (
-        "Small-image (3×3 stem, basic blocks, ``width``·16/32/64 channels)"
-        if small
-        else "ImageNet (bottleneck)"
-    )
-    entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"{kind} {_DOCS[family]}; depth {depth}."
-    globals()[name] = register_model(entry)
+    return build
 
 
 for _norm, (_imagenet_depths, _small_depths) in _REGISTERED.items():
-    for _depth in _imagenet_depths:
-        _register(_norm, _depth, small=False)
-    for _depth in _small_depths:
-        _register(_norm, _depth, small=True)
+    _family = resnet_family(_norm)
+    register_depths(
+        _family, _DOCS[_family], _imagenet_depths, _small_depths, _build_for(_norm), globals()
+    )

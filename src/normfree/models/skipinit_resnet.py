@@ -23,6 +23,7 @@ hold the scalar biases (or nothing), so parameter names line up with the BN base
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,10 +32,9 @@ from torch import nn
 from normfree.models.base import ModelMeta
 from normfree.models.layouts import (
     PreActResNetBase,
-    imagenet_layout,
-    small_image_layout,
+    register_depths,
+    variant_layout,
 )
-from normfree.models.registry import register_model
 from normfree.nn.conv import HeConv2d
 from normfree.nn.fixup import ScalarBias
 
@@ -114,15 +114,7 @@ class SkipInitResNet(PreActResNetBase):
 def _build(
     family: str, depth: int, small: bool, num_classes: int, overrides: dict[str, Any]
 ) -> SkipInitResNet:
-    if small:
-        name, size = f"{family}_cifar{depth}", 32
-        layout = small_image_layout(depth, overrides.pop("width", 1))
-    else:
-        name, size = f"{family}{depth}", 224
-        layout = imagenet_layout(depth)
-    meta = ModelMeta(
-        name=name, family=family, train_size=size, test_size=size, paper=PAPERS[family]
-    )
+    layout, meta = variant_layout(family, depth, small, PAPERS[family], overrides)
     return SkipInitResNet(num_classes=num_classes, meta=meta, **{**layout, **overrides})
 
 
@@ -143,23 +135,8 @@ _REGISTERED: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 }
 
 
-def _register(family: str, depth: int, small: bool) -> None:
-    def entry(num_classes: int = 10 if small else 1000, **overrides: Any) -> SkipInitResNet:
-        return _build(family, depth, small, num_classes, overrides)
-
-    name = f"{family}_cifar{depth}" if small else f"{family}{depth}"
-    kind = (
-        "Small-image (3×3 stem, basic blocks, ``width``·16/32/64 channels)"
-        if small
-        else "ImageNet (bottleneck)"
-    )
-    entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"{kind} {_DOCS[family]}; depth {depth}."
-    globals()[name] = register_model(entry)
-
-
 for _family, (_imagenet_depths, _small_depths) in _REGISTERED.items():
-    for _depth in _imagenet_depths:
-        _register(_family, _depth, small=False)
-    for _depth in _small_depths:
-        _register(_family, _depth, small=True)
+    register_depths(
+        _family, _DOCS[_family], _imagenet_depths, _small_depths,
+        functools.partial(_build, _family), globals(),
+    )  # fmt: skip
