@@ -167,6 +167,7 @@ def test_trains_with_mean_shift_rejection(name: str, fit_steps: Callable[..., li
         assert _max_slice_mean(plain) > 1e-4
 
 
+@pytest.mark.slow  # a ResNet-50 training, ~17 s on one core
 def test_resnet50_trains_a_few_steps(fit_steps: Callable[..., list[float]]) -> None:
     torch.manual_seed(0)
     model = normfree.create_model("msr_resnet50", num_classes=4)
