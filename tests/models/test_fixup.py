@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 import normfree
-from normfree.models.fixup import FixupBlock, FixupResNet, ZeroPadShortcut
+from normfree.models.fixup import FixupBlock, FixupResNet
 from normfree.nn import (
     ScalarBias,
     ScalarMultiplier,
+    ZeroPadShortcut,
     fixup_init_branch_,
     fixup_lr_scale,
     fixup_scale_factor,

@@ -11,8 +11,14 @@ import torch
 from torch import nn
 
 import normfree
-from normfree.models.msr_resnet import MSRResNet, ZeroPadShortcut
-from normfree.nn import ChannelNoise, SkipInitGain, kernel_slice_means, zero_mean_conv_weights
+from normfree.models.msr_resnet import MSRResNet
+from normfree.nn import (
+    ChannelNoise,
+    SkipInitGain,
+    ZeroPadShortcut,
+    kernel_slice_means,
+    zero_mean_conv_weights,
+)
 from normfree.optim.msr import attach_msr
 
 SMALL = ("msr_resnet_cifar20", "msr_resnet_cifar56", "msr_resnet_cifar110")

@@ -49,7 +49,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
@@ -68,10 +67,10 @@ from normfree.nn.fixup import (
     fixup_scalar_parameter_names,
 )
 from normfree.nn.head import ClassifierHead
-from normfree.nn.pooling import MaxPoolSame
+from normfree.nn.pooling import MaxPoolSame, ZeroPadShortcut
 from normfree.nn.residual import ResidualBlock, StochasticDepth, stochastic_depth_rates
 
-__all__ = ["FixupBlock", "FixupResNet", "ZeroPadShortcut", "fixup_resnet_cifar"]
+__all__ = ["FixupBlock", "FixupResNet", "fixup_resnet_cifar"]
 
 PAPER = "Zhang, Dauphin & Ma 2019, arXiv 1901.09321"
 _SHORTCUTS = ("projection", "zero_pad")
@@ -79,29 +78,6 @@ _SHORTCUTS = ("projection", "zero_pad")
 
 def _conv(in_ch: int, out_ch: int, k: int, stride: int = 1) -> HeConv2d:
     return HeConv2d(in_ch, out_ch, k, stride=stride, bias=False, mode="fan_out")
-
-
-class ZeroPadShortcut(nn.Module):
-    """He et al. 2016 option-A shortcut (official Fixup CIFAR code): keep every ``stride``-th
-    pixel (``AvgPool2d(1, stride)``) and append ``out_ch − in_ch`` zero channels."""
-
-    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
-        super().__init__()
-        if out_ch < in_ch:
-            raise ValueError(
-                f"a zero-padding shortcut cannot reduce channels ({in_ch} -> {out_ch}); use "
-                "shortcut='projection'"
-            )
-        self.extra_channels = out_ch - in_ch
-        self.stride = stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride > 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
-
-    def extra_repr(self) -> str:
-        return f"stride={self.stride}, extra_channels={self.extra_channels}"
 
 
 class FixupBlock(ResidualBlock):

@@ -32,7 +32,7 @@ from normfree.nn.msr import (
 )
 from normfree.nn.norm import NORM_SPECS, NormLayers, group_norm_groups, norm_layers
 from normfree.nn.padding import Conv2dSame, pad_same, same_padding_amounts, static_same_padding
-from normfree.nn.pooling import AvgPool2dSame, AvgPoolShortcut, MaxPoolSame
+from normfree.nn.pooling import AvgPool2dSame, AvgPoolShortcut, MaxPoolSame, ZeroPadShortcut
 from normfree.nn.preact import PreActBlock
 from normfree.nn.proxy_norm import (
     FoldedProxyNormActivation,
@@ -90,6 +90,7 @@ __all__ = [
     "StdConv2dBase",
     "StochasticDepth",
     "WSConv2d",
+    "ZeroPadShortcut",
     "activation_gamma",
     "activation_names",
     "apply_zero_mean_init",

@@ -1,4 +1,4 @@
-"""Pooling layers with TF/JAX ``"SAME"`` padding, shared by several model families.
+"""Pooling layers and parameter-free shortcuts shared by several model families.
 
 * :class:`MaxPoolSame`: the 3×3/2 max-pool of the ImageNet ResNet stem (DeepMind
   ``nfnets/nf_resnet.py``: ``hk.max_pool(padding='SAME')``), used by NF-ResNets, the normalized
@@ -6,6 +6,8 @@
 * :class:`AvgPool2dSame` and :class:`AvgPoolShortcut`: the 2×2/2 average pool + 1×1 Scaled-WS conv
   of the strided shortcuts of NFNets (Brock et al. 2021b, arXiv 2102.06171, Fig. 4) and
   NF-RegNets (DeepMind ``nfnets/nfnet.py`` and ``nf_regnet.py``).
+* :class:`ZeroPadShortcut`: the parameter-free "option A" shortcut (He et al. 2016, arXiv
+  1512.03385, §4.2) of the small-image Fixup and MSR ResNets.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import nn
 from normfree.nn.padding import same_padding_amounts
 from normfree.nn.ws import ScaledStdConv2d
 
-__all__ = ["AvgPool2dSame", "AvgPoolShortcut", "MaxPoolSame"]
+__all__ = ["AvgPool2dSame", "AvgPoolShortcut", "MaxPoolSame", "ZeroPadShortcut"]
 
 
 class MaxPoolSame(nn.Module):
@@ -85,3 +87,26 @@ class AvgPoolShortcut(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self.pool(x))
+
+
+class ZeroPadShortcut(nn.Module):
+    """He et al. 2016 option-A shortcut: keep every ``stride``-th pixel and append
+    ``out_ch − in_ch`` zero channels (no parameters)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        if out_ch < in_ch:
+            raise ValueError(
+                f"a zero-padding shortcut cannot reduce channels ({in_ch} -> {out_ch}); use a "
+                "projection shortcut"
+            )
+        self.extra_channels = out_ch - in_ch
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels)) if self.extra_channels else x
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, extra_channels={self.extra_channels}"
