@@ -40,10 +40,10 @@ def attached(optimizer: Optimizer) -> list[Any]:
     order their hooks run."""
     return list(_ATTACHED.get(optimizer, []))
 
-PreHook = Callable[[Optimizer, tuple[Any, ...], dict[str, Any]], Any]
+StepHook = Callable[[Optimizer, tuple[Any, ...], dict[str, Any]], Any]
 
 
-def before_step_hook(action: Callable[[], None]) -> PreHook:
+def before_step_hook(action: Callable[[], None]) -> StepHook:
     """A step pre-hook running ``action()`` on the final gradients: right away without a closure,
     otherwise after the (wrapped) closure has computed them."""
 
@@ -66,7 +66,7 @@ def before_step_hook(action: Callable[[], None]) -> PreHook:
     return hook
 
 
-def after_step_hook(action: Callable[[], None]) -> PreHook:
+def after_step_hook(action: Callable[[], None]) -> StepHook:
     """A step post-hook running ``action()`` once the update is done."""
 
     def hook(optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
