@@ -75,7 +75,8 @@ def _reference_counts(widths, depths, size: int) -> tuple[int, float]:
 
 # ------------------------------------------------------------------------- parameter tree
 def _official_key(module: str, param: str, depths) -> str:
-    """Our parameter name for a row of the official Haiku tree (checkpoints.md naming)."""
+    """Our parameter name for a row of the official Haiku tree (module paths such as
+    ``NFNet/~/nf_block_3/~/conv1``; see normfree.checkpoints.deepmind)."""
     parts = module.split("/~/")
     if parts[1].startswith("stem_conv"):
         return f"stem.conv{int(parts[1][9:]) + 1}.{ {'w': 'weight'}.get(param, param) }"

@@ -1,7 +1,7 @@
 """Optimizer parameter groups built from what the model *declares* (never from name guessing).
 
-The NFNet recipe (Brock et al. 2021b, App. C; DeepMind ``experiment_nfnets.py``, see
-reference §5) uses three groups: gains and biases without weight decay; the final classifier
+The NFNet recipe (Brock et al. 2021b, App. C; DeepMind ``nfnets/experiment_nfnets.py``) uses
+three groups: gains and biases without weight decay; the final classifier
 weight with weight decay but without AGC; every other weight with both. Here the split comes from
 the :class:`~normfree.models.NormFreeModel` contract:
 
