@@ -32,10 +32,16 @@ from typing import Literal, get_args
 from torch import nn
 
 from normfree.nn.conv import HeConv2d
-from normfree.nn.proxy_norm import ProxyNormActivation
 from normfree.nn.ws import WSConv2d
 
-__all__ = ["NORM_SPECS", "NormLayers", "NormSpec", "group_norm_groups", "norm_layers"]
+__all__ = [
+    "NORM_SPECS",
+    "NormLayers",
+    "NormSpec",
+    "group_norm_groups",
+    "norm_layer",
+    "norm_layers",
+]
 
 NormSpec = Literal["bn", "gn", "ln", "gnpn", "lnpn", "wsgn"]
 NORM_SPECS: tuple[str, ...] = get_args(NormSpec)
@@ -57,6 +63,20 @@ def group_norm_groups(channels: int, max_groups: int = 32, min_channels_per_grou
     while channels % g:
         g -= 1
     return g
+
+
+def norm_layer(
+    kind: str, channels: int, eps: float, affine: bool, num_groups: int = 1
+) -> nn.Module:
+    """One norm layer: ``"bn"`` BatchNorm2d, ``"gn"`` GroupNorm with ``num_groups`` groups,
+    ``"ln"`` GroupNorm with one group (per-example statistics over (C, H, W))."""
+    if kind == "bn":
+        return nn.BatchNorm2d(channels, eps=eps, affine=affine)
+    if kind == "gn":
+        return nn.GroupNorm(num_groups, channels, eps=eps, affine=affine)
+    if kind == "ln":
+        return nn.GroupNorm(1, channels, eps=eps, affine=affine)
+    raise ValueError(f"norm kind must be 'bn', 'gn' or 'ln', got {kind!r}")
 
 
 class NormLayers:
@@ -100,18 +120,17 @@ class NormLayers:
 
     def norm(self, channels: int) -> nn.Module:
         """The norm layer; without affine when PN-Act follows (the PN-Act holds γ, β)."""
-        affine = not self.proxy
-        if self.kind == "bn":
-            return nn.BatchNorm2d(channels, eps=self.eps, affine=affine)
         groups = 1
         if self.kind == "gn":
             groups = group_norm_groups(channels, self.gn_groups, self.gn_min_channels)
-        return nn.GroupNorm(groups, channels, eps=self.eps, affine=affine)
+        return norm_layer(self.kind, channels, self.eps, affine=not self.proxy, num_groups=groups)
 
     def act(self, channels: int, top: bool = False) -> nn.Module:
         """ReLU, or PN-Act for the PN specs (``top``: the final one, mean subtraction only)."""
         if not self.proxy:
             return nn.ReLU()
+        from normfree.nn.proxy_norm import ProxyNormActivation  # proxy_norm imports norm_layer
+
         return ProxyNormActivation(channels, "relu", scale=not top)
 
     def __repr__(self) -> str:
