@@ -10,6 +10,9 @@ optimizer stays the object that schedulers, ``GradScaler`` and checkpoints see.
 A closure passed to ``step`` (``LBFGS``, or ``opt.step(closure)`` with any optimizer) computes
 the gradients *inside* the step; the pre-hook therefore wraps it so that the action runs on the
 gradients the closure has just produced.
+
+Hooks belong to one optimizer object: ``copy.deepcopy(optimizer)`` copies the hook functions,
+which still act on the original's parameter groups, so attach AGC / MSR to a copy anew.
 """
 
 from __future__ import annotations
