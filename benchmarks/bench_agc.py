@@ -1,7 +1,7 @@
 """Benchmark: normfree's vectorised AGC vs the per-parameter Python loop (timm style).
 
 The parameter lists are built synthetically from the architecture descriptions (Brock et al.
-2021a/b; shared/reference/deepmind-nfnets.md §3, §4) in PyTorch layouts: NF-ResNet-50
+2021a/b; DeepMind ``nfnets/nf_resnet.py`` and ``nfnet.py``) in PyTorch layouts: NF-ResNet-50
 (25.56M parameters, 177 tensors) and NFNet-F0 (71.49M, 233 tensors). Every WS conv has a
 (O, I/groups, kh, kw) weight, a (O,) gain and a (O,) bias; every block has a scalar skip gain;
 NFNet blocks have SE 1×1 convs (with bias). Gradients are drawn so that the chosen fraction of

@@ -72,3 +72,21 @@ def test_imports_point_one_way() -> None:
             if parts[-1] in CLI_MODULES or target not in ALLOWED[layer]:
                 bad.append(f"{module.relative_to(ROOT)}:{line} imports {name}")
     assert not bad, "imports against the layering:\n" + "\n".join(bad)
+
+
+# inside models/: a family file reads its layers from nn/ and may use only the model contract
+# (base), the registry and the shared ResNet layouts; never another family file
+MODEL_SHARED = {"base", "registry", "layouts"}
+
+
+def test_model_families_do_not_import_each_other() -> None:
+    bad = []
+    for module in sorted((ROOT / "models").glob("*.py")):
+        if module.stem in MODEL_SHARED | {"__init__"} | CLI_MODULES:
+            continue
+        for line, name in _normfree_imports(module):
+            parts = name.split(".")
+            if len(parts) > 1 and parts[1] == "models":
+                if len(parts) < 3 or parts[2] not in MODEL_SHARED:
+                    bad.append(f"models/{module.name}:{line} imports {name}")
+    assert not bad, "a model file imports another model file:\n" + "\n".join(bad)

@@ -38,7 +38,8 @@ def test_effective_rank_equals_svd_definition_and_iid_limit() -> None:
     s = torch.linalg.svdvals(m - m.mean(0))  # Labatie: λ = s² of the centred (NHW × C) matrix
     lam = s**2
     assert effective_rank(x) == pytest.approx(float(lam.sum() / lam.max()), rel=1e-10)
-    # i.i.d. Gaussian features: r_eff ≈ C / (1 + sqrt(C/N))² (other-methods.md §8.4)
+    # i.i.d. Gaussian features: r_eff ≈ C / (1 + sqrt(C/N))² (the largest sample-covariance
+    # eigenvalue is ≈ (1 + sqrt(C/N))², Marchenko–Pastur; the trace is ≈ C)
     n, c = 20000, 64
     iid = torch.randn(n, c, generator=gen, dtype=torch.float64)
     assert effective_rank(iid) == pytest.approx(c / (1 + math.sqrt(c / n)) ** 2, rel=0.03)

@@ -38,7 +38,8 @@ def test_glob_semantics(name: str, pattern: str, expected: bool) -> None:
 
 
 def test_glob_differs_from_fnmatch_on_dots() -> None:
-    # fnmatch's '*' crosses dots (timm's pitfall, pytorch-ports.md §A5); ours does not
+    # fnmatch's '*' crosses dots (the pitfall of timm.utils.model.ActivationStatsHook's
+    # patterns); ours does not
     assert fnmatch.fnmatchcase("stages.0.1.conv1", "stages.*.*")
     assert not glob_match("stages.0.1.conv1", "stages.*.*")
 

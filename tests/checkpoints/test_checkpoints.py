@@ -54,7 +54,7 @@ def test_normfree_model_file_round_trip(tmp_path: Path, suffix: str) -> None:
 def test_timm_state_dict_round_trip(tmp_path: Path) -> None:
     src, dst = _small_nfnet(0), _small_nfnet(1)
     timm_sd = normfree_to_timm(src.state_dict())
-    # timm's documented naming (pytorch-ports.md §A3)
+    # timm's key names (create_model('dm_nfnet_f0').state_dict() in timm/models/nfnet.py)
     assert "stages.0.0.skipinit_gain" in timm_sd and timm_sd["stages.0.0.skipinit_gain"].shape == ()
     assert timm_sd["stem.conv1.gain"].shape == (16, 1, 1, 1)
     assert "final_conv.weight" in timm_sd and "head.fc.weight" in timm_sd

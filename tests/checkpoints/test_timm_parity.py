@@ -1,8 +1,9 @@
 """Independent check of the NFNet architecture and the timm key mapping against timm's own
 ``dm_nfnet_f0`` (skipped when timm is not installed).
 
-timm's dm_nfnet differs from the official code in two documented places (pytorch-ports.md §A1,
-checkpoints.md): exact-erf GELU and ``eps`` added to the filter variance. The test switches timm to
+timm's dm_nfnet differs from the official code in two places (timm/layers/std_conv.py adds
+``eps`` to the filter variance; timm's GELU is the exact-erf form, DeepMind's ``jax.nn.gelu`` the
+tanh one). The test switches timm to
 the official behaviour (tanh GELU, eps ~0) so that the remaining comparison is exact up to float
 rounding; a separate assertion bounds the effect of timm's defaults.
 """

@@ -9,30 +9,49 @@ import pytest
 import torch
 
 from normfree.data import AugmentConfig, RandAugment, build_datasets, default_augment
-from normfree.data.augment import PadRandomCrop, RandomHorizontalFlip, RandomResizedCrop
+from normfree.data.augment import (
+    PadRandomCrop,
+    RandomHorizontalFlip,
+    RandomResizedCrop,
+    crop_flip_transforms,
+)
 from normfree.data.randaugment import RANDAUGMENT_OPS, level_to_arg
 
 
-def test_pad_crop_is_a_uniform_window_of_the_padded_image() -> None:
+def _pad_crop(backend: str) -> object:
+    if backend == "tensor":
+        return PadRandomCrop(2)
+    pytest.importorskip("torchvision")
+    (crop,), _ = crop_flip_transforms(6, AugmentConfig(crop="pad", pad=2), use_torchvision=True)
+    return crop
+
+
+@pytest.mark.parametrize("backend", ["tensor", "torchvision"])
+def test_pad_crop_is_a_uniform_window_of_the_padded_image(backend: str) -> None:
     img = torch.arange(1, 3 * 6 * 6 + 1, dtype=torch.float32).view(3, 6, 6)
     padded = torch.zeros(3, 10, 10)
     padded[:, 2:8, 2:8] = img
     windows = {(t, s): padded[:, t : t + 6, s : s + 6] for t in range(5) for s in range(5)}
-    crop = PadRandomCrop(2)
+    crop = _pad_crop(backend)
     torch.manual_seed(0)
     seen = set()
     for _ in range(300):
-        out = crop(img)
+        out = crop(img)  # type: ignore[operator]
         match = [k for k, w in windows.items() if torch.equal(out, w)]
         assert len(match) == 1
         seen.add(match[0])
     assert len(seen) == 25  # all (2p+1)^2 offsets occur in 300 draws
 
 
-def test_flip_probability() -> None:
+@pytest.mark.parametrize("backend", ["tensor", "torchvision"])
+def test_flip_probability(backend: str) -> None:
     img = torch.arange(4.0).view(1, 1, 4)
+    flip: object = RandomHorizontalFlip()
+    if backend == "torchvision":
+        pytest.importorskip("torchvision")
+        _, (flip,) = crop_flip_transforms(4, AugmentConfig(flip=True), use_torchvision=True)
     torch.manual_seed(1)
-    flips = sum(bool(torch.equal(RandomHorizontalFlip()(img), img.flip(-1))) for _ in range(1000))
+    flips = sum(bool(torch.equal(flip(img), img.flip(-1))) for _ in range(1000))  # type: ignore[operator]
     assert abs(flips / 1000 - 0.5) < 4 * math.sqrt(0.25 / 1000)  # 4 sigma
 
 
@@ -153,3 +172,25 @@ def test_build_datasets_argument_errors() -> None:
         build_datasets("digits", augment={"flip": True})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="1- or 3-channel"):
         build_datasets("synthetic:channels=4", augment=AugmentConfig(randaugment=(1, 5)))
+
+
+def test_crops_and_flips_come_from_torchvision_when_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    v2 = pytest.importorskip("torchvision.transforms.v2")
+    aug = AugmentConfig(crop="random_resized", flip=True)
+    (crop,), (flip,) = crop_flip_transforms(16, aug)
+    assert isinstance(crop, v2.RandomResizedCrop) and isinstance(flip, v2.RandomHorizontalFlip)
+    assert crop.scale == (0.08, 1.0) and crop.ratio == pytest.approx((0.75, 4 / 3))
+    torch.manual_seed(3)
+    out = crop(torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8))
+    assert out.shape == (3, 16, 16) and out.dtype == torch.uint8
+    # without torchvision (simulated) the tensor-only classes take over
+    import normfree.data.augment as augment
+
+    monkeypatch.setattr(augment, "optional_tv_transforms", lambda: None)
+    (crop,), (flip,) = crop_flip_transforms(16, aug)
+    assert isinstance(crop, RandomResizedCrop) and isinstance(flip, RandomHorizontalFlip)
+    with pytest.raises(ImportError, match="vision"):
+        crop_flip_transforms(16, aug, use_torchvision=True)
+    assert crop_flip_transforms(16, AugmentConfig(crop="pad", pad=0)) == ([], [])

@@ -12,14 +12,16 @@ import torch
 from torch import nn
 
 import normfree
-from normfree.models.fixup import FixupBlock, FixupResNet, ZeroPadShortcut
+from normfree.models.fixup import FixupBlock, FixupResNet
 from normfree.nn import (
     ScalarBias,
     ScalarMultiplier,
+    ZeroPadShortcut,
     fixup_init_branch_,
-    fixup_param_groups,
+    fixup_lr_scale,
     fixup_scale_factor,
 )
+from normfree.optim import build_param_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,7 +133,7 @@ def test_lr_scale_exactly_on_scalars_and_param_groups() -> None:
         assert model.lr_scale(name) == (0.1 if id(p) in scalar_ids else 1.0), name
     assert model.lr_scale("head.fc.bias") == 1.0  # unlike the official 'bias' in name rule
 
-    groups = fixup_param_groups(model, lr=0.2, weight_decay=1e-4)
+    groups = build_param_groups(model, lr=0.2, weight_decay=1e-4, clipping=None)
     by_scale = {g["lr_scale"]: g for g in groups}
     assert set(by_scale) == {0.1, 1.0} and len(groups) == 2
     assert by_scale[0.1]["lr"] == pytest.approx(0.02) and by_scale[1.0]["lr"] == 0.2
@@ -141,18 +143,20 @@ def test_lr_scale_exactly_on_scalars_and_param_groups() -> None:
     torch.optim.SGD(groups, lr=0.2, momentum=0.9)  # accepted by torch optimizers
 
     no_decay = normfree.create_model("fixup_resnet_cifar20", decay_scalars=False)
-    groups = fixup_param_groups(no_decay, lr=0.2, weight_decay=1e-4)
+    groups = build_param_groups(no_decay, lr=0.2, weight_decay=1e-4, clipping=None)
     for g in groups:
         assert all((p.ndim <= 1) == (g["weight_decay"] == 0.0) for p in g["params"])
     # a plain module: lr scales from the module types
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), ScalarBias(), ScalarMultiplier())
-    groups = fixup_param_groups(plain, lr=1.0, weight_decay=0.0)
+    groups = build_param_groups(
+        plain, lr=1.0, weight_decay=0.0, clipping=None, lr_scale=fixup_lr_scale(plain)
+    )
     assert {g["lr_scale"]: g["param_names"] for g in groups} == {
         1.0: ["0.weight", "0.bias"],
         0.1: ["1.bias", "2.scale"],
     }
     with pytest.raises(ValueError, match="lr"):
-        fixup_param_groups(model, lr=0.0, weight_decay=0.0)
+        build_param_groups(model, lr=0.0, weight_decay=0.0)
 
 
 def test_reset_parameters_restores_fixup_init() -> None:
@@ -211,7 +215,8 @@ def test_trains_a_few_steps_with_param_groups(fit_steps: Callable[..., list[floa
     torch.manual_seed(0)
     model = normfree.create_model("fixup_resnet_cifar20", num_classes=4)
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
-    opt = torch.optim.SGD(fixup_param_groups(model, lr=0.1, weight_decay=0.0), lr=0.1, momentum=0.9)
+    groups = build_param_groups(model, lr=0.1, weight_decay=0.0, clipping=None)
+    opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
     losses = fit_steps(model, x, y, opt, 8)
     assert losses[0] == pytest.approx(math.log(4), rel=1e-6)  # zero logits at init
     assert all(b < a for a, b in itertools.pairwise(losses)), losses
@@ -245,6 +250,7 @@ def _deep_forward(name: str, num_blocks: int) -> None:
     assert out.shape == (2, 10) and torch.count_nonzero(out) == 0
 
 
+@pytest.mark.slow
 def test_fixup_1202_layers_builds_and_runs() -> None:
     _deep_forward("fixup_resnet_cifar1202", 600)
 

@@ -10,13 +10,12 @@ import torch.nn.functional as F
 import normfree
 from normfree.models import count_flops, count_params
 from normfree.models.nf_regnet import NF_REGNET_VARIANTS, NFRegNet, NFRegNetBlock
-from normfree.models.nfnet import AvgPool2dSame
-from normfree.nn import ScaledStdConv2d, SqueezeExcite
+from normfree.nn import AvgPool2dSame, ScaledStdConv2d, SqueezeExcite
 
 ALPHA = 0.2
 SILU_GAMMA = 1.7881293296813965  # official base.nonlinearities['silu']
 
-# deepmind-nfnets.md §4: official parameter tree and official count_flops at the test size
+# official parameter tree (DeepMind nfnets/nf_regnet.py) and official count_flops at the test size
 PUBLISHED = {
     "B0": (8.595, 0.444),
     "B1": (10.019, 0.734),

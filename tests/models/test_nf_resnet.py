@@ -30,6 +30,38 @@ def test_nf_resnet50_parameter_count_matches_official() -> None:
     assert all(b.skip_gain.gain.shape == () and b.skip_gain.gain.item() == 0.0 for b in blocks)
 
 
+def _official_se_nf_resnet_params(depths: tuple[int, ...], se_ratio: float, classes: int) -> int:
+    """Parameter count of DeepMind's ``NFResNet(use_se=True)`` from its definition: every
+    ``WSConv2D`` holds ``w`` (out·in·k²), ``gain`` and ``bias`` (out each); each ``NFResBlock``
+    holds conv0/conv1/conv2 (1×1, 3×3, 1×1 at width ``out/4``), a 1×1 ``conv_shortcut`` when the
+    shape changes, ``SqueezeExcite(out_ch, out_ch, se_ratio)`` = two biased 1×1 convs through
+    ``int(out_ch·se_ratio)`` hidden channels, and one scalar skip gain."""
+
+    def ws(i: int, o: int, k: int) -> int:
+        return o * i * k * k + 2 * o
+
+    total, in_ch = ws(3, 64, 7), 64
+    for depth, out_ch in zip(depths, (256, 512, 1024, 2048)):
+        for b in range(depth):
+            width, hidden = out_ch // 4, int(out_ch * se_ratio)
+            total += ws(in_ch, width, 1) + ws(width, width, 3) + ws(width, out_ch, 1)
+            total += ws(in_ch, out_ch, 1) if b == 0 else 0
+            total += (out_ch * hidden + hidden) + (hidden * out_ch + out_ch) + 1
+            in_ch = out_ch
+    return total + 2048 * classes + classes
+
+
+@pytest.mark.parametrize("se_ratio", [0.25, 0.0625])
+def test_se_nf_resnet_parameter_count_matches_official_formula(se_ratio: float) -> None:
+    # SE hidden width comes from the block's *output* channels (official NFResBlock, timm):
+    # the first block of every stage (in_ch != out_ch) tells the two apart.
+    model = normfree.create_model("nf_resnet26", use_se=True, se_ratio=se_ratio)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == _official_se_nf_resnet_params((2, 2, 2, 2), se_ratio, 1000)
+    block = model.stages[0][0]
+    assert block.attn_last.fc1.out_channels == int(256 * se_ratio)
+
+
 def test_beta_schedule_follows_expected_variance_with_resets() -> None:
     model = normfree.create_model("nf_resnet50")
     expected_multipliers, var = [], 1.0
@@ -127,7 +159,7 @@ def test_unknown_model_suggests_close_names() -> None:
 
 def test_invalid_small_depth() -> None:
     with pytest.raises(ValueError, match="6n\\+2"):
-        from normfree.models._layers import cifar_depths
+        from normfree.models.layouts import cifar_depths
 
         cifar_depths(21)
 

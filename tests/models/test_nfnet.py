@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import normfree
 from normfree.models import count_flops, count_params
-from normfree.models.nfnet import NFNET_VARIANTS, AvgPool2dSame, NFNet, NFNetBlock
-from normfree.nn import ScaledStdConv2d, SqueezeExcite
+from normfree.models.nfnet import NFNET_VARIANTS, NFNet, NFNetBlock
+from normfree.nn import AvgPool2dSame, ScaledStdConv2d, SqueezeExcite
 
 ALPHA = 0.2
 GELU_GAMMA = 1.7015043497085571  # official base.nonlinearities['gelu']
@@ -75,7 +75,8 @@ def _reference_counts(widths, depths, size: int) -> tuple[int, float]:
 
 # ------------------------------------------------------------------------- parameter tree
 def _official_key(module: str, param: str, depths) -> str:
-    """Our parameter name for a row of the official Haiku tree (checkpoints.md naming)."""
+    """Our parameter name for a row of the official Haiku tree (module paths such as
+    ``NFNet/~/nf_block_3/~/conv1``; see normfree.checkpoints.deepmind)."""
     parts = module.split("/~/")
     if parts[1].startswith("stem_conv"):
         return f"stem.conv{int(parts[1][9:]) + 1}.{ {'w': 'weight'}.get(param, param) }"

@@ -12,6 +12,7 @@ from torch import nn
 
 import normfree
 from normfree.models.resnet import PreActResNet, resnet_family
+from normfree.models.skipinit_resnet import SkipInitResNet
 from normfree.nn import (
     FoldedProxyNormActivation,
     ProxyNormActivation,
@@ -181,20 +182,26 @@ def test_rezero_option_with_a_norm(name: str) -> None:
         assert len(outputs) == 9 and all(torch.equal(o, torch.zeros_like(o)) for o in outputs)
         h = torch.randn(2, 32, 4, 4)
         assert torch.equal(model.stages[1][1](h), h)
-    assert resnet_family("batch", False, False, True) == "rezero_bn_resnet"
+    assert resnet_family("bn", rezero=True) == "rezero_bn_resnet"
+    assert PreActResNet((1,), (16,), strides=(1,), stem="small", rezero=True).meta.family == (
+        "rezero_bn_resnet"
+    )
 
 
-def test_option_errors() -> None:
-    with pytest.raises(ValueError, match="proxy_norm"):
-        PreActResNet((1,), (16,), strides=(1,), norm="none", proxy_norm=True)
-    with pytest.raises(ValueError, match="use_ws"):
-        PreActResNet((1,), (16,), strides=(1,), norm="none", use_ws=True)
-    with pytest.raises(ValueError, match="use_biases"):
-        PreActResNet((1,), (16,), strides=(1,), norm="layer", use_biases=True)
-    with pytest.raises(ValueError, match="norm must be"):
-        PreActResNet((1,), (16,), strides=(1,), norm="instance")
-    ws_ln = PreActResNet((1,), (16,), strides=(1,), stem="small", norm="layer", use_ws=True)
-    assert isinstance(ws_ln.stem.conv, WSConv2d) and ws_ln.meta.family == "wsln_resnet"
+def test_only_the_six_norm_specs_exist() -> None:
+    # combinations the papers do not define are not options: no WS/PN/bias flags to combine
+    for spec in ("none", "instance", "wsln", "wsgnpn", "bnpn"):
+        with pytest.raises(ValueError, match="norm must be one of"):
+            PreActResNet((1,), (16,), strides=(1,), stem="small", norm=spec)  # type: ignore[arg-type]
+    for flag in ("use_ws", "proxy_norm", "use_biases"):
+        with pytest.raises(TypeError, match=flag):
+            PreActResNet((1,), (16,), strides=(1,), stem="small", **{flag: True})
+    with pytest.raises(TypeError, match="norm"):
+        SkipInitResNet((1,), (16,), strides=(1,), stem="small", norm="bn")  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="norm_eps"):
+        PreActResNet((1,), (16,), strides=(1,), stem="small", norm_eps=0.0)
+    wsgn = PreActResNet((1,), (16,), strides=(1,), stem="small", norm="wsgn")
+    assert isinstance(wsgn.stem.conv, WSConv2d) and wsgn.meta.family == "wsgn_resnet"
 
 
 @pytest.mark.parametrize("name", (*NORM_SMALL, "rezero_resnet_cifar20"))
@@ -208,6 +215,7 @@ def test_trains_a_few_steps(name: str, fit_steps: Callable[..., list[float]]) ->
     assert losses[-1] < 0.95 * losses[0], losses
 
 
+@pytest.mark.slow  # four ResNet-50 trainings, ~40 s on one core
 @pytest.mark.parametrize("name", ("gn_resnet50", "ln_resnet50", "gnpn_resnet50", "lnpn_resnet50"))
 def test_imagenet_models_train_a_few_steps(
     name: str, fit_steps: Callable[..., list[float]]

@@ -1,4 +1,5 @@
-"""Adaptive gradient clipping: functional form against a slow float64 reference, and the wrapper."""
+"""Adaptive gradient clipping: functional form against a slow float64 reference, and the step
+hook attached to an optimizer."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from normfree.optim.agc import AGC, _adaptive_clip_grad, adaptive_clip_grad_, unitwise_norm
+from normfree.optim import attached
+from normfree.optim.agc import (
+    AGC,
+    _adaptive_clip_grad,
+    adaptive_clip_grad_,
+    attach_agc,
+    unitwise_norm,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,9 +226,15 @@ def twin_models(seed: int = 0) -> tuple[TinyNet, TinyNet]:
     return a, b
 
 
-def test_wrapper_equals_functional_then_step() -> None:
+def with_agc(optimizer: torch.optim.Optimizer, **kwargs: object) -> torch.optim.Optimizer:
+    """``optimizer`` with AGC attached through its step pre-hook."""
+    attach_agc(optimizer, **kwargs)  # type: ignore[arg-type]
+    return optimizer
+
+
+def test_hook_equals_functional_then_step() -> None:
     a, b = twin_models()
-    opt_a = AGC(torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), exclude=())
+    opt_a = with_agc(torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), exclude=())
     opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
     opt_a.step()
     adaptive_clip_grad_(b.parameters())
@@ -229,9 +243,9 @@ def test_wrapper_equals_functional_then_step() -> None:
         assert torch.equal(pa, pb)
 
 
-def test_wrapper_with_adamw() -> None:
+def test_hook_with_adamw() -> None:
     a, b = twin_models(1)
-    opt_a = AGC(torch.optim.AdamW(a.parameters(), lr=1e-2), model=a)
+    opt_a = with_agc(torch.optim.AdamW(a.parameters(), lr=1e-2), model=a)
     opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2)
     opt_a.step()
     adaptive_clip_grad_(p for n, p in b.named_parameters() if not n.startswith("fc."))
@@ -292,9 +306,10 @@ def test_per_group_clipping() -> None:
         {"params": [model.conv3d.weight, model.gain], "clipping": 0.1},
         {"params": [model.skip_gain, model.fc.weight, model.fc.bias], "clipping": None},
     ]
-    opt = AGC(torch.optim.SGD(groups, lr=0.0), clipping=0.01, exclude=())
+    opt = torch.optim.SGD(groups, lr=0.0)
+    agc = AGC(opt, clipping=0.01, exclude=())
     assert [g["clipping"] for g in opt.param_groups] == [0.01, 0.1, None]
-    opt.clip_grad_()
+    agc.clip_grad_()
     for n, p in model.named_parameters():
         if n in ("conv.weight", "conv.bias"):
             expected = reference_agc(p, before[n], clipping=0.01)
@@ -309,18 +324,23 @@ def test_per_group_clipping() -> None:
 
 def test_add_param_group_gets_default_clipping() -> None:
     model = TinyNet()
-    opt = AGC(torch.optim.SGD([model.conv.weight], lr=0.1), clipping=0.05)
-    opt.add_param_group({"params": [model.gain]})
-    assert opt.param_groups[-1]["clipping"] == 0.05
-    assert opt.optimizer.param_groups[-1] is opt.param_groups[-1]
+    random_grads(model, 6)
+    before = grads_of(model)
+    opt = torch.optim.SGD([model.conv.weight], lr=0.0)
+    agc = attach_agc(opt, clipping=0.05)
+    opt.add_param_group({"params": [model.gain]})  # no "clipping" key: the default applies
+    agc.clip_grad_()
+    for n in ("conv.weight", "gain"):
+        p = dict(model.named_parameters())[n]
+        expected = reference_agc(p, before[n], clipping=0.05)
+        torch.testing.assert_close(p.grad.double(), expected, rtol=2e-6, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["lambda", "cosine"])
-def test_lr_schedulers_on_the_wrapper(kind: str) -> None:
+def test_lr_schedulers_with_the_hook(kind: str) -> None:
     model = TinyNet()
-    inner = torch.optim.SGD(model.parameters(), lr=0.4)
-    opt = AGC(inner, model=model)
-    assert opt.param_groups is inner.param_groups and opt.state is inner.state
+    inner = opt = torch.optim.SGD(model.parameters(), lr=0.4)
+    AGC(opt, model=model)
     if kind == "lambda":
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
         expected = [0.4 / (k + 2) for k in range(3)]
@@ -346,9 +366,9 @@ def test_state_dict_round_trip() -> None:
         {"params": [p for n, p in model.named_parameters() if not n.startswith("fc")]},
         {"params": list(model.fc.parameters()), "clipping": None},
     ]
-    opt = AGC(torch.optim.SGD(groups, lr=0.1, momentum=0.9), clipping=0.02)
+    opt = with_agc(torch.optim.SGD(groups, lr=0.1, momentum=0.9), clipping=0.02)
 
-    def train(m: nn.Module, o: AGC, steps: int) -> None:
+    def train(m: nn.Module, o: torch.optim.Optimizer, steps: int) -> None:
         for _ in range(steps):
             o.zero_grad()
             m(x).square().mean().backward()
@@ -360,7 +380,7 @@ def test_state_dict_round_trip() -> None:
         {"params": [p for n, p in clone.named_parameters() if not n.startswith("fc")]},
         {"params": list(clone.fc.parameters())},
     ]
-    opt2 = AGC(torch.optim.SGD(groups2, lr=1.0, momentum=0.5), clipping=0.5)
+    opt2 = with_agc(torch.optim.SGD(groups2, lr=1.0, momentum=0.5), clipping=0.5)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # buffers are not copied on load
     assert [g["clipping"] for g in opt2.param_groups] == [0.02, None]
     assert opt2.param_groups[0]["lr"] == 0.1 and opt2.param_groups[0]["momentum"] == 0.9
@@ -379,8 +399,8 @@ def test_state_dict_round_trip() -> None:
 def test_closure_gradients_are_clipped() -> None:
     a, b = twin_models()
     x = torch.randn(2, 3, 4, 4)
-    opt_a = AGC(torch.optim.SGD(a.parameters(), lr=0.1), exclude=())
-    opt_b = AGC(torch.optim.SGD(b.parameters(), lr=0.1), exclude=())
+    opt_a = with_agc(torch.optim.SGD(a.parameters(), lr=0.1), exclude=())
+    opt_b = with_agc(torch.optim.SGD(b.parameters(), lr=0.1), exclude=())
 
     def closure() -> torch.Tensor:
         opt_a.zero_grad()
@@ -403,7 +423,7 @@ def test_grad_scaler_clips_unscaled_gradients() -> None:
         pytest.skip("torch.amp.GradScaler unavailable")
     a, b = twin_models()
     x = torch.randn(2, 3, 4, 4)
-    opt_a = AGC(torch.optim.SGD(a.parameters(), lr=0.1), model=a)
+    opt_a = with_agc(torch.optim.SGD(a.parameters(), lr=0.1), model=a)
     opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
     scaler = scaler_cls("cpu", init_scale=2.0**12)
     opt_a.zero_grad()
@@ -429,3 +449,35 @@ def test_grad_scaler_clips_unscaled_gradients() -> None:
     for p, q in zip(a.parameters(), before):
         assert torch.equal(p, q)
     assert scaler.get_scale() == 2.0**11
+
+
+def test_remove_detaches_and_keyword_closure_is_clipped() -> None:
+    a, b = twin_models()
+    x = torch.randn(2, 3, 4, 4)
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1)
+    agc = attach_agc(opt_a, exclude=())
+    assert attached(opt_a) == [agc]
+
+    def closure() -> torch.Tensor:
+        opt_a.zero_grad()
+        loss = a(x).square().mean() * 100
+        loss.backward()
+        return loss
+
+    opt_a.step(closure=closure)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
+    opt_b.zero_grad()
+    (b(x).square().mean() * 100).backward()
+    adaptive_clip_grad_(b.parameters())
+    opt_b.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    # detached: the next step uses the raw gradients
+    agc.remove()
+    assert attached(opt_a) == []
+    opt_a.step(closure)
+    opt_b.zero_grad()
+    (b(x).square().mean() * 100).backward()
+    opt_b.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)

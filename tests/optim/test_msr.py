@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from normfree.nn.msr import apply_zero_mean_init, kernel_slice_means, zero_mean_conv_weights
+from normfree.optim import attached
 from normfree.optim.agc import AGC
 from normfree.optim.msr import MeanShiftRejection, project_zero_mean_, zero_mean_eligible
 
@@ -75,8 +76,16 @@ def adamw(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
 
 
+def with_msr(
+    optimizer: torch.optim.Optimizer, *args: object, **kwargs: object
+) -> torch.optim.Optimizer:
+    """``optimizer`` with Mean Shift Rejection attached through its step hooks."""
+    MeanShiftRejection(optimizer, *args, **kwargs)  # type: ignore[arg-type]
+    return optimizer
+
+
 # --------------------------------------------------------------------------------------------
-# Reference-code variants (other-methods.md §3), applied per spatial slice
+# Reference-code variants (the authors' trainer.ZeroMeanNormaliseGrads), per spatial slice
 # --------------------------------------------------------------------------------------------
 def _slice_mean(g: torch.Tensor) -> torch.Tensor:
     return g.mean(dim=tuple(range(2, g.ndim)), keepdim=True)
@@ -148,7 +157,7 @@ def test_without_msr_slice_means_drift() -> None:
 def test_sgd_momentum_weight_decay_project_grad_stays_zero_mean() -> None:
     model = make_model()
     before = copy.deepcopy(model)
-    train(model, MeanShiftRejection(sgd(model), mode="project_grad"))
+    train(model, with_msr(sgd(model), mode="project_grad"))
     assert max_slice_mean(model) < ZERO_MEAN_TOL
     # it trained: the weights moved
     assert (model.conv2.weight - before.conv2.weight).abs().max().item() > 1e-2
@@ -156,11 +165,11 @@ def test_sgd_momentum_weight_decay_project_grad_stays_zero_mean() -> None:
 
 def test_adamw_needs_project_update() -> None:
     model = make_model()
-    train(model, MeanShiftRejection(adamw(model), mode="project_update"))
+    train(model, with_msr(adamw(model), mode="project_update"))
     assert max_slice_mean(model) < ZERO_MEAN_TOL
     # projecting only the gradient is not enough for Adam: 1/sqrt(v) rescales elementwise
     model = make_model()
-    train(model, MeanShiftRejection(adamw(model), mode="project_grad"))
+    train(model, with_msr(adamw(model), mode="project_grad"))
     assert max_slice_mean(model) > DRIFT
 
 
@@ -168,7 +177,7 @@ def test_project_update_equals_projecting_the_update() -> None:
     """For weights on the isocline, w ← P(w + Δ) is w + P(Δ)."""
     model = make_model()
     reference = copy.deepcopy(model)
-    opt = MeanShiftRejection(adamw(model), mode="project_update")
+    opt = with_msr(adamw(model), mode="project_update")
     ref_opt = adamw(reference)
     x, y = batch(0)
     for m in (model, reference):
@@ -223,17 +232,21 @@ def test_reference_orig_version_scales_the_mean_by_one_minus_m() -> None:
 @pytest.mark.parametrize("order", ["msr_outside", "agc_outside"])
 def test_composes_with_agc(order: str) -> None:
     model = make_model()
-    inner = sgd(model)
-    if order == "msr_outside":
-        opt = MeanShiftRejection(AGC(inner, clipping=0.01, model=model))
+    opt = sgd(model)
+    if order == "msr_outside":  # AGC's hook runs first, then the projection
+        AGC(opt, clipping=0.01, model=model)
+        MeanShiftRejection(opt)
     else:
-        opt = AGC(MeanShiftRejection(inner), clipping=0.01, model=model)
-    assert opt.param_groups is inner.param_groups and opt.state is inner.state
+        MeanShiftRejection(opt)
+        AGC(opt, clipping=0.01, model=model)
+    assert [type(a) for a in attached(opt)] == (
+        [AGC, MeanShiftRejection] if order == "msr_outside" else [MeanShiftRejection, AGC]
+    )
     train(model, opt)
     assert max_slice_mean(model) < ZERO_MEAN_TOL
     # AGC was active: the run differs from MSR alone
     plain = make_model()
-    train(plain, MeanShiftRejection(sgd(plain)))
+    train(plain, with_msr(sgd(plain)))
     assert (plain.conv2.weight - model.conv2.weight).abs().max().item() > 1e-4
 
 
@@ -273,7 +286,8 @@ def test_selection_by_module_tensors_and_groups() -> None:
 
 def test_closure_state_dict_and_scheduler() -> None:
     model = make_model()
-    opt = MeanShiftRejection(sgd(model))
+    opt = sgd(model)
+    msr = MeanShiftRejection(opt)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     x, y = batch(0)
 
@@ -289,18 +303,20 @@ def test_closure_state_dict_and_scheduler() -> None:
     assert torch.isfinite(loss)
     assert max_slice_mean(model) < ZERO_MEAN_TOL
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
-    state = opt.state_dict()
-    assert state == opt.optimizer.state_dict()
-    fresh = MeanShiftRejection(sgd(model))
-    fresh.load_state_dict(state)
+    fresh = with_msr(sgd(model))
+    fresh.load_state_dict(opt.state_dict())
     assert fresh.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
-    assert "project_grad" in repr(opt)
+    assert "project_grad" in repr(msr)
+    # detached: the next step moves the slice means off zero again
+    msr.remove()
+    assert attached(opt) == []
+    opt.step(closure)
+    assert max_slice_mean(model) > ZERO_MEAN_TOL
 
 
 def test_project_weights_snaps_onto_the_isocline() -> None:
     torch.manual_seed(5)
     model = SmallConvNet()  # default init: not zero-mean
     assert max_slice_mean(model) > 1e-3
-    opt = MeanShiftRejection(sgd(model), mode="project_update")
-    train(model, opt, steps=1)
+    train(model, with_msr(sgd(model), mode="project_update"), steps=1)
     assert max_slice_mean(model) < ZERO_MEAN_TOL

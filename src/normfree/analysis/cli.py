@@ -21,7 +21,7 @@ import torch
 import yaml
 from torch import nn
 
-__all__ = ["add_parser", "build_model", "parse_model_spec", "parse_overrides"]
+__all__ = ["add_parser", "model_from_spec", "parse_model_spec", "parse_overrides"]
 
 _SPEC = re.compile(r"^(?P<name>[^\[\]]+?)(?:\[(?P<kw>.*)\])?$")
 
@@ -74,7 +74,7 @@ def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"model {spec!r}: {e}") from None
 
 
-def build_model(spec: str, overrides: dict[str, Any] | None = None) -> nn.Module:
+def model_from_spec(spec: str, overrides: dict[str, Any] | None = None) -> nn.Module:
     """Build the model named by ``spec`` (registered name or ``module:factory``), or load the
     converted model in the file ``spec`` (``normfree convert``)."""
     from normfree.convert import is_converted_file, load_converted
@@ -213,7 +213,7 @@ def run_spp(args: argparse.Namespace) -> int:
         results = []
         for spec in args.models:
             torch.manual_seed(args.seed)
-            model = build_model(spec, overrides).to(args.device)
+            model = model_from_spec(spec, overrides).to(args.device)
             if _zero_gains(model) and not args.skip_gains_one:
                 print(
                     f"note: every SkipInit gain of {spec} is 0, so its blocks are identities "
@@ -248,7 +248,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
     try:
         _check_writable(args.json)
         torch.manual_seed(args.seed)
-        model = build_model(args.model, parse_overrides(args.override)).to(args.device)
+        model = model_from_spec(args.model, parse_overrides(args.override)).to(args.device)
         result = diagnose(
             model, input_shape=_input_shape(model, args.model, args.image_size),
             points=args.points, branch_points=args.branch_points, batch_size=args.batch,

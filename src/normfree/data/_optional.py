@@ -5,7 +5,12 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["require_pil", "require_sklearn_datasets", "require_tv_functional"]
+__all__ = [
+    "optional_tv_transforms",
+    "require_pil",
+    "require_sklearn_datasets",
+    "require_tv_functional",
+]
 
 _VISION_HINT = 'pip install "normfree[vision]"'
 _DATASETS_HINT = 'pip install "normfree[datasets]"'
@@ -21,6 +26,15 @@ def _import(name: str, what: str, hint: str) -> ModuleType:
 def require_tv_functional(what: str) -> ModuleType:
     """``torchvision.transforms.v2.functional`` (RandAugment's image ops)."""
     return _import("torchvision.transforms.v2.functional", what, _VISION_HINT)
+
+
+def optional_tv_transforms() -> ModuleType | None:
+    """``torchvision.transforms.v2`` when torchvision is installed, else None (the caller then
+    uses its tensor-only fallback)."""
+    try:
+        return importlib.import_module("torchvision.transforms.v2")
+    except ImportError:  # pragma: no cover - exercised only without torchvision
+        return None
 
 
 def require_pil(what: str) -> ModuleType:

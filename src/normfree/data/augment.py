@@ -1,11 +1,21 @@
 """Per-example image transforms on ``(C, H, W)`` tensors: crops, flips, resizing, normalisation.
 
-Every transform is a small picklable class (no lambdas), so datasets work with multi-worker
+**Crops and flips come from torchvision** when it is installed:
+:func:`crop_flip_transforms` returns ``torchvision.transforms.v2`` ``RandomCrop(padding=…)``,
+``RandomResizedCrop(antialias=True)`` and ``RandomHorizontalFlip``. The classes
+:class:`PadRandomCrop`, :class:`RandomResizedCrop` and :class:`RandomHorizontalFlip` here are the
+**tensor-only fallback** for the core install (``pip install normfree`` without the ``vision``
+extra trains on digits, CIFAR archives and synthetic data); they draw the same distributions
+(uniform pad offsets, the 10-try Inception window with the same central fallback, p = 1/2), but
+not the same random stream, so a seed reproduces a run only within one environment.
+Resizing (:class:`Resize`, :class:`ResizeShortSide`: antialiased ``F.interpolate``), the
+deterministic :class:`CenterCrop` and :class:`Normalize` are plain torch in both cases.
+
+Every transform is picklable (no lambdas), so datasets work with multi-worker
 :class:`~torch.utils.data.DataLoader`\\ s. Random draws use torch's **global** RNG inside
-``__getitem__``; the DataLoader seeds it per worker from its ``generator`` (and
-``normfree.train`` additionally forks it per example), so augmentation is reproducible given the
-loader's seed. The same pure-torch code runs with or without torchvision installed, so a run's
-random stream does not depend on the environment; only RandAugment needs torchvision.
+``__getitem__`` (torchvision's transforms do too); the DataLoader seeds it per worker from its
+``generator`` (and ``normfree.train`` additionally forks it per example), so augmentation is
+reproducible given the loader's seed.
 
 Inception crop (Szegedy et al. 2015): area 8–100 %, aspect 3/4–4/3, up to 10 tries, else the
 centre crop; NFNet eval (Brock et al. 2021b): resize the short side to ``test + 32`` and
@@ -22,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from normfree.data._optional import optional_tv_transforms
 from normfree.data.randaugment import RandAugment
 
 __all__ = [
@@ -36,6 +47,7 @@ __all__ = [
     "RandomResizedCrop",
     "Resize",
     "ResizeShortSide",
+    "crop_flip_transforms",
     "resize_image",
     "to_uint8",
 ]
@@ -289,3 +301,39 @@ class Normalize:
 
     def __repr__(self) -> str:
         return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+
+
+def crop_flip_transforms(
+    size: int, augment: AugmentConfig, mode: str = "bilinear", use_torchvision: bool | None = None
+) -> tuple[list[object], list[object]]:
+    """``(crop, flip)`` steps of ``augment`` for an output of ``size``×``size``.
+
+    ``crop`` is ``[]``, a pad-then-random crop (of the ``size``×``size`` image the base step
+    made) or the Inception crop straight to ``size`` (replacing the base step); ``flip`` is
+    ``[]`` or a horizontal flip with p = 1/2. ``use_torchvision=None`` uses
+    ``torchvision.transforms.v2`` when it is installed and the tensor-only classes of this module
+    otherwise; ``True`` / ``False`` force one (``True`` without torchvision raises ImportError).
+    """
+    v2 = optional_tv_transforms() if use_torchvision in (None, True) else None
+    if use_torchvision and v2 is None:
+        raise ImportError('torchvision crops need torchvision: pip install "normfree[vision]"')
+    crop: list[object] = []
+    if augment.crop == "random_resized":
+        if v2 is not None:
+            interp = getattr(v2.InterpolationMode, mode.upper())
+            crop.append(
+                v2.RandomResizedCrop(
+                    size, augment.scale, augment.ratio, interpolation=interp, antialias=True
+                )
+            )
+        else:
+            crop.append(RandomResizedCrop(size, augment.scale, augment.ratio, mode=mode))
+    elif augment.crop == "pad" and augment.pad > 0:
+        if v2 is not None:
+            crop.append(v2.RandomCrop(size, padding=augment.pad, fill=0))
+        else:
+            crop.append(PadRandomCrop(augment.pad))
+    flip: list[object] = []
+    if augment.flip:
+        flip.append(v2.RandomHorizontalFlip(0.5) if v2 is not None else RandomHorizontalFlip())
+    return crop, flip

@@ -16,12 +16,10 @@ from normfree.data.augment import (
     CenterCrop,
     Compose,
     Normalize,
-    PadRandomCrop,
     RandAugmentUint8,
-    RandomHorizontalFlip,
-    RandomResizedCrop,
     Resize,
     ResizeShortSide,
+    crop_flip_transforms,
 )
 
 __all__ = [
@@ -131,18 +129,14 @@ def build_transform(
     """
     aug = augment or AugmentConfig()
     mode = "bicubic" if resize_crop_32 else "bilinear"
+    crop, flip = crop_flip_transforms(size, aug, mode)
     steps: list[object] = []
-    if aug.crop == "random_resized":
-        steps.append(RandomResizedCrop(size, aug.scale, aug.ratio, mode=mode))
-    else:
+    if aug.crop != "random_resized":  # the Inception crop resizes to `size` itself
         if resize_crop_32:
             steps += [ResizeShortSide(size + 32, mode=mode), CenterCrop(size)]
         else:
             steps.append(Resize(size, mode=mode))
-        if aug.crop == "pad" and aug.pad > 0:
-            steps.append(PadRandomCrop(aug.pad))
-    if aug.flip:
-        steps.append(RandomHorizontalFlip())
+    steps += crop + flip
     if aug.randaugment is not None:
         steps.append(RandAugmentUint8(*aug.randaugment))
     steps.append(Normalize(mean, std))

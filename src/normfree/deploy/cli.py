@@ -71,10 +71,10 @@ def _from_checkpoint(path: Path, raw: bool) -> tuple[nn.Module, dict[str, Any], 
 
 
 def _from_spec(args: argparse.Namespace) -> nn.Module:
-    from normfree.analysis.cli import build_model, parse_overrides
+    from normfree.analysis.cli import model_from_spec, parse_overrides
     from normfree.checkpoints import load_pretrained
 
-    model = build_model(args.source, parse_overrides(args.override))
+    model = model_from_spec(args.source, parse_overrides(args.override))
     if args.weights:
         load_pretrained(model, args.weights, trust_pickle=args.trust_pickle)
     return model

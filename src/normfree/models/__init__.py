@@ -11,6 +11,7 @@ from normfree.models import (  # noqa: F401
     nf_resnet,
     nfnet,
     resnet,
+    skipinit_resnet,
 )
 from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
 from normfree.models.flops import count_flops, count_params

@@ -47,14 +47,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normfree.models._layers import (
-    HeConv2d,
-)
 from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
 from normfree.models.registry import register_model
-from normfree.models.resnet import group_norm_groups
 from normfree.nn.activations import get_activation
+from normfree.nn.conv import HeConv2d
 from normfree.nn.head import ClassifierHead
+from normfree.nn.norm import group_norm_groups, norm_layer
 from normfree.nn.proxy_norm import NormAct, ProxyNormActivation, proxy_norm_decay_names
 from normfree.nn.residual import (
     ResidualBlock,
@@ -180,10 +178,7 @@ class _Layers:
                 channels, self.norm, False, None, num_groups=self._groups(channels),
                 eps_norm=self.eps,
             )  # fmt: skip
-        if self.norm == "bn":
-            plain: nn.Module = nn.BatchNorm2d(channels, eps=self.eps, affine=False)
-        else:
-            plain = nn.GroupNorm(self._groups(channels), channels, eps=self.eps, affine=False)
+        plain = norm_layer(self.norm, channels, self.eps, False, self._groups(channels))
         return _ScaledNorm(plain, channels)
 
     def act(self) -> nn.Module:

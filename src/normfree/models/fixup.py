@@ -1,6 +1,6 @@
 """Fixup ResNets (Zhang, Dauphin & Ma 2019, arXiv 1901.09321), following the official code
 ``hongyi-zhang/Fixup`` (``imagenet/models/fixup_resnet_imagenet.py``,
-``cifar/models/fixup_resnet_cifar.py``; other-methods.md §1), in the NF-ResNet topology (same
+``cifar/models/fixup_resnet_cifar.py``), in the NF-ResNet topology (same
 stems, stage widths, strides, bottleneck/basic blocks and head as
 :class:`~normfree.models.nf_resnet.NFResNet`).
 
@@ -39,7 +39,7 @@ Faithful to the official code, and where it differs from the paper's rule or our
 * Small-image shortcuts: ``shortcut="projection"`` (default) uses the strided 1×1 conv of the
   ImageNet models so every family has the same topology; ``shortcut="zero_pad"`` is the official
   CIFAR option A (subsample by the stride, append zero channels, no parameters).
-* The ImageNet max-pool is TF "SAME" (:class:`~normfree.models.nf_resnet.MaxPoolSame`) as in
+* The ImageNet max-pool is TF "SAME" (:class:`~normfree.nn.MaxPoolSame`) as in
   the NF-ResNet, not ``MaxPool2d(3, 2, padding=1)``: same output size, borders differ.
 """
 
@@ -49,18 +49,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from normfree.models._layers import (
-    HeConv2d,
-    MaxPoolSame,
+from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
+from normfree.models.layouts import (
     check_resnet_layout,
     imagenet_layout,
     small_image_layout,
 )
-from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
 from normfree.models.registry import register_model
+from normfree.nn.conv import HeConv2d
 from normfree.nn.fixup import (
     FIXUP_SCALAR_LR_SCALE,
     ScalarBias,
@@ -69,9 +67,10 @@ from normfree.nn.fixup import (
     fixup_scalar_parameter_names,
 )
 from normfree.nn.head import ClassifierHead
+from normfree.nn.pooling import MaxPoolSame, ZeroPadShortcut
 from normfree.nn.residual import ResidualBlock, StochasticDepth, stochastic_depth_rates
 
-__all__ = ["FixupBlock", "FixupResNet", "ZeroPadShortcut", "fixup_resnet_cifar"]
+__all__ = ["FixupBlock", "FixupResNet", "fixup_resnet_cifar"]
 
 PAPER = "Zhang, Dauphin & Ma 2019, arXiv 1901.09321"
 _SHORTCUTS = ("projection", "zero_pad")
@@ -79,29 +78,6 @@ _SHORTCUTS = ("projection", "zero_pad")
 
 def _conv(in_ch: int, out_ch: int, k: int, stride: int = 1) -> HeConv2d:
     return HeConv2d(in_ch, out_ch, k, stride=stride, bias=False, mode="fan_out")
-
-
-class ZeroPadShortcut(nn.Module):
-    """He et al. 2016 option-A shortcut (official Fixup CIFAR code): keep every ``stride``-th
-    pixel (``AvgPool2d(1, stride)``) and append ``out_ch − in_ch`` zero channels."""
-
-    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
-        super().__init__()
-        if out_ch < in_ch:
-            raise ValueError(
-                f"a zero-padding shortcut cannot reduce channels ({in_ch} -> {out_ch}); use "
-                "shortcut='projection'"
-            )
-        self.extra_channels = out_ch - in_ch
-        self.stride = stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride > 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
-
-    def extra_repr(self) -> str:
-        return f"stride={self.stride}, extra_channels={self.extra_channels}"
 
 
 class FixupBlock(ResidualBlock):

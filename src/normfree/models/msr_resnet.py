@@ -47,20 +47,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normfree.models._layers import (
-    HeConv2d,
-    MaxPoolSame,
+from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
+from normfree.models.layouts import (
     check_resnet_layout,
     imagenet_layout,
     small_image_layout,
 )
-from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
 from normfree.models.registry import register_model
+from normfree.nn.conv import HeConv2d
 from normfree.nn.head import ClassifierHead
 from normfree.nn.msr import ChannelNoise, apply_zero_mean_init
+from normfree.nn.pooling import MaxPoolSame, ZeroPadShortcut
 from normfree.nn.residual import (
     ResidualBlock,
     SkipInitGain,
@@ -68,7 +67,7 @@ from normfree.nn.residual import (
     stochastic_depth_rates,
 )
 
-__all__ = ["ChannelBias", "MSRResNet", "MSRResNetBlock", "ZeroPadShortcut"]
+__all__ = ["ChannelBias", "MSRResNet", "MSRResNetBlock"]
 
 PAPER = "Ruff, Beck & Bach 2019, arXiv 1911.13173 (Mean Shift Rejection)"
 
@@ -88,26 +87,6 @@ class ChannelBias(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = [1, -1] + [1] * (x.dim() - 2)
         return x + self.bias.view(shape)
-
-
-class ZeroPadShortcut(nn.Module):
-    """Parameter-free "option A" shortcut (He et al. 2015, §4.2): subsample by ``stride`` and
-    append ``out_ch − in_ch`` zero channels."""
-
-    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
-        super().__init__()
-        if out_ch < in_ch:
-            raise ValueError(f"option-A shortcut cannot reduce channels ({in_ch} → {out_ch})")
-        self.extra = out_ch - in_ch
-        self.stride = stride
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.stride > 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, 0, self.extra)) if self.extra else x
-
-    def extra_repr(self) -> str:
-        return f"extra_channels={self.extra}, stride={self.stride}"
 
 
 class _ConvNoise(nn.Sequential):

@@ -41,10 +41,11 @@ import torch
 from torch import nn
 
 from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
-from normfree.models.nfnet import AvgPoolShortcut, grouped_width
 from normfree.models.registry import register_model
 from normfree.nn.activations import nf_activation
+from normfree.nn.conv import grouped_width
 from normfree.nn.head import ClassifierHead
+from normfree.nn.pooling import AvgPoolShortcut
 from normfree.nn.residual import (
     ExpectedVariance,
     NFResidualBlock,

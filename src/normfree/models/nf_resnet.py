@@ -31,17 +31,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from normfree.models._layers import (
-    HeConv2d,
-    MaxPoolSame,
+from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
+from normfree.models.layouts import (
     check_resnet_layout,
     imagenet_layout,
     resnet_stem,
     small_image_layout,
 )
-from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
 from normfree.models.registry import register_model
 from normfree.nn.activations import nf_activation
+from normfree.nn.conv import HeConv2d
 from normfree.nn.head import ClassifierHead
 from normfree.nn.residual import (
     ExpectedVariance,
@@ -51,7 +50,7 @@ from normfree.nn.residual import (
 )
 from normfree.nn.ws import ScaledStdConv2d
 
-__all__ = ["HeConv2d", "MaxPoolSame", "NFResNet", "NFResNetBlock"]
+__all__ = ["NFResNet", "NFResNetBlock"]
 
 PAPER = "Brock, De & Smith 2021, arXiv 2101.08692"
 
@@ -110,7 +109,7 @@ class NFResNetBlock(NFResidualBlock):
             self.conv2 = _conv(out_ch, out_ch, 3, 1, use_ws)
             self.conv3 = None
         self.attn_last = (
-            SqueezeExcite(out_ch, max(1, int(in_ch * se_ratio)), gate_gain=2.0) if use_se else None
+            SqueezeExcite(out_ch, max(1, int(out_ch * se_ratio)), gate_gain=2.0) if use_se else None
         )
 
     def branch(self, out: torch.Tensor) -> torch.Tensor:

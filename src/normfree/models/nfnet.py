@@ -44,14 +44,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
 from normfree.models.registry import register_model
 from normfree.nn.activations import nf_activation
+from normfree.nn.conv import grouped_width
 from normfree.nn.head import ClassifierHead
-from normfree.nn.padding import same_padding_amounts
+from normfree.nn.pooling import AvgPoolShortcut
 from normfree.nn.residual import (
     ExpectedVariance,
     NFResidualBlock,
@@ -62,87 +62,12 @@ from normfree.nn.ws import ScaledStdConv2d
 
 __all__ = [
     "NFNET_VARIANTS",
-    "AvgPool2dSame",
-    "AvgPoolShortcut",
     "NFNet",
     "NFNetBlock",
     "NFNetVariant",
-    "avg_pool2d_same",
-    "grouped_width",
 ]
 
 PAPER = "Brock, De, Smith & Simonyan 2021, arXiv 2102.06171"
-
-
-class AvgPool2dSame(nn.Module):
-    """Average pool with TF/JAX ``"SAME"`` padding whose padded cells are *not* counted.
-
-    This is ``hk.avg_pool(padding='SAME')`` of the official code: output size
-    ``ceil(in/stride)``, the extra padding pixel goes after, and every output is the mean of the
-    window's in-bounds elements (Haiku divides the window sum by a window count of ones). For the
-    2×2/2 pool of NFNet shortcuts this only matters on odd inputs: the windows of the last row
-    and column hold two in-bounds values, the corner window one.
-    """
-
-    def __init__(self, kernel_size: int = 2, stride: int = 2) -> None:
-        super().__init__()
-        if kernel_size < 1 or stride < 1:
-            raise ValueError(f"kernel_size and stride must be >= 1, got {kernel_size}, {stride}")
-        self.kernel_size = int(kernel_size)
-        self.stride = int(stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return avg_pool2d_same(x, self.kernel_size, self.stride)
-
-    def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding='same'"
-
-
-def avg_pool2d_same(x: torch.Tensor, k: int, s: int) -> torch.Tensor:
-    """:class:`AvgPool2dSame`'s computation (a ``torch.fx`` leaf: it reads the input's size)."""
-    top, bottom = same_padding_amounts(x.shape[-2], k, s, 1)
-    left, right = same_padding_amounts(x.shape[-1], k, s, 1)
-    if top == 0 and bottom == 0 and left == 0 and right == 0:
-        return F.avg_pool2d(x, k, s)
-    if top == 0 and left == 0 and k == s:
-        # Padding only after and windows that tile the input: ceil_mode clips the last
-        # window to the input and divides by its in-bounds size, exactly as SAME here.
-        return F.avg_pool2d(x, k, s, ceil_mode=True, count_include_pad=False)
-    pad = [left, right, top, bottom]
-    summed = F.avg_pool2d(F.pad(x, pad), k, s)
-    ones = x.new_ones([1, 1, x.shape[-2], x.shape[-1]])
-    counts = F.avg_pool2d(F.pad(ones, pad), k, s)
-    return summed / counts
-
-
-torch.fx.wrap("avg_pool2d_same")
-
-
-class AvgPoolShortcut(nn.Module):
-    """Projection shortcut ``conv(pool(x))``: a "SAME" 2×2 average pool when ``stride > 1``
-    (``pool`` is ``nn.Identity`` otherwise) followed by a 1×1 Scaled-WS conv (official
-    ``conv_shortcut``; timm ``downsample.conv``)."""
-
-    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
-        super().__init__()
-        self.pool = AvgPool2dSame(2, stride) if stride > 1 else nn.Identity()
-        self.conv = ScaledStdConv2d(in_ch, out_ch, 1, padding="same")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.pool(x))
-
-
-def grouped_width(channels: int, ratio: float, group_size: int) -> tuple[int, int]:
-    """``(width, groups)`` of a grouped conv as in the official NFNet/NF-RegNet blocks:
-    ``groups = int(channels·ratio) // group_size`` and ``width = group_size·groups`` (rounded
-    down). Raises ``ValueError`` when that leaves no group."""
-    groups = int(channels * ratio) // group_size
-    if groups < 1:
-        raise ValueError(
-            f"bottleneck width int({channels}·{ratio}) is smaller than the group size "
-            f"{group_size}: no group left"
-        )
-    return group_size * groups, groups
 
 
 class NFNetBlock(NFResidualBlock):

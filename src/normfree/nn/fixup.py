@@ -15,14 +15,14 @@ The official code draws the branch weights from He *fan-out* normal,
 gradient sums over all channels and there are only O(L) of them).
 
 This module holds the pieces only (no model): :class:`ScalarBias`, :class:`ScalarMultiplier`,
-the init functions and :func:`fixup_param_groups`.
+the init functions and :func:`fixup_lr_scale` (the scalars' ``lr/10``; the parameter groups
+themselves come from :func:`normfree.optim.build_param_groups`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,7 @@ __all__ = [
     "ScalarBias",
     "ScalarMultiplier",
     "fixup_init_branch_",
-    "fixup_param_groups",
+    "fixup_lr_scale",
     "fixup_scalar_parameter_names",
     "fixup_scale_factor",
     "he_fan_out_normal_",
@@ -145,45 +145,14 @@ def fixup_scalar_parameter_names(module: nn.Module) -> list[str]:
     return names
 
 
-def fixup_param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-    """Optimizer parameter groups for a Fixup model: the scalars at ``lr/10``.
+def fixup_lr_scale(module: nn.Module) -> Callable[[str], float]:
+    """The official learning-rate rule as ``name -> multiplier``: :data:`FIXUP_SCALAR_LR_SCALE`
+    for Fixup's scalars (:func:`fixup_scalar_parameter_names`), 1 otherwise. Pass it to
+    :func:`normfree.optim.build_param_groups` as ``lr_scale`` for a module that does not declare
+    ``lr_scale`` itself (normfree's Fixup models do)."""
+    scalars = frozenset(fixup_scalar_parameter_names(module))
 
-    The per-parameter learning-rate multiplier comes from ``model.lr_scale(name)`` when the model
-    defines it (normfree models do: the single source the training system also reads), else from
-    the module types (:data:`FIXUP_SCALAR_LR_SCALE` for :func:`fixup_scalar_parameter_names`).
-    Parameters named by ``model.no_weight_decay_names()`` (if defined) get no weight decay.
-    Groups carry ``lr``, ``weight_decay``, ``lr_scale`` and ``param_names``; frozen parameters
-    are left out.
+    def lr_scale(name: str) -> float:
+        return FIXUP_SCALAR_LR_SCALE if name in scalars else 1.0
 
-    >>> groups = fixup_param_groups(model, lr=0.1, weight_decay=1e-4)  # doctest: +SKIP
-    >>> torch.optim.SGD(groups, lr=0.1, momentum=0.9)  # doctest: +SKIP
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    lr_scale = getattr(model, "lr_scale", None)
-    if not callable(lr_scale):
-        scalars = set(fixup_scalar_parameter_names(model))
-
-        def lr_scale(name: str) -> float:
-            return FIXUP_SCALAR_LR_SCALE if name in scalars else 1.0
-
-    no_decay_fn = getattr(model, "no_weight_decay_names", None)
-    no_decay = set(no_decay_fn()) if callable(no_decay_fn) else set()
-    groups: dict[tuple[float, float], dict[str, Any]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        scale = float(lr_scale(name))
-        decay = 0.0 if name in no_decay else float(weight_decay)
-        group = groups.setdefault(
-            (scale, decay),
-            {"params": [], "param_names": [], "lr": lr * scale, "weight_decay": decay,
-             "lr_scale": scale},
-        )  # fmt: skip
-        group["params"].append(p)
-        group["param_names"].append(name)
-    return list(groups.values())
+    return lr_scale

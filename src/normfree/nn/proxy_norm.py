@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from normfree.nn.activations import get_activation
+from normfree.nn.norm import norm_layer
 
 __all__ = [
     "FoldedProxyNormActivation",
@@ -352,11 +353,8 @@ class NormAct(nn.Module):
                 raise ValueError(
                     f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})"
                 )
-            self.norm: nn.Module = nn.GroupNorm(num_groups, num_channels, eps_norm, affine)
-        elif norm == "ln":
-            self.norm = nn.GroupNorm(1, num_channels, eps_norm, affine)
-        elif norm == "bn":
-            self.norm = nn.BatchNorm2d(num_channels, eps=eps_norm, affine=affine)
+        if norm in ("gn", "ln", "bn"):
+            self.norm: nn.Module = norm_layer(norm, num_channels, eps_norm, affine, num_groups)
         elif norm == "none":
             self.norm = nn.Identity()
         else:

@@ -1,9 +1,15 @@
 """Optimisation for normalizer-free training: AGC, MSR gradient projection, schedules, EMA and
 parameter groups."""
 
-from normfree.optim.agc import AGC, adaptive_clip_grad_, unitwise_norm
+from normfree.optim.agc import AGC, adaptive_clip_grad_, attach_agc, unitwise_norm
 from normfree.optim.ema import ModelEMA, ema_decay
-from normfree.optim.msr import MeanShiftRejection, project_zero_mean_, zero_mean_eligible
+from normfree.optim.hooks import after_step_hook, attached, before_step_hook
+from normfree.optim.msr import (
+    MeanShiftRejection,
+    attach_msr,
+    project_zero_mean_,
+    zero_mean_eligible,
+)
 from normfree.optim.param_groups import build_param_groups, describe_param_groups
 from normfree.optim.schedules import WarmupDecayLR, lr_factor, scaled_peak_lr, warmup_cosine_lr
 
@@ -13,6 +19,11 @@ __all__: list[str] = [
     "ModelEMA",
     "WarmupDecayLR",
     "adaptive_clip_grad_",
+    "after_step_hook",
+    "attach_agc",
+    "attach_msr",
+    "attached",
+    "before_step_hook",
     "build_param_groups",
     "describe_param_groups",
     "ema_decay",

@@ -10,11 +10,13 @@ output row (the norm runs over every dim but 0: conv ``(O, I, kh, kw)``, linear 
 a tensor with ``ndim ≤ 1`` (gains, biases, scalars) is a single unit, as in the official code
 (``nfnets/agc_optax.py``). ε = 1e-3 keeps zero-initialised parameters from being clipped to zero.
 
-:func:`adaptive_clip_grad_` is the functional form; :class:`AGC` wraps any optimizer, applies the
-clipping before each step, excludes parameters by name, pattern or predicate (by default a
-normfree model's classifier, which the paper never clips) and supports per-group clipping values.
+:func:`adaptive_clip_grad_` is the functional form; :func:`attach_agc` (or :class:`AGC`) attaches
+the clipping to any optimizer through its public step pre-hook, excludes parameters by name,
+pattern or predicate (by default a normfree model's classifier, which the paper never clips) and
+supports per-group clipping values.
 Norms are computed in float32 (float64 for float64 tensors), so bf16/fp16 gradients are handled;
-with ``GradScaler`` clip after ``scaler.unscale_`` (``scaler.step(AGC(...))`` does this).
+with ``GradScaler`` clip after ``scaler.unscale_`` (``scaler.step(optimizer)`` with AGC attached
+does this).
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from normfree.optim.wrapper import OptimizerWrapper
+from normfree.optim.hooks import before_step_hook, record_attached
 
-__all__ = ["AGC", "adaptive_clip_grad_", "unitwise_norm"]
+__all__ = ["AGC", "adaptive_clip_grad_", "attach_agc", "unitwise_norm"]
 
 _MIN_GRAD_NORM = 1e-6  # denominator floor of the official code
 
@@ -197,18 +199,22 @@ def _resolve_exclusions(model: nn.Module | None, exclude: ExcludeSpec) -> list[s
     return selected
 
 
-class AGC(OptimizerWrapper):
-    """Wrap ``optimizer`` so that each ``step`` first applies adaptive gradient clipping.
+class AGC:
+    """Adaptive gradient clipping attached to ``optimizer`` through PyTorch's public step hooks.
 
-    The wrapper shares the inner optimizer's ``param_groups``, ``state`` and ``defaults`` (the
-    same objects), so LR schedulers, ``GradScaler`` (``scaler.step(agc)`` unscales, then AGC
-    clips, then the inner optimizer steps) and checkpointing (``state_dict``/``load_state_dict``
-    are the inner optimizer's, including each group's ``"clipping"``) work unchanged. State-dict
-    hooks belong on the inner optimizer; step hooks may go on either.
+    ``AGC(optimizer, ...)`` (or :func:`attach_agc`) registers a step pre-hook
+    (``Optimizer.register_step_pre_hook``) that clips the gradients right before every
+    ``optimizer.step()``; the optimizer stays the user's own object, so LR schedulers,
+    ``GradScaler`` (``scaler.step(optimizer)`` unscales, then the pre-hook clips the unscaled
+    gradients, then the update runs; a step skipped for inf/NaN never reaches the hook) and
+    ``state_dict``/``load_state_dict`` (which carry each group's ``"clipping"``) are untouched.
+    A closure passed to ``step`` is wrapped so that the gradients it computes are clipped before
+    the update uses them. :meth:`remove` detaches the hook.
 
     Args:
         optimizer: any ``torch.optim.Optimizer``.
-        clipping: λ for every param group without its own ``"clipping"`` key; a group whose
+        clipping: λ for every param group without its own ``"clipping"`` key (written into the
+            groups present now; groups added later read it at each step); a group whose
             ``"clipping"`` is None is not clipped.
         eps: ε, the floor of the parameter norm.
         exclude: parameters never clipped, resolved once with ``model.named_parameters()``:
@@ -227,41 +233,56 @@ class AGC(OptimizerWrapper):
         exclude: ExcludeSpec = None,
         model: nn.Module | None = None,
     ) -> None:
-        super().__init__(optimizer)
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+        self.optimizer = optimizer
         self.clipping, self.eps = _check_clipping(clipping, eps)
         self.excluded_names: list[str] = _resolve_exclusions(model, exclude)
         named = dict(model.named_parameters()) if model is not None else {}
-        self._excluded_ids = frozenset(id(named[n]) for n in self.excluded_names)
-        for group in self.param_groups:
-            self._init_group(group)
-
-    def _init_group(self, group: dict[str, Any]) -> None:
-        group.setdefault("clipping", self.clipping)
-        if group["clipping"] is not None:
-            _check_clipping(group["clipping"], self.eps)
+        self.excluded_ids = frozenset(id(named[n]) for n in self.excluded_names)
+        for group in optimizer.param_groups:
+            group.setdefault("clipping", self.clipping)
+            if group["clipping"] is not None:
+                _check_clipping(group["clipping"], self.eps)
+        self.handle = optimizer.register_step_pre_hook(before_step_hook(self.clip_grad_))
+        record_attached(optimizer, self)
 
     def __repr__(self) -> str:
-        return (
-            f"AGC(clipping={self.clipping}, eps={self.eps}, "
-            f"excluded={self.excluded_names}, optimizer={self.optimizer!r})"
-        )
+        return f"AGC(clipping={self.clipping}, eps={self.eps}, excluded={self.excluded_names})"
 
-    # -- clipping -----------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Detach the hook: later steps are not clipped."""
+        self.handle.remove()
+        record_attached(self.optimizer, self, attached_now=False)
+
     @torch.no_grad()
     def clip_grad_(self) -> None:
         """Apply AGC to the gradients of every clipped group's non-excluded parameters."""
         by_clipping: dict[float, list[torch.Tensor]] = defaultdict(list)
-        for group in self.param_groups:
+        for group in self.optimizer.param_groups:
             clipping = group.get("clipping", self.clipping)
             if clipping is None:
                 continue
             by_clipping[float(clipping)].extend(
-                p for p in group["params"] if id(p) not in self._excluded_ids
+                p for p in group["params"] if id(p) not in self.excluded_ids
             )
         for clipping, params in by_clipping.items():
             params = _collect(params)
             if params:
                 _adaptive_clip_grad(params, clipping, self.eps)
 
-    def before_step(self) -> None:
-        self.clip_grad_()
+
+def attach_agc(
+    optimizer: Optimizer,
+    clipping: float = 0.01,
+    eps: float = 1e-3,
+    exclude: ExcludeSpec = None,
+    model: nn.Module | None = None,
+) -> AGC:
+    """Clip ``optimizer``'s gradients with AGC before every step; returns the :class:`AGC`
+    (its :meth:`~AGC.remove` detaches the hook)::
+
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+        agc = normfree.optim.attach_agc(opt, clipping=0.01, model=model)
+    """
+    return AGC(optimizer, clipping=clipping, eps=eps, exclude=exclude, model=model)

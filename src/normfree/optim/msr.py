@@ -4,7 +4,8 @@ Let ``P`` be the orthogonal projection onto the zero-mean subspace of a conv ker
 the mean of every spatial slice ``W[o, i, ...]`` (k×k kernels) or of every filter over its input
 channels (1×1 kernels); see :func:`normfree.nn.msr.kernel_mean_dims`. The paper subtracts "the
 weighted channel-wise mean of the spatial kernel gradients" at every step. The authors' code has
-two versions that disagree (reference notes, other-methods.md §3):
+two versions that disagree (``trainer.ZeroMeanNormaliseGrads`` in the ``pytorch_resnet_cifar10/``
+code of the authors' repository, commit ``b5fc345``: an ``ORIG`` branch and a current one):
 
 * ``ORIG``: ``g ← g − m·mean(g)`` with ``m = 0.99``: leaves 1 % of the mean, so the weights
   drift off the isocline, slowly;
@@ -25,9 +26,9 @@ normfree implements the version that keeps the weights **exactly** zero-mean, ``
   projected, exact for any optimizer (and it snaps weights that were not zero-mean onto the
   isocline at the first step).
 
-:class:`MeanShiftRejection` wraps any optimizer (sharing its ``param_groups``, ``state`` and
-``state_dict``) and composes with :class:`normfree.optim.AGC` in either order: AGC rescales
-whole filters by a scalar, which maps the zero-mean subspace to itself.
+:func:`attach_msr` (or :class:`MeanShiftRejection`) attaches the projection to any optimizer through
+its public step hooks and composes with :func:`normfree.optim.attach_agc` in either order: AGC
+rescales whole filters by a scalar, which maps the zero-mean subspace to itself.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from normfree.nn.msr import IncludeSpec, kernel_mean_dims, zero_mean_conv_weights
-from normfree.optim.wrapper import OptimizerWrapper
+from normfree.optim.hooks import after_step_hook, before_step_hook, record_attached
 
-__all__ = ["MeanShiftRejection", "project_zero_mean_", "zero_mean_eligible"]
+__all__ = ["MeanShiftRejection", "attach_msr", "project_zero_mean_", "zero_mean_eligible"]
 
 Mode = Literal["project_grad", "project_update"]
 _MODES = ("project_grad", "project_update")
@@ -72,12 +73,18 @@ def project_zero_mean_(tensors: Tensor | Iterable[Tensor]) -> None:
         t.sub_(t.mean(dim=dims, keepdim=True, dtype=acc).to(t.dtype))
 
 
-class MeanShiftRejection(OptimizerWrapper):
-    """Wrap ``optimizer`` so that each ``step`` keeps the selected conv kernels zero-mean.
+class MeanShiftRejection:
+    """Keep the selected conv kernels of ``optimizer``'s parameters zero-mean, through PyTorch's
+    public step hooks (``register_step_pre_hook`` projects the gradients before every step;
+    with ``mode="project_update"`` a ``register_step_post_hook`` re-projects the weights after).
+
+    ``MeanShiftRejection(optimizer, ...)`` (or :func:`attach_msr`) attaches the hooks; the
+    optimizer stays the user's own object, so LR schedulers, ``GradScaler``
+    (``scaler.step(optimizer)``) and ``state_dict`` work unchanged, and it composes with
+    :class:`~normfree.optim.AGC` attached in either order. :meth:`remove` detaches the hooks.
 
     Args:
-        optimizer: any ``torch.optim.Optimizer`` (also an :class:`~normfree.optim.AGC`; and
-            ``AGC(MeanShiftRejection(...))`` works too).
+        optimizer: any ``torch.optim.Optimizer``.
         params: which kernels to constrain. ``None``: every eligible tensor
             (:func:`zero_mean_eligible`) of the param groups whose ``"zero_mean"`` key is not
             False, resolved at each step (so ``add_param_group`` is followed). An ``nn.Module``:
@@ -86,10 +93,6 @@ class MeanShiftRejection(OptimizerWrapper):
         mode: ``"project_grad"`` or ``"project_update"`` (module docstring): use
             ``"project_update"`` with adaptive optimizers (Adam, AdamW, RMSprop, LAMB…).
         include: conv selection when ``params`` is a module.
-
-    ``param_groups``, ``state``, ``defaults``, ``state_dict``/``load_state_dict`` and
-    ``zero_grad`` are the inner optimizer's (the same objects), so LR schedulers, ``GradScaler``
-    (``scaler.step(msr)``) and checkpoints work unchanged.
     """
 
     def __init__(
@@ -99,11 +102,19 @@ class MeanShiftRejection(OptimizerWrapper):
         mode: Mode = "project_grad",
         include: IncludeSpec = None,
     ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        super().__init__(optimizer)
+        self.optimizer = optimizer
         self.mode: Mode = mode
-        self._params: list[Tensor] | None = self._resolve(params, include)
+        self.params: list[Tensor] | None = self._resolve(params, include)
+        self.handles = [optimizer.register_step_pre_hook(before_step_hook(self.project_grad_))]
+        if mode == "project_update":
+            self.handles.append(
+                optimizer.register_step_post_hook(after_step_hook(self.project_weights_))
+            )
+        record_attached(optimizer, self)
 
     def _resolve(
         self, params: nn.Module | Iterable[Tensor] | None, include: IncludeSpec
@@ -122,24 +133,30 @@ class MeanShiftRejection(OptimizerWrapper):
                 if not isinstance(p, Tensor):
                     raise TypeError(f"params must be tensors, got {type(p).__name__}")
                 kernel_mean_dims(p.shape)
-        owned = {id(p) for group in self.param_groups for p in group["params"]}
+        owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         missing = [tuple(p.shape) for p in selected if id(p) not in owned]
         if missing:
             raise ValueError(f"{len(missing)} selected kernels are not in the optimizer: {missing}")
         return selected
 
     def __repr__(self) -> str:
-        which = "all conv kernels" if self._params is None else f"{len(self._params)} kernels"
-        return f"MeanShiftRejection(mode={self.mode!r}, {which}, optimizer={self.optimizer!r})"
+        which = "all conv kernels" if self.params is None else f"{len(self.params)} kernels"
+        return f"MeanShiftRejection(mode={self.mode!r}, {which})"
+
+    def remove(self) -> None:
+        """Detach the hooks: later steps are not projected."""
+        for handle in self.handles:
+            handle.remove()
+        record_attached(self.optimizer, self, attached_now=False)
 
     # -- projection ---------------------------------------------------------------------------
     def constrained_parameters(self) -> list[Tensor]:
         """The kernels kept zero-mean (resolved now when ``params`` was None)."""
-        if self._params is not None:
-            return list(self._params)
+        if self.params is not None:
+            return list(self.params)
         return [
             p
-            for group in self.param_groups
+            for group in self.optimizer.param_groups
             if group.get("zero_mean", True)
             for p in group["params"]
             if zero_mean_eligible(p)
@@ -155,9 +172,13 @@ class MeanShiftRejection(OptimizerWrapper):
         """Project the constrained kernels themselves onto the isocline (no rescaling)."""
         project_zero_mean_(self.constrained_parameters())
 
-    def before_step(self) -> None:
-        self.project_grad_()
 
-    def after_step(self) -> None:
-        if self.mode == "project_update":
-            self.project_weights_()
+def attach_msr(
+    optimizer: Optimizer,
+    params: nn.Module | Iterable[Tensor] | None = None,
+    mode: Mode = "project_grad",
+    include: IncludeSpec = None,
+) -> MeanShiftRejection:
+    """Keep conv kernels zero-mean through ``optimizer``'s step hooks; returns the
+    :class:`MeanShiftRejection` (its :meth:`~MeanShiftRejection.remove` detaches the hooks)."""
+    return MeanShiftRejection(optimizer, params, mode=mode, include=include)

@@ -1,7 +1,7 @@
 """Optimizer parameter groups built from what the model *declares* (never from name guessing).
 
-The NFNet recipe (Brock et al. 2021b, App. C; DeepMind ``experiment_nfnets.py``, see
-reference §5) uses three groups: gains and biases without weight decay; the final classifier
+The NFNet recipe (Brock et al. 2021b, App. C; DeepMind ``nfnets/experiment_nfnets.py``) uses
+three groups: gains and biases without weight decay; the final classifier
 weight with weight decay but without AGC; every other weight with both. Here the split comes from
 the :class:`~normfree.models.NormFreeModel` contract:
 
@@ -20,7 +20,7 @@ clipped) read by :class:`normfree.optim.AGC`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
@@ -49,6 +49,7 @@ def build_param_groups(
     *,
     clip_classifier: bool = False,
     extra_no_weight_decay: Iterable[str] = (),
+    lr_scale: Callable[[str], float] | None = None,
 ) -> list[dict[str, Any]]:
     """Split ``model``'s trainable parameters into optimizer groups.
 
@@ -61,6 +62,9 @@ def build_param_groups(
             ``meta.recipe["agc"]`` is False (BN baselines) is never clipped.
         clip_classifier: also clip the classifier (the paper advises against it).
         extra_no_weight_decay: further parameter names to exclude from weight decay.
+        lr_scale: per-parameter lr multiplier ``name -> float``; default ``model.lr_scale``
+            when the model declares it, else 1 (e.g. :func:`normfree.nn.fixup_lr_scale` for a
+            plain module holding Fixup scalars).
 
     Returns:
         Groups in a deterministic order (first appearance of each kind in
@@ -85,7 +89,7 @@ def build_param_groups(
     recipe = getattr(meta, "recipe", {}) or {}
     if not recipe.get("agc", True):
         clipping = None
-    lr_scale_fn = getattr(model, "lr_scale", None)
+    lr_scale_fn = lr_scale if lr_scale is not None else getattr(model, "lr_scale", None)
 
     groups: dict[tuple[bool, float, float | None], dict[str, Any]] = {}
     for name, param in named:

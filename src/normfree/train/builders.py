@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from normfree.models import NormFreeModel, create_model
+from normfree.models import NormFreeModel, count_params, create_model
 from normfree.optim.param_groups import build_param_groups
 from normfree.optim.schedules import WarmupDecayLR, scaled_peak_lr
 from normfree.train.config import Config, ConfigError
@@ -183,17 +183,17 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     else:  # pragma: no cover - the config type rules this out
         raise ConfigError(f"unknown optimizer optim.name={o.name!r}")
     if use_agc:
-        from normfree.optim.agc import AGC
+        from normfree.optim.agc import attach_agc
 
         # clipping per group (None on the classifier group), so no name-based exclusion here
-        opt = AGC(opt, clipping=o.clipping, eps=o.agc_eps, exclude=())
+        attach_agc(opt, clipping=o.clipping, eps=o.agc_eps, exclude=())
     if msr_enabled(cfg, model):
-        from normfree.optim.msr import MeanShiftRejection
+        from normfree.optim.msr import attach_msr
 
         # plain SGD keeps projected weights on the isocline; adaptive optimizers need the
         # update re-projected (Ruff et al. 2019, §3; see normfree.optim.msr)
         mode = "project_grad" if o.name == "sgd" else "project_update"
-        opt = MeanShiftRejection(opt, model, mode=mode)
+        attach_msr(opt, model, mode=mode)
     return opt
 
 
@@ -280,10 +280,6 @@ def check_input_size(model: nn.Module, size: int | None, key: str) -> None:
             f"{minimum}x{minimum} (its total stride); use images of at least {minimum} pixels "
             "or a model made for small images"
         )
-
-
-def count_params(model: nn.Module) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
 
 
 def init_weights_from(cfg: Config, model: nn.Module) -> None:
