@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normfree.optim import AGC, attached
 from normfree.train import builders as B
 from normfree.train.callbacks import Callback
 from normfree.train.checkpointing import check_weights_fit, load_checkpoint
@@ -199,6 +200,9 @@ class Trainer(TrainerState):
                 setattr(self.scheduler, attr, copy.copy(getattr(sched, attr)))
             for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
                 group["lr"] = lr
+            for action in attached(self.optimizer):  # ε lives on the AGC hook, not the groups
+                if isinstance(action, AGC):
+                    action.eps = float(cfg.optim.agc_eps)
         if self.info.is_main:
             for key, (old, new) in changes.items():
                 log.warning("resume: %s changed from %r to %r", key, old, new)
