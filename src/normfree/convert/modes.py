@@ -61,7 +61,7 @@ from normfree.convert.graph import (
     is_bn_act,
 )
 from normfree.convert.layers import ChannelAffine
-from normfree.models.resnet import group_norm_groups
+from normfree.nn.norm import group_norm_groups
 from normfree.nn.proxy_norm import NormAct, ProxyNormActivation
 from normfree.nn.residual import SkipInitGain
 from normfree.nn.ws import ScaledStdConv2d, WSConv2d
