@@ -23,6 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "analysis": {"atomic", "nn", "models"},
     "train": {"atomic", "nn", "models", "optim", "checkpoints", "data"},
     "deploy": {"atomic", "nn", "models"},
+    "experiments": {"atomic", "nn", "models", "optim", "data", "analysis", "train"},
     "__init__": {"_version", "checkpoints", "models"},
 }
 CLI_MODULES = {"cli", "__main__"}  # normfree/cli.py, __main__.py and every <pkg>/cli.py: the top

@@ -19,6 +19,7 @@ SUBCOMMANDS: list[str] = [
     "normfree.analysis.cli",
     "normfree.train.cli",
     "normfree.deploy.cli",
+    "normfree.experiments.cli",
 ]
 
 
