@@ -20,7 +20,7 @@ __all__ = ["CLIPPING", "EXPERIMENT"]
 
 MODEL = "nf_resnet_cifar20"
 BATCH = 256
-DATA = "hard-digits:size=12"
+DATA = "hard-digits"
 # setting -> trainer overrides
 CLIPPING: dict[str, list[str]] = {
     "none": ["optim.agc=false"],

@@ -32,7 +32,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
 }
 LABELS = {"fixup": "Fixup", "skipinit": "SkipInit", "rezero": "ReZero", "nf": "NF-ResNet",
           "bn": "BN-ResNet", "he": "He init, no norm"}  # fmt: skip
-DATA = "hard-digits:size=8"
+DATA = "hard-digits"
 
 
 def _plan(options: GridOptions) -> tuple[list[str], list[int], int]:

@@ -20,7 +20,7 @@ __all__ = ["EXPERIMENT", "MODELS"]
 
 MODELS = {"msr": "msr_resnet_cifar20", "bn": "bn_resnet_cifar20", "nf": "nf_resnet_cifar20"}
 LABELS = {"msr": "MSR-ResNet-20", "bn": "BN-ResNet-20", "nf": "NF-ResNet-20"}
-DATA = "hard-digits:size=12"
+DATA = "hard-digits"
 
 
 def _epochs(options: GridOptions) -> int:

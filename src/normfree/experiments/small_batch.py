@@ -22,7 +22,7 @@ __all__ = ["EXPERIMENT", "MODELS"]
 
 MODELS = {"nf": "nf_resnet_cifar20", "bn": "bn_resnet_cifar20", "wsgn": "wsgn_resnet_cifar20"}
 LABELS = {"nf": "NF-ResNet-20", "bn": "BN-ResNet-20", "wsgn": "WS+GN-ResNet-20"}
-DATA = "hard-digits:size=12"
+DATA = "hard-digits"
 
 
 def _plan(options: GridOptions) -> tuple[list[str], list[int], int]:

@@ -1,0 +1,46 @@
+"""The ``--quick`` variants of the experiments, each asserting the direction of its paper's claim
+with a margin that fails if the technique breaks. Numbers of the full runs: docs/experiments.md.
+Only proxy-norm (a few seconds, no training) runs by default; the training ones are ``slow``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from normfree.experiments import GridOptions, get_experiment, run_experiment
+
+
+def _rows(name: str, out: Path, jobs: int = 1) -> dict[str, dict[str, Any]]:
+    rows = run_experiment(get_experiment(name), out, GridOptions(quick=True), jobs=jobs,
+                          log=lambda s: None)  # fmt: skip
+    assert (out / f"{name}.png").stat().st_size > 1000
+    return {r["cell"]: r for r in rows}
+
+
+def test_proxy_norm_quick_pn_removes_channel_collapse(tmp_path: Path) -> None:
+    rows = _rows("proxy-norm", tmp_path)
+    for arch in ("ff", "res"):
+        share = {n: rows[f"{arch}-{n}-s0"]["deep_share"] for n in ("ln", "gn", "lnpn", "gnpn", "bn")}
+        # measured (quick, seed 0): ff LN 0.76, GN 0.38, LN+PN 0.041, GN+PN 0.038, BN 0.037;
+        # res LN 0.81, GN 0.53, LN+PN 0.046, GN+PN 0.043, BN 0.041
+        assert share["ln"] > 0.5  # LN collapses towards channel-wise constants
+        assert share["gn"] > 0.25
+        assert share["lnpn"] < share["ln"] / 8  # ... and PN removes the collapse
+        assert share["gnpn"] < share["gn"] / 4
+        assert max(share["lnpn"], share["gnpn"]) < 2 * share["bn"]  # at BN's level
+        assert share["bn"] < 0.1
+        # the first pre-activation is the same for all (no depth yet)
+        assert rows[f"{arch}-ln-s0"]["first_share"] < 0.1
+
+
+@pytest.mark.slow
+def test_proxy_norm_quick_in_parallel_equals_serial(tmp_path: Path) -> None:
+    serial = _rows("proxy-norm", tmp_path / "serial")
+    parallel = _rows("proxy-norm", tmp_path / "parallel", jobs=2)
+    for key, row in serial.items():
+        assert parallel[key]["curve"] == row["curve"]
+    table = json.loads((tmp_path / "parallel" / "results.json").read_text())
+    assert [r["cell"] for r in table["rows"]] == list(serial)
