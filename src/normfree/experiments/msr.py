@@ -24,7 +24,7 @@ DATA = "hard-digits"
 
 
 def _epochs(options: GridOptions) -> int:
-    return 2 if options.quick else 8
+    return 2 if options.quick else 10
 
 
 def cells(options: GridOptions) -> list[Cell]:

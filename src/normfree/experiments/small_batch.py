@@ -28,7 +28,7 @@ DATA = "hard-digits"
 def _plan(options: GridOptions) -> tuple[list[str], list[int], int]:
     if options.quick:
         return ["nf", "bn"], [2, 64], 1
-    return list(MODELS), [2, 4, 16, 64], 3
+    return list(MODELS), [2, 4, 16, 64], 6
 
 
 def cells(options: GridOptions) -> list[Cell]:
