@@ -10,7 +10,7 @@ from normfree.data.hard_digits import load_hard_digits_arrays, parse_hard_digits
 
 
 def _nearest_centroid_accuracy(spec: str) -> float:
-    """Held-out accuracy of the nearest class mean (pixels): a fixed, model-free difficulty gauge."""
+    """Held-out accuracy of the nearest class mean in pixel space: a model-free difficulty gauge."""
     bundle = build_datasets(spec)
 
     def arrays(ds) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,5 +38,5 @@ def test_global_norm_clipping_bounds_the_sgd_step(make_cfg: Callable[..., Config
     assert clipped == pytest.approx(1e-3, rel=1e-3)  # lr · max_norm exactly
     loose = _update_norm(make_cfg(*PLAIN_SGD, "optim.clip_grad_norm=1000", out="loose"))
     assert loose == pytest.approx(free, rel=1e-5)  # a threshold above ‖G‖ changes nothing
-    with pytest.raises(ConfigError, match="optim.clip_grad_norm"):
+    with pytest.raises(ConfigError, match=r"optim\.clip_grad_norm"):
         make_cfg("optim.clip_grad_norm=0")
