@@ -69,15 +69,17 @@ def plot_lines(
     labels: dict[Any, str] | None = None,
 ) -> None:
     """One line per ``group`` value of ``y`` against ``x``; cells where a seed diverged get a
-    red ✕ (at ``floor`` when no seed gave a finite value)."""
-    lo = floor
-    for g, points in aggregate(rows, group, x, y).items():
+    red ✕ (at ``floor`` when no seed gave a finite value; ``None``: above the highest value)."""
+    groups = aggregate(rows, group, x, y)
+    finite = [p[1] for points in groups.values() for p in points if p[1] is not None]
+    lo = floor if floor is not None else 1.05 * max(finite, default=1.0)
+    for g, points in groups.items():
         xs = [p[0] for p in points if p[1] is not None]
         ys = [p[1] for p in points if p[1] is not None]
         ax.plot(xs, ys, "o-", ms=4, label=(labels or {}).get(g, str(g)))
         for xv, yv, div in points:
             if div:
-                where = yv if yv is not None else (lo if lo is not None else 0.0)
+                where = yv if yv is not None else lo
                 ax.plot([xv], [where], "x", color="red", ms=9, mew=2)
     if logx:
         ax.set_xscale("log", base=2)
