@@ -35,7 +35,7 @@ LABELS = {"none": "no clipping", "gnorm1": "global norm ≤ 1", "agc0.01": "AGC 
 def _plan(options: GridOptions) -> tuple[list[str], list[float], int]:
     if options.quick:
         return ["none", "agc0.01"], [3.2], 4
-    return list(CLIPPING), [0.1, 0.4, 1.6, 6.4], 12
+    return list(CLIPPING), [0.1, 0.4, 1.6, 6.4], 8
 
 
 def cells(options: GridOptions) -> list[Cell]:
