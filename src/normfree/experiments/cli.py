@@ -60,8 +60,8 @@ def run_cli(args: argparse.Namespace) -> int:
         options = GridOptions(quick=args.quick, data=args.data, seeds=args.seeds,
                               threads=args.threads)  # fmt: skip
         out = Path(args.out) if args.out else default_out(exp.name, args.quick)
-        print(f"experiment {exp.name}: {exp.claim}\n  data {args.data or exp.default_data}, "
-              f"folder {out}")  # fmt: skip
+        data = args.data or exp.default_data or "none (Gaussian input)"
+        print(f"experiment {exp.name}: {exp.claim}\n  data {data}, folder {out}")
         run_experiment(exp, out, options, jobs=args.jobs,
                        log=lambda line: print(line, flush=True))  # fmt: skip
     except ExperimentError as e:

@@ -26,7 +26,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,6 @@ class Experiment:
     columns: Sequence[str]
     plot: Callable[[list[dict[str, Any]], Path, GridOptions], None]
     default_data: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 EXPERIMENTS: dict[str, Experiment] = {}
@@ -137,17 +136,15 @@ def _check_cells(cells: list[Cell]) -> None:
 
 
 def _execute(
-    exp_name: str, run_cell: Callable[..., dict[str, Any]] | None, cell: Cell, folder: str,
-    options: GridOptions,
-) -> dict[str, Any]:  # fmt: skip
+    run_cell: Callable[..., dict[str, Any]], cell: Cell, folder: str, options: GridOptions
+) -> dict[str, Any]:
     """Run one cell (in this or a worker process) and write its result file atomically."""
     import torch
 
     torch.set_num_threads(max(1, options.threads))
-    fn = run_cell if run_cell is not None else get_experiment(exp_name).run_cell
     path = Path(folder)
     t0 = time.perf_counter()
-    result = dict(fn(cell, path, options))
+    result = dict(run_cell(cell, path, options))
     result.setdefault("wall_s", round(time.perf_counter() - t0, 2))
     atomic_write_json(path / RESULT_FILE, {"cell": cell.key, "params": cell.params,
                                            "result": result})  # fmt: skip
@@ -230,14 +227,13 @@ def run_experiment(
         for i, cell in pending:
             log(f"[{i}/{n}] {cell.key}: running")
             folder = str(cell_dir(out, cell))
-            report(i, cell, lambda c=cell, f=folder: _execute(exp.name, exp.run_cell, c, f,
-                                                              options))  # fmt: skip
+            report(i, cell, lambda c=cell, f=folder: _execute(exp.run_cell, c, f, options))
     else:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
             futures: list[tuple[int, Cell, Future[dict[str, Any]]]] = []
             for i, cell in pending:
-                fut = pool.submit(_execute, exp.name, exp.run_cell, cell, str(cell_dir(out, cell)),
+                fut = pool.submit(_execute, exp.run_cell, cell, str(cell_dir(out, cell)),
                                   options)  # fmt: skip
                 futures.append((i, cell, fut))
             log(f"running {len(pending)} cells in {jobs} processes")

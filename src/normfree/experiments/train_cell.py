@@ -46,7 +46,9 @@ def train_cell(
     if curve_every:
         items.append(f"log.every_steps={curve_every}")
     cfg = resolve_config("digits", overrides=items)
-    logging.getLogger("normfree.train").setLevel(logging.ERROR)
+    logger = logging.getLogger("normfree.train")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # the grid prints one line per cell instead
     t0 = time.perf_counter()
     diverged, diverged_step = False, None
     try:
@@ -55,6 +57,8 @@ def train_cell(
         diverged = True
         found = re.search(r"at step (\d+)", str(e))
         diverged_step = int(found.group(1)) if found else None
+    finally:
+        logger.setLevel(level)
     records = read_metrics(run_dir / "metrics.jsonl")
     epochs = [r for r in records if r.get("kind") == "epoch"]
     steps = [r for r in records if r.get("kind") == "step"]
