@@ -73,9 +73,6 @@ def plot(rows: list[dict[str, Any]], path: Path, options: GridOptions) -> None:
     fig, (ax, ax2) = new_figure(2)
     for a, key, floor in ((ax, "val_loss", None), (ax2, "val_top1", 0.0)):
         plot_lines(a, rows, "family", "depth", key, logx=True, floor=floor, labels=LABELS)
-        a.set_xscale("log")
-        a.set_xticks(sorted({r["depth"] for r in rows}))
-        a.set_xticklabels([str(d) for d in sorted({r["depth"] for r in rows})])
         a.set_xlabel("depth (layers)")
     steps = rows[0]["budget_steps"]
     ax.set_ylabel("held-out loss  (✕: diverged)")

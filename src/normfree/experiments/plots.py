@@ -83,6 +83,10 @@ def plot_lines(
                 ax.plot([xv], [where], "x", color="red", ms=9, mew=2)
     if logx:
         ax.set_xscale("log", base=2)
+        ticks = sorted({r[x] for r in rows})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}" for t in ticks])
+        ax.minorticks_off()
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.grid(alpha=0.3)
