@@ -84,6 +84,19 @@ def test_resume_skips_finished_cells_and_restarts_half_written_ones(tmp_path: Pa
     assert len(rows) == 12
 
 
+def test_report_only_tabulates_finished_cells_and_touches_nothing(tmp_path: Path) -> None:
+    run_experiment(FAKE, tmp_path, GridOptions(), log=lambda s: None)
+    (tmp_path / "cells" / "mb-x1-s0" / "result.json").unlink()  # as if still running
+    CALLS.clear()
+    lines: list[str] = []
+    rows = run_experiment(FAKE, tmp_path, GridOptions(), log=lines.append, report_only=True)
+    assert CALLS == [] and len(rows) == 5
+    assert "[4/6] mb-x1-s0: not finished, left out" in lines
+    assert (tmp_path / "cells" / "mb-x1-s0" / "scratch.txt").exists()  # a running cell's files
+    assert len(_read_csv(tmp_path / "results.csv")) == 5
+    assert (tmp_path / "fake.png").read_text() == "5 rows"
+
+
 def test_failed_cell_is_reported_kept_out_of_the_table_and_retried(tmp_path: Path) -> None:
     (tmp_path / "fail").write_text("")
     lines: list[str] = []
@@ -123,6 +136,8 @@ def test_cli_lists_and_rejects_bad_input_with_one_line(tmp_path: Path, capsys) -
         (["experiment", "agc", "--data", "cifar10:/does/not/exist", "--out", str(tmp_path / "o")],
          "--data 'cifar10:/does/not/exist'"),
         (["experiment", "agc", "--data", "nonsense"], "unknown dataset spec"),
+        (["experiment", "agc", "--report", "--out", str(tmp_path / "none")],
+         "--report: no experiment folder"),
     ]  # fmt: skip
     for argv, message in cases:
         assert main(argv) == 2

@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, default=1, help="seeds per grid point (default 1)")
     p.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per cell")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: write the table and figure of the cells finished so far "
+                   "(safe while the grid runs in another process)")  # fmt: skip
     p.set_defaults(func=run_cli)
 
 
@@ -62,7 +65,9 @@ def run_cli(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else default_out(exp.name, args.quick)
         data = args.data or exp.default_data or "none (Gaussian input)"
         print(f"experiment {exp.name}: {exp.claim}\n  data {data}, folder {out}")
-        run_experiment(exp, out, options, jobs=args.jobs,
+        if args.report and not (out / "cells").is_dir():
+            raise ExperimentError(f"--report: no experiment folder at {out}")
+        run_experiment(exp, out, options, jobs=args.jobs, report_only=args.report,
                        log=lambda line: print(line, flush=True))  # fmt: skip
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)

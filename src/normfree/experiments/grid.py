@@ -178,12 +178,15 @@ def run_experiment(
     options: GridOptions | None = None,
     jobs: int = 1,
     log: Callable[[str], None] = print,
+    report_only: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every unfinished cell of ``exp`` into ``out``, then write the table and the figure.
 
     Returns the table rows (one per finished cell, grid order). Cells that raise are reported
     and left unfinished (a rerun retries them); :class:`ExperimentError` is raised at the end
-    naming them, after the table of the others has been written.
+    naming them, after the table of the others has been written. ``report_only`` runs nothing
+    and touches no cell folder (a grid may be running there): it only writes the table and the
+    figure of the cells finished so far.
     """
     options = options or GridOptions()
     if jobs < 1:
@@ -202,6 +205,8 @@ def run_experiment(
     for i, cell in enumerate(cells, 1):
         if _load_result(cell_dir(out, cell)) is not None:
             log(f"[{i}/{n}] {cell.key}: done before, skipped")
+        elif report_only:
+            log(f"[{i}/{n}] {cell.key}: not finished, left out")
         else:
             pending.append((i, cell))
     failed: list[str] = []
