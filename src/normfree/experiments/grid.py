@@ -25,7 +25,7 @@ import shutil
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,13 +236,14 @@ def run_experiment(
     else:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures: list[tuple[int, Cell, Future[dict[str, Any]]]] = []
+            futures: dict[Future[dict[str, Any]], tuple[int, Cell]] = {}
             for i, cell in pending:
                 fut = pool.submit(_execute, exp.run_cell, cell, str(cell_dir(out, cell)),
                                   options)  # fmt: skip
-                futures.append((i, cell, fut))
+                futures[fut] = (i, cell)
             log(f"running {len(pending)} cells in {jobs} processes")
-            for i, cell, fut in futures:
+            for fut in as_completed(futures):  # a line per cell as soon as it finishes
+                i, cell = futures[fut]
                 report(i, cell, fut.result)
     rows = table_rows(exp, out, cells)
     write_table(exp, out, rows)
