@@ -33,10 +33,11 @@ def _plan(options: GridOptions) -> tuple[list[str], list[int], int]:
 
 def cells(options: GridOptions) -> list[Cell]:
     models, batches, epochs = _plan(options)
+    # large batches first: they are the cheapest cells, so a partial grid compares every model
     return [
         Cell(f"{m}-b{b}-s{s}", {"model": m, "batch": b, "epochs": epochs, "seed": s})
+        for b in sorted(batches, reverse=True)
         for m in models
-        for b in batches
         for s in range(options.seeds)
     ]
 
