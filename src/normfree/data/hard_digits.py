@@ -1,10 +1,10 @@
 """``hard-digits``: a fixed, harder variant of scikit-learn's bundled 8×8 digits for experiments
 that need a task a small ResNet does not solve in one epoch, without downloading anything.
 
-Every one of the 1,797 digits (Alpaydin & Kaynak 1998) is upsampled to ``size × size`` (bilinear;
-8 by default: the same resolution, so distortion only) and distorted once, by a generator seeded with the constant :data:`HARD_DIGITS_SEED`
-(so the dataset is the same for every run and every run seed; only the held-out split follows the
-run's seed, as for ``digits``):
+Every one of the 1,797 digits (Alpaydin & Kaynak 1998) is resized to ``size × size`` (bilinear;
+8 by default, the native size, so only the distortion changes) and distorted once, by a
+generator seeded with the constant :data:`HARD_DIGITS_SEED` (so the dataset is the same for every
+run and every run seed; only the held-out split follows the run's seed, as for ``digits``):
 
 * a random affine map: rotation ±15°, scale 0.85–1.1, shear ±0.15, translation ±10 % of the side;
 * contrast drawn in [0.6, 1] and a background level in [0, 0.2] (low-contrast digits);
@@ -12,8 +12,8 @@ run's seed, as for ``digits``):
 * with probability 0.25 an occluding square of side ``size/4`` filled with a random grey level.
 
 The distortions are drawn once (a fixed dataset), not per epoch (that would be augmentation).
-Measured with the experiments' NF-ResNet-20 recipe: held-out top-1 ~85–90 % after a few epochs
-(digits: > 99 %), see docs/experiments.md.
+Measured: a nearest-class-mean classifier gets 57.7 % held-out (digits: 90.8 %); ResNet-20s reach
+70–88 % in 6 epochs (digits: > 97 %); see docs/experiments.md.
 """
 
 from __future__ import annotations
