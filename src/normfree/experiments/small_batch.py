@@ -1,7 +1,6 @@
 """``small-batch``: NF-ResNets keep their accuracy at small batch sizes where BatchNorm degrades
-(Brock et al. 2021a, §1 and §5.2; Brock et al. 2021b, §1: BN "performs poorly when the batch size
-is too small"; Wu & He 2018, Fig. 1: BN's ImageNet error grows from 23.6 % at 32 images per GPU to
-34.7 % at 2, GN stays at ~24 %).
+(Brock, De & Smith 2021a, Table 2: ImageNet, batch 4, NF-ResNet-50 69.9 % top-1 against 55.7 %
+for BN-ResNet-50).
 
 Grid: {NF-ResNet-20, BN-ResNet-20, WS+GN-ResNet-20} × batch {2, 4, 16, 64} × seed, the same
 number of epochs at every batch size and the learning rate scaled linearly with the batch
