@@ -26,6 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "deploy": {"atomic", "nn", "models"},
     "convert": {"atomic", "nn", "models", "optim", "checkpoints", "data"},
     "integrations": {"atomic", "nn", "models", "checkpoints"},
+    "experiments": {"atomic", "nn", "models", "optim", "data", "analysis", "train", "convert"},
     "__init__": {"_version", "checkpoints", "convert", "models"},
 }
 CLI_MODULES = {"cli", "__main__"}  # normfree/cli.py, __main__.py and every <pkg>/cli.py: the top

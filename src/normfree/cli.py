@@ -20,6 +20,7 @@ SUBCOMMANDS: list[str] = [
     "normfree.train.cli",
     "normfree.deploy.cli",
     "normfree.convert.cli",
+    "normfree.experiments.cli",
 ]
 
 

@@ -7,6 +7,9 @@ arXiv 2106.03743, §3, Fig. 2).
   (``std = sqrt(2/(C_in·k²))``) after; the norm is BN (ε = 1e-3), LayerNorm (over C, H, W),
   InstanceNorm, GroupNorm or none, with per-channel affine ``γ ~ N(1, s²)``, ``β ~ N(0, s²)``
   when ``affine_std = s > 0`` (the random nets of the Proxy Normalization power plots use 0.2).
+  ``proxy_norm=True`` makes every ``norm → ReLU`` a ``norm (no affine) → PN-Act``
+  (:class:`~normfree.nn.ProxyNormActivation`, Labatie et al. 2021, §4) whose affine γ, β take the
+  random values instead.
 * :class:`ResNetProbe` - a LeCun-init stem conv, then ``units`` pre-activation residual units
   ``x + conv(ReLU(norm(conv(ReLU(norm(x))))))`` with identity skips (Labatie's BN-ResNet).
 
@@ -21,27 +24,30 @@ import math
 import torch
 from torch import nn
 
+from normfree.nn.proxy_norm import ProxyNormActivation
 from normfree.nn.residual import ResidualBlock
 
-__all__ = ["NORM_KINDS", "FeedforwardProbe", "ResNetProbe", "make_norm"]
+__all__ = ["NORM_KINDS", "FeedforwardProbe", "ResNetProbe", "make_norm", "norm_act"]
 
 NORM_KINDS = ("batch", "layer", "instance", "group", "none")
 
 
-def make_norm(kind: str, channels: int, eps: float = 1e-3, groups: int = 4) -> nn.Module:
-    """A 2-d normalization layer with per-channel affine: ``"batch"`` (BN), ``"layer"``
-    (LayerNorm over C, H, W = GroupNorm with one group), ``"instance"``, ``"group"`` or
-    ``"none"`` (identity)."""
+def make_norm(
+    kind: str, channels: int, eps: float = 1e-3, groups: int = 4, affine: bool = True
+) -> nn.Module:
+    """A 2-d normalization layer with per-channel affine (unless ``affine=False``): ``"batch"``
+    (BN), ``"layer"`` (LayerNorm over C, H, W = GroupNorm with one group), ``"instance"``,
+    ``"group"`` or ``"none"`` (identity)."""
     if kind == "batch":
-        return nn.BatchNorm2d(channels, eps=eps)
+        return nn.BatchNorm2d(channels, eps=eps, affine=affine)
     if kind == "layer":
-        return nn.GroupNorm(1, channels, eps=eps)
+        return nn.GroupNorm(1, channels, eps=eps, affine=affine)
     if kind == "instance":
-        return nn.GroupNorm(channels, channels, eps=eps)
+        return nn.GroupNorm(channels, channels, eps=eps, affine=affine)
     if kind == "group":
         if channels % groups:
             raise ValueError(f"group norm needs channels ({channels}) divisible by {groups}")
-        return nn.GroupNorm(groups, channels, eps=eps)
+        return nn.GroupNorm(groups, channels, eps=eps, affine=affine)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"norm must be one of {NORM_KINDS}, got {kind!r}")
@@ -64,6 +70,19 @@ def _randomise_affine(norm: nn.Module, std: float) -> None:
             norm.bias.normal_(0.0, std)
 
 
+def norm_act(
+    kind: str, width: int, affine_std: float, proxy_norm: bool
+) -> tuple[nn.Module, nn.Module]:
+    """``(norm, activation)``: an affine norm and ReLU, or with ``proxy_norm`` a norm without
+    affine and a PN-Act (the affine γ, β inside it); the affine is randomised by ``affine_std``."""
+    if proxy_norm:
+        norm, act = make_norm(kind, width, affine=False), ProxyNormActivation(width)
+    else:
+        norm, act = make_norm(kind, width), nn.ReLU()
+    _randomise_affine(act if proxy_norm else norm, affine_std)
+    return norm, act
+
+
 class FeedforwardProbe(nn.Module):
     """``depth`` layers of ``conv → norm → ReLU`` with no skip connections (see module doc).
 
@@ -74,6 +93,7 @@ class FeedforwardProbe(nn.Module):
         norm: one of :data:`NORM_KINDS`.
         kernel_size: conv kernel (odd).
         affine_std: std of the random per-channel affine of the norm layers (0: γ=1, β=0).
+        proxy_norm: PN-Act instead of ReLU after norms without affine (see module doc).
     """
 
     def __init__(
@@ -84,6 +104,7 @@ class FeedforwardProbe(nn.Module):
         norm: str = "batch",
         kernel_size: int = 3,
         affine_std: float = 0.0,
+        proxy_norm: bool = False,
     ) -> None:
         super().__init__()
         if depth < 1 or width < 1 or in_chans < 1:
@@ -97,9 +118,9 @@ class FeedforwardProbe(nn.Module):
             layer = nn.Sequential()
             layer.add_module("conv", _conv(in_chans if i == 0 else width, width, kernel_size,
                                            lecun=i == 0))  # fmt: skip
-            layer.add_module("norm", make_norm(norm, width))
-            _randomise_affine(layer.norm, affine_std)
-            layer.add_module("act", nn.ReLU())
+            norm_layer, act = norm_act(norm, width, affine_std, proxy_norm)
+            layer.add_module("norm", norm_layer)
+            layer.add_module("act", act)
             self.layers.add_module(str(i), layer)
         self.analysis_points = ["layers.*"]
 
@@ -110,23 +131,31 @@ class FeedforwardProbe(nn.Module):
 class ProbeUnit(ResidualBlock):
     """Pre-activation residual unit ``x + conv2(ReLU(norm2(conv1(ReLU(norm1(x))))))``."""
 
-    def __init__(self, width: int, norm: str, kernel_size: int, stage_index: int = 0) -> None:
+    def __init__(
+        self,
+        width: int,
+        norm: str,
+        kernel_size: int,
+        stage_index: int = 0,
+        affine_std: float = 0.0,
+        proxy_norm: bool = False,
+    ) -> None:
         super().__init__(stage_index=stage_index, is_transition=False)
-        self.norm1 = make_norm(norm, width)
+        self.norm1, self.act1 = norm_act(norm, width, affine_std, proxy_norm)
         self.conv1 = _conv(width, width, kernel_size, lecun=False)
-        self.norm2 = make_norm(norm, width)
+        self.norm2, self.act2 = norm_act(norm, width, affine_std, proxy_norm)
         self.conv2 = _conv(width, width, kernel_size, lecun=False)
-        self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.conv1(self.act(self.norm1(x)))
-        r = self.conv2(self.act(self.norm2(r)))
+        r = self.conv1(self.act1(self.norm1(x)))
+        r = self.conv2(self.act2(self.norm2(r)))
         return x + self.branch_probe(r)
 
 
 class ResNetProbe(nn.Module):
     """A stem conv and ``units`` pre-activation residual units of constant ``width``
-    (Labatie 2019, §6: BN-ResNet with identity skips)."""
+    (Labatie 2019, §6: BN-ResNet with identity skips); ``affine_std`` and ``proxy_norm`` as in
+    :class:`FeedforwardProbe`."""
 
     def __init__(
         self,
@@ -135,6 +164,8 @@ class ResNetProbe(nn.Module):
         in_chans: int = 3,
         norm: str = "batch",
         kernel_size: int = 3,
+        affine_std: float = 0.0,
+        proxy_norm: bool = False,
     ) -> None:
         super().__init__()
         if units < 1 or width < 1 or in_chans < 1:
@@ -142,7 +173,9 @@ class ResNetProbe(nn.Module):
                              f"{in_chans}")  # fmt: skip
         self.in_chans = in_chans
         self.stem = _conv(in_chans, width, kernel_size, lecun=True)
-        self.units = nn.Sequential(*(ProbeUnit(width, norm, kernel_size) for _ in range(units)))
+        self.units = nn.Sequential(
+            *(ProbeUnit(width, norm, kernel_size, 0, affine_std, proxy_norm) for _ in range(units))
+        )
         self.analysis_points = ["units.*"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 =====================================  =========================================================
 ``digits``                             scikit-learn's bundled 8×8 digits, stratified held-out split
+``hard-digits[:size=16]``              the same digits upsampled and distorted once (harder)
 ``cifar10:/path``, ``cifar100:/path``  python-pickle archives on disk; the official test set is val
 ``imagefolder:/path``                  ``path/{train,val}/<class>/<img>`` or ``path/<class>/<img>``
 ``synthetic[:k=v,…]``                  deterministic random images with a class signal
@@ -21,9 +22,9 @@ from normfree.data.base import DataBundle, TensorImageDataset, build_transform, 
 __all__ = ["DATASET_KINDS", "IMAGENET_MEAN_STD", "build_datasets", "default_augment"]
 
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-DATASET_KINDS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+DATASET_KINDS = ("digits", "hard-digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 _SPEC_HELP = (
-    "digits | cifar10:/dir | cifar100:/dir | imagefolder:/dir | "
+    "digits | hard-digits[:size=16] | cifar10:/dir | cifar100:/dir | imagefolder:/dir | "
     "synthetic[:num_classes=10,size=32,channels=3,n=512]"
 )
 
@@ -53,7 +54,7 @@ def default_augment(spec: str) -> AugmentConfig:
         return AugmentConfig(crop="pad", pad=4, flip=True)
     if kind == "imagefolder":
         return AugmentConfig(crop="random_resized", flip=True)
-    if kind in ("digits", "synthetic"):
+    if kind in ("digits", "hard-digits", "synthetic"):
         return AugmentConfig()
     raise ValueError(f"unknown dataset spec {spec!r}; expected {_SPEC_HELP}")
 
@@ -99,11 +100,38 @@ def _digits(
     if arg:
         raise ValueError(f"the 'digits' dataset takes no argument, got 'digits:{arg}'")
     images, labels = load_digits_arrays()
+    return _digits_bundle("digits", images, labels, size, test, aug, seed, val_fraction)
+
+
+def _hard_digits(
+    arg: str,
+    size: int | None,
+    test: int | None,
+    aug: AugmentConfig | None,
+    seed: int,
+    val_fraction: float,
+) -> DataBundle:
+    from normfree.data.hard_digits import load_hard_digits_arrays, parse_hard_digits_spec
+
+    images, labels = load_hard_digits_arrays(parse_hard_digits_spec(arg))
+    return _digits_bundle("hard-digits", images, labels, size, test, aug, seed, val_fraction)
+
+
+def _digits_bundle(
+    name: str,
+    images: Tensor,
+    labels: Tensor,
+    size: int | None,
+    test: int | None,
+    aug: AugmentConfig | None,
+    seed: int,
+    val_fraction: float,
+) -> DataBundle:
     tr, va = stratified_split(labels, val_fraction, seed)
     stats = _channel_stats(images[tr])
     classes = [str(i) for i in range(10)]
     return _tensor_bundle(
-        "digits",
+        name,
         (images[tr], labels[tr]),
         (images[va], labels[va]),
         stats,
@@ -223,7 +251,8 @@ def build_datasets(
     """Build the train / held-out datasets named by ``spec`` (see the module docstring).
 
     Args:
-        spec: ``digits``, ``cifar10:/path``, ``cifar100:/path``, ``imagefolder:/path`` or
+        spec: ``digits``, ``hard-digits[:size=N]``, ``cifar10:/path``, ``cifar100:/path``,
+            ``imagefolder:/path`` or
             ``synthetic[:num_classes=…,size=…,channels=…,n=…,n_val=…,noise=…]``.
         image_size: training resolution (default: native; 224 for image folders).
         test_size: evaluation resolution (default: ``image_size``).
@@ -251,6 +280,8 @@ def build_datasets(
     kind = kind.strip().lower()
     if kind == "digits":
         return _digits(arg.strip(), image_size, test_size, augment, seed, val_fraction)
+    if kind == "hard-digits":
+        return _hard_digits(arg, image_size, test_size, augment, seed, val_fraction)
     if kind in ("cifar10", "cifar100"):
         return _cifar(kind, arg.strip(), image_size, test_size, augment)
     if kind == "imagefolder":

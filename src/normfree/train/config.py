@@ -96,6 +96,11 @@ class OptimConfig:
     msr: bool | None = _f(
         None, "Mean Shift Rejection: keep conv kernels zero-mean (null: the model's recipe)"
     )
+    clip_grad_norm: float | None = _f(
+        None,
+        "global-norm gradient clipping: rescale all gradients so ‖G‖₂ ≤ this (Pascanu et al. "
+        "2013; the baseline AGC is compared with, Brock et al. 2021b §4; null: off)",
+    )
 
 
 @dataclass
@@ -246,6 +251,7 @@ def validate_config(cfg: Config) -> None:
     need(0.0 <= o.momentum < 1.0, "optim.momentum", "in [0, 1)")
     need(o.clipping > 0, "optim.clipping", "> 0")
     need(o.agc_eps > 0, "optim.agc_eps", "> 0")
+    need(o.clip_grad_norm is None or o.clip_grad_norm > 0, "optim.clip_grad_norm", "> 0 or null")
     s = cfg.schedule
     need(s.warmup_epochs >= 0, "schedule.warmup_epochs", ">= 0")
     need(s.warmup_steps is None or s.warmup_steps >= 0, "schedule.warmup_steps", ">= 0 or null")

@@ -270,6 +270,9 @@ class Trainer(TrainerState):
                 self.scheduler.step()
         else:
             self._updating = True
+            if cfg.optim.clip_grad_norm is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,308 @@
+"""The grid machinery behind ``normfree experiment``: an :class:`Experiment` declares its cells
+(model × setting × seed), how one cell runs, the table columns and the figure;
+:func:`run_experiment` runs the cells that have no result yet (in parallel processes with
+``jobs > 1``), prints one progress line per cell, then writes the results table (``results.csv``
+and ``results.json``) and the figure, every file atomically.
+
+Layout of an experiment folder::
+
+    OUT/cells/<cell key>/result.json   # one per finished cell: its presence means "done"
+    OUT/cells/<cell key>/run/          # the training run folder of a training cell
+    OUT/results.csv, OUT/results.json  # the table (one row per finished cell)
+    OUT/<name>.png                     # the figure
+
+Rerunning the same command resumes: finished cells are skipped, unfinished ones start afresh.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import multiprocessing
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from normfree.atomic import atomic_write_json, atomic_write_text
+
+__all__ = [
+    "EXPERIMENTS",
+    "Cell",
+    "Experiment",
+    "ExperimentError",
+    "GridOptions",
+    "cell_dir",
+    "default_out",
+    "get_experiment",
+    "register_experiment",
+    "run_experiment",
+    "table_rows",
+    "write_table",
+]
+
+RESULT_FILE = "result.json"
+
+
+class ExperimentError(ValueError):
+    """Bad experiment input (unknown name, bad option, unwritable folder); the message says how to
+    fix it."""
+
+
+@dataclass(frozen=True)
+class GridOptions:
+    """What the command line chose: quick variant, dataset spec (``None``: the experiment's
+    default), number of seeds, CPU threads per cell."""
+
+    quick: bool = False
+    data: str | None = None
+    seeds: int = 1
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid. ``key`` names its folder (letters, digits, ``-_.=``);
+    ``params`` (JSON values) become the first columns of its table row."""
+
+    key: str
+    params: dict[str, Any]
+
+
+@dataclass
+class Experiment:
+    """A declarative grid.
+
+    Attributes:
+        name: the CLI name.
+        claim: one line: the paper's claim the experiment tests.
+        cells: ``options -> cells`` of the grid.
+        run_cell: ``(cell, cell_dir, options) -> result`` (JSON-able dict); runs in a worker
+            process when ``jobs > 1``, so it must be a module-level function.
+        columns: result keys shown in the table after the cell's params (others stay in JSON).
+        plot: ``(rows, path, options) -> None`` draws the figure from the table rows.
+        default_data: the dataset spec used when ``--data`` is not given (``None``: no data).
+    """
+
+    name: str
+    claim: str
+    cells: Callable[[GridOptions], list[Cell]]
+    run_cell: Callable[[Cell, Path, GridOptions], dict[str, Any]]
+    columns: Sequence[str]
+    plot: Callable[[list[dict[str, Any]], Path, GridOptions], None]
+    default_data: str | None = None
+
+
+EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def register_experiment(exp: Experiment) -> Experiment:
+    """Add ``exp`` to :data:`EXPERIMENTS` (names are unique)."""
+    if exp.name in EXPERIMENTS and EXPERIMENTS[exp.name] is not exp:
+        raise ValueError(f"experiment {exp.name!r} is already registered")
+    EXPERIMENTS[exp.name] = exp
+    return exp
+
+
+def get_experiment(name: str) -> Experiment:
+    """The registered experiment ``name``, or :class:`ExperimentError` listing the known ones."""
+    from normfree.experiments import catalog  # noqa: F401  (registers the built-in experiments)
+
+    if name not in EXPERIMENTS:
+        known = ", ".join(sorted(EXPERIMENTS))
+        raise ExperimentError(
+            f"unknown experiment {name!r}; known: {known} (normfree experiment --list)"
+        )
+    return EXPERIMENTS[name]
+
+
+def cell_dir(out: Path, cell: Cell) -> Path:
+    return out / "cells" / cell.key
+
+
+def _check_cells(cells: list[Cell]) -> None:
+    keys = [c.key for c in cells]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate cell keys in {keys}")
+    for k in keys:
+        if not k or not all(ch.isalnum() or ch in "-_.=" for ch in k) or k.startswith("."):
+            raise ValueError(f"cell key {k!r} must be letters, digits and -_.= only")
+
+
+def _execute(
+    run_cell: Callable[..., dict[str, Any]], cell: Cell, folder: str, options: GridOptions
+) -> dict[str, Any]:
+    """Run one cell (in this or a worker process) and write its result file atomically."""
+    import torch
+
+    torch.set_num_threads(max(1, options.threads))
+    path = Path(folder)
+    t0 = time.perf_counter()
+    result = dict(run_cell(cell, path, options))
+    result.setdefault("wall_s", round(time.perf_counter() - t0, 2))
+    atomic_write_json(path / RESULT_FILE, {"cell": cell.key, "params": cell.params,
+                                           "result": result})  # fmt: skip
+    return result
+
+
+def _load_result(folder: Path) -> dict[str, Any] | None:
+    path = folder / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["result"]
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable: the cell reruns
+
+
+def _short(result: dict[str, Any], columns: Sequence[str]) -> str:
+    parts = []
+    for c in columns:
+        v = result.get(c)
+        if isinstance(v, float):
+            parts.append(f"{c}={v:.4g}")
+        elif v is not None and not isinstance(v, (list, dict)):
+            parts.append(f"{c}={v}")
+    return " ".join(parts)
+
+
+def run_experiment(
+    exp: Experiment,
+    out: str | Path,
+    options: GridOptions | None = None,
+    jobs: int = 1,
+    log: Callable[[str], None] = print,
+    report_only: bool = False,
+) -> list[dict[str, Any]]:
+    """Run every unfinished cell of ``exp`` into ``out``, then write the table and the figure.
+
+    Returns the table rows (one per finished cell, grid order). Cells that raise are reported
+    and left unfinished (a rerun retries them); :class:`ExperimentError` is raised at the end
+    naming them, after the table of the others has been written. ``report_only`` runs nothing
+    and touches no cell folder (a grid may be running there): it only writes the table and the
+    figure of the cells finished so far.
+    """
+    options = options or GridOptions()
+    if jobs < 1:
+        raise ExperimentError(f"--jobs must be >= 1, got {jobs}")
+    if options.seeds < 1:
+        raise ExperimentError(f"--seeds must be >= 1, got {options.seeds}")
+    out = Path(out)
+    try:
+        (out / "cells").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExperimentError(f"cannot create the experiment folder {out}: {e.strerror}") from None
+    cells = exp.cells(options)
+    _check_cells(cells)
+    n = len(cells)
+    pending: list[tuple[int, Cell]] = []
+    for i, cell in enumerate(cells, 1):
+        if _load_result(cell_dir(out, cell)) is not None:
+            log(f"[{i}/{n}] {cell.key}: done before, skipped")
+        elif report_only:
+            log(f"[{i}/{n}] {cell.key}: not finished, left out")
+        else:
+            pending.append((i, cell))
+    failed: list[str] = []
+    t0 = time.perf_counter()
+
+    def report(i: int, cell: Cell, fut_result: Callable[[], dict[str, Any]]) -> None:
+        try:
+            result = fut_result()
+        except Exception as e:  # one broken cell must not stop the grid
+            failed.append(cell.key)
+            last = traceback.format_exception_only(type(e), e)[-1].strip()
+            log(f"[{i}/{n}] {cell.key}: FAILED: {last}")
+            return
+        log(f"[{i}/{n}] {cell.key}: {_short(result, exp.columns)} "
+            f"({result.get('wall_s', 0):.1f}s, total {time.perf_counter() - t0:.0f}s)")  # fmt: skip
+
+    for _, cell in pending:  # a half-written cell from an interrupted run starts afresh
+        folder = cell_dir(out, cell)
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+    if jobs == 1 or len(pending) <= 1:
+        for i, cell in pending:
+            log(f"[{i}/{n}] {cell.key}: running")
+            folder = str(cell_dir(out, cell))
+            report(i, cell, lambda c=cell, f=folder: _execute(exp.run_cell, c, f, options))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures: dict[Future[dict[str, Any]], tuple[int, Cell]] = {}
+            for i, cell in pending:
+                fut = pool.submit(_execute, exp.run_cell, cell, str(cell_dir(out, cell)),
+                                  options)  # fmt: skip
+                futures[fut] = (i, cell)
+            log(f"running {len(pending)} cells in {jobs} processes")
+            for fut in as_completed(futures):  # a line per cell as soon as it finishes
+                i, cell = futures[fut]
+                report(i, cell, fut.result)
+    rows = table_rows(exp, out, cells)
+    write_table(exp, out, rows)
+    if rows:
+        try:
+            exp.plot(rows, out / f"{exp.name}.png", options)
+        except ImportError as e:
+            log(f"no figure: {e}")
+    figure = out / f"{exp.name}.png"
+    log(f"{len(rows)}/{n} cells done; table {out / 'results.csv'}, figure {figure}")
+    if failed:
+        raise ExperimentError(f"{len(failed)} cell(s) failed: {', '.join(failed)}; "
+                              "rerun the same command to retry them")  # fmt: skip
+    return rows
+
+
+def table_rows(exp: Experiment, out: Path, cells: list[Cell]) -> list[dict[str, Any]]:
+    """One row per finished cell, in grid order: its params then its result."""
+    rows = []
+    for cell in cells:
+        result = _load_result(cell_dir(out, cell))
+        if result is not None:
+            rows.append({"cell": cell.key, **cell.params, **result})
+    return rows
+
+
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else v
+
+
+def write_table(exp: Experiment, out: Path, rows: list[dict[str, Any]]) -> None:
+    """``results.csv`` (cell, params, ``exp.columns``) and ``results.json`` (full rows), both
+    atomically."""
+    params: list[str] = []
+    for r in rows:
+        for k in r:
+            if (
+                k not in params
+                and k != "cell"
+                and k not in exp.columns
+                and not isinstance(r[k], (list, dict))
+                and k != "wall_s"
+            ):
+                params.append(k)
+    header = ["cell", *params, *exp.columns, "wall_s"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for r in rows:
+        writer.writerow([_csv_value(r.get(k)) for k in header])
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    atomic_write_json(out / "results.json", {"experiment": exp.name, "claim": exp.claim,
+                                             "columns": header, "rows": rows})  # fmt: skip
+
+
+def default_out(name: str, quick: bool) -> Path:
+    """``experiments/<name>[-quick]`` under the current folder."""
+    return Path("experiments") / (name + ("-quick" if quick else ""))

@@ -1,0 +1,150 @@
+"""The grid machinery of ``normfree experiment`` on a tiny fake grid (no training): resume skips
+finished cells, a half-written cell restarts, failures are reported and retried, tables are
+written atomically with the right rows, the CLI rejects bad input with one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from normfree.cli import main
+from normfree.experiments import Cell, Experiment, ExperimentError, GridOptions, run_experiment
+
+CALLS: list[str] = []
+
+
+def _cells(options: GridOptions) -> list[Cell]:
+    return [Cell(f"m{m}-x{x}-s{s}", {"model": m, "x": x, "seed": s})
+            for m in ("a", "b") for x in (1, 2, 4) for s in range(options.seeds)]  # fmt: skip
+
+
+def _run(cell: Cell, folder: Path, options: GridOptions) -> dict[str, Any]:
+    CALLS.append(cell.key)
+    (folder / "scratch.txt").write_text("partial work")
+    p = cell.params
+    if p["model"] == "b" and p["x"] == 4 and (folder.parent.parent / "fail").exists():
+        raise RuntimeError("boom")
+    y = 10.0 * p["x"] + (0.5 if p["model"] == "b" else 0.0) + p["seed"]
+    return {"y": y, "diverged": p["x"] == 4 and p["model"] == "a", "curve": [[1, y]]}
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, options: GridOptions) -> None:
+    path.write_text(f"{len(rows)} rows")  # a stand-in figure: the call and its rows
+
+
+FAKE = Experiment("fake", "a fake claim", _cells, _run, ["y", "diverged"], _plot)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_grid_runs_every_cell_and_writes_table_and_figure(tmp_path: Path) -> None:
+    CALLS.clear()
+    lines: list[str] = []
+    rows = run_experiment(FAKE, tmp_path, GridOptions(seeds=2), log=lines.append)
+    assert len(CALLS) == 12 and len(rows) == 12
+    table = _read_csv(tmp_path / "results.csv")
+    assert list(table[0]) == ["cell", "model", "x", "seed", "y", "diverged", "wall_s"]
+    assert [r["cell"] for r in table] == [c.key for c in _cells(GridOptions(seeds=2))]
+    row = next(r for r in table if r["cell"] == "mb-x2-s1")
+    assert float(row["y"]) == 21.5 and row["diverged"] == "False"
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["experiment"] == "fake" and data["rows"][0]["curve"] == [[1, 10.0]]
+    assert (tmp_path / "fake.png").read_text() == "12 rows"
+    assert sum("running" in line for line in lines) == 12
+    assert lines[-1].startswith("12/12 cells done")
+
+
+def test_resume_skips_finished_cells_and_restarts_half_written_ones(tmp_path: Path) -> None:
+    CALLS.clear()
+    run_experiment(FAKE, tmp_path, GridOptions(), log=lambda s: None)
+    assert len(CALLS) == 6
+    CALLS.clear()
+    lines: list[str] = []
+    run_experiment(FAKE, tmp_path, GridOptions(), log=lines.append)
+    assert CALLS == []  # every cell had its result file
+    assert sum("done before, skipped" in line for line in lines) == 6
+    # a cell interrupted mid-run: folder and scratch file, no result file
+    (tmp_path / "cells" / "ma-x2-s0" / "result.json").unlink()
+    (tmp_path / "cells" / "ma-x2-s0" / "stale.txt").write_text("left over")
+    CALLS.clear()
+    run_experiment(FAKE, tmp_path, GridOptions(), log=lambda s: None)
+    assert CALLS == ["ma-x2-s0"]
+    assert not (tmp_path / "cells" / "ma-x2-s0" / "stale.txt").exists()  # started afresh
+    # more seeds later: only the new cells run
+    CALLS.clear()
+    rows = run_experiment(FAKE, tmp_path, GridOptions(seeds=2), log=lambda s: None)
+    assert sorted(CALLS) == sorted(f"m{m}-x{x}-s1" for m in "ab" for x in (1, 2, 4))
+    assert len(rows) == 12
+
+
+def test_report_only_tabulates_finished_cells_and_touches_nothing(tmp_path: Path) -> None:
+    run_experiment(FAKE, tmp_path, GridOptions(), log=lambda s: None)
+    (tmp_path / "cells" / "mb-x1-s0" / "result.json").unlink()  # as if still running
+    CALLS.clear()
+    lines: list[str] = []
+    rows = run_experiment(FAKE, tmp_path, GridOptions(), log=lines.append, report_only=True)
+    assert CALLS == [] and len(rows) == 5
+    assert "[4/6] mb-x1-s0: not finished, left out" in lines
+    assert (tmp_path / "cells" / "mb-x1-s0" / "scratch.txt").exists()  # a running cell's files
+    assert len(_read_csv(tmp_path / "results.csv")) == 5
+    assert (tmp_path / "fake.png").read_text() == "5 rows"
+
+
+def test_failed_cell_is_reported_kept_out_of_the_table_and_retried(tmp_path: Path) -> None:
+    (tmp_path / "fail").write_text("")
+    lines: list[str] = []
+    with pytest.raises(ExperimentError, match=r"1 cell\(s\) failed: mb-x4-s0"):
+        run_experiment(FAKE, tmp_path, GridOptions(), log=lines.append)
+    assert any("mb-x4-s0: FAILED: RuntimeError: boom" in line for line in lines)
+    assert len(_read_csv(tmp_path / "results.csv")) == 5  # the others are tabulated
+    (tmp_path / "fail").unlink()
+    CALLS.clear()
+    run_experiment(FAKE, tmp_path, GridOptions(), log=lambda s: None)
+    assert CALLS == ["mb-x4-s0"]
+    assert len(_read_csv(tmp_path / "results.csv")) == 6
+
+
+def test_bad_grid_options_and_keys_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ExperimentError, match="--jobs must be >= 1"):
+        run_experiment(FAKE, tmp_path, jobs=0)
+    with pytest.raises(ExperimentError, match="--seeds must be >= 1"):
+        run_experiment(FAKE, tmp_path, GridOptions(seeds=0))
+    bad = Experiment("bad", "", lambda o: [Cell("../up", {})], _run, ["y"], _plot)
+    with pytest.raises(ValueError, match="letters, digits"):
+        run_experiment(bad, tmp_path / "b", log=lambda s: None)
+    dup = Experiment("dup", "", lambda o: [Cell("a", {}), Cell("a", {})], _run, ["y"], _plot)
+    with pytest.raises(ValueError, match="duplicate"):
+        run_experiment(dup, tmp_path / "d", log=lambda s: None)
+
+
+def test_cli_lists_and_rejects_bad_input_with_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["experiment", "--list"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["small-batch", "agc", "depth", "proxy-norm", "msr"]
+    cases = [
+        (["experiment", "nope"], "unknown experiment 'nope'"),
+        (["experiment"], "name an experiment"),
+        (["experiment", "agc", "--seeds", "0"], "--seeds must be >= 1"),
+        (["experiment", "agc", "--jobs", "0"], "--jobs must be >= 1"),
+        (["experiment", "agc", "--data", "cifar10:/does/not/exist", "--out", str(tmp_path / "o")],
+         "--data 'cifar10:/does/not/exist'"),
+        (["experiment", "agc", "--data", "nonsense"], "unknown dataset spec"),
+        (["experiment", "agc", "--report", "--out", str(tmp_path / "none")],
+         "--report: no experiment folder"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()  # nothing was written for a bad --data
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["experiment", "proxy-norm", "--quick", "--out", str(blocker / "x")]) == 2
+    assert "cannot create the experiment folder" in capsys.readouterr().err
