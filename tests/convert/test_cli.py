@@ -4,7 +4,6 @@ the trainer, on a tiny BN ResNet (width 4) and the bundled digits."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from normfree.cli import main
 from normfree.convert import ConvertedModel, load_converted
@@ -13,12 +12,7 @@ pytest.importorskip("sklearn")
 SPEC = "normfree.convert.experiment:bn_resnet_small[width=4]"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_convert_eval_and_train_hook(tmp_path, capsys):

@@ -25,12 +25,7 @@ from normfree.optim.param_groups import build_param_groups
 torchvision = pytest.importorskip("torchvision")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _warm(model: nn.Module, shape=(8, 3, 16, 16), steps: int = 3) -> nn.Module:

@@ -16,13 +16,7 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 
 from normfree.integrations.timm import register_timm_models  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Run the test on one intra-op thread (tiny models run fastest, and steadiest on a shared
-    CPU, that way), then restore the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _fit_steps(

@@ -33,12 +33,7 @@ FAMILIES = {
 IDS = list(FAMILIES)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _build(family: str, seed: int = 0, **kwargs):
