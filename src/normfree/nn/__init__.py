@@ -46,6 +46,7 @@ from normfree.nn.residual import (
     SkipInitGain,
     SqueezeExcite,
     StochasticDepth,
+    plain_forward,
     stochastic_depth_rates,
 )
 from normfree.nn.ws import (
@@ -96,6 +97,7 @@ __all__ = [
     "midpoint_normal_quantiles",
     "nf_activation",
     "pad_same",
+    "plain_forward",
     "proxy_norm_decay_names",
     "proxy_norm_no_decay_names",
     "qiao_standardize",
