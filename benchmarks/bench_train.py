@@ -218,11 +218,8 @@ def run_group(name: str, args: argparse.Namespace, device: torch.device) -> None
     print(header)
     print("-" * len(header))
     for spec, v in variants.items():
-        agc = (
-            f"{100 * statistics.median(a / s for a, s in zip(v.agc_seconds, v.step_seconds)):>5.1f}%"
-            if v.agc_seconds
-            else f"{'-':>6}"
-        )
+        share = [a / s for a, s in zip(v.agc_seconds, v.step_seconds)]
+        agc = f"{100 * statistics.median(share):>5.1f}%" if share else f"{'-':>6}"
         peak = f"{peaks[spec]:>9.0f}" if spec in peaks else f"{'-':>9}"
         print(
             f"{spec:<30} {statistics.median(train_t[spec]) * 1e3:>9.1f} "

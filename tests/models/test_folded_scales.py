@@ -17,11 +17,13 @@ BLOCKS = {
     "nf_resnet_bottleneck_transition": lambda: NFResNetBlock(8, 16, 2, 0.9, 0.2),
     "nf_resnet_bottleneck_identity": lambda: NFResNetBlock(16, 16, 1, 0.8, 0.2),
     "nf_resnet_basic_se": lambda: NFResNetBlock(8, 8, 1, 0.7, 0.3, bottleneck=False, use_se=True),
-    "nf_resnet_basic_channels": lambda: NFResNetBlock(8, 12, 1, 0.95, 0.2, bottleneck=False,
-                                                      activation="silu"),  # fmt: skip
+    "nf_resnet_basic_silu": lambda: NFResNetBlock(
+        8, 12, 1, 0.95, 0.2, bottleneck=False, activation="silu"
+    ),
     "nfnet_transition": lambda: NFNetBlock(8, 16, 2, 0.9, 0.2, group_size=4),
-    "nfnet_channels_only": lambda: NFNetBlock(8, 16, 1, 0.9, 0.2, group_size=4,
-                                              use_two_convs=False),  # fmt: skip
+    "nfnet_channels_only": lambda: NFNetBlock(
+        8, 16, 1, 0.9, 0.2, group_size=4, use_two_convs=False
+    ),
     "nfnet_identity": lambda: NFNetBlock(16, 16, 1, 0.85, 0.2, group_size=4),
     "nf_regnet_transition": lambda: NFRegNetBlock(8, 16, 2, 0.9, 0.2),
     "nf_regnet_identity": lambda: NFRegNetBlock(16, 16, 1, 0.8, 0.2),

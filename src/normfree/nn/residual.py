@@ -264,8 +264,9 @@ class NFResidualBlock(ResidualBlock):
         *unscaled* activation φ(x); ``in_scale = γ/β`` goes into the weights of the convs that
         read it, every inner γ into the next conv's, ``α`` and the skip gain ``g`` into the last
         conv's (or the squeeze-excite gate's). Return ``None`` when the block cannot fold (its
-        convs were replaced by plain ones, e.g. by :func:`~normfree.nn.fold_weight_standardization`);
-        the plain form then runs. The base class never folds."""
+        convs were replaced by plain ones, e.g. by
+        :func:`~normfree.nn.fold_weight_standardization`); the plain form then runs. The base
+        class never folds."""
         return None
 
     @staticmethod
