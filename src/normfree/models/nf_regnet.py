@@ -117,7 +117,7 @@ class NFRegNetBlock(NFResidualBlock):
         shortcut = None if self.downsample is None else self.downsample.conv
         if not self.can_fold(self.conv1, self.conv2, self.conv3, shortcut):
             return None
-        phi, gamma = self.act.act, self.act.gamma
+        phi, gamma = self.act_fresh, self.act.gamma
         r = self.conv2.forward_scaled(phi(self.conv1.forward_scaled(a, in_scale)), gamma)
         r = self.attn(r)
         return self.conv3.forward_scaled(phi(r), gamma, self.alpha, self.skip_gain.gain)

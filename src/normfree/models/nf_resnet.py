@@ -126,7 +126,7 @@ class NFResNetBlock(NFResidualBlock):
         :class:`~normfree.nn.NFResidualBlock`)."""
         if not self.can_fold(self.conv1, self.conv2, self.conv3, self.downsample):
             return None
-        phi, gamma, gain = self.act.act, self.act.gamma, self.skip_gain.gain
+        phi, gamma, gain = self.act_fresh, self.act.gamma, self.skip_gain.gain
         r = phi(self.conv1.forward_scaled(a, in_scale))
         last = self.conv2
         if self.conv3 is not None:

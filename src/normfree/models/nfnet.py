@@ -201,7 +201,7 @@ class NFNetBlock(NFResidualBlock):
         shortcut = None if self.downsample is None else self.downsample.conv
         if not self.can_fold(self.conv1, self.conv2, self.conv2b, self.conv3, shortcut):
             return None
-        phi, gamma = self.act.act, self.act.gamma
+        phi, gamma = self.act_fresh, self.act.gamma
         r = self.conv2.forward_scaled(phi(self.conv1.forward_scaled(a, in_scale)), gamma)
         if self.conv2b is not None:
             r = self.conv2b.forward_scaled(phi(r), gamma)

@@ -269,6 +269,15 @@ class NFResidualBlock(ResidualBlock):
         class never folds."""
         return None
 
+    def act_fresh(self, x: torch.Tensor) -> torch.Tensor:
+        """φ(x) without γ, for the folded form, on a tensor that nothing else reads (a conv or
+        squeeze-excite output): in place when φ is a ReLU (its backward needs only the output),
+        which saves one activation-sized tensor per call in training."""
+        phi = self.act.act
+        if isinstance(phi, nn.ReLU):
+            return torch.relu_(x)
+        return phi(x)
+
     @staticmethod
     def can_fold(*convs: nn.Module | None) -> bool:
         """True when every given module is a :class:`ScaledStdConv2d` (or ``None``)."""

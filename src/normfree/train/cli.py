@@ -78,6 +78,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", metavar="DIR", help="run folder (same as out_dir=DIR)")
     p.add_argument("--data", metavar="SPEC", help="dataset spec (same as data.spec=SPEC)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (last.pt)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (train.compile=true)"
+    )
     p.add_argument("--nproc", type=int, metavar="N", help="spawn N data-parallel processes")
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
     p.set_defaults(func=run_train)
@@ -111,6 +114,8 @@ def _resolve(args: argparse.Namespace) -> Any:
         overrides.append(f"out_dir={args.out}")
     if args.data:
         overrides.append(f"data.spec={args.data}")
+    if getattr(args, "compile", False):
+        overrides.append("train.compile=true")
     if args.resume is None:
         return resolve_config(args.recipe, args.config, overrides)
     if args.config or args.recipe:
@@ -203,6 +208,8 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     ):
         if value is not None:
             argv += [flag, str(value)]
+    if getattr(args, "compile", False):
+        argv.append("--compile")
     return argv + list(args.overrides)
 
 
