@@ -186,6 +186,17 @@ def _peak_main(spec: str, args: argparse.Namespace) -> None:
     print(json.dumps({"peak_mib": peak_kib / 1024}))
 
 
+def _profile(spec: str, args: argparse.Namespace) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    v = make_variant(spec, args, torch.device(args.device))
+    v.train()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            v.train()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
 def run_group(name: str, args: argparse.Namespace, device: torch.device) -> None:
     variants: dict[str, Variant] = {}
     keep = None if args.only is None else set(args.only.split(","))
@@ -250,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--group", action="append", choices=sorted(GROUPS), default=None)
     parser.add_argument("--only", default=None, help="comma-separated variants to keep")
+    parser.add_argument("--profile", default=None, metavar="VARIANT",
+                        help="print a torch.profiler table of 3 train steps of VARIANT and exit")
     parser.add_argument("--_peak", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -257,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)
     if args._peak:
         _peak_main(args._peak, args)
+        return 0
+    if args.profile:
+        _profile(args.profile, args)
         return 0
     try:
         device = torch.device(args.device)
