@@ -136,21 +136,23 @@ def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> V
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    clock = time.process_time if getattr(args, "clock", "wall") == "cpu" else time.perf_counter
+
     def train() -> object:
         model.train()
-        start = time.perf_counter()
+        start = clock()
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(fwd(x), y)
         loss.backward()
         if clip is not None:
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             clip()
             sync()
-            v.agc_seconds.append(time.perf_counter() - t0)
+            v.agc_seconds.append(clock() - t0)
         opt.step()
         sync()
-        v.step_seconds.append(time.perf_counter() - start)
+        v.step_seconds.append(clock() - start)
         return loss
 
     def evaluate() -> object:
@@ -219,8 +221,11 @@ def run_group(name: str, args: argparse.Namespace, device: torch.device) -> None
             peaks[spec] = torch.cuda.max_memory_allocated() / 2**20
         elif not args.quick:
             peaks[spec] = _child_peak(spec, args)
-    train_t = time_interleaved({k: v.train for k, v in variants.items()}, args.rounds, 1)
-    eval_t = time_interleaved({k: v.eval for k, v in variants.items()}, args.rounds, 1)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    train_t = time_interleaved({k: v.train for k, v in variants.items()}, args.rounds, 1,
+                               clock=clock)  # fmt: skip
+    eval_t = time_interleaved({k: v.eval for k, v in variants.items()}, args.rounds, 1,
+                              clock=clock)  # fmt: skip
     header = (
         f"{'variant':<30} {'train ms':>9} {'/' + base.split(':')[1][:12]:>14} {'eval ms':>8} "
         f"{'/' + base.split(':')[1][:12]:>14} {'AGC %':>6} {'peak MiB':>9}"
@@ -260,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--group", action="append", choices=sorted(GROUPS), default=None)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: process CPU time (steadier on a shared machine; use with "
+                        "--threads 1, where no OpenMP thread spins)")
     parser.add_argument("--only", default=None, help="comma-separated variants to keep")
     parser.add_argument("--profile", default=None, metavar="VARIANT",
                         help="print a torch.profiler table of 3 train steps of VARIANT and exit")
@@ -287,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{datetime.date.today()} | torch {torch.__version__} | "
         f"{platform.processor() or platform.machine()} | {args.device} | "
         f"{torch.get_num_threads()} threads | batch {args.batch} @{args.size}² | "
-        f"{args.rounds} rounds | compile={args.compile} channels_last={args.channels_last} | "
+        f"{args.rounds} rounds | {args.clock} clock | compile={args.compile} "
+        f"channels_last={args.channels_last} | "
         f"load {load:.1f}"
     )
     for name in args.group or list(GROUPS):
