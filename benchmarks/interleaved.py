@@ -11,18 +11,25 @@ from collections.abc import Callable
 __all__ = ["median_ratio", "time_interleaved"]
 
 
-def _time(fn: Callable[[], object], inner: int) -> float:
+def _time(fn: Callable[[], object], inner: int, clock: Callable[[], float]) -> float:
     fn()  # untimed: absorbs the allocator/cache state left by the previous variant
-    start = time.perf_counter()
+    start = clock()
     for _ in range(inner):
         fn()
-    return (time.perf_counter() - start) / inner
+    return (clock() - start) / inner
 
 
 def time_interleaved(
-    steps: dict[str, Callable[[], object]], rounds: int, inner: int, seed: int = 0
+    steps: dict[str, Callable[[], object]],
+    rounds: int,
+    inner: int,
+    seed: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each step, one entry per round (after one warm-up call each)."""
+    """Seconds per call of each step, one entry per round (after one warm-up call each).
+
+    ``clock`` is wall time by default; ``time.process_time`` (the process's CPU time) is far
+    less sensitive to other jobs on a shared machine when the work runs on one thread."""
     for step in steps.values():
         step()
     times: dict[str, list[float]] = {key: [] for key in steps}
@@ -31,7 +38,7 @@ def time_interleaved(
     for _ in range(rounds):
         rng.shuffle(order)  # no variant always follows the same one
         for key in order:
-            times[key].append(_time(steps[key], inner))
+            times[key].append(_time(steps[key], inner, clock))
     return times
 
 

@@ -201,11 +201,11 @@ def test_b0_forward_batch_independence_intermediates_and_zero_init_classifier() 
         # SkipInit gains are 0: stage 0 (a single transition block) outputs its shortcut
         block = model.stages[0][0]
         assert len(model.stages[0]) == 1 and block.downsample is not None
-        torch.testing.assert_close(
+        torch.testing.assert_close(  # γ/β rides in the shortcut conv's weight: up to rounding
             feats[1],
             block.downsample(block.act(feats[0]) * block.beta_multiplier),
-            rtol=0,
-            atol=0,
+            rtol=1e-5,
+            atol=1e-6,
         )
         model.reset_classifier(7)
         for _, b in model.residual_blocks():

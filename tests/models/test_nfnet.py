@@ -314,7 +314,8 @@ def test_skipinit_blocks_output_their_shortcut_at_init() -> None:
             assert torch.equal(output, x)
         else:
             shortcut = block.downsample(block.act(x) * block.beta_multiplier)
-            assert torch.equal(output, shortcut)
+            # γ/β rides in the shortcut conv's weight (folded scales): equal up to rounding
+            torch.testing.assert_close(output, shortcut, rtol=1e-6, atol=1e-6)
         seen.append(block)
 
     handles = [b.register_forward_hook(hook) for _, b in model.residual_blocks()]

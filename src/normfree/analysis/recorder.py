@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from normfree.analysis.points import PointSpec, resolve_modules
+from normfree.nn.residual import plain_forward
 
 __all__ = ["PointRecord", "attach_branches", "first_tensor", "record_points"]
 
@@ -80,8 +81,10 @@ def record_points(
     """Call ``run()`` (which runs ``model``) with hooks on ``specs``; return the reduced values
     per point name, in the order the points fired, and ``run()``'s result.
 
-    Raises ``ValueError`` if a point does not run, or runs more than once (a module reused in
-    the forward pass; name a module that runs once).
+    Normalizer-free blocks run in their plain form (:func:`normfree.nn.plain_forward`), so a
+    point inside a block sees the paper's quantities. Raises ``ValueError`` if a point does not
+    run, or runs more than once (a module reused in the forward pass; name a module that runs
+    once).
     """
     records: dict[str, PointRecord] = {}
     calls: dict[str, int] = {s.name: 0 for s in specs}
@@ -122,7 +125,8 @@ def record_points(
                 handles.append(spec.module.register_forward_hook(on_point(spec)))
             if spec.branch is not None and reduce_branch is not None:
                 handles.append(spec.branch.register_forward_hook(on_branch(spec)))
-        result = run()
+        with plain_forward(model):  # NF blocks' folded scales would skip the branch probes
+            result = run()
     finally:
         for handle in handles:
             handle.remove()

@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from normfree.nn.residual import plain_forward
+
 __all__ = ["count_flops", "count_params"]
 
 _PROBE_SCALE = 256  # official convention: probe at 256× the size (total stride ≤ 256, powers of 2)
@@ -144,7 +146,7 @@ def count_flops(
     x = torch.empty(batch, channels, h * scale, w * scale, device="meta", dtype=dtype)
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), plain_forward(model):  # folded NF blocks bypass the conv hooks
             if on_meta:
                 model(x)
             else:

@@ -112,6 +112,20 @@ class NFRegNetBlock(NFResidualBlock):
         r = self.attn(self.conv2(self.act(self.conv1(out))))
         return self.conv3(self.act(r))
 
+    def branch_folded(self, a: torch.Tensor, in_scale: float) -> torch.Tensor | None:
+        """``α·g·branch(a·in_scale)`` with every scale in the conv weights (see
+        :class:`~normfree.nn.NFResidualBlock`)."""
+        shortcut = None if self.downsample is None else self.downsample.conv
+        if not self.can_fold(self.conv1, self.conv2, self.conv3, shortcut):
+            return None
+        phi, gamma = self.act_fresh, self.act.gamma
+        r = self.conv2.forward_scaled(phi(self.conv1.forward_scaled(a, in_scale)), gamma)
+        r = self.attn(r)
+        return self.conv3.forward_scaled(phi(r), gamma, self.alpha, self.skip_gain.gain)
+
+    def shortcut_folded(self, a: torch.Tensor, in_scale: float) -> torch.Tensor:
+        return self.downsample.conv.forward_scaled(self.downsample.pool(a), in_scale)
+
     def extra_repr(self) -> str:
         return (
             f"alpha={self.alpha:g}, beta_multiplier={self.beta_multiplier:.6f}, "

@@ -120,6 +120,23 @@ class NFResNetBlock(NFResidualBlock):
             r = self.attn_last(r)
         return r
 
+    def branch_folded(self, a: torch.Tensor, in_scale: float) -> torch.Tensor | None:
+        """``α·g·branch(a·in_scale)`` with every scale in the conv weights (see
+        :class:`~normfree.nn.NFResidualBlock`)."""
+        if not self.can_fold(self.conv1, self.conv2, self.conv3, self.downsample):
+            return None
+        phi, gamma, gain = self.act_fresh, self.act.gamma, self.skip_gain.gain
+        r = phi(self.conv1.forward_scaled(a, in_scale))
+        last = self.conv2
+        if self.conv3 is not None:
+            r, last = phi(self.conv2.forward_scaled(r, gamma)), self.conv3
+        if self.attn_last is not None:
+            return self.attn_last(last.forward_scaled(r, gamma), gain * self.alpha)
+        return last.forward_scaled(r, gamma, self.alpha, gain)
+
+    def shortcut_folded(self, a: torch.Tensor, in_scale: float) -> torch.Tensor:
+        return self.downsample.forward_scaled(a, in_scale)
+
 
 class NFResNet(NormFreeModel):
     """Normalizer-free ResNet (Brock et al. 2021a), ImageNet or small-image layout.

@@ -128,6 +128,22 @@ class NFNetBlock(NFResidualBlock):
             r = self.conv2b(self.act(r))
         return self.attn_last(self.conv3(self.act(r)))
 
+    def branch_folded(self, a: torch.Tensor, in_scale: float) -> torch.Tensor | None:
+        """``α·g·branch(a·in_scale)`` with every scale in the conv weights and α·g on the
+        squeeze-excite gate (see :class:`~normfree.nn.NFResidualBlock`)."""
+        shortcut = None if self.downsample is None else self.downsample.conv
+        if not self.can_fold(self.conv1, self.conv2, self.conv2b, self.conv3, shortcut):
+            return None
+        phi, gamma = self.act_fresh, self.act.gamma
+        r = self.conv2.forward_scaled(phi(self.conv1.forward_scaled(a, in_scale)), gamma)
+        if self.conv2b is not None:
+            r = self.conv2b.forward_scaled(phi(r), gamma)
+        r = self.conv3.forward_scaled(phi(r), gamma)
+        return self.attn_last(r, self.skip_gain.gain * self.alpha)
+
+    def shortcut_folded(self, a: torch.Tensor, in_scale: float) -> torch.Tensor:
+        return self.downsample.conv.forward_scaled(self.downsample.pool(a), in_scale)
+
     def extra_repr(self) -> str:
         return (
             f"alpha={self.alpha:g}, beta_multiplier={self.beta_multiplier:.6f}, "

@@ -50,6 +50,7 @@ from normfree.nn.residual import (
     SkipInitGain,
     SqueezeExcite,
     StochasticDepth,
+    plain_forward,
     stochastic_depth_rates,
 )
 from normfree.nn.ws import (
@@ -111,6 +112,7 @@ __all__ = [
     "nf_activation",
     "norm_layers",
     "pad_same",
+    "plain_forward",
     "proxy_norm_decay_names",
     "proxy_norm_no_decay_names",
     "qiao_standardize",

@@ -17,10 +17,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+from normfree.nn.activations import ScaledActivation
+from normfree.nn.ws import ScaledStdConv2d
 
 __all__ = [
     "ExpectedVariance",
@@ -30,6 +35,7 @@ __all__ = [
     "SqueezeExcite",
     "StochasticDepth",
     "drop_path",
+    "plain_forward",
     "stochastic_depth_rates",
 ]
 
@@ -153,10 +159,15 @@ class SqueezeExcite(nn.Module):
         self.act = activation if activation is not None else nn.ReLU()
         self.fc2 = nn.Conv2d(hidden_channels, channels, 1, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_gain: torch.Tensor | None = None) -> torch.Tensor:
+        """``x·gate``; ``out_gain`` (a tensor broadcastable to the ``(B, C, 1, 1)`` gate, e.g.
+        α times a skip gain) multiplies the small gate instead of the output."""
         s = x.mean(dim=(2, 3), keepdim=True)
         s = self.fc2(self.act(self.fc1(s)))
-        return x * (torch.sigmoid(s) * self.gate_gain)
+        gate = torch.sigmoid(s) * self.gate_gain
+        if out_gain is not None:
+            gate = gate * out_gain
+        return x * gate
 
 
 class ExpectedVariance:
@@ -194,6 +205,23 @@ class ExpectedVariance:
         return beta_multiplier
 
 
+@contextlib.contextmanager
+def plain_forward(model: nn.Module) -> Iterator[nn.Module]:
+    """Run every :class:`NFResidualBlock` of ``model`` in its plain form inside the context
+    (every scale an op on the activations, ``branch_probe`` and ``act`` called), so that
+    forward hooks inside the blocks see the quantities of the paper's formulation. The blocks'
+    ``fold_scales`` flags are restored on exit, also when the body raises."""
+    blocks = [m for m in model.modules() if isinstance(m, NFResidualBlock)]
+    saved = [b.fold_scales for b in blocks]
+    try:
+        for b in blocks:
+            b.fold_scales = False
+        yield model
+    finally:
+        for b, flag in zip(blocks, saved):
+            b.fold_scales = flag
+
+
 class NFResidualBlock(ResidualBlock):
     """The normalizer-free residual block frame (Brock et al. 2021a, §4, eq. 2; official
     ``NFResBlock`` / ``NFBlock``)::
@@ -205,6 +233,15 @@ class NFResidualBlock(ResidualBlock):
     Subclasses build ``downsample`` (or leave it ``None``) and their convolutions, and implement
     :meth:`branch`. ``branch_probe`` sees the branch output before stochastic depth, the skip
     gain and α (the point of ``res_avg_var`` in Signal Propagation Plots).
+
+    **Folded scales** (``fold_scales = True``, the default): γ, 1/β, α and the skip gain are
+    scalars (or per-channel constants) times linear maps, so a subclass that implements
+    :meth:`branch_folded` carries them in the weights of its Scaled-WS convs
+    (:meth:`ScaledStdConv2d.forward_scaled`), O(weights) work instead
+    of one pass over an activation tensor per scale, forward and backward. Outputs and every
+    parameter's gradient equal the plain form's (up to rounding); the state dict is the same.
+    The folded form skips ``branch_probe`` and the γ-scaling inside ``act``: hooks inside a
+    block need :func:`plain_forward` (the analysis tools use it), or ``fold_scales = False``.
     """
 
     def __init__(
@@ -227,12 +264,49 @@ class NFResidualBlock(ResidualBlock):
         self.downsample = None  # set by subclasses whose shortcut changes shape
         self.drop_path = StochasticDepth(drop_path_rate)
         self.skip_gain = SkipInitGain(skipinit_init)
+        self.fold_scales = True
 
     def branch(self, out: torch.Tensor) -> torch.Tensor:
         """The residual function ``f`` applied to the normalised input ``out``."""
         raise NotImplementedError
 
+    def branch_folded(self, a: torch.Tensor, in_scale: float) -> torch.Tensor | None:
+        """The fast form of ``α·g·branch(a·in_scale)`` (see :meth:`forward`): ``a`` is the
+        *unscaled* activation φ(x); ``in_scale = γ/β`` goes into the weights of the convs that
+        read it, every inner γ into the next conv's, ``α`` and the skip gain ``g`` into the last
+        conv's (or the squeeze-excite gate's). Return ``None`` when the block cannot fold (its
+        convs were replaced by plain ones, e.g. by
+        :func:`~normfree.nn.fold_weight_standardization`); the plain form then runs. The base
+        class never folds."""
+        return None
+
+    def act_fresh(self, x: torch.Tensor) -> torch.Tensor:
+        """φ(x) without γ, for the folded form, on a tensor that nothing else reads (a conv or
+        squeeze-excite output): in place when φ is a ReLU (its backward needs only the output),
+        which saves one activation-sized tensor per call in training."""
+        phi = self.act.act
+        if isinstance(phi, nn.ReLU):
+            return torch.relu_(x)
+        return phi(x)
+
+    @staticmethod
+    def can_fold(*convs: nn.Module | None) -> bool:
+        """True when every given module is a :class:`ScaledStdConv2d` (or ``None``)."""
+        return all(c is None or isinstance(c, ScaledStdConv2d) for c in convs)
+
+    def shortcut_folded(self, a: torch.Tensor, in_scale: float) -> torch.Tensor:
+        """``downsample(a·in_scale)`` with the scale in the shortcut conv's weight."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fold_scales and not torch.jit.is_scripting():
+            folded = self._forward_folded(x)
+            if folded is not None:
+                return folded
+        return self.forward_plain(x)
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        """The block as written in the paper: every scale an op on the activations."""
         out = self.act(x) * self.beta_multiplier
         shortcut = x
         if self.downsample is not None:
@@ -240,6 +314,19 @@ class NFResidualBlock(ResidualBlock):
         r = self.branch_probe(self.branch(out))
         r = self.skip_gain(self.drop_path(r))
         return r * self.alpha + shortcut
+
+    @torch.jit.unused
+    def _forward_folded(self, x: torch.Tensor) -> torch.Tensor | None:
+        act = self.act
+        if not isinstance(act, ScaledActivation):
+            return None
+        a = act.act(x)
+        in_scale = act.gamma * self.beta_multiplier
+        r = self.branch_folded(a, in_scale)
+        if r is None:
+            return None
+        shortcut = x if self.downsample is None else self.shortcut_folded(a, in_scale)
+        return self.drop_path(r) + shortcut
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha:g}, beta_multiplier={self.beta_multiplier:.6f}"

@@ -85,6 +85,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="let a new run replace an earlier run's files in its run folder",
     )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (train.compile=true)"
+    )
     p.add_argument("--nproc", type=int, metavar="N", help="spawn N data-parallel processes")
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
     p.set_defaults(func=run_train)
@@ -118,6 +121,8 @@ def _resolve(args: argparse.Namespace) -> Any:
         overrides.append(f"out_dir={args.out}")
     if args.data:
         overrides.append(f"data.spec={args.data}")
+    if getattr(args, "compile", False):
+        overrides.append("train.compile=true")
     if args.resume is None:
         return resolve_config(args.recipe, args.config, overrides)
     if args.config or args.recipe:
@@ -214,6 +219,8 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
             argv += [flag, str(value)]
     if args.overwrite:
         argv.append("--overwrite")
+    if getattr(args, "compile", False):
+        argv.append("--compile")
     return argv + list(args.overrides)
 
 

@@ -1,0 +1,308 @@
+"""Whole-model training and evaluation speed: normfree's NF models against timm's ports, a
+BatchNorm ResNet-50 and the "no-norm" floor, interleaved round by round in one process.
+
+A train step is ``zero_grad → forward → cross-entropy → backward → AGC (λ = 0.01, classifier
+excluded; only for the models trained with it) → SGD-momentum step``; an eval step is a
+``torch.no_grad`` forward in eval mode. "no-norm" is torchvision's ResNet-50 with every
+BatchNorm replaced by ``nn.Identity``: the same convolutions and nothing else, the floor any
+normalizer-free ResNet-50 can reach. Within each group every variant runs once per round in a
+fresh random order (:mod:`interleaved`), and ratios are the medians of the per-round ratios.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` of the train steps; on CPU the peak
+resident set (``ru_maxrss``) of a fresh child process that builds the variant and runs three
+train steps (it includes the interpreter and libraries, ~0.3 GiB, the same for every variant).
+
+    python benchmarks/bench_train.py --threads 2             # b8 @128², 7 rounds
+    python benchmarks/bench_train.py --quick --threads 2     # 3 rounds, no memory column
+    python benchmarks/bench_train.py --group resnet50 --channels-last --compile
+
+timm and torchvision are optional (``pip install normfree[bench]``); a missing peer is skipped
+with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import normfree
+from interleaved import median_ratio, time_interleaved
+from normfree.nn import NFResidualBlock
+from normfree.optim import AGC
+
+__all__ = ["GROUPS", "build_variant", "main"]
+
+# group -> variants "source:model" (the first is the reference of the printed ratios)
+GROUPS: dict[str, list[str]] = {
+    "resnet50": [
+        "torchvision:resnet50_nonorm",
+        "normfree:nf_resnet50",
+        "normfree:nf_resnet50:plain",
+        "timm:nf_resnet50",
+        "torchvision:resnet50",
+        "normfree:lnpn_resnet50",
+    ],
+    "nfnet_f0": ["timm:dm_nfnet_f0", "normfree:nfnet_f0", "normfree:nfnet_f0:plain"],
+    "nf_regnet_b0": ["timm:nf_regnet_b0", "normfree:nf_regnet_b0"],
+}
+# models trained with AGC (Brock et al. 2021b); the others get no clipping
+USES_AGC = {"nf_resnet50", "nfnet_f0", "dm_nfnet_f0", "nf_regnet_b0"}
+
+
+class MissingPeer(RuntimeError):
+    """An optional peer library is not installed."""
+
+
+def _import(name: str):
+    try:
+        return __import__(name)
+    except ImportError as err:
+        raise MissingPeer(f"{name} is not installed (pip install normfree[bench])") from err
+
+
+def build_variant(spec: str, num_classes: int = 1000) -> nn.Module:
+    """The model behind ``source:name`` (raises :class:`MissingPeer` if its library is absent)."""
+    source, name, *variant = spec.split(":")
+    if source == "normfree":
+        model = normfree.create_model(name, num_classes=num_classes)
+        if variant == ["plain"]:  # every scale an op on the activations (the paper's form)
+            for block in model.modules():
+                if isinstance(block, NFResidualBlock):
+                    block.fold_scales = False
+        return model
+    if source == "timm":
+        return _import("timm").create_model(name, num_classes=num_classes)
+    if source == "torchvision":
+        models = _import("torchvision").models
+        model = models.resnet50(num_classes=num_classes)
+        if name == "resnet50_nonorm":
+            for parent in list(model.modules()):
+                for child_name, child in list(parent.named_children()):
+                    if isinstance(child, nn.BatchNorm2d):
+                        setattr(parent, child_name, nn.Identity())
+        return model
+    raise ValueError(f"unknown source {source!r} in {spec!r}")
+
+
+def _agc(spec: str, model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], None] | None:
+    if spec.split(":")[1] not in USES_AGC:
+        return None
+    if spec.startswith("normfree:"):
+        agc = AGC(opt, clipping=0.01, model=model)
+        return agc.clip_grad_
+    # timm's own clipping (its per-parameter loop), the classifier excluded as in its trainer
+    from timm.utils import adaptive_clip_grad
+
+    head = {id(p) for p in model.get_classifier().parameters()}
+    params = [p for p in model.parameters() if id(p) not in head]
+    return lambda: adaptive_clip_grad(params, clip_factor=0.01)
+
+
+@dataclass
+class Variant:
+    spec: str
+    train: Callable[[], object]
+    eval: Callable[[], object]
+    agc_seconds: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+
+
+def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> Variant:
+    torch.manual_seed(0)
+    model = build_variant(spec).to(device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device).to(memory_format=fmt)
+    y = torch.randint(0, 1000, (args.batch,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
+    clip = _agc(spec, model, opt)
+    fwd = torch.compile(model) if args.compile else model
+    loss_fn = nn.CrossEntropyLoss()
+    v = Variant(spec, train=lambda: None, eval=lambda: None)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    clock = time.process_time if getattr(args, "clock", "wall") == "cpu" else time.perf_counter
+
+    def train() -> object:
+        model.train()
+        start = clock()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(fwd(x), y)
+        loss.backward()
+        if clip is not None:
+            sync()
+            t0 = clock()
+            clip()
+            sync()
+            v.agc_seconds.append(clock() - t0)
+        opt.step()
+        sync()
+        v.step_seconds.append(clock() - start)
+        return loss
+
+    def evaluate() -> object:
+        model.eval()
+        with torch.no_grad():
+            out = fwd(x)
+        sync()
+        return out
+
+    v.train, v.eval = train, evaluate
+    return v
+
+
+def _child_peak(spec: str, args: argparse.Namespace) -> float:
+    """Peak RSS (MiB) of a fresh process that runs three train steps of ``spec`` (CPU)."""
+    cmd = [sys.executable, __file__, "--_peak", spec, "--batch", str(args.batch),
+           "--size", str(args.size), "--threads", str(torch.get_num_threads())]  # fmt: skip
+    if args.channels_last:
+        cmd.append("--channels-last")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return float("nan")
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"])
+
+
+def _peak_main(spec: str, args: argparse.Namespace) -> None:
+    import resource
+
+    v = make_variant(spec, args, torch.device("cpu"))
+    for _ in range(3):
+        v.train()
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mib": peak_kib / 1024}))
+
+
+def _profile(spec: str, args: argparse.Namespace) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    v = make_variant(spec, args, torch.device(args.device))
+    v.train()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            v.train()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def run_group(name: str, args: argparse.Namespace, device: torch.device) -> None:
+    variants: dict[str, Variant] = {}
+    keep = None if args.only is None else set(args.only.split(","))
+    for spec in GROUPS[name]:
+        if keep is not None and spec not in keep:
+            continue
+        try:
+            variants[spec] = make_variant(spec, args, device)
+        except MissingPeer as err:
+            print(f"  skipped {spec}: {err}")
+    if not variants:
+        return
+    base = next(iter(variants))
+    peaks: dict[str, float] = {}
+    for spec in variants:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            variants[spec].train()
+            variants[spec].train()
+            peaks[spec] = torch.cuda.max_memory_allocated() / 2**20
+        elif not args.quick:
+            peaks[spec] = _child_peak(spec, args)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    train_t = time_interleaved({k: v.train for k, v in variants.items()}, args.rounds, 1,
+                               clock=clock)  # fmt: skip
+    eval_t = time_interleaved({k: v.eval for k, v in variants.items()}, args.rounds, 1,
+                              clock=clock)  # fmt: skip
+    header = (
+        f"{'variant':<30} {'train ms':>9} {'/' + base.split(':')[1][:12]:>14} {'eval ms':>8} "
+        f"{'/' + base.split(':')[1][:12]:>14} {'AGC %':>6} {'peak MiB':>9}"
+    )
+    print(f"\n[{name}] ratios to {base}")
+    print(header)
+    print("-" * len(header))
+    for spec, v in variants.items():
+        share = [a / s for a, s in zip(v.agc_seconds, v.step_seconds)]
+        agc = f"{100 * statistics.median(share):>5.1f}%" if share else f"{'-':>6}"
+        peak = f"{peaks[spec]:>9.0f}" if spec in peaks else f"{'-':>9}"
+        print(
+            f"{spec:<30} {statistics.median(train_t[spec]) * 1e3:>9.1f} "
+            f"{median_ratio(train_t[spec], train_t[base]):>13.3f}x "
+            f"{statistics.median(eval_t[spec]) * 1e3:>8.1f} "
+            f"{median_ratio(eval_t[spec], eval_t[base]):>13.3f}x {agc} {peak}"
+        )
+    pairs = [(a, b) for a in variants for b in variants if a != b and a != base and
+             a.startswith("normfree:") and not b.startswith("normfree:") and b != base]  # fmt: skip
+    for a, b in pairs:
+        spread = sorted(t / u for t, u in zip(train_t[a], train_t[b]))
+        print(
+            f"  {a} / {b}: train {median_ratio(train_t[a], train_t[b]):.3f}x "
+            f"(rounds {spread[0]:.3f}-{spread[-1]:.3f}), "
+            f"eval {median_ratio(eval_t[a], eval_t[b]):.3f}x"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="3 rounds, no memory column")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--group", action="append", choices=sorted(GROUPS), default=None)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: process CPU time (steadier on a shared machine; use with "
+                        "--threads 1, where no OpenMP thread spins)")
+    parser.add_argument("--only", default=None, help="comma-separated variants to keep")
+    parser.add_argument("--profile", default=None, metavar="VARIANT",
+                        help="print a torch.profiler table of 3 train steps of VARIANT and exit")
+    parser.add_argument("--_peak", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    if args._peak:
+        _peak_main(args._peak, args)
+        return 0
+    if args.profile:
+        _profile(args.profile, args)
+        return 0
+    try:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available")
+    except RuntimeError as err:
+        print(f"error: bad --device {args.device!r}: {err}", file=sys.stderr)
+        return 2
+    args.rounds = args.rounds or (3 if args.quick else 7)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"{datetime.date.today()} | torch {torch.__version__} | "
+        f"{platform.processor() or platform.machine()} | {args.device} | "
+        f"{torch.get_num_threads()} threads | batch {args.batch} @{args.size}² | "
+        f"{args.rounds} rounds | {args.clock} clock | compile={args.compile} "
+        f"channels_last={args.channels_last} | "
+        f"load {load:.1f}"
+    )
+    for name in args.group or list(GROUPS):
+        run_group(name, args, device)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
