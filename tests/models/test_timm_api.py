@@ -133,7 +133,9 @@ def test_fx_trace_equals_eager(family: str) -> None:
         eager = model(x)
         torch.manual_seed(3)
         traced = graph(x)
-        assert torch.equal(traced, eager)
+        # equal up to float rounding: where a traced block cannot use the folded-scale form
+        # (normfree.nn.residual, issue 11) it runs the plain form, the same maths
+        torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
     # the input check survives tracing
     with pytest.raises(ValueError, match="input channels"):
         graph(x[:, :2])
