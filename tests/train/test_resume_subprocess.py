@@ -40,6 +40,7 @@ def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: fl
     pytest.fail(f"the run never reached step {step}")
 
 
+@pytest.mark.slow  # a crash mid-run (injected from outside); SIGKILL covers resume by default
 def test_simulated_crash_then_resume(
     tmp_path: Path,
     make_cfg: Callable,
@@ -59,7 +60,12 @@ def test_simulated_crash_then_resume(
     assert_same_weights(final_weights(ref), final_weights(run))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+# SIGKILL in the default run; Ctrl-C (SIGINT) with the slow tests (keeps the default run < 5 min)
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+    ids=["SIGKILL", "SIGINT"],
+)
 def test_killed_or_interrupted_then_resume(
     sig: signal.Signals,
     tmp_path: Path,
