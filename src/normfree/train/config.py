@@ -23,6 +23,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DistConfig",
+    "DistillConfig",
     "EMAConfig",
     "LogConfig",
     "OptimConfig",
@@ -185,6 +186,26 @@ class DistConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (normfree.train.distill; Hinton et al. 2015),
+    e.g. the BN original of a model made by ``normfree convert``."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _PYDANTIC
+
+    teacher: str | None = _f(
+        None,
+        "teacher: a run folder / training checkpoint, or a model spec (torchvision:NAME, "
+        "timm:NAME, a normfree name) with distill.teacher_weights; null: no distillation",
+    )
+    teacher_weights: str | None = _f(None, "the teacher spec's weights (.safetensors or .pt)")
+    teacher_kwargs: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "the teacher spec's constructor arguments"}
+    )
+    weight: float = _f(0.5, "w in (1-w)·CE + w·T²·KL(teacher || student)")
+    temperature: float = _f(4.0, "softmax temperature T")
+
+
+@dataclass
 class Config:
     """Everything a training run needs; written to ``config.yaml`` in the run folder."""
 
@@ -209,6 +230,7 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def validate_config(cfg: Config) -> None:
@@ -260,6 +282,8 @@ def validate_config(cfg: Config) -> None:
     need(d.image_size is None or d.image_size > 0, "data.image_size", "> 0 or null")
     need(d.test_size is None or d.test_size > 0, "data.test_size", "> 0 or null")
     need(d.workers >= 0, "data.workers", ">= 0")
+    need(0.0 <= cfg.distill.weight <= 1.0, "distill.weight", "in [0, 1]")
+    need(cfg.distill.temperature > 0, "distill.temperature", "> 0")
     need(d.pad >= 0, "data.pad", ">= 0")
     need(d.mixup_alpha >= 0, "data.mixup_alpha", ">= 0")
     need(d.cutmix_alpha >= 0, "data.cutmix_alpha", ">= 0")

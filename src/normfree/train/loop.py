@@ -140,6 +140,11 @@ class Trainer(TrainerState):
             from normfree.optim.ema import ModelEMA
 
             self.ema = ModelEMA(model, decay=cfg.ema.decay, warmup=cfg.ema.warmup)
+        self.teacher = None
+        if cfg.distill.teacher is not None:
+            from normfree.train.distill import load_teacher
+
+            self.teacher = load_teacher(cfg, info.device)
         self.mixer = None
         if cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0:
             from normfree.data import BatchMixer
@@ -235,7 +240,16 @@ class Trainer(TrainerState):
             with sync:
                 with autocast_context(dev, cfg.train.precision):
                     logits = self.train_model(x)
+                    if self.teacher is not None:
+                        with torch.no_grad():
+                            teacher_logits = self.teacher(x)
                 loss = self._loss(logits.float(), target)
+                if self.teacher is not None:
+                    from normfree.train.distill import distillation_loss
+
+                    w = cfg.distill.weight
+                    soft = distillation_loss(logits, teacher_logits, cfg.distill.temperature)
+                    loss = (1.0 - w) * loss + w * soft
                 for cb in self.callbacks:
                     loss = cb.on_loss(self, number, loss)
                 self.scaler.scale(loss / len(micro)).backward()
