@@ -37,6 +37,7 @@ from normfree.train.callbacks import Callback
 from normfree.train.checkpointing import check_weights_fit, load_checkpoint
 from normfree.train.config import Config, validate_config
 from normfree.train.config_io import dump_config
+from normfree.train.distill import distillation_loss, load_teacher
 from normfree.train.distributed import (
     DistInfo,
     ShardedBatchSampler,
@@ -142,8 +143,6 @@ class Trainer(TrainerState):
             self.ema = ModelEMA(model, decay=cfg.ema.decay, warmup=cfg.ema.warmup)
         self.teacher = None
         if cfg.distill.teacher is not None:
-            from normfree.train.distill import load_teacher
-
             self.teacher = load_teacher(cfg, info.device)
         self.mixer = None
         if cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0:
@@ -245,8 +244,6 @@ class Trainer(TrainerState):
                             teacher_logits = self.teacher(x)
                 loss = self._loss(logits.float(), target)
                 if self.teacher is not None:
-                    from normfree.train.distill import distillation_loss
-
                     w = cfg.distill.weight
                     soft = distillation_loss(logits, teacher_logits, cfg.distill.temperature)
                     loss = (1.0 - w) * loss + w * soft
