@@ -258,13 +258,13 @@ class StdConv2dBase(nn.Conv2d):
 
     @torch.jit.unused
     def _eager_weight(self) -> Tensor:
-        params = self._parameters  # direct dict access: this runs on every forward
-        weight, gain = params["weight"], params.get("gain")
+        weight, gain = self.weight, getattr(self, "gain", None)
+        if isinstance(weight, torch.fx.Proxy):  # fx: trace the formula, never cache
+            return self.standardized_weight()
         grad_wanted = torch.is_grad_enabled() and (
             weight.requires_grad or (gain is not None and gain.requires_grad)
         )
-        if (grad_wanted or torch.jit.is_tracing() or torch.compiler.is_compiling()
-                or isinstance(self.weight, torch.fx.Proxy)):  # fx: trace, never cache
+        if grad_wanted or torch.jit.is_tracing() or torch.compiler.is_compiling():
             self._ws_cache = None  # don't keep a stale copy alive while training
             return self.standardized_weight()
         key: tuple = (
@@ -441,7 +441,7 @@ class ScaledStdConv2d(StdConv2dBase):
     ) -> tuple[Tensor, Tensor | None]:
         """As :meth:`effective_weight_bias` while ``torch.fx`` traces (parameters are proxies:
         dtype and rank come from the real parameter, the formula is the plain one)."""
-        real = self._parameters["weight"]
+        real = dict(self.named_parameters(recurse=False))["weight"]  # fx proxies self.weight
         weight, gain = self.weight, self.gain
         low = real.dtype == torch.float16 or real.dtype == torch.bfloat16
         work = weight.float() if low else weight
@@ -458,8 +458,7 @@ class ScaledStdConv2d(StdConv2dBase):
     ) -> tuple[Tensor, Tensor | None]:
         if isinstance(self.weight, torch.fx.Proxy):
             return self._traced_weight_bias(in_scale, out_scale, out_gain)
-        params = self._parameters  # direct dict access: this runs on every forward
-        weight, gain, bias = params["weight"], params["gain"], params["bias"]
+        weight, gain, bias = self.weight, self.gain, self.bias
         grad_wanted = torch.is_grad_enabled() and (
             weight.requires_grad
             or gain.requires_grad
