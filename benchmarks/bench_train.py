@@ -14,7 +14,11 @@ train steps (it includes the interpreter and libraries, ~0.3 GiB, the same for e
 
     python benchmarks/bench_train.py --threads 2             # b8 @128², 7 rounds
     python benchmarks/bench_train.py --quick --threads 2     # 3 rounds, no memory column
-    python benchmarks/bench_train.py --group resnet50 --channels-last --compile
+    python benchmarks/bench_train.py --group resnet50 --channels-last
+    python benchmarks/bench_train.py --compile --group resnet50 \
+        --only torchvision:resnet50_nonorm,normfree:nf_resnet50,timm:nf_resnet50
+    python benchmarks/bench_train.py --only normfree:nf_resnet50,normfree:nf_resnet50:sd,\
+normfree:nf_resnet50:folded --group resnet50      # extra variants: :sd, :folded
 
 timm and torchvision are optional (``pip install normfree[bench]``); a missing peer is skipped
 with a message.
@@ -50,6 +54,7 @@ GROUPS: dict[str, list[str]] = {
         "torchvision:resnet50_nonorm",
         "normfree:nf_resnet50",
         "normfree:nf_resnet50:plain",
+        "normfree:nf_resnet50:folded",
         "timm:nf_resnet50",
         "torchvision:resnet50",
         "normfree:lnpn_resnet50",
@@ -73,14 +78,27 @@ def _import(name: str):
 
 
 def build_variant(spec: str, num_classes: int = 1000) -> nn.Module:
-    """The model behind ``source:name`` (raises :class:`MissingPeer` if its library is absent)."""
+    """The model behind ``source:name[:variant]`` (raises :class:`MissingPeer` if its library is
+    absent).
+
+    normfree models are built with stochastic depth and dropout off, as timm's ports and
+    torchvision's ResNet-50 are by default, so every variant of a group does the same work;
+    ``:sd`` keeps the official regularisation (stochastic depth 0.1–0.25, dropout 0.2–0.25),
+    ``:plain`` runs every block in the paper's form (every scale an op on the activations) and
+    ``:folded`` is the deployment copy of :func:`normfree.deploy.prepare_for_inference` (plain
+    convs; eval only)."""
     source, name, *variant = spec.split(":")
     if source == "normfree":
-        model = normfree.create_model(name, num_classes=num_classes)
-        if variant == ["plain"]:  # every scale an op on the activations (the paper's form)
+        off = {} if variant == ["sd"] else {"drop_path_rate": 0.0, "drop_rate": 0.0}
+        model = normfree.create_model(name, num_classes=num_classes, **off)
+        if variant == ["plain"]:
             for block in model.modules():
                 if isinstance(block, NFResidualBlock):
                     block.fold_scales = False
+        if variant == ["folded"]:
+            from normfree.deploy import prepare_for_inference
+
+            model = prepare_for_inference(model)
         return model
     if source == "timm":
         return _import("timm").create_model(name, num_classes=num_classes)
@@ -113,24 +131,29 @@ def _agc(spec: str, model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[]
 @dataclass
 class Variant:
     spec: str
-    train: Callable[[], object]
+    train: Callable[[], object] | None  # None: an eval-only variant (":folded")
     eval: Callable[[], object]
+    compile_seconds: float | None = None
     agc_seconds: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
 
 
+COMPILED = "+compile"  # suffix of a variant's torch.compile'd twin (``--compile``)
+
+
 def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> Variant:
+    compiled = spec.endswith(COMPILED)
     torch.manual_seed(0)
-    model = build_variant(spec).to(device)
+    model = build_variant(spec.removesuffix(COMPILED)).to(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).to(memory_format=fmt)
     y = torch.randint(0, 1000, (args.batch,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
-    clip = _agc(spec, model, opt)
-    fwd = torch.compile(model) if args.compile else model
+    clip = _agc(spec.removesuffix(COMPILED), model, opt)
+    fwd = torch.compile(model) if compiled else model
     loss_fn = nn.CrossEntropyLoss()
-    v = Variant(spec, train=lambda: None, eval=lambda: None)
+    v = Variant(spec, train=None, eval=lambda: None)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -162,7 +185,16 @@ def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> V
         sync()
         return out
 
-    v.train, v.eval = train, evaluate
+    eval_only = spec.removesuffix(COMPILED).endswith(":folded")
+    v.train, v.eval = (None if eval_only else train), evaluate
+    if compiled:  # the first calls compile (train graph, then eval graph); time them
+        start = time.perf_counter()
+        if v.train is not None:
+            v.train()
+        v.eval()
+        v.compile_seconds = time.perf_counter() - start
+        v.step_seconds.clear()
+        v.agc_seconds.clear()
     return v
 
 
@@ -199,12 +231,21 @@ def _profile(spec: str, args: argparse.Namespace) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
+def _in_group(spec: str, group: str) -> bool:
+    """True when ``spec`` (e.g. an extra ``normfree:nf_resnet50:sd`` from ``--only``) is a
+    variant of a model listed in ``group``."""
+    source, name = spec.split(":")[:2]
+    return any(s.split(":")[:2] == [source, name] for s in GROUPS[group])
+
+
 def run_group(name: str, args: argparse.Namespace, device: torch.device) -> None:
     variants: dict[str, Variant] = {}
     keep = None if args.only is None else set(args.only.split(","))
-    for spec in GROUPS[name]:
-        if keep is not None and spec not in keep:
-            continue
+    specs = [s for s in GROUPS[name] if keep is None or s in keep]
+    specs += [s for s in (keep or ()) if s not in GROUPS[name] and _in_group(s, name)]
+    if args.compile:
+        specs += [s + COMPILED for s in specs if not s.endswith(":plain")]
+    for spec in specs:
         try:
             variants[spec] = make_variant(spec, args, device)
         except MissingPeer as err:
@@ -214,6 +255,8 @@ def run_group(name: str, args: argparse.Namespace, device: torch.device) -> None
     base = next(iter(variants))
     peaks: dict[str, float] = {}
     for spec in variants:
+        if variants[spec].train is None or spec.endswith(COMPILED):
+            continue
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             variants[spec].train()
@@ -222,8 +265,8 @@ def run_group(name: str, args: argparse.Namespace, device: torch.device) -> None
         elif not args.quick:
             peaks[spec] = _child_peak(spec, args)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    train_t = time_interleaved({k: v.train for k, v in variants.items()}, args.rounds, 1,
-                               clock=clock)  # fmt: skip
+    trainable = {k: v.train for k, v in variants.items() if v.train is not None}
+    train_t = time_interleaved(trainable, args.rounds, 1, clock=clock)
     eval_t = time_interleaved({k: v.eval for k, v in variants.items()}, args.rounds, 1,
                               clock=clock)  # fmt: skip
     header = (
@@ -237,14 +280,20 @@ def run_group(name: str, args: argparse.Namespace, device: torch.device) -> None
         share = [a / s for a, s in zip(v.agc_seconds, v.step_seconds)]
         agc = f"{100 * statistics.median(share):>5.1f}%" if share else f"{'-':>6}"
         peak = f"{peaks[spec]:>9.0f}" if spec in peaks else f"{'-':>9}"
+        if spec in train_t:
+            train = (f"{statistics.median(train_t[spec]) * 1e3:>9.1f} "
+                     f"{median_ratio(train_t[spec], train_t[base]):>13.3f}x")  # fmt: skip
+        else:
+            train = f"{'-':>9} {'-':>14}"
+        compiled = "" if v.compile_seconds is None else f"  (compiled in {v.compile_seconds:.0f} s)"
         print(
-            f"{spec:<30} {statistics.median(train_t[spec]) * 1e3:>9.1f} "
-            f"{median_ratio(train_t[spec], train_t[base]):>13.3f}x "
-            f"{statistics.median(eval_t[spec]) * 1e3:>8.1f} "
-            f"{median_ratio(eval_t[spec], eval_t[base]):>13.3f}x {agc} {peak}"
+            f"{spec:<30} {train} {statistics.median(eval_t[spec]) * 1e3:>8.1f} "
+            f"{median_ratio(eval_t[spec], eval_t[base]):>13.3f}x {agc} {peak}{compiled}"
         )
-    pairs = [(a, b) for a in variants for b in variants if a != b and a != base and
-             a.startswith("normfree:") and not b.startswith("normfree:") and b != base]  # fmt: skip
+    pairs = [(a, b) for a in train_t for b in train_t if a != b and a != base and
+             a.startswith("normfree:") and not b.startswith("normfree:") and b != base and
+             a.endswith(COMPILED) == b.endswith(COMPILED)]  # fmt: skip
+    pairs += [(a + COMPILED, a) for a in train_t if a + COMPILED in train_t]
     for a, b in pairs:
         spread = sorted(t / u for t, u in zip(train_t[a], train_t[b]))
         print(
@@ -258,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a torch.compile'd twin (inductor) of every variant, timed in the "
+                        "same interleaved run as its eager form")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--quick", action="store_true", help="3 rounds, no memory column")
     parser.add_argument("--rounds", type=int, default=None)

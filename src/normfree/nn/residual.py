@@ -85,7 +85,30 @@ def drop_path(x: torch.Tensor, drop_rate: float, scale_by_keep: bool = False) ->
     return x * mask
 
 
+def drop_path_add(x: torch.Tensor, shortcut: torch.Tensor, drop_rate: float,
+                  scale_by_keep: bool = False) -> torch.Tensor:
+    """``shortcut + drop_path(x)`` in one pass (``torch.addcmul`` with the per-example mask): no
+    masked copy of ``x`` is written or kept for the backward. A leaf of ``torch.fx`` traces."""
+    keep = 1.0 - drop_rate
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(keep)
+    if scale_by_keep:
+        mask = mask / keep
+    return torch.addcmul(shortcut, x, mask)
+
+
+def _add_into_branch(r: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """``r + shortcut`` written into ``r``, a fresh conv / squeeze-excite output that no backward
+    reads (no new activation-sized tensor per block); out of place when the dtypes differ
+    (autocast), to keep the plain form's type promotion. A leaf of ``torch.fx`` traces."""
+    if r.dtype != shortcut.dtype:
+        return r + shortcut
+    return r.add_(shortcut)
+
+
+torch.fx.wrap("_add_into_branch")
 torch.fx.wrap("drop_path")
+torch.fx.wrap("drop_path_add")
 
 
 class StochasticDepth(nn.Module):
@@ -326,7 +349,10 @@ class NFResidualBlock(ResidualBlock):
         if r is None:
             return None
         shortcut = x if self.downsample is None else self.shortcut_folded(a, in_scale)
-        return self.drop_path(r) + shortcut
+        sd = self.drop_path
+        if sd.training and sd.drop_rate > 0.0:
+            return drop_path_add(r, shortcut, sd.drop_rate, sd.scale_by_keep)
+        return _add_into_branch(r, shortcut)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha:g}, beta_multiplier={self.beta_multiplier:.6f}"
