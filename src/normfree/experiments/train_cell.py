@@ -9,9 +9,12 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["BASE_OVERRIDES", "train_cell"]
+if TYPE_CHECKING:
+    from normfree.train import Config
+
+__all__ = ["BASE_OVERRIDES", "cell_config", "train_cell"]
 
 # every experiment's training runs: quiet, single-threaded, raw weights evaluated (no EMA: the
 # claims are about the trained weights, and short runs would evaluate a lagging average)
@@ -30,6 +33,20 @@ def _finite_or_none(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
+def cell_config(
+    overrides: list[str], run_dir: Path, data: str, threads: int = 1, curve_every: int = 0
+) -> Config:
+    """The trainer config of a cell: the ``digits`` recipe with ``BASE_OVERRIDES``, the data
+    spec, the thread count and the experiment's ``overrides``, writing into ``run_dir``."""
+    from normfree.train import resolve_config
+
+    items = [*BASE_OVERRIDES, f"data.spec={data}", f"train.threads={threads}", *overrides,
+             f"out_dir={run_dir}"]  # fmt: skip
+    if curve_every:
+        items.append(f"log.every_steps={curve_every}")
+    return resolve_config("digits", overrides=items)
+
+
 def train_cell(
     overrides: list[str], run_dir: Path, data: str, threads: int = 1, curve_every: int = 0
 ) -> dict[str, Any]:
@@ -38,14 +55,10 @@ def train_cell(
     (``None`` when the run diverged first), ``diverged`` (a non-finite loss stopped it),
     ``diverged_step``, ``steps`` and, with ``curve_every > 0``, ``curve``: ``[step, loss]``
     pairs of the logged training losses (``loss`` ``None`` where non-finite)."""
-    from normfree.train import NonFiniteLossError, resolve_config, train
+    from normfree.train import NonFiniteLossError, train
     from normfree.train.run_logger import read_metrics
 
-    items = [*BASE_OVERRIDES, f"data.spec={data}", f"train.threads={threads}", *overrides,
-             f"out_dir={run_dir}"]  # fmt: skip
-    if curve_every:
-        items.append(f"log.every_steps={curve_every}")
-    cfg = resolve_config("digits", overrides=items)
+    cfg = cell_config(overrides, run_dir, data, threads, curve_every)
     logger = logging.getLogger("normfree.train")
     level = logger.level
     logger.setLevel(logging.ERROR)  # the grid prints one line per cell instead

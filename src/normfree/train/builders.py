@@ -5,8 +5,10 @@ the default; models declare their deviations (``meta.recipe``, ``lr_scale``)."""
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -33,11 +35,21 @@ __all__ = [
     "model_resolution",
     "msr_enabled",
     "peak_lr",
+    "seed_globals",
     "steps_per_epoch",
     "warmup_steps",
 ]
 
 log = logging.getLogger("normfree.train")
+
+
+def seed_globals(seed: int) -> None:
+    """Seed Python's, NumPy's legacy and torch's global generators with ``seed``: what a fresh
+    run does before :func:`build_data` and :func:`build_model`, so that the same calls after
+    ``seed_globals(cfg.seed)`` rebuild the run's initial model exactly."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))  # noqa: NPY002  (the global legacy RNG is what runs save)
+    torch.manual_seed(seed)
 
 
 def dataset_kind(spec: str) -> str:

@@ -109,9 +109,7 @@ class Trainer(TrainerState):
             changes = resume_changes(state, self.run_dir, cfg)
             self._lock = lock_for_resume(self.run_dir, info)
         # same initialisation on every rank
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed % (1 << 32))  # noqa: NPY002  (the global legacy RNG is what we save)
-        torch.manual_seed(cfg.seed)
+        B.seed_globals(cfg.seed)
         self.bundle = B.build_data(cfg)
         if state is None:
             self.model_args = B.model_args(cfg, self.bundle.num_classes, self.bundle.in_chans)
