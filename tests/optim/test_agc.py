@@ -481,3 +481,52 @@ def test_remove_detaches_and_keyword_closure_is_clipped() -> None:
     opt_b.step()
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+
+
+# --------------------------------------------------------------------------------------------
+# Weight norms from the Scaled-WS forward (normfree.nn.ws.unit_norm_from_forward)
+# --------------------------------------------------------------------------------------------
+def _ws_net_after_backward(seed: int) -> nn.Module:
+    from normfree.nn import ScaledStdConv2d
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(ScaledStdConv2d(3, 8, 3, padding=1), nn.ReLU(),
+                        ScaledStdConv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 36, 3))  # fmt: skip
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # non-zero kernel means: ‖W‖ ≠ ‖W − μ‖
+    net(torch.randn(5, 3, 6, 6)).square().sum().mul(1e3).backward()
+    return net
+
+
+def test_ws_forward_norms_give_the_same_clipping() -> None:
+    from normfree.nn.ws import unit_norm_from_forward
+
+    net = _ws_net_after_backward(3)
+    convs = [p for p in net.parameters() if p.ndim == 4]
+    for p in convs:  # the forward's statistics are there and equal the direct norm
+        known = unit_norm_from_forward(p)
+        assert known is not None
+        torch.testing.assert_close(known, unitwise_norm(p).flatten(), rtol=2e-6, atol=0.0)
+    before = {id(p): p.grad.clone() for p in net.parameters()}
+    expected = {id(p): reference_agc(p, before[id(p)], 0.01) for p in net.parameters()}
+    adaptive_clip_grad_(net.parameters(), clipping=0.01)
+    clipped = 0
+    for p in net.parameters():
+        torch.testing.assert_close(p.grad.double(), expected[id(p)], rtol=1e-5, atol=0.0)
+        clipped += int(not torch.equal(p.grad, before[id(p)]))
+    assert clipped >= 2  # the conv gradients were clipped through the forward's norms
+
+
+def test_ws_forward_norms_are_dropped_when_the_weight_changes() -> None:
+    from normfree.nn.ws import unit_norm_from_forward
+
+    net = _ws_net_after_backward(4)
+    conv = next(p for p in net.parameters() if p.ndim == 4)
+    with torch.no_grad():
+        conv.mul_(3.0)  # after the forward: its statistics are stale
+    assert unit_norm_from_forward(conv) is None
+    g = conv.grad.clone()
+    adaptive_clip_grad_([conv], clipping=0.01)
+    torch.testing.assert_close(conv.grad.double(), reference_agc(conv, g, 0.01), rtol=1e-5,
+                               atol=0.0)  # fmt: skip

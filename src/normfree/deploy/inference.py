@@ -1,5 +1,8 @@
 """Inference form of a model: every training-only reparameterisation folded away.
 
+* the scales of NF residual blocks (γ, 1/β, α, skip gain; Brock et al. 2021a §3) → multiplied
+  into the convs that read or write them (:func:`normfree.nn.prescaled.bake_block_scales`), so
+  no scale costs a pass over an activation;
 * Scaled Weight Standardization (Brock et al. 2021a, eq. 2; Qiao et al. 2019) → the plain conv
   with the standardized weight (:func:`normfree.nn.fold_weight_standardization`);
 * Proxy Normalization (Labatie et al. 2021, eq. 5) → per-channel affine + activation +
@@ -14,9 +17,12 @@ from __future__ import annotations
 import copy
 from collections import Counter
 
+import torch
 from torch import nn
 
+from normfree.nn.prescaled import bake_block_scales
 from normfree.nn.proxy_norm import ProxyNormActivation, fold_proxy_norm
+from normfree.nn.residual import NFResidualBlock
 from normfree.nn.ws import StdConv2dBase, fold_weight_standardization
 
 __all__ = ["folded_module_counts", "prepare_for_inference"]
@@ -47,5 +53,16 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     folded = copy.deepcopy(model).eval()
+    if any(isinstance(m, NFResidualBlock) for m in folded.modules()):
+        bake_block_scales(folded, _example_input(folded))
     folded = fold_proxy_norm(fold_weight_standardization(folded, inplace=True), inplace=True)
     return folded.requires_grad_(False)
+
+
+def _example_input(model: nn.Module) -> torch.Tensor:
+    """One image for the recording forward of :func:`bake_block_scales`: the channels of the
+    first conv, the model's ``meta.test_size`` (64 without metadata), its device and dtype."""
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    size = int(getattr(getattr(model, "meta", None), "test_size", 64))
+    w = first.weight
+    return torch.zeros(1, first.in_channels, size, size, device=w.device, dtype=w.dtype)

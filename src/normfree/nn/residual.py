@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from normfree.nn.activations import ScaledActivation
-from normfree.nn.ws import ScaledStdConv2d
 
 __all__ = [
     "ExpectedVariance",
@@ -288,6 +287,8 @@ class NFResidualBlock(ResidualBlock):
         self.drop_path = StochasticDepth(drop_path_rate)
         self.skip_gain = SkipInitGain(skipinit_init)
         self.fold_scales = True
+        # set by normfree.nn.prescaled.bake_block_scales: the convs hold the scales
+        self.scales_baked = False
 
     def branch(self, out: torch.Tensor) -> torch.Tensor:
         """The residual function ``f`` applied to the normalised input ``out``."""
@@ -314,8 +315,9 @@ class NFResidualBlock(ResidualBlock):
 
     @staticmethod
     def can_fold(*convs: nn.Module | None) -> bool:
-        """True when every given module is a :class:`ScaledStdConv2d` (or ``None``)."""
-        return all(c is None or isinstance(c, ScaledStdConv2d) for c in convs)
+        """True when every given module is a :class:`ScaledStdConv2d`, a conv with the scales
+        baked in (:mod:`normfree.nn.prescaled`), or ``None``."""
+        return all(c is None or hasattr(c, "forward_scaled") for c in convs)
 
     def shortcut_folded(self, a: torch.Tensor, in_scale: float) -> torch.Tensor:
         """``downsample(a·in_scale)`` with the scale in the shortcut conv's weight."""
@@ -330,6 +332,12 @@ class NFResidualBlock(ResidualBlock):
 
     def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         """The block as written in the paper: every scale an op on the activations."""
+        if self.scales_baked:
+            raise RuntimeError(
+                "this block's convs hold its scales (normfree.deploy.prepare_for_inference): "
+                "its plain form would apply them twice; run it with fold_scales=True, not "
+                "scripted, or fold the original model again"
+            )
         out = self.act(x) * self.beta_multiplier
         shortcut = x
         if self.downsample is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import weakref
 from typing import ClassVar
 
 import torch
@@ -38,7 +39,35 @@ __all__ = [
     "fold_weight_standardization",
     "qiao_standardize",
     "scaled_standardize",
+    "unit_norm_from_forward",
 ]
+
+# id(weight) → (weak ref to it, its version, per-unit mean, per-unit 1/std) from its last fused
+# standardization; by identity (tensors compare elementwise, so no WeakKeyDictionary)
+_UNIT_STATS: dict[int, tuple[weakref.ref[Tensor], int, Tensor, Tensor]] = {}
+
+
+def _remember_unit_stats(weight: Tensor, mean: Tensor, invstd: Tensor) -> None:
+    key = id(weight)
+    entry = _UNIT_STATS.get(key)
+    ref = entry[0] if entry is not None and entry[0]() is weight else None
+    if ref is None:
+        ref = weakref.ref(weight, lambda _, key=key: _UNIT_STATS.pop(key, None))
+    _UNIT_STATS[key] = (ref, weight._version, mean.detach(), invstd.detach())
+
+
+def unit_norm_from_forward(weight: Tensor) -> Tensor | None:
+    """The per-output-unit Frobenius norm ``‖W_o‖`` (shape ``(out,)``) of ``weight`` from the
+    statistics its last eager-CPU Scaled-WS forward already computed
+    (``‖W_o‖² = N·(var_o + μ_o²)``), or ``None`` when there are none or ``weight`` changed in
+    place since (its version moved). Adaptive gradient clipping reads it
+    (:mod:`normfree.optim.agc`) instead of a second pass over the weights."""
+    stats = _UNIT_STATS.get(id(weight))
+    if stats is None or stats[0]() is not weight or stats[1] != weight._version:
+        return None
+    _, _, mean, invstd = stats
+    fan_in = weight[0].numel()
+    return (fan_in * (invstd.reciprocal().square() + mean.square())).sqrt()
 
 
 def _reduce_dims(weight: Tensor) -> list[int]:
@@ -139,12 +168,14 @@ def _fused_standardize(
     out_ch, fan_in = weight.shape[0], weight[0].numel()
     factor = gamma / math.sqrt(fan_in)  # rsqrt(N·var) = rsqrt(var)/sqrt(N)
     scale = gain * factor if gain is not None else weight.new_full((out_ch,), factor)
-    out, _, invstd = torch.native_batch_norm(
+    out, mean, invstd = torch.native_batch_norm(
         weight.reshape(1, out_ch, -1), scale, None, None, None, True, 0.0, 0.0
     )
     # N·var < eps somewhere; CPU batch norm reports var = 0 as invstd = 0
     if bool(((invstd.square() * eps > fan_in) | (invstd == 0)).any()):
         return None
+    if isinstance(weight, nn.Parameter):  # for AGC: unit_norm_from_forward
+        _remember_unit_stats(weight, mean, invstd)
     return out.reshape(weight.shape)
 
 
@@ -309,25 +340,33 @@ class StdConv2dBase(nn.Conv2d):
         state["_ws_cache"] = None
         return state
 
-    def to_conv2d(self) -> nn.Conv2d:
+    def to_conv2d(
+        self,
+        weight_bias: tuple[Tensor, Tensor | None] | None = None,
+        classes: tuple[type[nn.Conv2d], type[Conv2dSame]] = (nn.Conv2d, Conv2dSame),
+    ) -> nn.Conv2d:
         """A plain conv with the standardized weight folded in (same outputs, same device/dtype).
 
         Returns ``nn.Conv2d`` when the padding is static and :class:`~normfree.nn.padding.
-        Conv2dSame` (an ``nn.Conv2d`` subclass) when ``"SAME"`` needs a dynamic pad.
+        Conv2dSame` (an ``nn.Conv2d`` subclass) when ``"SAME"`` needs a dynamic pad, or the two
+        ``classes`` given instead; ``weight_bias`` replaces the standardized weight and bias
+        (e.g. :meth:`ScaledStdConv2d.effective_weight_bias` with a block's scales).
         """
+        plain, same = classes
         ch = (self.in_channels, self.out_channels, self.kernel_size, self.stride)
         kwargs = {"device": self.weight.device, "dtype": self.weight.dtype}
         conv: nn.Conv2d
         if self.dynamic_padding:
-            conv = Conv2dSame(*ch, self.dilation, self.groups, self.bias is not None, **kwargs)
+            conv = same(*ch, self.dilation, self.groups, self.bias is not None, **kwargs)
         else:
-            conv = nn.Conv2d(
+            conv = plain(
                 *ch, self.padding, self.dilation, self.groups, self.bias is not None, **kwargs
             )
         with torch.no_grad():
-            conv.weight.copy_(self.standardized_weight())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
+            weight, bias = weight_bias or (self.standardized_weight(), self.bias)
+            conv.weight.copy_(weight)
+            if bias is not None:
+                conv.bias.copy_(bias)
         conv.train(self.training)
         return conv
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from normfree.nn.ws import unit_norm_from_forward
 from normfree.optim.hooks import before_step_hook, record_attached
 
 __all__ = ["AGC", "adaptive_clip_grad_", "attach_agc", "unitwise_norm"]
@@ -73,8 +74,13 @@ def _clip_same_device(
     eps: float,
     norm_dtype: torch.dtype,
     skip_unclipped: bool,
+    known_norms: list[torch.Tensor | None] | None = None,
 ) -> None:
     """AGC on tensors that share a device and a norm dtype.
+
+    ``known_norms[i]``, where given, is ``params[i]``'s per-unit norm already computed elsewhere
+    (:func:`normfree.nn.ws.unit_norm_from_forward`: the Scaled-WS forward's statistics), which
+    saves one pass over that weight.
 
     Per-unit norms of matrices/kernels take one reduction kernel per tensor (the minimum memory
     traffic: every element is read once); the norms of all ``ndim ≤ 1`` tensors take one
@@ -90,7 +96,10 @@ def _clip_same_device(
     grad_norms: list[torch.Tensor] = []
     for i in big:
         dims = tuple(range(1, params[i].ndim))
-        param_norms.append(torch.linalg.vector_norm(params[i], 2, dim=dims, dtype=norm_dtype))
+        known = known_norms[i] if known_norms is not None else None
+        if known is None:
+            known = torch.linalg.vector_norm(params[i], 2, dim=dims, dtype=norm_dtype)
+        param_norms.append(known.to(norm_dtype))
         grad_norms.append(torch.linalg.vector_norm(grads[i], 2, dim=dims, dtype=norm_dtype))
     if small:
         sp = torch._foreach_norm([params[i] for i in small], 2, dtype=norm_dtype)
@@ -153,6 +162,7 @@ def _adaptive_clip_grad(
             eps,
             norm_dtype,
             skip,
+            [unit_norm_from_forward(p) for p in group],
         )
 
 

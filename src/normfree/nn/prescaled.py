@@ -1,0 +1,100 @@
+"""Inference convs that carry a residual block's scales in their weights.
+
+In the folded form of an NF residual block (:class:`~normfree.nn.residual.NFResidualBlock`)
+γ, 1/β, α and the skip gain reach the Scaled-WS convs as arguments of
+:meth:`~normfree.nn.ScaledStdConv2d.forward_scaled` and are multiplied into the standardized
+weight on every call. At inference all of them are constants, so :func:`bake_block_scales`
+multiplies them into the weights once: each such conv becomes a :class:`PrescaledConv2d` (a
+plain ``nn.Conv2d`` whose weight is ``in_scale·s·Ŵ`` and bias ``s·b``, ``s = out_scale·g``) and
+the block keeps running its folded form, with no O(activation) scale left. Exact up to float
+rounding (a convolution is linear). Used by :func:`normfree.deploy.prepare_for_inference`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from normfree.nn.padding import Conv2dSame
+from normfree.nn.residual import NFResidualBlock
+from normfree.nn.ws import ScaledStdConv2d
+
+__all__ = ["PrescaledConv2d", "PrescaledConv2dSame", "bake_block_scales"]
+
+
+class _Prescaled:
+    """``forward_scaled`` of a conv whose weight already holds the scales its block passes."""
+
+    def forward_scaled(
+        self,
+        x: Tensor,
+        in_scale: float = 1.0,
+        out_scale: float = 1.0,
+        out_gain: Tensor | None = None,
+    ) -> Tensor:
+        return self(x)  # type: ignore[operator]
+
+
+class PrescaledConv2d(_Prescaled, nn.Conv2d):
+    """A plain conv holding ``in_scale·out_scale·g·Ŵ`` (:func:`bake_block_scales`)."""
+
+
+class PrescaledConv2dSame(_Prescaled, Conv2dSame):
+    """:class:`PrescaledConv2d` with dynamic ``"SAME"`` padding."""
+
+
+def _record_calls(model: nn.Module, example: Tensor) -> dict[ScaledStdConv2d, list[tuple]]:
+    """Every ``forward_scaled`` call of every Scaled-WS conv in one eval forward of ``model``."""
+    calls: dict[ScaledStdConv2d, list[tuple]] = {}
+    convs = [m for m in model.modules() if isinstance(m, ScaledStdConv2d)]
+
+    def recorder(conv: ScaledStdConv2d) -> Any:
+        method = type(conv).forward_scaled
+
+        def record(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            calls.setdefault(conv, []).append((args, kwargs))
+            return method(conv, x, *args, **kwargs)
+
+        return record
+
+    for conv in convs:
+        conv.forward_scaled = recorder(conv)  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for conv in convs:
+            del conv.forward_scaled
+    return calls
+
+
+def _prescaled(conv: ScaledStdConv2d, args: tuple, kwargs: dict[str, Any]) -> nn.Conv2d:
+    with torch.no_grad():
+        weight_bias = conv.effective_weight_bias(*args, **kwargs)
+    return conv.to_conv2d(weight_bias, (PrescaledConv2d, PrescaledConv2dSame))
+
+
+def bake_block_scales(model: nn.Module, example: Tensor) -> nn.Module:
+    """Multiply the constant scales of every folded NF residual block into its convs, in place.
+
+    ``model`` must be in eval mode; ``example`` is any valid input batch (one eval forward
+    records which scales each conv receives). A conv called more than once, or outside a
+    foldable block, is left as it is. Baked blocks refuse their plain form (it would apply the
+    scales a second time): the result is for inference and export only."""
+    if model.training:
+        raise ValueError("bake_block_scales needs an eval-mode model (call model.eval())")
+    calls = _record_calls(model, example)
+    for block in model.modules():
+        if not isinstance(block, NFResidualBlock) or not block.fold_scales:
+            continue
+        baked = False
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, ScaledStdConv2d) and len(calls.get(child, ())) == 1:
+                    args, kwargs = calls[child][0]
+                    setattr(parent, name, _prescaled(child, args, kwargs))
+                    baked = True
+        block.scales_baked = block.scales_baked or baked
+    return model

@@ -1,0 +1,73 @@
+"""prepare_for_inference bakes the NF blocks' scales (γ, 1/β, α, skip gain) into their convs
+(normfree.nn.prescaled): same outputs as the eval model, no Scaled-WS conv and no plain-form
+block left, and the export path still traces it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normfree
+from normfree.deploy import prepare_for_inference
+from normfree.nn import ScaledStdConv2d
+from normfree.nn.padding import Conv2dSame
+from normfree.nn.prescaled import PrescaledConv2d, PrescaledConv2dSame, bake_block_scales
+from normfree.nn.residual import NFResidualBlock, plain_forward
+
+
+def _trained_like(name: str, **kwargs: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = normfree.create_model(name, num_classes=5, **kwargs)
+    with torch.no_grad():  # move every scale off its init (zero skip gains would hide errors)
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def _block_convs(model: torch.nn.Module) -> int:
+    return sum(
+        isinstance(m, ScaledStdConv2d)
+        for b in model.modules()
+        if isinstance(b, NFResidualBlock)
+        for m in b.modules()
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "size"), [("nf_resnet_cifar20", 16), ("nf_regnet_b0", 64), ("nfnet_f0", 64)]
+)
+def test_baked_model_equals_the_eval_model(name: str, size: int) -> None:
+    model = _trained_like(name)
+    fast = prepare_for_inference(model)
+    baked = [m for m in fast.modules() if isinstance(m, (PrescaledConv2d, PrescaledConv2dSame))]
+    assert len(baked) == _block_convs(model) > 0  # every block conv carries its scales
+    assert all(b.scales_baked for b in fast.modules() if isinstance(b, NFResidualBlock))
+    if name == "nfnet_f0":  # "SAME" padding survives baking
+        assert any(isinstance(m, Conv2dSame) for m in baked)
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = model(x), fast(x)
+    assert expected.abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the eval model's plain form agrees too (independent reference)
+        with plain_forward(model):
+            torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_baked_blocks_refuse_their_plain_form() -> None:
+    fast = prepare_for_inference(_trained_like("nf_resnet_cifar20"))
+    with pytest.raises(RuntimeError, match="apply them twice"), plain_forward(fast):
+        fast(torch.randn(1, 3, 16, 16))
+
+
+def test_bake_needs_eval_mode() -> None:
+    model = _trained_like("nf_resnet_cifar20").train()
+    with pytest.raises(ValueError, match="eval-mode"):
+        bake_block_scales(model, torch.zeros(1, 3, 16, 16))
+
+
+def test_baked_model_exports_with_torch_export() -> None:
+    fast = prepare_for_inference(_trained_like("nf_resnet_cifar20"))
+    x = torch.randn(2, 3, 16, 16)
+    program = torch.export.export(fast, (x,))
+    torch.testing.assert_close(program.module()(x), fast(x), rtol=1e-5, atol=1e-5)
