@@ -2,9 +2,9 @@
 (Brock, De & Smith 2021a, Table 2: ImageNet, batch 4, NF-ResNet-50 69.9 % top-1 against 55.7 %
 for BN-ResNet-50).
 
-Grid: {NF-ResNet-20, BN-ResNet-20, WS+GN-ResNet-20, converted} × batch {2, 4, 16, 64} × seed, the same
-number of epochs at every batch size and the learning rate scaled linearly with the batch
-(``optim.lr`` null: ``base_lr · B / 256``).
+Grid: {NF-ResNet-20, BN-ResNet-20, WS+GN-ResNet-20, converted} × batch {2, 4, 16, 64} × seed,
+the same number of epochs at every batch size and the learning rate scaled linearly with the
+batch (``optim.lr`` null: ``base_lr · B / 256``).
 
 The "converted" row (``conv-nf``) asks whether a BN architecture made batch-independent by
 :mod:`normfree.convert` is as robust to small batches as a network designed without BN: a
