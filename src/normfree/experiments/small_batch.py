@@ -108,9 +108,9 @@ def run_cell(cell: Cell, folder: Path, options: GridOptions) -> dict[str, Any]:
     if p["model"] not in CONVERTED:
         return train_cell(_overrides(MODELS[p["model"]], p), run_dir, data, options.threads)
     path = folder / "converted.pt"
-    cfg = cell_config(_overrides(f"converted:{path}", p), run_dir, data, options.threads)
-    report = convert_at_init(cfg, CONVERTED[p["model"]], path)
-    result = train_cell(_overrides(f"converted:{path}", p), run_dir, data, options.threads)
+    overrides = _overrides(f"converted:{path}", p)
+    report = convert_at_init(cell_config(overrides, run_dir, data), CONVERTED[p["model"]], path)
+    result = train_cell(overrides, run_dir, data, options.threads)
     return {**result, "conversion_rel_error": report.get("rel_error")}
 
 

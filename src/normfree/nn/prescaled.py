@@ -25,15 +25,10 @@ __all__ = ["PrescaledConv2d", "PrescaledConv2dSame", "bake_block_scales"]
 
 
 class _Prescaled:
-    """``forward_scaled`` of a conv whose weight already holds the scales its block passes."""
+    """``forward_scaled`` of a conv whose weight already holds the scales its block passes: it
+    takes :meth:`ScaledStdConv2d.forward_scaled`'s scale arguments and ignores them."""
 
-    def forward_scaled(
-        self,
-        x: Tensor,
-        in_scale: float = 1.0,
-        out_scale: float = 1.0,
-        out_gain: Tensor | None = None,
-    ) -> Tensor:
+    def forward_scaled(self, x: Tensor, *scales: Any, **named_scales: Any) -> Tensor:
         return self(x)  # type: ignore[operator]
 
 
@@ -89,12 +84,10 @@ def bake_block_scales(model: nn.Module, example: Tensor) -> nn.Module:
     for block in model.modules():
         if not isinstance(block, NFResidualBlock) or not block.fold_scales:
             continue
-        baked = False
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, ScaledStdConv2d) and len(calls.get(child, ())) == 1:
                     args, kwargs = calls[child][0]
                     setattr(parent, name, _prescaled(child, args, kwargs))
-                    baked = True
-        block.scales_baked = block.scales_baked or baked
+                    block.scales_baked = True
     return model
