@@ -123,11 +123,11 @@ def test_forward_is_gamma_times_activation() -> None:
     torch.testing.assert_close(
         nf_activation("silu")(x), GAMMA_TABLE["silu"] * F.silu(x), rtol=0, atol=0
     )
-    torch.testing.assert_close(
+    torch.testing.assert_close(  # eager CPU tanh-GELU: the sigmoid form (test_tanh_gelu.py)
         nf_activation("gelu")(x),
         GAMMA_TABLE["gelu"] * F.gelu(x, approximate="tanh"),
-        rtol=0,
-        atol=0,
+        rtol=2e-6,
+        atol=2e-6,
     )
     torch.testing.assert_close(
         nf_activation("leaky_relu")(x), GAMMA_TABLE["leaky_relu"] * F.leaky_relu(x, 0.01)
@@ -187,7 +187,9 @@ def test_torchscript(name: str) -> None:
     module = nf_activation(name)
     scripted = torch.jit.script(module)
     x = torch.randn(2, 4, 3, 3)
-    torch.testing.assert_close(scripted(x), module(x), rtol=0, atol=0)
+    # eager CPU tanh-GELU takes the sigmoid form, TorchScript the native kernel: ≤ a few ulps
+    tol = 2e-6 if name == "gelu" else 0.0
+    torch.testing.assert_close(scripted(x), module(x), rtol=tol, atol=tol)
 
 
 def test_onnx_export() -> None:

@@ -33,3 +33,37 @@ def test_grouped_width_rounds_down_to_whole_groups() -> None:
     assert grouped_width(384, 0.5, 128) == (128, 1)  # int(192) // 128 = 1 group (NFNet-F+ stage 1)
     with pytest.raises(ValueError, match="no group left"):
         grouped_width(64, 0.5, 128)
+
+
+# ------------------------------------------------------------- strided 1×1 (transition shortcuts)
+@pytest.mark.parametrize("stride,size", [((2, 2), 8), ((2, 2), 7), ((3, 2), 10), ((1, 2), 5)])
+def test_strided_pointwise_equals_the_strided_conv(stride: tuple[int, int], size: int) -> None:
+    import torch.nn.functional as F
+
+    from normfree.nn.conv import strided_pointwise_conv2d
+
+    gen = torch.Generator().manual_seed(size)
+    x = torch.randn(2, 6, size, size + 1, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(4, 3, 1, 1, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, generator=gen, requires_grad=True)
+    ours = strided_pointwise_conv2d(x, w, b, stride, 2)
+    plain = F.conv2d(x, w, b, stride, 0, 1, 2)
+    assert torch.equal(ours, plain)  # the same products, one per output
+    up = torch.randn(plain.shape, dtype=torch.float64, generator=gen)
+    for a, c in zip(torch.autograd.grad(ours, (x, w, b), up),
+                    torch.autograd.grad(plain, (x, w, b), up)):  # fmt: skip
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+
+
+def test_ws_shortcut_conv_takes_the_subsampled_path() -> None:
+    from normfree.nn import ScaledStdConv2d
+
+    conv = ScaledStdConv2d(8, 16, 1, stride=2)
+    assert conv.strided_pointwise and not ScaledStdConv2d(8, 16, 3, stride=2).strided_pointwise
+    x = torch.randn(2, 8, 9, 9)
+    expected = torch.nn.functional.conv2d(x, conv.standardized_weight(), conv.bias, 2)
+    torch.testing.assert_close(conv(x), expected, rtol=0, atol=0)
+    gm = torch.fx.symbolic_trace(conv)  # one leaf call, no branch on the traced input
+    assert any(n.target.__name__ == "strided_pointwise_conv2d" for n in gm.graph.nodes
+               if n.op == "call_function")  # fmt: skip
+    torch.testing.assert_close(gm(x), expected, rtol=0, atol=0)

@@ -46,6 +46,7 @@ from torch import nn
 __all__ = [
     "GAMMA_TABLE",
     "ScaledActivation",
+    "TanhGELU",
     "activation_gamma",
     "activation_names",
     "get_activation",
@@ -73,6 +74,62 @@ GAMMA_TABLE: dict[str, float] = {
 }
 
 
+_GELU_C = math.sqrt(2.0 / math.pi)  # tanh-GELU: 0.5·x·(1 + tanh(c·(x + a·x³)))
+_GELU_A = 0.044715
+
+
+class _TanhGELUFunction(torch.autograd.Function):
+    """tanh-GELU through the identity ``0.5·(1 + tanh(u)) = sigmoid(2u)``:
+    ``x · sigmoid(2c·x + 2ca·x³)`` in four passes of PyTorch's vectorised elementwise kernels
+    (``addcmul``, ``mul_``, ``sigmoid_``, ``mul_``). On CPU this is ~1.3× faster than
+    ``F.gelu(approximate="tanh")``, whose kernel evaluates a per-element tanh polynomial (4–5×
+    slower than the erf GELU, see docs/benchmarks.md). The backward is PyTorch's own
+    ``gelu_backward`` of the same function, so gradients and double backward are unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        z = torch.addcmul(x.new_full((), 2.0 * _GELU_C), x, x, value=2.0 * _GELU_C * _GELU_A)
+        return z.mul_(x).sigmoid_().mul_(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+
+
+class TanhGELU(nn.GELU):
+    """``nn.GELU(approximate="tanh")`` (the official NFNets' ``jax.nn.gelu``) with a faster
+    eager-CPU forward (:class:`_TanhGELUFunction`; equal to PyTorch's kernel to ~1 float32 ulp).
+    Under ``torch.compile``/``torch.export``/``torch.fx``/tracing/scripting, on other devices
+    and for other dtypes it is exactly ``nn.GELU(approximate="tanh")`` (a compiler fuses the
+    native form anyway)."""
+
+    def __init__(self) -> None:
+        super().__init__(approximate="tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            fast = _eager_tanh_gelu(x)
+            if fast is not None:
+                return fast
+        return nn.functional.gelu(x, approximate="tanh")
+
+
+@torch.jit.unused
+def _eager_tanh_gelu(x: torch.Tensor) -> torch.Tensor | None:
+    """:class:`_TanhGELUFunction` where it applies (eager CPU float32/float64), else None."""
+    if (
+        isinstance(x, torch.fx.Proxy)
+        or x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    return _TanhGELUFunction.apply(x)
+
+
 def _raw_activation_factories() -> dict[str, Callable[[bool], nn.Module]]:
     """name -> factory(inplace) of the unscaled activation (the single source of truth)."""
     return {
@@ -84,7 +141,7 @@ def _raw_activation_factories() -> dict[str, Callable[[bool], nn.Module]]:
         "celu": lambda inplace: nn.CELU(alpha=1.0, inplace=inplace),
         "selu": lambda inplace: nn.SELU(inplace=inplace),
         "silu": lambda inplace: nn.SiLU(inplace=inplace),
-        "gelu": lambda inplace: nn.GELU(approximate="tanh"),
+        "gelu": lambda inplace: TanhGELU(),
         "gelu_exact": lambda inplace: nn.GELU(approximate="none"),
         "tanh": lambda inplace: nn.Tanh(),
         "sigmoid": lambda inplace: nn.Sigmoid(),

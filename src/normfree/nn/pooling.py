@@ -19,7 +19,14 @@ from torch import nn
 from normfree.nn.padding import _pad_same_2d, same_padding_amounts
 from normfree.nn.ws import ScaledStdConv2d
 
-__all__ = ["AvgPool2dSame", "AvgPoolShortcut", "MaxPoolSame", "ZeroPadShortcut", "avg_pool2d_same"]
+__all__ = [
+    "AvgPool2dSame",
+    "AvgPoolShortcut",
+    "MaxPoolSame",
+    "ZeroPadShortcut",
+    "avg_pool2d_same",
+    "max_pool2d_same",
+]
 
 # torch.fx leaves: the padding amounts depend on the input's size
 torch.fx.wrap("_pad_same_2d")
@@ -35,9 +42,44 @@ class MaxPoolSame(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, s = self.kernel_size, self.stride
-        x = _pad_same_2d(x, (k, k), (s, s), (1, 1), value=float("-inf"))
-        return F.max_pool2d(x, k, s)
+        return max_pool2d_same(x, self.kernel_size, self.stride)
+
+
+def _pool_out_size(size: int, k: int, s: int, pad: int, ceil_mode: bool) -> int:
+    """Output size of PyTorch's max/avg pooling (``pooling_output_shape`` in ATen)."""
+    out = (size + 2 * pad - k + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + pad:
+        out -= 1
+    return out
+
+
+def max_pool2d_same(x: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
+    """Square max-pool with TF/JAX ``"SAME"`` padding (the padded cells never win).
+
+    Where ``"SAME"`` pads ``(before, after)`` with ``after ≥ before``, PyTorch's own padding of
+    ``before`` plus ``ceil_mode`` (a last window that runs past the edge) covers the same
+    windows, so the pool runs on ``x`` itself instead of on a ``-inf``-padded copy (one
+    activation-sized write and its backward saved in the ResNet stem). Where it cannot express
+    the amounts, the explicit pad runs."""
+    k, s = kernel_size, stride
+    h, w = x.shape[-2], x.shape[-1]
+    top, bottom = same_padding_amounts(h, k, s)
+    left, right = same_padding_amounts(w, k, s)
+    ceil_mode = bottom > top or right > left
+    expected = ((h + s - 1) // s, (w + s - 1) // s)
+    if (
+        bottom >= top
+        and right >= left
+        and 2 * max(top, left) <= k
+        and _pool_out_size(h, k, s, top, ceil_mode) == expected[0]
+        and _pool_out_size(w, k, s, left, ceil_mode) == expected[1]
+    ):
+        return F.max_pool2d(x, k, s, padding=(top, left), ceil_mode=ceil_mode)
+    x = _pad_same_2d(x, (k, k), (s, s), (1, 1), value=float("-inf"))
+    return F.max_pool2d(x, k, s)
+
+
+torch.fx.wrap("max_pool2d_same")  # a torch.fx leaf: the padding depends on the input's size
 
 
 class AvgPool2dSame(nn.Module):

@@ -17,11 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from normfree.nn.conv import is_strided_pointwise, strided_pointwise_conv2d
 from normfree.nn.padding import Conv2dSame
 from normfree.nn.residual import NFResidualBlock
 from normfree.nn.ws import ScaledStdConv2d
 
 __all__ = ["PrescaledConv2d", "PrescaledConv2dSame", "bake_block_scales"]
+
+torch.fx.wrap("strided_pointwise_conv2d")  # a torch.fx leaf: it branches on the device
 
 
 class _Prescaled:
@@ -29,7 +32,10 @@ class _Prescaled:
     takes :meth:`ScaledStdConv2d.forward_scaled`'s scale arguments and ignores them."""
 
     def forward_scaled(self, x: Tensor, *scales: Any, **named_scales: Any) -> Tensor:
-        return self(x)  # type: ignore[operator]
+        conv: nn.Conv2d = self  # type: ignore[assignment]
+        if is_strided_pointwise(conv):
+            return strided_pointwise_conv2d(x, conv.weight, conv.bias, conv.stride, conv.groups)
+        return conv(x)
 
 
 class PrescaledConv2d(_Prescaled, nn.Conv2d):

@@ -22,6 +22,8 @@ does this).
 from __future__ import annotations
 
 import fnmatch
+import functools
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from normfree.nn.ws import unit_norm_from_forward
+from normfree.nn.ws import unit_norms_from_forward
 from normfree.optim.hooks import before_step_hook, record_attached
 
 __all__ = ["AGC", "adaptive_clip_grad_", "attach_agc", "unitwise_norm"]
@@ -66,6 +68,26 @@ def _check_clipping(clipping: Any, eps: Any) -> tuple[float, float]:
     return float(clipping), float(eps)
 
 
+class _Layout:
+    """Where every unit of a list of parameters sits in the flat vector of unit norms, and the
+    index tensors AGC needs for it; built once per (shapes, device) and cached, so a step pays
+    no per-tensor bookkeeping kernels."""
+
+    def __init__(self, shapes: tuple[tuple[int, ...], ...], device: torch.device) -> None:
+        self.big = [i for i, shape in enumerate(shapes) if len(shape) >= 2]
+        self.small = [i for i, shape in enumerate(shapes) if len(shape) <= 1]
+        self.order = self.big + self.small
+        sizes = [shapes[i][0] for i in self.big] + [1] * len(self.small)
+        self.starts = [0, *itertools.accumulate(sizes)]
+        self.reduce_dims = [tuple(range(1, len(shapes[i]))) for i in self.big]
+        self.ends = torch.tensor(self.starts[1:], device=device) - 1
+
+
+@functools.lru_cache(maxsize=32)
+def _layout(shapes: tuple[tuple[int, ...], ...], device: torch.device) -> _Layout:
+    return _Layout(shapes, device)
+
+
 @torch.no_grad()
 def _clip_same_device(
     params: list[torch.Tensor],
@@ -74,58 +96,53 @@ def _clip_same_device(
     eps: float,
     norm_dtype: torch.dtype,
     skip_unclipped: bool,
-    known_norms: list[torch.Tensor | None] | None = None,
 ) -> None:
     """AGC on tensors that share a device and a norm dtype.
 
-    ``known_norms[i]``, where given, is ``params[i]``'s per-unit norm already computed elsewhere
-    (:func:`normfree.nn.ws.unit_norm_from_forward`: the Scaled-WS forward's statistics), which
-    saves one pass over that weight.
-
-    Per-unit norms of matrices/kernels take one reduction kernel per tensor (the minimum memory
-    traffic: every element is read once); the norms of all ``ndim ≤ 1`` tensors take one
-    ``_foreach_norm``. Every unit's norm then goes into one flat vector, the clip factors are
-    computed for all units at once and applied with one ``_foreach_mul_``. With
-    ``skip_unclipped`` (CPU, where a host sync is free and bandwidth is the cost) tensors with no
-    clipped unit are not touched.
+    Weight norms come from the Scaled-WS forward's statistics where it left them
+    (:func:`normfree.nn.ws.unit_norms_from_forward`), which saves one pass over those weights.
+    Per-unit norms of the other matrices/kernels and of every gradient take one reduction kernel
+    per tensor (the minimum memory traffic: every element is read once); the norms of all
+    ``ndim ≤ 1`` tensors (params and grads) take one ``_foreach_norm``. Every unit's norm
+    then goes into one flat vector, the clip factors are computed for all units at once and
+    applied with one ``_foreach_mul_``. With ``skip_unclipped`` (CPU, where a host sync is free
+    and bandwidth is the cost) tensors with no clipped unit are not touched.
     """
-    big = [i for i, p in enumerate(params) if p.ndim >= 2]
-    small = [i for i, p in enumerate(params) if p.ndim <= 1]
-    order = big + small
+    layout = _layout(tuple(tuple(p.shape) for p in params), grads[0].device)
     param_norms: list[torch.Tensor] = []
     grad_norms: list[torch.Tensor] = []
-    for i in big:
-        dims = tuple(range(1, params[i].ndim))
-        known = known_norms[i] if known_norms is not None else None
+    known_norms = unit_norms_from_forward([params[i] for i in layout.big])
+    for i, dims, known in zip(layout.big, layout.reduce_dims, known_norms):
         if known is None:
             known = torch.linalg.vector_norm(params[i], 2, dim=dims, dtype=norm_dtype)
-        param_norms.append(known.to(norm_dtype))
+        param_norms.append(known)
         grad_norms.append(torch.linalg.vector_norm(grads[i], 2, dim=dims, dtype=norm_dtype))
-    if small:
-        sp = torch._foreach_norm([params[i] for i in small], 2, dtype=norm_dtype)
-        sg = torch._foreach_norm([grads[i] for i in small], 2, dtype=norm_dtype)
-        param_norms.append(torch.stack(list(sp)))
-        grad_norms.append(torch.stack(list(sg)))
-    param_norm = torch.cat(param_norms)
+    if layout.small:
+        both = [params[i] for i in layout.small] + [grads[i] for i in layout.small]
+        small_params, small_grads = torch.stack(
+            torch._foreach_norm(both, 2, dtype=norm_dtype)
+        ).chunk(2)
+        param_norms.append(small_params)
+        grad_norms.append(small_grads)
+    param_norm = torch.cat(param_norms).to(norm_dtype)
     grad_norm = torch.cat(grad_norms)
 
     max_norm = param_norm.clamp_min_(eps).mul_(clipping)
     clipped = grad_norm > max_norm
     scale = torch.where(clipped, max_norm / grad_norm.clamp_min(_MIN_GRAD_NORM), 1.0)
 
-    sizes = [params[i].shape[0] for i in big] + [1] * len(small)
-    scales = scale.split(sizes)
-    targets = [grads[i] for i in order]
-    factors = [
-        s.view((-1,) + (1,) * (g.ndim - 1)) if g.ndim >= 2 else s.view(())
-        for s, g in zip(scales, targets)
-    ]
     if skip_unclipped:
-        ends = torch.tensor(sizes, device=clipped.device).cumsum_(0) - 1
-        per_tensor = torch.diff(clipped.cumsum(0)[ends], prepend=ends.new_zeros(1)).tolist()
-        keep = [k for k, n in enumerate(per_tensor) if n > 0]
-        targets = [targets[k] for k in keep]
-        factors = [factors[k] for k in keep]
+        counts = clipped.cumsum(0)[layout.ends]
+        keep = [k for k, n in enumerate(torch.diff(counts, prepend=counts[:1] * 0).tolist()) if n]
+    else:
+        keep = range(len(layout.order))
+    targets = [grads[layout.order[k]] for k in keep]
+    factors = [
+        scale[layout.starts[k] : layout.starts[k + 1]].view((-1,) + (1,) * (g.ndim - 1))
+        if g.ndim >= 2
+        else scale[layout.starts[k]]
+        for k, g in zip(keep, targets)
+    ]
     if targets:
         torch._foreach_mul_(targets, factors)
 
@@ -156,13 +173,12 @@ def _adaptive_clip_grad(
     for (device, norm_dtype), group in groups.items():
         skip = device.type == "cpu" if skip_unclipped is None else skip_unclipped
         _clip_same_device(
-            [p.detach() for p in group],
+            group,  # read only (under no_grad); kept undetached: the WS statistics key on them
             [p.grad.detach() for p in group],
             clipping,
             eps,
             norm_dtype,
             skip,
-            [unit_norm_from_forward(p) for p in group],
         )
 
 

@@ -141,8 +141,14 @@ def init_distributed(
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, backend=backend)
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(sync: bool = False) -> None:
+    """Leave the process group. ``sync`` (after a run that finished on every rank) first waits
+    at a barrier, so that no rank tears gloo down while a peer's last messages are in flight
+    (seen as a rare ``SIGABRT`` of one worker at exit); after an error there is no barrier,
+    which could wait for a rank that is gone."""
     if dist.is_available() and dist.is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
 
 

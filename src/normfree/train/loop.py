@@ -519,6 +519,7 @@ def train(
         if cfg.train.finetune_epochs > 0 and summary.get("status") == "completed":
             finetune_cfg = finetune_config(cfg, trainer.run_dir, trainer.model)
             summary["finetune"] = Trainer(finetune_cfg, info).fit()
+        cleanup_distributed(sync=True)
         return summary
     finally:
         cleanup_distributed()
