@@ -100,7 +100,7 @@ class _TanhGELUFunction(torch.autograd.Function):
 
 class TanhGELU(nn.GELU):
     """``nn.GELU(approximate="tanh")`` (the official NFNets' ``jax.nn.gelu``) with a faster
-    eager-CPU forward (:class:`_TanhGELUFunction`; equal to PyTorch's kernel to ~1 float32 ulp).
+    eager-CPU forward (:class:`_TanhGELUFunction`; within a few float32 ulps of PyTorch's kernel).
     Under ``torch.compile``/``torch.export``/``torch.fx``/tracing/scripting, on other devices
     and for other dtypes it is exactly ``nn.GELU(approximate="tanh")`` (a compiler fuses the
     native form anyway)."""
