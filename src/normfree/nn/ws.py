@@ -198,12 +198,10 @@ class _ScaledStandardizeCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: Tensor, gain: Tensor | None, eps: float, gamma: float) -> Tensor:
-        out, mean, n_var, rstd = _standardize_rows(weight, gain, eps, gamma)
+        out, mean, n_var, rstd = _eager_standardize(weight, gain, eps, gamma)
         ctx.save_for_backward(weight, gain, mean, rstd)
         ctx.eps, ctx.gamma = eps, gamma
         ctx.floored = bool(n_var.min() < eps)
-        if isinstance(weight, nn.Parameter):  # for AGC: unit_norms_from_forward
-            _remember_unit_stats(weight, mean, n_var)
         return out
 
     @staticmethod
@@ -255,19 +253,22 @@ def scaled_standardize(
             _reduce_dims(weight)  # a clear error for a weight without units
             if needs_grad and torch.is_grad_enabled():
                 return _ScaledStandardizeCPU.apply(weight, gain, eps, gamma)
-            return _eager_rows(weight, gain, eps, gamma)  # eval: the same numbers
+            return _eager_standardize(weight, gain, eps, gamma)[0]  # eval: the same numbers
         if needs_grad and torch.is_grad_enabled() and not tracing:
             return _ScaledStandardize.apply(weight, gain, eps, gamma)
     return _scaled_standardize_parts(weight, gain, eps, gamma)[0]
 
 
 @torch.jit.unused
-def _eager_rows(weight: Tensor, gain: Tensor | None, eps: float, gamma: float) -> Tensor:
-    """:func:`_standardize_rows` without autograd, its statistics kept for AGC."""
-    out, mean, n_var, _ = _standardize_rows(weight, gain, eps, gamma)
+def _eager_standardize(
+    weight: Tensor, gain: Tensor | None, eps: float, gamma: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_standardize_rows`, keeping a parameter's statistics for AGC
+    (:func:`unit_norms_from_forward`); the eager-CPU forward of train and eval alike."""
+    out, mean, n_var, rstd = _standardize_rows(weight, gain, eps, gamma)
     if isinstance(weight, nn.Parameter):
         _remember_unit_stats(weight, mean, n_var)
-    return out
+    return out, mean, n_var, rstd
 
 
 def qiao_standardize(weight: Tensor, eps: float = 1e-5) -> Tensor:
@@ -415,11 +416,12 @@ class StdConv2dBase(nn.Conv2d):
             weight = self.standardized_weight()
         else:
             weight = self._eager_weight()
-        if self.dynamic_padding:
-            x = _pad_same_2d(x, self.kernel_size, self.stride, self.dilation)
         return self._conv(x, weight, self.bias)
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The convolution with "SAME" padding and the CPU form of strided 1×1 convs."""
+        if self.dynamic_padding:
+            x = _pad_same_2d(x, self.kernel_size, self.stride, self.dilation)
         if self.strided_pointwise:
             return strided_pointwise_conv2d(x, weight, bias, self.stride, self.groups)
         return self._conv_forward(x, weight, bias)
@@ -552,8 +554,6 @@ class ScaledStdConv2d(StdConv2dBase):
             weight, bias = self.effective_weight_bias(in_scale, out_scale, out_gain)
         else:
             weight, bias = self._eager_weight_bias(in_scale, out_scale, out_gain)
-        if self.dynamic_padding:
-            x = _pad_same_2d(x, self.kernel_size, self.stride, self.dilation)
         return self._conv(x, weight, bias)
 
     def effective_weight_bias(
