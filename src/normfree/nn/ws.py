@@ -177,7 +177,7 @@ def _standardize_rows(
     PyTorch's vectorised float kernels (~1.6× faster on CPU than the forward of
     ``native_batch_norm``, whose statistics accumulate in double)."""
     rows = weight.reshape(weight.shape[0], -1)
-    mean = rows.mean(1, keepdim=True)
+    mean = rows.sum(1, keepdim=True).div_(rows.shape[1])  # mean(1)'s numbers, faster on CPU
     out = rows - mean
     n_var = torch.linalg.vector_norm(out, dim=1, keepdim=True).square_()
     rstd = n_var.clamp_min(eps).rsqrt_()
@@ -201,7 +201,7 @@ class _ScaledStandardizeCPU(torch.autograd.Function):
         out, mean, n_var, rstd = _eager_standardize(weight, gain, eps, gamma)
         ctx.save_for_backward(weight, gain, mean, rstd)
         ctx.eps, ctx.gamma = eps, gamma
-        ctx.floored = bool(n_var.min() < eps)
+        ctx.floored = n_var.min().item() < eps
         return out
 
     @staticmethod
@@ -218,7 +218,7 @@ class _ScaledStandardizeCPU(torch.autograd.Function):
             )
             return grad_weight, grad_gain, None, None
         out_ch = weight.shape[0]
-        root_n = math.sqrt(weight[0].numel())
+        root_n = math.sqrt(weight.numel() // out_ch)
         factor = ctx.gamma / root_n
         affine = gain * factor if gain is not None else weight.new_full((out_ch,), factor)
         grad_in, grad_affine, _ = torch.ops.aten.native_batch_norm_backward(
@@ -389,7 +389,8 @@ class StdConv2dBase(nn.Conv2d):
             weight.requires_grad or (gain is not None and gain.requires_grad)
         )
         if grad_wanted or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            self._ws_cache = None  # don't keep a stale copy alive while training
+            if self._ws_cache is not None:
+                self._ws_cache = None  # don't keep a stale copy alive while training
             return self.standardized_weight()
         key: tuple = (
             torch.is_inference_mode_enabled(),
@@ -602,7 +603,8 @@ class ScaledStdConv2d(StdConv2dBase):
             or (out_gain is not None and out_gain.requires_grad)
         )
         if grad_wanted or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            self._ws_cache = None  # don't keep a stale copy alive while training
+            if self._ws_cache is not None:
+                self._ws_cache = None  # don't keep a stale copy alive while training
             return self.effective_weight_bias(in_scale, out_scale, out_gain)
         key: tuple = (
             torch.is_inference_mode_enabled(),
