@@ -239,4 +239,7 @@ def test_resnet50_all_modes():
         if mode == "bn_free":
             assert c.report.rel_error < 1e-5
         c.train()
-        assert _batch_dependence(c, x) < 1e-4
+        # float64: float32 rounding alone differs by ~1e-4 between batch sizes through 50
+        # layers of GroupNorm over 1×1 maps (oneDNN blocks batch 1 and 4 differently), while a
+        # real batch dependence (BN in train mode) is O(1)
+        assert _batch_dependence(c.double(), x.double()) < 1e-10
