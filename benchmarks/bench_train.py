@@ -25,7 +25,7 @@ train steps (it includes the interpreter and libraries, ~0.3 GiB, the same for e
     python benchmarks/bench_train.py --compile --group resnet50 \
         --only torchvision:resnet50_nonorm,normfree:nf_resnet50,timm:nf_resnet50
     python benchmarks/bench_train.py --only normfree:nf_resnet50,normfree:nf_resnet50:sd,\
-normfree:nf_resnet50:folded --group resnet50      # extra variants: :sd, :folded
+normfree:nf_resnet50:folded --group resnet50      # extra variants: :sd, :folded, :native
 
 timm and torchvision are optional (``pip install normfree[bench]``); a missing peer is skipped
 with a message.
@@ -34,6 +34,7 @@ with a message.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -51,7 +52,7 @@ from torch import nn
 
 import normfree
 from interleaved import median_ratio, time_interleaved
-from normfree.nn import NFResidualBlock
+from normfree.nn import NFResidualBlock, native_kernels
 from normfree.optim import AGC
 
 __all__ = ["GROUPS", "build_variant", "main"]
@@ -92,9 +93,10 @@ def build_variant(spec: str, num_classes: int = 1000) -> nn.Module:
     normfree models are built with stochastic depth and dropout off, as timm's ports and
     torchvision's ResNet-50 are by default, so every variant of a group does the same work;
     ``:sd`` keeps the official regularisation (stochastic depth 0.1–0.25, dropout 0.2–0.25),
-    ``:plain`` runs every block in the paper's form (every scale an op on the activations) and
+    ``:plain`` runs every block in the paper's form (every scale an op on the activations),
     ``:folded`` is the deployment copy of :func:`normfree.deploy.prepare_for_inference` (plain
-    convs; eval only)."""
+    convs; eval only) and ``:native`` is the default model timed with the native CPU kernels
+    of :mod:`normfree.nn.native` (switched on around its steps only)."""
     source, name, *variant = spec.split(":")
     if source == "normfree":
         off = {} if variant == ["sd"] else {"drop_path_rate": 0.0, "drop_rate": 0.0}
@@ -163,6 +165,11 @@ def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> V
     fwd = torch.compile(model) if compiled else model
     loss_fn = nn.CrossEntropyLoss()
     v = Variant(spec, train=None, eval=lambda: None)
+    native = spec.removesuffix(COMPILED).endswith(":native")
+
+    def kernels() -> contextlib.AbstractContextManager:
+        # ":native": normfree's native CPU kernels for this variant only (built on first use)
+        return native_kernels(True) if native else contextlib.nullcontext()
 
     def sync() -> None:
         if device.type == "cuda":
@@ -174,8 +181,9 @@ def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> V
         model.train()
         start = clock()
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(fwd(x), y)
-        loss.backward()
+        with kernels():
+            loss = loss_fn(fwd(x), y)
+            loss.backward()
         if clip is not None:
             sync()
             t0 = clock()
@@ -189,7 +197,7 @@ def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> V
 
     def evaluate() -> object:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), kernels():
             out = fwd(x)
         sync()
         return out

@@ -132,12 +132,18 @@ def test_analytic_backward_matches_autograd() -> None:
 
 @pytest.mark.parametrize("floored", [False, True])
 @pytest.mark.parametrize("with_gain", [False, True])
-def test_eager_cpu_function_equals_the_analytic_one(floored: bool, with_gain: bool) -> None:
-    """The eager-CPU form (in-place forward; batch norm's native backward, or the analytic one
-    where the floor is active) against the analytic function, float64: forward exactly,
-    gradients to 1e-12, and a finite-difference gradcheck of the eager-CPU form itself."""
-    from normfree.nn.ws import _ScaledStandardize, _ScaledStandardizeCPU
+@pytest.mark.parametrize("path", ["cpu", "native"])
+def test_eager_cpu_function_equals_the_analytic_one(
+    path: str, floored: bool, with_gain: bool
+) -> None:
+    """The eager-CPU forms against the analytic function, float64: ``cpu`` (in-place forward;
+    batch norm's native backward, or the analytic one where the floor is active) forward
+    exactly, ``native`` (the C++ kernels of normfree.nn.native) to rounding; gradients to
+    1e-12, and a finite-difference gradcheck of the form itself."""
+    from normfree.nn import native
+    from normfree.nn.ws import _ScaledStandardize, _ScaledStandardizeCPU, _ScaledStandardizeNative
 
+    fn = {"cpu": _ScaledStandardizeCPU, "native": _ScaledStandardizeNative}[path].apply
     gen = torch.Generator().manual_seed(int(floored) * 2 + int(with_gain))
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64, generator=gen) + 0.3
     if floored:
@@ -146,17 +152,22 @@ def test_eager_cpu_function_equals_the_analytic_one(floored: bool, with_gain: bo
     gain = torch.rand(6, dtype=torch.float64, generator=gen).add_(0.5).requires_grad_()
     g = gain if with_gain else None
     upstream = torch.randn(6, 4, 3, 3, dtype=torch.float64, generator=gen)
-    fast = _ScaledStandardizeCPU.apply(w, g, 1e-4, 1.7)
-    slow = _ScaledStandardize.apply(w, g, 1e-4, 1.7)
-    torch.testing.assert_close(fast, slow, rtol=1e-14, atol=1e-15)
-    inputs = (w, gain) if with_gain else (w,)
-    for a, b in zip(torch.autograd.grad(fast, inputs, upstream),
-                    torch.autograd.grad(slow, inputs, upstream)):  # fmt: skip
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
-    assert torch.autograd.gradcheck(
-        lambda *t: _ScaledStandardizeCPU.apply(t[0], t[1] if with_gain else None, 1e-4, 1.7),
-        inputs,
-    )
+    with native.native_kernels(path == "native") as on:
+        if path == "native" and not on:
+            pytest.skip("no C++ compiler/OpenMP here: the native kernels cannot be built")
+        fast = fn(w, g, 1e-4, 1.7)
+        slow = _ScaledStandardize.apply(w, g, 1e-4, 1.7)
+        exact = path == "cpu"
+        torch.testing.assert_close(
+            fast, slow, rtol=1e-14 if exact else 1e-13, atol=1e-15 if exact else 1e-14
+        )
+        inputs = (w, gain) if with_gain else (w,)
+        for a, b in zip(torch.autograd.grad(fast, inputs, upstream),
+                        torch.autograd.grad(slow, inputs, upstream)):  # fmt: skip
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+        assert torch.autograd.gradcheck(
+            lambda *t: fn(t[0], t[1] if with_gain else None, 1e-4, 1.7), inputs
+        )
 
 
 def test_double_backward_raises_clearly() -> None:

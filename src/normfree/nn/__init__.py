@@ -30,6 +30,7 @@ from normfree.nn.msr import (
     zero_mean_conv_weights,
     zero_mean_init_,
 )
+from normfree.nn.native import native_kernels, native_kernels_enabled, set_native_kernels
 from normfree.nn.norm import NORM_SPECS, NormLayers, group_norm_groups, norm_layers
 from normfree.nn.padding import Conv2dSame, pad_same, same_padding_amounts, static_same_padding
 from normfree.nn.pooling import AvgPool2dSame, AvgPoolShortcut, MaxPoolSame, ZeroPadShortcut
@@ -109,6 +110,8 @@ __all__ = [
     "kernel_mean_dims",
     "kernel_slice_means",
     "midpoint_normal_quantiles",
+    "native_kernels",
+    "native_kernels_enabled",
     "nf_activation",
     "norm_layers",
     "pad_same",
@@ -118,6 +121,7 @@ __all__ = [
     "qiao_standardize",
     "same_padding_amounts",
     "scaled_standardize",
+    "set_native_kernels",
     "static_same_padding",
     "stochastic_depth_rates",
     "zero_mean_conv_weights",

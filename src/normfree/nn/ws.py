@@ -23,12 +23,14 @@ import functools
 import math
 import re
 import weakref
+from types import ModuleType
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from normfree.nn import native
 from normfree.nn.conv import is_strided_pointwise, strided_pointwise_conv2d
 from normfree.nn.padding import Conv2dSame, _pad_same_2d, conv_pair, resolve_padding
 
@@ -230,6 +232,54 @@ class _ScaledStandardizeCPU(torch.autograd.Function):
         return grad_weight, grad_gain, None, None
 
 
+def _native_standardize(
+    ext: ModuleType, weight: Tensor, gain: Tensor | None, eps: float, gamma: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(Ŵ, μ, N·var)`` from the native kernel (:mod:`normfree.nn.native`), keeping a
+    parameter's statistics for AGC as :func:`_eager_standardize` does."""
+    rows = weight.detach().reshape(weight.shape[0], -1).contiguous()
+    g = None if gain is None else gain.detach().contiguous()
+    out, mean, n_var = ext.scaled_ws_forward(rows, g, eps, gamma)
+    if isinstance(weight, nn.Parameter):
+        _remember_unit_stats(weight, mean, n_var)
+    return out.view(weight.shape), mean, n_var
+
+
+class _ScaledStandardizeNative(torch.autograd.Function):
+    """Scaled WS for eager CPU through the native kernels of :mod:`normfree.nn.native`: the
+    forward and the analytic backward of :class:`_ScaledStandardize` (floor included), one
+    read of each weight row per pass. First-order only."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, gain: Tensor | None, eps: float, gamma: float) -> Tensor:
+        ext = native.extension()
+        out, mean, n_var = _native_standardize(ext, weight, gain, eps, gamma)
+        ctx.save_for_backward(weight, gain, mean, n_var)
+        ctx.ext, ctx.eps, ctx.gamma = ext, eps, gamma
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        weight, gain, mean, n_var = ctx.saved_tensors
+        needs_weight, needs_gain = ctx.needs_input_grad[:2]
+        rows = weight.reshape(weight.shape[0], -1).contiguous()
+        grad_weight, grad_gain = ctx.ext.scaled_ws_backward(
+            grad_out.reshape(rows.shape).contiguous(), rows, mean, n_var,
+            None if gain is None else gain.contiguous(), ctx.eps, ctx.gamma,
+            needs_weight, needs_gain and gain is not None,
+        )  # fmt: skip
+        return (
+            grad_weight.view(weight.shape) if needs_weight else None,
+            grad_gain if needs_gain and gain is not None else None,
+            None,
+            None,
+        )
+
+
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
 def scaled_standardize(
     weight: Tensor, gain: Tensor | None = None, eps: float = 1e-4, gamma: float = 1.0
 ) -> Tensor:
@@ -251,6 +301,11 @@ def scaled_standardize(
         needs_grad = weight.requires_grad or (gain is not None and gain.requires_grad)
         if not (tracing or torch.compiler.is_compiling()) and weight.device.type == "cpu":
             _reduce_dims(weight)  # a clear error for a weight without units
+            ext = native.extension() if weight.dtype in _NATIVE_DTYPES else None
+            if ext is not None and (gain is None or gain.dtype == weight.dtype):
+                if needs_grad and torch.is_grad_enabled():
+                    return _ScaledStandardizeNative.apply(weight, gain, eps, gamma)
+                return _native_standardize(ext, weight, gain, eps, gamma)[0]
             if needs_grad and torch.is_grad_enabled():
                 return _ScaledStandardizeCPU.apply(weight, gain, eps, gamma)
             return _eager_standardize(weight, gain, eps, gamma)[0]  # eval: the same numbers

@@ -1,0 +1,167 @@
+// Scaled Weight Standardization (Brock et al. 2021a, eq. 2) on CPU, one output unit per row of
+// a contiguous (out, fan_in) weight: W_hat = gain * gamma * (W - mu) * rsqrt(max(N var, eps)).
+//
+// Each row (at most a few tens of KB) is read from memory once and stays in L1 for the
+// statistics and the output, so the forward costs one read and one write of the weight and the
+// backward two reads and one write, against six and five passes for the same formula written
+// with PyTorch ops. Built on first use by normfree.nn.native (torch.utils.cpp_extension).
+//
+// Forward:  mean = sum(w) / N, n_var = sum((w - mean)^2), rstd = 1 / sqrt(max(n_var, eps)).
+// Backward (dy = dL/dW_hat, c = w - mean, s = gain * gamma * rstd):
+//   dL/dW    = s * (dy - mean(dy)) - s * rstd^2 * sum(dy * c) * c   (last term 0 where floored)
+//   dL/dgain = gamma * rstd * sum(dy * c)
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 8;  // independent partial sums: vectorisable, and pairwise-like accuracy
+
+template <typename T>
+T lane_sum(const T (&acc)[kLanes]) {
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+template <typename T>
+T row_sum(const T* x, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += x[i + l];
+  T s = lane_sum(acc);
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+template <typename T>
+T row_centred_square_sum(const T* x, T mean, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const T d = x[i + l] - mean;
+      acc[l] += d * d;
+    }
+  T s = lane_sum(acc);
+  for (; i < n; ++i) {
+    const T d = x[i] - mean;
+    s += d * d;
+  }
+  return s;
+}
+
+template <typename T>
+void forward_rows(const T* w, const T* gain, T* out, T* mean, T* n_var, int64_t rows, int64_t n,
+                  T eps, T gamma) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* x = w + r * n;
+      T* y = out + r * n;
+      const T m = row_sum(x, n) / static_cast<T>(n);
+      const T q = row_centred_square_sum(x, m, n);
+      const T scale = (gain ? gain[r] : T(1)) * gamma / std::sqrt(std::max(q, eps));
+      for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - m) * scale;
+      mean[r] = m;
+      n_var[r] = q;
+    }
+  });
+}
+
+template <typename T>
+void backward_rows(const T* dy, const T* w, const T* mean, const T* n_var, const T* gain,
+                   T* grad_w, T* grad_gain, int64_t rows, int64_t n, T eps, T gamma) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = dy + r * n;
+      const T* x = w + r * n;
+      const T m = mean[r];
+      T acc_g[kLanes] = {}, acc_gc[kLanes] = {};
+      int64_t i = 0;
+      for (; i + kLanes <= n; i += kLanes)
+        for (int l = 0; l < kLanes; ++l) {
+          acc_g[l] += g[i + l];
+          acc_gc[l] += g[i + l] * (x[i + l] - m);
+        }
+      T sum_g = lane_sum(acc_g), sum_gc = lane_sum(acc_gc);
+      for (; i < n; ++i) {
+        sum_g += g[i];
+        sum_gc += g[i] * (x[i] - m);
+      }
+      const bool floored = n_var[r] < eps;
+      const T rstd = T(1) / std::sqrt(std::max(n_var[r], eps));
+      if (grad_gain) grad_gain[r] = gamma * rstd * sum_gc;
+      if (grad_w) {
+        const T scale = (gain ? gain[r] : T(1)) * gamma * rstd;
+        const T shift = scale * sum_g / static_cast<T>(n);
+        const T coef = floored ? T(0) : scale * rstd * rstd * sum_gc;
+        T* out = grad_w + r * n;
+        for (int64_t j = 0; j < n; ++j) out[j] = scale * g[j] - shift - coef * (x[j] - m);
+      }
+    }
+  });
+}
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.is_contiguous(), name,
+              " must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              " must be float32 or float64");
+}
+
+}  // namespace
+
+// (out, mean, n_var) of weight rows (out, fan_in); gain is an (out,) tensor or undefined.
+std::vector<at::Tensor> scaled_ws_forward(const at::Tensor& w, const c10::optional<at::Tensor>& gain,
+                                          double eps, double gamma) {
+  check_rows(w, "weight");
+  const int64_t rows = w.size(0), n = w.size(1);
+  auto out = at::empty_like(w);
+  auto mean = at::empty({rows}, w.options());
+  auto n_var = at::empty({rows}, w.options());
+  const bool has_gain = gain.has_value() && gain->defined();
+  if (has_gain)
+    TORCH_CHECK(gain->is_contiguous() && gain->numel() == rows &&
+                    gain->scalar_type() == w.scalar_type(),
+                "gain must be a contiguous (out,) tensor of the weight's dtype");
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "scaled_ws_forward", [&] {
+    forward_rows<scalar_t>(w.data_ptr<scalar_t>(), has_gain ? gain->data_ptr<scalar_t>() : nullptr,
+                           out.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
+                           n_var.data_ptr<scalar_t>(), rows, n, static_cast<scalar_t>(eps),
+                           static_cast<scalar_t>(gamma));
+  });
+  return {out, mean, n_var};
+}
+
+// (grad_weight or undefined, grad_gain or undefined) for an upstream gradient of the output rows.
+std::vector<at::Tensor> scaled_ws_backward(const at::Tensor& dy, const at::Tensor& w,
+                                           const at::Tensor& mean, const at::Tensor& n_var,
+                                           const c10::optional<at::Tensor>& gain, double eps,
+                                           double gamma, bool need_weight, bool need_gain) {
+  check_rows(dy, "grad");
+  check_rows(w, "weight");
+  TORCH_CHECK(dy.sizes() == w.sizes() && dy.scalar_type() == w.scalar_type(),
+              "grad must match the weight");
+  const int64_t rows = w.size(0), n = w.size(1);
+  const bool has_gain = gain.has_value() && gain->defined();
+  at::Tensor grad_w, grad_gain;
+  if (need_weight) grad_w = at::empty_like(w);
+  if (need_gain) grad_gain = at::empty({rows}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "scaled_ws_backward", [&] {
+    backward_rows<scalar_t>(
+        dy.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
+        n_var.data_ptr<scalar_t>(), has_gain ? gain->data_ptr<scalar_t>() : nullptr,
+        need_weight ? grad_w.data_ptr<scalar_t>() : nullptr,
+        need_gain ? grad_gain.data_ptr<scalar_t>() : nullptr, rows, n,
+        static_cast<scalar_t>(eps), static_cast<scalar_t>(gamma));
+  });
+  return {grad_w, grad_gain};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("scaled_ws_forward", &scaled_ws_forward, "Scaled WS forward over weight rows");
+  m.def("scaled_ws_backward", &scaled_ws_backward, "Scaled WS backward over weight rows");
+}
