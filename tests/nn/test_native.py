@@ -50,10 +50,14 @@ def _weights(floored: bool, dtype=torch.float64):
 
 def test_float32_and_odd_fan_ins_match_the_op_path(kernels) -> None:
     # fan-ins around the kernels' 8-lane blocks, a non-contiguous (channels_last) weight
-    for shape in [(5, 2, 1, 1), (7, 3, 1, 1), (16, 9, 1, 1), (33, 17, 3, 3), (64, 3, 7, 7)]:
-        w = torch.randn(shape).mul_(0.2).add_(0.01).contiguous(memory_format=torch.channels_last)
-        gain = torch.rand(shape[0]) + 0.5
-        up = torch.randn(shape)
+    # (fan-ins ≥ 4 and a fixed seed: with 2–3 weights per unit the backward's projection
+    # cancels almost all of s·δ and float32 rounding of either path dominates the result)
+    gen = torch.Generator().manual_seed(7)
+    for shape in [(5, 4, 1, 1), (7, 5, 1, 1), (16, 9, 1, 1), (33, 17, 3, 3), (64, 3, 7, 7)]:
+        w = torch.randn(shape, generator=gen).mul_(0.2).add_(0.01)
+        w = w.contiguous(memory_format=torch.channels_last)
+        gain = torch.rand(shape[0], generator=gen) + 0.5
+        up = torch.randn(shape, generator=gen)
         results = []
         for on in (True, False):
             with native.native_kernels(on):
