@@ -3,8 +3,9 @@
 Today one kernel pair: Scaled Weight Standardization (Brock et al. 2021a, eq. 2) forward and
 backward over the rows of a weight (``csrc/scaled_ws.cpp``). Each output unit's row is read
 from memory once and stays in L1 for its statistics and its output, where the same formula in
-PyTorch ops reads or writes the whole weight six times forward and five backward; on a 2-core
-x86 CPU that halves the cost of WS in a training step (docs/benchmarks.md). The numbers are
+PyTorch ops reads or writes the whole weight six times forward; on a 2-core x86 CPU that
+halves the WS forward of a training step (the backward moves as many bytes as batch norm's
+kernel, which the op path uses; docs/benchmarks.md). The numbers are
 the formula's to float rounding: float64 equal to the analytic function to ~1e-14, and the
 ``N·Var`` floor handled exactly as the official code (the variance term of the backward
 vanishes where it is active).

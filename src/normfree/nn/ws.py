@@ -292,7 +292,9 @@ def scaled_standardize(
     eval alike) and the backward is batch normalization's fused native backward wherever the
     floor is inactive (:class:`_ScaledStandardizeCPU`); where a unit's N·var is below ``eps``,
     and under tracing / ``torch.compile`` / other devices, an analytic backward is used when a
-    gradient is needed (first-order only; double backward raises).
+    gradient is needed (first-order only; double backward raises). With the optional native
+    kernels switched on (:mod:`normfree.nn.native`), eager CPU float32/float64 weights run
+    the C++ forward and analytic backward instead (:class:`_ScaledStandardizeNative`).
     """
     if gain is not None and gain.shape != weight.shape[:1]:
         raise ValueError(f"gain must have shape ({weight.shape[0]},), got {list(gain.shape)}")
