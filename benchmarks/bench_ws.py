@@ -4,7 +4,9 @@ For each shape (batch 8 by default) it times, interleaved round by round, a plai
 ``ScaledStdConv2d`` (analytic-backward standardization, inference cache) and, for reference, a
 ``ScaledStdConv2d`` whose standardization is the straightforward autograd formula with
 ``torch.var_mean``; both train (forward + backward, input gradient included) and eval
-(``torch.no_grad`` forward). It prints the median time per step and the median of the per-round
+(``torch.no_grad`` forward). Where normfree's optional native CPU kernels build
+(:mod:`normfree.nn.native`), a "native" train column times ``ScaledStdConv2d`` with them.
+It prints the median time per step and the median of the per-round
 ratios to the plain conv. A second, identical plain conv ("A/A") shows the noise floor.
 
     python benchmarks/bench_ws.py            # the four shapes of issue 2, batch 8
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from interleaved import median_ratio, time_interleaved
-from normfree.nn import ScaledStdConv2d
+from normfree.nn import ScaledStdConv2d, native_kernels
 
 __all__ = ["SHAPES", "VarMeanScaledStdConv2d", "main"]
 
@@ -54,6 +56,14 @@ def _train_step(module: nn.Module, x: Tensor, grad_out: Tensor) -> Callable[[], 
     return step
 
 
+def _native_step(step: Callable[[], None]) -> Callable[[], None]:
+    def native_step() -> None:
+        with native_kernels(True):
+            step()
+
+    return native_step
+
+
 def _eval_step(module: nn.Module, x: Tensor) -> Callable[[], None]:
     def step() -> None:
         with torch.no_grad():
@@ -63,7 +73,7 @@ def _eval_step(module: nn.Module, x: Tensor) -> Callable[[], None]:
 
 
 def bench_shape(
-    shape: tuple[int, int, int, int, int], batch: int, rounds: int, inner: int
+    shape: tuple[int, int, int, int, int], batch: int, rounds: int, inner: int, native: bool
 ) -> dict[str, dict[str, float]]:
     cin, cout, k, groups, hw = shape
     torch.manual_seed(0)
@@ -78,6 +88,9 @@ def bench_shape(
     steps: dict[str, Callable[[], None]] = {}
     for name, module in modules.items():
         steps[f"train/{name}"] = _train_step(module, x, grad_out)
+    if native:
+        native_ws = copy.deepcopy(modules["ws"])
+        steps["train/ws_native"] = _native_step(_train_step(native_ws, x, grad_out))
     for name, module in modules.items():
         if name != "ws_varmean":  # same eval path as "ws" (cached weight)
             # A separate copy: a grad-enabled forward drops the inference cache, so sharing the
@@ -106,27 +119,30 @@ def main(argv: list[str] | None = None) -> int:
     inner = 1 if args.quick else 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    with native_kernels(True) as native:  # builds them once (~30 s) if this machine can
+        pass
     print(
         f"torch {torch.__version__} | {platform.processor() or platform.machine()} | "
         f"{torch.get_num_threads()} threads | batch {batch} | {rounds} rounds × {inner}"
     )
     header = (
         f"{'shape':<28} {'mode':<5} {'conv ms':>9} {'ws ms':>9} {'ws/conv':>8} "
-        f"{'var_mean/conv':>14} {'A/A':>7}"
+        f"{'var_mean/conv':>14} {'native/conv':>12} {'A/A':>7}"
     )
     print(header)
     print("-" * len(header))
     for shape in SHAPES:
         cin, cout, k, groups, hw = shape
         label = f"{cin}->{cout} {k}x{k}" + (f" g{groups}" if groups > 1 else "") + f" @{hw}²"
-        res = bench_shape(shape, batch, rounds, inner)
+        res = bench_shape(shape, batch, rounds, inner, native)
         for mode in ("train", "eval"):
-            varmean = res.get(f"{mode}/ws_varmean")
+            varmean, nat = res.get(f"{mode}/ws_varmean"), res.get(f"{mode}/ws_native")
             varmean_text = f"{varmean['ratio']:.3f}x" if varmean else "-"
+            native_text = f"{nat['ratio']:.3f}x" if nat else "-"
             print(
                 f"{label:<28} {mode:<5} {res[f'{mode}/conv']['ms']:>9.2f} "
                 f"{res[f'{mode}/ws']['ms']:>9.2f} {res[f'{mode}/ws']['ratio']:>7.3f}x "
-                f"{varmean_text:>14} {res[f'{mode}/conv_b']['ratio']:>6.3f}x"
+                f"{varmean_text:>14} {native_text:>12} {res[f'{mode}/conv_b']['ratio']:>6.3f}x"
             )
     return 0
 
