@@ -17,6 +17,7 @@ from normfree.nn.ws import (
     ScaledStdConv2d,
     _ScaledStandardize,
     scaled_standardize,
+    unit_grad_norms_from_backward,
     unit_norm_from_forward,
 )
 
@@ -115,6 +116,150 @@ def test_eval_and_agc_statistics_use_the_kernel(native_on) -> None:
     norms = unit_norm_from_forward(conv.weight)
     direct = conv.weight.detach().flatten(1).norm(dim=1)
     torch.testing.assert_close(norms, direct, rtol=1e-12, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient norms summed by the native backward, read by AGC
+# --------------------------------------------------------------------------------------------
+def _ws_net(seed: int, dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(ScaledStdConv2d(3, 8, 3, padding=1), nn.ReLU(),
+                        ScaledStdConv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 36, 3))  # fmt: skip
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return net.to(dtype)
+
+
+def _loss(net: nn.Module, seed: int = 0) -> torch.Tensor:
+    dtype = next(net.parameters()).dtype
+    x = torch.randn(5, 3, 6, 6, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return net(x).square().sum().mul(1e3)
+
+
+def _conv_weights(net: nn.Module) -> list[nn.Parameter]:
+    return [m.weight for m in net.modules() if isinstance(m, ScaledStdConv2d)]
+
+
+def _direct(p: torch.Tensor) -> torch.Tensor:
+    return p.grad.detach().flatten(1).norm(dim=1)
+
+
+def reference_agc(p: torch.Tensor, g: torch.Tensor, clipping: float) -> torch.Tensor:
+    """AGC of one tensor in float64 from direct norms (Brock et al. 2021b, Eq. 3; units are
+    rows, a ≤1-D tensor is one unit; the unit-by-unit reference and its own tests are in
+    tests/optim/test_agc.py)."""
+    units = p.shape[0] if p.ndim >= 2 else 1
+    w, g = p.detach().double().reshape(units, -1), g.double().reshape(units, -1)
+    max_norm = w.norm(dim=1, keepdim=True).clamp_min(1e-3) * clipping
+    g_norm = g.norm(dim=1, keepdim=True)
+    factor = torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(1e-6), 1.0)
+    return (g * factor).reshape(p.shape)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+def test_backward_keeps_the_gradient_norms(native_on, dtype, rtol) -> None:
+    net = _ws_net(0, dtype)
+    _loss(net).backward()
+    weights = _conv_weights(net)
+    norms = unit_grad_norms_from_backward(weights, [p.grad for p in weights])
+    for p, n in zip(weights, norms):
+        assert n is not None and n.dtype == dtype
+        torch.testing.assert_close(n, _direct(p), rtol=rtol, atol=0.0)
+    fc = net[-1].weight  # not a Scaled-WS weight: nothing kept
+    assert unit_grad_norms_from_backward([fc], [fc.grad]) == [None]
+    with native.native_kernels(False):  # the op path keeps none
+        net.zero_grad()
+        _loss(net).backward()
+    assert unit_grad_norms_from_backward(weights, [p.grad for p in weights]) == [None, None]
+
+
+def _stale_by_version(p: nn.Parameter) -> None:
+    p.grad.mul_(2.0)
+
+
+def _stale_by_middle_rows(p: nn.Parameter) -> None:  # the spot check cannot see this one
+    p.grad[1:-1].mul_(2.0)
+
+
+def _stale_by_another_forward(p: nn.Parameter) -> None:  # memory reuse: .grad may not be ours
+    with native.native_kernels(False):
+        scaled_standardize(p, None)
+
+
+def _stale_by_data(p: nn.Parameter) -> None:
+    p.grad.data.mul_(2.0)  # .data has its own version counter: the spot check catches it
+
+
+def _stale_by_replacing(p: nn.Parameter) -> None:
+    p.grad = p.grad * 2.0
+
+
+def _stale_by_unscaling(p: nn.Parameter) -> None:  # GradScaler.unscale_'s kernel: no version bump
+    found_inf, inv_scale = torch.zeros(1), torch.full((1,), 0.5)
+    torch._amp_foreach_non_finite_check_and_unscale_([p.grad], found_inf, inv_scale)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_stale_by_version, _stale_by_middle_rows, _stale_by_another_forward, _stale_by_data,
+     _stale_by_replacing, _stale_by_unscaling],
+)  # fmt: skip
+def test_changed_gradients_are_not_read_from_the_backward(native_on, change) -> None:
+    from normfree.optim.agc import adaptive_clip_grad_
+
+    net = _ws_net(1)
+    _loss(net).backward()
+    weights = _conv_weights(net)
+    change(weights[0])
+    assert unit_grad_norms_from_backward(weights, [p.grad for p in weights])[0] is None
+    before = [p.grad.clone() for p in weights]
+    adaptive_clip_grad_(weights, clipping=0.01)
+    for p, g in zip(weights, before):
+        torch.testing.assert_close(p.grad.double(), reference_agc(p, g, 0.01), rtol=1e-5, atol=0)
+
+
+def test_accumulated_and_shared_gradients_are_clipped_exactly(native_on) -> None:
+    from normfree.optim.agc import adaptive_clip_grad_
+
+    net = _ws_net(2)
+    _loss(net, 0).backward()
+    _loss(net, 1).backward()  # accumulated: .grad is the old tensor plus the new gradient
+    weights = _conv_weights(net)
+    assert unit_grad_norms_from_backward(weights, [p.grad for p in weights]) == [None, None]
+    conv = ScaledStdConv2d(3, 3, 3, padding=1)  # one weight, two uses: autograd sums two grads
+    conv(conv(torch.randn(2, 3, 5, 5))).square().sum().backward()
+    for params in (weights, [conv.weight]):
+        before = [p.grad.clone() for p in params]
+        adaptive_clip_grad_(params, clipping=0.01)
+        clipped = 0
+        for p, g in zip(params, before):
+            torch.testing.assert_close(p.grad.double(), reference_agc(p, g, 0.01), rtol=1e-5,
+                                       atol=0)  # fmt: skip
+            clipped += int(not torch.equal(p.grad, g))
+        assert clipped >= 1
+
+
+def test_agc_reads_the_backward_norms_and_clips_the_same(native_on) -> None:
+    from normfree.optim import AGC
+
+    for on in (True, False):
+        with native.native_kernels(on):
+            net = _ws_net(3, torch.float64)
+            opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            AGC(opt, clipping=0.01, model=net, exclude=())
+            _loss(net).backward()
+            weights = _conv_weights(net)
+            kept = unit_grad_norms_from_backward(weights, [p.grad for p in weights])
+            assert all(n is not None for n in kept) is on
+            before = {id(p): p.grad.clone() for p in net.parameters()}
+            expected = {id(p): p.detach() - 0.1 * reference_agc(p, before[id(p)], 0.01)
+                        for p in net.parameters()}  # fmt: skip
+            opt.step()
+            for p in net.parameters():
+                torch.testing.assert_close(p.detach(), expected[id(p)], rtol=1e-12, atol=1e-14)
+            assert any(not torch.equal(reference_agc(p, before[id(p)], 0.01), before[id(p)])
+                       for p in weights)  # fmt: skip
 
 
 def test_switch_and_context_manager(kernels) -> None:

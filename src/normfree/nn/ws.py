@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import math
 import re
 import weakref
@@ -44,22 +45,36 @@ __all__ = [
     "fold_weight_standardization",
     "qiao_standardize",
     "scaled_standardize",
+    "unit_grad_norms_from_backward",
     "unit_norm_from_forward",
     "unit_norms_from_forward",
 ]
 
-# id(weight) → (weak ref to it, its version, per-unit mean, per-unit N·var) from its last eager
-# CPU standardization; by identity (tensors compare elementwise, so no WeakKeyDictionary)
-_UNIT_STATS: dict[int, tuple[weakref.ref[Tensor], int, Tensor, Tensor]] = {}
+# Per-parameter facts that adaptive gradient clipping would otherwise recompute, keyed by the
+# parameter's identity (tensors compare elementwise, so no WeakKeyDictionary) and dropped with it:
+# id(weight) → (weak ref to it, its version, per-unit mean, per-unit N·var, forward number) from
+# its last eager CPU standardization, and
+# id(weight) → (weak ref to it, its gradient's data_ptr, that gradient's version, per-unit
+# ‖∂L/∂W_o‖, number of the forward it differentiates) from its last native backward.
+_UNIT_STATS: dict[int, tuple] = {}
+_GRAD_NORMS: dict[int, tuple] = {}
+_FORWARDS = itertools.count()
 
 
-def _remember_unit_stats(weight: Tensor, mean: Tensor, n_var: Tensor) -> None:
+def _remember(store: dict[int, tuple], weight: Tensor, *facts: object) -> None:
     key = id(weight)
-    entry = _UNIT_STATS.get(key)
+    entry = store.get(key)
     ref = entry[0] if entry is not None and entry[0]() is weight else None
     if ref is None:
-        ref = weakref.ref(weight, lambda _, key=key: _UNIT_STATS.pop(key, None))
-    _UNIT_STATS[key] = (ref, weight._version, mean.detach(), n_var.detach())
+        ref = weakref.ref(weight, lambda _, key=key: store.pop(key, None))
+    store[key] = (ref, *facts)
+
+
+def _remember_unit_stats(weight: Tensor, mean: Tensor, n_var: Tensor) -> int:
+    """Keep a parameter's statistics; returns the number of this forward."""
+    number = next(_FORWARDS)
+    _remember(_UNIT_STATS, weight, weight._version, mean.detach(), n_var.detach(), number)
+    return number
 
 
 def unit_norm_from_forward(weight: Tensor) -> Tensor | None:
@@ -89,6 +104,50 @@ def unit_norms_from_forward(weights: list[Tensor]) -> list[Tensor | None]:
     fan_in = _per_unit(counts, fans, mean.dtype, mean.device)
     norms = iter(torch.addcmul(n_var, mean.square(), fan_in).sqrt_().split(counts))
     return [next(norms) if s is not None else None for s in found]
+
+
+def unit_grad_norms_from_backward(
+    weights: list[Tensor], grads: list[Tensor]
+) -> list[Tensor | None]:
+    """The per-output-unit norms ``‖G_o‖`` (shape ``(out,)``) of each weight's gradient ``G``
+    as the native Scaled-WS backward (:mod:`normfree.nn.native`) summed them while writing
+    ``G``, or ``None`` for a weight without them. Adaptive gradient clipping reads them
+    (:mod:`normfree.optim.agc`) instead of a pass over the gradients.
+
+    They are returned only for the very gradient that backward wrote: it must differentiate
+    the weight's latest eager forward, ``grads[k]`` must be the tensor autograd stored as
+    ``.grad`` (same memory, no in-place change since: its version), the backward must have
+    run with no ``.grad`` already present (gradient accumulation sums into the old tensor),
+    and a spot check recomputes the first and last unit of every such gradient: if any
+    differs (an in-place change the version counter misses, e.g. ``GradScaler.unscale_`` or
+    writes through ``.data``), none is returned."""
+    found: list[Tensor | None] = []
+    for w, g in zip(weights, grads):
+        entry = _GRAD_NORMS.get(id(w))
+        stats = _UNIT_STATS.get(id(w))
+        fresh = (
+            entry is not None
+            and entry[0]() is w
+            and entry[1] == g.data_ptr()
+            and entry[2] == g._version
+            and stats is not None
+            and stats[4] == entry[4]  # no other forward of this weight since
+            and g.shape == w.shape
+            and g.is_contiguous()
+        )
+        found.append(entry[3] if fresh else None)
+    hits = [n for n in found if n is not None]
+    if not hits:
+        return found
+    rows = [g[k] for g, n in zip(grads, found) if n is not None for k in (0, -1)]
+    direct = torch.stack(torch._foreach_norm(rows, 2))
+    ends = list(itertools.accumulate(n.shape[0] for n in hits))
+    index = torch.tensor([i for e, n in zip(ends, hits) for i in (e - n.shape[0], e - 1)])
+    stored = torch.cat(hits).index_select(0, index)
+    rtol = 1e-10 if stored.dtype == torch.float64 else 1e-5
+    if not torch.allclose(direct, stored, rtol=rtol, atol=0.0):
+        return [None] * len(weights)
+    return found
 
 
 @functools.lru_cache(maxsize=32)
@@ -234,26 +293,29 @@ class _ScaledStandardizeCPU(torch.autograd.Function):
 
 def _native_standardize(
     ext: ModuleType, weight: Tensor, gain: Tensor | None, eps: float, gamma: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(Ŵ, μ, N·var)`` from the native kernel (:mod:`normfree.nn.native`), keeping a
-    parameter's statistics for AGC as :func:`_eager_standardize` does."""
+) -> tuple[Tensor, Tensor, Tensor, int | None]:
+    """``(Ŵ, μ, N·var, forward number)`` from the native kernel (:mod:`normfree.nn.native`),
+    keeping a parameter's statistics for AGC as :func:`_eager_standardize` does (the number
+    is None for a tensor that is not a parameter)."""
     rows = weight.detach().reshape(weight.shape[0], -1).contiguous()
     g = None if gain is None else gain.detach().contiguous()
     out, mean, n_var = ext.scaled_ws_forward(rows, g, eps, gamma)
+    number = None
     if isinstance(weight, nn.Parameter):
-        _remember_unit_stats(weight, mean, n_var)
-    return out.view(weight.shape), mean, n_var
+        number = _remember_unit_stats(weight, mean, n_var)
+    return out.view(weight.shape), mean, n_var, number
 
 
 class _ScaledStandardizeNative(torch.autograd.Function):
     """Scaled WS for eager CPU through the native kernels of :mod:`normfree.nn.native`: the
     forward and the analytic backward of :class:`_ScaledStandardize` (floor included), one
-    read of each weight row per pass. First-order only."""
+    read of each weight row per pass. The backward of a parameter also keeps its gradient's
+    per-unit norms for AGC (:func:`unit_grad_norms_from_backward`). First-order only."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, gain: Tensor | None, eps: float, gamma: float) -> Tensor:
         ext = native.extension()
-        out, mean, n_var = _native_standardize(ext, weight, gain, eps, gamma)
+        out, mean, n_var, ctx.forward_number = _native_standardize(ext, weight, gain, eps, gamma)
         ctx.save_for_backward(weight, gain, mean, n_var)
         ctx.ext, ctx.eps, ctx.gamma = ext, eps, gamma
         return out
@@ -264,13 +326,27 @@ class _ScaledStandardizeNative(torch.autograd.Function):
         weight, gain, mean, n_var = ctx.saved_tensors
         needs_weight, needs_gain = ctx.needs_input_grad[:2]
         rows = weight.reshape(weight.shape[0], -1).contiguous()
-        grad_weight, grad_gain = ctx.ext.scaled_ws_backward(
+        # the gradient's norms are worth keeping where autograd will store this very tensor as
+        # .grad: a parameter with no .grad yet (else it is summed into the old one) whose
+        # layout the gradient already has (else it is copied into the parameter's layout)
+        is_param = ctx.forward_number is not None
+        want_norm = needs_weight and is_param and weight.grad is None and weight.is_contiguous()
+        grad_weight, grad_gain, grad_norm = ctx.ext.scaled_ws_backward(
             grad_out.reshape(rows.shape).contiguous(), rows, mean, n_var,
             None if gain is None else gain.contiguous(), ctx.eps, ctx.gamma,
-            needs_weight, needs_gain and gain is not None,
+            needs_weight, needs_gain and gain is not None, want_norm,
         )  # fmt: skip
+        if needs_weight:
+            grad_weight = grad_weight.view(weight.shape)
+        if want_norm:
+            _remember(
+                _GRAD_NORMS, weight, grad_weight.data_ptr(), grad_weight._version, grad_norm,
+                ctx.forward_number,
+            )  # fmt: skip
+        elif is_param:
+            _GRAD_NORMS.pop(id(weight), None)
         return (
-            grad_weight.view(weight.shape) if needs_weight else None,
+            grad_weight if needs_weight else None,
             grad_gain if needs_gain and gain is not None else None,
             None,
             None,

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from normfree.nn.ws import unit_norms_from_forward
+from normfree.nn.ws import unit_grad_norms_from_backward, unit_norms_from_forward
 from normfree.optim.hooks import before_step_hook, record_attached
 
 __all__ = ["AGC", "adaptive_clip_grad_", "attach_agc", "unitwise_norm"]
@@ -100,7 +100,10 @@ def _clip_same_device(
     """AGC on tensors that share a device and a norm dtype.
 
     Weight norms come from the Scaled-WS forward's statistics where it left them
-    (:func:`normfree.nn.ws.unit_norms_from_forward`), which saves one pass over those weights.
+    (:func:`normfree.nn.ws.unit_norms_from_forward`), which saves one pass over those weights;
+    gradient norms from the native Scaled-WS backward where it summed them
+    (:func:`normfree.nn.ws.unit_grad_norms_from_backward`, with the optional native kernels),
+    which saves one pass over those gradients.
     Per-unit norms of the other matrices/kernels and of every gradient take one reduction kernel
     per tensor (the minimum memory traffic: every element is read once); the norms of all
     ``ndim ≤ 1`` tensors (params and grads) take one ``_foreach_norm``. Every unit's norm
@@ -112,11 +115,18 @@ def _clip_same_device(
     param_norms: list[torch.Tensor] = []
     grad_norms: list[torch.Tensor] = []
     known_norms = unit_norms_from_forward([params[i] for i in layout.big])
-    for i, dims, known in zip(layout.big, layout.reduce_dims, known_norms):
+    known_grad_norms = unit_grad_norms_from_backward(
+        [params[i] for i in layout.big], [grads[i] for i in layout.big]
+    )
+    for i, dims, known, known_grad in zip(
+        layout.big, layout.reduce_dims, known_norms, known_grad_norms
+    ):
         if known is None:
             known = torch.linalg.vector_norm(params[i], 2, dim=dims, dtype=norm_dtype)
+        if known_grad is None:
+            known_grad = torch.linalg.vector_norm(grads[i], 2, dim=dims, dtype=norm_dtype)
         param_norms.append(known)
-        grad_norms.append(torch.linalg.vector_norm(grads[i], 2, dim=dims, dtype=norm_dtype))
+        grad_norms.append(known_grad)
     if layout.small:
         both = [params[i] for i in layout.small] + [grads[i] for i in layout.small]
         small_params, small_grads = torch.stack(

@@ -10,6 +10,8 @@
 // Backward (dy = dL/dW_hat, c = w - mean, s = gain * gamma * rstd):
 //   dL/dW    = s * (dy - mean(dy)) - s * rstd^2 * sum(dy * c) * c   (last term 0 where floored)
 //   dL/dgain = gamma * rstd * sum(dy * c)
+// The backward can also return each row's norm ||dL/dW_o||, summed while the row is written:
+// adaptive gradient clipping reads it instead of a pass over the gradients.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -73,7 +75,8 @@ void forward_rows(const T* w, const T* gain, T* out, T* mean, T* n_var, int64_t 
 
 template <typename T>
 void backward_rows(const T* dy, const T* w, const T* mean, const T* n_var, const T* gain,
-                   T* grad_w, T* grad_gain, int64_t rows, int64_t n, T eps, T gamma) {
+                   T* grad_w, T* grad_gain, T* grad_norm, int64_t rows, int64_t n, T eps,
+                   T gamma) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* g = dy + r * n;
@@ -99,7 +102,25 @@ void backward_rows(const T* dy, const T* w, const T* mean, const T* n_var, const
         const T shift = scale * sum_g / static_cast<T>(n);
         const T coef = floored ? T(0) : scale * rstd * rstd * sum_gc;
         T* out = grad_w + r * n;
-        for (int64_t j = 0; j < n; ++j) out[j] = scale * g[j] - shift - coef * (x[j] - m);
+        if (!grad_norm) {
+          for (int64_t j = 0; j < n; ++j) out[j] = scale * g[j] - shift - coef * (x[j] - m);
+          continue;
+        }
+        T acc_sq[kLanes] = {};
+        int64_t j = 0;
+        for (; j + kLanes <= n; j += kLanes)
+          for (int l = 0; l < kLanes; ++l) {
+            const T v = scale * g[j + l] - shift - coef * (x[j + l] - m);
+            out[j + l] = v;
+            acc_sq[l] += v * v;
+          }
+        T sq = lane_sum(acc_sq);
+        for (; j < n; ++j) {
+          const T v = scale * g[j] - shift - coef * (x[j] - m);
+          out[j] = v;
+          sq += v * v;
+        }
+        grad_norm[r] = std::sqrt(sq);
       }
     }
   });
@@ -136,29 +157,34 @@ std::vector<at::Tensor> scaled_ws_forward(const at::Tensor& w, const c10::option
   return {out, mean, n_var};
 }
 
-// (grad_weight or undefined, grad_gain or undefined) for an upstream gradient of the output rows.
+// (grad_weight, grad_gain, per-row norm of grad_weight), each undefined unless asked for, for an
+// upstream gradient of the output rows.
 std::vector<at::Tensor> scaled_ws_backward(const at::Tensor& dy, const at::Tensor& w,
                                            const at::Tensor& mean, const at::Tensor& n_var,
                                            const c10::optional<at::Tensor>& gain, double eps,
-                                           double gamma, bool need_weight, bool need_gain) {
+                                           double gamma, bool need_weight, bool need_gain,
+                                           bool need_norm) {
   check_rows(dy, "grad");
   check_rows(w, "weight");
   TORCH_CHECK(dy.sizes() == w.sizes() && dy.scalar_type() == w.scalar_type(),
               "grad must match the weight");
   const int64_t rows = w.size(0), n = w.size(1);
   const bool has_gain = gain.has_value() && gain->defined();
-  at::Tensor grad_w, grad_gain;
+  TORCH_CHECK(need_weight || !need_norm, "the gradient's norm needs the gradient");
+  at::Tensor grad_w, grad_gain, grad_norm;
   if (need_weight) grad_w = at::empty_like(w);
   if (need_gain) grad_gain = at::empty({rows}, w.options());
+  if (need_norm) grad_norm = at::empty({rows}, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "scaled_ws_backward", [&] {
     backward_rows<scalar_t>(
         dy.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
         n_var.data_ptr<scalar_t>(), has_gain ? gain->data_ptr<scalar_t>() : nullptr,
         need_weight ? grad_w.data_ptr<scalar_t>() : nullptr,
-        need_gain ? grad_gain.data_ptr<scalar_t>() : nullptr, rows, n,
+        need_gain ? grad_gain.data_ptr<scalar_t>() : nullptr,
+        need_norm ? grad_norm.data_ptr<scalar_t>() : nullptr, rows, n,
         static_cast<scalar_t>(eps), static_cast<scalar_t>(gamma));
   });
-  return {grad_w, grad_gain};
+  return {grad_w, grad_gain, grad_norm};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
