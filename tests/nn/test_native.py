@@ -22,23 +22,6 @@ from normfree.nn.ws import (
 )
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    """The kernels switched on for one test at a time (built once per machine, ~30 s)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        with native.native_kernels(True) as on:
-            if not on:
-                pytest.skip("no C++ compiler/OpenMP here: the native kernels cannot be built")
-    return native
-
-
-@pytest.fixture
-def native_on(kernels):
-    with native.native_kernels(True):
-        yield
-
-
 def _weights(floored: bool, dtype=torch.float64):
     gen = torch.Generator().manual_seed(3 + int(floored))
     w = torch.randn(6, 4, 3, 3, dtype=dtype, generator=gen) + 0.3
@@ -83,7 +66,7 @@ def test_fan_in_one_is_all_floor(native_on) -> None:
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_a_training_step_matches_the_op_path(kernels) -> None:
+def test_a_training_step_matches_the_op_path(assert_step_matches_the_op_path) -> None:
     # NF-ResNet with folded scales: every WS conv (gains, α/γ scales, skip gains) in one step
     torch.manual_seed(0)
     model = normfree.create_model("nf_resnet_cifar20", num_classes=10).double()
@@ -93,17 +76,7 @@ def test_a_training_step_matches_the_op_path(kernels) -> None:
                 p.fill_(0.3)  # non-zero, so every branch's gradients are exercised
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     y = torch.tensor([0, 3, 5, 9])
-    grads = []
-    for on in (True, False):
-        model.zero_grad()
-        with native.native_kernels(on):
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (loss_n, g_n), (loss_o, g_o) = grads
-    torch.testing.assert_close(loss_n, loss_o, rtol=1e-12, atol=0)
-    for name in g_o:
-        torch.testing.assert_close(g_n[name], g_o[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert_step_matches_the_op_path(model, x, y)
 
 
 def test_eval_and_agc_statistics_use_the_kernel(native_on) -> None:

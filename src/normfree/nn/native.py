@@ -1,14 +1,17 @@
 """Optional native CPU kernels, built on first use with ``torch.utils.cpp_extension``.
 
-Today one kernel pair: Scaled Weight Standardization (Brock et al. 2021a, eq. 2) forward and
-backward over the rows of a weight (``csrc/scaled_ws.cpp``). Each output unit's row is read
+Two kernel pairs, compiled as one translation unit (``csrc/module.cpp``). The first is
+Scaled Weight Standardization (Brock et al. 2021a, eq. 2) forward and
+backward over the rows of a weight (``csrc/scaled_ws.h``). Each output unit's row is read
 from memory once and stays in L1 for its statistics and its output, where the same formula in
 PyTorch ops reads or writes the whole weight six times forward; on a 2-core x86 CPU that
 halves the WS forward of a training step (the backward moves as many bytes as batch norm's
 kernel, which the op path uses; docs/benchmarks.md). The backward of a parameter also sums
 each unit's gradient norm while it writes the gradient, and adaptive gradient clipping reads
-those norms (:func:`normfree.nn.ws.unit_grad_norms_from_backward`) instead of a pass over the
-gradients: AGC's cost in an nf_resnet50 step about halves. The numbers are
+those norms (:func:`normfree.nn.unit_norms.unit_grad_norms_from_backward`) instead of a pass
+over the gradients: AGC's cost in an nf_resnet50 step about halves. The second is the small-batch
+linear map of the squeeze-excite 1×1 convs (``csrc/pooled_linear.h``,
+:class:`normfree.nn.PooledConv2d`), which keeps the same per-unit norms for AGC. The numbers are
 the formula's to float rounding: float64 equal to the analytic function to ~1e-14, and the
 ``N·Var`` floor handled exactly as the official code (the variance term of the backward
 vanishes where it is active).
@@ -29,6 +32,7 @@ used; nothing else changes. Only eager CPU float32/float64 weights take the kern
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import warnings
@@ -38,12 +42,24 @@ from types import ModuleType
 
 __all__ = ["native_kernels", "native_kernels_enabled", "set_native_kernels"]
 
-_SOURCE = Path(__file__).with_name("csrc") / "scaled_ws.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCE = _CSRC / "module.cpp"  # one translation unit: it includes the kernels' headers
 _ENV = "NORMFREE_NATIVE_KERNELS"
 
 _extension: ModuleType | None = None
 _build_failed = False
 _enabled = os.environ.get(_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _sources_digest() -> str:
+    """A digest of every file in ``csrc``: PyTorch rebuilds a cached extension when its
+    sources or flags change, but it reads only the ``.cpp`` it is given, so the headers'
+    digest goes into the flags."""
+    digest = hashlib.sha256()
+    for path in sorted(_CSRC.iterdir()):
+        if path.suffix in (".cpp", ".h"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _build() -> ModuleType | None:
@@ -61,7 +77,7 @@ def _build() -> ModuleType | None:
         _extension = load(
             name="normfree_native",
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-fopenmp"],
+            extra_cflags=["-O3", "-fopenmp", f"-DNORMFREE_SOURCES={_sources_digest()}"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

@@ -19,11 +19,8 @@ weight, and folding into a plain ``nn.Conv2d`` (:meth:`StdConv2dBase.to_conv2d`,
 from __future__ import annotations
 
 import copy
-import functools
-import itertools
 import math
 import re
-import weakref
 from types import ModuleType
 from typing import ClassVar
 
@@ -34,6 +31,14 @@ from torch.autograd.function import once_differentiable
 from normfree.nn import native
 from normfree.nn.conv import is_strided_pointwise, strided_pointwise_conv2d
 from normfree.nn.padding import Conv2dSame, _pad_same_2d, conv_pair, resolve_padding
+from normfree.nn.unit_norms import (
+    remember_grad_norms,
+    remember_unit_stats,
+    unit_grad_norms_from_backward,
+    unit_norm_from_forward,
+    unit_norms_from_forward,
+    wants_grad_norms,
+)
 
 torch.fx.wrap("_pad_same_2d")  # torch.fx leaves: they branch on the input's size / device
 torch.fx.wrap("strided_pointwise_conv2d")
@@ -49,116 +54,6 @@ __all__ = [
     "unit_norm_from_forward",
     "unit_norms_from_forward",
 ]
-
-# Per-parameter facts that adaptive gradient clipping would otherwise recompute, keyed by the
-# parameter's identity (tensors compare elementwise, so no WeakKeyDictionary) and dropped with it:
-# id(weight) → (weak ref to it, its version, per-unit mean, per-unit N·var, forward number) from
-# its last eager CPU standardization, and
-# id(weight) → (weak ref to it, its gradient's data_ptr, that gradient's version, per-unit
-# ‖∂L/∂W_o‖, number of the forward it differentiates) from its last native backward.
-_UNIT_STATS: dict[int, tuple] = {}
-_GRAD_NORMS: dict[int, tuple] = {}
-_FORWARDS = itertools.count()
-
-
-def _remember(store: dict[int, tuple], weight: Tensor, *facts: object) -> None:
-    key = id(weight)
-    entry = store.get(key)
-    ref = entry[0] if entry is not None and entry[0]() is weight else None
-    if ref is None:
-        ref = weakref.ref(weight, lambda _, key=key: store.pop(key, None))
-    store[key] = (ref, *facts)
-
-
-def _remember_unit_stats(weight: Tensor, mean: Tensor, n_var: Tensor) -> int:
-    """Keep a parameter's statistics; returns the number of this forward."""
-    number = next(_FORWARDS)
-    _remember(_UNIT_STATS, weight, weight._version, mean.detach(), n_var.detach(), number)
-    return number
-
-
-def unit_norm_from_forward(weight: Tensor) -> Tensor | None:
-    """The per-output-unit Frobenius norm ``‖W_o‖`` (shape ``(out,)``) of ``weight`` from the
-    statistics its last eager-CPU Scaled-WS forward already computed
-    (``‖W_o‖² = N·var_o + N·μ_o²``), or ``None`` when there are none or ``weight`` changed in
-    place since (its version moved). Adaptive gradient clipping reads it
-    (:mod:`normfree.optim.agc`) instead of a second pass over the weights."""
-    return unit_norms_from_forward([weight])[0]
-
-
-def unit_norms_from_forward(weights: list[Tensor]) -> list[Tensor | None]:
-    """:func:`unit_norm_from_forward` of many weights in one batch of kernels (a handful of
-    small ops in all instead of six per weight: a model's AGC step asks for every conv)."""
-    found = []
-    for w in weights:
-        stats = _UNIT_STATS.get(id(w))
-        fresh = stats is not None and stats[0]() is w and stats[1] == w._version
-        found.append(stats if fresh else None)
-    hits = [(w, s) for w, s in zip(weights, found) if s is not None]
-    if not hits:
-        return [None] * len(weights)
-    mean = torch.cat([s[2] for _, s in hits])
-    n_var = torch.cat([s[3] for _, s in hits])
-    counts = tuple(w.shape[0] for w, _ in hits)
-    fans = tuple(w[0].numel() for w, _ in hits)
-    fan_in = _per_unit(counts, fans, mean.dtype, mean.device)
-    norms = iter(torch.addcmul(n_var, mean.square(), fan_in).sqrt_().split(counts))
-    return [next(norms) if s is not None else None for s in found]
-
-
-def unit_grad_norms_from_backward(
-    weights: list[Tensor], grads: list[Tensor]
-) -> list[Tensor | None]:
-    """The per-output-unit norms ``‖G_o‖`` (shape ``(out,)``) of each weight's gradient ``G``
-    as the native Scaled-WS backward (:mod:`normfree.nn.native`) summed them while writing
-    ``G``, or ``None`` for a weight without them. Adaptive gradient clipping reads them
-    (:mod:`normfree.optim.agc`) instead of a pass over the gradients.
-
-    They are returned only for the very gradient that backward wrote: it must differentiate
-    the weight's latest eager forward, ``grads[k]`` must be the tensor autograd stored as
-    ``.grad`` (same memory, no in-place change since: its version), the backward must have
-    run with no ``.grad`` already present (gradient accumulation sums into the old tensor),
-    and a spot check recomputes the first and last unit of every such gradient: if any
-    differs (an in-place change the version counter misses, e.g. ``GradScaler.unscale_`` or
-    writes through ``.data``), none is returned."""
-    found: list[Tensor | None] = []
-    for w, g in zip(weights, grads):
-        entry = _GRAD_NORMS.get(id(w))
-        stats = _UNIT_STATS.get(id(w))
-        fresh = (
-            entry is not None
-            and entry[0]() is w
-            and entry[1] == g.data_ptr()
-            and entry[2] == g._version
-            and stats is not None
-            and stats[4] == entry[4]  # no other forward of this weight since
-            and g.shape == w.shape
-            and g.is_contiguous()
-        )
-        found.append(entry[3] if fresh else None)
-    hits = [n for n in found if n is not None]
-    if not hits:
-        return found
-    rows = [g[k] for g, n in zip(grads, found) if n is not None for k in (0, -1)]
-    direct = torch.stack(torch._foreach_norm(rows, 2))
-    ends = list(itertools.accumulate(n.shape[0] for n in hits))
-    index = torch.tensor([i for e, n in zip(ends, hits) for i in (e - n.shape[0], e - 1)])
-    stored = torch.cat(hits).index_select(0, index)
-    rtol = 1e-10 if stored.dtype == torch.float64 else 1e-5
-    if not torch.allclose(direct, stored, rtol=rtol, atol=0.0):
-        return [None] * len(weights)
-    return found
-
-
-@functools.lru_cache(maxsize=32)
-def _per_unit(
-    counts: tuple[int, ...], values: tuple[int, ...], dtype: torch.dtype, device: torch.device
-) -> Tensor:
-    """``values[k]`` repeated ``counts[k]`` times, as one tensor (cached: a model asks for the
-    same layout every step)."""
-    out = torch.tensor(values, dtype=dtype, device=device)
-    return out.repeat_interleave(torch.tensor(counts, dtype=torch.long, device=device))
-
 
 def _reduce_dims(weight: Tensor) -> list[int]:
     if weight.dim() < 2:
@@ -302,7 +197,7 @@ def _native_standardize(
     out, mean, n_var = ext.scaled_ws_forward(rows, g, eps, gamma)
     number = None
     if isinstance(weight, nn.Parameter):
-        number = _remember_unit_stats(weight, mean, n_var)
+        number = remember_unit_stats(weight, mean, n_var)
     return out.view(weight.shape), mean, n_var, number
 
 
@@ -326,11 +221,7 @@ class _ScaledStandardizeNative(torch.autograd.Function):
         weight, gain, mean, n_var = ctx.saved_tensors
         needs_weight, needs_gain = ctx.needs_input_grad[:2]
         rows = weight.reshape(weight.shape[0], -1).contiguous()
-        # the gradient's norms are worth keeping where autograd will store this very tensor as
-        # .grad: a parameter with no .grad yet (else it is summed into the old one) whose
-        # layout the gradient already has (else it is copied into the parameter's layout)
-        is_param = ctx.forward_number is not None
-        want_norm = needs_weight and is_param and weight.grad is None and weight.is_contiguous()
+        want_norm = needs_weight and wants_grad_norms(weight, ctx.forward_number)
         grad_weight, grad_gain, grad_norm = ctx.ext.scaled_ws_backward(
             grad_out.reshape(rows.shape).contiguous(), rows, mean, n_var,
             None if gain is None else gain.contiguous(), ctx.eps, ctx.gamma,
@@ -338,13 +229,8 @@ class _ScaledStandardizeNative(torch.autograd.Function):
         )  # fmt: skip
         if needs_weight:
             grad_weight = grad_weight.view(weight.shape)
-        if want_norm:
-            _remember(
-                _GRAD_NORMS, weight, grad_weight.data_ptr(), grad_weight._version, grad_norm,
-                ctx.forward_number,
-            )  # fmt: skip
-        elif is_param:
-            _GRAD_NORMS.pop(id(weight), None)
+        if needs_weight:
+            remember_grad_norms(weight, grad_weight, grad_norm, ctx.forward_number)
         return (
             grad_weight if needs_weight else None,
             grad_gain if needs_gain and gain is not None else None,
@@ -400,7 +286,7 @@ def _eager_standardize(
     (:func:`unit_norms_from_forward`); the eager-CPU forward of train and eval alike."""
     out, mean, n_var, rstd = _standardize_rows(weight, gain, eps, gamma)
     if isinstance(weight, nn.Parameter):
-        _remember_unit_stats(weight, mean, n_var)
+        remember_unit_stats(weight, mean, n_var)
     return out, mean, n_var, rstd
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from normfree.nn.ws import unit_grad_norms_from_backward, unit_norms_from_forward
+from normfree.nn.unit_norms import unit_grad_norms_from_backward, unit_norms_from_forward
 from normfree.optim.hooks import before_step_hook, record_attached
 
 __all__ = ["AGC", "adaptive_clip_grad_", "attach_agc", "unitwise_norm"]
@@ -99,10 +99,10 @@ def _clip_same_device(
 ) -> None:
     """AGC on tensors that share a device and a norm dtype.
 
-    Weight norms come from the Scaled-WS forward's statistics where it left them
-    (:func:`normfree.nn.ws.unit_norms_from_forward`), which saves one pass over those weights;
-    gradient norms from the native Scaled-WS backward where it summed them
-    (:func:`normfree.nn.ws.unit_grad_norms_from_backward`, with the optional native kernels),
+    Weight norms come from the forward's statistics where it left them (Scaled WS; the
+    native squeeze-excite convs) (:func:`normfree.nn.unit_norms.unit_norms_from_forward`),
+    which saves one pass over those weights; gradient norms from a native backward where it
+    summed them (:func:`normfree.nn.unit_norms.unit_grad_norms_from_backward`),
     which saves one pass over those gradients.
     Per-unit norms of the other matrices/kernels and of every gradient take one reduction kernel
     per tensor (the minimum memory traffic: every element is read once); the norms of all

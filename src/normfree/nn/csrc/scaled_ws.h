@@ -4,7 +4,7 @@
 // Each row (at most a few tens of KB) is read from memory once and stays in L1 for the
 // statistics and the output, so the forward costs one read and one write of the weight and the
 // backward two reads and one write, against six and five passes for the same formula written
-// with PyTorch ops. Built on first use by normfree.nn.native (torch.utils.cpp_extension).
+// with PyTorch ops. Header-only: compiled in module.cpp, one translation unit (normfree.nn.native builds it).
 //
 // Forward:  mean = sum(w) / N, n_var = sum((w - mean)^2), rstd = 1 / sqrt(max(n_var, eps)).
 // Backward (dy = dL/dW_hat, c = w - mean, s = gain * gamma * rstd):
@@ -12,6 +12,8 @@
 //   dL/dgain = gamma * rstd * sum(dy * c)
 // The backward can also return each row's norm ||dL/dW_o||, summed while the row is written:
 // adaptive gradient clipping reads it instead of a pass over the gradients.
+#pragma once
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -19,45 +21,12 @@
 #include <cmath>
 #include <vector>
 
-namespace {
+#include "row_ops.h"
 
-constexpr int kLanes = 8;  // independent partial sums: vectorisable, and pairwise-like accuracy
-
-template <typename T>
-T lane_sum(const T (&acc)[kLanes]) {
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
+namespace normfree_native {
 
 template <typename T>
-T row_sum(const T* x, int64_t n) {
-  T acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += x[i + l];
-  T s = lane_sum(acc);
-  for (; i < n; ++i) s += x[i];
-  return s;
-}
-
-template <typename T>
-T row_centred_square_sum(const T* x, T mean, int64_t n) {
-  T acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const T d = x[i + l] - mean;
-      acc[l] += d * d;
-    }
-  T s = lane_sum(acc);
-  for (; i < n; ++i) {
-    const T d = x[i] - mean;
-    s += d * d;
-  }
-  return s;
-}
-
-template <typename T>
-void forward_rows(const T* w, const T* gain, T* out, T* mean, T* n_var, int64_t rows, int64_t n,
+void ws_forward_rows(const T* w, const T* gain, T* out, T* mean, T* n_var, int64_t rows, int64_t n,
                   T eps, T gamma) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -74,7 +43,7 @@ void forward_rows(const T* w, const T* gain, T* out, T* mean, T* n_var, int64_t 
 }
 
 template <typename T>
-void backward_rows(const T* dy, const T* w, const T* mean, const T* n_var, const T* gain,
+void ws_backward_rows(const T* dy, const T* w, const T* mean, const T* n_var, const T* gain,
                    T* grad_w, T* grad_gain, T* grad_norm, int64_t rows, int64_t n, T eps,
                    T gamma) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
@@ -126,19 +95,13 @@ void backward_rows(const T* dy, const T* w, const T* mean, const T* n_var, const
   });
 }
 
-void check_rows(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.is_contiguous(), name,
-              " must be a contiguous 2-D CPU tensor");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
-              " must be float32 or float64");
-}
 
-}  // namespace
+}  // namespace normfree_native
 
 // (out, mean, n_var) of weight rows (out, fan_in); gain is an (out,) tensor or undefined.
-std::vector<at::Tensor> scaled_ws_forward(const at::Tensor& w, const c10::optional<at::Tensor>& gain,
+inline std::vector<at::Tensor> scaled_ws_forward(const at::Tensor& w, const c10::optional<at::Tensor>& gain,
                                           double eps, double gamma) {
-  check_rows(w, "weight");
+  normfree_native::check_rows(w, "weight");
   const int64_t rows = w.size(0), n = w.size(1);
   auto out = at::empty_like(w);
   auto mean = at::empty({rows}, w.options());
@@ -149,7 +112,7 @@ std::vector<at::Tensor> scaled_ws_forward(const at::Tensor& w, const c10::option
                     gain->scalar_type() == w.scalar_type(),
                 "gain must be a contiguous (out,) tensor of the weight's dtype");
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "scaled_ws_forward", [&] {
-    forward_rows<scalar_t>(w.data_ptr<scalar_t>(), has_gain ? gain->data_ptr<scalar_t>() : nullptr,
+    normfree_native::ws_forward_rows<scalar_t>(w.data_ptr<scalar_t>(), has_gain ? gain->data_ptr<scalar_t>() : nullptr,
                            out.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
                            n_var.data_ptr<scalar_t>(), rows, n, static_cast<scalar_t>(eps),
                            static_cast<scalar_t>(gamma));
@@ -159,13 +122,13 @@ std::vector<at::Tensor> scaled_ws_forward(const at::Tensor& w, const c10::option
 
 // (grad_weight, grad_gain, per-row norm of grad_weight), each undefined unless asked for, for an
 // upstream gradient of the output rows.
-std::vector<at::Tensor> scaled_ws_backward(const at::Tensor& dy, const at::Tensor& w,
+inline std::vector<at::Tensor> scaled_ws_backward(const at::Tensor& dy, const at::Tensor& w,
                                            const at::Tensor& mean, const at::Tensor& n_var,
                                            const c10::optional<at::Tensor>& gain, double eps,
                                            double gamma, bool need_weight, bool need_gain,
                                            bool need_norm) {
-  check_rows(dy, "grad");
-  check_rows(w, "weight");
+  normfree_native::check_rows(dy, "grad");
+  normfree_native::check_rows(w, "weight");
   TORCH_CHECK(dy.sizes() == w.sizes() && dy.scalar_type() == w.scalar_type(),
               "grad must match the weight");
   const int64_t rows = w.size(0), n = w.size(1);
@@ -176,7 +139,7 @@ std::vector<at::Tensor> scaled_ws_backward(const at::Tensor& dy, const at::Tenso
   if (need_gain) grad_gain = at::empty({rows}, w.options());
   if (need_norm) grad_norm = at::empty({rows}, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "scaled_ws_backward", [&] {
-    backward_rows<scalar_t>(
+    normfree_native::ws_backward_rows<scalar_t>(
         dy.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
         n_var.data_ptr<scalar_t>(), has_gain ? gain->data_ptr<scalar_t>() : nullptr,
         need_weight ? grad_w.data_ptr<scalar_t>() : nullptr,
@@ -185,9 +148,4 @@ std::vector<at::Tensor> scaled_ws_backward(const at::Tensor& dy, const at::Tenso
         static_cast<scalar_t>(eps), static_cast<scalar_t>(gamma));
   });
   return {grad_w, grad_gain, grad_norm};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("scaled_ws_forward", &scaled_ws_forward, "Scaled WS forward over weight rows");
-  m.def("scaled_ws_backward", &scaled_ws_backward, "Scaled WS backward over weight rows");
 }

@@ -1,0 +1,162 @@
+"""Per-unit norms that adaptive gradient clipping (Brock et al. 2021b, eq. 3) would otherwise
+read the weights and gradients again for, kept by the kernels that already had them.
+
+A forward that computes each output unit's mean and ``N·var`` of a parameter (the eager-CPU
+Scaled-WS forward, :mod:`normfree.nn.ws`; the native squeeze-excite linear map,
+:mod:`normfree.nn.pooled_conv`) keeps them here, so ``‖W_o‖² = N·var_o + N·μ_o²`` costs AGC
+nothing; a native backward keeps the per-unit norms of the gradient it wrote. Both are keyed by
+the parameter's identity and checked before use (the weight's in-place version; the gradient's
+memory, version, forward and a spot check), so a stale value is never read:
+:func:`unit_norms_from_forward` and :func:`unit_grad_norms_from_backward` return ``None``
+instead and AGC computes the norm itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import weakref
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "remember_grad_norms",
+    "remember_unit_stats",
+    "unit_grad_norms_from_backward",
+    "unit_norm_from_forward",
+    "unit_norms_from_forward",
+    "wants_grad_norms",
+]
+
+# Keyed by the parameter's identity (tensors compare elementwise, so no WeakKeyDictionary) and
+# dropped with it: id(weight) → (weak ref to it, its version, per-unit mean, per-unit N·var,
+# forward number) from its last forward that kept them, and
+# id(weight) → (weak ref to it, its gradient's data_ptr, that gradient's version, per-unit
+# ‖∂L/∂W_o‖, number of the forward it differentiates) from its last native backward.
+_UNIT_STATS: dict[int, tuple] = {}
+_GRAD_NORMS: dict[int, tuple] = {}
+_FORWARDS = itertools.count()
+
+
+def _remember(store: dict[int, tuple], weight: Tensor, *facts: object) -> None:
+    key = id(weight)
+    entry = store.get(key)
+    ref = entry[0] if entry is not None and entry[0]() is weight else None
+    if ref is None:
+        ref = weakref.ref(weight, lambda _, key=key: store.pop(key, None))
+    store[key] = (ref, *facts)
+
+
+def remember_unit_stats(weight: Tensor, mean: Tensor, n_var: Tensor) -> int:
+    """Keep a parameter's per-unit mean and N·var from a forward that computed them (the
+    eager Scaled-WS forward, the native pooled linear map); returns the number of this
+    forward, which the gradient norms of its backward carry."""
+    number = next(_FORWARDS)
+    _remember(_UNIT_STATS, weight, weight._version, mean.detach(), n_var.detach(), number)
+    return number
+
+
+def unit_norm_from_forward(weight: Tensor) -> Tensor | None:
+    """The per-output-unit Frobenius norm ``‖W_o‖`` (shape ``(out,)``) of ``weight`` from the
+    statistics its last eager-CPU Scaled-WS forward already computed
+    (``‖W_o‖² = N·var_o + N·μ_o²``), or ``None`` when there are none or ``weight`` changed in
+    place since (its version moved). Adaptive gradient clipping reads it
+    (:mod:`normfree.optim.agc`) instead of a second pass over the weights."""
+    return unit_norms_from_forward([weight])[0]
+
+
+def unit_norms_from_forward(weights: list[Tensor]) -> list[Tensor | None]:
+    """:func:`unit_norm_from_forward` of many weights in one batch of kernels (a handful of
+    small ops in all instead of six per weight: a model's AGC step asks for every conv)."""
+    found = []
+    for w in weights:
+        stats = _UNIT_STATS.get(id(w))
+        fresh = stats is not None and stats[0]() is w and stats[1] == w._version
+        found.append(stats if fresh else None)
+    hits = [(w, s) for w, s in zip(weights, found) if s is not None]
+    if not hits:
+        return [None] * len(weights)
+    mean = torch.cat([s[2] for _, s in hits])
+    n_var = torch.cat([s[3] for _, s in hits])
+    counts = tuple(w.shape[0] for w, _ in hits)
+    fans = tuple(w[0].numel() for w, _ in hits)
+    fan_in = _per_unit(counts, fans, mean.dtype, mean.device)
+    norms = iter(torch.addcmul(n_var, mean.square(), fan_in).sqrt_().split(counts))
+    return [next(norms) if s is not None else None for s in found]
+
+
+def remember_grad_norms(
+    weight: Tensor, grad: Tensor, norms: Tensor | None, forward_number: int | None
+) -> None:
+    """Keep the per-unit norms of ``grad``, the gradient a native backward just computed for
+    the parameter ``weight`` from its forward number ``forward_number``, when autograd will
+    store that very tensor as ``weight.grad`` (no ``.grad`` yet, the same layout); otherwise
+    drop whatever was kept for ``weight`` (``norms`` None: none computed)."""
+    if forward_number is None:
+        return
+    if norms is not None and wants_grad_norms(weight, forward_number) and grad.is_contiguous():
+        _remember(_GRAD_NORMS, weight, grad.data_ptr(), grad._version, norms, forward_number)
+    else:
+        _GRAD_NORMS.pop(id(weight), None)
+
+
+def wants_grad_norms(weight: Tensor, forward_number: int | None) -> bool:
+    """Whether a backward should compute the gradient norms of ``weight`` for
+    :func:`remember_grad_norms` (a parameter whose gradient autograd will store as is)."""
+    return forward_number is not None and weight.grad is None and weight.is_contiguous()
+
+
+def unit_grad_norms_from_backward(
+    weights: list[Tensor], grads: list[Tensor]
+) -> list[Tensor | None]:
+    """The per-output-unit norms ``‖G_o‖`` (shape ``(out,)``) of each weight's gradient ``G``
+    as a native backward (:mod:`normfree.nn.native`: Scaled WS, the squeeze-excite linear
+    maps) summed them while writing ``G``, or ``None`` for a weight without them. Adaptive
+    gradient clipping reads them (:mod:`normfree.optim.agc`) instead of a pass over the
+    gradients.
+
+    They are returned only for the very gradient that backward wrote: it must differentiate
+    the weight's latest eager forward, ``grads[k]`` must be the tensor autograd stored as
+    ``.grad`` (same memory, no in-place change since: its version), the backward must have
+    run with no ``.grad`` already present (gradient accumulation sums into the old tensor),
+    and a spot check recomputes the first and last unit of every such gradient: if any
+    differs (an in-place change the version counter misses, e.g. ``GradScaler.unscale_`` or
+    writes through ``.data``), none is returned."""
+    found: list[Tensor | None] = []
+    for w, g in zip(weights, grads):
+        entry = _GRAD_NORMS.get(id(w))
+        stats = _UNIT_STATS.get(id(w))
+        fresh = (
+            entry is not None
+            and entry[0]() is w
+            and entry[1] == g.data_ptr()
+            and entry[2] == g._version
+            and stats is not None
+            and stats[4] == entry[4]  # no other forward of this weight since
+            and g.shape == w.shape
+            and g.is_contiguous()
+        )
+        found.append(entry[3] if fresh else None)
+    hits = [n for n in found if n is not None]
+    if not hits:
+        return found
+    rows = [g[k] for g, n in zip(grads, found) if n is not None for k in (0, -1)]
+    direct = torch.stack(torch._foreach_norm(rows, 2))
+    ends = list(itertools.accumulate(n.shape[0] for n in hits))
+    index = torch.tensor([i for e, n in zip(ends, hits) for i in (e - n.shape[0], e - 1)])
+    stored = torch.cat(hits).index_select(0, index)
+    rtol = 1e-10 if stored.dtype == torch.float64 else 1e-5
+    if not torch.allclose(direct, stored, rtol=rtol, atol=0.0):
+        return [None] * len(weights)
+    return found
+
+
+@functools.lru_cache(maxsize=32)
+def _per_unit(
+    counts: tuple[int, ...], values: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """``values[k]`` repeated ``counts[k]`` times, as one tensor (cached: a model asks for the
+    same layout every step)."""
+    out = torch.tensor(values, dtype=dtype, device=device)
+    return out.repeat_interleave(torch.tensor(counts, dtype=torch.long, device=device))
