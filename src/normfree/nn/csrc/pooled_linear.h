@@ -11,7 +11,6 @@
 //             dx_b = sum_o dy[b, o] W_o (per-thread partial sums, added at the end).
 #pragma once
 
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>

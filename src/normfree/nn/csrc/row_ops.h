@@ -3,7 +3,10 @@
 // summation than one running sum), and the argument checks of the kernels' entry points.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 namespace normfree_native {
 

@@ -14,7 +14,6 @@
 // adaptive gradient clipping reads it instead of a pass over the gradients.
 #pragma once
 
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
