@@ -25,10 +25,12 @@ train steps (it includes the interpreter and libraries, ~0.3 GiB, the same for e
     python benchmarks/bench_train.py --compile --group resnet50 \
         --only torchvision:resnet50_nonorm,normfree:nf_resnet50,timm:nf_resnet50
     python benchmarks/bench_train.py --only normfree:nf_resnet50,normfree:nf_resnet50:sd,\
-normfree:nf_resnet50:folded --group resnet50      # extra variants: :sd, :folded, :native
+normfree:nf_resnet50:folded --group resnet50      # extra variants: :sd, :folded
 
 timm and torchvision are optional (``pip install normfree[bench]``); a missing peer is skipped
-with a message.
+with a message. The ``:native`` rows (normfree's opt-in native CPU kernels, built on first use:
+a C++ compiler and ~30 s once) are skipped with a message where they cannot be built, and on
+accelerators.
 """
 
 from __future__ import annotations
@@ -62,14 +64,20 @@ GROUPS: dict[str, list[str]] = {
     "resnet50": [
         "torchvision:resnet50_nonorm",
         "normfree:nf_resnet50",
+        "normfree:nf_resnet50:native",
         "normfree:nf_resnet50:plain",
         "normfree:nf_resnet50:folded",
         "timm:nf_resnet50",
         "torchvision:resnet50",
         "normfree:lnpn_resnet50",
     ],
-    "nfnet_f0": ["timm:dm_nfnet_f0", "normfree:nfnet_f0", "normfree:nfnet_f0:plain"],
-    "nf_regnet_b0": ["timm:nf_regnet_b0", "normfree:nf_regnet_b0"],
+    "nfnet_f0": [
+        "timm:dm_nfnet_f0",
+        "normfree:nfnet_f0",
+        "normfree:nfnet_f0:native",
+        "normfree:nfnet_f0:plain",
+    ],
+    "nf_regnet_b0": ["timm:nf_regnet_b0", "normfree:nf_regnet_b0", "normfree:nf_regnet_b0:native"],
 }
 # models trained with AGC (Brock et al. 2021b); the others get no clipping
 USES_AGC = {"nf_resnet50", "nfnet_f0", "dm_nfnet_f0", "nf_regnet_b0"}
@@ -166,6 +174,12 @@ def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> V
     loss_fn = nn.CrossEntropyLoss()
     v = Variant(spec, train=None, eval=lambda: None)
     native = spec.removesuffix(COMPILED).endswith(":native")
+    if native and device.type != "cpu":
+        raise MissingPeer("the native kernels are CPU-only")
+    if native:
+        with native_kernels(True) as built:  # build now, not inside the first timed step
+            if not built:
+                raise MissingPeer("normfree's native CPU kernels cannot be built here")
 
     def kernels() -> contextlib.AbstractContextManager:
         # ":native": normfree's native CPU kernels for this variant only (built on first use)
