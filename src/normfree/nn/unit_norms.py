@@ -59,9 +59,9 @@ def remember_unit_stats(weight: Tensor, mean: Tensor, n_var: Tensor) -> int:
 
 def unit_norm_from_forward(weight: Tensor) -> Tensor | None:
     """The per-output-unit Frobenius norm ``‖W_o‖`` (shape ``(out,)``) of ``weight`` from the
-    statistics its last eager-CPU Scaled-WS forward already computed
-    (``‖W_o‖² = N·var_o + N·μ_o²``), or ``None`` when there are none or ``weight`` changed in
-    place since (its version moved). Adaptive gradient clipping reads it
+    statistics its last forward already computed (the eager-CPU Scaled WS; the native
+    squeeze-excite convs) (``‖W_o‖² = N·var_o + N·μ_o²``), or ``None`` when there are none or
+    ``weight`` changed in place since (its version moved). Adaptive gradient clipping reads it
     (:mod:`normfree.optim.agc`) instead of a second pass over the weights."""
     return unit_norms_from_forward([weight])[0]
 
