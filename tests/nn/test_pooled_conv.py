@@ -64,6 +64,7 @@ def test_native_keeps_the_norms_agc_reads(native_on) -> None:
             torch.testing.assert_close(norms, w.grad.flatten(1).norm(dim=1), rtol=rtol, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_op_path_where_the_kernel_does_not_apply(native_on) -> None:
     conv, _ = _pair(4, 3, True)
     for x in (
