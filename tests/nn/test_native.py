@@ -79,6 +79,18 @@ def test_a_training_step_matches_the_op_path(assert_step_matches_the_op_path) ->
     assert_step_matches_the_op_path(model, x, y)
 
 
+def test_an_nf_regnet_training_step_matches_the_op_path(assert_step_matches_the_op_path) -> None:
+    # NF-RegNet: squeeze-excite in every block, with the Scaled-WS convs around it
+    torch.manual_seed(0)
+    model = normfree.create_model(
+        "nf_regnet_b0", num_classes=10, drop_rate=0.0, drop_path_rate=0.0
+    ).double()
+    with torch.no_grad():
+        model.get_classifier().weight.normal_(0.0, 0.1)  # zero at init: nothing would flow back
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert_step_matches_the_op_path(model, x, torch.tensor([1, 7]))
+
+
 def test_eval_and_agc_statistics_use_the_kernel(native_on) -> None:
     conv = ScaledStdConv2d(8, 16, 3).double()
     with torch.no_grad():

@@ -1,20 +1,17 @@
 """Optional native CPU kernels, built on first use with ``torch.utils.cpp_extension``.
 
-Two kernel pairs, compiled as one translation unit (``csrc/module.cpp``). The first is
-Scaled Weight Standardization (Brock et al. 2021a, eq. 2) forward and
-backward over the rows of a weight (``csrc/scaled_ws.h``). Each output unit's row is read
-from memory once and stays in L1 for its statistics and its output, where the same formula in
-PyTorch ops reads or writes the whole weight six times forward; on a 2-core x86 CPU that
-halves the WS forward of a training step (the backward moves as many bytes as batch norm's
-kernel, which the op path uses; docs/benchmarks.md). The backward of a parameter also sums
-each unit's gradient norm while it writes the gradient, and adaptive gradient clipping reads
-those norms (:func:`normfree.nn.unit_norms.unit_grad_norms_from_backward`) instead of a pass
-over the gradients: AGC's cost in an nf_resnet50 step about halves. The second is the small-batch
-linear map of the squeeze-excite 1×1 convs (``csrc/pooled_linear.h``,
-:class:`normfree.nn.PooledConv2d`), which keeps the same per-unit norms for AGC. The numbers are
-the formula's to float rounding: float64 equal to the analytic function to ~1e-14, and the
-``N·Var`` floor handled exactly as the official code (the variance term of the backward
-vanishes where it is active).
+Today one kernel pair (``csrc/module.cpp``): Scaled Weight Standardization (Brock et al. 2021a,
+eq. 2) forward and backward over the rows of a weight (``csrc/scaled_ws.h``). Each output unit's
+row is read from memory once and stays in L1 for its statistics and its output, where the same
+formula in PyTorch ops reads or writes the whole weight six times forward; on a 2-core x86 CPU
+that halves the WS forward of a training step (the backward moves as many bytes as batch norm's
+kernel, which the op path uses; docs/benchmarks.md). The backward of a parameter also sums each
+unit's gradient norm while it writes the gradient, and adaptive gradient clipping reads those
+norms (:func:`normfree.nn.unit_norms.unit_grad_norms_from_backward`) instead of a pass over the
+gradients: AGC's cost in an nf_resnet50 step about halves. The numbers are the formula's to
+float rounding: float64 equal to the analytic function to ~1e-14, and the ``N·Var`` floor
+handled exactly as the official code (the variance term of the backward vanishes where it is
+active).
 
 Off by default. Turning it on compiles the extension once per machine (about 30 s, with a C++
 compiler and OpenMP; cached by PyTorch under ``~/.cache/torch_extensions``):

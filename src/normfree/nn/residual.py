@@ -165,8 +165,8 @@ class SqueezeExcite(nn.Module):
     ``y = x · gate_gain · sigmoid(fc2(relu(fc1(mean_hw(x)))))``. NFNets use ``gate_gain = 2`` so
     the gate is 1 on average at init, and an *unscaled* ReLU inside (Brock et al. 2021b, §4.1).
     ``fc1``/``fc2`` are 1×1 convolutions with bias (the layout of timm's ports), as
-    :class:`~normfree.nn.pooled_conv.PooledConv2d` (an ``nn.Conv2d`` with an optional native
-    small-batch CPU path).
+    :class:`~normfree.nn.pooled_conv.PooledConv2d` (an ``nn.Conv2d`` that runs as a matrix
+    product on the pooled input).
     """
 
     def __init__(

@@ -2,11 +2,10 @@
 read the weights and gradients again for, kept by the kernels that already had them.
 
 A forward that computes each output unit's mean and ``N·var`` of a parameter (the eager-CPU
-Scaled-WS forward, :mod:`normfree.nn.ws`; the native squeeze-excite linear map,
-:mod:`normfree.nn.pooled_conv`) keeps them here, so ``‖W_o‖² = N·var_o + N·μ_o²`` costs AGC
-nothing; a native backward keeps the per-unit norms of the gradient it wrote. Both are keyed by
-the parameter's identity and checked before use (the weight's in-place version; the gradient's
-memory, version, forward and a spot check), so a stale value is never read:
+Scaled-WS forward, :mod:`normfree.nn.ws`) keeps them here, so ``‖W_o‖² = N·var_o + N·μ_o²``
+costs AGC nothing; a native backward keeps the per-unit norms of the gradient it wrote. Both are
+keyed by the parameter's identity and checked before use (the weight's in-place version; the
+gradient's memory, version, forward and a spot check), so a stale value is never read:
 :func:`unit_norms_from_forward` and :func:`unit_grad_norms_from_backward` return ``None``
 instead and AGC computes the norm itself.
 """
@@ -50,8 +49,8 @@ def _remember(store: dict[int, tuple], weight: Tensor, *facts: object) -> None:
 
 def remember_unit_stats(weight: Tensor, mean: Tensor, n_var: Tensor) -> int:
     """Keep a parameter's per-unit mean and N·var from a forward that computed them (the
-    eager Scaled-WS forward, the native pooled linear map); returns the number of this
-    forward, which the gradient norms of its backward carry."""
+    eager Scaled-WS forward); returns the number of this forward, which the gradient norms
+    of its backward carry."""
     number = next(_FORWARDS)
     _remember(_UNIT_STATS, weight, weight._version, mean.detach(), n_var.detach(), number)
     return number
@@ -59,8 +58,8 @@ def remember_unit_stats(weight: Tensor, mean: Tensor, n_var: Tensor) -> int:
 
 def unit_norm_from_forward(weight: Tensor) -> Tensor | None:
     """The per-output-unit Frobenius norm ``‖W_o‖`` (shape ``(out,)``) of ``weight`` from the
-    statistics its last forward already computed (the eager-CPU Scaled WS; the native
-    squeeze-excite convs) (``‖W_o‖² = N·var_o + N·μ_o²``), or ``None`` when there are none or
+    statistics its last eager-CPU Scaled-WS forward already computed
+    (``‖W_o‖² = N·var_o + N·μ_o²``), or ``None`` when there are none or
     ``weight`` changed in place since (its version moved). Adaptive gradient clipping reads it
     (:mod:`normfree.optim.agc`) instead of a second pass over the weights."""
     return unit_norms_from_forward([weight])[0]
@@ -111,8 +110,8 @@ def unit_grad_norms_from_backward(
     weights: list[Tensor], grads: list[Tensor]
 ) -> list[Tensor | None]:
     """The per-output-unit norms ``‖G_o‖`` (shape ``(out,)``) of each weight's gradient ``G``
-    as a native backward (:mod:`normfree.nn.native`: Scaled WS, the squeeze-excite linear
-    maps) summed them while writing ``G``, or ``None`` for a weight without them. Adaptive
+    as the native Scaled-WS backward (:mod:`normfree.nn.native`) summed them while writing
+    ``G``, or ``None`` for a weight without them. Adaptive
     gradient clipping reads them (:mod:`normfree.optim.agc`) instead of a pass over the
     gradients.
 

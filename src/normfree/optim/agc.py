@@ -99,11 +99,11 @@ def _clip_same_device(
 ) -> None:
     """AGC on tensors that share a device and a norm dtype.
 
-    Weight norms come from the forward's statistics where it left them (Scaled WS; the
-    native squeeze-excite convs) (:func:`normfree.nn.unit_norms.unit_norms_from_forward`),
-    which saves one pass over those weights; gradient norms from a native backward where it
-    summed them (:func:`normfree.nn.unit_norms.unit_grad_norms_from_backward`),
-    which saves one pass over those gradients.
+    Weight norms come from the Scaled-WS forward's statistics where it left them
+    (:func:`normfree.nn.unit_norms.unit_norms_from_forward`), which saves one pass over those
+    weights; gradient norms from the native Scaled-WS backward where it summed them
+    (:func:`normfree.nn.unit_norms.unit_grad_norms_from_backward`), which saves one pass over
+    those gradients.
     Per-unit norms of the other matrices/kernels and of every gradient take one reduction kernel
     per tensor (the minimum memory traffic: every element is read once); the norms of all
     ``ndim ≤ 1`` tensors (params and grads) take one ``_foreach_norm``. Every unit's norm

@@ -1,4 +1,4 @@
-// Row helpers shared by normfree's native CPU kernels: sums over one contiguous row with
+// Row helpers of normfree's native CPU kernels: sums over one contiguous row with
 // kLanes independent partial sums (vectorisable by the compiler, and closer to pairwise
 // summation than one running sum), and the argument checks of the kernels' entry points.
 #pragma once
@@ -44,24 +44,6 @@ inline T row_centred_square_sum(const T* x, T mean, int64_t n) {
     const T d = x[i] - mean;
     s += d * d;
   }
-  return s;
-}
-
-// sum_i x[i]^2
-template <typename T>
-inline T row_square_sum(const T* x, int64_t n) {
-  return row_centred_square_sum(x, T(0), n);
-}
-
-// sum_i x[i] y[i]
-template <typename T>
-inline T row_dot(const T* x, const T* y, int64_t n) {
-  T acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += x[i + l] * y[i + l];
-  T s = lane_sum(acc);
-  for (; i < n; ++i) s += x[i] * y[i];
   return s;
 }
 
