@@ -13,11 +13,11 @@ from torch import nn
 
 import normfree
 from normfree.nn import native
+from normfree.nn.unit_norms import unit_grad_norms_from_backward
 from normfree.nn.ws import (
     ScaledStdConv2d,
     _ScaledStandardize,
     scaled_standardize,
-    unit_grad_norms_from_backward,
     unit_norm_from_forward,
 )
 

@@ -89,12 +89,12 @@ def remember_grad_norms(
     weight: Tensor, grad: Tensor, norms: Tensor | None, forward_number: int | None
 ) -> None:
     """Keep the per-unit norms of ``grad``, the gradient a native backward just computed for
-    the parameter ``weight`` from its forward number ``forward_number``, when autograd will
-    store that very tensor as ``weight.grad`` (no ``.grad`` yet, the same layout); otherwise
-    drop whatever was kept for ``weight`` (``norms`` None: none computed)."""
+    the parameter ``weight`` from its forward number ``forward_number``; ``norms`` is None
+    where the backward computed none because :func:`wants_grad_norms` said no, and then
+    whatever was kept for ``weight`` is dropped."""
     if forward_number is None:
         return
-    if norms is not None and wants_grad_norms(weight, forward_number) and grad.is_contiguous():
+    if norms is not None:
         _remember(_GRAD_NORMS, weight, grad.data_ptr(), grad._version, norms, forward_number)
     else:
         _GRAD_NORMS.pop(id(weight), None)

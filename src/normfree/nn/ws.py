@@ -34,7 +34,6 @@ from normfree.nn.padding import Conv2dSame, _pad_same_2d, conv_pair, resolve_pad
 from normfree.nn.unit_norms import (
     remember_grad_norms,
     remember_unit_stats,
-    unit_grad_norms_from_backward,
     unit_norm_from_forward,
     unit_norms_from_forward,
     wants_grad_norms,
@@ -50,7 +49,6 @@ __all__ = [
     "fold_weight_standardization",
     "qiao_standardize",
     "scaled_standardize",
-    "unit_grad_norms_from_backward",
     "unit_norm_from_forward",
     "unit_norms_from_forward",
 ]
@@ -205,7 +203,8 @@ class _ScaledStandardizeNative(torch.autograd.Function):
     """Scaled WS for eager CPU through the native kernels of :mod:`normfree.nn.native`: the
     forward and the analytic backward of :class:`_ScaledStandardize` (floor included), one
     read of each weight row per pass. The backward of a parameter also keeps its gradient's
-    per-unit norms for AGC (:func:`unit_grad_norms_from_backward`). First-order only."""
+    per-unit norms for AGC (:func:`normfree.nn.unit_norms.unit_grad_norms_from_backward`).
+    First-order only."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, gain: Tensor | None, eps: float, gamma: float) -> Tensor:
@@ -229,7 +228,6 @@ class _ScaledStandardizeNative(torch.autograd.Function):
         )  # fmt: skip
         if needs_weight:
             grad_weight = grad_weight.view(weight.shape)
-        if needs_weight:
             remember_grad_norms(weight, grad_weight, grad_norm, ctx.forward_number)
         return (
             grad_weight if needs_weight else None,
