@@ -40,7 +40,7 @@ def test_grouped_width_rounds_down_to_whole_groups() -> None:
 def test_strided_pointwise_equals_the_strided_conv(stride: tuple[int, int], size: int) -> None:
     import torch.nn.functional as F
 
-    from normfree.nn.conv import strided_pointwise_conv2d
+    from normfree.nn.pointwise_conv import strided_pointwise_conv2d
 
     gen = torch.Generator().manual_seed(size)
     x = torch.randn(2, 6, size, size + 1, dtype=torch.float64, generator=gen, requires_grad=True)

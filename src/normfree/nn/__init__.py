@@ -33,7 +33,7 @@ from normfree.nn.msr import (
 from normfree.nn.native import native_kernels, native_kernels_enabled, set_native_kernels
 from normfree.nn.norm import NORM_SPECS, NormLayers, group_norm_groups, norm_layers
 from normfree.nn.padding import Conv2dSame, pad_same, same_padding_amounts, static_same_padding
-from normfree.nn.pooled_conv import PooledConv2d
+from normfree.nn.pointwise_conv import PointwiseConv2d, pointwise_conv2d
 from normfree.nn.pooling import AvgPool2dSame, AvgPoolShortcut, MaxPoolSame, ZeroPadShortcut
 from normfree.nn.preact import PreActBlock
 from normfree.nn.proxy_norm import (
@@ -81,7 +81,7 @@ __all__ = [
     "NFResidualBlock",
     "NormAct",
     "NormLayers",
-    "PooledConv2d",
+    "PointwiseConv2d",
     "PreActBlock",
     "ProxyNormActivation",
     "ResidualBlock",
@@ -118,6 +118,7 @@ __all__ = [
     "norm_layers",
     "pad_same",
     "plain_forward",
+    "pointwise_conv2d",
     "proxy_norm_decay_names",
     "proxy_norm_no_decay_names",
     "qiao_standardize",

@@ -8,16 +8,15 @@ normalized ResNet baselines, Fixup, MSR and EfficientNet.
 :func:`grouped_width` is the width rule of the grouped 3×3 convs of NFNets and NF-RegNets
 (DeepMind ``nfnets/nfnet.py`` ``NFBlock`` and ``nf_regnet.py`` ``NFBlock``).
 
-:func:`strided_pointwise_conv2d` runs a strided 1×1 convolution (the transition shortcuts of
-NF-ResNets) as a stride-1 convolution of the subsampled input on CPU.
+The 1×1 convolutions with a faster CPU form (strided, pooled, evaluation) are in
+:mod:`normfree.nn.pointwise_conv`.
 """
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-__all__ = ["HeConv2d", "grouped_width", "is_strided_pointwise", "strided_pointwise_conv2d"]
+__all__ = ["HeConv2d", "grouped_width"]
 
 _MODES = ("fan_in", "fan_out")
 
@@ -72,26 +71,3 @@ def grouped_width(channels: int, ratio: float, group_size: int) -> tuple[int, in
             f"{group_size}: no group left"
         )
     return group_size * groups, groups
-
-
-def is_strided_pointwise(conv: nn.Conv2d) -> bool:
-    """Whether ``conv`` is a 1×1 convolution with a stride and no padding (a transition
-    shortcut), which :func:`strided_pointwise_conv2d` computes."""
-    return (
-        tuple(conv.kernel_size) == (1, 1)
-        and tuple(conv.stride) != (1, 1)
-        and conv.padding in ((0, 0), "valid")
-        and conv.padding_mode == "zeros"
-    )
-
-
-def strided_pointwise_conv2d(
-    x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int], groups: int
-) -> Tensor:
-    """A 1×1 convolution with ``stride`` and no padding. On CPU it runs as a stride-1
-    convolution of ``x[..., ::sh, ::sw]``: the same products, so the same output bit for bit,
-    but oneDNN's backward of a strided 1×1 convolution is 1.2–1.8× slower than that of the
-    subsampled one (docs/benchmarks.md, "Whole-model training"). Elsewhere it is ``F.conv2d``."""
-    if x.device.type == "cpu":
-        return F.conv2d(x[:, :, :: stride[0], :: stride[1]], weight, bias, 1, 0, 1, groups)
-    return F.conv2d(x, weight, bias, stride, 0, 1, groups)

@@ -17,8 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normfree.nn.conv import is_strided_pointwise, strided_pointwise_conv2d
 from normfree.nn.padding import Conv2dSame
+from normfree.nn.pointwise_conv import (
+    is_pointwise,
+    is_strided_pointwise,
+    pointwise_conv2d,
+    strided_pointwise_conv2d,
+)
 from normfree.nn.residual import NFResidualBlock
 from normfree.nn.ws import ScaledStdConv2d
 
@@ -29,13 +34,19 @@ torch.fx.wrap("strided_pointwise_conv2d")  # a torch.fx leaf: it branches on the
 
 class _Prescaled:
     """``forward_scaled`` of a conv whose weight already holds the scales its block passes: it
-    takes :meth:`ScaledStdConv2d.forward_scaled`'s scale arguments and ignores them."""
+    takes :meth:`ScaledStdConv2d.forward_scaled`'s scale arguments and ignores them. 1×1 convs
+    run in their faster CPU forms (:mod:`normfree.nn.pointwise_conv`)."""
 
-    def forward_scaled(self, x: Tensor, *scales: Any, **named_scales: Any) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         conv: nn.Conv2d = self  # type: ignore[assignment]
         if is_strided_pointwise(conv):
             return strided_pointwise_conv2d(x, conv.weight, conv.bias, conv.stride, conv.groups)
-        return conv(x)
+        if is_pointwise(conv):
+            return pointwise_conv2d(x, conv.weight, conv.bias)
+        return super().forward(x)  # type: ignore[misc]
+
+    def forward_scaled(self, x: Tensor, *scales: Any, **named_scales: Any) -> Tensor:
+        return self(x)  # type: ignore[operator]
 
 
 class PrescaledConv2d(_Prescaled, nn.Conv2d):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from normfree.nn.activations import ScaledActivation
-from normfree.nn.pooled_conv import PooledConv2d
+from normfree.nn.pointwise_conv import PointwiseConv2d
 
 __all__ = [
     "ExpectedVariance",
@@ -165,7 +165,7 @@ class SqueezeExcite(nn.Module):
     ``y = x · gate_gain · sigmoid(fc2(relu(fc1(mean_hw(x)))))``. NFNets use ``gate_gain = 2`` so
     the gate is 1 on average at init, and an *unscaled* ReLU inside (Brock et al. 2021b, §4.1).
     ``fc1``/``fc2`` are 1×1 convolutions with bias (the layout of timm's ports), as
-    :class:`~normfree.nn.pooled_conv.PooledConv2d` (an ``nn.Conv2d`` that runs as a matrix
+    :class:`~normfree.nn.pointwise_conv.PointwiseConv2d` (an ``nn.Conv2d`` that runs as a matrix
     product on the pooled input).
     """
 
@@ -180,9 +180,9 @@ class SqueezeExcite(nn.Module):
         if hidden_channels < 1:
             raise ValueError(f"hidden_channels must be >= 1, got {hidden_channels}")
         self.gate_gain = float(gate_gain)
-        self.fc1 = PooledConv2d(channels, hidden_channels)
+        self.fc1 = PointwiseConv2d(channels, hidden_channels)
         self.act = activation if activation is not None else nn.ReLU()
-        self.fc2 = PooledConv2d(hidden_channels, channels)
+        self.fc2 = PointwiseConv2d(hidden_channels, channels)
 
     def forward(self, x: torch.Tensor, out_gain: torch.Tensor | None = None) -> torch.Tensor:
         """``x·gate``; ``out_gain`` (a tensor broadcastable to the ``(B, C, 1, 1)`` gate, e.g.

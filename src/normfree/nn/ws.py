@@ -29,8 +29,14 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from normfree.nn import native
-from normfree.nn.conv import is_strided_pointwise, strided_pointwise_conv2d
 from normfree.nn.padding import Conv2dSame, _pad_same_2d, conv_pair, resolve_padding
+from normfree.nn.pointwise_conv import (
+    PointwiseConv2d,
+    is_pointwise,
+    is_strided_pointwise,
+    pointwise_conv2d,
+    strided_pointwise_conv2d,
+)
 from normfree.nn.unit_norms import (
     remember_grad_norms,
     remember_unit_stats,
@@ -370,6 +376,7 @@ class StdConv2dBase(nn.Conv2d):
         self.same_padding: bool = isinstance(padding, str) and padding.lower() == "same"
         self.dynamic_padding: bool = dynamic
         self.strided_pointwise: bool = is_strided_pointwise(self)
+        self.pointwise: bool = is_pointwise(self)
 
     @property
     def fan_in(self) -> int:
@@ -437,11 +444,14 @@ class StdConv2dBase(nn.Conv2d):
         return self._conv(x, weight, self.bias)
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """The convolution with "SAME" padding and the CPU form of strided 1×1 convs."""
+        """The convolution with "SAME" padding and the faster CPU forms of 1×1 convs
+        (:mod:`normfree.nn.pointwise_conv`)."""
         if self.dynamic_padding:
             x = _pad_same_2d(x, self.kernel_size, self.stride, self.dilation)
         if self.strided_pointwise:
             return strided_pointwise_conv2d(x, weight, bias, self.stride, self.groups)
+        if self.pointwise:
+            return pointwise_conv2d(x, weight, bias)
         return self._conv_forward(x, weight, bias)
 
     def _apply(self, fn, recurse: bool = True):
@@ -464,10 +474,12 @@ class StdConv2dBase(nn.Conv2d):
     ) -> nn.Conv2d:
         """A plain conv with the standardized weight folded in (same outputs, same device/dtype).
 
-        Returns ``nn.Conv2d`` when the padding is static and :class:`~normfree.nn.padding.
-        Conv2dSame` (an ``nn.Conv2d`` subclass) when ``"SAME"`` needs a dynamic pad, or the two
-        ``classes`` given instead; ``weight_bias`` replaces the standardized weight and bias
-        (e.g. :meth:`ScaledStdConv2d.effective_weight_bias` with a block's scales).
+        Returns ``nn.Conv2d`` when the padding is static (a 1×1 stride-1 conv as
+        :class:`~normfree.nn.pointwise_conv.PointwiseConv2d`, an ``nn.Conv2d`` with faster CPU
+        inference) and :class:`~normfree.nn.padding.Conv2dSame` (an ``nn.Conv2d`` subclass) when
+        ``"SAME"`` needs a dynamic pad, or the two ``classes`` given instead; ``weight_bias``
+        replaces the standardized weight and bias (e.g.
+        :meth:`ScaledStdConv2d.effective_weight_bias` with a block's scales).
         """
         plain, same = classes
         ch = (self.in_channels, self.out_channels, self.kernel_size, self.stride)
@@ -475,6 +487,9 @@ class StdConv2dBase(nn.Conv2d):
         conv: nn.Conv2d
         if self.dynamic_padding:
             conv = same(*ch, self.dilation, self.groups, self.bias is not None, **kwargs)
+        elif plain is nn.Conv2d and self.pointwise:
+            conv = PointwiseConv2d(self.in_channels, self.out_channels, self.bias is not None,
+                                   **kwargs)  # fmt: skip
         else:
             conv = plain(
                 *ch, self.padding, self.dilation, self.groups, self.bias is not None, **kwargs

@@ -1,0 +1,191 @@
+"""1×1 convolutions in their faster CPU forms (normfree.nn.pointwise_conv): the same function as
+the convolution (float64 to rounding: output and every gradient), a matrix product exactly
+where the rule says so (pooled input; spatial input without autograd, NCHW float CPU, a weight
+small next to a sample's activations), the convolution itself everywhere else, and the same
+state dict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import normfree
+from normfree.deploy import prepare_for_inference
+from normfree.nn import PointwiseConv2d, ScaledStdConv2d, SqueezeExcite, pointwise_conv2d
+
+
+def _pair(in_ch: int, out_ch: int, bias: bool, seed: int = 0) -> tuple[PointwiseConv2d, nn.Conv2d]:
+    torch.manual_seed(seed)
+    conv = PointwiseConv2d(in_ch, out_ch, bias=bias).double()
+    ref = nn.Conv2d(in_ch, out_ch, 1, bias=bias).double()
+    ref.load_state_dict(conv.state_dict())  # the same keys and shapes as nn.Conv2d
+    return conv, ref
+
+
+@pytest.fixture
+def products(monkeypatch):
+    """Counts the batched matrix products (``torch.bmm``) run while a test runs."""
+    calls = []
+    bmm = torch.bmm
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return bmm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "bmm", counting)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "batch,in_ch,out_ch,bias,size",
+    [(1, 3, 2, True, 1), (5, 37, 11, True, 1), (8, 64, 16, False, 1), (2, 6, 4, True, 3)],
+)
+def test_equals_conv2d_with_gradients(batch, in_ch, out_ch, bias, size) -> None:
+    conv, ref = _pair(in_ch, out_ch, bias)
+    x = torch.randn(batch, in_ch, size, size, dtype=torch.float64)
+    up = torch.randn(batch, out_ch, size, size, dtype=torch.float64)
+    results = []
+    for module in (conv, ref):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        results.append((y, *torch.autograd.grad(y, (xi, *module.parameters()), up)))
+    ops = str(results[0][0].grad_fn.next_functions)
+    # a matrix product on pooled inputs; with autograd on a spatial input, the convolution
+    assert ("Addmm" in ops or "Mm" in ops) == (size == 1)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "batch,in_ch,out_ch,bias,hw",
+    [
+        (1, 3, 5, True, (7, 9)),
+        (4, 64, 256, True, (8, 8)),
+        (3, 40, 24, False, (5, 2)),
+        (2, 128, 128, True, (2, 2)),
+    ],
+)
+def test_without_autograd_a_per_sample_product_equal_to_the_conv(
+    products, batch, in_ch, out_ch, bias, hw
+) -> None:
+    conv, ref = _pair(in_ch, out_ch, bias)
+    x = torch.randn(batch, in_ch, *hw, dtype=torch.float64)
+    with torch.no_grad():
+        y = conv(x)
+    assert len(products) == 1 and y.is_contiguous()
+    torch.testing.assert_close(y, ref(x), rtol=1e-12, atol=1e-12)
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x), y, rtol=0, atol=0)
+    frozen = x.clone()  # autograd on, but nothing needs a gradient (a frozen deployed model)
+    conv.requires_grad_(False)
+    torch.testing.assert_close(conv(frozen), y, rtol=0, atol=0)
+    assert len(products) == 3
+
+
+def test_the_rule_is_exact_at_its_boundary(products) -> None:
+    # in·out ≤ 16·H·W·(in + out): at 2×2, 128→128 sits on the line, 130→130 is past it
+    for channels, expected in ((128, 1), (130, 0)):
+        conv, ref = _pair(channels, channels, True)
+        x = torch.randn(2, channels, 2, 2, dtype=torch.float64)
+        products.clear()
+        with torch.no_grad():
+            torch.testing.assert_close(conv(x), ref(x), rtol=1e-12, atol=1e-12)
+        assert len(products) == expected
+
+
+def test_the_convolution_runs_where_the_product_does_not_pay(products) -> None:
+    conv, ref = _pair(16, 8, True)
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        channels_last = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(conv(channels_last), ref(x), rtol=0, atol=0)
+        single, single_ref = conv.float(), ref.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert single(x.float()).dtype == torch.bfloat16  # the autocast conv's result
+            torch.testing.assert_close(single(x.float()), single_ref(x.float()), rtol=0, atol=0)
+        wide, wide_ref = _pair(512, 2048, True)  # an NFNet's last stage at 4²: weight too big
+        x = torch.randn(2, 512, 4, 4, dtype=torch.float64)
+        torch.testing.assert_close(wide(x), wide_ref(x), rtol=1e-12, atol=1e-12)
+        half = _pair(16, 8, False)[0].to(torch.bfloat16)
+        half(torch.randn(2, 16, 6, 6, dtype=torch.bfloat16))
+    assert products == []
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_traced_compiled_and_scripted_forms_are_the_convolution() -> None:
+    se = SqueezeExcite(4, 2)
+    x = torch.randn(2, 4, 3, 3)
+    traced = torch.fx.symbolic_trace(se, concrete_args={"out_gain": None})
+    assert "conv2d" in traced.code and "linear" not in traced.code
+    torch.testing.assert_close(traced(x), se(x), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.jit.script(se)(x), se(x), rtol=1e-6, atol=1e-7)
+    compiled = torch.compile(se.fc1, backend="eager", fullgraph=True)
+    pooled = x.mean((2, 3), keepdim=True)
+    torch.testing.assert_close(compiled(pooled), se.fc1(pooled), rtol=1e-6, atol=1e-7)
+    conv = PointwiseConv2d(4, 6).eval()
+    graph = torch.fx.symbolic_trace(conv)
+    assert "conv2d" in graph.code and "bmm" not in graph.code
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), conv(x), rtol=1e-6, atol=1e-6)
+        compiled = torch.compile(conv, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), conv(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(torch.jit.script(conv)(x), conv(x), rtol=1e-6, atol=1e-6)
+
+
+def test_functional_form_checks_nothing_the_conv_would_accept_differently() -> None:
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    w = torch.randn(3, 6, 1, 1, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(pointwise_conv2d(x, w), F.conv2d(x, w), rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError):
+        pointwise_conv2d(x, torch.randn(3, 5, 1, 1, dtype=torch.float64))  # wrong in_channels
+
+
+def test_scaled_ws_conv_evaluates_as_the_product_and_trains_as_the_conv(products) -> None:
+    torch.manual_seed(0)
+    conv = ScaledStdConv2d(24, 40, 1).double()
+    assert conv.pointwise and not ScaledStdConv2d(24, 40, 1, stride=2).pointwise
+    x = torch.randn(3, 24, 6, 6, dtype=torch.float64)
+    expected = F.conv2d(x, conv.standardized_weight(), conv.bias)
+    torch.testing.assert_close(conv(x), expected, rtol=0, atol=0)  # autograd: the conv itself
+    assert products == []
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), expected, rtol=1e-12, atol=1e-12)
+    assert len(products) == 1
+
+
+def test_model_evaluation_and_its_folded_form_match_the_convolution(products) -> None:
+    torch.manual_seed(0)
+    model = normfree.create_model("nf_resnet26", num_classes=10).double().eval()
+    for p in model.parameters():  # trained-like skip gains, so that every branch counts
+        if p.dim() == 0:
+            p.data.fill_(0.3)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    reference = model(x)  # autograd on: every 1×1 conv is the convolution
+    assert products == []
+    with torch.no_grad():
+        evaluated = model(x)
+        used = len(products)
+        folded = prepare_for_inference(model)
+        products.clear()
+        deployed = folded(x)
+    assert used > 0 and len(products) == used
+    torch.testing.assert_close(evaluated, reference, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(deployed, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_folded_pointwise_convs_keep_the_conv_layout() -> None:
+    conv = ScaledStdConv2d(8, 4, 1).eval()
+    folded = conv.to_conv2d()
+    assert type(folded) is PointwiseConv2d and isinstance(folded, nn.Conv2d)
+    assert {k: v.shape for k, v in folded.state_dict().items()} == {
+        "weight": torch.Size([4, 8, 1, 1]), "bias": torch.Size([4])}  # fmt: skip
+    assert type(ScaledStdConv2d(8, 4, 3).to_conv2d()) is nn.Conv2d
+
+
+def test_nfnet_squeeze_excite_weights_keep_their_layout() -> None:
+    model = normfree.create_model("nfnet_f0", num_classes=10)
+    fc = model.get_submodule("stages.0.0.attn_last.fc1")
+    assert isinstance(fc, nn.Conv2d) and tuple(fc.weight.shape) == (128, 256, 1, 1)
