@@ -1,8 +1,9 @@
 """1×1 convolutions in their faster CPU forms (normfree.nn.pointwise_conv): the same function as
-the convolution (float64 to rounding: output and every gradient), a matrix product exactly
-where the rule says so (pooled input; spatial input without autograd, NCHW float CPU, a weight
-small next to a sample's activations), the convolution itself everywhere else, and the same
-state dict."""
+the convolution (float64 to rounding: output, every gradient, double backward), each pass in
+the form its rule picks (pooled input: F.linear; NCHW float CPU input: per-sample products,
+the convolution's input gradient for big weights, one product over the batch's pixels for the
+weight gradient of small maps), the convolution itself under tracing/compile/script and for
+channels-last or autocast inputs, and the same state dict."""
 
 from __future__ import annotations
 
@@ -26,15 +27,21 @@ def _pair(in_ch: int, out_ch: int, bias: bool, seed: int = 0) -> tuple[Pointwise
 
 @pytest.fixture
 def products(monkeypatch):
-    """Counts the batched matrix products (``torch.bmm``) run while a test runs."""
-    calls = []
-    bmm = torch.bmm
+    """The names of the matrix products and convolution backwards run while a test runs."""
+    calls: list[str] = []
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return bmm(*args, **kwargs)
+    def counting(module, name):
+        original = getattr(module, name)
 
-    monkeypatch.setattr(torch, "bmm", counting)
+        def counted(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+    counting(torch, "bmm")
+    counting(torch, "mm")
+    counting(torch.nn.grad, "conv2d_input")
     return calls
 
 
@@ -52,10 +59,47 @@ def test_equals_conv2d_with_gradients(batch, in_ch, out_ch, bias, size) -> None:
         y = module(xi)
         results.append((y, *torch.autograd.grad(y, (xi, *module.parameters()), up)))
     ops = str(results[0][0].grad_fn.next_functions)
-    # a matrix product on pooled inputs; with autograd on a spatial input, the convolution
+    # a matrix product on pooled inputs, the pass-by-pass form on spatial ones
     assert ("Addmm" in ops or "Mm" in ops) == (size == 1)
+    assert (results[0][0].grad_fn.name() == "_PointwiseConvBackward") == (size > 1)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+# forward / ∂x / ∂W forms: products everywhere; ∂x by the conv (weight > 1 MiB) and ∂W as one
+# product over the batch's pixels; the conv forward (weight too big to reread) with both
+@pytest.mark.parametrize(
+    "in_ch,out_ch,hw,forms",
+    [
+        (24, 40, (6, 5), ["bmm", "bmm", "bmm"]),
+        (512, 1024, (8, 8), ["bmm", "conv2d_input", "mm"]),
+        (512, 2048, (2, 2), ["conv2d_input", "mm"]),
+    ],
+)
+def test_training_form_equals_the_convolution_pass_by_pass(
+    products, in_ch, out_ch, hw, forms
+) -> None:
+    conv, ref = _pair(in_ch, out_ch, True)
+    x = torch.randn(3, in_ch, *hw, dtype=torch.float64)
+    up = torch.randn(3, out_ch, *hw, dtype=torch.float64)
+    results = []
+    for module in (conv, ref):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        results.append((y, *torch.autograd.grad(y, (xi, *module.parameters()), up)))
+        if module is conv:
+            assert products == forms
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-11)
+
+
+def test_training_form_has_a_double_backward() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(s, dtype=torch.float64, generator=gen, requires_grad=True)
+            for s in ((2, 3, 4, 3), (5, 3, 1, 1)))  # fmt: skip
+    b = torch.randn(5, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert pointwise_conv2d(x, w, b).grad_fn.name() == "_PointwiseConvBackward"
+    assert torch.autograd.gradgradcheck(pointwise_conv2d, (x, w, b))
 
 
 @pytest.mark.parametrize(
@@ -74,25 +118,25 @@ def test_without_autograd_a_per_sample_product_equal_to_the_conv(
     x = torch.randn(batch, in_ch, *hw, dtype=torch.float64)
     with torch.no_grad():
         y = conv(x)
-    assert len(products) == 1 and y.is_contiguous()
+    assert products == ["bmm"] and y.is_contiguous()
     torch.testing.assert_close(y, ref(x), rtol=1e-12, atol=1e-12)
     with torch.inference_mode():
         torch.testing.assert_close(conv(x), y, rtol=0, atol=0)
     frozen = x.clone()  # autograd on, but nothing needs a gradient (a frozen deployed model)
     conv.requires_grad_(False)
     torch.testing.assert_close(conv(frozen), y, rtol=0, atol=0)
-    assert len(products) == 3
+    assert products == ["bmm"] * 3
 
 
 def test_the_rule_is_exact_at_its_boundary(products) -> None:
     # in·out ≤ 16·H·W·(in + out): at 2×2, 128→128 sits on the line, 130→130 is past it
-    for channels, expected in ((128, 1), (130, 0)):
+    for channels, expected in ((128, ["bmm"]), (130, [])):
         conv, ref = _pair(channels, channels, True)
         x = torch.randn(2, channels, 2, 2, dtype=torch.float64)
         products.clear()
         with torch.no_grad():
             torch.testing.assert_close(conv(x), ref(x), rtol=1e-12, atol=1e-12)
-        assert len(products) == expected
+        assert products == expected
 
 
 def test_the_convolution_runs_where_the_product_does_not_pay(products) -> None:
@@ -143,37 +187,52 @@ def test_functional_form_checks_nothing_the_conv_would_accept_differently() -> N
         pointwise_conv2d(x, torch.randn(3, 5, 1, 1, dtype=torch.float64))  # wrong in_channels
 
 
-def test_scaled_ws_conv_evaluates_as_the_product_and_trains_as_the_conv(products) -> None:
+def test_scaled_ws_conv_trains_and_evaluates_in_matrix_form(products) -> None:
     torch.manual_seed(0)
     conv = ScaledStdConv2d(24, 40, 1).double()
     assert conv.pointwise and not ScaledStdConv2d(24, 40, 1, stride=2).pointwise
     x = torch.randn(3, 24, 6, 6, dtype=torch.float64)
     expected = F.conv2d(x, conv.standardized_weight(), conv.bias)
-    torch.testing.assert_close(conv(x), expected, rtol=0, atol=0)  # autograd: the conv itself
-    assert products == []
+    trained = conv(x)
+    assert trained.grad_fn.name() == "_PointwiseConvBackward" and products == ["bmm"]
+    torch.testing.assert_close(trained, expected, rtol=1e-12, atol=1e-12)
     with torch.no_grad():
-        torch.testing.assert_close(conv(x), expected, rtol=1e-12, atol=1e-12)
-    assert len(products) == 1
+        torch.testing.assert_close(conv(x), trained, rtol=0, atol=0)  # the same products
+    assert products == ["bmm", "bmm"]
 
 
-def test_model_evaluation_and_its_folded_form_match_the_convolution(products) -> None:
+def test_model_training_evaluation_and_folded_form_match_the_convolution(products) -> None:
     torch.manual_seed(0)
-    model = normfree.create_model("nf_resnet26", num_classes=10).double().eval()
+    model = normfree.create_model("nf_resnet26", num_classes=10, drop_rate=0.0, drop_path_rate=0.0)
+    model = model.double()
     for p in model.parameters():  # trained-like skip gains, so that every branch counts
         if p.dim() == 0:
             p.data.fill_(0.3)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    reference = model(x)  # autograd on: every 1×1 conv is the convolution
+    reference = torch.fx.symbolic_trace(model)  # every 1×1 conv traced as F.conv2d
     assert products == []
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    y = torch.tensor([3, 7])
+    grads = []
+    for net in (model, reference):  # training: loss and every parameter's gradient
+        model.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        grads.append([loss] + [p.grad.clone() for p in model.parameters()])
+    assert {"bmm", "mm"} <= set(products)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    model.eval()
     with torch.no_grad():
+        expected = reference.eval()(x)
+        products.clear()
         evaluated = model(x)
         used = len(products)
         folded = prepare_for_inference(model)
         products.clear()
         deployed = folded(x)
     assert used > 0 and len(products) == used
-    torch.testing.assert_close(evaluated, reference, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(deployed, reference, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(evaluated, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(deployed, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_folded_pointwise_convs_keep_the_conv_layout() -> None:

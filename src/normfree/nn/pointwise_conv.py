@@ -42,6 +42,9 @@ __all__ = [
 # in·out ≤ _REREAD_LIMIT·H·W·(in + out), i.e. while the weight is small next to what a sample
 # reads and writes (measured on NF-ResNet, NF-RegNet and NFNet shapes, docs/benchmarks.md).
 _REREAD_LIMIT = 16
+# A weight this small stays in a core's cache (2 MiB L2 on the machine measured) while every
+# sample rereads it, so the per-sample products of the input gradient pay.
+_CACHED_WEIGHT_BYTES = 1 << 20
 _MATMUL_DTYPES = (torch.float32, torch.float64)
 
 
@@ -67,9 +70,9 @@ def is_strided_pointwise(conv: nn.Conv2d) -> bool:
 
 def pointwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.conv2d(x, weight, bias)`` for a ``(out, in, 1, 1)`` weight (stride 1, no padding, no
-    groups), computed as a matrix product where that is faster (module docstring): for a pooled
-    ``(B, C, 1, 1)`` input in eager mode, and for an NCHW float CPU input when no gradient is
-    needed and the weight is small next to a sample's activations."""
+    groups), computed in matrix form where that is faster (module docstring): ``F.linear`` for a
+    pooled ``(B, C, 1, 1)`` input in eager mode; for an NCHW float CPU input, per-sample products
+    without autograd and :class:`_PointwiseConv` (each pass in its faster form) with it."""
     if not torch.jit.is_scripting():
         fast = _as_matrix_product(x, weight, bias)
         if fast is not None:
@@ -79,7 +82,7 @@ def pointwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
 
 @torch.jit.unused
 def _as_matrix_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
-    """:func:`pointwise_conv2d` as a matrix product, or None where the convolution runs."""
+    """:func:`pointwise_conv2d` in matrix form, or None where the convolution runs."""
     if (
         isinstance(x, torch.fx.Proxy)
         or isinstance(weight, torch.fx.Proxy)
@@ -88,30 +91,101 @@ def _as_matrix_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
         or x.dim() != 4
     ):
         return None
-    batch, channels, height, width = x.shape
-    out = weight.shape[0]
+    batch, _, height, width = x.shape
     if height == 1 and width == 1:
-        return F.linear(x.flatten(1), weight.flatten(1), bias).view(batch, out, 1, 1)
-    grad_needed = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    area = height * width
+        out = F.linear(x.flatten(1), weight.flatten(1), bias)
+        return out.view(batch, weight.shape[0], 1, 1)
     if (
-        grad_needed
-        or x.device.type != "cpu"
+        x.device.type != "cpu"
         or x.dtype not in _MATMUL_DTYPES
         or weight.dtype != x.dtype
         or (bias is not None and bias.dtype != x.dtype)
         or _cpu_autocast_enabled()
         or not x.is_contiguous()
-        or out * channels > _REREAD_LIMIT * area * (out + channels)
     ):
         return None
-    y = torch.bmm(weight.reshape(out, channels).expand(batch, out, channels),
-                  x.reshape(batch, channels, area))  # fmt: skip
+    grad_needed = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if grad_needed:
+        return _PointwiseConv.apply(x, weight, bias)
+    if not _product_pays(weight, height * width):
+        return None
+    return _per_sample_product(x, weight, bias)
+
+
+def _product_pays(weight: Tensor, area: int) -> bool:
+    """Whether per-sample products ``W @ x_b`` beat the convolution: while the weight, reread
+    once per sample, is small next to what a sample reads and writes."""
+    out, channels = weight.shape[0], weight.shape[1]
+    return out * channels <= _REREAD_LIMIT * area * (out + channels)
+
+
+def _per_sample_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``W @ x_b (+ b)`` for every sample of an NCHW-contiguous ``x``, into a fresh NCHW
+    tensor (written through ``out=`` so that it is no view: an in-place activation may follow)."""
+    batch, channels, height, width = x.shape
+    out = weight.shape[0]
+    area = height * width
+    y = x.new_empty((batch, out, height, width))
+    rows = y.view(batch, out, area)
+    torch.bmm(weight.reshape(out, channels).expand(batch, out, channels),
+              x.view(batch, channels, area), out=rows)  # fmt: skip
     if bias is not None:
-        y.add_(bias.reshape(out, 1))
-    return y.view(batch, out, height, width)
+        rows.add_(bias.reshape(out, 1))
+    return y
+
+
+class _PointwiseConv(torch.autograd.Function):
+    """A 1×1 convolution of an NCHW float CPU input with autograd, each pass in the form that
+    measured faster in whole training steps (docs/benchmarks.md):
+
+    * forward ``y_b = W·x_b + b``: per-sample products where :func:`_product_pays`, else the
+      convolution;
+    * ``∂L/∂x_b = Wᵀ·δ_b``: per-sample products where they pay and the weight fits in a core's
+      cache (≤ 1 MiB, one read from memory for all samples), else the convolution's backward;
+    * ``∂L/∂W = Σ_b δ_b·x_bᵀ``: one product over all pixels of the batch, on copies of δ and x
+      laid out ``(channels, B·H·W)``, where the weight is bigger than what one pixel row of the
+      batch holds (``out·in > H·W·(out + in)``: small late-stage maps), else per-sample products
+      summed over the batch; ``∂L/∂b = Σ δ``.
+
+    The backward is built of differentiable ops, so double backward works."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if _product_pays(weight, x.shape[2] * x.shape[3]):
+            return _per_sample_product(x, weight, bias)
+        return F.conv2d(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        batch, channels, height, width = x.shape
+        out, area = weight.shape[0], height * width
+        grad = grad.contiguous()
+        rows = grad.view(batch, out, area)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            small = weight.numel() * weight.element_size() <= _CACHED_WEIGHT_BYTES
+            if small and _product_pays(weight, area):
+                matrix = weight.reshape(out, channels).t().expand(batch, channels, out)
+                grad_x = torch.bmm(matrix, rows).view(x.shape)
+            else:
+                grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad)
+        if ctx.needs_input_grad[1]:
+            inputs = x.view(batch, channels, area)
+            if out * channels > area * (out + channels):
+                pixels = batch * area
+                grad_w = torch.mm(rows.transpose(0, 1).reshape(out, pixels),
+                                  inputs.transpose(0, 1).reshape(channels, pixels).t())  # fmt: skip
+            else:
+                grad_w = torch.bmm(rows, inputs.transpose(1, 2)).sum(0)
+            grad_w = grad_w.view(weight.shape)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = rows.sum((0, 2))
+        return grad_x, grad_w, grad_b
 
 
 def _cpu_autocast_enabled() -> bool:
