@@ -58,12 +58,18 @@ def test_strided_pointwise_equals_the_strided_conv(stride: tuple[int, int], size
 def test_ws_shortcut_conv_takes_the_subsampled_path() -> None:
     from normfree.nn import ScaledStdConv2d
 
-    conv = ScaledStdConv2d(8, 16, 1, stride=2)
+    conv = ScaledStdConv2d(8, 16, 1, stride=2).double()
     assert conv.strided_pointwise and not ScaledStdConv2d(8, 16, 3, stride=2).strided_pointwise
-    x = torch.randn(2, 8, 9, 9)
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64, requires_grad=True)
     expected = torch.nn.functional.conv2d(x, conv.standardized_weight(), conv.bias, 2)
-    torch.testing.assert_close(conv(x), expected, rtol=0, atol=0)
+    ours = conv(x)  # the subsample in the matrix form of normfree.nn.pointwise_conv
+    assert ours.grad_fn.name() == "_PointwiseConvBackward"
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    up = torch.randn_like(expected)
+    wrt = (x, conv.weight, conv.gain, conv.bias)
+    for a, b in zip(torch.autograd.grad(ours, wrt, up), torch.autograd.grad(expected, wrt, up)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     gm = torch.fx.symbolic_trace(conv)  # one leaf call, no branch on the traced input
     assert any(n.target.__name__ == "strided_pointwise_conv2d" for n in gm.graph.nodes
                if n.op == "call_function")  # fmt: skip
-    torch.testing.assert_close(gm(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(gm(x), expected, rtol=1e-12, atol=1e-12)

@@ -1,27 +1,32 @@
 """1×1 convolutions computed in the form that is fastest on CPU, with the numbers of the
 convolution (float rounding aside).
 
-oneDNN, PyTorch's CPU convolution, is slow on three kinds of 1×1 convolution that normalizer-free
-networks are full of; each has a matrix form here (timings: docs/benchmarks.md):
+oneDNN, PyTorch's CPU convolution, is slow on the 1×1 convolutions that normalizer-free
+networks are full of (a ResNet-50 bottleneck has two of its three convs 1×1). Each kind has a
+matrix form here, chosen from timings inside whole training and evaluation steps
+(docs/benchmarks.md, "1×1 convs in matrix form, pass by pass"):
 
 * **pooled input** ``(B, C, 1, 1)``, the squeeze-excite gates of NFNets (Hu et al. 2018; Brock
   et al. 2021b, §4.1): ``F.linear(x.flatten(1), W.flatten(1), b)``, 3–5× faster forward and
   backward at batch 8 (NFNet-F0's SE convs hold 21.8M of its 71.5M weights);
-* **spatial input without autograd** (evaluation, inference): a per-sample product
-  ``W @ x_b`` over the ``(C, H·W)`` view of each NCHW sample (``torch.bmm``), where the weight
-  is small next to a sample's activations (``in·out ≤ 16·H·W·(in + out)``): 0.8–0.95× the time
-  of the convolution on the ResNet and RegNet shapes measured. With small maps and wide layers
-  (an NFNet's last stages at 4²) the product rereads a large weight once per sample and the
-  convolution, which blocks over the batch, stays faster. In training the product measured no
-  faster than the convolution's forward + backward, so there the convolution runs;
-* **strided, no padding** (the transition shortcuts of NF-ResNets): a stride-1 convolution of
-  ``x[..., ::s, ::s]``, the same products bit for bit, whose backward is 1.2–1.8× faster.
+* **spatial NCHW float input on CPU**, each pass in its own form: the output as per-sample
+  products ``W·x_b`` (``torch.bmm`` over the ``(C, H·W)`` view of each sample) while the
+  weight, reread once per sample, is small next to a sample's data
+  (``in·out ≤ 16·H·W·(in + out)``); the input gradient the same way when the weight also fits
+  a core's cache; the weight gradient as one product over all the batch's pixels on small maps
+  and as per-sample products summed over the batch on large ones (:class:`_PointwiseConv`).
+  The convolution itself runs wherever a rule says no. nf_resnet50 evaluates 1.055× → 0.997×
+  the time of a ResNet-50 with no normalization at all, and trains 0.96× the time of the
+  all-convolution form; nf_regnet_b0 0.84× and 0.88×;
+* **strided, no padding** (the transition shortcuts of NF-ResNets): the stride-1 form of
+  ``x[..., ::s, ::s]`` (the same products), whose backward is 1.2–1.8× faster as a
+  convolution and faster again in the matrix forms above.
 
 :class:`PointwiseConv2d` is an ``nn.Conv2d`` (same parameters, state-dict layout, hooks and
 ``isinstance`` checks; timm's and DeepMind's weights load unchanged) that runs
 :func:`pointwise_conv2d`. Under ``torch.fx`` tracing, TorchScript, ``torch.jit.trace``,
-``torch.compile``/``torch.export`` and for channels-last, autocast or non-float inputs these are
-exactly the convolution.
+``torch.compile``/``torch.export`` (where the matrix forms measured 1.4× slower), and for
+channels-last, autocast, non-float or non-CPU inputs these are exactly the convolution.
 """
 
 from __future__ import annotations
@@ -199,11 +204,15 @@ def strided_pointwise_conv2d(
     x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int], groups: int
 ) -> Tensor:
     """A 1×1 convolution with ``stride`` and no padding. On CPU it runs as a stride-1
-    convolution of ``x[..., ::sh, ::sw]``: the same products, so the same output bit for bit,
-    but oneDNN's backward of a strided 1×1 convolution is 1.2–1.8× slower than that of the
-    subsampled one (docs/benchmarks.md, "Whole-model training"). Elsewhere it is ``F.conv2d``."""
+    convolution of ``x[..., ::sh, ::sw]`` (:func:`pointwise_conv2d` of a contiguous copy for an
+    NCHW input without groups): the same products, but oneDNN's backward of a strided 1×1
+    convolution is 1.2–1.8× slower than that of the subsampled one, and the matrix forms are
+    faster again (docs/benchmarks.md, "Whole-model training"). Elsewhere it is ``F.conv2d``."""
     if x.device.type == "cpu":
-        return F.conv2d(x[:, :, :: stride[0], :: stride[1]], weight, bias, 1, 0, 1, groups)
+        sub = x[:, :, :: stride[0], :: stride[1]]
+        if groups == 1 and x.is_contiguous():
+            return pointwise_conv2d(sub.contiguous(), weight, bias)
+        return F.conv2d(sub, weight, bias, 1, 0, 1, groups)
     return F.conv2d(x, weight, bias, stride, 0, 1, groups)
 
 
