@@ -27,6 +27,10 @@ train steps (it includes the interpreter and libraries, ~0.3 GiB, the same for e
     python benchmarks/bench_train.py --only normfree:nf_resnet50,normfree:nf_resnet50:sd,\
 normfree:nf_resnet50:folded --group resnet50      # extra variants: :sd, :folded
 
+``--compile`` compiles normfree's models with :func:`normfree.nn.compile_options` (what
+``normfree train --compile`` uses: on CPU, inductor's ``conv_1x1_as_mm``) and the peers with
+``torch.compile``'s defaults, as their users would.
+
 timm and torchvision are optional (``pip install normfree[bench]``); a missing peer is skipped
 with a message. The ``:native`` rows (normfree's opt-in native CPU kernels, built on first use:
 a C++ compiler and ~30 s once) are skipped with a message where they cannot be built, and on
@@ -54,7 +58,7 @@ from torch import nn
 
 import normfree
 from interleaved import median_ratio, time_interleaved
-from normfree.nn import NFResidualBlock, native_kernels
+from normfree.nn import NFResidualBlock, compile_options, native_kernels
 from normfree.optim import AGC
 
 __all__ = ["GROUPS", "build_variant", "main"]
@@ -170,7 +174,10 @@ def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> V
     y = torch.randint(0, 1000, (args.batch,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
     clip = _agc(spec.removesuffix(COMPILED), model, opt)
-    fwd = torch.compile(model) if compiled else model
+    fwd = model
+    if compiled:  # normfree's models with normfree's inductor options; peers with the defaults
+        options = compile_options(device) if spec.startswith("normfree:") else {}
+        fwd = torch.compile(model, options=options or None)
     loss_fn = nn.CrossEntropyLoss()
     v = Variant(spec, train=None, eval=lambda: None)
     native = spec.removesuffix(COMPILED).endswith(":native")

@@ -11,7 +11,7 @@ from torch import nn
 from normfree.models.nf_regnet import NFRegNetBlock
 from normfree.models.nf_resnet import NFResNetBlock
 from normfree.models.nfnet import NFNetBlock
-from normfree.nn import NFResidualBlock, ScaledStdConv2d, plain_forward
+from normfree.nn import NFResidualBlock, ScaledStdConv2d, compile_options, plain_forward
 
 BLOCKS = {
     "nf_resnet_bottleneck_transition": lambda: NFResNetBlock(8, 16, 2, 0.9, 0.2),
@@ -205,7 +205,8 @@ def test_inductor_compiled_train_step_matches_eager() -> None:
     model.train()
     x, y = torch.randn(2, 3, size + 1, size + 1), torch.tensor([0, 2])  # odd: dynamic "SAME"
     loss_e, grads_e = _tiny_train_step(model, x, y, model)
-    compiled = torch.compile(model, fullgraph=True)
+    # normfree's inductor options (1×1 convs as matrix products), as `normfree train --compile`
+    compiled = torch.compile(model, fullgraph=True, options=compile_options("cpu"))
     loss_c, grads_c = _tiny_train_step(model, x, y, compiled)
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-5)
     for pname, g in grads_e.items():

@@ -248,3 +248,8 @@ def test_nfnet_squeeze_excite_weights_keep_their_layout() -> None:
     model = normfree.create_model("nfnet_f0", num_classes=10)
     fc = model.get_submodule("stages.0.0.attn_last.fc1")
     assert isinstance(fc, nn.Conv2d) and tuple(fc.weight.shape) == (128, 256, 1, 1)
+
+
+def test_compile_options_lower_1x1_convs_on_cpu_only() -> None:
+    assert normfree.nn.compile_options("cpu") == {"conv_1x1_as_mm": True}
+    assert normfree.nn.compile_options(torch.device("cuda", 0)) == {}

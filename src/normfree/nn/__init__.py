@@ -33,7 +33,7 @@ from normfree.nn.msr import (
 from normfree.nn.native import native_kernels, native_kernels_enabled, set_native_kernels
 from normfree.nn.norm import NORM_SPECS, NormLayers, group_norm_groups, norm_layers
 from normfree.nn.padding import Conv2dSame, pad_same, same_padding_amounts, static_same_padding
-from normfree.nn.pointwise_conv import PointwiseConv2d, pointwise_conv2d
+from normfree.nn.pointwise_conv import PointwiseConv2d, compile_options, pointwise_conv2d
 from normfree.nn.pooling import AvgPool2dSame, AvgPoolShortcut, MaxPoolSame, ZeroPadShortcut
 from normfree.nn.preact import PreActBlock
 from normfree.nn.proxy_norm import (
@@ -98,6 +98,7 @@ __all__ = [
     "activation_gamma",
     "activation_names",
     "apply_zero_mean_init",
+    "compile_options",
     "fixup_init_branch_",
     "fixup_lr_scale",
     "fixup_scalar_parameter_names",

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normfree.nn import compile_options
 from normfree.optim import AGC, attached
 from normfree.train import builders as B
 from normfree.train.callbacks import Callback
@@ -171,8 +172,9 @@ class Trainer(TrainerState):
             self.train_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[info.device.index] if info.device.type == "cuda" else None
             )
-        if t.compile:
-            self.train_model = torch.compile(self.train_model)
+        if t.compile:  # inductor, with 1×1 convs as matrix products on CPU
+            options = compile_options(info.device) or None
+            self.train_model = torch.compile(self.train_model, options=options)
         self.logger = RunLogger(
             self.run_dir,
             enabled=info.is_main,
