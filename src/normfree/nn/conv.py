@@ -3,7 +3,8 @@
 :class:`HeConv2d` is a convolution with He-normal init (He et al. 2015, "Delving Deep into
 Rectifiers", arXiv 1502.01852: eq. 10 for ``fan_in``, eq. 14 for ``fan_out``), symmetric ``k//2``
 padding and an optional bias: the "NF, He-init" convs of Brock et al. 2021a, the convs of the
-normalized ResNet baselines, Fixup, MSR and EfficientNet.
+normalized ResNet baselines, Fixup, MSR and EfficientNet. Its 1×1 convs run in the faster CPU
+forms of :mod:`normfree.nn.pointwise_conv`.
 
 :func:`grouped_width` is the width rule of the grouped 3×3 convs of NFNets and NF-RegNets
 (DeepMind ``nfnets/nfnet.py`` ``NFBlock`` and ``nf_regnet.py`` ``NFBlock``).
@@ -14,7 +15,14 @@ The 1×1 convolutions with a faster CPU form (strided, pooled, evaluation) are i
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
+
+from normfree.nn.pointwise_conv import (
+    is_pointwise,
+    is_strided_pointwise,
+    pointwise_conv2d,
+    strided_pointwise_conv2d,
+)
 
 __all__ = ["HeConv2d", "grouped_width"]
 
@@ -50,6 +58,14 @@ class HeConv2d(nn.Conv2d):
             in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
             groups=groups, bias=bias,
         )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The convolution (a 1×1 one in the faster CPU forms of ``nn.pointwise_conv``)."""
+        if is_pointwise(self):
+            return pointwise_conv2d(x, self.weight, self.bias)
+        if is_strided_pointwise(self):
+            return strided_pointwise_conv2d(x, self.weight, self.bias, self.stride, self.groups)
+        return super().forward(x)
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_normal_(self.weight, mode=self.mode, nonlinearity="relu")

@@ -90,8 +90,8 @@ def pointwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
 def _as_matrix_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     """:func:`pointwise_conv2d` in matrix form, or None where the convolution runs."""
     if (
-        isinstance(x, torch.fx.Proxy)
-        or isinstance(weight, torch.fx.Proxy)
+        _fx_proxy(x)
+        or _fx_proxy(weight)
         or torch.jit.is_tracing()
         or torch.compiler.is_compiling()
         or x.dim() != 4
@@ -201,6 +201,12 @@ def _cpu_autocast_enabled() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+@torch.jit.unused
+def _fx_proxy(x: Tensor) -> bool:
+    """Whether ``x`` is a ``torch.fx`` proxy (a trace sees the plain convolution)."""
+    return isinstance(x, torch.fx.Proxy)
+
+
 def compile_options(device: torch.device | str) -> dict[str, bool]:
     """Options of the inductor backend for ``torch.compile(model, options=...)`` of a model on
     ``device``: on CPU, lower 1×1 convolutions to matrix products as the eager forms here do
@@ -217,6 +223,9 @@ def strided_pointwise_conv2d(
     NCHW input without groups): the same products, but oneDNN's backward of a strided 1×1
     convolution is 1.2–1.8× slower than that of the subsampled one, and the matrix forms are
     faster again (docs/benchmarks.md, "Whole-model training"). Elsewhere it is ``F.conv2d``."""
+    if not torch.jit.is_scripting():
+        if _fx_proxy(x):  # a trace records the plain strided convolution
+            return F.conv2d(x, weight, bias, stride, 0, 1, groups)
     if x.device.type == "cpu":
         sub = x[:, :, :: stride[0], :: stride[1]]
         if groups == 1 and x.is_contiguous():
