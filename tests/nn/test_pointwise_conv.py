@@ -253,3 +253,67 @@ def test_nfnet_squeeze_excite_weights_keep_their_layout() -> None:
 def test_compile_options_lower_1x1_convs_on_cpu_only() -> None:
     assert normfree.nn.compile_options("cpu") == {"conv_1x1_as_mm": True}
     assert normfree.nn.compile_options(torch.device("cuda", 0)) == {}
+
+
+def test_forward_mode_ad_and_torch_func_transforms_match_the_convolution() -> None:
+    import torch.autograd.forward_ad as fwAD
+
+    gen = torch.Generator().manual_seed(1)
+    x, tx = (torch.randn(2, 6, 5, 5, dtype=torch.float64, generator=gen) for _ in range(2))
+    w = torch.randn(4, 6, 1, 1, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, generator=gen)
+    ours = lambda x: pointwise_conv2d(x, w, b)  # noqa: E731
+    conv = lambda x: F.conv2d(x, w, b)  # noqa: E731
+    for grad_mode in (False, True):  # the product path, and the autograd path falling back
+        with torch.set_grad_enabled(grad_mode):
+            for a, c in zip(torch.func.jvp(ours, (x,), (tx,)), torch.func.jvp(conv, (x,), (tx,))):
+                torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+            with fwAD.dual_level():
+                dual = fwAD.make_dual(x, tx)
+                torch.testing.assert_close(fwAD.unpack_dual(ours(dual)).tangent,
+                                           fwAD.unpack_dual(conv(dual)).tangent,
+                                           rtol=1e-12, atol=1e-12)  # fmt: skip
+    loss = lambda f: lambda w, xi: f(xi, w, b).square().sum()  # noqa: E731
+    per_sample = [torch.func.vmap(torch.func.grad(loss(f)), in_dims=(None, 0))(w, x[:, None])
+                  for f in (pointwise_conv2d, F.conv2d)]  # fmt: skip
+    torch.testing.assert_close(per_sample[0], per_sample[1], rtol=1e-12, atol=1e-12)
+
+
+def test_moment_propagation_runs_through_the_product_forms(monkeypatch) -> None:
+    """Labatie's moments use forward-mode AD under no_grad: the product forms carry the
+    tangents and give the convolution's numbers (float32 rounding)."""
+    from dataclasses import asdict
+
+    from normfree.analysis import propagate_moments
+    from normfree.nn import pointwise_conv
+
+    model = normfree.create_model("nf_resnet26", num_classes=10)
+    runs = [propagate_moments(model, input_shape=(3, 32, 32), batch_size=2)]
+    monkeypatch.setattr(pointwise_conv, "_as_matrix_product", lambda *a: None)  # all convs
+    runs.append(propagate_moments(model, input_shape=(3, 32, 32), batch_size=2))
+    assert len(runs[0].points) == len(runs[1].points) > 5
+    for a, c in zip(runs[0].points, runs[1].points):
+        a, c = asdict(a), asdict(c)
+        for key, value in a.items():
+            if isinstance(value, float):
+                assert value == pytest.approx(c[key], rel=1e-3, abs=1e-6), key
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_baseline_and_deployed_models_still_script() -> None:
+    x = torch.randn(2, 3, 32, 32)
+    for name in ("bn_resnet_cifar20", "fixup_resnet_cifar20"):  # HeConv2d's 1×1 forms
+        model = normfree.create_model(name, num_classes=10).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=1e-5, atol=1e-6)
+    folded = prepare_for_inference(normfree.create_model("nf_resnet26", num_classes=10).eval())
+    torch.jit.script(folded)  # compiles (baked blocks refuse to run scripted, by design)
+
+
+def test_modules_pickled_before_the_form_attributes_load() -> None:
+    for conv in (ScaledStdConv2d(4, 8, 1), normfree.nn.HeConv2d(4, 8, 1, stride=2)):
+        state = conv.__dict__.copy()
+        del state["pointwise"], state["strided_pointwise"]  # an older pickle
+        old = type(conv).__new__(type(conv))
+        old.__setstate__(state)
+        assert (old.pointwise, old.strided_pointwise) == (conv.pointwise, conv.strided_pointwise)

@@ -15,21 +15,16 @@ The 1×1 convolutions with a faster CPU form (strided, pooled, evaluation) are i
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from normfree.nn.pointwise_conv import (
-    is_pointwise,
-    is_strided_pointwise,
-    pointwise_conv2d,
-    strided_pointwise_conv2d,
-)
+from normfree.nn.pointwise_conv import _PointwiseForms
 
 __all__ = ["HeConv2d", "grouped_width"]
 
 _MODES = ("fan_in", "fan_out")
 
 
-class HeConv2d(nn.Conv2d):
+class HeConv2d(_PointwiseForms, nn.Conv2d):
     """Plain 2-D convolution with He-normal init: ``W ~ N(0, 2/fan)`` with ``fan`` the fan-in
     ``C_in/groups·k²`` (``mode="fan_in"``) or the fan-out ``C_out·k²`` (``mode="fan_out"``,
     torchvision's ResNet and Fixup's rule); zero bias. Padding ``k//2`` (symmetric).
@@ -58,14 +53,6 @@ class HeConv2d(nn.Conv2d):
             in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
             groups=groups, bias=bias,
         )  # fmt: skip
-
-    def forward(self, x: Tensor) -> Tensor:
-        """The convolution (a 1×1 one in the faster CPU forms of ``nn.pointwise_conv``)."""
-        if is_pointwise(self):
-            return pointwise_conv2d(x, self.weight, self.bias)
-        if is_strided_pointwise(self):
-            return strided_pointwise_conv2d(x, self.weight, self.bias, self.stride, self.groups)
-        return super().forward(x)
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_normal_(self.weight, mode=self.mode, nonlinearity="relu")

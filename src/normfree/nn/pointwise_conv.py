@@ -25,13 +25,18 @@ matrix form here, chosen from timings inside whole training and evaluation steps
 :class:`PointwiseConv2d` is an ``nn.Conv2d`` (same parameters, state-dict layout, hooks and
 ``isinstance`` checks; timm's and DeepMind's weights load unchanged) that runs
 :func:`pointwise_conv2d`. Under ``torch.fx`` tracing, TorchScript, ``torch.jit.trace``,
-``torch.compile``/``torch.export`` (where the matrix forms measured 1.4× slower), and for
-channels-last, autocast, non-float or non-CPU inputs these are exactly the convolution.
+``torch.compile``/``torch.export`` (where the matrix forms measured 1.4× slower) and
+``torch.func`` transforms these are exactly the convolution; so are spatial inputs that are
+channels-last, under autocast, not float32/float64 or not on CPU, and training steps with
+forward-mode AD tangents. A pooled ``(B, C, 1, 1)`` float input takes ``F.linear`` in eager
+mode on every device (on CUDA that follows the matmul TF32 setting, off by default, not
+cuDNN's).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -99,6 +104,8 @@ def _as_matrix_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
         return None
     batch, _, height, width = x.shape
     if height == 1 and width == 1:
+        if not x.is_floating_point():
+            return None
         out = F.linear(x.flatten(1), weight.flatten(1), bias)
         return out.view(batch, weight.shape[0], 1, 1)
     if (
@@ -108,16 +115,37 @@ def _as_matrix_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
         or (bias is not None and bias.dtype != x.dtype)
         or _cpu_autocast_enabled()
         or not x.is_contiguous()
+        or _under_functorch(x, weight, bias)
     ):
         return None
     grad_needed = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
     if grad_needed:
+        if _has_tangent(x, weight, bias):  # forward AD: the Function has no jvp
+            return None
         return _PointwiseConv.apply(x, weight, bias)
     if not _product_pays(weight, height * width):
         return None
     return _per_sample_product(x, weight, bias)
+
+
+def _under_functorch(*tensors: Tensor | None) -> bool:
+    """Whether a tensor is wrapped by a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``):
+    such tensors have no storage of their own, and the convolution, which every transform
+    supports, runs instead."""
+    for t in tensors:
+        if t is not None:
+            try:
+                t.untyped_storage()
+            except (NotImplementedError, RuntimeError):
+                return True
+    return False
+
+
+def _has_tangent(*tensors: Tensor | None) -> bool:
+    """Whether a tensor carries a forward-mode AD tangent (``torch.autograd.forward_ad``)."""
+    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _product_pays(weight: Tensor, area: int) -> bool:
@@ -127,16 +155,24 @@ def _product_pays(weight: Tensor, area: int) -> bool:
     return out * channels <= _REREAD_LIMIT * area * (out + channels)
 
 
-def _per_sample_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``W @ x_b (+ b)`` for every sample of an NCHW-contiguous ``x``, into a fresh NCHW
-    tensor (written through ``out=`` so that it is no view: an in-place activation may follow)."""
+def _per_sample_product(
+    x: Tensor, weight: Tensor, bias: Tensor | None, fresh: bool = False
+) -> Tensor:
+    """``W @ x_b (+ b)`` for every sample of an NCHW-contiguous ``x``. ``fresh``: written
+    through ``out=`` into a new NCHW tensor, which is no view (an ``autograd.Function``'s
+    output may then be changed in place, e.g. by an in-place activation); otherwise a view of
+    the plain product, which forward-mode AD passes through."""
     batch, channels, height, width = x.shape
     out = weight.shape[0]
     area = height * width
-    y = x.new_empty((batch, out, height, width))
-    rows = y.view(batch, out, area)
-    torch.bmm(weight.reshape(out, channels).expand(batch, out, channels),
-              x.view(batch, channels, area), out=rows)  # fmt: skip
+    matrix = weight.reshape(out, channels).expand(batch, out, channels)
+    inputs = x.view(batch, channels, area)
+    if fresh:
+        y = x.new_empty((batch, out, height, width))
+        rows = torch.bmm(matrix, inputs, out=y.view(batch, out, area))
+    else:
+        rows = torch.bmm(matrix, inputs)
+        y = rows.view(batch, out, height, width)
     if bias is not None:
         rows.add_(bias.reshape(out, 1))
     return y
@@ -162,7 +198,7 @@ class _PointwiseConv(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         if _product_pays(weight, x.shape[2] * x.shape[3]):
-            return _per_sample_product(x, weight, bias)
+            return _per_sample_product(x, weight, bias, fresh=True)
         return F.conv2d(x, weight, bias)
 
     @staticmethod
@@ -232,6 +268,35 @@ def strided_pointwise_conv2d(
             return pointwise_conv2d(sub.contiguous(), weight, bias)
         return F.conv2d(sub, weight, bias, 1, 0, 1, groups)
     return F.conv2d(x, weight, bias, stride, 0, 1, groups)
+
+
+class _PointwiseForms:
+    """Mixin of ``nn.Conv2d`` subclasses whose ``forward`` runs a 1×1 conv (plain or strided)
+    in the forms of this module and any other conv as ``nn.Conv2d`` does; TorchScript-able
+    (the kind is a bool attribute, found once)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._find_form()
+
+    def _find_form(self) -> None:
+        conv: nn.Conv2d = self  # type: ignore[assignment]
+        self.pointwise = is_pointwise(conv)
+        self.strided_pointwise = is_strided_pointwise(conv)
+
+    def __setstate__(self, state: dict) -> None:  # modules pickled before these attributes
+        super().__setstate__(state)  # type: ignore[misc]
+        if "pointwise" not in state or "strided_pointwise" not in state:
+            self._find_form()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pointwise:
+            return pointwise_conv2d(x, self.weight, self.bias)  # type: ignore[attr-defined]
+        if self.strided_pointwise:
+            return strided_pointwise_conv2d(
+                x, self.weight, self.bias, self.stride, self.groups  # type: ignore[attr-defined]
+            )
+        return self._conv_forward(x, self.weight, self.bias)  # type: ignore[attr-defined]
 
 
 class PointwiseConv2d(nn.Conv2d):

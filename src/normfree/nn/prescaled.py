@@ -18,43 +18,28 @@ import torch
 from torch import Tensor, nn
 
 from normfree.nn.padding import Conv2dSame
-from normfree.nn.pointwise_conv import (
-    is_pointwise,
-    is_strided_pointwise,
-    pointwise_conv2d,
-    strided_pointwise_conv2d,
-)
+from normfree.nn.pointwise_conv import _PointwiseForms
 from normfree.nn.residual import NFResidualBlock
 from normfree.nn.ws import ScaledStdConv2d
 
 __all__ = ["PrescaledConv2d", "PrescaledConv2dSame", "bake_block_scales"]
 
-torch.fx.wrap("strided_pointwise_conv2d")  # a torch.fx leaf: it branches on the device
-
-
 class _Prescaled:
     """``forward_scaled`` of a conv whose weight already holds the scales its block passes: it
-    takes :meth:`ScaledStdConv2d.forward_scaled`'s scale arguments and ignores them. 1×1 convs
-    run in their faster CPU forms (:mod:`normfree.nn.pointwise_conv`)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        conv: nn.Conv2d = self  # type: ignore[assignment]
-        if is_strided_pointwise(conv):
-            return strided_pointwise_conv2d(x, conv.weight, conv.bias, conv.stride, conv.groups)
-        if is_pointwise(conv):
-            return pointwise_conv2d(x, conv.weight, conv.bias)
-        return super().forward(x)  # type: ignore[misc]
+    takes :meth:`ScaledStdConv2d.forward_scaled`'s scale arguments and ignores them."""
 
     def forward_scaled(self, x: Tensor, *scales: Any, **named_scales: Any) -> Tensor:
         return self(x)  # type: ignore[operator]
 
 
-class PrescaledConv2d(_Prescaled, nn.Conv2d):
-    """A plain conv holding ``in_scale·out_scale·g·Ŵ`` (:func:`bake_block_scales`)."""
+class PrescaledConv2d(_Prescaled, _PointwiseForms, nn.Conv2d):
+    """A plain conv holding ``in_scale·out_scale·g·Ŵ`` (:func:`bake_block_scales`); 1×1 convs
+    run in the faster CPU forms of :mod:`normfree.nn.pointwise_conv`."""
 
 
 class PrescaledConv2dSame(_Prescaled, Conv2dSame):
-    """:class:`PrescaledConv2d` with dynamic ``"SAME"`` padding."""
+    """:class:`PrescaledConv2d` with dynamic ``"SAME"`` padding (never 1×1: a 1×1 kernel needs
+    no padding)."""
 
 
 def _record_calls(model: nn.Module, example: Tensor) -> dict[ScaledStdConv2d, list[tuple]]:

@@ -32,8 +32,7 @@ from normfree.nn import native
 from normfree.nn.padding import Conv2dSame, _pad_same_2d, conv_pair, resolve_padding
 from normfree.nn.pointwise_conv import (
     PointwiseConv2d,
-    is_pointwise,
-    is_strided_pointwise,
+    _PointwiseForms,
     pointwise_conv2d,
     strided_pointwise_conv2d,
 )
@@ -318,7 +317,7 @@ for _leaf in ("_upcast_half", "scaled_standardize", "qiao_standardize"):
     torch.fx.wrap(_leaf)
 
 
-class StdConv2dBase(nn.Conv2d):
+class StdConv2dBase(_PointwiseForms, nn.Conv2d):
     """Base of weight-standardized 2-D convs: ``conv(x, standardize(W)) + bias``.
 
     Subclasses override :meth:`standardize` (the formula, applied to an fp32/fp64 weight).
@@ -375,8 +374,6 @@ class StdConv2dBase(nn.Conv2d):
         )  # fmt: skip
         self.same_padding: bool = isinstance(padding, str) and padding.lower() == "same"
         self.dynamic_padding: bool = dynamic
-        self.strided_pointwise: bool = is_strided_pointwise(self)
-        self.pointwise: bool = is_pointwise(self)
 
     @property
     def fan_in(self) -> int:
