@@ -24,6 +24,7 @@ from normfree.nn.ws import ScaledStdConv2d
 
 __all__ = ["PrescaledConv2d", "PrescaledConv2dSame", "bake_block_scales"]
 
+
 class _Prescaled:
     """``forward_scaled`` of a conv whose weight already holds the scales its block passes: it
     takes :meth:`ScaledStdConv2d.forward_scaled`'s scale arguments and ignores them."""
