@@ -323,3 +323,34 @@ def test_modules_pickled_before_the_form_attributes_load() -> None:
         old = type(conv).__new__(type(conv))
         old.__setstate__(state)
         assert (old.pointwise, old.strided_pointwise) == (conv.pointwise, conv.strided_pointwise)
+
+
+def test_the_matrix_forms_can_be_switched_off(products) -> None:
+    from normfree.nn import pointwise_matmul, pointwise_matmul_enabled, set_pointwise_matmul
+
+    conv, ref = _pair(16, 8, True)
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert pointwise_matmul_enabled()
+    with pointwise_matmul(False):
+        assert not pointwise_matmul_enabled()
+        y = conv(x)
+        torch.testing.assert_close(y, ref(x), rtol=0, atol=0)  # oneDNN's numbers bit for bit
+        assert y.grad_fn.name() == "ConvolutionBackward0"
+        with torch.no_grad():
+            conv(x), conv(x.mean((2, 3), keepdim=True))  # no product, pooled input included
+    assert products == [] and pointwise_matmul_enabled()
+    with pytest.raises(TypeError, match="bool"):
+        set_pointwise_matmul(0)  # type: ignore[arg-type]
+
+
+def test_the_environment_switches_the_matrix_forms_off() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = "import normfree.nn as n; print(n.pointwise_matmul_enabled())"
+    for value, expected in (("0", "False"), ("off", "False"), ("1", "True")):
+        env = {**os.environ, "NORMFREE_POINTWISE_MATMUL": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        assert out.stdout.strip() == expected

@@ -33,7 +33,14 @@ from normfree.nn.msr import (
 from normfree.nn.native import native_kernels, native_kernels_enabled, set_native_kernels
 from normfree.nn.norm import NORM_SPECS, NormLayers, group_norm_groups, norm_layers
 from normfree.nn.padding import Conv2dSame, pad_same, same_padding_amounts, static_same_padding
-from normfree.nn.pointwise_conv import PointwiseConv2d, compile_options, pointwise_conv2d
+from normfree.nn.pointwise_conv import (
+    PointwiseConv2d,
+    compile_options,
+    pointwise_conv2d,
+    pointwise_matmul,
+    pointwise_matmul_enabled,
+    set_pointwise_matmul,
+)
 from normfree.nn.pooling import AvgPool2dSame, AvgPoolShortcut, MaxPoolSame, ZeroPadShortcut
 from normfree.nn.preact import PreActBlock
 from normfree.nn.proxy_norm import (
@@ -120,12 +127,15 @@ __all__ = [
     "pad_same",
     "plain_forward",
     "pointwise_conv2d",
+    "pointwise_matmul",
+    "pointwise_matmul_enabled",
     "proxy_norm_decay_names",
     "proxy_norm_no_decay_names",
     "qiao_standardize",
     "same_padding_amounts",
     "scaled_standardize",
     "set_native_kernels",
+    "set_pointwise_matmul",
     "static_same_padding",
     "stochastic_depth_rates",
     "zero_mean_conv_weights",

@@ -35,6 +35,10 @@ cuDNN's).
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
@@ -46,6 +50,9 @@ __all__ = [
     "is_pointwise",
     "is_strided_pointwise",
     "pointwise_conv2d",
+    "pointwise_matmul",
+    "pointwise_matmul_enabled",
+    "set_pointwise_matmul",
     "strided_pointwise_conv2d",
 ]
 
@@ -57,6 +64,37 @@ _REREAD_LIMIT = 16
 # sample rereads it, so the per-sample products of the input gradient pay.
 _CACHED_WEIGHT_BYTES = 1 << 20
 _MATMUL_DTYPES = (torch.float32, torch.float64)
+_ENV = "NORMFREE_POINTWISE_MATMUL"
+_enabled = os.environ.get(_ENV, "").strip().lower() not in ("0", "false", "no", "off")
+
+
+def set_pointwise_matmul(enabled: bool) -> None:
+    """Run 1×1 convolutions in their matrix forms (``True``, the default) or always as the
+    convolution (``False``: e.g. on a CPU where the rules' constants, measured on a 2-core
+    x86 VM, do not pay, or to get oneDNN's numbers bit for bit). ``NORMFREE_POINTWISE_MATMUL=0``
+    in the environment switches them off for a whole process, ``normfree train`` included."""
+    global _enabled
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _enabled = enabled
+
+
+def pointwise_matmul_enabled() -> bool:
+    """Whether 1×1 convolutions run in their matrix forms where the rules say so."""
+    return _enabled
+
+
+@contextlib.contextmanager
+def pointwise_matmul(enabled: bool) -> Iterator[None]:
+    """``with pointwise_matmul(flag):`` runs its body with the matrix forms on or off and
+    restores the previous setting on exit (also when the body raises)."""
+    global _enabled
+    previous = _enabled
+    try:
+        set_pointwise_matmul(enabled)
+        yield
+    finally:
+        _enabled = previous
 
 
 def _unpadded_1x1(conv: nn.Conv2d) -> bool:
@@ -95,7 +133,8 @@ def pointwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
 def _as_matrix_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     """:func:`pointwise_conv2d` in matrix form, or None where the convolution runs."""
     if (
-        _fx_proxy(x)
+        not _enabled
+        or _fx_proxy(x)
         or _fx_proxy(weight)
         or torch.jit.is_tracing()
         or torch.compiler.is_compiling()
