@@ -177,7 +177,7 @@ def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> V
     fwd = model
     if compiled:  # normfree's models with normfree's inductor options; peers with the defaults
         options = compile_options(device) if spec.startswith("normfree:") else {}
-        fwd = torch.compile(model, options=options or None)
+        fwd = torch.compile(model, options=options)
     loss_fn = nn.CrossEntropyLoss()
     v = Variant(spec, train=None, eval=lambda: None)
     native = spec.removesuffix(COMPILED).endswith(":native")

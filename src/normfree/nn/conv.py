@@ -9,8 +9,8 @@ forms of :mod:`normfree.nn.pointwise_conv`.
 :func:`grouped_width` is the width rule of the grouped 3×3 convs of NFNets and NF-RegNets
 (DeepMind ``nfnets/nfnet.py`` ``NFBlock`` and ``nf_regnet.py`` ``NFBlock``).
 
-The 1×1 convolutions with a faster CPU form (strided, pooled, evaluation) are in
-:mod:`normfree.nn.pointwise_conv`.
+The faster CPU forms of 1×1 convolutions (pooled, spatial and strided inputs; training and
+evaluation) are in :mod:`normfree.nn.pointwise_conv`.
 """
 
 from __future__ import annotations

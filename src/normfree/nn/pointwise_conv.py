@@ -338,7 +338,7 @@ class _PointwiseForms:
         return self._conv_forward(x, self.weight, self.bias)  # type: ignore[attr-defined]
 
 
-class PointwiseConv2d(nn.Conv2d):
+class PointwiseConv2d(_PointwiseForms, nn.Conv2d):
     """A 1×1 ``nn.Conv2d`` (stride 1, no padding, no groups) computed by
     :func:`pointwise_conv2d`: the squeeze-excite convs of NFNets and the folded 1×1 convs of
     :func:`normfree.deploy.prepare_for_inference`."""
@@ -352,6 +352,3 @@ class PointwiseConv2d(nn.Conv2d):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, 1, bias=bias, device=device, dtype=dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return pointwise_conv2d(x, self.weight, self.bias)

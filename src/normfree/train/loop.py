@@ -173,8 +173,7 @@ class Trainer(TrainerState):
                 model, device_ids=[info.device.index] if info.device.type == "cuda" else None
             )
         if t.compile:  # inductor, with 1×1 convs as matrix products on CPU
-            options = compile_options(info.device) or None
-            self.train_model = torch.compile(self.train_model, options=options)
+            self.train_model = torch.compile(self.train_model, options=compile_options(info.device))
         self.logger = RunLogger(
             self.run_dir,
             enabled=info.is_main,
