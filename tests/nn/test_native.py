@@ -247,6 +247,15 @@ def test_agc_reads_the_backward_norms_and_clips_the_same(native_on) -> None:
                        for p in weights)  # fmt: skip
 
 
+def _on_op_path(out: torch.Tensor) -> bool:
+    """Whether ``out`` came from the PyTorch-op form of Scaled WS (group norm's autograd node
+    under the output's view), not from the native Function."""
+    node = out.grad_fn
+    while node is not None and type(node).__name__.startswith("View"):
+        node = node.next_functions[0][0]
+    return type(node).__name__ == "NativeGroupNormBackward0"
+
+
 def test_switch_and_context_manager(kernels) -> None:
     before = native.native_kernels_enabled()
     with pytest.raises(RuntimeError, match="boom"):
@@ -259,7 +268,7 @@ def test_switch_and_context_manager(kernels) -> None:
     w, gain, _ = _weights(False)
     with native.native_kernels(False):
         out = scaled_standardize(w, gain, 1e-4, 1.0)
-        assert type(out.grad_fn).__name__ == "_ScaledStandardizeCPUBackward"
+        assert _on_op_path(out)
     with native.native_kernels(True):
         half = scaled_standardize(w.detach().to(torch.bfloat16), None)  # other dtypes: op path
         assert half.dtype == torch.bfloat16
@@ -283,4 +292,4 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatc
         assert native.native_kernels_enabled() is False
         w, gain, _ = _weights(False)
         out = scaled_standardize(w, gain, 1e-4, 1.0)
-    assert type(out.grad_fn).__name__ == "_ScaledStandardizeCPUBackward"
+    assert _on_op_path(out)

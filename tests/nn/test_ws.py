@@ -133,17 +133,18 @@ def test_analytic_backward_matches_autograd() -> None:
 @pytest.mark.parametrize("floored", [False, True])
 @pytest.mark.parametrize("with_gain", [False, True])
 @pytest.mark.parametrize("path", ["cpu", "native"])
-def test_eager_cpu_function_equals_the_analytic_one(
+def test_eager_cpu_forms_equal_the_analytic_function(
     path: str, floored: bool, with_gain: bool
 ) -> None:
-    """The eager-CPU forms against the analytic function, float64: ``cpu`` (in-place forward;
-    batch norm's native backward, or the analytic one where the floor is active) forward
-    exactly, ``native`` (the C++ kernels of normfree.nn.native) to rounding; gradients to
-    1e-12, and a finite-difference gradcheck of the form itself."""
+    """The eager-CPU forms against the analytic function, float64: ``cpu`` (the default:
+    group norm's fused forward and backward with one group per unit, or the separate passes
+    and the analytic backward where the floor is active; which ran is asserted) forward to
+    1e-14, ``native`` (the C++ kernels of normfree.nn.native) to rounding; gradients to 1e-12,
+    and a finite-difference gradcheck of the form itself."""
     from normfree.nn import native
-    from normfree.nn.ws import _ScaledStandardize, _ScaledStandardizeCPU, _ScaledStandardizeNative
+    from normfree.nn.ws import _ScaledStandardize, _ScaledStandardizeNative
 
-    fn = {"cpu": _ScaledStandardizeCPU, "native": _ScaledStandardizeNative}[path].apply
+    fn = {"cpu": scaled_standardize, "native": _ScaledStandardizeNative.apply}[path]
     gen = torch.Generator().manual_seed(int(floored) * 2 + int(with_gain))
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64, generator=gen) + 0.3
     if floored:
@@ -155,7 +156,16 @@ def test_eager_cpu_function_equals_the_analytic_one(
     with native.native_kernels(path == "native") as on:
         if path == "native" and not on:
             pytest.skip("no C++ compiler/OpenMP here: the native kernels cannot be built")
-        fast = fn(w, g, 1e-4, 1.7)
+        with torch.profiler.profile() as prof:
+            fast = fn(w, g, 1e-4, 1.7)
+            fast.backward(upstream, inputs=[w], retain_graph=True)
+        ran = {e.name for e in prof.events()}
+        fused = {"aten::native_group_norm", "aten::native_group_norm_backward"}
+        if path == "cpu" and not floored:
+            assert fused <= ran
+        else:  # a floored unit: group norm's statistics are computed, then the floored forms run
+            assert "aten::native_group_norm_backward" not in ran
+        w.grad = None
         slow = _ScaledStandardize.apply(w, g, 1e-4, 1.7)
         exact = path == "cpu"
         torch.testing.assert_close(
@@ -170,8 +180,15 @@ def test_eager_cpu_function_equals_the_analytic_one(
         )
 
 
-def test_double_backward_raises_clearly() -> None:
-    # Scaled WS is first-order only (analytic and batch-norm backward alike, once_differentiable)
+def test_double_backward_of_the_eager_form_and_a_clear_error_where_floored() -> None:
+    """Eager CPU Scaled WS differentiates through group norm, so second derivatives exist
+    (gradgradcheck, float64); a floored unit takes the analytic backward, which is first-order
+    only and says so."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    gain = torch.rand(4, dtype=torch.float64).add_(0.5).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda w_, g_: scaled_standardize(w_, g_, 1e-4, 1.3),
+                                        (w, gain))  # fmt: skip
     w = torch.randn(4, 2, 3, 3)
     w[1] = 0.5
     w.requires_grad_(True)

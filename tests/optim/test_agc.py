@@ -530,3 +530,23 @@ def test_ws_forward_norms_are_dropped_when_the_weight_changes() -> None:
     adaptive_clip_grad_([conv], clipping=0.01)
     torch.testing.assert_close(conv.grad.double(), reference_agc(conv, g, 0.01), rtol=1e-5,
                                atol=0.0)  # fmt: skip
+
+
+def test_ws_forward_norms_from_both_kinds_of_statistics() -> None:
+    """The eager forward keeps ``rsqrt(var)`` (group norm's statistics) or, for a weight with
+    a floored unit, ``N·var`` (the separate passes); both give the direct per-unit norms."""
+    from normfree.nn.unit_norms import remember_unit_stats, unit_norms_from_forward
+    from normfree.nn.ws import scaled_standardize
+
+    torch.manual_seed(5)
+    plain = nn.Parameter(torch.randn(6, 3, 3, 3, dtype=torch.float64) + 0.4)
+    floored = nn.Parameter(torch.randn(5, 2, 1, 1, dtype=torch.float64) - 0.2)
+    with torch.no_grad():
+        floored[1] = 0.7  # a constant unit: N·var = 0 < eps
+        scaled_standardize(plain)
+        scaled_standardize(floored)
+    for p, known in zip((plain, floored), unit_norms_from_forward([plain, floored])):
+        assert known is not None
+        torch.testing.assert_close(known, unitwise_norm(p).flatten(), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="exactly one"):
+        remember_unit_stats(plain, plain.mean((1, 2, 3)))

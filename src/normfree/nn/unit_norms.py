@@ -1,11 +1,12 @@
 """Per-unit norms that adaptive gradient clipping (Brock et al. 2021b, eq. 3) would otherwise
 read the weights and gradients again for, kept by the kernels that already had them.
 
-A forward that computes each output unit's mean and ``N·var`` of a parameter (the eager-CPU
-Scaled-WS forward, :mod:`normfree.nn.ws`) keeps them here, so ``‖W_o‖² = N·var_o + N·μ_o²``
-costs AGC nothing; a native backward keeps the per-unit norms of the gradient it wrote. Both are
-keyed by the parameter's identity and checked before use (the weight's in-place version; the
-gradient's memory, version, forward and a spot check), so a stale value is never read:
+A forward that computes each output unit's mean and variance of a parameter (the eager-CPU
+Scaled-WS forward, :mod:`normfree.nn.ws`, as ``rsqrt(var)``; the native one as ``N·var``) keeps
+them here, so ``‖W_o‖² = N·var_o + N·μ_o²`` costs AGC nothing; a native backward keeps the
+per-unit norms of the gradient it wrote. Both are keyed by the parameter's identity and
+checked before use (the weight's in-place version; the gradient's memory, version, forward and
+a spot check), so a stale value is never read:
 :func:`unit_norms_from_forward` and :func:`unit_grad_norms_from_backward` return ``None``
 instead and AGC computes the norm itself.
 """
@@ -29,8 +30,8 @@ __all__ = [
 ]
 
 # Keyed by the parameter's identity (tensors compare elementwise, so no WeakKeyDictionary) and
-# dropped with it: id(weight) → (weak ref to it, its version, per-unit mean, per-unit N·var,
-# forward number) from its last forward that kept them, and
+# dropped with it: id(weight) → (weak ref to it, its version, per-unit mean, per-unit N·var or
+# None, forward number, per-unit rsqrt(var) or None) from its last forward that kept them, and
 # id(weight) → (weak ref to it, its gradient's data_ptr, that gradient's version, per-unit
 # ‖∂L/∂W_o‖, number of the forward it differentiates) from its last native backward.
 _UNIT_STATS: dict[int, tuple] = {}
@@ -47,12 +48,25 @@ def _remember(store: dict[int, tuple], weight: Tensor, *facts: object) -> None:
     store[key] = (ref, *facts)
 
 
-def remember_unit_stats(weight: Tensor, mean: Tensor, n_var: Tensor) -> int:
-    """Keep a parameter's per-unit mean and N·var from a forward that computed them (the
-    eager Scaled-WS forward); returns the number of this forward, which the gradient norms
-    of its backward carry."""
+def remember_unit_stats(
+    weight: Tensor, mean: Tensor, n_var: Tensor | None = None, *, inv_std: Tensor | None = None
+) -> int:
+    """Keep a parameter's per-unit mean and variance from a forward that computed them (the
+    eager Scaled-WS forward), the variance as ``n_var = N·var`` or as ``inv_std = rsqrt(var)``
+    (exactly one of them); returns the number of this forward, which the gradient norms of its
+    backward carry."""
+    if (n_var is None) == (inv_std is None):
+        raise ValueError("give exactly one of n_var and inv_std")
     number = next(_FORWARDS)
-    _remember(_UNIT_STATS, weight, weight._version, mean.detach(), n_var.detach(), number)
+    _remember(
+        _UNIT_STATS,
+        weight,
+        weight._version,
+        mean.detach(),
+        None if n_var is None else n_var.detach(),
+        number,
+        None if inv_std is None else inv_std.detach(),
+    )
     return number
 
 
@@ -67,22 +81,29 @@ def unit_norm_from_forward(weight: Tensor) -> Tensor | None:
 
 def unit_norms_from_forward(weights: list[Tensor]) -> list[Tensor | None]:
     """:func:`unit_norm_from_forward` of many weights in one batch of kernels (a handful of
-    small ops in all instead of six per weight: a model's AGC step asks for every conv)."""
-    found = []
-    for w in weights:
+    small ops in all, per kind of variance kept, instead of six per weight: a model's AGC step
+    asks for every conv)."""
+    found: list[Tensor | None] = [None] * len(weights)
+    by_kind: tuple[list, list] = ([], [])  # (index, weight, stats) kept as N·var / rsqrt(var)
+    for k, w in enumerate(weights):
         stats = _UNIT_STATS.get(id(w))
-        fresh = stats is not None and stats[0]() is w and stats[1] == w._version
-        found.append(stats if fresh else None)
-    hits = [(w, s) for w, s in zip(weights, found) if s is not None]
-    if not hits:
-        return [None] * len(weights)
-    mean = torch.cat([s[2] for _, s in hits])
-    n_var = torch.cat([s[3] for _, s in hits])
-    counts = tuple(w.shape[0] for w, _ in hits)
-    fans = tuple(w[0].numel() for w, _ in hits)
-    fan_in = _per_unit(counts, fans, mean.dtype, mean.device)
-    norms = iter(torch.addcmul(n_var, mean.square(), fan_in).sqrt_().split(counts))
-    return [next(norms) if s is not None else None for s in found]
+        if stats is not None and stats[0]() is w and stats[1] == w._version:
+            by_kind[stats[3] is None].append((k, w, stats))
+    for as_inv_std, hits in enumerate(by_kind):
+        if not hits:
+            continue
+        mean = torch.cat([s[2] for _, _, s in hits])
+        counts = tuple(w.shape[0] for _, w, _ in hits)
+        fan_in = _per_unit(counts, tuple(w[0].numel() for _, w, _ in hits), mean.dtype, mean.device)
+        if as_inv_std:  # N·(μ² + 1/rsqrt(var)²)
+            var = torch.cat([s[5] for _, _, s in hits]).square().reciprocal_()
+            norms = var.addcmul_(mean, mean).mul_(fan_in).sqrt_()
+        else:  # N·var + N·μ²
+            norms = torch.addcmul(torch.cat([s[3] for _, _, s in hits]), mean.square(), fan_in)
+            norms = norms.sqrt_()
+        for (k, _, _), norm in zip(hits, norms.split(counts)):
+            found[k] = norm
+    return found
 
 
 def remember_grad_norms(
