@@ -538,3 +538,31 @@ def test_bad_arguments_raise_clear_errors() -> None:
         scaled_standardize(torch.randn(4, 2, 3, 3), torch.ones(3))
     with pytest.raises(ValueError, match=">= 2 dims"):
         scaled_standardize(torch.randn(4))
+
+
+@pytest.mark.parametrize(
+    ("weight_dtype", "gain_dtype"), [(torch.float64, torch.float32), (torch.float32, torch.float64)]
+)
+def test_eager_form_with_a_gain_of_another_dtype(
+    weight_dtype: torch.dtype, gain_dtype: torch.dtype
+) -> None:
+    """The fused group-norm kernel needs one dtype; the gain is cast to the weight's, which is
+    the result's dtype, and each input gets a gradient of its own dtype."""
+    torch.manual_seed(0)
+    w = torch.randn(5, 3, 3, 3, dtype=weight_dtype, requires_grad=True)
+    gain = torch.rand(5, dtype=gain_dtype).add_(0.5).requires_grad_()
+    out = scaled_standardize(w, gain, 1e-4, 1.3)
+    assert out.dtype == weight_dtype
+    ref = slow_scaled_ws(w.detach().double(), gain.detach().double(), 1e-4, 1.3)
+    torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=0)
+    out.sum().backward()
+    assert w.grad.dtype == weight_dtype and gain.grad.dtype == gain_dtype
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 3, 3), (4, 0, 3, 3)])
+def test_empty_weights_standardize_to_empty(shape: tuple[int, ...]) -> None:
+    w = torch.randn(*shape, requires_grad=True)
+    out = scaled_standardize(w)
+    assert out.shape == w.shape
+    out.sum().backward()
+    assert w.grad.shape == w.shape

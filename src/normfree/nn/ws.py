@@ -143,7 +143,10 @@ def _standardize_rows(
     out_ch = weight.shape[0]
     fan_in = weight.numel() // out_ch
     factor = gamma / math.sqrt(fan_in)
-    affine = weight.new_full((out_ch,), factor) if gain is None else gain * factor
+    if gain is None:
+        affine = weight.new_full((out_ch,), factor)
+    else:  # in the weight's dtype, as the group-norm kernel needs (and the result has)
+        affine = (gain * factor).to(weight.dtype)
     out, mean, inv_std = torch.ops.aten.native_group_norm(
         weight.reshape(1, out_ch, fan_in), affine, None, 1, out_ch, fan_in, out_ch, 0.0
     )
@@ -268,6 +271,8 @@ def _eager_standardize(weight: Tensor, gain: Tensor | None, eps: float, gamma: f
     passes (:func:`_standardize_rows_floored`), or with autograd the analytic
     :class:`_ScaledStandardize`. A parameter's statistics are kept for AGC
     (:func:`unit_norms_from_forward`)."""
+    if weight.numel() == 0:  # no unit to standardize, or units without a fan-in
+        return _scaled_standardize_parts(weight, gain, eps, gamma)[0]
     fused = _standardize_rows(weight, gain, eps, gamma)
     if fused is not None:
         out, mean, inv_std = fused
