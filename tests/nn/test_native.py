@@ -14,12 +14,8 @@ from torch import nn
 import normfree
 from normfree.nn import native
 from normfree.nn.unit_norms import unit_grad_norms_from_backward
-from normfree.nn.ws import (
-    ScaledStdConv2d,
-    _ScaledStandardize,
-    scaled_standardize,
-    unit_norm_from_forward,
-)
+from normfree.nn.ws import ScaledStdConv2d, scaled_standardize, unit_norm_from_forward
+from normfree.nn.ws_functional import _ScaledStandardize
 
 
 def _weights(floored: bool, dtype=torch.float64):

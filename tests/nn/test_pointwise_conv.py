@@ -251,7 +251,11 @@ def test_nfnet_squeeze_excite_weights_keep_their_layout() -> None:
 
 
 def test_compile_options_lower_1x1_convs_on_cpu_only() -> None:
-    assert normfree.nn.compile_options("cpu") == {"conv_1x1_as_mm": True}
+    options = normfree.nn.compile_options("cpu")
+    assert options == {"conv_1x1_as_mm": True, "layout_optimization": False}
+    from torch._inductor import config  # the keys must be inductor's, or compile rejects them
+
+    assert all(hasattr(config, key) for key in options)
     assert normfree.nn.compile_options(torch.device("cuda", 0)) == {}
 
 

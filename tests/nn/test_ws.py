@@ -142,7 +142,7 @@ def test_eager_cpu_forms_equal_the_analytic_function(
     1e-14, ``native`` (the C++ kernels of normfree.nn.native) to rounding; gradients to 1e-12,
     and a finite-difference gradcheck of the form itself."""
     from normfree.nn import native
-    from normfree.nn.ws import _ScaledStandardize, _ScaledStandardizeNative
+    from normfree.nn.ws_functional import _ScaledStandardize, _ScaledStandardizeNative
 
     fn = {"cpu": scaled_standardize, "native": _ScaledStandardizeNative.apply}[path]
     gen = torch.Generator().manual_seed(int(floored) * 2 + int(with_gain))

@@ -284,10 +284,15 @@ def _fx_proxy(x: Tensor) -> bool:
 
 def compile_options(device: torch.device | str) -> dict[str, bool]:
     """Options of the inductor backend for ``torch.compile(model, options=...)`` of a model on
-    ``device``: on CPU, lower 1×1 convolutions to matrix products as the eager forms here do
+    ``device``. On CPU: lower 1×1 convolutions to matrix products as the eager forms here do
     (``conv_1x1_as_mm``; a compiled nf_resnet50 train step went from 1.009× to 0.956× the
-    eager one, docs/benchmarks.md); none elsewhere, where it was not measured."""
-    return {"conv_1x1_as_mm": True} if torch.device(device).type == "cpu" else {}
+    eager one), and keep the model's NCHW layout instead of converting the convolutions to
+    channels-last (``layout_optimization=False``; with the faster eager Scaled WS the
+    compiled step measured 1.27× the eager one with the conversion and 1.00–1.02× without,
+    docs/benchmarks.md). None elsewhere, where nothing was measured."""
+    if torch.device(device).type == "cpu":
+        return {"conv_1x1_as_mm": True, "layout_optimization": False}
+    return {}
 
 
 def strided_pointwise_conv2d(

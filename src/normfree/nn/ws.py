@@ -13,7 +13,8 @@
 Both modules share :class:`StdConv2dBase`: TF/JAX ``"SAME"`` padding (default), fp32
 standardization under autocast / low-precision weights, an inference cache of the standardized
 weight, and folding into a plain ``nn.Conv2d`` (:meth:`StdConv2dBase.to_conv2d`,
-:func:`fold_weight_standardization`).
+:func:`fold_weight_standardization`). The two formulas and the forms they run in (eager CPU,
+native, traced/compiled) are :mod:`normfree.nn.ws_functional`.
 """
 
 from __future__ import annotations
@@ -21,14 +22,11 @@ from __future__ import annotations
 import copy
 import math
 import re
-from types import ModuleType
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from normfree.nn import native
 from normfree.nn.padding import Conv2dSame, _pad_same_2d, conv_pair, resolve_padding
 from normfree.nn.pointwise_conv import (
     PointwiseConv2d,
@@ -36,12 +34,12 @@ from normfree.nn.pointwise_conv import (
     pointwise_conv2d,
     strided_pointwise_conv2d,
 )
-from normfree.nn.unit_norms import (
-    remember_grad_norms,
-    remember_unit_stats,
-    unit_norm_from_forward,
-    unit_norms_from_forward,
-    wants_grad_norms,
+from normfree.nn.unit_norms import unit_norm_from_forward, unit_norms_from_forward
+from normfree.nn.ws_functional import (
+    _reduce_dims,
+    _scaled_standardize_parts,
+    qiao_standardize,
+    scaled_standardize,
 )
 
 torch.fx.wrap("_pad_same_2d")  # torch.fx leaves: they branch on the input's size / device
@@ -57,250 +55,6 @@ __all__ = [
     "unit_norm_from_forward",
     "unit_norms_from_forward",
 ]
-
-def _reduce_dims(weight: Tensor) -> list[int]:
-    if weight.dim() < 2:
-        raise ValueError(
-            f"weight must have >= 2 dims (out, in, ...), got shape {list(weight.shape)}"
-        )
-    return list(range(1, weight.dim()))
-
-
-def _scaled_standardize_parts(
-    weight: Tensor, gain: Tensor | None, eps: float, gamma: float, dims: list[int] | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(Ŵ, W − μ, rsqrt(max(N·var, eps)), scale, N·var < eps)``; the single source of the
-    formula. ``N·var`` of the biased variance is the sum of squared deviations, computed two-pass
-    (mean first) as exactly as ``var_mean`` and several times faster on CPU. ``dims`` (the
-    reduced dims) is given when ``weight`` is a ``torch.fx`` proxy, whose ``dim()`` is symbolic."""
-    if dims is None:
-        dims = _reduce_dims(weight)
-    centered = weight - weight.mean(dim=dims, keepdim=True)
-    n_var = torch.linalg.vector_norm(centered, dim=dims, keepdim=True).square()  # N·var
-    rstd = torch.rsqrt(torch.clamp(n_var, min=eps))
-    scale = rstd if gain is None else rstd * gain.reshape([-1] + [1] * len(dims))
-    if gamma != 1.0:
-        scale = scale * gamma
-    return centered * scale, centered, rstd, scale, n_var < eps
-
-
-def _analytic_backward(
-    grad_out: Tensor, centered: Tensor, rstd: Tensor, scale: Tensor, floored: Tensor,
-    gamma: float, needs_weight: bool, needs_gain: bool,
-) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
-    """Gradients of Scaled WS for weight and gain (see :class:`_ScaledStandardize`)."""
-    dims = list(range(1, centered.dim()))
-    dot = (grad_out * centered).sum(dim=dims, keepdim=True)  # Σ δ·c per unit
-    grad_weight = grad_gain = None
-    if needs_weight:
-        mean_grad = grad_out.sum(dim=dims, keepdim=True) / centered[0].numel()
-        grad_weight = torch.addcmul(-scale * mean_grad, grad_out, scale)
-        coef = (-scale * rstd * rstd * dot).masked_fill(floored, 0.0)
-        grad_weight.addcmul_(centered, coef)
-    if needs_gain:
-        grad_gain = (dot * rstd).reshape(-1) * gamma
-    return grad_weight, grad_gain
-
-
-class _ScaledStandardize(torch.autograd.Function):
-    """Scaled WS with an analytic backward (fewer passes over the weight than autograd's).
-
-    With c = W − μ, r = rsqrt(max(Σc², eps)), a = gain·γ·r and upstream gradient δ (per unit):
-    ``∂L/∂W = a·(δ − mean(δ)) − a·r²·(Σδc)·c`` (the last term vanishes where the floor is
-    active) and ``∂L/∂gain = γ·r·Σδc``. First-order only (``once_differentiable``).
-    """
-
-    @staticmethod
-    def forward(ctx, weight: Tensor, gain: Tensor | None, eps: float, gamma: float) -> Tensor:
-        out, centered, rstd, scale, floored = _scaled_standardize_parts(weight, gain, eps, gamma)
-        ctx.save_for_backward(centered, rstd, scale, floored)
-        ctx.gamma = gamma
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        centered, rstd, scale, floored = ctx.saved_tensors
-        grad_weight, grad_gain = _analytic_backward(
-            grad_out, centered, rstd, scale, floored, ctx.gamma, *ctx.needs_input_grad[:2]
-        )
-        return grad_weight, grad_gain, None, None
-
-
-def _standardize_rows(
-    weight: Tensor, gain: Tensor | None, eps: float, gamma: float
-) -> tuple[Tensor, Tensor, Tensor] | None:
-    """``(Ŵ, μ, rsqrt(var))`` of the formula of :func:`_scaled_standardize_parts`
-    (``N·var = N / rsqrt(var)²``) in one fused kernel per pass, or ``None`` where the floor is
-    active (a unit with ``N·var < eps``, e.g. a constant row, whose ``rsqrt(0)`` is inf).
-
-    Scaled WS of a unit is group normalization of its fan-in row with one group per unit and no
-    added epsilon: seen as a ``(1, out, N)`` input, ``native_group_norm`` with ``eps = 0`` and
-    per-group affine weight ``gain·γ/√N`` gives ``gain·γ·(W − μ)·rsqrt(N·var)`` (its ``rstd`` is
-    ``rsqrt(var)``), reading each row once into cache, ~2× faster on CPU than separate mean,
-    centring, norm and scaling passes; autograd differentiates it with group norm's own fused
-    backward (a C++ node: no Python runs in the backward, and double backward works)."""
-    out_ch = weight.shape[0]
-    fan_in = weight.numel() // out_ch
-    factor = gamma / math.sqrt(fan_in)
-    if gain is None:
-        affine = weight.new_full((out_ch,), factor)
-    else:  # in the weight's dtype, as the group-norm kernel needs (and the result has)
-        affine = (gain * factor).to(weight.dtype)
-    out, mean, inv_std = torch.ops.aten.native_group_norm(
-        weight.reshape(1, out_ch, fan_in), affine, None, 1, out_ch, fan_in, out_ch, 0.0
-    )
-    # N·var < eps ⇔ rsqrt(var) > √(N/eps); NaN weights compare False and give NaN as before
-    if eps > 0.0 and inv_std.max().item() > math.sqrt(fan_in / eps):
-        return None
-    return out.view(weight.shape), mean.detach().view(out_ch), inv_std.detach().view(out_ch)
-
-
-def _standardize_rows_floored(
-    weight: Tensor, gain: Tensor | None, eps: float, gamma: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(Ŵ, μ, N·var)`` with the floor ``max(N·var, eps)``, without autograd: mean, centring,
-    norm and scaling passes in place on one buffer."""
-    rows = weight.detach().reshape(weight.shape[0], -1)
-    mean = rows.sum(1, keepdim=True).div_(rows.shape[1])  # mean(1)'s numbers, faster on CPU
-    out = rows - mean
-    n_var = torch.linalg.vector_norm(out, dim=1, keepdim=True).square_()
-    scale = n_var.clamp_min(eps).rsqrt_()
-    if gain is not None:
-        scale = scale * gain.detach().reshape(-1, 1)
-    if gamma != 1.0:
-        scale = scale * gamma
-    out.mul_(scale)
-    return out.reshape(weight.shape), mean.reshape(-1), n_var.reshape(-1)
-
-
-def _native_standardize(
-    ext: ModuleType, weight: Tensor, gain: Tensor | None, eps: float, gamma: float
-) -> tuple[Tensor, Tensor, Tensor, int | None]:
-    """``(Ŵ, μ, N·var, forward number)`` from the native kernel (:mod:`normfree.nn.native`),
-    keeping a parameter's statistics for AGC as :func:`_eager_standardize` does (the number
-    is None for a tensor that is not a parameter)."""
-    rows = weight.detach().reshape(weight.shape[0], -1).contiguous()
-    g = None if gain is None else gain.detach().contiguous()
-    out, mean, n_var = ext.scaled_ws_forward(rows, g, eps, gamma)
-    number = None
-    if isinstance(weight, nn.Parameter):
-        number = remember_unit_stats(weight, mean, n_var=n_var)
-    return out.view(weight.shape), mean, n_var, number
-
-
-class _ScaledStandardizeNative(torch.autograd.Function):
-    """Scaled WS for eager CPU through the native kernels of :mod:`normfree.nn.native`: the
-    forward and the analytic backward of :class:`_ScaledStandardize` (floor included), one
-    read of each weight row per pass. The backward of a parameter also keeps its gradient's
-    per-unit norms for AGC (:func:`normfree.nn.unit_norms.unit_grad_norms_from_backward`).
-    First-order only."""
-
-    @staticmethod
-    def forward(ctx, weight: Tensor, gain: Tensor | None, eps: float, gamma: float) -> Tensor:
-        ext = native.extension()
-        out, mean, n_var, ctx.forward_number = _native_standardize(ext, weight, gain, eps, gamma)
-        ctx.save_for_backward(weight, gain, mean, n_var)
-        ctx.ext, ctx.eps, ctx.gamma = ext, eps, gamma
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        weight, gain, mean, n_var = ctx.saved_tensors
-        needs_weight, needs_gain = ctx.needs_input_grad[:2]
-        rows = weight.reshape(weight.shape[0], -1).contiguous()
-        want_norm = needs_weight and wants_grad_norms(weight, ctx.forward_number)
-        grad_weight, grad_gain, grad_norm = ctx.ext.scaled_ws_backward(
-            grad_out.reshape(rows.shape).contiguous(), rows, mean, n_var,
-            None if gain is None else gain.contiguous(), ctx.eps, ctx.gamma,
-            needs_weight, needs_gain and gain is not None, want_norm,
-        )  # fmt: skip
-        if needs_weight:
-            grad_weight = grad_weight.view(weight.shape)
-            remember_grad_norms(weight, grad_weight, grad_norm, ctx.forward_number)
-        return (
-            grad_weight if needs_weight else None,
-            grad_gain if needs_gain and gain is not None else None,
-            None,
-            None,
-        )
-
-
-_NATIVE_DTYPES = (torch.float32, torch.float64)
-
-
-def scaled_standardize(
-    weight: Tensor, gain: Tensor | None = None, eps: float = 1e-4, gamma: float = 1.0
-) -> Tensor:
-    """Scaled WS (Brock et al. 2021a, eq. 2; official ``WSConv2D``), per output unit (dim 0):
-    ``gain·γ·(W − μ)·rsqrt(max(N·var, eps))``, biased variance, ``N = W[0].numel()`` (fan-in),
-    ``eps`` a floor on N·var (not added).
-
-    ``gain`` has shape ``(out,)`` (``None`` means 1). Computed in ``weight``'s dtype. In eager
-    mode on CPU it is group normalization with one group per unit (:func:`_standardize_rows`,
-    train and eval alike): one fused kernel forward, group norm's fused backward through
-    autograd (double backward works). Where a unit's N·var is below ``eps``, and under
-    tracing / ``torch.compile`` / other devices, an analytic backward is used when a gradient
-    is needed (first-order only; double backward raises). With the optional native
-    kernels switched on (:mod:`normfree.nn.native`), eager CPU float32/float64 weights run
-    the C++ forward and analytic backward instead (:class:`_ScaledStandardizeNative`).
-    """
-    if gain is not None and gain.shape != weight.shape[:1]:
-        raise ValueError(f"gain must have shape ({weight.shape[0]},), got {list(gain.shape)}")
-    if not torch.jit.is_scripting():
-        tracing = torch.jit.is_tracing()
-        needs_grad = weight.requires_grad or (gain is not None and gain.requires_grad)
-        if not (tracing or torch.compiler.is_compiling()) and weight.device.type == "cpu":
-            _reduce_dims(weight)  # a clear error for a weight without units
-            ext = native.extension() if weight.dtype in _NATIVE_DTYPES else None
-            if ext is not None and (gain is None or gain.dtype == weight.dtype):
-                if needs_grad and torch.is_grad_enabled():
-                    return _ScaledStandardizeNative.apply(weight, gain, eps, gamma)
-                return _native_standardize(ext, weight, gain, eps, gamma)[0]
-            return _eager_standardize(weight, gain, eps, gamma)
-        if needs_grad and torch.is_grad_enabled() and not tracing:
-            return _ScaledStandardize.apply(weight, gain, eps, gamma)
-    return _scaled_standardize_parts(weight, gain, eps, gamma)[0]
-
-
-@torch.jit.unused
-def _eager_standardize(weight: Tensor, gain: Tensor | None, eps: float, gamma: float) -> Tensor:
-    """Scaled WS in eager mode on CPU, train and eval alike: group normalization's fused
-    forward and backward (:func:`_standardize_rows`); where the floor is active, the separate
-    passes (:func:`_standardize_rows_floored`), or with autograd the analytic
-    :class:`_ScaledStandardize`. A parameter's statistics are kept for AGC
-    (:func:`unit_norms_from_forward`)."""
-    if weight.numel() == 0:  # no unit to standardize, or units without a fan-in
-        return _scaled_standardize_parts(weight, gain, eps, gamma)[0]
-    fused = _standardize_rows(weight, gain, eps, gamma)
-    if fused is not None:
-        out, mean, inv_std = fused
-        if isinstance(weight, nn.Parameter):
-            remember_unit_stats(weight, mean, inv_std=inv_std)
-        return out
-    if torch.is_grad_enabled() and (
-        weight.requires_grad or (gain is not None and gain.requires_grad)
-    ):
-        return _ScaledStandardize.apply(weight, gain, eps, gamma)
-    out, mean, n_var = _standardize_rows_floored(weight, gain, eps, gamma)
-    if isinstance(weight, nn.Parameter):
-        remember_unit_stats(weight, mean, n_var=n_var)
-    return out
-
-
-def qiao_standardize(weight: Tensor, eps: float = 1e-5) -> Tensor:
-    """Weight Standardization of Qiao et al. 2019 (eq. 5, official code): per output filter,
-    ``(W − μ) / (σ + eps)`` with the *unbiased* (Bessel-corrected) standard deviation."""
-    dims = _reduce_dims(weight)
-    if weight[0].numel() < 2:
-        raise ValueError("qiao_standardize needs >= 2 weights per output filter (unbiased std)")
-    centered = weight - weight.mean(dim=dims, keepdim=True)
-    std = torch.linalg.vector_norm(centered, dim=dims, keepdim=True) / math.sqrt(
-        weight[0].numel() - 1
-    )
-    return centered / (std + eps)
-
 
 def _upcast_half(weight: Tensor) -> Tensor:
     """fp16/bf16 → fp32; other dtypes unchanged."""
