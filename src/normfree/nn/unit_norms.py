@@ -2,11 +2,11 @@
 read the weights and gradients again for, kept by the kernels that already had them.
 
 A forward that computes each output unit's mean and variance of a parameter (the eager-CPU
-Scaled-WS forward, :mod:`normfree.nn.ws`, as ``rsqrt(var)``; the native one as ``N·var``) keeps
-them here, so ``‖W_o‖² = N·var_o + N·μ_o²`` costs AGC nothing; a native backward keeps the
-per-unit norms of the gradient it wrote. Both are keyed by the parameter's identity and
-checked before use (the weight's in-place version; the gradient's memory, version, forward and
-a spot check), so a stale value is never read:
+Scaled-WS forward of :mod:`normfree.nn.ws_functional`, as ``rsqrt(var)``; the native one as
+``N·var``) keeps them here, so ``‖W_o‖² = N·var_o + N·μ_o²`` costs AGC nothing; a native
+backward keeps the per-unit norms of the gradient it wrote. Both are keyed by the parameter's
+identity and checked before use (the weight's in-place version; the gradient's memory,
+version, forward and a spot check), so a stale value is never read:
 :func:`unit_norms_from_forward` and :func:`unit_grad_norms_from_backward` return ``None``
 instead and AGC computes the norm itself.
 """
