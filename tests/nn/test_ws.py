@@ -566,3 +566,28 @@ def test_empty_weights_standardize_to_empty(shape: tuple[int, ...]) -> None:
     assert out.shape == w.shape
     out.sum().backward()
     assert w.grad.shape == w.shape
+
+
+def test_torch_func_grad_and_per_sample_gradients_through_scaled_ws() -> None:
+    """``torch.func.grad`` and ``vmap`` (per-sample gradients) run through the eager-CPU Scaled
+    WS (group norm's autograd node; the former ``autograd.Function`` had no ``setup_context``
+    and raised) and equal autograd's gradients, float64."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    net = nn.Sequential(ScaledStdConv2d(3, 4, 3), nn.ReLU(), ScaledStdConv2d(4, 5, 1),
+                        nn.Flatten(), nn.Linear(5 * 64, 2)).double()  # fmt: skip
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+
+    def loss(p: dict, xb: torch.Tensor) -> torch.Tensor:
+        return functional_call(net, p, (xb,)).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x.unsqueeze(1))
+    for i in range(x.shape[0]):
+        net.zero_grad()
+        net(x[i : i + 1]).square().sum().backward()
+        for name, p in net.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-10, atol=1e-12)
+    total = grad(loss)(params, x)
+    torch.testing.assert_close(total["0.gain"], per_sample["0.gain"].sum(0), rtol=1e-10, atol=1e-12)
