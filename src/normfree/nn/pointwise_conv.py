@@ -288,8 +288,9 @@ def compile_options(device: torch.device | str) -> dict[str, bool]:
     (``conv_1x1_as_mm``; a compiled nf_resnet50 train step went from 1.009× to 0.956× the
     eager one), and keep the model's NCHW layout instead of converting the convolutions to
     channels-last (``layout_optimization=False``; with the faster eager Scaled WS the
-    compiled step measured 1.27× the eager one with the conversion and 1.00–1.02× without,
-    docs/benchmarks.md). None elsewhere, where nothing was measured."""
+    compiled step measured 1.27× the eager one with the conversion and 1.00–1.02× without
+    in one-process A/Bs; 1.07–1.10× in `bench_train.py --compile`, docs/benchmarks.md).
+    None elsewhere, where nothing was measured."""
     if torch.device(device).type == "cpu":
         return {"conv_1x1_as_mm": True, "layout_optimization": False}
     return {}

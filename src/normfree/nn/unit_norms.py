@@ -31,7 +31,7 @@ __all__ = [
 
 # Keyed by the parameter's identity (tensors compare elementwise, so no WeakKeyDictionary) and
 # dropped with it: id(weight) → (weak ref to it, its version, per-unit mean, per-unit N·var or
-# None, forward number, per-unit rsqrt(var) or None) from its last forward that kept them, and
+# rsqrt(var), forward number, whether it is rsqrt(var)) from its last forward that kept them, and
 # id(weight) → (weak ref to it, its gradient's data_ptr, that gradient's version, per-unit
 # ‖∂L/∂W_o‖, number of the forward it differentiates) from its last native backward.
 _UNIT_STATS: dict[int, tuple] = {}
@@ -58,15 +58,11 @@ def remember_unit_stats(
     if (n_var is None) == (inv_std is None):
         raise ValueError("give exactly one of n_var and inv_std")
     number = next(_FORWARDS)
+    variance = n_var if inv_std is None else inv_std
     _remember(
-        _UNIT_STATS,
-        weight,
-        weight._version,
-        mean.detach(),
-        None if n_var is None else n_var.detach(),
-        number,
-        None if inv_std is None else inv_std.detach(),
-    )
+        _UNIT_STATS, weight, weight._version, mean.detach(), variance.detach(), number,
+        inv_std is not None,
+    )  # fmt: skip
     return number
 
 
@@ -88,19 +84,19 @@ def unit_norms_from_forward(weights: list[Tensor]) -> list[Tensor | None]:
     for k, w in enumerate(weights):
         stats = _UNIT_STATS.get(id(w))
         if stats is not None and stats[0]() is w and stats[1] == w._version:
-            by_kind[stats[3] is None].append((k, w, stats))
+            by_kind[stats[5]].append((k, w, stats))
     for as_inv_std, hits in enumerate(by_kind):
         if not hits:
             continue
         mean = torch.cat([s[2] for _, _, s in hits])
         counts = tuple(w.shape[0] for _, w, _ in hits)
         fan_in = _per_unit(counts, tuple(w[0].numel() for _, w, _ in hits), mean.dtype, mean.device)
+        variance = torch.cat([s[3] for _, _, s in hits])
         if as_inv_std:  # N·(μ² + 1/rsqrt(var)²)
-            var = torch.cat([s[5] for _, _, s in hits]).square().reciprocal_()
-            norms = var.addcmul_(mean, mean).mul_(fan_in).sqrt_()
+            norms = variance.square().reciprocal_().addcmul_(mean, mean).mul_(fan_in)
         else:  # N·var + N·μ²
-            norms = torch.addcmul(torch.cat([s[3] for _, _, s in hits]), mean.square(), fan_in)
-            norms = norms.sqrt_()
+            norms = torch.addcmul(variance, mean.square(), fan_in)
+        norms = norms.sqrt_()
         for (k, _, _), norm in zip(hits, norms.split(counts)):
             found[k] = norm
     return found

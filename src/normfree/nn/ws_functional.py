@@ -130,7 +130,7 @@ def _standardize_rows(
     # N·var < eps ⇔ rsqrt(var) > √(N/eps); NaN weights compare False and give NaN as before
     if eps > 0.0 and inv_std.max().item() > math.sqrt(fan_in / eps):
         return None
-    return out.view(weight.shape), mean.detach().view(out_ch), inv_std.detach().view(out_ch)
+    return out.view(weight.shape), mean.view(out_ch), inv_std.view(out_ch)
 
 
 def _standardize_rows_floored(
