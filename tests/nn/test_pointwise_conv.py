@@ -2,8 +2,9 @@
 the convolution (float64 to rounding: output, every gradient, double backward), each pass in
 the form its rule picks (pooled input: F.linear; NCHW float CPU input: per-sample products,
 the convolution's input gradient for big weights, one product over the batch's pixels for the
-weight gradient of small maps), the convolution itself under tracing/compile/script and for
-channels-last or autocast inputs, and the same state dict."""
+weight gradient of small maps), one custom operator under torch.compile, the convolution under
+tracing, TorchScript and export and for channels-last or autocast inputs, and the same state
+dict."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def test_equals_conv2d_with_gradients(batch, in_ch, out_ch, bias, size) -> None:
     ops = str(results[0][0].grad_fn.next_functions)
     # a matrix product on pooled inputs, the pass-by-pass form on spatial ones
     assert ("Addmm" in ops or "Mm" in ops) == (size == 1)
-    assert (results[0][0].grad_fn.name() == "_PointwiseConvBackward") == (size > 1)
+    assert (results[0][0].grad_fn.name() == "PointwiseConvFunctionBackward") == (size > 1)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
 
@@ -98,7 +99,7 @@ def test_training_form_has_a_double_backward() -> None:
     x, w = (torch.randn(s, dtype=torch.float64, generator=gen, requires_grad=True)
             for s in ((2, 3, 4, 3), (5, 3, 1, 1)))  # fmt: skip
     b = torch.randn(5, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert pointwise_conv2d(x, w, b).grad_fn.name() == "_PointwiseConvBackward"
+    assert pointwise_conv2d(x, w, b).grad_fn.name() == "PointwiseConvFunctionBackward"
     assert torch.autograd.gradgradcheck(pointwise_conv2d, (x, w, b))
 
 
@@ -158,7 +159,7 @@ def test_the_convolution_runs_where_the_product_does_not_pay(products) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
-def test_traced_compiled_and_scripted_forms_are_the_convolution() -> None:
+def test_traced_and_scripted_forms_are_the_convolution_and_compiled_ones_equal_it() -> None:
     se = SqueezeExcite(4, 2)
     x = torch.randn(2, 4, 3, 3)
     traced = torch.fx.symbolic_trace(se, concrete_args={"out_gain": None})
@@ -194,7 +195,7 @@ def test_scaled_ws_conv_trains_and_evaluates_in_matrix_form(products) -> None:
     x = torch.randn(3, 24, 6, 6, dtype=torch.float64)
     expected = F.conv2d(x, conv.standardized_weight(), conv.bias)
     trained = conv(x)
-    assert trained.grad_fn.name() == "_PointwiseConvBackward" and products == ["bmm"]
+    assert trained.grad_fn.name() == "PointwiseConvFunctionBackward" and products == ["bmm"]
     torch.testing.assert_close(trained, expected, rtol=1e-12, atol=1e-12)
     with torch.no_grad():
         torch.testing.assert_close(conv(x), trained, rtol=0, atol=0)  # the same products
@@ -358,3 +359,71 @@ def test_the_environment_switches_the_matrix_forms_off() -> None:
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                              text=True, check=True)  # fmt: skip
         assert out.stdout.strip() == expected
+
+
+def _graphs_seen(seen: list[str]):
+    """A ``torch.compile`` backend that records each captured graph's code and runs it."""
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        seen.append(gm.code)
+        return gm.forward
+
+    return backend
+
+
+@pytest.mark.parametrize("size,bias", [(6, True), (3, False)])
+def test_compiled_training_runs_the_forms_as_one_operator_with_the_convs_numbers(
+    size, bias, products
+) -> None:
+    """Under torch.compile with autograd a spatial 1×1 conv is ``normfree::pointwise_conv2d``
+    (the graph holds no convolution), whose forward and backward run the eager forms and give
+    the convolution's numbers (float64)."""
+    torch._dynamo.reset()
+    conv, ref = _pair(24, 40, bias)
+    x = torch.randn(3, 24, size, size, dtype=torch.float64)
+    up = torch.randn(3, 40, size, size, dtype=torch.float64)
+    seen: list[str] = []
+    compiled = torch.compile(conv, backend=_graphs_seen(seen), fullgraph=True)
+    results = []
+    for module in (compiled, ref):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        results.append((y, *torch.autograd.grad(y, (xi, *module.parameters()), up)))
+    assert len(seen) == 1 and "ops.normfree.pointwise_conv2d" in seen[0]
+    assert seen[0].count("conv2d(") == 1  # that operator, and no convolution
+    assert "bmm" in products  # the eager forms ran inside the operator
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_pointwise_operator_passes_torch_library_opcheck() -> None:
+    """The schema, fake (meta) kernel, autograd registration and AOT dispatch of the operator
+    agree with its eager kernel (``torch.library.opcheck``)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(4, 6, 1, 1, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, generator=gen, requires_grad=True)
+    torch.library.opcheck(torch.ops.normfree.pointwise_conv2d.default, (x, w, b))
+    torch.library.opcheck(torch.ops.normfree.pointwise_conv2d.default, (x, w, None))
+    grad = torch.randn(2, 4, 5, 5, dtype=torch.float64, generator=gen)
+    torch.library.opcheck(
+        torch.ops.normfree.pointwise_conv2d_backward.default,
+        (grad, x.detach(), w.detach(), True, False, True),
+    )
+
+
+def test_compiled_evaluation_runs_the_operator_and_export_sees_the_convolution() -> None:
+    torch._dynamo.reset()
+    conv = PointwiseConv2d(6, 4)
+    x = torch.randn(2, 6, 5, 5)
+    seen: list[str] = []
+    with torch.no_grad():
+        out = torch.compile(conv, backend=_graphs_seen(seen), fullgraph=True)(x)
+        torch.testing.assert_close(out, conv(x), rtol=1e-6, atol=1e-6)
+    assert "ops.normfree.pointwise_conv2d" in seen[0]
+    pooled: list[str] = []  # a pooled input stays a convolution (inductor's conv_1x1_as_mm)
+    torch.compile(conv, backend=_graphs_seen(pooled), fullgraph=True)(x.mean((2, 3), True))
+    assert "conv2d(" in pooled[0] and "normfree" not in pooled[0]
+    program = torch.export.export(conv, (x,))  # parameters requiring grad, grad mode on
+    code = program.graph_module.code
+    assert "conv2d" in code and "normfree" not in code

@@ -14,7 +14,8 @@ matrix form here, chosen from timings inside whole training and evaluation steps
   weight, reread once per sample, is small next to a sample's data
   (``in·out ≤ 16·H·W·(in + out)``); the input gradient the same way when the weight also fits
   a core's cache; the weight gradient as one product over all the batch's pixels on small maps
-  and as per-sample products summed over the batch on large ones (:class:`_PointwiseConv`).
+  and as per-sample products summed over the batch on large ones (the kernels are in
+  :mod:`normfree.nn.pointwise_kernels`).
   The convolution itself runs wherever a rule says no. nf_resnet50 evaluates 1.055× → 0.997×
   the time of a ResNet-50 with no normalization at all, and trains 0.96× the time of the
   all-convolution form; nf_regnet_b0 0.84× and 0.88×;
@@ -24,8 +25,11 @@ matrix form here, chosen from timings inside whole training and evaluation steps
 
 :class:`PointwiseConv2d` is an ``nn.Conv2d`` (same parameters, state-dict layout, hooks and
 ``isinstance`` checks; timm's and DeepMind's weights load unchanged) that runs
-:func:`pointwise_conv2d`. Under ``torch.fx`` tracing, TorchScript, ``torch.jit.trace``,
-``torch.compile``/``torch.export`` (where the matrix forms measured 1.4× slower) and
+:func:`pointwise_conv2d`. Under ``torch.compile`` a spatial float CPU input with autograd runs
+the training forms as one opaque custom operator (``normfree::pointwise_conv2d``, torch ≥ 2.4),
+which inductor calls as it is; without autograd (compiled evaluation) and under
+``torch.export`` it is the convolution, which inductor lowers to a matrix product with
+:func:`compile_options`. Under ``torch.fx`` tracing, TorchScript, ``torch.jit.trace`` and
 ``torch.func`` transforms these are exactly the convolution; so are spatial inputs that are
 channels-last, under autocast, not float32/float64 or not on CPU, and training steps with
 forward-mode AD tangents. A pooled ``(B, C, 1, 1)`` float input takes ``F.linear`` in eager
@@ -44,6 +48,13 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normfree.nn.pointwise_kernels import (
+    PointwiseConvFunction,
+    compiled_pointwise_conv2d,
+    per_sample_product,
+    product_pays,
+)
+
 __all__ = [
     "PointwiseConv2d",
     "compile_options",
@@ -56,13 +67,6 @@ __all__ = [
     "strided_pointwise_conv2d",
 ]
 
-# The per-sample product rereads the weight once per sample; it is the faster form while
-# in·out ≤ _REREAD_LIMIT·H·W·(in + out), i.e. while the weight is small next to what a sample
-# reads and writes (measured on NF-ResNet, NF-RegNet and NFNet shapes, docs/benchmarks.md).
-_REREAD_LIMIT = 16
-# A weight this small stays in a core's cache (2 MiB L2 on the machine measured) while every
-# sample rereads it, so the per-sample products of the input gradient pay.
-_CACHED_WEIGHT_BYTES = 1 << 20
 _MATMUL_DTYPES = (torch.float32, torch.float64)
 _ENV = "NORMFREE_POINTWISE_MATMUL"
 _enabled = os.environ.get(_ENV, "").strip().lower() not in ("0", "false", "no", "off")
@@ -121,7 +125,8 @@ def pointwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     """``F.conv2d(x, weight, bias)`` for a ``(out, in, 1, 1)`` weight (stride 1, no padding, no
     groups), computed in matrix form where that is faster (module docstring): ``F.linear`` for a
     pooled ``(B, C, 1, 1)`` input in eager mode; for an NCHW float CPU input, per-sample products
-    without autograd and :class:`_PointwiseConv` (each pass in its faster form) with it."""
+    without autograd and :class:`~normfree.nn.pointwise_kernels.PointwiseConvFunction` (each
+    pass in its faster form) with it."""
     if not torch.jit.is_scripting():
         fast = _as_matrix_product(x, weight, bias)
         if fast is not None:
@@ -132,41 +137,59 @@ def pointwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
 @torch.jit.unused
 def _as_matrix_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     """:func:`pointwise_conv2d` in matrix form, or None where the convolution runs."""
-    if (
-        not _enabled
-        or _fx_proxy(x)
-        or _fx_proxy(weight)
-        or torch.jit.is_tracing()
-        or torch.compiler.is_compiling()
-        or x.dim() != 4
-    ):
+    if not _enabled or _fx_proxy(x) or _fx_proxy(weight) or torch.jit.is_tracing() or x.dim() != 4:
         return None
+    if torch.compiler.is_compiling():
+        return _compiled_form(x, weight, bias)
     batch, _, height, width = x.shape
     if height == 1 and width == 1:
         if not x.is_floating_point():
             return None
         out = F.linear(x.flatten(1), weight.flatten(1), bias)
         return out.view(batch, weight.shape[0], 1, 1)
-    if (
-        x.device.type != "cpu"
-        or x.dtype not in _MATMUL_DTYPES
-        or weight.dtype != x.dtype
-        or (bias is not None and bias.dtype != x.dtype)
-        or _cpu_autocast_enabled()
-        or not x.is_contiguous()
-        or _under_functorch(x, weight, bias)
-    ):
+    if not _matrix_input(x, weight, bias) or _under_functorch(x, weight, bias):
         return None
-    grad_needed = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    if grad_needed:
+    if _grad_needed(x, weight, bias):
         if _has_tangent(x, weight, bias):  # forward AD: the Function has no jvp
             return None
-        return _PointwiseConv.apply(x, weight, bias)
-    if not _product_pays(weight, height * width):
+        return PointwiseConvFunction.apply(x, weight, bias)
+    if not product_pays(weight, height * width):
         return None
-    return _per_sample_product(x, weight, bias)
+    return per_sample_product(x, weight, bias)
+
+
+def _matrix_input(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether the matrix forms take this spatial input: NCHW-contiguous float32/float64 on
+    CPU, the weight and bias of its dtype, no CPU autocast."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _MATMUL_DTYPES
+        and weight.dtype == x.dtype
+        and (bias is None or bias.dtype == x.dtype)
+        and not _cpu_autocast_enabled()
+        and x.is_contiguous()
+    )
+
+
+def _grad_needed(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+
+
+def _compiled_form(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """Under ``torch.compile``: a spatial input with autograd runs the training forms as one
+    opaque operator (:func:`normfree.nn.pointwise_kernels.compiled_pointwise_conv2d`); anything
+    else (compiled evaluation, pooled inputs, ``torch.export``) is the convolution, which
+    inductor lowers to a matrix product with :func:`compile_options`."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    if (
+        exporting()
+        or x.shape[2] * x.shape[3] == 1
+        or not _matrix_input(x, weight, bias)
+    ):
+        return None
+    return compiled_pointwise_conv2d(x, weight, bias)
 
 
 def _under_functorch(*tensors: Tensor | None) -> bool:
@@ -187,88 +210,6 @@ def _has_tangent(*tensors: Tensor | None) -> bool:
     return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def _product_pays(weight: Tensor, area: int) -> bool:
-    """Whether per-sample products ``W @ x_b`` beat the convolution: while the weight, reread
-    once per sample, is small next to what a sample reads and writes."""
-    out, channels = weight.shape[0], weight.shape[1]
-    return out * channels <= _REREAD_LIMIT * area * (out + channels)
-
-
-def _per_sample_product(
-    x: Tensor, weight: Tensor, bias: Tensor | None, fresh: bool = False
-) -> Tensor:
-    """``W @ x_b (+ b)`` for every sample of an NCHW-contiguous ``x``. ``fresh``: written
-    through ``out=`` into a new NCHW tensor, which is no view (an ``autograd.Function``'s
-    output may then be changed in place, e.g. by an in-place activation); otherwise a view of
-    the plain product, which forward-mode AD passes through."""
-    batch, channels, height, width = x.shape
-    out = weight.shape[0]
-    area = height * width
-    matrix = weight.reshape(out, channels).expand(batch, out, channels)
-    inputs = x.view(batch, channels, area)
-    if fresh:
-        y = x.new_empty((batch, out, height, width))
-        rows = torch.bmm(matrix, inputs, out=y.view(batch, out, area))
-    else:
-        rows = torch.bmm(matrix, inputs)
-        y = rows.view(batch, out, height, width)
-    if bias is not None:
-        rows.add_(bias.reshape(out, 1))
-    return y
-
-
-class _PointwiseConv(torch.autograd.Function):
-    """A 1×1 convolution of an NCHW float CPU input with autograd, each pass in the form that
-    measured faster in whole training steps (docs/benchmarks.md):
-
-    * forward ``y_b = W·x_b + b``: per-sample products where :func:`_product_pays`, else the
-      convolution;
-    * ``∂L/∂x_b = Wᵀ·δ_b``: per-sample products where they pay and the weight fits in a core's
-      cache (≤ 1 MiB, one read from memory for all samples), else the convolution's backward;
-    * ``∂L/∂W = Σ_b δ_b·x_bᵀ``: one product over all pixels of the batch, on copies of δ and x
-      laid out ``(channels, B·H·W)``, where the weight is bigger than what one pixel row of the
-      batch holds (``out·in > H·W·(out + in)``: small late-stage maps), else per-sample products
-      summed over the batch; ``∂L/∂b = Σ δ``.
-
-    The backward is built of differentiable ops, so double backward works."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        if _product_pays(weight, x.shape[2] * x.shape[3]):
-            return _per_sample_product(x, weight, bias, fresh=True)
-        return F.conv2d(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
-        batch, channels, height, width = x.shape
-        out, area = weight.shape[0], height * width
-        grad = grad.contiguous()
-        rows = grad.view(batch, out, area)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            small = weight.numel() * weight.element_size() <= _CACHED_WEIGHT_BYTES
-            if small and _product_pays(weight, area):
-                matrix = weight.reshape(out, channels).t().expand(batch, channels, out)
-                grad_x = torch.bmm(matrix, rows).view(x.shape)
-            else:
-                grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad)
-        if ctx.needs_input_grad[1]:
-            inputs = x.view(batch, channels, area)
-            if out * channels > area * (out + channels):
-                pixels = batch * area
-                grad_w = torch.mm(rows.transpose(0, 1).reshape(out, pixels),
-                                  inputs.transpose(0, 1).reshape(channels, pixels).t())  # fmt: skip
-            else:
-                grad_w = torch.bmm(rows, inputs.transpose(1, 2)).sum(0)
-            grad_w = grad_w.view(weight.shape)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = rows.sum((0, 2))
-        return grad_x, grad_w, grad_b
-
-
 def _cpu_autocast_enabled() -> bool:
     try:
         return torch.is_autocast_enabled("cpu")
@@ -284,13 +225,13 @@ def _fx_proxy(x: Tensor) -> bool:
 
 def compile_options(device: torch.device | str) -> dict[str, bool]:
     """Options of the inductor backend for ``torch.compile(model, options=...)`` of a model on
-    ``device``. On CPU: lower 1×1 convolutions to matrix products as the eager forms here do
-    (``conv_1x1_as_mm``; a compiled nf_resnet50 train step went from 1.009× to 0.956× the
-    eager one), and keep the model's NCHW layout instead of converting the convolutions to
-    channels-last (``layout_optimization=False``; with the faster eager Scaled WS the
-    compiled step measured 1.27× the eager one with the conversion and 1.00–1.02× without
-    in one-process A/Bs; 1.07–1.10× in `bench_train.py --compile`, docs/benchmarks.md).
-    None elsewhere, where nothing was measured."""
+    ``device``. On CPU: lower the 1×1 convolutions that stay convolutions in a compiled graph
+    (pooled squeeze-excite inputs, channels-last inputs) to matrix products
+    (``conv_1x1_as_mm``; the NCHW spatial ones run as ``normfree::pointwise_conv2d``, module
+    docstring), and keep the model's NCHW layout instead of converting the convolutions to
+    channels-last (``layout_optimization=False``: with the conversion a compiled nf_resnet50
+    train step measured 1.27× the eager one, without it 1.00–1.02×, in one-process A/Bs;
+    docs/benchmarks.md). None elsewhere, where nothing was measured."""
     if torch.device(device).type == "cpu":
         return {"conv_1x1_as_mm": True, "layout_optimization": False}
     return {}
