@@ -172,7 +172,8 @@ class Trainer(TrainerState):
             self.train_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[info.device.index] if info.device.type == "cuda" else None
             )
-        if t.compile:  # inductor; on CPU, 1×1 convs as normfree::pointwise_conv2d (nn.compile_options)
+        if t.compile:
+            # inductor; on CPU, 1×1 convs run as normfree::pointwise_conv2d (nn.compile_options)
             self.train_model = torch.compile(self.train_model, options=compile_options(info.device))
         self.logger = RunLogger(
             self.run_dir,
