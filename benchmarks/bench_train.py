@@ -22,6 +22,7 @@ train steps (it includes the interpreter and libraries, ~0.3 GiB, the same for e
     python benchmarks/bench_train.py --threads 2             # b8 @128², 7 rounds
     python benchmarks/bench_train.py --quick --threads 2     # 3 rounds, no memory column
     python benchmarks/bench_train.py --group resnet50 --channels-last
+    python benchmarks/bench_train.py --group resnet50 --fused-optimizer
     python benchmarks/bench_train.py --compile --group resnet50 \
         --only torchvision:resnet50_nonorm,normfree:nf_resnet50,timm:nf_resnet50
     python benchmarks/bench_train.py --only normfree:nf_resnet50,normfree:nf_resnet50:sd,\
@@ -172,7 +173,8 @@ def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> V
     model = model.to(memory_format=fmt)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).to(memory_format=fmt)
     y = torch.randint(0, 1000, (args.batch,), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
+    fused = {"fused": True} if args.fused_optimizer else {}
+    opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9, **fused)
     clip = _agc(spec.removesuffix(COMPILED), model, opt)
     fwd = model
     if compiled:  # normfree's models with normfree's inductor options; peers with the defaults
@@ -242,6 +244,8 @@ def _child_peak(spec: str, args: argparse.Namespace) -> float:
            "--size", str(args.size), "--threads", str(torch.get_num_threads())]  # fmt: skip
     if args.channels_last:
         cmd.append("--channels-last")
+    if args.fused_optimizer:
+        cmd.append("--fused-optimizer")
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         return float("nan")
@@ -360,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="add a torch.compile'd twin (inductor) of every variant, timed in the "
                         "same interleaved run as its eager form")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--fused-optimizer", action="store_true",
+                        help="PyTorch's fused SGD for every variant (normfree train's default "
+                        "where available) instead of its per-tensor loop")
     parser.add_argument("--quick", action="store_true", help="3 rounds, no memory column")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--batch", type=int, default=8)
@@ -396,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.processor() or platform.machine()} | {args.device} | "
         f"{torch.get_num_threads()} threads | batch {args.batch} @{args.size}² | "
         f"{args.rounds} rounds | {args.clock} clock | compile={args.compile} "
-        f"channels_last={args.channels_last} | "
+        f"channels_last={args.channels_last} fused_optimizer={args.fused_optimizer} | "
         f"load {load:.1f}"
     )
     for name in args.group or list(GROUPS):

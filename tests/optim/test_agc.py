@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from normfree.optim import attached
+from normfree.optim import attached, fused_available
 from normfree.optim.agc import (
     AGC,
     _adaptive_clip_grad,
@@ -449,6 +449,41 @@ def test_grad_scaler_clips_unscaled_gradients() -> None:
     for p, q in zip(a.parameters(), before):
         assert torch.equal(p, q)
     assert scaler.get_scale() == 2.0**11
+
+
+@pytest.mark.parametrize("cls", [torch.optim.SGD, torch.optim.AdamW])
+def test_fused_optimizer_under_grad_scaler_clips_like_the_loop(cls: type) -> None:
+    """``GradScaler.step`` does not unscale before a fused optimizer's step (its kernel
+    unscales by ``optimizer.grad_scale``), so AGC's pre-hook sees gradients still scaled by
+    S = 2¹²; it must clip them at λ‖W‖·S. Against the per-tensor loop, which the scaler
+    unscales first: scaling by a power of two is exact, so fused SGD matches bit for bit and
+    fused AdamW to a float32 ulp. Without the scaled threshold the scaled gradients are all
+    clipped and the step is 2¹² times too small."""
+    if not fused_available(cls, [torch.zeros(1)]):
+        pytest.skip(f"no fused CPU {cls.__name__} in torch {torch.__version__}")
+    a, b = twin_models()
+    x = torch.randn(2, 3, 4, 4)
+    kw = {"lr": 0.1, "momentum": 0.9} if cls is torch.optim.SGD else {"lr": 0.01}
+    opt_a = with_agc(cls(a.parameters(), fused=True, **kw), exclude=())
+    opt_b = with_agc(cls(b.parameters(), foreach=False, **kw), exclude=())
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**12) for _ in range(2)]
+    clipped = 0
+    for _ in range(3):
+        for model, opt, scaler in zip((a, b), (opt_a, opt_b), scalers):
+            opt.zero_grad()
+            scaler.scale(model(x).square().mean() * 100).backward()
+            if model is b:  # how many units the loop's AGC clips (unscaled gradients)
+                with_grad = [p for p in model.parameters() if p.grad is not None]
+                clipped += sum(
+                    not torch.equal(reference_agc(p, p.grad / 2.0**12).float(), p.grad / 2.0**12)
+                    for p in with_grad
+                )
+            scaler.step(opt)
+            scaler.update()
+    assert clipped > 0  # the comparison exercises clipping
+    tol = {"rtol": 0.0, "atol": 0.0} if cls is torch.optim.SGD else {"rtol": 1e-6, "atol": 1e-7}
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, **tol)
 
 
 def test_remove_detaches_and_keyword_closure_is_clipped() -> None:

@@ -11,7 +11,7 @@ import torch
 
 import normfree
 from normfree.optim import AGC, attached
-from normfree.train import Config, Trainer, train
+from normfree.train import Config, ConfigError, Trainer, train
 from normfree.train import builders as B
 from normfree.train.distributed import DistInfo
 
@@ -114,3 +114,51 @@ def test_sync_bn_is_gpu_only_and_a_no_op_for_nf_models(make_cfg: Callable[..., C
     assert setup_sync_batchnorm(bn, cfg, DistInfo()) is bn  # single process: nothing to sync
     nf = normfree.create_model("nf_resnet_cifar20", num_classes=10)
     assert setup_sync_batchnorm(nf, cfg, two_cpu_ranks) is nf  # no BatchNorm at all
+
+
+def _steps(cfg: Config, steps: int = 3) -> list[torch.Tensor]:
+    """The float64 weights of nf_resnet_cifar20 after ``steps`` optimizer steps of ``cfg``'s
+    optimizer (AGC attached) on fixed random data."""
+    torch.manual_seed(0)
+    model = normfree.create_model("nf_resnet_cifar20", num_classes=10, in_chans=1).double()
+    opt = B.build_optimizer(cfg, model)
+    x, y = torch.randn(8, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (8,))
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_optimizer_where_available_with_the_same_update(
+    make_cfg: Callable[..., Config], name: str
+) -> None:
+    """optim.fused=null builds PyTorch's fused kernel where this build has it (CPU from torch
+    2.4): the same update as the per-tensor loop (optim.fused=false), AGC included; float64
+    weights after three steps agree to rounding (the kernels order a few operations
+    differently)."""
+    cls = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[name]
+    available = normfree.optim.fused_available(cls, [torch.zeros(1)])
+    model = normfree.create_model("nf_resnet_cifar20", num_classes=10)
+    auto = B.build_optimizer(make_cfg(f"optim.name={name}"), model)
+    off = B.build_optimizer(make_cfg(f"optim.name={name}", "optim.fused=false"), model)
+    assert bool(auto.defaults["fused"]) == available and not off.defaults["fused"]
+    if not available:
+        pytest.skip(f"no fused CPU {name} in torch {torch.__version__}")
+    fused = _steps(make_cfg(f"optim.name={name}", "optim.lr=0.05"))
+    loop = _steps(make_cfg(f"optim.name={name}", "optim.lr=0.05", "optim.fused=false"))
+    moved = max((a - b).abs().max().item() for a, b in zip(fused, _steps(make_cfg(), 0)))
+    assert moved > 1e-3  # the steps did something
+    for a, b in zip(fused, loop):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_fused_true_without_a_fused_kernel_is_a_config_error(
+    make_cfg: Callable[..., Config],
+) -> None:
+    model = normfree.create_model("nf_resnet_cifar20", num_classes=10)
+    with pytest.raises(ConfigError, match=r"optim\.fused=true: .* no fused rmsprop .* or false"):
+        B.build_optimizer(make_cfg("optim.name=rmsprop", "optim.fused=true"), model)
+    plain = B.build_optimizer(make_cfg("optim.name=rmsprop"), model)  # null: the loop
+    assert isinstance(plain, torch.optim.RMSprop)

@@ -16,6 +16,7 @@ from faults import CrashAfter, InjectedCrash, NaNAt
 
 from normfree.cli import main
 from normfree.data import BatchMixer, soft_target_cross_entropy
+from normfree.optim import fused_available
 from normfree.train import (
     CheckpointError,
     Config,
@@ -114,6 +115,36 @@ def test_resume_after_simulated_crash_is_exact(
     records = [json.loads(x) for x in (Path(crashed.out_dir) / "metrics.jsonl").open()]
     step_ids = [r["step"] for r in records if r["kind"] == "step"]
     assert step_ids == sorted(set(step_ids))
+
+
+def test_resume_keeps_this_process_optimizer_kernel(
+    make_cfg: Callable[..., Config], random_run: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint's param groups carry the ``fused`` flag of the run that wrote them; a
+    resume keeps the kernel this process chose: where this PyTorch has no fused kernel
+    (``optim.fused=null``), or when ``optim.fused`` changes on resume."""
+    crashed = make_cfg(*random_run, out="crashed")
+    with pytest.raises(InjectedCrash):
+        train(crashed, callbacks=[CrashAfter(7)])
+    state = load_checkpoint(Path(crashed.out_dir) / "last.pt")
+    fused_here = fused_available(torch.optim.SGD, [torch.zeros(1)])
+    assert [bool(g["fused"]) for g in state["optimizer"]["param_groups"]] == [fused_here] * len(
+        state["optimizer"]["param_groups"]
+    )
+    saved = state["config"]
+    with monkeypatch.context() as patch:  # a PyTorch without the fused kernel, same config
+        patch.setattr("normfree.train.builders.fused_available", lambda *_: False)
+        unchanged = config_from_dict(saved)
+        trainers = [Trainer(unchanged, DistInfo(), resume=crashed.out_dir)]
+    trainers[0].close()
+    changed = config_from_dict({**saved, "optim": {**saved["optim"], "fused": False}})
+    trainers.append(Trainer(changed, DistInfo(), resume=crashed.out_dir))
+    trainers[1].close()
+    for trainer in trainers:
+        assert trainer.global_step == 6
+        assert not any(g["fused"] for g in trainer.optimizer.param_groups)
+        momentum = trainer.optimizer.state[trainer.optimizer.param_groups[0]["params"][0]]
+        assert momentum["momentum_buffer"].abs().sum() > 0  # the state itself was loaded
 
 
 def test_resume_refuses_corrupt_or_missing_checkpoint(

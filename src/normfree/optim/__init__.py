@@ -3,6 +3,7 @@ parameter groups."""
 
 from normfree.optim.agc import AGC, adaptive_clip_grad_, attach_agc, unitwise_norm
 from normfree.optim.ema import ModelEMA, ema_decay
+from normfree.optim.fused import fused_available
 from normfree.optim.hooks import after_step_hook, attached, before_step_hook
 from normfree.optim.msr import (
     MeanShiftRejection,
@@ -27,6 +28,7 @@ __all__: list[str] = [
     "build_param_groups",
     "describe_param_groups",
     "ema_decay",
+    "fused_available",
     "lr_factor",
     "project_zero_mean_",
     "scaled_peak_lr",

@@ -14,9 +14,12 @@ a tensor with ``ndim ≤ 1`` (gains, biases, scalars) is a single unit, as in th
 the clipping to any optimizer through its public step pre-hook, excludes parameters by name,
 pattern or predicate (by default a normfree model's classifier, which the paper never clips) and
 supports per-group clipping values.
-Norms are computed in float32 (float64 for float64 tensors), so bf16/fp16 gradients are handled;
-with ``GradScaler`` clip after ``scaler.unscale_`` (``scaler.step(optimizer)`` with AGC attached
-does this).
+Norms are computed in float32 (float64 for float64 tensors), so bf16/fp16 gradients are handled.
+With ``GradScaler``, the functional form is called after ``scaler.unscale_``; the attached form
+is right either way: ``scaler.step(optimizer)`` unscales before the step of an ordinary
+optimizer, and hands a fused one (``fused=True``, which unscales inside its kernel) the scale as
+``optimizer.grad_scale``, which AGC then applies to the threshold (both sides of Eq. 3 scale
+alike, so the clipped gradient is the same).
 """
 
 from __future__ import annotations
@@ -96,8 +99,10 @@ def _clip_same_device(
     eps: float,
     norm_dtype: torch.dtype,
     skip_unclipped: bool,
+    grad_scale: torch.Tensor | None = None,
 ) -> None:
-    """AGC on tensors that share a device and a norm dtype.
+    """AGC on tensors that share a device and a norm dtype; ``grad_scale`` is the loss scale
+    the gradients still carry (None: they carry none).
 
     Weight norms come from the Scaled-WS forward's statistics where it left them
     (:func:`normfree.nn.unit_norms.unit_norms_from_forward`), which saves one pass over those
@@ -138,8 +143,13 @@ def _clip_same_device(
     grad_norm = torch.cat(grad_norms)
 
     max_norm = param_norm.clamp_min_(eps).mul_(clipping)
+    min_grad_norm: float | torch.Tensor = _MIN_GRAD_NORM
+    if grad_scale is not None:  # G·S clipped at λ‖W‖·S: the same factor as G at λ‖W‖
+        grad_scale = grad_scale.to(max_norm.device, max_norm.dtype)
+        max_norm.mul_(grad_scale)
+        min_grad_norm = grad_scale * _MIN_GRAD_NORM
     clipped = grad_norm > max_norm
-    scale = torch.where(clipped, max_norm / grad_norm.clamp_min(_MIN_GRAD_NORM), 1.0)
+    scale = torch.where(clipped, max_norm / grad_norm.clamp_min(min_grad_norm), 1.0)
 
     if skip_unclipped:
         counts = clipped.cumsum(0)[layout.ends]
@@ -175,7 +185,11 @@ def _collect(parameters: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Te
 
 
 def _adaptive_clip_grad(
-    params: list[torch.Tensor], clipping: float, eps: float, skip_unclipped: bool | None = None
+    params: list[torch.Tensor],
+    clipping: float,
+    eps: float,
+    skip_unclipped: bool | None = None,
+    grad_scale: torch.Tensor | None = None,
 ) -> None:
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
     for p in params:
@@ -189,6 +203,7 @@ def _adaptive_clip_grad(
             eps,
             norm_dtype,
             skip,
+            grad_scale,
         )
 
 
@@ -293,7 +308,14 @@ class AGC:
 
     @torch.no_grad()
     def clip_grad_(self) -> None:
-        """Apply AGC to the gradients of every clipped group's non-excluded parameters."""
+        """Apply AGC to the gradients of every clipped group's non-excluded parameters.
+
+        Inside ``GradScaler.step`` of a fused optimizer the gradients are still scaled, and the
+        scaler has put the scale on the optimizer as ``grad_scale`` for the fused kernel to
+        unscale with; the thresholds are scaled by it (see the module docstring)."""
+        grad_scale = getattr(self.optimizer, "grad_scale", None)
+        if grad_scale is not None and not isinstance(grad_scale, torch.Tensor):
+            grad_scale = torch.tensor(float(grad_scale))
         by_clipping: dict[float, list[torch.Tensor]] = defaultdict(list)
         for group in self.optimizer.param_groups:
             clipping = group.get("clipping", self.clipping)
@@ -305,7 +327,7 @@ class AGC:
         for clipping, params in by_clipping.items():
             params = _collect(params)
             if params:
-                _adaptive_clip_grad(params, clipping, self.eps)
+                _adaptive_clip_grad(params, clipping, self.eps, grad_scale=grad_scale)
 
 
 def attach_agc(

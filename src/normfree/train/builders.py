@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from normfree.models import NormFreeModel, count_params, create_model
+from normfree.optim.fused import fused_available
 from normfree.optim.param_groups import build_param_groups
 from normfree.optim.schedules import WarmupDecayLR, scaled_peak_lr
 from normfree.train.config import Config, ConfigError
@@ -37,6 +38,7 @@ __all__ = [
     "peak_lr",
     "seed_globals",
     "steps_per_epoch",
+    "use_fused_optimizer",
     "warmup_steps",
 ]
 
@@ -169,6 +171,28 @@ def peak_lr(cfg: Config) -> float:
     )
 
 
+# optimizers with a fused kernel in PyTorch (torch.optim.*(..., fused=True))
+_FUSED_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+}  # fmt: skip
+
+
+def use_fused_optimizer(cfg: Config, params: list[Any]) -> bool:
+    """Whether :func:`build_optimizer` builds the fused form of ``optim.name`` over ``params``
+    (tensors or param groups): ``optim.fused`` when set, otherwise wherever PyTorch has the
+    fused kernel for them (:func:`normfree.optim.fused_available`). Raises ConfigError when
+    ``optim.fused=true`` asks for one that does not exist here."""
+    o = cfg.optim
+    cls = _FUSED_CLASSES.get(o.name)
+    available = cls is not None and fused_available(cls, params)
+    if o.fused and not available:
+        raise ConfigError(
+            f"optim.fused=true: PyTorch {torch.__version__} has no fused {o.name} for these "
+            "parameters' device/dtype; set optim.fused=null (use it where it exists) or false"
+        )
+    return available if o.fused is None else o.fused
+
+
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer over :func:`~normfree.optim.param_groups.build_param_groups`, wrapped in
     :class:`~normfree.optim.AGC` unless AGC is off (groups carry their own ``clipping``)."""
@@ -182,14 +206,15 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         clipping=o.clipping if use_agc else None,
         clip_classifier=o.clip_classifier,
     )
+    fused = {"fused": True} if use_fused_optimizer(cfg, groups) else {}
     if o.name == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
-            groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0
+            groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, **fused
         )
     elif o.name == "adamw":
-        opt = torch.optim.AdamW(groups, lr=lr, betas=o.betas, eps=o.eps)
+        opt = torch.optim.AdamW(groups, lr=lr, betas=o.betas, eps=o.eps, **fused)
     elif o.name == "adam":
-        opt = torch.optim.Adam(groups, lr=lr, betas=o.betas, eps=o.eps)
+        opt = torch.optim.Adam(groups, lr=lr, betas=o.betas, eps=o.eps, **fused)
     elif o.name == "rmsprop":
         opt = torch.optim.RMSprop(groups, lr=lr, momentum=o.momentum, eps=o.eps)
     else:  # pragma: no cover - the config type rules this out

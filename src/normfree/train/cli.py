@@ -77,8 +77,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--resume",
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR (last.pt); KEY=VALUE may change logging, workers, "
-        "device, and to recover a diverged run optim.lr/base_lr, schedule.*, optim.clipping, "
-        "optim.agc_eps, train.skip_nonfinite",
+        "device, optim.fused, and to recover a diverged run optim.lr/base_lr, schedule.*, "
+        "optim.clipping, optim.agc_eps, train.skip_nonfinite",
     )
     p.add_argument(
         "--overwrite",

@@ -90,6 +90,11 @@ class OptimConfig:
     weight_decay: float = _f(2e-5, "weight decay (not on gains, biases, scalars)")
     betas: tuple[float, float] = _f((0.9, 0.999), "Adam/AdamW betas")
     eps: float = _f(1e-8, "Adam/AdamW/RMSprop epsilon")
+    fused: bool | None = _f(
+        None,
+        "PyTorch's fused SGD/Adam/AdamW kernel (same update, one kernel per tensor; null: "
+        "where this PyTorch has it for the parameters' device and dtype)",
+    )
     agc: bool | None = _f(None, "Adaptive Gradient Clipping (null: the model's recipe, default on)")
     clipping: float = _f(0.01, "AGC λ (max ‖G‖/‖W‖ per unit)")
     agc_eps: float = _f(1e-3, "AGC ε (floor of ‖W‖)")

@@ -137,7 +137,12 @@ class TrainerState:
             )
         try:
             self.model.load_state_dict(state["model"])
+            # the kernel (fused / foreach) is this process's choice, not the checkpoint's
+            kernels = [{k: g.get(k) for k in ("fused", "foreach")} for g in
+                       self.optimizer.param_groups]  # fmt: skip
             self.optimizer.load_state_dict(state["optimizer"])
+            for group, kernel in zip(self.optimizer.param_groups, kernels):
+                group.update(kernel)
             self.scheduler.load_state_dict(state["scheduler"])
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
