@@ -3,8 +3,9 @@ run for a set of parameters.
 
 A fused optimizer updates each parameter in one kernel instead of a chain of elementwise ops.
 On CPU (PyTorch ≥ 2.4) that is where a normfree model's training step spends its optimizer
-time: for nf_resnet50 (25.5 M weights in 177 tensors, 2 threads) an SGD-momentum step takes
-10 ms fused against 25 ms in the default per-tensor loop (36 ms with ``foreach``), and an
+time: for nf_resnet50 (25.5 M weights in 177 tensors, 2 threads) an SGD step with Nesterov
+momentum and weight decay takes 10 ms fused against 25 ms in the default per-tensor loop
+(33–36 ms with ``foreach``), and an
 AdamW step 14 ms against 53 ms (docs/benchmarks.md). The update is the same; a few operations
 are ordered differently, so results agree to rounding (float64 weights to 1e-10 after three
 steps, ``tests/train/test_builders.py``), not always bit for bit.
