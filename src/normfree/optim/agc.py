@@ -314,8 +314,8 @@ class AGC:
         scaler has put the scale on the optimizer as ``grad_scale`` for the fused kernel to
         unscale with; the thresholds are scaled by it (see the module docstring)."""
         grad_scale = getattr(self.optimizer, "grad_scale", None)
-        if grad_scale is not None and not isinstance(grad_scale, torch.Tensor):
-            grad_scale = torch.tensor(float(grad_scale))
+        if grad_scale is not None:
+            grad_scale = torch.as_tensor(grad_scale)
         by_clipping: dict[float, list[torch.Tensor]] = defaultdict(list)
         for group in self.optimizer.param_groups:
             clipping = group.get("clipping", self.clipping)

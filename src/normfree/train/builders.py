@@ -171,20 +171,30 @@ def peak_lr(cfg: Config) -> float:
     )
 
 
-# optimizers with a fused kernel in PyTorch (torch.optim.*(..., fused=True))
-_FUSED_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+# optim.name → the torch.optim class
+_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
+    "rmsprop": torch.optim.RMSprop,
 }  # fmt: skip
+
+
+def _optimizer_kwargs(cfg: Config) -> dict[str, Any]:
+    """``optim.*`` as keyword arguments of ``optim.name``'s class (lr aside)."""
+    o = cfg.optim
+    if o.name == "sgd":
+        return {"momentum": o.momentum, "nesterov": o.nesterov and o.momentum > 0}
+    if o.name == "rmsprop":
+        return {"momentum": o.momentum, "eps": o.eps}
+    return {"betas": o.betas, "eps": o.eps}
 
 
 def use_fused_optimizer(cfg: Config, params: list[Any]) -> bool:
     """Whether :func:`build_optimizer` builds the fused form of ``optim.name`` over ``params``
     (tensors or param groups): ``optim.fused`` when set, otherwise wherever PyTorch has the
-    fused kernel for them (:func:`normfree.optim.fused_available`). Raises ConfigError when
-    ``optim.fused=true`` asks for one that does not exist here."""
+    fused kernel for them (:func:`normfree.optim.fused_available`; RMSprop has none). Raises
+    ConfigError when ``optim.fused=true`` asks for one that does not exist here."""
     o = cfg.optim
-    cls = _FUSED_CLASSES.get(o.name)
-    available = cls is not None and fused_available(cls, params)
+    available = fused_available(_OPTIMIZERS[o.name], params)
     if o.fused and not available:
         raise ConfigError(
             f"optim.fused=true: PyTorch {torch.__version__} has no fused {o.name} for these "
@@ -206,19 +216,10 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         clipping=o.clipping if use_agc else None,
         clip_classifier=o.clip_classifier,
     )
-    fused = {"fused": True} if use_fused_optimizer(cfg, groups) else {}
-    if o.name == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, **fused
-        )
-    elif o.name == "adamw":
-        opt = torch.optim.AdamW(groups, lr=lr, betas=o.betas, eps=o.eps, **fused)
-    elif o.name == "adam":
-        opt = torch.optim.Adam(groups, lr=lr, betas=o.betas, eps=o.eps, **fused)
-    elif o.name == "rmsprop":
-        opt = torch.optim.RMSprop(groups, lr=lr, momentum=o.momentum, eps=o.eps)
-    else:  # pragma: no cover - the config type rules this out
-        raise ConfigError(f"unknown optimizer optim.name={o.name!r}")
+    kwargs = _optimizer_kwargs(cfg)
+    if use_fused_optimizer(cfg, groups):
+        kwargs["fused"] = True
+    opt = _OPTIMIZERS[o.name](groups, lr=lr, **kwargs)
     if use_agc:
         from normfree.optim.agc import attach_agc
 
