@@ -132,6 +132,17 @@ def test_resume_keeps_this_process_optimizer_kernel(
         state["optimizer"]["param_groups"]
     )
     saved = state["config"]
+    # what the optimizer is handed to load: torch places state such as Adam's `step` by the
+    # loaded groups' `fused` flag (on the parameters' device for a fused kernel), so this
+    # process's flag must be in them before the load, not only restored after it
+    loaded: list[dict] = []
+    original_load = torch.optim.Optimizer.load_state_dict
+
+    def recording_load(self, state_dict):
+        loaded.append(state_dict)
+        return original_load(self, state_dict)
+
+    monkeypatch.setattr(torch.optim.Optimizer, "load_state_dict", recording_load)
     with monkeypatch.context() as patch:  # a PyTorch without the fused kernel, same config
         patch.setattr("normfree.train.builders.fused_available", lambda *_: False)
         unchanged = config_from_dict(saved)
@@ -140,6 +151,11 @@ def test_resume_keeps_this_process_optimizer_kernel(
     changed = config_from_dict({**saved, "optim": {**saved["optim"], "fused": False}})
     trainers.append(Trainer(changed, DistInfo(), resume=crashed.out_dir))
     trainers[1].close()
+    assert len(loaded) == 2
+    for state_dict, trainer in zip(loaded, trainers):
+        flags = [g["fused"] for g in state_dict["param_groups"]]
+        assert flags == [g["fused"] for g in trainer.optimizer.param_groups]
+        assert len(flags) == len(state["optimizer"]["param_groups"]) and not any(flags)
     for trainer in trainers:
         assert trainer.global_step == 6
         assert not any(g["fused"] for g in trainer.optimizer.param_groups)

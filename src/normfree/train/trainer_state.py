@@ -128,6 +128,21 @@ class TrainerState:
         """Seconds of training so far, including earlier segments of a resumed run."""
         return self.wall_offset + time.perf_counter() - self.t0
 
+    def _with_this_kernel(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """The optimizer state dict ``saved`` with this process's kernel choice (``fused`` /
+        ``foreach``, where its param groups have them) in every param group. The kernel is this
+        process's choice, not the checkpoint's (``optim.fused`` may change on resume, or this
+        PyTorch may lack the kernel), and it must be set before loading:
+        ``Optimizer.load_state_dict`` reads the saved groups' ``fused`` to decide where tensors
+        such as Adam's ``step`` go (on the parameter's device for a fused kernel, on the CPU
+        otherwise)."""
+        kernels = [{k: g[k] for k in ("fused", "foreach") if k in g}
+                   for g in self.optimizer.param_groups]  # fmt: skip
+        groups = saved["param_groups"]
+        mended = [{**g, **k} for g, k in zip(groups, kernels)]
+        # surplus groups stay, so that load_state_dict still refuses a different group count
+        return {**saved, "param_groups": mended + groups[len(mended):]}
+
     def _load_state(self, state: dict[str, Any]) -> None:
         pos = state["position"]
         if pos.get("steps_per_epoch") != self.steps_per_epoch:
@@ -137,12 +152,7 @@ class TrainerState:
             )
         try:
             self.model.load_state_dict(state["model"])
-            # the kernel (fused / foreach) is this process's choice, not the checkpoint's
-            kernels = [{k: g.get(k) for k in ("fused", "foreach")} for g in
-                       self.optimizer.param_groups]  # fmt: skip
-            self.optimizer.load_state_dict(state["optimizer"])
-            for group, kernel in zip(self.optimizer.param_groups, kernels):
-                group.update(kernel)
+            self.optimizer.load_state_dict(self._with_this_kernel(state["optimizer"]))
             self.scheduler.load_state_dict(state["scheduler"])
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
