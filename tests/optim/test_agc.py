@@ -456,9 +456,11 @@ def test_fused_optimizer_under_grad_scaler_clips_like_the_loop(cls: type) -> Non
     """``GradScaler.step`` does not unscale before a fused optimizer's step (its kernel
     unscales by ``optimizer.grad_scale``), so AGC's pre-hook sees gradients still scaled by
     S = 2¹²; it must clip them at λ‖W‖·S. Against the per-tensor loop, which the scaler
-    unscales first: scaling by a power of two is exact, so fused SGD matches bit for bit and
-    fused AdamW to a float32 ulp. Without the scaled threshold the scaled gradients are all
-    clipped and the step is 2¹² times too small."""
+    unscales first: scaling by a power of two is exact, so both agree to float32 rounding
+    (fused SGD bit for bit on the hosts measured; the kernels may contract a multiply-add
+    differently elsewhere, so the check allows a few ulps). Without the scaled threshold the
+    scaled gradients are all clipped and the step is 2¹² times too small (weights 1.7e-3
+    apart after three steps)."""
     if not fused_available(cls, [torch.zeros(1)]):
         pytest.skip(f"no fused CPU {cls.__name__} in torch {torch.__version__}")
     a, b = twin_models()
@@ -481,9 +483,8 @@ def test_fused_optimizer_under_grad_scaler_clips_like_the_loop(cls: type) -> Non
             scaler.step(opt)
             scaler.update()
     assert clipped > 0  # the comparison exercises clipping
-    tol = {"rtol": 0.0, "atol": 0.0} if cls is torch.optim.SGD else {"rtol": 1e-6, "atol": 1e-7}
     for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, **tol)
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
 
 
 def test_remove_detaches_and_keyword_closure_is_clipped() -> None:

@@ -256,9 +256,13 @@ class AGC:
     ``AGC(optimizer, ...)`` (or :func:`attach_agc`) registers a step pre-hook
     (``Optimizer.register_step_pre_hook``) that clips the gradients right before every
     ``optimizer.step()``; the optimizer stays the user's own object, so LR schedulers,
-    ``GradScaler`` (``scaler.step(optimizer)`` unscales, then the pre-hook clips the unscaled
-    gradients, then the update runs; a step skipped for inf/NaN never reaches the hook) and
-    ``state_dict``/``load_state_dict`` (which carry each group's ``"clipping"``) are untouched.
+    ``GradScaler`` and ``state_dict``/``load_state_dict`` (which carry each group's
+    ``"clipping"``) are untouched. Under ``scaler.step(optimizer)`` an ordinary optimizer's
+    gradients are unscaled before the pre-hook clips them, and a step skipped for inf/NaN never
+    reaches the hook; a fused optimizer (``fused=True``) gets its gradients still scaled, with
+    the scale as ``optimizer.grad_scale``, so the hook scales its thresholds by it (the same
+    clipping), and the hook runs on an inf/NaN step too, whose update the fused kernel then
+    skips (``found_inf``).
     A closure passed to ``step`` is wrapped so that the gradients it computes are clipped before
     the update uses them. :meth:`remove` detaches the hook.
 
