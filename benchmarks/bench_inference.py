@@ -13,7 +13,6 @@ the PN statistics); the onnxruntime column is what a deployment gets.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 import normfree
-from interleaved import median_ratio, time_interleaved
+from interleaved import cpu_name, median_ratio, time_interleaved
 from normfree.deploy import export_model, prepare_for_inference
 
 __all__ = ["main"]
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         models, size, batch, rounds = ["nf_resnet50", "lnpn_resnet50"], 224, 8, 7
     rounds = args.rounds or rounds
     print(
-        f"torch {torch.__version__} | {platform.processor() or platform.machine()} | "
+        f"torch {torch.__version__} | {cpu_name()} | "
         f"{torch.get_num_threads()} threads | batch {batch} @{size}² | {rounds} rounds"
     )
     header = (

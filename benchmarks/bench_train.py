@@ -43,9 +43,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.metadata
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 import normfree
-from interleaved import median_ratio, time_interleaved
+from interleaved import cpu_name, median_ratio, time_interleaved
 from normfree.nn import NFResidualBlock, compile_options, native_kernels
 from normfree.optim import AGC
 
@@ -284,6 +284,17 @@ def _profile(spec: str, args: argparse.Namespace) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
+def _peer_versions() -> str:
+    """", timm X, torchvision Y" for the peers installed (their speed moves between releases)."""
+    found = []
+    for name in ("timm", "torchvision"):
+        try:
+            found.append(f", {name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return "".join(found)
+
+
 def _in_group(spec: str, group: str) -> bool:
     """True when ``spec`` (e.g. an extra ``normfree:nf_resnet50:sd`` from ``--only``) is a
     variant of a model listed in ``group``."""
@@ -399,8 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = args.rounds or (3 if args.quick else 7)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        f"{datetime.date.today()} | torch {torch.__version__} | "
-        f"{platform.processor() or platform.machine()} | {args.device} | "
+        f"{datetime.date.today()} | torch {torch.__version__}{_peer_versions()} | "
+        f"{cpu_name()} | {args.device} | "
         f"{torch.get_num_threads()} threads | batch {args.batch} @{args.size}² | "
         f"{args.rounds} rounds | {args.clock} clock | compile={args.compile} "
         f"channels_last={args.channels_last} fused_optimizer={args.fused_optimizer} | "

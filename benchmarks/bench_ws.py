@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from interleaved import median_ratio, time_interleaved
+from interleaved import cpu_name, median_ratio, time_interleaved
 from normfree.nn import ScaledStdConv2d, native_kernels
 
 __all__ = ["SHAPES", "VarMeanScaledStdConv2d", "main"]
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     with native_kernels(True) as native:  # builds them once (~30 s) if this machine can
         pass
     print(
-        f"torch {torch.__version__} | {platform.processor() or platform.machine()} | "
+        f"torch {torch.__version__} | {cpu_name()} | "
         f"{torch.get_num_threads()} threads | batch {batch} | {rounds} rounds × {inner}"
     )
     header = (

@@ -15,7 +15,13 @@ from torch import nn
 
 import normfree
 from normfree.deploy import prepare_for_inference
-from normfree.nn import PointwiseConv2d, ScaledStdConv2d, SqueezeExcite, pointwise_conv2d
+from normfree.nn import (
+    PointwiseConv2d,
+    ScaledStdConv2d,
+    SqueezeExcite,
+    pointwise_conv2d,
+    pointwise_kernels,
+)
 
 
 def _pair(in_ch: int, out_ch: int, bias: bool, seed: int = 0) -> tuple[PointwiseConv2d, nn.Conv2d]:
@@ -92,6 +98,58 @@ def test_training_form_equals_the_convolution_pass_by_pass(
             assert products == forms
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-11)
+
+
+@pytest.mark.parametrize(
+    "batch,in_ch,out_ch,hw",
+    [(3, 24, 40, (6, 5)), (3, 512, 1024, (8, 8)), (3, 7, 3, (1, 2)), (0, 6, 5, (3, 3))],
+)
+def test_every_form_of_every_pass_equals_the_convolution(batch, in_ch, out_ch, hw) -> None:
+    # the forms bench_pointwise.py times, whichever the rules pick: each pass in each form
+    # gives the convolution's numbers (float64), an empty batch included
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, in_ch, *hw, dtype=torch.float64, generator=gen)
+    w = torch.randn(out_ch, in_ch, 1, 1, dtype=torch.float64, generator=gen)
+    b = torch.randn(out_ch, dtype=torch.float64, generator=gen)
+    up = torch.randn(batch, out_ch, *hw, dtype=torch.float64, generator=gen)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    y = F.conv2d(xr, wr, br)
+    grad_x, grad_w = torch.autograd.grad(y, (xr, wr), up)
+    for form in ("product", "conv"):
+        torch.testing.assert_close(pointwise_kernels.forward_in(form, x, w, b), y.detach(),
+                                   rtol=1e-12, atol=1e-12)  # fmt: skip
+        torch.testing.assert_close(pointwise_kernels.input_grad_in(form, up, x.shape, w),
+                                   grad_x, rtol=1e-12, atol=1e-12)  # fmt: skip
+    for form in ("pixels", "samples", "conv"):
+        torch.testing.assert_close(pointwise_kernels.weight_grad_in(form, up, x, w), grad_w,
+                                   rtol=1e-12, atol=1e-12)  # fmt: skip
+    grads = pointwise_kernels.pointwise_backward(up, x, w, True, True, True)
+    for got, want in zip(grads, (grad_x, grad_w, up.sum((0, 2, 3)))):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_rule_forms_names_the_forms_that_run(products) -> None:
+    # 1024·512 float32 = 2 MiB: too big for the cached input-gradient product, small enough to
+    # reread per sample at 8²; at 4² its product no longer pays; 24→40 @6×5 is products only
+    assert pointwise_kernels.rule_forms(torch.empty(512, 1024, 1, 1), 64) == (
+        "product", "conv", "pixels"
+    )
+    assert pointwise_kernels.rule_forms(torch.empty(2048, 512, 1, 1), 16).forward == "conv"
+    assert pointwise_kernels.rule_forms(torch.empty(40, 24, 1, 1), 30) == (
+        "product", "product", "samples"
+    )
+    # the op each form runs (F.conv2d, the conv forward, is not counted by the fixture)
+    forward_op = {"product": ["bmm"], "conv": []}
+    input_op = {"product": ["bmm"], "conv": ["conv2d_input"]}
+    weight_op = {"pixels": ["mm"], "samples": ["bmm"]}
+    for in_ch, out_ch, hw in ((24, 40, (6, 5)), (1024, 512, (8, 8))):
+        conv = _pair(in_ch, out_ch, True)[0].float()
+        x = torch.randn(2, in_ch, *hw, requires_grad=True)
+        products.clear()
+        conv(x).sum().backward()
+        forms = pointwise_kernels.rule_forms(conv.weight, hw[0] * hw[1])
+        expected = forward_op[forms.forward] + input_op[forms.input_grad]
+        assert products == expected + weight_op[forms.weight_grad]
 
 
 def test_training_form_has_a_double_backward() -> None:

@@ -10,6 +10,11 @@ pass in the form that measured faster inside whole training steps (docs/benchmar
   holds (``out·in > H·W·(out + in)``: small late-stage maps), else per-sample products summed
   over the batch; ``∂L/∂b = Σ δ``.
 
+:func:`rule_forms` names the form each pass takes for a weight and map size, and
+:func:`forward_in`, :func:`input_grad_in` and :func:`weight_grad_in` compute a pass in a given
+form (``benchmarks/bench_pointwise.py`` times every form of every pass inside a model's training
+steps, to check these rules on another machine).
+
 They run in two wrappers with the same numbers: :class:`PointwiseConvFunction` in eager autograd
 (its backward is built of differentiable ops, so double backward works) and, under
 ``torch.compile``, the custom operators ``normfree::pointwise_conv2d`` and
@@ -22,17 +27,25 @@ forms written out as graph ops measured 1.26–1.40×; as opaque operators the c
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "PassForms",
     "PointwiseConvFunction",
     "compiled_pointwise_conv2d",
+    "forward_in",
+    "input_grad_in",
     "per_sample_product",
     "pointwise_backward",
     "pointwise_forward",
     "product_pays",
+    "rule_forms",
+    "weight_grad_in",
 ]
 
 # The per-sample product rereads the weight once per sample; it is the faster form while
@@ -47,8 +60,7 @@ _CACHED_WEIGHT_BYTES = 1 << 20
 def product_pays(weight: Tensor, area: int) -> bool:
     """Whether per-sample products ``W @ x_b`` beat the convolution: while the weight, reread
     once per sample, is small next to what a sample reads and writes."""
-    out, channels = weight.shape[0], weight.shape[1]
-    return out * channels <= _REREAD_LIMIT * area * (out + channels)
+    return rule_forms(weight, area).forward == "product"
 
 
 def per_sample_product(
@@ -74,11 +86,74 @@ def per_sample_product(
     return y
 
 
-def pointwise_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """The forward of the training forms: a new tensor (no view of anything)."""
-    if product_pays(weight, x.shape[2] * x.shape[3]):
+class PassForms(NamedTuple):
+    """The form of each pass of one 1×1 convolution: ``forward`` and ``input_grad`` are
+    ``"product"`` (per-sample ``torch.bmm``) or ``"conv"`` (oneDNN); ``weight_grad`` is
+    ``"pixels"`` (one GEMM over the batch's pixels), ``"samples"`` (per-sample products, summed)
+    or ``"conv"`` (the convolution's weight gradient, which the rules never pick: a baseline
+    for ``benchmarks/bench_pointwise.py``)."""
+
+    forward: str
+    input_grad: str
+    weight_grad: str
+
+
+def rule_forms(weight: Tensor, area: int) -> PassForms:
+    """The forms the rules of this module pick for a ``(out, in, 1, 1)`` weight on maps of
+    ``area = H·W`` pixels (module docstring)."""
+    return _rule_forms(weight.shape[0], weight.shape[1], area, weight.element_size())
+
+
+@functools.lru_cache(maxsize=1024)
+def _rule_forms(out: int, channels: int, area: int, itemsize: int) -> PassForms:
+    # cached: asked twice per layer and step, with a model's handful of shapes
+    pays = out * channels <= _REREAD_LIMIT * area * (out + channels)
+    cached = out * channels * itemsize <= _CACHED_WEIGHT_BYTES
+    return PassForms(
+        forward="product" if pays else "conv",
+        input_grad="product" if pays and cached else "conv",
+        weight_grad="pixels" if out * channels > area * (out + channels) else "samples",
+    )
+
+
+def forward_in(form: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``conv2d(x, weight, bias)`` in ``form`` (:class:`PassForms`): a new tensor, no view."""
+    if form == "product":
         return per_sample_product(x, weight, bias, fresh=True)
     return F.conv2d(x, weight, bias)
+
+
+def input_grad_in(form: str, grad: Tensor, x_shape: torch.Size, weight: Tensor) -> Tensor:
+    """``∂L/∂x`` for an NCHW-contiguous upstream gradient ``grad``, in ``form``."""
+    if form == "product":
+        batch, out = grad.shape[0], weight.shape[0]
+        matrix = weight.reshape(out, x_shape[1]).t().expand(batch, x_shape[1], out)
+        rows = grad.view(batch, out, x_shape[2] * x_shape[3])  # no -1: a batch may be empty
+        return torch.bmm(matrix, rows).view(x_shape)
+    return torch.nn.grad.conv2d_input(x_shape, weight, grad)
+
+
+def weight_grad_in(form: str, grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """``∂L/∂W`` for an NCHW-contiguous upstream gradient ``grad`` and input ``x``, in
+    ``form``."""
+    if form == "conv":
+        return torch.nn.grad.conv2d_weight(x, weight.shape, grad)
+    batch, channels = x.shape[0], x.shape[1]
+    out = weight.shape[0]
+    area = x.shape[2] * x.shape[3]
+    rows, inputs = grad.view(batch, out, area), x.view(batch, channels, area)
+    if form == "pixels":
+        pixels = rows.shape[0] * rows.shape[2]
+        grad_w = torch.mm(rows.transpose(0, 1).reshape(out, pixels),
+                          inputs.transpose(0, 1).reshape(channels, pixels).t())  # fmt: skip
+    else:
+        grad_w = torch.bmm(rows, inputs.transpose(1, 2)).sum(0)
+    return grad_w.view(weight.shape)
+
+
+def pointwise_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The forward of the training forms: a new tensor (no view of anything)."""
+    return forward_in(rule_forms(weight, x.shape[2] * x.shape[3]).forward, x, weight, bias)
 
 
 def pointwise_backward(
@@ -87,29 +162,15 @@ def pointwise_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
     """``(∂L/∂x, ∂L/∂W, ∂L/∂b)`` of :func:`pointwise_forward` for the upstream gradient
     ``grad``, each computed only where asked (None otherwise), in differentiable ops."""
-    batch, channels, height, width = x.shape
-    out, area = weight.shape[0], height * width
+    forms = rule_forms(weight, x.shape[2] * x.shape[3])
     grad = grad.contiguous()
-    rows = grad.view(batch, out, area)
     grad_x = grad_w = grad_b = None
     if needs_input:
-        small = weight.numel() * weight.element_size() <= _CACHED_WEIGHT_BYTES
-        if small and product_pays(weight, area):
-            matrix = weight.reshape(out, channels).t().expand(batch, channels, out)
-            grad_x = torch.bmm(matrix, rows).view(x.shape)
-        else:
-            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad)
+        grad_x = input_grad_in(forms.input_grad, grad, x.shape, weight)
     if needs_weight:
-        inputs = x.view(batch, channels, area)
-        if out * channels > area * (out + channels):
-            pixels = batch * area
-            grad_w = torch.mm(rows.transpose(0, 1).reshape(out, pixels),
-                              inputs.transpose(0, 1).reshape(channels, pixels).t())  # fmt: skip
-        else:
-            grad_w = torch.bmm(rows, inputs.transpose(1, 2)).sum(0)
-        grad_w = grad_w.view(weight.shape)
+        grad_w = weight_grad_in(forms.weight_grad, grad, x, weight)
     if needs_bias:
-        grad_b = rows.sum((0, 2))
+        grad_b = grad.view(grad.shape[0], grad.shape[1], x.shape[2] * x.shape[3]).sum((0, 2))
     return grad_x, grad_w, grad_b
 
 
