@@ -178,10 +178,15 @@ def _grad_needed(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 
 
 def _compiled_form(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
-    """Under ``torch.compile``: a spatial input with autograd runs the training forms as one
-    opaque operator (:func:`normfree.nn.pointwise_kernels.compiled_pointwise_conv2d`); anything
-    else (compiled evaluation, pooled inputs, ``torch.export``) is the convolution, which
-    inductor lowers to a matrix product with :func:`compile_options`."""
+    """Under ``torch.compile``: a spatial NCHW float CPU input runs the eager forms as one
+    opaque operator (:func:`normfree.nn.pointwise_kernels.compiled_pointwise_conv2d`), with or
+    without autograd; pooled inputs, other layouts and dtypes and ``torch.export`` get the
+    convolution, which inductor lowers to a matrix product with :func:`compile_options`.
+
+    The operator has no forward-mode or batching rule: ``torch.func.jvp`` inside a compiled
+    function gives a zero tangent through it and ``torch.func.grad`` fails to trace. Switch the
+    matrix forms off (:func:`set_pointwise_matmul`) to compile ``torch.func`` transforms of
+    these models; eager ``torch.func`` transforms take the convolution by themselves."""
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
     if (
         exporting()
@@ -248,7 +253,7 @@ def strided_pointwise_conv2d(
     if not torch.jit.is_scripting():
         if _fx_proxy(x):  # a trace records the plain strided convolution
             return F.conv2d(x, weight, bias, stride, 0, 1, groups)
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and x.dim() == 4:  # an unbatched (C, H, W) input: the conv
         sub = x[:, :, :: stride[0], :: stride[1]]
         if groups == 1 and x.is_contiguous():
             return pointwise_conv2d(sub.contiguous(), weight, bias)

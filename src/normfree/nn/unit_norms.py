@@ -5,8 +5,10 @@ A forward that computes each output unit's mean and variance of a parameter (the
 Scaled-WS forward of :mod:`normfree.nn.ws_functional`, as ``rsqrt(var)``; the native one as
 ``N·var``) keeps them here, so ``‖W_o‖² = N·var_o + N·μ_o²`` costs AGC nothing; a native
 backward keeps the per-unit norms of the gradient it wrote. Both are keyed by the parameter's
-identity and checked before use (the weight's in-place version; the gradient's memory,
-version, forward and a spot check), so a stale value is never read:
+identity and checked before use (the weight's version, memory, dtype, device and the number
+of optimizer steps since, :func:`normfree.nn.param_updates.tensor_key`, because fused optimizer
+kernels update weights without bumping their version; the gradient's memory, version, forward
+and a spot check), so a stale value is not read:
 :func:`unit_norms_from_forward` and :func:`unit_grad_norms_from_backward` return ``None``
 instead and AGC computes the norm itself.
 """
@@ -20,6 +22,8 @@ import weakref
 import torch
 from torch import Tensor
 
+from normfree.nn.param_updates import tensor_key
+
 __all__ = [
     "remember_grad_norms",
     "remember_unit_stats",
@@ -30,13 +34,14 @@ __all__ = [
 ]
 
 # Keyed by the parameter's identity (tensors compare elementwise, so no WeakKeyDictionary) and
-# dropped with it: id(weight) → (weak ref to it, its version, per-unit mean, per-unit N·var or
+# dropped with it: id(weight) → (weak ref to it, its tensor_key, per-unit mean, per-unit N·var or
 # rsqrt(var), forward number, whether it is rsqrt(var)) from its last forward that kept them, and
 # id(weight) → (weak ref to it, its gradient's data_ptr, that gradient's version, per-unit
 # ‖∂L/∂W_o‖, number of the forward it differentiates) from its last native backward.
 _UNIT_STATS: dict[int, tuple] = {}
 _GRAD_NORMS: dict[int, tuple] = {}
 _FORWARDS = itertools.count()
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _remember(store: dict[int, tuple], weight: Tensor, *facts: object) -> None:
@@ -58,19 +63,24 @@ def remember_unit_stats(
     if (n_var is None) == (inv_std is None):
         raise ValueError("give exactly one of n_var and inv_std")
     number = next(_FORWARDS)
-    variance = n_var if inv_std is None else inv_std
+    if weight.is_inference():  # no version to check a later read against: keep nothing
+        return number
+    variance = (n_var if inv_std is None else inv_std).detach()
+    mean = mean.detach()
+    if variance.dtype in _HALF:  # rsqrt(var)² of a half weight overflows (var < 2⁻¹⁶ → inf)
+        mean, variance = mean.float(), variance.float()
     _remember(
-        _UNIT_STATS, weight, weight._version, mean.detach(), variance.detach(), number,
-        inv_std is not None,
-    )  # fmt: skip
+        _UNIT_STATS, weight, tensor_key(weight), mean, variance, number, inv_std is not None
+    )
     return number
 
 
 def unit_norm_from_forward(weight: Tensor) -> Tensor | None:
     """The per-output-unit Frobenius norm ``‖W_o‖`` (shape ``(out,)``) of ``weight`` from the
     statistics its last eager-CPU Scaled-WS forward already computed
-    (``‖W_o‖² = N·var_o + N·μ_o²``), or ``None`` when there are none or
-    ``weight`` changed in place since (its version moved). Adaptive gradient clipping reads it
+    (``‖W_o‖² = N·var_o + N·μ_o²``), or ``None`` when there are none or ``weight`` may have
+    changed since (its version, memory, dtype or device moved, or an optimizer stepped: module
+    docstring). Adaptive gradient clipping reads it
     (:mod:`normfree.optim.agc`) instead of a second pass over the weights."""
     return unit_norms_from_forward([weight])[0]
 
@@ -83,7 +93,12 @@ def unit_norms_from_forward(weights: list[Tensor]) -> list[Tensor | None]:
     by_kind: tuple[list, list] = ([], [])  # (index, weight, stats) kept as N·var / rsqrt(var)
     for k, w in enumerate(weights):
         stats = _UNIT_STATS.get(id(w))
-        if stats is not None and stats[0]() is w and stats[1] == w._version:
+        if (
+            stats is not None
+            and stats[0]() is w
+            and not w.is_inference()
+            and stats[1] == tensor_key(w)
+        ):
             by_kind[stats[5]].append((k, w, stats))
     for as_inv_std, hits in enumerate(by_kind):
         if not hits:
@@ -137,8 +152,11 @@ def unit_grad_norms_from_backward(
     ``.grad`` (same memory, no in-place change since: its version), the backward must have
     run with no ``.grad`` already present (gradient accumulation sums into the old tensor),
     and a spot check recomputes the first and last unit of every such gradient: if any
-    differs (an in-place change the version counter misses, e.g. ``GradScaler.unscale_`` or
-    writes through ``.data``), none is returned."""
+    differs (an in-place change the version counter misses that rewrites whole gradients, e.g.
+    ``GradScaler.unscale_`` or a write through ``.data``), none is returned. A write through
+    ``.data`` to some middle units only (e.g. pruning rows of ``p.grad.data``) is not caught:
+    after such writes, call AGC without the native kernels or write through ``p.grad`` (which
+    bumps the version)."""
     found: list[Tensor | None] = []
     for w, g in zip(weights, grads):
         entry = _GRAD_NORMS.get(id(w))

@@ -28,9 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from normfree.nn.padding import Conv2dSame, _pad_same_2d, conv_pair, resolve_padding
+from normfree.nn.param_updates import tensor_key
 from normfree.nn.pointwise_conv import (
     PointwiseConv2d,
+    _has_tangent,
     _PointwiseForms,
+    _under_functorch,
     pointwise_conv2d,
     strided_pointwise_conv2d,
 )
@@ -67,6 +70,21 @@ for _leaf in ("_upcast_half", "scaled_standardize", "qiao_standardize"):
     torch.fx.wrap(_leaf)
 
 
+def _cacheable(*tensors: Tensor | None) -> bool:
+    """Whether a no-grad forward may cache the weights computed from ``tensors``: not while
+    tracing or compiling, not for inference tensors (no version counter), tensors wrapped by a
+    ``torch.func`` transform (no memory of their own) or dual tensors of forward-mode AD (the
+    tangent is not part of the key)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    present = [t for t in tensors if t is not None]
+    return not (
+        any(t.is_inference() for t in present)
+        or _under_functorch(*present)
+        or _has_tangent(*present)
+    )
+
+
 class StdConv2dBase(_PointwiseForms, nn.Conv2d):
     """Base of weight-standardized 2-D convs: ``conv(x, standardize(W)) + bias``.
 
@@ -81,11 +99,15 @@ class StdConv2dBase(_PointwiseForms, nn.Conv2d):
       plain conv).
     * Inference cache: when no gradient can flow to the parameters (``torch.no_grad``,
       ``inference_mode`` or frozen parameters) the standardized weight is computed once and reused
-      until a parameter changes. The key is the parameters' version counters and storage, so
-      ``optimizer.step()``, ``load_state_dict`` and ``.to()`` invalidate it. The cache is not
-      part of the state dict and is skipped under TorchScript, tracing and ``torch.compile``.
-      Writes through ``param.data`` bypass version counters: call :meth:`clear_weight_cache`
-      after them.
+      until a parameter changes. The key is each parameter's version, memory, dtype, device,
+      shape and strides, the number of optimizer steps taken in this process (fused optimizer
+      kernels update parameters without bumping their version:
+      :mod:`normfree.nn.param_updates`) and ``eps``/``gamma``, so ``optimizer.step()``,
+      ``load_state_dict``, ``.to()`` and ``param.data = ...`` invalidate it. The cache is not
+      part of the state dict and is skipped under TorchScript, tracing, ``torch.compile``,
+      ``torch.func`` transforms, forward-mode AD and for inference tensors. In-place writes
+      through ``param.data`` (``param.data.mul_(2)``) bypass all of these: call
+      :meth:`clear_weight_cache` after them.
     * Folding: :meth:`to_conv2d` returns an equivalent plain conv (for export / deployment).
     """
 
@@ -151,6 +173,11 @@ class StdConv2dBase(_PointwiseForms, nn.Conv2d):
         """Drop the cached inference weight (it is rebuilt on the next no-grad forward)."""
         self._ws_cache = None
 
+    def _formula_key(self) -> tuple:
+        """The formula's constants, part of the cache key (assigning ``eps``/``gamma`` after
+        construction changes the standardized weight)."""
+        return (getattr(self, "eps", None), getattr(self, "gamma", None))
+
     @torch.jit.unused
     def _eager_weight(self) -> Tensor:
         weight, gain = self.weight, getattr(self, "gain", None)
@@ -159,19 +186,16 @@ class StdConv2dBase(_PointwiseForms, nn.Conv2d):
         grad_wanted = torch.is_grad_enabled() and (
             weight.requires_grad or (gain is not None and gain.requires_grad)
         )
-        if grad_wanted or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        if grad_wanted or not _cacheable(weight, gain):
             if self._ws_cache is not None:
                 self._ws_cache = None  # don't keep a stale copy alive while training
             return self.standardized_weight()
         key: tuple = (
             torch.is_inference_mode_enabled(),
-            weight._version,
-            weight.data_ptr(),
-            weight.dtype,
-            weight.device,
+            self._formula_key(),
+            tensor_key(weight),
+            None if gain is None else tensor_key(gain),
         )
-        if gain is not None:
-            key += (gain._version, gain.data_ptr(), gain.dtype)
         cache = self._ws_cache
         if cache is not None and cache[0] == key:
             return cache[1]
@@ -381,29 +405,15 @@ class ScaledStdConv2d(StdConv2dBase):
             or (bias is not None and bias.requires_grad)
             or (out_gain is not None and out_gain.requires_grad)
         )
-        if grad_wanted or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        if grad_wanted or not _cacheable(weight, gain, bias, out_gain):
             if self._ws_cache is not None:
                 self._ws_cache = None  # don't keep a stale copy alive while training
             return self.effective_weight_bias(in_scale, out_scale, out_gain)
-        key: tuple = (
-            torch.is_inference_mode_enabled(),
-            in_scale,
-            out_scale,
-            weight._version,
-            weight.data_ptr(),
-            weight.dtype,
-            weight.device,
-            gain._version,
-            gain.data_ptr(),
-            gain.dtype,
-        )
+        key: tuple = (torch.is_inference_mode_enabled(), self._formula_key(), in_scale, out_scale)
         tensors = [weight, gain]
-        for extra in (bias, out_gain):
-            if extra is not None:
-                key += (extra._version, extra.data_ptr(), extra.dtype)
-                tensors.append(extra)
-            else:
-                key += (None,)
+        for extra in (weight, gain, bias, out_gain):
+            key += (None,) if extra is None else (tensor_key(extra),)
+        tensors += [t for t in (bias, out_gain) if t is not None]
         cache = self._ws_cache
         if cache is not None and cache[0] == key:
             return cache[1]

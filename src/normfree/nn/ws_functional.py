@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from normfree.nn import native
+from normfree.nn.pointwise_conv import _under_functorch
 from normfree.nn.unit_norms import (
     remember_grad_norms,
     remember_unit_stats,
@@ -127,9 +128,13 @@ def _standardize_rows(
     out, mean, inv_std = torch.ops.aten.native_group_norm(
         weight.reshape(1, out_ch, fan_in), affine, None, 1, out_ch, fan_in, out_ch, 0.0
     )
-    # N·var < eps ⇔ rsqrt(var) > √(N/eps); NaN weights compare False and give NaN as before
-    if eps > 0.0 and inv_std.max().item() > math.sqrt(fan_in / eps):
-        return None
+    # N·var < eps ⇔ rsqrt(var) > √(N/eps). The max is one cheap read; where it is NaN (a NaN
+    # unit) every unit is compared, so a NaN unit does not hide a floored one
+    if eps > 0.0:
+        limit = math.sqrt(fan_in / eps)
+        largest = inv_std.max().item()
+        if largest > limit or (largest != largest and bool((inv_std > limit).any())):
+            return None
     return out.view(weight.shape), mean.view(out_ch), inv_std.view(out_ch)
 
 
@@ -225,11 +230,15 @@ def scaled_standardize(
     """
     if gain is not None and gain.shape != weight.shape[:1]:
         raise ValueError(f"gain must have shape ({weight.shape[0]},), got {list(gain.shape)}")
+    if gain is not None and gain.dtype != weight.dtype:
+        gain = gain.to(weight.dtype)  # the result is in the weight's dtype on every path
     if not torch.jit.is_scripting():
         tracing = torch.jit.is_tracing()
         needs_grad = weight.requires_grad or (gain is not None and gain.requires_grad)
         if not (tracing or torch.compiler.is_compiling()) and weight.device.type == "cpu":
             _reduce_dims(weight)  # a clear error for a weight without units
+            if _under_functorch(weight, gain):  # torch.func over the weights: no value branch
+                return _scaled_standardize_parts(weight, gain, eps, gamma)[0]
             ext = native.extension() if weight.dtype in _NATIVE_DTYPES else None
             if ext is not None and (gain is None or gain.dtype == weight.dtype):
                 if needs_grad and torch.is_grad_enabled():

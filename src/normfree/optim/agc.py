@@ -171,11 +171,13 @@ def _collect(parameters: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Te
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     out = []
+    seen: set[int] = set()
     for p in parameters:
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"parameters must be tensors, got {type(p).__name__}")
-        if p.grad is None or p.numel() == 0:
-            continue
+        if p.grad is None or p.numel() == 0 or id(p) in seen:
+            continue  # a parameter listed twice is clipped once (clipping is idempotent)
+        seen.add(id(p))
         if p.grad.is_sparse:
             raise ValueError("adaptive gradient clipping does not support sparse gradients")
         if p.grad.shape != p.shape:
