@@ -6,6 +6,25 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import torch.jit._builtins
+
+# A PyTorch flake, worked around for the test session only: TorchScript's table of builtins is
+# keyed by id(), and torch.ops registers every operator it looks up there
+# (torch._ops._get_packet → torch.jit._builtins._register_builtin) without keeping the operator
+# alive. Once an operator library is torn down (custom ops, ONNX export's symbolic ops), a
+# recycled id can make a module's plain attribute (nn.Conv2d's _reversed_padding_repeated_twice)
+# look like a builtin, and torch.jit.script fails with "builtin cannot be used as a value"
+# (about 1 fresh-clone run in 6). Keeping every registered object alive makes ids unique.
+_REGISTERED: list[object] = []
+_register_builtin = torch.jit._builtins._register_builtin
+
+
+def _register_and_keep(fn: object, op: str) -> None:
+    _REGISTERED.append(fn)
+    _register_builtin(fn, op)
+
+
+torch.jit._builtins._register_builtin = _register_and_keep
 
 
 @pytest.fixture
