@@ -410,10 +410,8 @@ class ScaledStdConv2d(StdConv2dBase):
                 self._ws_cache = None  # don't keep a stale copy alive while training
             return self.effective_weight_bias(in_scale, out_scale, out_gain)
         key: tuple = (torch.is_inference_mode_enabled(), self._formula_key(), in_scale, out_scale)
-        tensors = [weight, gain]
-        for extra in (weight, gain, bias, out_gain):
-            key += (None,) if extra is None else (tensor_key(extra),)
-        tensors += [t for t in (bias, out_gain) if t is not None]
+        tensors = [t for t in (weight, gain, bias, out_gain) if t is not None]
+        key += tuple(None if t is None else tensor_key(t) for t in (weight, gain, bias, out_gain))
         cache = self._ws_cache
         if cache is not None and cache[0] == key:
             return cache[1]
