@@ -199,3 +199,15 @@ def test_a_strided_1x1_conv_takes_an_unbatched_input() -> None:
     x = torch.randn(4, 6, 6)
     want = F.conv2d(x, m.standardized_weight().detach(), m.bias.detach(), 2)
     torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_1x1_conv_changed_after_construction_takes_its_new_form() -> None:
+    # model surgery (e.g. a stride moved to another layer) changes conv attributes in place
+    torch.manual_seed(0)
+    m = ScaledStdConv2d(4, 5, 1)
+    x = torch.randn(2, 4, 6, 6)
+    weight, bias = m.standardized_weight().detach(), m.bias.detach()
+    m.stride = (2, 2)
+    torch.testing.assert_close(m(x), F.conv2d(x, weight, bias, 2), rtol=1e-5, atol=1e-6)
+    m.stride, m.padding = (1, 1), (1, 1)
+    torch.testing.assert_close(m(x), F.conv2d(x, weight, bias, 1, 1), rtol=1e-5, atol=1e-6)

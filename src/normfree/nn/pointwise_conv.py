@@ -261,6 +261,10 @@ def strided_pointwise_conv2d(
     return F.conv2d(x, weight, bias, stride, 0, 1, groups)
 
 
+# the nn.Conv2d attributes that decide which form a conv takes
+_FORM_ATTRIBUTES = frozenset({"kernel_size", "stride", "padding", "groups", "padding_mode"})
+
+
 class _PointwiseForms:
     """Mixin of ``nn.Conv2d`` subclasses whose ``forward`` runs a 1×1 conv (plain or strided)
     in the forms of this module and any other conv as ``nn.Conv2d`` does; TorchScript-able
@@ -274,6 +278,13 @@ class _PointwiseForms:
         conv: nn.Conv2d = self  # type: ignore[assignment]
         self.pointwise = is_pointwise(conv)
         self.strided_pointwise = is_strided_pointwise(conv)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        # a conv changed after construction (e.g. its stride, in model surgery) finds its form
+        # again; during construction _find_form runs once at the end
+        if name in _FORM_ATTRIBUTES and "strided_pointwise" in self.__dict__:
+            self._find_form()
 
     def __setstate__(self, state: dict) -> None:  # modules pickled before these attributes
         super().__setstate__(state)  # type: ignore[misc]
