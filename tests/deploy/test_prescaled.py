@@ -71,3 +71,32 @@ def test_baked_model_exports_with_torch_export() -> None:
     x = torch.randn(2, 3, 16, 16)
     program = torch.export.export(fast, (x,))
     torch.testing.assert_close(program.module()(x), fast(x), rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_that_run_their_plain_form_stay_usable() -> None:
+    # a block that never folds (a subclass with only `branch`, or one whose conv is already a
+    # plain conv) passed its convs no scales: baking must not mark it as holding them
+    from torch import nn
+
+    from normfree.nn import nf_activation
+
+    class BranchOnly(NFResidualBlock):
+        def __init__(self) -> None:
+            super().__init__(4, 4, 1, beta_multiplier=1.0, alpha=0.2,
+                             activation=nf_activation("relu"), skipinit_init=1.0)  # fmt: skip
+            self.conv = ScaledStdConv2d(4, 4, 3)
+
+        def branch(self, out: torch.Tensor) -> torch.Tensor:
+            return self.conv(out)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    custom = nn.Sequential(nn.Conv2d(3, 4, 1), BranchOnly()).eval()
+    surgery = _trained_like("nf_resnet26")
+    block = next(m for m in surgery.modules() if isinstance(m, NFResidualBlock))
+    block.conv2 = block.conv2.to_conv2d()  # one conv already plain: the block cannot fold
+    for model, inputs in ((custom, x), (surgery, torch.randn(2, 3, 32, 32))):
+        with torch.no_grad():
+            want = model(inputs)
+            got = prepare_for_inference(model)(inputs)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

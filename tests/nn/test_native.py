@@ -289,3 +289,21 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatc
         w, gain, _ = _weights(False)
         out = scaled_standardize(w, gain, 1e-4, 1.0)
     assert _on_op_path(out)
+
+
+def test_forward_mode_tangents_and_empty_weights_take_the_op_path(native_on) -> None:
+    # the native functions detach their inputs: a dual weight keeps its tangent through the op
+    # path; a weight without units standardizes to an empty tensor as on the op path
+    from torch.autograd import forward_ad as fwad
+
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    t = torch.randn_like(w)
+    with fwad.dual_level():
+        got = fwad.unpack_dual(scaled_standardize(fwad.make_dual(w, t), None, 1e-4, 1.0)).tangent
+    with native.native_kernels(False), fwad.dual_level():
+        want = fwad.unpack_dual(scaled_standardize(fwad.make_dual(w, t), None, 1e-4, 1.0)).tangent
+    assert got is not None
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    empty = scaled_standardize(torch.randn(0, 3, 3, 3, dtype=torch.float64),
+                               torch.ones(0, dtype=torch.float64))  # fmt: skip
+    assert empty.shape == (0, 3, 3, 3)

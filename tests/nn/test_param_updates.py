@@ -211,3 +211,28 @@ def test_a_1x1_conv_changed_after_construction_takes_its_new_form() -> None:
     torch.testing.assert_close(m(x), F.conv2d(x, weight, bias, 2), rtol=1e-5, atol=1e-6)
     m.stride, m.padding = (1, 1), (1, 1)
     torch.testing.assert_close(m(x), F.conv2d(x, weight, bias, 1, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_tanh_gelu_under_forward_ad_and_vmap() -> None:
+    # the fast Function has no jvp / vmap rule: duals and torch.func take nn.GELU's op
+    from normfree.nn.activations import TanhGELU
+
+    gelu = TanhGELU()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    t = torch.randn_like(x)
+    with fwad.dual_level():
+        tangent = fwad.unpack_dual(gelu(fwad.make_dual(x, t))).tangent
+    want = jvp(lambda v: F.gelu(v, approximate="tanh"), (x,), (t,))[1]
+    torch.testing.assert_close(tangent, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(vmap(gelu)(x), F.gelu(x, approximate="tanh"), rtol=1e-12, atol=0)
+
+
+def test_moments_propagate_through_a_gelu_nfnet() -> None:
+    from normfree.analysis import propagate_moments
+    from normfree.models.nfnet import NFNet
+
+    torch.manual_seed(0)
+    model = NFNet(depths=(1, 1, 1, 1), widths=(16, 32, 32, 32), group_size=8,
+                  stem_channels=(4, 8, 8), num_classes=3)  # fmt: skip
+    result = propagate_moments(model, input_shape=(3, 32, 32), batch_size=2)
+    assert len(result.points) > 2

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from normfree.nn.pointwise_conv import _has_tangent, _under_functorch
+
 __all__ = [
     "GAMMA_TABLE",
     "ScaledActivation",
@@ -125,6 +127,8 @@ def _eager_tanh_gelu(x: torch.Tensor) -> torch.Tensor | None:
         or x.dtype not in (torch.float32, torch.float64)
         or torch.jit.is_tracing()
         or torch.compiler.is_compiling()
+        or _under_functorch(x)  # the Function has no vmap rule
+        or _has_tangent(x)  # nor a jvp: forward-mode AD (moment propagation) takes nn.GELU
     ):
         return None
     return _TanhGELUFunction.apply(x)

@@ -43,10 +43,16 @@ class PrescaledConv2dSame(_Prescaled, Conv2dSame):
     no padding)."""
 
 
-def _record_calls(model: nn.Module, example: Tensor) -> dict[ScaledStdConv2d, list[tuple]]:
-    """Every ``forward_scaled`` call of every Scaled-WS conv in one eval forward of ``model``."""
+def _record_calls(
+    model: nn.Module, example: Tensor
+) -> tuple[dict[ScaledStdConv2d, list[tuple]], set[int]]:
+    """Every ``forward_scaled`` call of every Scaled-WS conv in one eval forward of ``model``,
+    and the ids of the NF residual blocks that ran their folded form in it (a block whose
+    ``branch_folded`` returns None runs its plain form, and its convs get no scales)."""
     calls: dict[ScaledStdConv2d, list[tuple]] = {}
+    folded: set[int] = set()
     convs = [m for m in model.modules() if isinstance(m, ScaledStdConv2d)]
+    blocks = [m for m in model.modules() if isinstance(m, NFResidualBlock)]
 
     def recorder(conv: ScaledStdConv2d) -> Any:
         method = type(conv).forward_scaled
@@ -57,15 +63,30 @@ def _record_calls(model: nn.Module, example: Tensor) -> dict[ScaledStdConv2d, li
 
         return record
 
+    def folded_recorder(block: NFResidualBlock) -> Any:
+        method = type(block)._forward_folded
+
+        def record(x: Tensor) -> Tensor | None:
+            out = method(block, x)
+            if out is not None:
+                folded.add(id(block))
+            return out
+
+        return record
+
     for conv in convs:
         conv.forward_scaled = recorder(conv)  # type: ignore[method-assign]
+    for block in blocks:
+        block._forward_folded = folded_recorder(block)  # type: ignore[method-assign]
     try:
         with torch.no_grad():
             model(example)
     finally:
         for conv in convs:
             del conv.forward_scaled
-    return calls
+        for block in blocks:
+            del block._forward_folded
+    return calls, folded
 
 
 def _prescaled(conv: ScaledStdConv2d, args: tuple, kwargs: dict[str, Any]) -> nn.Conv2d:
@@ -79,11 +100,14 @@ def bake_block_scales(model: nn.Module, example: Tensor) -> nn.Module:
 
     ``model`` must be in eval mode; ``example`` is any valid input batch (one eval forward
     records which scales each conv receives). A conv called more than once, or outside a
-    foldable block, is left as it is. Baked blocks refuse their plain form (it would apply the
-    scales a second time): the result is for inference and export only."""
+    foldable block, is left as it is. Blocks that ran their folded form and had scales baked
+    refuse their plain form (it would apply the scales a second time): the result is for
+    inference and export only. Blocks that ran their plain form (a subclass without
+    ``branch_folded``, an activation that is not a ``ScaledActivation``, a conv already plain)
+    get their Scaled-WS convs folded to plain convs and keep working."""
     if model.training:
         raise ValueError("bake_block_scales needs an eval-mode model (call model.eval())")
-    calls = _record_calls(model, example)
+    calls, folded = _record_calls(model, example)
     for block in model.modules():
         if not isinstance(block, NFResidualBlock) or not block.fold_scales:
             continue
@@ -92,5 +116,7 @@ def bake_block_scales(model: nn.Module, example: Tensor) -> nn.Module:
                 if isinstance(child, ScaledStdConv2d) and len(calls.get(child, ())) == 1:
                     args, kwargs = calls[child][0]
                     setattr(parent, name, _prescaled(child, args, kwargs))
-                    block.scales_baked = True
+                    # a block that ran its plain form passed its convs no scales: they hold
+                    # only the standardized weight, and the plain form stays valid
+                    block.scales_baked = block.scales_baked or id(block) in folded
     return model
