@@ -471,6 +471,12 @@ def test_pointwise_operator_passes_torch_library_opcheck() -> None:
         torch.ops.normfree.pointwise_conv2d_backward.default,
         (grad, x.detach(), w.detach(), True, False, True),
     )
+    # a weight that is a non-contiguous view: the fake gradient is contiguous, as computed
+    transposed = torch.randn(6, 4, 1, 1, dtype=torch.float64, generator=gen).transpose(0, 1)
+    torch.library.opcheck(
+        torch.ops.normfree.pointwise_conv2d_backward.default,
+        (grad, x.detach(), transposed, True, True, True),
+    )
 
 
 def test_compiled_evaluation_runs_the_operator_and_export_sees_the_convolution() -> None:

@@ -223,7 +223,7 @@ def _register_operators() -> bool:
         none = x.new_empty(0)
         return (
             torch.empty_like(x) if needs_input else none,
-            torch.empty_like(weight) if needs_weight else none,
+            weight.new_empty(weight.shape) if needs_weight else none,  # contiguous, as computed
             x.new_empty(weight.shape[0]) if needs_bias else none,
         )
 
