@@ -586,3 +586,17 @@ def test_ws_forward_norms_from_both_kinds_of_statistics() -> None:
         torch.testing.assert_close(known, unitwise_norm(p).flatten(), rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="exactly one"):
         remember_unit_stats(plain, plain.mean((1, 2, 3)))
+
+
+def test_a_tied_weight_is_excluded_by_either_name() -> None:
+    # named_parameters() lists a shared parameter once; its alias is a valid name all the same
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    net[1].weight = net[0].weight
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    agc = attach_agc(opt, exclude=["1.weight"], model=net)
+    assert agc.excluded_names == ["1.weight"]
+    assert agc.excluded_ids == frozenset({id(net[0].weight)})
+    net(torch.randn(2, 3)).sum().mul(1e3).backward()
+    grad = net[0].weight.grad.clone()
+    agc.clip_grad_()  # the tied weight's large gradient is left alone
+    torch.testing.assert_close(net[0].weight.grad, grad, rtol=0, atol=0)

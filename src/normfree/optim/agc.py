@@ -233,7 +233,8 @@ def _resolve_exclusions(model: nn.Module | None, exclude: ExcludeSpec) -> list[s
     if callable(exclude):
         if model is None:
             raise ValueError("an exclude predicate needs model= to name the parameters")
-        return [name for name, p in model.named_parameters() if exclude(name, p)]
+        named = model.named_parameters(remove_duplicate=False)  # tied weights by every name
+        return [name for name, p in named if exclude(name, p)]
     patterns = [exclude] if isinstance(exclude, str) else list(exclude)
     for pattern in patterns:
         if not isinstance(pattern, str):
@@ -242,7 +243,7 @@ def _resolve_exclusions(model: nn.Module | None, exclude: ExcludeSpec) -> list[s
         return []
     if model is None:
         raise ValueError("exclude by name needs model= so that names can be resolved")
-    named = list(model.named_parameters())
+    named = list(model.named_parameters(remove_duplicate=False))
     selected = []
     for pattern in patterns:
         hits = [name for name, _ in named if fnmatch.fnmatchcase(name, pattern)]
@@ -295,7 +296,7 @@ class AGC:
         self.optimizer = optimizer
         self.clipping, self.eps = _check_clipping(clipping, eps)
         self.excluded_names: list[str] = _resolve_exclusions(model, exclude)
-        named = dict(model.named_parameters()) if model is not None else {}
+        named = dict(model.named_parameters(remove_duplicate=False)) if model is not None else {}
         self.excluded_ids = frozenset(id(named[n]) for n in self.excluded_names)
         for group in optimizer.param_groups:
             group.setdefault("clipping", self.clipping)
