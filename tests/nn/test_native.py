@@ -181,10 +181,17 @@ def _stale_by_unscaling(p: nn.Parameter) -> None:  # GradScaler.unscale_'s kerne
     torch._amp_foreach_non_finite_check_and_unscale_([p.grad], found_inf, inv_scale)
 
 
+def _stale_by_a_step(p: nn.Parameter) -> None:
+    # middle rows changed through .data (no version bump, the spot check cannot see them), then
+    # an optimizer step: norms from before a step are never read after it
+    p.grad.data[1:-1].mul_(2.0)
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1).step()
+
+
 @pytest.mark.parametrize(
     "change",
     [_stale_by_version, _stale_by_middle_rows, _stale_by_another_forward, _stale_by_data,
-     _stale_by_replacing, _stale_by_unscaling],
+     _stale_by_replacing, _stale_by_unscaling, _stale_by_a_step],
 )  # fmt: skip
 def test_changed_gradients_are_not_read_from_the_backward(native_on, change) -> None:
     from normfree.optim.agc import adaptive_clip_grad_

@@ -22,7 +22,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from normfree.nn.param_updates import tensor_key
+from normfree.nn.param_updates import optimizer_steps, tensor_key
 
 __all__ = [
     "remember_grad_norms",
@@ -37,7 +37,8 @@ __all__ = [
 # dropped with it: id(weight) → (weak ref to it, its tensor_key, per-unit mean, per-unit N·var or
 # rsqrt(var), forward number, whether it is rsqrt(var)) from its last forward that kept them, and
 # id(weight) → (weak ref to it, its gradient's data_ptr, that gradient's version, per-unit
-# ‖∂L/∂W_o‖, number of the forward it differentiates) from its last native backward.
+# ‖∂L/∂W_o‖, number of the forward it differentiates, optimizer steps so far) from its last
+# native backward.
 _UNIT_STATS: dict[int, tuple] = {}
 _GRAD_NORMS: dict[int, tuple] = {}
 _FORWARDS = itertools.count()
@@ -127,7 +128,10 @@ def remember_grad_norms(
     if forward_number is None:
         return
     if norms is not None:
-        _remember(_GRAD_NORMS, weight, grad.data_ptr(), grad._version, norms, forward_number)
+        _remember(
+            _GRAD_NORMS, weight, grad.data_ptr(), grad._version, norms, forward_number,
+            optimizer_steps(),
+        )  # fmt: skip
     else:
         _GRAD_NORMS.pop(id(weight), None)
 
@@ -168,6 +172,7 @@ def unit_grad_norms_from_backward(
             and entry[2] == g._version
             and stats is not None
             and stats[4] == entry[4]  # no other forward of this weight since
+            and entry[5] == optimizer_steps()  # no optimizer step since (a new .grad)
             and g.shape == w.shape
             and g.is_contiguous()
         )
