@@ -59,41 +59,39 @@ def forced_forms(
     chosen: dict[str, str], times: dict[Key, float]
 ) -> Iterator[None]:
     """Within the block, every 1×1 pass of the eager training forms runs in ``chosen[pass]``
-    and its wall time is added to ``times[(shape, pass, form)]``."""
-    forward, backward = kernels.pointwise_forward, kernels.pointwise_backward
+    and its wall time is added to ``times[(shape, pass, form)]``: the kernels' own
+    ``pointwise_forward``/``pointwise_backward`` run, with ``rule_forms`` answering ``chosen``
+    and each pass function timed (they are looked up in the module at call time)."""
+    names = ("rule_forms", "forward_in", "input_grad_in", "weight_grad_in")
+    originals = {name: getattr(kernels, name) for name in names}
 
-    def shape(x: Tensor, weight: Tensor) -> tuple[int, int, int, int]:
-        return x.shape[1], weight.shape[0], x.shape[2], x.shape[3]
+    def timed(name: str, fn, key_shape) -> object:
+        def run(form: str, *args: object) -> Tensor:
+            start = time.perf_counter()
+            result = fn(form, *args)
+            times[(key_shape(*args), name, form)] += time.perf_counter() - start
+            return result
 
-    def timed(name: str, key_shape: tuple[int, int, int, int], fn, *args) -> Tensor:
-        start = time.perf_counter()
-        result = fn(chosen[name], *args)
-        times[(key_shape, name, chosen[name])] += time.perf_counter() - start
-        return result
+        return run
 
-    def timed_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return timed("forward", shape(x, weight), kernels.forward_in, x, weight, bias)
-
-    def timed_backward(
-        grad: Tensor, x: Tensor, weight: Tensor, needs_input: bool, needs_weight: bool,
-        needs_bias: bool,
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
-        grad = grad.contiguous()
-        key_shape = shape(x, weight)
-        grad_x = grad_w = grad_b = None
-        if needs_input:
-            grad_x = timed("input_grad", key_shape, kernels.input_grad_in, grad, x.shape, weight)
-        if needs_weight:
-            grad_w = timed("weight_grad", key_shape, kernels.weight_grad_in, grad, x, weight)
-        if needs_bias:
-            grad_b = grad.view(grad.shape[0], grad.shape[1], -1).sum((0, 2))
-        return grad_x, grad_w, grad_b
-
-    kernels.pointwise_forward, kernels.pointwise_backward = timed_forward, timed_backward
+    forms = kernels.PassForms(**chosen)
+    kernels.rule_forms = lambda weight, area: forms
+    kernels.forward_in = timed(  # (x, weight, bias)
+        "forward", originals["forward_in"], lambda x, w, b: (x.shape[1], w.shape[0], *x.shape[2:])
+    )
+    kernels.input_grad_in = timed(  # (grad, x_shape, weight)
+        "input_grad", originals["input_grad_in"],
+        lambda g, shape, w: (shape[1], w.shape[0], *shape[2:]),
+    )  # fmt: skip
+    kernels.weight_grad_in = timed(  # (grad, x, weight)
+        "weight_grad", originals["weight_grad_in"],
+        lambda g, x, w: (x.shape[1], w.shape[0], *x.shape[2:]),
+    )  # fmt: skip
     try:
         yield
     finally:
-        kernels.pointwise_forward, kernels.pointwise_backward = forward, backward
+        for name, fn in originals.items():
+            setattr(kernels, name, fn)
 
 
 def _faster_half_median(values: list[float]) -> float:

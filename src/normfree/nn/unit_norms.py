@@ -94,12 +94,8 @@ def unit_norms_from_forward(weights: list[Tensor]) -> list[Tensor | None]:
     by_kind: tuple[list, list] = ([], [])  # (index, weight, stats) kept as N·var / rsqrt(var)
     for k, w in enumerate(weights):
         stats = _UNIT_STATS.get(id(w))
-        if (
-            stats is not None
-            and stats[0]() is w
-            and not w.is_inference()
-            and stats[1] == tensor_key(w)
-        ):
+        # (no statistics are kept for inference tensors, so w here has a version)
+        if stats is not None and stats[0]() is w and stats[1] == tensor_key(w):
             by_kind[stats[5]].append((k, w, stats))
     for as_inv_std, hits in enumerate(by_kind):
         if not hits:

@@ -194,6 +194,8 @@ def use_fused_optimizer(cfg: Config, params: list[Any]) -> bool:
     fused kernel for them (:func:`normfree.optim.fused_available`; RMSprop has none). Raises
     ConfigError when ``optim.fused=true`` asks for one that does not exist here."""
     o = cfg.optim
+    if o.fused is False:  # the per-tensor loop was asked for: nothing to probe
+        return False
     available = fused_available(_OPTIMIZERS[o.name], params)
     if o.fused and not available:
         raise ConfigError(
