@@ -23,6 +23,7 @@ train steps (it includes the interpreter and libraries, ~0.3 GiB, the same for e
     python benchmarks/bench_train.py --quick --threads 2     # 3 rounds, no memory column
     python benchmarks/bench_train.py --group resnet50 --channels-last
     python benchmarks/bench_train.py --group resnet50 --fused-optimizer
+    python benchmarks/bench_train.py --device cuda --batch 64 --size 224 --precision bf16
     python benchmarks/bench_train.py --compile --group resnet50 \
         --only torchvision:resnet50_nonorm,normfree:nf_resnet50,timm:nf_resnet50
     python benchmarks/bench_train.py --only normfree:nf_resnet50,normfree:nf_resnet50:sd,\
@@ -199,13 +200,18 @@ def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> V
             torch.cuda.synchronize()
 
     clock = time.process_time if getattr(args, "clock", "wall") == "cpu" else time.perf_counter
+    bf16 = getattr(args, "precision", "fp32") == "bf16"
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def train() -> object:
         model.train()
         start = clock()
         opt.zero_grad(set_to_none=True)
         with kernels():
-            loss = loss_fn(fwd(x), y)
+            with autocast():
+                loss = loss_fn(fwd(x), y)
             loss.backward()
         if clip is not None:
             sync()
@@ -220,7 +226,7 @@ def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> V
 
     def evaluate() -> object:
         model.eval()
-        with torch.no_grad(), kernels():
+        with torch.no_grad(), kernels(), autocast():
             out = fwd(x)
         sync()
         return out
@@ -246,6 +252,7 @@ def _child_peak(spec: str, args: argparse.Namespace) -> float:
         cmd.append("--channels-last")
     if args.fused_optimizer:
         cmd.append("--fused-optimizer")
+    cmd += ["--precision", args.precision]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         return float("nan")
@@ -274,14 +281,31 @@ def _peak_main(spec: str, args: argparse.Namespace) -> None:
 
 
 def _profile(spec: str, args: argparse.Namespace) -> None:
+    """A torch.profiler table of 3 train steps of ``spec``; on CUDA also the time the GPU's
+    kernels take per step. Compare it with the step's unprofiled time from the benchmark's
+    table (the profiler slows the host): a step much longer than its kernels is bound by the
+    host (Python, dispatch and launches), not by the GPU."""
     from torch.profiler import ProfilerActivity, profile
 
-    v = make_variant(spec, args, torch.device(args.device))
+    device = torch.device(args.device)
+    v = make_variant(spec, args, device)
     v.train()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
         for _ in range(3):
             v.train()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    wall = (time.perf_counter() - start) / 3
+    events = prof.key_averages()
+    if device.type == "cuda":
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in kernels) / 3 / 1e6  # µs over 3 steps
+        print(f"{spec}: {wall * 1e3:.1f} ms per step under the profiler (which slows the host), "
+              f"GPU kernels {busy * 1e3:.1f} ms per step")  # fmt: skip
+        print(events.table(sort_by="self_device_time_total", row_limit=20))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 def _peer_versions() -> str:
@@ -375,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="add a torch.compile'd twin (inductor) of every variant, timed in the "
                         "same interleaved run as its eager form")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: forward and loss under torch.autocast (as normfree train's "
+                        "train.precision=bf16)")
     parser.add_argument("--fused-optimizer", action="store_true",
                         help="PyTorch's fused SGD for every variant (normfree train's default "
                         "where available) instead of its per-tensor loop")
@@ -409,12 +436,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.rounds = args.rounds or (3 if args.quick else 7)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    where = args.device
+    if device.type == "cuda":
+        where += f" ({torch.cuda.get_device_name(device)})"
     print(
         f"{datetime.date.today()} | torch {torch.__version__}{_peer_versions()} | "
-        f"{cpu_name()} | {args.device} | "
+        f"{cpu_name()} | {where} | "
         f"{torch.get_num_threads()} threads | batch {args.batch} @{args.size}² | "
         f"{args.rounds} rounds | {args.clock} clock | compile={args.compile} "
-        f"channels_last={args.channels_last} fused_optimizer={args.fused_optimizer} | "
+        f"channels_last={args.channels_last} fused_optimizer={args.fused_optimizer} "
+        f"precision={args.precision} | "
         f"load {load:.1f}"
     )
     for name in args.group or list(GROUPS):

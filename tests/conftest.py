@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -35,3 +36,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def accel() -> torch.device:
+    """The accelerator for the device checks (``tests/**/test_cuda*.py``): CUDA device 0, or the
+    test is skipped. ``NORMFREE_TEST_ACCEL=cpu`` runs those checks on the CPU instead, to check
+    the tests themselves on a machine without a GPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    if os.environ.get("NORMFREE_TEST_ACCEL") == "cpu":
+        return torch.device("cpu")
+    pytest.skip("needs a CUDA device (NORMFREE_TEST_ACCEL=cpu runs it on the CPU)")

@@ -314,3 +314,24 @@ def test_forward_mode_tangents_and_empty_weights_take_the_op_path(native_on) -> 
     empty = scaled_standardize(torch.randn(0, 3, 3, 3, dtype=torch.float64),
                                torch.ones(0, dtype=torch.float64))  # fmt: skip
     assert empty.shape == (0, 3, 3, 3)
+
+
+def test_each_torch_version_builds_in_a_folder_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The extension's name (its build folder) depends on the torch version: a build from
+    another torch is never loaded (PyTorch's cache key has no torch version), and the lock
+    file a newer torch leaves is never waited on by an older one."""
+    import torch.utils.cpp_extension as cpp
+
+    names = {}
+    for version in ("2.11.0+cu130", "2.14.1+cu130", "2.14.1+cpu"):
+        monkeypatch.setattr(torch, "__version__", version)
+        names[version] = native._extension_name()
+    assert len(set(names.values())) == 3
+    assert all(n.isidentifier() and n.startswith("normfree_native_") for n in names.values())
+    loaded: list[str] = []
+    monkeypatch.setattr(native, "_extension", None)
+    monkeypatch.setattr(native, "_build_failed", False)
+    monkeypatch.setattr(native, "_enabled", False)
+    monkeypatch.setattr(cpp, "load", lambda name, **kwargs: loaded.append(name) or object())
+    assert native.set_native_kernels(True)
+    assert loaded == [names["2.14.1+cpu"]]  # the running torch's (patched) version

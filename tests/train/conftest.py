@@ -14,10 +14,9 @@ import torch
 from normfree.train import Config, resolve_config
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # faults.py: the fault-injection callbacks
+sys.path.insert(0, str(HERE))  # faults.py (fault-injection callbacks), run_options.py
 from faults import FAULTY_CLI  # noqa: E402  (python -m normfree with NORMFREE_TEST_FAULTS)
-
-QUIET = ["log.progress=false", "log.tensorboard=false", "log.plot=false", "train.threads=1"]
+from run_options import QUIET  # noqa: E402
 
 # a short run that exercises every random stream: per-example crop augmentation, MixUp/CutMix,
 # dropout and stochastic depth; 2 epochs of 5 steps, last.pt every 2 steps

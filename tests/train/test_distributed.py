@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from faults import FAULTY_CLI
+from run_options import QUIET
 
 from normfree.train import Config, load_checkpoint, train
 
-QUIET = ["log.progress=false", "log.tensorboard=false", "log.plot=false", "train.threads=1"]
 # pad-crop augmentation is drawn per example, so it is rank-consistent; no dropout/stochdepth
 DDP_RUN = [
     "train.epochs=2",

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 from faults import FAULTY_CLI
+from run_options import QUIET
 
 from normfree.train import Config, load_checkpoint, train
-
-QUIET = ["log.progress=false", "log.tensorboard=false", "log.plot=false", "train.threads=1"]
 
 
 def _reference(make_cfg: Callable[..., Config], random_run: list[str]) -> Path:

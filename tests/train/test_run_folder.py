@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 from faults import FAULTY_CLI
+from run_options import QUIET
 
 from normfree.cli import main
 from normfree.train import Callback, load_checkpoint, train
 from normfree.train.run_folder import LOCK_FILE, RunFolderError, RunFolderLock
 
-QUIET = ["log.progress=false", "log.tensorboard=false", "log.plot=false", "train.threads=1"]
 TINY = ["train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=32", *QUIET]
 
 
@@ -225,7 +225,7 @@ def test_bad_devices_and_malformed_overrides_are_one_line(
     argv: list[str], needles: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     if argv[0] == "train":
-        argv = ["train", "--out", str(tmp_path / "run"), *argv[1:], *TINY]
+        argv = ["train", "--out", str(tmp_path / "run"), *TINY, *argv[1:]]  # after TINY's cpu
     assert main(argv) == 2
     _one_line_error(capsys.readouterr().err, *needles)
     assert not (tmp_path / "run" / "last.pt").exists()
@@ -233,11 +233,29 @@ def test_bad_devices_and_malformed_overrides_are_one_line(
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = ["--out", str(tmp_path / "run"), "train.device=cuda", *TINY]
+    out = ["--out", str(tmp_path / "run"), *TINY, "train.device=cuda"]
     assert main(["train", *out]) == 2
     _one_line_error(capsys.readouterr().err, "CUDA is not available")
     assert main(["train", "--nproc", "2", *out]) == 2  # before spawning
     _one_line_error(capsys.readouterr().err, "CUDA is not available")
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_more_processes_than_gpus_is_one_line_before_spawning(
+    device: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """``--nproc 2`` on a machine with one GPU: process 1 would pick cuda:1, which does not
+    exist (before, every worker but the first died with a CUDA device-side assertion)."""
+    from normfree.train.distributed import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert select_device(device, local_rank=0) == torch.device("cuda:0")
+    out = ["--out", str(tmp_path / "run"), *TINY, f"train.device={device}"]
+    assert main(["train", "--nproc", "2", *out]) == 2
+    _one_line_error(capsys.readouterr().err, "process 1", "1 CUDA device(s)", "at most 1")
+    assert not (tmp_path / "run").exists()
 
 
 def test_eval_checks_its_inputs_before_evaluating(

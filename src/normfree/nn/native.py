@@ -37,6 +37,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 __all__ = ["native_kernels", "native_kernels_enabled", "set_native_kernels"]
 
 _CSRC = Path(__file__).with_name("csrc")
@@ -59,6 +61,15 @@ def _sources_digest() -> str:
     return digest.hexdigest()[:16]
 
 
+def _extension_name() -> str:
+    """The extension's name, which is also its build folder: one per PyTorch version. A build
+    is tied to the ABI of the torch that compiled it, while PyTorch's cache key covers only
+    the sources and flags (an upgraded torch would load the old build), and releases lock
+    that folder differently: torch 2.14 leaves its advisory lock's file behind, which the
+    lock-file baton of torch 2.11 takes for a build in progress and waits on forever."""
+    return "normfree_native_" + hashlib.sha256(torch.__version__.encode()).hexdigest()[:10]
+
+
 def _build() -> ModuleType | None:
     """The compiled extension, building it on the first call; None (with one warning) when it
     cannot be built."""
@@ -72,7 +83,7 @@ def _build() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         _extension = load(
-            name="normfree_native",
+            name=_extension_name(),
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", "-fopenmp", f"-DNORMFREE_SOURCES={_sources_digest()}"],
             extra_ldflags=["-fopenmp"],

@@ -186,7 +186,11 @@ def _compiled_form(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | N
     The operator has no forward-mode or batching rule: ``torch.func.jvp`` inside a compiled
     function gives a zero tangent through it and ``torch.func.grad`` fails to trace. Switch the
     matrix forms off (:func:`set_pointwise_matmul`) to compile ``torch.func`` transforms of
-    these models; eager ``torch.func`` transforms take the convolution by themselves."""
+    these models; eager ``torch.func`` transforms take the convolution by themselves.
+
+    Some PyTorch releases (2.11) fold ``torch.compiler.is_exporting()`` to True in every
+    Dynamo trace; there every compiled 1×1 conv stays a convolution (correct, lowered by
+    ``conv_1x1_as_mm``, without the faster forms)."""
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
     if (
         exporting()

@@ -125,9 +125,10 @@ def _standardize_rows(
         affine = weight.new_full((out_ch,), factor)
     else:  # in the weight's dtype, as the group-norm kernel needs (and the result has)
         affine = (gain * factor).to(weight.dtype)
-    out, mean, inv_std = torch.ops.aten.native_group_norm(
-        weight.reshape(1, out_ch, fan_in), affine, None, 1, out_ch, fan_in, out_ch, 0.0
-    )
+    out, mean, inv_std = torch.ops.aten.native_group_norm(  # torch 2.11 needs contiguous rows
+        weight.reshape(1, out_ch, fan_in).contiguous(), affine, None, 1, out_ch, fan_in, out_ch,
+        0.0,
+    )  # fmt: skip
     # N·var < eps ⇔ rsqrt(var) > √(N/eps). The max is one cheap read; where it is NaN (a NaN
     # unit) every unit is compared, so a NaN unit does not hide a floored one
     if eps > 0.0:

@@ -162,7 +162,7 @@ def run_train(args: argparse.Namespace) -> int:
         from normfree.train.distributed import select_device
 
         try:  # a device the workers cannot use fails here, once, not in every worker
-            select_device(cfg.train.device)
+            select_device(cfg.train.device, local_rank=max(args.nproc, 1) - 1)
         except ConfigError as e:
             return _error(e, 2)
         return _spawn(args)

@@ -87,25 +87,31 @@ def local_world_size() -> int:
 
 def select_device(device: str, local_rank: int = 0, what: str = "train.device") -> torch.device:
     """``auto`` (CUDA device ``local_rank`` if available, else CPU), ``cpu``, ``cuda`` (device
-    ``local_rank``), ``cuda:N``. Anything else, or CUDA on a machine without it, raises
-    :class:`~normfree.train.config.ConfigError` naming ``what`` (the option that set it)."""
+    ``local_rank``), ``cuda:N``. Anything else, CUDA on a machine without it, or a process
+    whose ``local_rank`` has no CUDA device of its own (more processes per machine than GPUs)
+    raises :class:`~normfree.train.config.ConfigError` naming ``what`` (the option that set
+    it)."""
     from normfree.train.config import ConfigError
 
     name = str(device).strip().lower()
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
+    if name == "auto" or name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise ConfigError(
                 f"{what}={device!r} but CUDA is not available on this machine; use auto or cpu"
             )
-        index = local_rank if name == "cuda" else name.partition(":")[2]
-        if not str(index).isdigit() or int(index) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        if name in ("auto", "cuda") and local_rank >= count:
             raise ConfigError(
-                f"{what}={device!r}: this machine has {torch.cuda.device_count()} CUDA "
-                "device(s) (cuda:0 ...)"
+                f"{what}={device!r} puts process {local_rank} of this machine on "
+                f"cuda:{local_rank}, but it has {count} CUDA device(s): run at most {count} "
+                "processes per machine (--nproc, torchrun --nproc-per-node), or use cpu"
+            )
+        index = local_rank if name in ("auto", "cuda") else name.partition(":")[2]
+        if not str(index).isdigit() or int(index) >= count:
+            raise ConfigError(
+                f"{what}={device!r}: this machine has {count} CUDA device(s) (cuda:0 ...)"
             )
         return torch.device(f"cuda:{int(index)}")
     raise ConfigError(f"{what}={device!r} is not a device normfree runs on; use auto, cpu, cuda "
