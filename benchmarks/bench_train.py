@@ -424,9 +424,6 @@ def main(argv: list[str] | None = None) -> int:
     if args._peak:
         _peak_main(args._peak, args)
         return 0
-    if args.profile:
-        _profile(args.profile, args)
-        return 0
     try:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -434,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         print(f"error: bad --device {args.device!r}: {err}", file=sys.stderr)
         return 2
+    if args.profile:
+        _profile(args.profile, args)
+        return 0
     args.rounds = args.rounds or (3 if args.quick else 7)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     where = args.device
