@@ -316,12 +316,15 @@ def test_forward_mode_tangents_and_empty_weights_take_the_op_path(native_on) -> 
     assert empty.shape == (0, 3, 3, 3)
 
 
-def test_each_torch_version_builds_in_a_folder_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_torch_version_builds_in_a_folder_of_its_own(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
     """The extension's name (its build folder) depends on the torch version: a build from
     another torch is never loaded (PyTorch's cache key has no torch version), and the lock
     file a newer torch leaves is never waited on by an older one."""
     import torch.utils.cpp_extension as cpp
 
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     names = {}
     for version in ("2.11.0+cu130", "2.14.1+cu130", "2.14.1+cpu"):
         monkeypatch.setattr(torch, "__version__", version)
@@ -332,6 +335,34 @@ def test_each_torch_version_builds_in_a_folder_of_its_own(monkeypatch: pytest.Mo
     monkeypatch.setattr(native, "_extension", None)
     monkeypatch.setattr(native, "_build_failed", False)
     monkeypatch.setattr(native, "_enabled", False)
-    monkeypatch.setattr(cpp, "load", lambda name, **kwargs: loaded.append(name) or object())
+    monkeypatch.setattr(cpp, "load", lambda name, **kw: loaded.append((name, kw)) or object())
     assert native.set_native_kernels(True)
-    assert loaded == [names["2.14.1+cpu"]]  # the running torch's (patched) version
+    name = names["2.14.1+cpu"]  # the running torch's (patched) version
+    assert loaded == [(name, {**loaded[0][1], "build_directory": str(tmp_path / name)})]
+    assert (tmp_path / name).is_dir()
+
+
+@pytest.mark.parametrize("age_s, removed", [(3600.0, True), (5.0, False)])
+def test_a_stale_build_lock_is_removed_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, age_s: float, removed: bool
+) -> None:
+    """Torch releases that guard a build with a lock *file* (2.11) wait forever on one left by
+    an interrupted build; a lock older than any build is removed with a warning, a fresh one
+    (a build in progress) is left alone."""
+    import os
+    import time
+
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp, "FileBaton", object, raising=False)  # the lock-file kind
+    lock = tmp_path / native._extension_name() / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    os.utime(lock, (time.time() - age_s,) * 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert native._build_directory() == lock.parent
+    assert lock.exists() is not removed
+    messages = [str(w.message) for w in caught]
+    assert any("stale build lock" in m for m in messages) is removed

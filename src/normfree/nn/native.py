@@ -14,7 +14,8 @@ handled exactly as the official code (the variance term of the backward vanishes
 active).
 
 Off by default. Turning it on compiles the extension once per machine (about 30 s, with a C++
-compiler and OpenMP; cached by PyTorch under ``~/.cache/torch_extensions``):
+compiler and OpenMP; cached under ``~/.cache/torch_extensions`` or ``TORCH_EXTENSIONS_DIR``,
+one folder per PyTorch version):
 
     import normfree.nn.native as native
     native.set_native_kernels(True)      # or NORMFREE_NATIVE_KERNELS=1 in the environment
@@ -32,6 +33,8 @@ import contextlib
 import hashlib
 import logging
 import os
+import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,12 +65,41 @@ def _sources_digest() -> str:
 
 
 def _extension_name() -> str:
-    """The extension's name, which is also its build folder: one per PyTorch version. A build
-    is tied to the ABI of the torch that compiled it, while PyTorch's cache key covers only
-    the sources and flags (an upgraded torch would load the old build), and releases lock
-    that folder differently: torch 2.14 leaves its advisory lock's file behind, which the
-    lock-file baton of torch 2.11 takes for a build in progress and waits on forever."""
-    return "normfree_native_" + hashlib.sha256(torch.__version__.encode()).hexdigest()[:10]
+    """The extension's name, which is also its build folder: one per PyTorch version and
+    Python ABI. A build is tied to the ABI of the torch that compiled it, while PyTorch's cache
+    key covers only the sources and flags (an upgraded torch would load the old build), and
+    releases lock that folder differently: torch 2.14 leaves its advisory lock's file behind,
+    which the lock-file baton of torch 2.11 takes for a build in progress and waits on
+    forever."""
+    tag = f"{torch.__version__} {sys.implementation.cache_tag}"
+    return "normfree_native_" + hashlib.sha256(tag.encode()).hexdigest()[:10]
+
+
+_STALE_LOCK_S = 600.0  # a build takes ~30 s; a lock file this old was left by a killed build
+
+
+def _build_directory() -> Path:
+    """The extension's build folder (under ``TORCH_EXTENSIONS_DIR`` or PyTorch's default root),
+    created if missing. PyTorch releases before 2.14 guard a build with a lock *file* whose
+    mere existence makes every later build wait, forever when a build was interrupted
+    (Ctrl-C in the first ~30 s); a lock file older than any build is removed, with a
+    warning."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    folder = Path(root) / _extension_name()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "lock"
+    uses_baton = hasattr(cpp_extension, "FileBaton")  # torch 2.11 has it; 2.14 an advisory lock
+    if uses_baton and lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
+        warnings.warn(
+            f"removed a stale build lock left by an interrupted build of the native kernels "
+            f"({lock}); building them again",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return folder
 
 
 def _build() -> ModuleType | None:
@@ -84,6 +116,7 @@ def _build() -> ModuleType | None:
 
         _extension = load(
             name=_extension_name(),
+            build_directory=str(_build_directory()),
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", "-fopenmp", f"-DNORMFREE_SOURCES={_sources_digest()}"],
             extra_ldflags=["-fopenmp"],
