@@ -4,7 +4,8 @@
 # profile of one train step, the whole test suite with CUDA visible, and last (it compiles
 # for minutes) the torch.compile'd benchmark. Each step has its own time limit and writes
 # its log into OUTDIR as it goes; failing tests are listed in OUTDIR/*_failures.txt the moment
-# they fail, so a step cut off by its limit still names them.
+# they fail, so a step cut off by its limit still names them; the exit status is non-zero
+# when a test failed.
 #
 #   bash benchmarks/device_checks.sh OUTDIR [SECONDS_FOR_THE_WHOLE_SUITE [SECONDS_FOR_COMPILE]]
 #
@@ -17,6 +18,7 @@ out=${1:?usage: device_checks.sh OUTDIR [SECONDS_FOR_THE_WHOLE_SUITE [SECONDS_FO
 suite_s=${2:-180}
 compile_s=${3:-300}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute: the script runs from the repository root
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$(mktemp -d)}"
@@ -27,7 +29,7 @@ tests() {
   local log=$1 failures=$2 limit=$3
   shift 3
   timeout "$limit" python3 -m pytest -v --tb=short -p no:cacheprovider -p no:benchmark "$@" \
-    2>&1 | tee "$log" | grep --line-buffered -E "FAILED|ERROR" | tee "$failures"
+    2>&1 | tee "$log" | grep --line-buffered -E "(FAILED|ERROR) tests/" | tee "$failures"
   tail -3 "$log"
 }
 
@@ -63,3 +65,5 @@ timeout "$compile_s" python3 benchmarks/bench_train.py --device cuda --batch 64 
   --only torchvision:resnet50_nonorm,normfree:nf_resnet50,timm:nf_resnet50 2>&1 |
   tee "$out/bench_train_cuda_compiled.log"
 step done
+# non-zero when a test failed (the benchmarks' own errors are in their logs)
+! cat "$out"/*_failures.txt 2>/dev/null | grep -q .

@@ -342,27 +342,37 @@ def test_each_torch_version_builds_in_a_folder_of_its_own(
     assert (tmp_path / name).is_dir()
 
 
-@pytest.mark.parametrize("age_s, removed", [(3600.0, True), (5.0, False)])
-def test_a_stale_build_lock_is_removed_with_a_warning(
-    monkeypatch: pytest.MonkeyPatch, tmp_path, age_s: float, removed: bool
+@pytest.mark.parametrize("case", ["stale", "becomes_stale", "released"])
+def test_a_stale_build_lock_is_removed_and_a_live_one_waited_for(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, case: str
 ) -> None:
     """Torch releases that guard a build with a lock *file* (2.11) wait forever on one left by
-    an interrupted build; a lock older than any build is removed with a warning, a fresh one
-    (a build in progress) is left alone."""
+    a killed build. normfree waits while a lock is younger than any build takes (another
+    process building), then removes it with a warning; a lock its holder releases is not
+    touched, and one that vanishes mid-check is no error."""
     import os
+    import threading
     import time
 
     import torch.utils.cpp_extension as cpp
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(cpp, "FileBaton", object, raising=False)  # the lock-file kind
+    monkeypatch.setattr(native, "_STALE_LOCK_S", 2.0)
     lock = tmp_path / native._extension_name() / "lock"
     lock.parent.mkdir()
     lock.touch()
-    os.utime(lock, (time.time() - age_s,) * 2)
+    age = {"stale": 3600.0, "becomes_stale": 1.0, "released": 0.0}[case]
+    os.utime(lock, (time.time() - age,) * 2)
+    if case == "released":  # the other process finishes its build after 0.5 s
+        threading.Timer(0.5, lock.unlink).start()
+    start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert native._build_directory() == lock.parent
-    assert lock.exists() is not removed
-    messages = [str(w.message) for w in caught]
-    assert any("stale build lock" in m for m in messages) is removed
+    waited = time.perf_counter() - start
+    assert not lock.exists()
+    removed = any("stale build lock" in str(w.message) for w in caught)
+    assert removed is (case != "released")
+    assert {"stale": waited < 0.5, "becomes_stale": 0.5 < waited < 3.0,
+            "released": 0.4 < waited < 3.0}[case]  # fmt: skip

@@ -256,6 +256,10 @@ def test_more_processes_than_gpus_is_one_line_before_spawning(
     assert main(["train", "--nproc", "2", *out]) == 2
     _one_line_error(capsys.readouterr().err, "process 1", "1 CUDA device(s)", "at most 1")
     assert not (tmp_path / "run").exists()
+    # a fixed device puts every process on one GPU: NCCL refuses, gloo would run
+    assert main(["train", "--nproc", "2", *out[:-1], "train.device=cuda:0"]) == 2
+    _one_line_error(capsys.readouterr().err, "all 2 processes on one GPU", "dist.backend=gloo")
+    assert not (tmp_path / "run").exists()
 
 
 def test_eval_checks_its_inputs_before_evaluating(

@@ -75,30 +75,56 @@ def _extension_name() -> str:
     return "normfree_native_" + hashlib.sha256(tag.encode()).hexdigest()[:10]
 
 
-_STALE_LOCK_S = 600.0  # a build takes ~30 s; a lock file this old was left by a killed build
+_STALE_LOCK_S = 300.0  # a build takes ~30 s; a lock file this old was left by a killed build
+
+
+def _lock_age(lock: Path) -> float | None:
+    """Seconds since ``lock`` was created, or None when there is none (also when its holder
+    removes it while we look)."""
+    try:
+        return time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """PyTorch releases before 2.14 guard a build with a lock *file*
+    (``torch.utils.file_baton.FileBaton``) whose mere existence makes every later build wait,
+    forever when the building process was killed (SIGKILL, the OOM killer; a Ctrl-C releases
+    it). Before handing over to PyTorch: wait while another process's lock is younger than
+    any build takes, then remove a lock that is older, with a warning. A live build slower
+    than ``_STALE_LOCK_S`` would be built twice; none has come close (~30 s)."""
+    from torch.utils import cpp_extension
+
+    if not hasattr(cpp_extension, "FileBaton"):  # torch 2.14: an advisory lock, freed on exit
+        return
+    warned = False
+    while (age := _lock_age(lock)) is not None and age < _STALE_LOCK_S:
+        if not warned and age > 10.0:
+            warnings.warn(f"waiting for another process's build of the native kernels (lock "
+                          f"{lock}; taken for stale after {_STALE_LOCK_S:.0f} s)",
+                          RuntimeWarning, stacklevel=5)  # fmt: skip
+            warned = True
+        time.sleep(0.5)
+    if age is not None:
+        lock.unlink(missing_ok=True)
+        warnings.warn(
+            f"removed a stale build lock left by a killed build of the native kernels "
+            f"({lock}, {age:.0f} s old); building them again",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
 
 def _build_directory() -> Path:
     """The extension's build folder (under ``TORCH_EXTENSIONS_DIR`` or PyTorch's default root),
-    created if missing. PyTorch releases before 2.14 guard a build with a lock *file* whose
-    mere existence makes every later build wait, forever when a build was interrupted
-    (Ctrl-C in the first ~30 s); a lock file older than any build is removed, with a
-    warning."""
+    created if missing, with a stale lock file cleared (:func:`_clear_stale_lock`)."""
     from torch.utils import cpp_extension
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     folder = Path(root) / _extension_name()
     folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / "lock"
-    uses_baton = hasattr(cpp_extension, "FileBaton")  # torch 2.11 has it; 2.14 an advisory lock
-    if uses_baton and lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
-        lock.unlink(missing_ok=True)
-        warnings.warn(
-            f"removed a stale build lock left by an interrupted build of the native kernels "
-            f"({lock}); building them again",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+    _clear_stale_lock(folder / "lock")
     return folder
 
 
