@@ -162,11 +162,11 @@ def run_train(args: argparse.Namespace) -> int:
         from normfree.train.distributed import select_device
 
         try:  # a device the workers cannot use fails here, once, not in every worker
-            dev = select_device(cfg.train.device, local_rank=max(args.nproc, 1) - 1)
+            select_device(cfg.train.device, local_rank=max(args.nproc, 1) - 1)
         except ConfigError as e:
             return _error(e, 2)
         one_gpu = str(cfg.train.device).strip().lower().startswith("cuda:")  # every process
-        if args.nproc > 1 and one_gpu and dev.type == "cuda" and cfg.dist.backend != "gloo":
+        if args.nproc > 1 and one_gpu and cfg.dist.backend != "gloo":
             message = (f"train.device={cfg.train.device!r} puts all {args.nproc} processes on "
                        "one GPU, which NCCL refuses: use train.device=auto (one GPU per "
                        "process) or dist.backend=gloo")  # fmt: skip

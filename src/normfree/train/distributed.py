@@ -102,14 +102,17 @@ def select_device(device: str, local_rank: int = 0, what: str = "train.device") 
                 f"{what}={device!r} but CUDA is not available on this machine; use auto or cpu"
             )
         count = torch.cuda.device_count()
-        if name in ("auto", "cuda") and local_rank >= count:
-            raise ConfigError(
-                f"{what}={device!r} puts process {local_rank} of this machine on "
-                f"cuda:{local_rank}, but it has {count} CUDA device(s): run at most {count} "
-                "processes per machine (--nproc, torchrun --nproc-per-node), or use cpu"
-            )
-        index = local_rank if name in ("auto", "cuda") else name.partition(":")[2]
-        if not str(index).isdigit() or int(index) >= count:
+        if name in ("auto", "cuda"):  # one GPU per local process
+            if local_rank >= count:
+                raise ConfigError(
+                    f"{what}={device!r} puts process {local_rank} of this machine on "
+                    f"cuda:{local_rank}, but it has {count} CUDA device(s): run at most "
+                    f"{count} processes per machine (--nproc, torchrun --nproc-per-node), or "
+                    "use cpu"
+                )
+            return torch.device(f"cuda:{local_rank}")
+        index = name.partition(":")[2]
+        if not index.isdigit() or int(index) >= count:
             raise ConfigError(
                 f"{what}={device!r}: this machine has {count} CUDA device(s) (cuda:0 ...)"
             )
