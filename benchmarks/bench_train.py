@@ -15,6 +15,12 @@ products underflow to denormals: without the flush a normfree nf_resnet50 backwa
 more (315 vs 239 ms at 2 threads), with skip gains at a trained 0.2 the flush changes nothing.
 In real training the gains leave zero within the first steps.
 
+glibc's allocator: by default glibc hands freed heap memory back to the kernel and faults it
+in again on the next step, depending on where the heap's top happens to lie (and, in one
+process, on what the other variants left there). ``--malloc tuned`` applies
+:func:`normfree.train.allocator.tune_malloc`, what ``normfree train`` does on CPU, to the whole
+process, so that no variant's step takes page faults; the header says which was used.
+
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` of the train steps; on CPU the peak
 resident set (``VmHWM``) of a fresh child process that builds the variant and runs three
 train steps (it includes the interpreter and libraries, ~0.3 GiB, the same for every variant).
@@ -23,6 +29,7 @@ train steps (it includes the interpreter and libraries, ~0.3 GiB, the same for e
     python benchmarks/bench_train.py --quick --threads 2     # 3 rounds, no memory column
     python benchmarks/bench_train.py --group resnet50 --channels-last
     python benchmarks/bench_train.py --group resnet50 --fused-optimizer
+    python benchmarks/bench_train.py --group resnet50 --malloc tuned   # as normfree train
     python benchmarks/bench_train.py --device cuda --batch 64 --size 224 --precision bf16
     python benchmarks/bench_train.py --compile --group resnet50 \
         --only torchvision:resnet50_nonorm,normfree:nf_resnet50,timm:nf_resnet50
@@ -62,6 +69,7 @@ import normfree
 from interleaved import cpu_name, median_ratio, time_interleaved
 from normfree.nn import NFResidualBlock, compile_options, native_kernels
 from normfree.optim import AGC
+from normfree.train.allocator import tune_malloc
 
 __all__ = ["GROUPS", "build_variant", "main"]
 
@@ -252,7 +260,7 @@ def _child_peak(spec: str, args: argparse.Namespace) -> float:
         cmd.append("--channels-last")
     if args.fused_optimizer:
         cmd.append("--fused-optimizer")
-    cmd += ["--precision", args.precision]
+    cmd += ["--precision", args.precision, "--malloc", args.malloc]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         return float("nan")
@@ -414,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpu: process CPU time (steadier on a shared machine; use with "
                         "--threads 1, where no OpenMP thread spins)")
     parser.add_argument("--only", default=None, help="comma-separated variants to keep")
+    parser.add_argument("--malloc", choices=("default", "tuned"), default="default",
+                        help="tuned: glibc keeps freed memory (normfree.train.allocator, what "
+                        "normfree train does on CPU) for every variant; default: glibc as is")
     parser.add_argument("--profile", default=None, metavar="VARIANT",
                         help="print a torch.profiler table of 3 train steps of VARIANT and exit")
     parser.add_argument("--_peak", default=None, help=argparse.SUPPRESS)
@@ -421,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
+    malloc = tune_malloc() if args.malloc == "tuned" else "malloc: glibc default"
     if args._peak:
         _peak_main(args._peak, args)
         return 0
@@ -445,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} threads | batch {args.batch} @{args.size}² | "
         f"{args.rounds} rounds | {args.clock} clock | compile={args.compile} "
         f"channels_last={args.channels_last} fused_optimizer={args.fused_optimizer} "
-        f"precision={args.precision} | "
+        f"precision={args.precision} | {malloc} | "
         f"load {load:.1f}"
     )
     for name in args.group or list(GROUPS):

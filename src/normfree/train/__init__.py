@@ -3,9 +3,11 @@
 * :class:`Config` and its sections (typed, YAML + ``key=value`` overrides, shipped recipes);
 * :func:`train` / :class:`Trainer` (DDP, AGC, EMA, warmup+cosine, exact resume);
 * :func:`evaluate` / :func:`evaluate_checkpoint` (raw and EMA top-1/top-5);
-* :func:`save_checkpoint` / :func:`load_checkpoint` (atomic, ``weights_only``).
+* :func:`save_checkpoint` / :func:`load_checkpoint` (atomic, ``weights_only``);
+* :func:`tune_malloc` (glibc keeps freed memory: no page faults in a CPU train step).
 """
 
+from normfree.train.allocator import tune_malloc
 from normfree.train.callbacks import Callback
 from normfree.train.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
 from normfree.train.config import (
@@ -68,5 +70,6 @@ __all__ = [
     "resolve_config",
     "save_checkpoint",
     "train",
+    "tune_malloc",
     "validate_config",
 ]

@@ -141,6 +141,9 @@ class TrainLoopConfig:
     skip_nonfinite: bool = _f(False, "skip steps with a NaN/Inf loss instead of stopping")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms(True)")
     threads: int | None = _f(None, "torch CPU threads per rank (null: cores / local ranks)")
+    tune_malloc: bool = _f(
+        True, "CPU, glibc: keep freed memory for the next step (no page faults; process-wide)"
+    )
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     eval_every_epochs: int = _f(1, "evaluate every N epochs (and after the last)")
     checkpoint_every_steps: int = _f(0, "also write last.pt every N steps (0: each epoch)")

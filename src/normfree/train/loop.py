@@ -34,6 +34,7 @@ from torch import nn
 from normfree.nn import compile_options
 from normfree.optim import AGC, attached
 from normfree.train import builders as B
+from normfree.train.allocator import tune_malloc
 from normfree.train.callbacks import Callback
 from normfree.train.checkpointing import check_weights_fit, load_checkpoint
 from normfree.train.config import Config, validate_config
@@ -102,6 +103,10 @@ class Trainer(TrainerState):
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
+        self.malloc = None
+        if t.tune_malloc and info.device.type == "cpu":
+            self.malloc = tune_malloc()  # before the data and the model are allocated
+            log.debug("%s", self.malloc)
         state = None
         changes: dict[str, tuple[Any, Any]] = {}
         if resume is not None:

@@ -123,6 +123,7 @@ class TrainerState:
     cfg: Config
     info: DistInfo
     run_dir: Path
+    malloc: str | None  # what normfree.train.tune_malloc did; None where it was not asked
 
     def wall_time(self) -> float:
         """Seconds of training so far, including earlier segments of a resumed run."""
@@ -257,6 +258,7 @@ class TrainerState:
             "wall_time_s": round(self.wall_time(), 3),
             "world_size": self.info.world_size,
             "device": str(self.info.device),
+            "malloc": self.malloc,
             "train_examples": len(self.bundle.train),
             "val_examples": len(self.bundle.val),
             "image_size": getattr(self.bundle, "image_size", None),
