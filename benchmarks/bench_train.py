@@ -423,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--threads 1, where no OpenMP thread spins)")
     parser.add_argument("--only", default=None, help="comma-separated variants to keep")
     parser.add_argument("--malloc", choices=("default", "tuned"), default="default",
-                        help="tuned: glibc keeps freed memory (normfree.train.allocator, what "
-                        "normfree train does on CPU) for every variant; default: glibc as is")
+                        help="tuned: glibc keeps freed memory (normfree.train.tune_malloc, "
+                        "what normfree train does on CPU) for every variant; default: as is")
     parser.add_argument("--profile", default=None, metavar="VARIANT",
                         help="print a torch.profiler table of 3 train steps of VARIANT and exit")
     parser.add_argument("--_peak", default=None, help=argparse.SUPPRESS)
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    malloc = tune_malloc() if args.malloc == "tuned" else "malloc: glibc default"
+    malloc = tune_malloc() if args.malloc == "tuned" else "malloc: as is"
     if args._peak:
         _peak_main(args._peak, args)
         return 0

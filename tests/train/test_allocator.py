@@ -9,19 +9,22 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
+from run_options import QUIET
 
 import normfree.train.allocator as allocator
 from normfree.train import Config, Trainer
 from normfree.train.distributed import DistInfo
 
-# a step-like pattern in a fresh process: four 28 MiB blocks (below glibc's 32 MiB mmap
+# a step-like pattern in a fresh process (transparent huge pages off, so that a host with THP
+# "always" counts pages as this one does): four 28 MiB blocks (below glibc's 32 MiB mmap
 # ceiling, above its default trim threshold once they are freed together) allocated, written
 # and freed six times; minor page faults (getrusage) per repetition as JSON
 _PROBE = r"""
 import ctypes, json, resource, sys
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages, one fault each
 import torch
 if sys.argv[1] == "tuned":
     from normfree.train.allocator import tune_malloc
@@ -54,16 +57,21 @@ for name, step in (("c", c_step), ("torch", torch_step)):
 print(json.dumps(faults))
 """
 _PAGES = 4 * (28 << 20) // 4096  # pages one repetition touches: 28 672
+TUNED = "malloc: tuned (heap kept, blocks up to 32 MiB from the heap)"
+
+
+def _clean_env() -> dict[str, str]:
+    """This environment without the user's allocator settings, one thread."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    for name in ("GLIBC_TUNABLES", "LD_PRELOAD"):
+        env.pop(name, None)
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def _probe(mode: str) -> tuple[str, dict[str, list[int]]]:
-    env_clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env_clean.pop("GLIBC_TUNABLES", None)
-    env_clean.pop("LD_PRELOAD", None)
-    env_clean["OMP_NUM_THREADS"] = "1"
     out = subprocess.run(
         [sys.executable, "-c", _PROBE, mode],
-        capture_output=True, text=True, timeout=120, env=env_clean, check=True,
+        capture_output=True, text=True, timeout=120, env=_clean_env(), check=True,
     )  # fmt: skip
     lines = out.stdout.strip().splitlines()
     return (lines[0] if len(lines) > 1 else ""), json.loads(lines[-1])
@@ -79,74 +87,115 @@ def test_tuned_heap_serves_repeated_steps_without_page_faults() -> None:
     repetition (which maps the heap once) no C repetition takes more than 64 faults (the
     interpreter's own small allocations). Torch's tensors then reuse that heap: the Python
     objects allocated between them can shift a block past the old top once (≤ 5 508 pages
-    seen), so the bound there is a quarter of one repetition's pages over five repetitions."""
+    seen), so the bound there is half of one repetition's pages over five repetitions (glibc's
+    defaults took ≥ 47 K there)."""
     _, default = _probe("default")
     assert all(abs(f - _PAGES) <= 0.01 * _PAGES for f in default["c"]), default
     message, tuned = _probe("tuned")
-    assert message == "malloc: tuned (heap kept, blocks up to 32 MiB from the heap)"
-    assert tuned["c"][0] >= 0.99 * _PAGES  # the first use still maps its pages
+    assert message == TUNED
+    assert tuned["c"][0] >= 0.9 * _PAGES  # the first use still maps its pages
     assert max(tuned["c"][1:]) <= 64, tuned
-    assert sum(tuned["torch"][1:]) <= _PAGES // 4, tuned
+    assert sum(tuned["torch"][1:]) <= _PAGES // 2, tuned
+
+
+class FakeGlibc:
+    """Stands for glibc: records ``mallopt`` calls (this pytest process keeps its allocator)
+    and refuses the parameter numbers in ``refuse``."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.refuse: set[int] = set()
+
+        def mallopt(param: int, value: int) -> int:
+            self.calls.append((param, value))
+            return 0 if param in self.refuse else 1
+
+        self.mallopt = mallopt
 
 
 @pytest.fixture
-def fresh(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
-    """``tune_malloc`` in a state where it has not run, with ``mallopt`` recorded instead of
-    called (this pytest process keeps its allocator) and no allocator variables set."""
+def fresh(monkeypatch: pytest.MonkeyPatch) -> FakeGlibc:
+    """``tune_malloc`` in a state where it has not run, on a fake glibc, with no allocator
+    variables set and no other allocator loaded."""
     monkeypatch.setattr(allocator, "_applied", False)
     for name in (*allocator._USER_VARIABLES, "GLIBC_TUNABLES", "LD_PRELOAD"):
         monkeypatch.delenv(name, raising=False)
-    calls: list[tuple[int, int]] = []
-
-    def mallopt(param: int, value: int) -> int:
-        calls.append((param, value))
-        return 1
-
-    monkeypatch.setattr(allocator, "_glibc", lambda: SimpleNamespace(mallopt=mallopt))
-    return calls
+    libc = FakeGlibc()
+    monkeypatch.setattr(allocator, "_glibc", lambda: libc)
+    monkeypatch.setattr(allocator, "_loaded_allocator", lambda: None)
+    return libc
 
 
-def test_sets_mmap_threshold_and_disables_trimming_once(fresh: list[tuple[int, int]]) -> None:
-    assert allocator.tune_malloc().startswith("malloc: tuned")
-    assert fresh == [(-3, 32 << 20), (-1, -1)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (malloc.h)
+def test_sets_mmap_threshold_and_disables_trimming_once(fresh: FakeGlibc) -> None:
+    assert allocator.tune_malloc() == TUNED
+    assert fresh.calls == [(-3, 32 << 20), (-1, -1)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
     assert allocator.tune_malloc().startswith("malloc: already tuned")
-    assert len(fresh) == 2
+    assert len(fresh.calls) == 2
 
 
 @pytest.mark.parametrize(
     ("name", "value", "reason"),
     [
         ("MALLOC_TRIM_THRESHOLD_", "1000000", "MALLOC_TRIM_THRESHOLD_ is set"),
-        ("MALLOC_ARENA_MAX", "2", "MALLOC_ARENA_MAX is set"),
-        ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0", "GLIBC_TUNABLES sets malloc"),
-        ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "jemalloc is preloaded"),
+        ("MALLOC_TOP_PAD_", "0", "MALLOC_TOP_PAD_ is set"),
+        ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0",
+         "GLIBC_TUNABLES sets glibc.malloc.trim_threshold"),
     ],
-)
-def test_leaves_a_configured_allocator_alone(
-    fresh: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch, name: str, value: str,
-    reason: str,
-) -> None:  # fmt: skip
+)  # fmt: skip
+def test_leaves_configured_thresholds_alone(
+    fresh: FakeGlibc, monkeypatch: pytest.MonkeyPatch, name: str, value: str, reason: str
+) -> None:
     monkeypatch.setenv(name, value)
-    message = allocator.tune_malloc()
-    assert message.startswith("malloc: left as configured (") and reason in message
-    assert fresh == []
+    assert allocator.tune_malloc() == f"malloc: left as configured ({reason})"
+    assert fresh.calls == []
 
 
-def test_other_settings_in_the_environment_do_not_count(
-    fresh: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX512F")
-    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libfaketime.so")
-    assert allocator.tune_malloc().startswith("malloc: tuned")
-    assert len(fresh) == 2
+def test_finds_another_allocator_in_the_process_maps(tmp_path: Path) -> None:
+    """An allocator mapped into the process (``/proc/self/maps``), however it was loaded;
+    a library that only shares part of a name (Intel's tbbmalloc without its proxy) is none."""
+    maps = tmp_path / "maps"
+    line = "7f0000000000-7f0000001000 r-xp 00000000 08:01 42 {}\n"
+    maps.write_text(line.format("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2") + "[heap]\n")
+    assert allocator._loaded_allocator(maps) == "jemalloc"
+    maps.write_text(line.format("/opt/intel/lib/libtbbmalloc.so.2"))
+    assert allocator._loaded_allocator(maps) is None
+    maps.write_text(line.format("/usr/lib/libtcmalloc_minimal.so.4 (deleted)"))
+    assert allocator._loaded_allocator(maps) == "tcmalloc"
 
 
-def test_not_glibc_is_left_as_is(
-    fresh: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_leaves_another_allocator_alone(fresh: FakeGlibc, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(allocator, "_loaded_allocator", lambda: "tcmalloc")
+    assert allocator.tune_malloc() == "malloc: left as configured (tcmalloc is loaded)"
+    assert fresh.calls == []
+
+
+def test_this_process_has_no_other_allocator() -> None:
+    """The real check on this process: the test environment runs on the system allocator."""
+    if "LD_PRELOAD" in os.environ:
+        pytest.skip("LD_PRELOAD is set here")
+    assert allocator._loaded_allocator() is None
+
+
+def test_unrelated_settings_do_not_count(fresh: FakeGlibc, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0:glibc.cpu.x86_ibt=on")
+    assert allocator.tune_malloc() == TUNED
+    assert len(fresh.calls) == 2
+
+
+def test_refusals_are_reported(fresh: FakeGlibc) -> None:
+    fresh.refuse = {-3}
+    assert allocator.tune_malloc() == "malloc: left as is (glibc refused M_MMAP_THRESHOLD)"
+    fresh.refuse = {-1}
+    assert allocator.tune_malloc().startswith("malloc: partly tuned (glibc refused M_TRIM")
+    fresh.refuse = set()
+    assert allocator.tune_malloc() == TUNED  # not marked as applied until both were taken
+
+
+def test_not_glibc_is_left_as_is(fresh: FakeGlibc, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(allocator, "_glibc", lambda: None)
     assert allocator.tune_malloc() == "malloc: left as is (not glibc)"
-    assert fresh == []
+    assert fresh.calls == []
 
 
 def test_trainer_tunes_on_cpu_unless_configured_off(
@@ -164,3 +213,16 @@ def test_trainer_tunes_on_cpu_unless_configured_off(
     trainer = Trainer(make_cfg("train.tune_malloc=false", out="off"), DistInfo())
     trainer.close()
     assert calls == [1] and trainer.summary("running")["malloc"] is None
+
+
+@glibc_only
+def test_normfree_train_tunes_for_real(tmp_path: Path) -> None:
+    """``normfree train`` in a fresh process on glibc: summary.json says it tuned."""
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "normfree", "train", "--out", str(run), *QUIET,
+         "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=32"],
+        capture_output=True, text=True, timeout=120, env=_clean_env(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads((run / "summary.json").read_text())["malloc"] == TUNED

@@ -4,7 +4,7 @@
 * :func:`train` / :class:`Trainer` (DDP, AGC, EMA, warmup+cosine, exact resume);
 * :func:`evaluate` / :func:`evaluate_checkpoint` (raw and EMA top-1/top-5);
 * :func:`save_checkpoint` / :func:`load_checkpoint` (atomic, ``weights_only``);
-* :func:`tune_malloc` (glibc keeps freed memory: no page faults in a CPU train step).
+* :func:`tune_malloc` (glibc keeps freed heap memory for the next CPU train step).
 """
 
 from normfree.train.allocator import tune_malloc

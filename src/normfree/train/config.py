@@ -142,7 +142,7 @@ class TrainLoopConfig:
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms(True)")
     threads: int | None = _f(None, "torch CPU threads per rank (null: cores / local ranks)")
     tune_malloc: bool = _f(
-        True, "CPU, glibc: keep freed memory for the next step (no page faults; process-wide)"
+        True, "CPU, glibc: keep freed heap memory for the next step (process-wide)"
     )
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     eval_every_epochs: int = _f(1, "evaluate every N epochs (and after the last)")

@@ -106,7 +106,9 @@ class Trainer(TrainerState):
         self.malloc = None
         if t.tune_malloc and info.device.type == "cpu":
             self.malloc = tune_malloc()  # before the data and the model are allocated
-            log.debug("%s", self.malloc)
+            # said aloud where the user's own allocator settings took precedence
+            chose = "configured" in self.malloc or "refused" in self.malloc
+            log.log(logging.INFO if chose else logging.DEBUG, "%s", self.malloc)
         state = None
         changes: dict[str, tuple[Any, Any]] = {}
         if resume is not None:
