@@ -2,19 +2,20 @@
 
 By default glibc gives the top of its main heap back to the kernel whenever more than a sliding
 threshold (at most 64 MiB) lies free there, and maps blocks above another sliding threshold
-afresh each time. A training step frees and re-allocates the same few hundred MiB every step,
-so the memory it hands back is faulted in again, page by page, on the next one: 7–60 K minor
-page faults per step for ResNet-50 and NFNet-F0 at batch 8 @128² on CPU
-(docs/benchmarks.md, "glibc's allocator tuned by default"). Which steps fault depends on where
-the heap's top happens to lie, so it also makes CPU timings jumpy.
+(at most 32 MiB) afresh each time. A training step frees and re-allocates the same few hundred
+MiB every step, so the memory it hands back is faulted in again, page by page, on the next one:
+7–60 K minor page faults per step for ResNet-50 and NFNet-F0 at batch 8 @128² on CPU, 0.5–1.6 M
+at batch 32 @224², where they cost a quarter of the step (docs/benchmarks.md, "glibc's allocator
+tuned by default"). Which steps fault depends on where the heap's top happens to lie, so it
+also makes CPU timings jumpy.
 
-:func:`tune_malloc` calls glibc's public ``mallopt(3)``: blocks up to 32 MiB (the upper limit
-``mallopt(3)`` documents for 64-bit systems, 4 MiB · ``sizeof(long)``) come from the heap, and
-the main heap is never trimmed. The process then keeps its peak heap until it exits, which is
-what a training loop needs anyway (0–30 MiB more peak RSS for nf_resnet50 and nfnet_f0 at
-batch 8 @128²). What it does not cover: blocks above 32 MiB (large activations at large
-batches) are still mapped and unmapped per use, and the heaps of threads other than the main
-one may still shrink. jemalloc or tcmalloc (``LD_PRELOAD``) avoid both.
+:func:`tune_malloc` calls glibc's public ``mallopt(3)``: blocks up to 1 GiB come from the heap
+(up to 32 MiB, the limit ``mallopt(3)`` documents for 64-bit, on a glibc that refuses more),
+and the main heap is never trimmed. The process then keeps its peak heap until it exits, which
+is what a training loop needs anyway: a few MiB more peak RSS at batch 8 @128², ~15 % more at
+batch 32 @224² (the heap is more fragmented than separately mapped blocks). Not covered: blocks
+above the threshold, and the heaps of threads other than the main one, which may still shrink;
+jemalloc or tcmalloc (``LD_PRELOAD``) cover those too.
 
 It is a setting of the whole process that stays after training returns, and forked children
 (DataLoader workers) inherit it; so the training loop applies it only on CPU and only where
@@ -38,9 +39,9 @@ __all__ = ["tune_malloc"]
 # mallopt(3) parameter numbers (<malloc.h>)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD = 32 << 20  # mallopt(3)'s documented limit on 64-bit: 4 MiB · sizeof(long)
+# tried in turn: 1 GiB (taken by glibc 2.36), else mallopt(3)'s documented 64-bit limit
+_MMAP_THRESHOLDS = (1 << 30, 32 << 20)
 _NO_TRIM = -1  # "Setting M_TRIM_THRESHOLD to -1 disables trimming completely" (mallopt(3))
-_TUNED = f"malloc: tuned (heap kept, blocks up to {_MMAP_THRESHOLD >> 20} MiB from the heap)"
 
 # what a user sets to choose these thresholds (not e.g. MALLOC_ARENA_MAX, which does not clash)
 _USER_VARIABLES = (
@@ -61,7 +62,11 @@ _OTHER_ALLOCATORS = ("libjemalloc", "libtcmalloc", "libmimalloc", "libhoard", "l
                      "libtbbmalloc_proxy", "libscudo", "libclang_rt.scudo",
                      "librpmalloc")  # fmt: skip
 
-_applied = False
+_applied: str | None = None  # the message of the tuning done, once done
+
+
+def _tuned(threshold: int) -> str:
+    return f"malloc: tuned (heap kept, blocks up to {threshold >> 20} MiB from the heap)"
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -107,14 +112,15 @@ def _user_choice(environ: Mapping[str, str]) -> str | None:
 def tune_malloc() -> str:
     """Keep freed heap memory for reuse (glibc only; process-wide, for the process's lifetime).
 
-    Sets ``M_MMAP_THRESHOLD`` to 32 MiB and ``M_TRIM_THRESHOLD`` to -1 (no trimming) through
-    ``mallopt(3)``, so the memory a training step frees serves the next step without page
-    faults. Returns one line saying what was done or why nothing was: not glibc, the
-    environment already sets the thresholds (``MALLOC_*_`` variables, ``GLIBC_TUNABLES``),
-    another allocator is loaded, or ``mallopt`` refused. Safe to call more than once."""
+    Sets ``M_MMAP_THRESHOLD`` to 1 GiB (32 MiB where glibc refuses that) and
+    ``M_TRIM_THRESHOLD`` to -1 (no trimming) through ``mallopt(3)``, so the memory a training
+    step frees serves the next step without page faults. Returns one line saying what was done
+    or why nothing was: not glibc, the environment already sets the thresholds (``MALLOC_*_``
+    variables, ``GLIBC_TUNABLES``), another allocator is loaded, or ``mallopt`` refused. Safe
+    to call more than once."""
     global _applied
-    if _applied:
-        return _TUNED.replace("tuned", "already tuned", 1)
+    if _applied is not None:
+        return _applied.replace("tuned", "already tuned", 1)
     chosen = _user_choice(os.environ)
     if chosen is None and (other := _loaded_allocator()) is not None:
         chosen = f"{other} is loaded"
@@ -125,10 +131,11 @@ def tune_malloc() -> str:
         return "malloc: left as is (not glibc)"
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt.restype = ctypes.c_int
-    if libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) != 1:
+    threshold = next((t for t in _MMAP_THRESHOLDS if libc.mallopt(_M_MMAP_THRESHOLD, t) == 1), 0)
+    if not threshold:
         return "malloc: left as is (glibc refused M_MMAP_THRESHOLD)"
     if libc.mallopt(_M_TRIM_THRESHOLD, _NO_TRIM) != 1:  # never seen: glibc takes any value
         return ("malloc: partly tuned (glibc refused M_TRIM_THRESHOLD; its sliding thresholds "
                 "are now off, so the heap may trim more often than by default)")  # fmt: skip
-    _applied = True
-    return _TUNED
+    _applied = _tuned(threshold)
+    return _applied
