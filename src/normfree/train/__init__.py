@@ -4,10 +4,11 @@
 * :func:`train` / :class:`Trainer` (DDP, AGC, EMA, warmup+cosine, exact resume);
 * :func:`evaluate` / :func:`evaluate_checkpoint` (raw and EMA top-1/top-5);
 * :func:`save_checkpoint` / :func:`load_checkpoint` (atomic, ``weights_only``);
-* :func:`tune_malloc` (glibc keeps freed heap memory for the next CPU train step).
+* :func:`tune_malloc` / :func:`release_heap` (glibc keeps freed heap memory for the next CPU
+  train step; gives it back before DataLoader workers fork).
 """
 
-from normfree.train.allocator import tune_malloc
+from normfree.train.allocator import release_heap, tune_malloc
 from normfree.train.callbacks import Callback
 from normfree.train.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
 from normfree.train.config import (
@@ -67,6 +68,7 @@ __all__ = [
     "list_recipes",
     "load_checkpoint",
     "load_recipe",
+    "release_heap",
     "resolve_config",
     "save_checkpoint",
     "train",

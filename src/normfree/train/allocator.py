@@ -12,10 +12,15 @@ also makes CPU timings jumpy.
 :func:`tune_malloc` calls glibc's public ``mallopt(3)``: blocks up to 1 GiB come from the heap
 (up to 32 MiB, the limit ``mallopt(3)`` documents for 64-bit, on a glibc that refuses more),
 and the main heap is never trimmed. The process then keeps its peak heap until it exits, which
-is what a training loop needs anyway: a few MiB more peak RSS at batch 8 @128², ~15 % more at
-batch 32 @224² (the heap is more fragmented than separately mapped blocks). Not covered: blocks
+is what a training loop needs anyway: 0–30 MiB more peak RSS at batch 8 @128², 12–22 % more
+at batch 32 @224² (measured; fragmentation of the kept heap, presumably). Not covered: blocks
 above the threshold, and the heaps of threads other than the main one, which may still shrink;
 jemalloc or tcmalloc (``LD_PRELOAD``) cover those too.
+
+A forked child shares the kept heap copy-on-write, so the parent's next step, writing into it,
+would copy every page: one more copy of the heap in memory while DataLoader workers live.
+:func:`release_heap` (``malloc_trim(0)``) gives the free part back first; the training loop
+calls it before it starts workers.
 
 It is a setting of the whole process that stays after training returns, and forked children
 (DataLoader workers) inherit it; so the training loop applies it only on CPU and only where
@@ -34,12 +39,13 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["tune_malloc"]
+__all__ = ["release_heap", "tune_malloc"]
 
 # mallopt(3) parameter numbers (<malloc.h>)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-# tried in turn: 1 GiB (taken by glibc 2.36), else mallopt(3)'s documented 64-bit limit
+# tried in turn: 1 GiB (glibc >= 2.35 takes any value: its cap went with glibc bug 27801),
+# else the cap of older glibc, mallopt(3)'s documented 64-bit limit
 _MMAP_THRESHOLDS = (1 << 30, 32 << 20)
 _NO_TRIM = -1  # "Setting M_TRIM_THRESHOLD to -1 disables trimming completely" (mallopt(3))
 
@@ -107,6 +113,19 @@ def _user_choice(environ: Mapping[str, str]) -> str | None:
         if name in tunables:
             return f"GLIBC_TUNABLES sets {name}"
     return None
+
+
+def release_heap() -> bool:
+    """Give the free part of the kept heap back to the kernel (glibc's ``malloc_trim(0)``),
+    before forking DataLoader workers; the next step faults it in once. True where it ran, i.e.
+    after :func:`tune_malloc` tuned this process; False (nothing done) otherwise."""
+    libc = _glibc() if _applied is not None else None
+    if libc is None:
+        return False
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim.restype = ctypes.c_int
+    libc.malloc_trim(0)
+    return True
 
 
 def tune_malloc() -> str:

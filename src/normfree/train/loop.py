@@ -34,7 +34,7 @@ from torch import nn
 from normfree.nn import compile_options
 from normfree.optim import AGC, attached
 from normfree.train import builders as B
-from normfree.train.allocator import tune_malloc
+from normfree.train.allocator import release_heap, tune_malloc
 from normfree.train.callbacks import Callback
 from normfree.train.checkpointing import check_weights_fit, load_checkpoint
 from normfree.train.config import Config, validate_config
@@ -340,6 +340,7 @@ class Trainer(TrainerState):
                 leave=False,
             )
         totals = {"loss": 0.0, "n": 0.0, "correct": 0.0}
+        self._before_workers()
         it = iter(loader)
         try:
             while self.step_in_epoch < self.steps_per_epoch:
@@ -392,6 +393,13 @@ class Trainer(TrainerState):
         for cb in self.callbacks:
             cb.on_step_end(self)
 
+    def _before_workers(self) -> None:
+        """Return the tuned heap's free memory before a loader forks its workers, which would
+        otherwise each share it copy-on-write and so make the next step copy it
+        (:func:`normfree.train.allocator.release_heap`)."""
+        if self.cfg.data.workers > 0:
+            release_heap()
+
     # ---------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, float]:
         cfg, info = self.cfg, self.info
@@ -404,9 +412,11 @@ class Trainer(TrainerState):
             "precision": cfg.train.precision,
             "channels_last": cfg.train.channels_last,
         }
+        self._before_workers()
         raw = evaluate(self.model, loader, info.device, **kw)
         out = {f"val_{k}": v for k, v in raw.items() if k != "count"}
         if self.ema is not None:
+            self._before_workers()
             ema = evaluate(self.ema.module, loader, info.device, **kw)
             out.update({f"ema_val_{k}": v for k, v in ema.items() if k != "count"})
         return out
