@@ -18,24 +18,13 @@ import normfree.train.allocator as allocator
 from normfree.train import Config, Trainer, train
 from normfree.train.distributed import DistInfo
 
-# step-like patterns in a fresh process (transparent huge pages off, so that a host with THP
-# "always" counts pages as this one does), each allocated, written and freed six times: four
-# 28 MiB blocks (below glibc's default 32 MiB mmap ceiling, above its default trim threshold
-# once they are freed together), the same as torch tensors, and first two 48 MiB blocks
-# (mapped afresh by default glibc); minor page faults (getrusage) per repetition as JSON
-_PROBE = r"""
-import ctypes, json, resource, sys
-ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages, one fault each
-import torch
-if sys.argv[1] == "tuned":
-    from normfree.train.allocator import tune_malloc
-    print(tune_malloc())
+# C blocks allocated, written and freed through libc (both probes)
+_C_STEP = r"""
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-libc.malloc_trim(0)  # the heap's top as small as it gets, whatever the imports left there
 
 def c_step(size=28 << 20, count=4):
     blocks = [libc.malloc(size) for _ in range(count)]
@@ -43,6 +32,25 @@ def c_step(size=28 << 20, count=4):
         libc.memset(b, 1, size)
     for b in blocks:
         libc.free(b)
+"""
+
+# step-like patterns in a fresh process (transparent huge pages off, so that a host with THP
+# "always" counts pages as this one does), each allocated, written and freed six times: four
+# 28 MiB blocks (below glibc's default 32 MiB mmap ceiling, above its default trim threshold
+# once they are freed together), the same as torch tensors, and first two 48 MiB blocks
+# (mapped afresh by default glibc); minor page faults (getrusage) per repetition as JSON
+_PROBE = (
+    r"""
+import ctypes, json, resource, sys
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages, one fault each
+import torch
+if sys.argv[1] == "tuned":
+    from normfree.train.allocator import tune_malloc
+    print(tune_malloc())
+"""
+    + _C_STEP
+    + r"""
+libc.malloc_trim(0)  # the heap's top as small as it gets, whatever the imports left there
 
 def torch_step():
     tensors = [torch.ones(7_000_000) for _ in range(4)]  # 28 MB each
@@ -58,6 +66,7 @@ for name, step in (("big", lambda: c_step(48 << 20, 2)), ("c", c_step),
         faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(json.dumps(faults))
 """
+)
 _PAGES = 4 * (28 << 20) // 4096  # pages one repetition touches: 28 672
 TUNED = "malloc: tuned (heap kept, blocks up to 1024 MiB from the heap)"
 
@@ -250,35 +259,27 @@ def test_release_heap_only_where_tuned(fresh: FakeGlibc) -> None:
     assert fresh.calls[-1] == (0, 0)  # malloc_trim(0)
 
 
-_FORK_PROBE = r"""
+_FORK_PROBE = (
+    r"""
 import ctypes, os, sys, time
 from normfree.train.allocator import release_heap, tune_malloc
 assert tune_malloc().startswith("malloc: tuned")
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-libc.malloc.argtypes = [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-
-def step():
-    blocks = [libc.malloc(28 << 20) for _ in range(4)]
-    for b in blocks:
-        libc.memset(b, 1, 28 << 20)
-    for b in blocks:
-        libc.free(b)
-
-step()
+"""
+    + _C_STEP
+    + r"""
+c_step()
 if sys.argv[1] == "release":
     release_heap()
 child = os.fork()
 if child == 0:
     time.sleep(5)
     os._exit(0)
-step()  # the parent's next step, while the child lives
+c_step()  # the parent's next step, while the child lives
 with open(f"/proc/{child}/smaps_rollup") as f:
     print([int(line.split()[1]) for line in f if line.startswith("Private_Dirty")][0])
 os.kill(child, 9)
 """
+)
 
 
 @glibc_only

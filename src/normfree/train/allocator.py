@@ -34,6 +34,7 @@ already chose: glibc's threshold variables (``MALLOC_MMAP_THRESHOLD_``,
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 from collections.abc import Mapping
@@ -75,17 +76,22 @@ def _tuned(threshold: int) -> str:
     return f"malloc: tuned (heap kept, blocks up to {threshold >> 20} MiB from the heap)"
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """glibc itself (not whatever else exports ``mallopt``) if this process runs on it, else
-    None (musl, macOS, Windows)."""
+    """glibc itself (not whatever else exports ``mallopt``) if this process runs on it, with
+    the prototypes of ``mallopt`` and ``malloc_trim`` declared, else None (musl, macOS,
+    Windows)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION"):
             return None
-        return ctypes.CDLL("libc.so.6")  # glibc's soname on every Linux architecture
+        libc = ctypes.CDLL("libc.so.6")  # glibc's soname on every Linux architecture
     except (ValueError, OSError):
         return None
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return libc
 
 
 def _loaded_allocator(maps: Path = Path("/proc/self/maps")) -> str | None:
@@ -122,8 +128,6 @@ def release_heap() -> bool:
     libc = _glibc() if _applied is not None else None
     if libc is None:
         return False
-    libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    libc.malloc_trim.restype = ctypes.c_int
     libc.malloc_trim(0)
     return True
 
@@ -148,8 +152,6 @@ def tune_malloc() -> str:
     libc = _glibc()
     if libc is None:
         return "malloc: left as is (not glibc)"
-    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    libc.mallopt.restype = ctypes.c_int
     threshold = next((t for t in _MMAP_THRESHOLDS if libc.mallopt(_M_MMAP_THRESHOLD, t) == 1), 0)
     if not threshold:
         return "malloc: left as is (glibc refused M_MMAP_THRESHOLD)"
