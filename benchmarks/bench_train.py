@@ -183,6 +183,8 @@ def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> V
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).to(memory_format=fmt)
     y = torch.randint(0, 1000, (args.batch,), device=device)
     fused = {"fused": True} if args.fused_optimizer else {}
+    if device.type == "meta" and not fused:  # bench_dispatch: SGD's form on CUDA by default
+        fused = {"foreach": True}
     opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9, **fused)
     clip = _agc(spec.removesuffix(COMPILED), model, opt)
     fwd = model
@@ -211,7 +213,9 @@ def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> V
     bf16 = getattr(args, "precision", "fp32") == "bf16"
 
     def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        if not bf16:  # (no autocast context at all: the meta device of bench_dispatch has none)
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
 
     def train() -> object:
         model.train()

@@ -1,6 +1,7 @@
 """Device checks: every path that runs differently on an accelerator, held against the CPU.
 
-On CUDA, Scaled WS takes its analytic backward (not group norm's CPU kernel), 1×1 convs stay
+On CUDA, Scaled WS takes its sync-free form (batch norm's kernels with the floor applied on
+the device, not group norm's CPU kernel and its host-side floor check), 1×1 convs stay
 ``F.conv2d`` (no matrix forms), AGC clips every unit (no skip of the unclipped ones), fused
 optimizers and ``GradScaler`` hand AGC a scale, and ``torch.compile`` generates Triton code.
 Each test compares that path with an independent CPU reference: the paper's plain form in

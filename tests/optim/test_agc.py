@@ -568,24 +568,34 @@ def test_ws_forward_norms_are_dropped_when_the_weight_changes() -> None:
                                atol=0.0)  # fmt: skip
 
 
-def test_ws_forward_norms_from_both_kinds_of_statistics() -> None:
-    """The eager forward keeps ``rsqrt(var)`` (group norm's statistics) or, for a weight with
-    a floored unit, ``N·var`` (the separate passes); both give the direct per-unit norms."""
+def test_ws_forward_norms_from_every_kind_of_statistics() -> None:
+    """The eager CPU forward keeps ``rsqrt(var)`` (group norm's statistics) or, for a weight
+    with a floored unit, ``N·var`` (the separate passes); the accelerators' sync-free form
+    (run here on the CPU) keeps ``var`` (of ``var_mean``), with or without autograd; every
+    kind gives the direct per-unit norms."""
     from normfree.nn.unit_norms import remember_unit_stats, unit_norms_from_forward
     from normfree.nn.ws import scaled_standardize
+    from normfree.nn.ws_functional import _device_standardize
 
     torch.manual_seed(5)
     plain = nn.Parameter(torch.randn(6, 3, 3, 3, dtype=torch.float64) + 0.4)
     floored = nn.Parameter(torch.randn(5, 2, 1, 1, dtype=torch.float64) - 0.2)
+    device = nn.Parameter(torch.randn(7, 4, 3, 3, dtype=torch.float64) - 0.3)
+    trained = nn.Parameter(torch.randn(3, 8, dtype=torch.float64) + 0.1)
     with torch.no_grad():
         floored[1] = 0.7  # a constant unit: N·var = 0 < eps
         scaled_standardize(plain)
         scaled_standardize(floored)
-    for p, known in zip((plain, floored), unit_norms_from_forward([plain, floored])):
+        _device_standardize(device, None, 1e-4, 1.0)
+    _device_standardize(trained, None, 1e-4, 1.0).sum().backward()  # the autograd Function
+    weights = [plain, floored, device, trained]
+    for p, known in zip(weights, unit_norms_from_forward(weights)):
         assert known is not None
         torch.testing.assert_close(known, unitwise_norm(p).flatten(), rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="exactly one"):
         remember_unit_stats(plain, plain.mean((1, 2, 3)))
+    with pytest.raises(ValueError, match="exactly one"):
+        remember_unit_stats(plain, plain.mean((1, 2, 3)), var=plain, inv_std=plain)
 
 
 def test_a_tied_weight_is_excluded_by_either_name() -> None:

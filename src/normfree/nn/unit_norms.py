@@ -1,14 +1,15 @@
 """Per-unit norms that adaptive gradient clipping (Brock et al. 2021b, eq. 3) would otherwise
 read the weights and gradients again for, kept by the kernels that already had them.
 
-A forward that computes each output unit's mean and variance of a parameter (the eager-CPU
+A forward that computes each output unit's mean and variance of a parameter (the eager CPU
 Scaled-WS forward of :mod:`normfree.nn.ws_functional`, as ``rsqrt(var)``; the native one as
-``N·var``) keeps them here, so ``‖W_o‖² = N·var_o + N·μ_o²`` costs AGC nothing; a native
-backward keeps the per-unit norms of the gradient it wrote. Both are keyed by the parameter's
-identity and checked before use (the weight's version, memory, dtype, device and the number
-of optimizer steps since, :func:`normfree.nn.param_updates.tensor_key`, because fused optimizer
-kernels update weights without bumping their version; the gradient's memory, version, forward
-and a spot check), so a stale value is not read:
+``N·var``; the accelerator one as ``var``) keeps them here, so ``‖W_o‖² = N·var_o + N·μ_o²``
+costs AGC nothing; a native backward keeps the per-unit norms of the gradient it wrote. Both
+are keyed by the parameter's identity and checked before use (the weight's version, memory,
+dtype, device and the number of optimizer steps since,
+:func:`normfree.nn.param_updates.tensor_key`, because fused optimizer kernels update weights
+without bumping their version; the gradient's memory, version, forward and a spot check), so
+a stale value is not read:
 :func:`unit_norms_from_forward` and :func:`unit_grad_norms_from_backward` return ``None``
 instead and AGC computes the norm itself.
 """
@@ -34,8 +35,9 @@ __all__ = [
 ]
 
 # Keyed by the parameter's identity (tensors compare elementwise, so no WeakKeyDictionary) and
-# dropped with it: id(weight) → (weak ref to it, its tensor_key, per-unit mean, per-unit N·var or
-# rsqrt(var), forward number, whether it is rsqrt(var)) from its last forward that kept them, and
+# dropped with it: id(weight) → (weak ref to it, its tensor_key, per-unit mean, per-unit N·var,
+# rsqrt(var) or var, forward number, which of the three: 0, 1, 2) from its last forward that
+# kept them, and
 # id(weight) → (weak ref to it, its gradient's data_ptr, that gradient's version, per-unit
 # ‖∂L/∂W_o‖, number of the forward it differentiates, optimizer steps so far) from its last
 # native backward.
@@ -55,30 +57,35 @@ def _remember(store: dict[int, tuple], weight: Tensor, *facts: object) -> None:
 
 
 def remember_unit_stats(
-    weight: Tensor, mean: Tensor, n_var: Tensor | None = None, *, inv_std: Tensor | None = None
+    weight: Tensor,
+    mean: Tensor,
+    n_var: Tensor | None = None,
+    *,
+    inv_std: Tensor | None = None,
+    var: Tensor | None = None,
 ) -> int:
     """Keep a parameter's per-unit mean and variance from a forward that computed them (the
-    eager Scaled-WS forward), the variance as ``n_var = N·var`` or as ``inv_std = rsqrt(var)``
-    (exactly one of them); returns the number of this forward, which the gradient norms of its
-    backward carry."""
-    if (n_var is None) == (inv_std is None):
-        raise ValueError("give exactly one of n_var and inv_std")
+    eager Scaled-WS forwards), the variance as ``n_var = N·var``, as ``inv_std = rsqrt(var)``
+    or as the biased ``var`` itself (exactly one of them); returns the number of this forward,
+    which the gradient norms of its backward carry."""
+    given = [k for k, v in enumerate((n_var, inv_std, var)) if v is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one of n_var, inv_std and var")
     number = next(_FORWARDS)
     if weight.is_inference():  # no version to check a later read against: keep nothing
         return number
-    variance = (n_var if inv_std is None else inv_std).detach()
+    kind = given[0]
+    variance = (n_var, inv_std, var)[kind].detach()
     mean = mean.detach()
     if variance.dtype in _HALF:  # rsqrt(var)² of a half weight overflows (var < 2⁻¹⁶ → inf)
         mean, variance = mean.float(), variance.float()
-    _remember(
-        _UNIT_STATS, weight, tensor_key(weight), mean, variance, number, inv_std is not None
-    )
+    _remember(_UNIT_STATS, weight, tensor_key(weight), mean, variance, number, kind)
     return number
 
 
 def unit_norm_from_forward(weight: Tensor) -> Tensor | None:
     """The per-output-unit Frobenius norm ``‖W_o‖`` (shape ``(out,)``) of ``weight`` from the
-    statistics its last eager-CPU Scaled-WS forward already computed
+    statistics its last eager Scaled-WS forward already computed
     (``‖W_o‖² = N·var_o + N·μ_o²``), or ``None`` when there are none or ``weight`` may have
     changed since (its version, memory, dtype or device moved, or an optimizer stepped: module
     docstring). Adaptive gradient clipping reads it
@@ -91,21 +98,23 @@ def unit_norms_from_forward(weights: list[Tensor]) -> list[Tensor | None]:
     small ops in all, per kind of variance kept, instead of six per weight: a model's AGC step
     asks for every conv)."""
     found: list[Tensor | None] = [None] * len(weights)
-    by_kind: tuple[list, list] = ([], [])  # (index, weight, stats) kept as N·var / rsqrt(var)
+    by_kind: tuple[list, ...] = ([], [], [])  # (index, weight, stats): N·var, rsqrt(var), var
     for k, w in enumerate(weights):
         stats = _UNIT_STATS.get(id(w))
         # (no statistics are kept for inference tensors, so w here has a version)
         if stats is not None and stats[0]() is w and stats[1] == tensor_key(w):
             by_kind[stats[5]].append((k, w, stats))
-    for as_inv_std, hits in enumerate(by_kind):
+    for kind, hits in enumerate(by_kind):
         if not hits:
             continue
         mean = torch.cat([s[2] for _, _, s in hits])
         counts = tuple(w.shape[0] for _, w, _ in hits)
         fan_in = _per_unit(counts, tuple(w[0].numel() for _, w, _ in hits), mean.dtype, mean.device)
         variance = torch.cat([s[3] for _, _, s in hits])
-        if as_inv_std:  # N·(μ² + 1/rsqrt(var)²)
+        if kind == 1:  # N·(μ² + 1/rsqrt(var)²)
             norms = variance.square().reciprocal_().addcmul_(mean, mean).mul_(fan_in)
+        elif kind == 2:  # N·(var + μ²)
+            norms = torch.addcmul(variance, mean, mean).mul_(fan_in)
         else:  # N·var + N·μ²
             norms = torch.addcmul(variance, mean.square(), fan_in)
         norms = norms.sqrt_()
@@ -194,4 +203,5 @@ def _per_unit(
     """``values[k]`` repeated ``counts[k]`` times, as one tensor (cached: a model asks for the
     same layout every step)."""
     out = torch.tensor(values, dtype=dtype, device=device)
-    return out.repeat_interleave(torch.tensor(counts, dtype=torch.long, device=device))
+    repeats = torch.tensor(counts, dtype=torch.long, device=device)
+    return out.repeat_interleave(repeats, output_size=sum(counts))  # the size: no device read

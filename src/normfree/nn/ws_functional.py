@@ -210,7 +210,98 @@ class _ScaledStandardizeNative(torch.autograd.Function):
         )
 
 
-_NATIVE_DTYPES = (torch.float32, torch.float64)
+def _device_parts(
+    weight: Tensor, gain: Tensor | None, eps: float, gamma: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(Ŵ, μ, var, rsqrt(max(var, eps/N)), gain·γ/√N)`` of :func:`scaled_standardize`'s
+    formula without a host read: one ``var_mean`` reduction, and batch normalization's
+    inference kernel on the ``(1, out, N)`` rows with the floored variance as its running
+    variance, ``(W − μ)/√max(var, eps/N) · gain·γ/√N``, which is ``gain·γ·(W − μ)·
+    rsqrt(max(N·var, eps))``. The floor is applied on the device: no kernel waits for the
+    host."""
+    out_ch = weight.shape[0]
+    fan_in = weight.numel() // out_ch
+    rows = weight.reshape(1, out_ch, fan_in)
+    var, mean = torch.var_mean(rows[0], dim=1, correction=0)
+    factor = gamma / math.sqrt(fan_in)
+    affine = weight.new_full((out_ch,), factor) if gain is None else gain * factor
+    floored_var = var.clamp_min(eps / fan_in)
+    out = torch.ops.aten.native_batch_norm(rows, affine, None, mean, floored_var, False, 0.0, 0.0)
+    return out[0].view(weight.shape), mean, var, floored_var, affine
+
+
+class _ScaledStandardizeDevice(torch.autograd.Function):
+    """Scaled WS on an accelerator in few kernels and no host synchronisation (CUDA, and the
+    meta device, where tests count them). Forward :func:`_device_parts`. Backward: batch
+    norm's training backward with the forward's statistics, which is the exact Scaled-WS
+    gradient ``a·(δ − mean(δ)) − a·r²·(Σδc)·c`` of :class:`_ScaledStandardize` and gives
+    ``Σδ·x̂`` (the gain's gradient) on the way; then for the units under the floor
+    (``N·var < eps``), where that last term vanishes, the term added back,
+    ``a·(Σδx̂)/eps·c`` (there ``r² = N/eps``), with a coefficient that is zero for every other
+    unit, so that nothing asks the host which units are floored. First-order only."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, gain: Tensor | None, eps: float, gamma: float) -> Tensor:
+        out, mean, var, floored_var, affine = _device_parts(weight, gain, eps, gamma)
+        if isinstance(weight, nn.Parameter):
+            remember_unit_stats(weight, mean, var=var)
+        ctx.save_for_backward(weight, mean, var, floored_var.rsqrt(), affine)
+        ctx.eps, ctx.gamma = eps, gamma
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        weight, mean, var, inv_std, affine = ctx.saved_tensors
+        needs_weight, needs_gain = ctx.needs_input_grad[:2]
+        rows = weight.reshape(1, weight.shape[0], -1)
+        # dot = Σδ·x̂ per unit, x̂ = (W − μ)·rsqrt(max(var, eps/N)); always wanted (the floor)
+        grad_rows, dot, _ = torch.ops.aten.native_batch_norm_backward(
+            grad_out.reshape(rows.shape), rows, affine, None, None, mean, inv_std, True, 0.0,
+            [needs_weight, True, False],
+        )  # fmt: skip
+        grad_weight = grad_gain = None
+        if needs_weight:  # + a·(Σδx̂)/eps·(W − μ) on the floored units, + 0 on the others
+            coef = (dot * affine).mul_(var < ctx.eps / rows.shape[2]).unsqueeze(1)
+            grad_rows[0].addcmul_(rows[0], coef, value=1.0 / ctx.eps)
+            grad_rows[0].addcmul_(mean.unsqueeze(1), coef, value=-1.0 / ctx.eps)
+            grad_weight = grad_rows.view(weight.shape)
+        if needs_gain:
+            grad_gain = dot * (ctx.gamma / math.sqrt(rows.shape[2]))
+        return grad_weight, grad_gain, None, None
+
+
+_NATIVE_DTYPES = (torch.float32, torch.float64)  # the dtypes of the native and device forms
+
+# where Scaled WS runs as :class:`_ScaledStandardizeDevice` in eager mode (meta: to count them)
+_SYNC_FREE_DEVICES = ("cuda", "meta")
+
+
+def _sync_free_ok(weight: Tensor, gain: Tensor | None) -> bool:
+    """Whether :func:`_device_standardize` takes this weight: float32/float64 with elements,
+    no ``torch.func`` transform and no forward-mode tangent (a custom Function has neither)."""
+    return (
+        weight.dtype in _NATIVE_DTYPES
+        and weight.numel() > 0
+        and not _under_functorch(weight, gain)
+        and not _has_tangent(weight, gain)
+    )
+
+
+@torch.jit.unused
+def _device_standardize(weight: Tensor, gain: Tensor | None, eps: float, gamma: float) -> Tensor:
+    """Scaled WS in eager mode on an accelerator without a host read
+    (:class:`_ScaledStandardizeDevice`); a parameter's statistics are kept for AGC
+    (:func:`unit_norms_from_forward`), as on the CPU."""
+    _reduce_dims(weight)  # a clear error for a weight without units
+    if torch.is_grad_enabled() and (
+        weight.requires_grad or (gain is not None and gain.requires_grad)
+    ):
+        return _ScaledStandardizeDevice.apply(weight, gain, eps, gamma)
+    out, mean, var, _, _ = _device_parts(weight, gain, eps, gamma)
+    if isinstance(weight, nn.Parameter):
+        remember_unit_stats(weight, mean, var=var)
+    return out
 
 
 def scaled_standardize(
@@ -224,8 +315,11 @@ def scaled_standardize(
     mode on CPU it is group normalization with one group per unit (:func:`_standardize_rows`,
     train and eval alike): one fused kernel forward, group norm's fused backward through
     autograd (double backward works). Where a unit's N·var is below ``eps``, and under
-    tracing / ``torch.compile`` / other devices, an analytic backward is used when a gradient
-    is needed (first-order only; double backward raises). With the optional
+    tracing / ``torch.compile`` / devices other than CPU and CUDA, an analytic backward is
+    used when a gradient is needed (first-order only; double backward raises). In eager mode
+    on CUDA it is batch normalization's inference kernel with the statistics of one
+    ``var_mean``, the floor applied on the device (:class:`_ScaledStandardizeDevice`, no host
+    synchronisation, first-order only). With the optional
     native kernels switched on (:mod:`normfree.nn.native`), eager CPU float32/float64 weights
     run the C++ forward and analytic backward instead (:class:`_ScaledStandardizeNative`).
     """
@@ -236,7 +330,8 @@ def scaled_standardize(
     if not torch.jit.is_scripting():
         tracing = torch.jit.is_tracing()
         needs_grad = weight.requires_grad or (gain is not None and gain.requires_grad)
-        if not (tracing or torch.compiler.is_compiling()) and weight.device.type == "cpu":
+        eager = not (tracing or torch.compiler.is_compiling())
+        if eager and weight.device.type == "cpu":
             _reduce_dims(weight)  # a clear error for a weight without units
             if _under_functorch(weight, gain):  # torch.func over the weights: no value branch
                 return _scaled_standardize_parts(weight, gain, eps, gamma)[0]
@@ -249,6 +344,8 @@ def scaled_standardize(
                     return _ScaledStandardizeNative.apply(weight, gain, eps, gamma)
                 return _native_standardize(ext, weight, gain, eps, gamma)[0]
             return _eager_standardize(weight, gain, eps, gamma)
+        if eager and weight.device.type in _SYNC_FREE_DEVICES and _sync_free_ok(weight, gain):
+            return _device_standardize(weight, gain, eps, gamma)
         if needs_grad and torch.is_grad_enabled() and not tracing:
             return _ScaledStandardize.apply(weight, gain, eps, gamma)
     return _scaled_standardize_parts(weight, gain, eps, gamma)[0]
