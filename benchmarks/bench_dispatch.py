@@ -5,11 +5,11 @@ and no data is computed.
 
 On a GPU, a step whose kernels are small is bound by the host: every operation costs the
 host a few microseconds (Python, the dispatcher, a launch) whatever its size, and a host read
-of a device value (``.item()``, ``nonzero``, ``equal``) stalls it until the GPU has caught up.
-These counts measure that cost where no GPU is at hand; they are exact and do not vary from
-run to run. Views, detaches, empty allocations and profiler markers launch no kernel and are
-not counted; a host read is counted in its own column (the meta device has no value to read,
-so the count stands in a 0 and goes on).
+of a device value (``.item()``, ``nonzero``, ``equal``) or a blocking copy between host and
+device stalls it until the GPU has caught up. These counts measure that cost where no GPU is
+at hand; they are exact and do not vary from run to run. Views, detaches, empty allocations
+and profiler markers launch no kernel and are not counted; a host read is counted in its own
+column (the meta device has no value to read, so the count stands in a 0 and goes on).
 
     python benchmarks/bench_dispatch.py                       # every group, b8 @128²
     python benchmarks/bench_dispatch.py --group resnet50 --top 12   # and the commonest ops

@@ -22,14 +22,31 @@ _FREE = {
     "new_empty", "new_empty_strided", "_record_function_enter_new", "_record_function_exit",
     "record_stream", "set_", "resize_",
 }  # fmt: skip
-# operations that make the host wait for a value on the device
-HOST_READS = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "item"}
+# operations that make the host wait for a value on the device, and the name under which a
+# blocking copy between host and device memory is counted (on CUDA it waits for the stream)
+TRANSFER = "copy between host and device"
+HOST_READS = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "item", TRANSFER}
+
+
+def _blocking_transfer(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether ``copy_`` / ``_to_copy`` moves data between the CPU and another device
+    without ``non_blocking``."""
+    if name == "copy_" and len(args) >= 2:
+        devices = {args[0].device.type, args[1].device.type}
+        non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+    elif name == "_to_copy" and kwargs.get("device") is not None:
+        devices = {args[0].device.type, torch.device(kwargs["device"]).type}
+        non_blocking = kwargs.get("non_blocking", False)
+    else:
+        return False
+    return len(devices) == 2 and "cpu" in devices and not non_blocking
 
 
 class DispatchCount(TorchDispatchMode):
     """Counts the ATen operations dispatched under it (``counts``, by name): views and
-    :data:`_FREE` operations are left out, host reads (:data:`HOST_READS`) are counted and,
-    on the meta device, answered with 0 so that the step runs to the end."""
+    :data:`_FREE` operations are left out; host reads (:data:`HOST_READS`, blocking copies
+    between the CPU and a device among them) are counted apart and, on the meta device,
+    scalar reads are answered with 0 so that the step runs to the end."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -37,6 +54,8 @@ class DispatchCount(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
+        if _blocking_transfer(name, args, kwargs or {}):
+            name = TRANSFER
         if name in HOST_READS:
             self.counts[name] += 1
             tensors = [a for a in args if isinstance(a, torch.Tensor)]

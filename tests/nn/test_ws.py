@@ -191,6 +191,35 @@ def test_eager_forms_equal_the_analytic_function(path: str, floored: bool, with_
         )
 
 
+@pytest.mark.parametrize("eps", [0.0, 1e-2])
+def test_device_form_without_a_floor_and_for_the_gain_alone(eps: float) -> None:
+    """The accelerators' sync-free form (run on the CPU) with ``eps = 0`` (no floor: nothing
+    to add back, and no division by it) and with a floor that catches a normal unit; its
+    gradients for the weight alone, the gain alone and both equal the analytic function's
+    (float64, 1e-12), for a transposed (non-contiguous) weight."""
+    from normfree.nn.ws_functional import _ScaledStandardize, _ScaledStandardizeDevice
+
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(12, 5, dtype=torch.float64, generator=gen).t()  # (5, 12), strided
+    if eps > 0.0:
+        w = w.clone()
+        w[2] *= 1e-2  # N·var ≈ 1.2e-3 < 1e-2: floored
+        w = w.t().contiguous().t()
+    gain = torch.rand(5, dtype=torch.float64, generator=gen).add_(0.5)
+    upstream = torch.randn(5, 12, dtype=torch.float64, generator=gen)
+    for wants in ((True, False), (False, True), (True, True)):
+        wd, gd = w.clone().requires_grad_(wants[0]), gain.clone().requires_grad_(wants[1])
+        wa, ga = w.clone().requires_grad_(wants[0]), gain.clone().requires_grad_(wants[1])
+        fast = _ScaledStandardizeDevice.apply(wd, gd, eps, 1.3)
+        slow = _ScaledStandardize.apply(wa, ga, eps, 1.3)
+        torch.testing.assert_close(fast, slow, rtol=1e-13, atol=1e-14)
+        inputs_d = [t for t, want in zip((wd, gd), wants) if want]
+        inputs_a = [t for t, want in zip((wa, ga), wants) if want]
+        for a, b in zip(torch.autograd.grad(fast, inputs_d, upstream),
+                        torch.autograd.grad(slow, inputs_a, upstream)):  # fmt: skip
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
 def test_double_backward_of_the_eager_form_and_a_clear_error_where_floored() -> None:
     """Eager CPU Scaled WS differentiates through group norm, so second derivatives exist
     (gradgradcheck, float64); a floored unit takes the analytic backward, which is first-order

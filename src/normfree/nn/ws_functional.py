@@ -261,10 +261,11 @@ class _ScaledStandardizeDevice(torch.autograd.Function):
             [needs_weight, True, False],
         )  # fmt: skip
         grad_weight = grad_gain = None
-        if needs_weight:  # + a·(Σδx̂)/eps·(W − μ) on the floored units, + 0 on the others
-            coef = (dot * affine).mul_(var < ctx.eps / rows.shape[2]).unsqueeze(1)
-            grad_rows[0].addcmul_(rows[0], coef, value=1.0 / ctx.eps)
-            grad_rows[0].addcmul_(mean.unsqueeze(1), coef, value=-1.0 / ctx.eps)
+        if needs_weight:
+            if ctx.eps > 0.0:  # + a·(Σδx̂)/eps·(W − μ) on the floored units, + 0 on the others
+                coef = (dot * affine).mul_(var < ctx.eps / rows.shape[2]).unsqueeze(1)
+                grad_rows[0].addcmul_(rows[0], coef, value=1.0 / ctx.eps)
+                grad_rows[0].addcmul_(mean.unsqueeze(1), coef, value=-1.0 / ctx.eps)
             grad_weight = grad_rows.view(weight.shape)
         if needs_gain:
             grad_gain = dot * (ctx.gamma / math.sqrt(rows.shape[2]))
