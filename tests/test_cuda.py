@@ -22,6 +22,9 @@ import torch
 from torch import nn
 
 import normfree
+from model_cases import TINY_NFNET
+from model_cases import forward_backward as _forward_backward
+from model_cases import make_model as _model
 from normfree.deploy import prepare_for_inference
 from normfree.nn import plain_forward
 from normfree.optim import AGC, unitwise_norm
@@ -29,8 +32,6 @@ from normfree.optim import AGC, unitwise_norm
 # whole models whose fast paths differ between CPU and CUDA (Scaled WS, folded scales, SAME
 # padding, squeeze-excite, Proxy Norm, grouped and depthwise convs)
 MODELS = ["nf_resnet50", "nfnet_f0", "nf_regnet_b0", "lnpn_resnet50", "efficientnet_b0_g16_lnpn"]
-# a small NFNet: grouped 3×3 convs, SAME padding, SE, the scaled GELU; compiles in seconds
-TINY_NFNET = {"depths": (1, 1, 1, 1), "widths": (32, 64, 96, 128), "group_size": 16}
 
 
 @pytest.fixture
@@ -42,37 +43,11 @@ def exact_fp32() -> Iterator[None]:
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
-    """``name`` without stochastic regularisation; every parameter initialised to zero (skip
-    gains, biases, a zero-initialised classifier) set to a non-zero value, so that every
-    parameter gets a gradient and no comparison is vacuous."""
-    torch.manual_seed(0)
-    model = normfree.create_model(
-        name, num_classes=num_classes, drop_path_rate=0.0, drop_rate=0.0, **kwargs
-    )
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("skip_gain.gain"):
-                p.fill_(0.3)
-            elif not p.any():
-                p.normal_(0.0, 0.1)
-    return model
-
-
 def _batch(accel: torch.device, n: int, size: int, seed: int) -> tuple[torch.Tensor, ...]:
     """``n`` random images of ``size``² and labels of 10 classes, drawn after ``seed``."""
     torch.manual_seed(seed)
     x = torch.randn(n, 3, size, size, device=accel)
     return x, torch.randint(0, 10, (n,), device=accel)
-
-
-def _forward_backward(model: nn.Module, x: torch.Tensor, upstream: torch.Tensor):
-    model.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    out = model(x)
-    out.backward(upstream)
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    return out.detach(), x.grad, grads
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -19,6 +19,7 @@ from torch import nn
 
 import normfree
 from dispatch_count import DispatchCount  # benchmarks/ (pytest's pythonpath)
+from model_cases import TINY_NFNET, forward_backward, make_model
 from normfree.nn import ScaledStdConv2d, plain_forward, ws_functional
 from normfree.nn.unit_norms import unit_norms_from_forward
 from normfree.optim import attach_agc, unitwise_norm
@@ -80,9 +81,6 @@ def test_a_train_step_on_the_device_path_reads_nothing_from_the_device(
     assert sum(counter.counts.values()) <= budget, counter.counts.most_common(12)
 
 
-TINY_NFNET = {"depths": (1, 1, 1, 1), "widths": (32, 64, 96, 128), "group_size": 16}
-
-
 @pytest.mark.parametrize(
     "name, kwargs", [("nf_resnet26", {}), ("nfnet_f0", TINY_NFNET), ("nf_regnet_b0", {})]
 )
@@ -93,30 +91,15 @@ def test_the_device_form_in_a_whole_model_equals_the_plain_form(
     (which then runs on the CPU, asserted by its kernel count): outputs, input gradient and
     every parameter's gradient equal the paper's plain form in float64 (1e-9), and AGC's
     weight norms, which that form keeps, equal the direct ones (1e-12)."""
-    torch.manual_seed(0)
-    ref = normfree.create_model(name, num_classes=10, drop_path_rate=0.0, drop_rate=0.0, **kwargs)
-    ref = ref.double().train()
-    with torch.no_grad():
-        for pname, p in ref.named_parameters():
-            if pname.endswith("skip_gain.gain"):
-                p.fill_(0.3)  # so that every parameter gets a gradient
-            elif not p.any():
-                p.normal_(0.0, 0.1)
+    ref = make_model(name, **kwargs).double().train()
     fast = copy.deepcopy(ref)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     upstream = torch.randn(2, 10, dtype=torch.float64)
-
-    def run(model: nn.Module):
-        xr = x.clone().requires_grad_()
-        out = model(xr)
-        out.backward(upstream)
-        return out.detach(), xr.grad, {n: p.grad for n, p in model.named_parameters()}
-
     with plain_forward(ref):
-        out_r, gx_r, grads_r = run(ref)
+        out_r, gx_r, grads_r = forward_backward(ref, x, upstream)
     monkeypatch.setattr(ws_functional, "_eager_standardize", ws_functional._device_standardize)
     with torch.profiler.profile() as prof:
-        out_f, gx_f, grads_f = run(fast)
+        out_f, gx_f, grads_f = forward_backward(fast, x, upstream)
     ran = collections.Counter(e.name for e in prof.events())
     convs = [m for m in fast.modules() if isinstance(m, ScaledStdConv2d)]
     assert ran["aten::native_batch_norm_backward"] == len(convs)
@@ -124,8 +107,9 @@ def test_the_device_form_in_a_whole_model_equals_the_plain_form(
     tol = {"rtol": 1e-9, "atol": 1e-12}
     torch.testing.assert_close(out_f, out_r, **tol)
     torch.testing.assert_close(gx_f, gx_r, **tol)
+    assert grads_f.keys() == grads_r.keys() == dict(ref.named_parameters()).keys()
     for pname, g in grads_r.items():
-        assert g is not None and g.any(), pname
+        assert g.any(), pname
         torch.testing.assert_close(grads_f[pname], g, **tol, msg=lambda m, n=pname: f"{n}: {m}")
     weights = [m.weight for m in convs]
     for w, known in zip(weights, unit_norms_from_forward(weights)):

@@ -36,14 +36,15 @@ __all__ = [
 
 # Keyed by the parameter's identity (tensors compare elementwise, so no WeakKeyDictionary) and
 # dropped with it: id(weight) → (weak ref to it, its tensor_key, per-unit mean, per-unit N·var,
-# rsqrt(var) or var, forward number, which of the three: 0, 1, 2) from its last forward that
-# kept them, and
+# rsqrt(var) or var, forward number, which of the three: _N_VAR, _INV_STD, _VAR) from its last
+# forward that kept them, and
 # id(weight) → (weak ref to it, its gradient's data_ptr, that gradient's version, per-unit
 # ‖∂L/∂W_o‖, number of the forward it differentiates, optimizer steps so far) from its last
 # native backward.
 _UNIT_STATS: dict[int, tuple] = {}
 _GRAD_NORMS: dict[int, tuple] = {}
 _FORWARDS = itertools.count()
+_N_VAR, _INV_STD, _VAR = 0, 1, 2  # how a kept variance is stored (the order of the arguments)
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -111,9 +112,9 @@ def unit_norms_from_forward(weights: list[Tensor]) -> list[Tensor | None]:
         counts = tuple(w.shape[0] for _, w, _ in hits)
         fan_in = _per_unit(counts, tuple(w[0].numel() for _, w, _ in hits), mean.dtype, mean.device)
         variance = torch.cat([s[3] for _, _, s in hits])
-        if kind == 1:  # N·(μ² + 1/rsqrt(var)²)
+        if kind == _INV_STD:  # N·(μ² + 1/rsqrt(var)²)
             norms = variance.square().reciprocal_().addcmul_(mean, mean).mul_(fan_in)
-        elif kind == 2:  # N·(var + μ²)
+        elif kind == _VAR:  # N·(var + μ²)
             norms = torch.addcmul(variance, mean, mean).mul_(fan_in)
         else:  # N·var + N·μ²
             norms = torch.addcmul(variance, mean.square(), fan_in)
