@@ -49,3 +49,72 @@ def test_traces_as_one_fx_leaf() -> None:
     gm = torch.fx.symbolic_trace(torch.nn.Sequential(MaxPoolSame()))
     x = torch.randn(1, 2, 10, 10)
     assert torch.equal(gm(x), reference(x, 3, 2))
+
+
+# --- the channels-last CPU form (max_pool2d) against PyTorch's plain NCHW pool ---------------
+
+POOLS = [(3, 2, (0, 0), True), (3, 2, (1, 1), False), (2, 2, (0, 0), False), (3, 1, (1, 0), False)]
+
+
+def _tied(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """ReLU'd values rounded to halves: most windows hold ties (zeros above all), where the
+    two kernels must still pick the same (first) maximum."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).relu().mul(2).round().div(2)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("k,s,padding,ceil_mode", POOLS)
+def test_channels_last_form_is_bit_identical_to_the_plain_pool(
+    dtype: torch.dtype, k: int, s: int, padding: tuple[int, int], ceil_mode: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    taken = []
+    apply = pooling._ChannelsLastMaxPool.apply
+    monkeypatch.setattr(
+        pooling._ChannelsLastMaxPool, "apply", lambda *a: taken.append(1) or apply(*a)
+    )
+    for seed, (h, w) in enumerate([(17, 15), (64, 64), (9, 10)]):
+        x = _tied((3, 6, h, w), dtype, seed)
+        x[0, 1, 2, 3] = float("nan")  # a NaN wins its windows in both kernels
+        expected = F.max_pool2d(x, k, s, padding, ceil_mode=ceil_mode)
+        with torch.no_grad():
+            got = pooling.max_pool2d(x, k, s, padding, ceil_mode)
+        assert got.is_contiguous() and torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(got.nan_to_num(), expected.nan_to_num())
+
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya = F.max_pool2d(xa, k, s, padding, ceil_mode=ceil_mode)
+        yb = pooling.max_pool2d(xb, k, s, padding, ceil_mode)
+        g = torch.randn(ya.shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        ya.backward(g)
+        yb.backward(g)
+        assert torch.equal(yb.nan_to_num(), ya.nan_to_num())
+        assert torch.equal(xb.grad, xa.grad)  # the same argmax everywhere, ties included
+    assert len(taken) == 3  # the Function ran: this test compares the fast form
+
+
+def test_channels_last_form_double_backward() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: pooling.max_pool2d(t, 3, 2, (1, 1)), (x,))
+
+
+def test_other_inputs_take_the_plain_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_function(*args: object) -> None:
+        raise AssertionError("the channels-last Function must not run here")
+
+    monkeypatch.setattr(pooling._ChannelsLastMaxPool, "apply", no_function)
+    x = torch.randn(2, 4, 12, 12, requires_grad=True)
+    expected = F.max_pool2d(x, 3, 2, (1, 1))
+    cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert torch.equal(pooling.max_pool2d(cl, 3, 2, (1, 1)), expected)  # already channels-last
+    batched = torch.func.vmap(lambda t: pooling.max_pool2d(t, 3, 2, (1, 1)))(x.unsqueeze(0))
+    assert torch.equal(batched[0], expected)  # torch.func: no vmap rule in the Function
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        tangent = torch.ones_like(x)
+        out = pooling.max_pool2d(fwAD.make_dual(x.detach(), tangent), 3, 2, (1, 1))
+        assert torch.equal(fwAD.unpack_dual(out).tangent, torch.ones_like(expected))

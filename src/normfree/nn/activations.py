@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from normfree.nn.pointwise_conv import _has_tangent, _under_functorch
+from normfree.nn.eager_forms import custom_function_ok
 
 __all__ = [
     "GAMMA_TABLE",
@@ -121,14 +121,12 @@ class TanhGELU(nn.GELU):
 @torch.jit.unused
 def _eager_tanh_gelu(x: torch.Tensor) -> torch.Tensor | None:
     """:class:`_TanhGELUFunction` where it applies (eager CPU float32/float64), else None."""
+    # no tracer, compiler, torch.func transform or forward-mode AD (moment propagation takes
+    # nn.GELU): the Function has neither a vmap nor a jvp rule
     if (
-        isinstance(x, torch.fx.Proxy)
+        not custom_function_ok(x)
         or x.device.type != "cpu"
         or x.dtype not in (torch.float32, torch.float64)
-        or torch.jit.is_tracing()
-        or torch.compiler.is_compiling()
-        or _under_functorch(x)  # the Function has no vmap rule
-        or _has_tangent(x)  # nor a jvp: forward-mode AD (moment propagation) takes nn.GELU
     ):
         return None
     return _TanhGELUFunction.apply(x)

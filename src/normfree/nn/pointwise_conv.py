@@ -44,10 +44,15 @@ import os
 from collections.abc import Iterator
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normfree.nn.eager_forms import (
+    cpu_autocast_enabled,
+    has_tangent,
+    is_fx_proxy,
+    under_functorch,
+)
 from normfree.nn.pointwise_kernels import (
     PointwiseConvFunction,
     compiled_pointwise_conv2d,
@@ -137,7 +142,9 @@ def pointwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
 @torch.jit.unused
 def _as_matrix_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     """:func:`pointwise_conv2d` in matrix form, or None where the convolution runs."""
-    if not _enabled or _fx_proxy(x) or _fx_proxy(weight) or torch.jit.is_tracing() or x.dim() != 4:
+    if not _enabled or is_fx_proxy(x) or is_fx_proxy(weight) or x.dim() != 4:
+        return None
+    if torch.jit.is_tracing():
         return None
     if torch.compiler.is_compiling():
         return _compiled_form(x, weight, bias)
@@ -147,10 +154,10 @@ def _as_matrix_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
             return None
         out = F.linear(x.flatten(1), weight.flatten(1), bias)
         return out.view(batch, weight.shape[0], 1, 1)
-    if not _matrix_input(x, weight, bias) or _under_functorch(x, weight, bias):
+    if not _matrix_input(x, weight, bias) or under_functorch(x, weight, bias):
         return None
     if _grad_needed(x, weight, bias):
-        if _has_tangent(x, weight, bias):  # forward AD: the Function has no jvp
+        if has_tangent(x, weight, bias):  # forward AD: the Function has no jvp
             return None
         return PointwiseConvFunction.apply(x, weight, bias)
     if not product_pays(weight, height * width):
@@ -166,7 +173,7 @@ def _matrix_input(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and x.dtype in _MATMUL_DTYPES
         and weight.dtype == x.dtype
         and (bias is None or bias.dtype == x.dtype)
-        and not _cpu_autocast_enabled()
+        and not cpu_autocast_enabled()
         and x.is_contiguous()
     )
 
@@ -201,37 +208,6 @@ def _compiled_form(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | N
     return compiled_pointwise_conv2d(x, weight, bias)
 
 
-def _under_functorch(*tensors: Tensor | None) -> bool:
-    """Whether a tensor is wrapped by a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``):
-    such tensors have no storage of their own, and the convolution, which every transform
-    supports, runs instead."""
-    for t in tensors:
-        if t is not None:
-            try:
-                t.untyped_storage()
-            except (NotImplementedError, RuntimeError):
-                return True
-    return False
-
-
-def _has_tangent(*tensors: Tensor | None) -> bool:
-    """Whether a tensor carries a forward-mode AD tangent (``torch.autograd.forward_ad``)."""
-    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
-
-
-def _cpu_autocast_enabled() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4 has no device argument
-        return torch.is_autocast_cpu_enabled()
-
-
-@torch.jit.unused
-def _fx_proxy(x: Tensor) -> bool:
-    """Whether ``x`` is a ``torch.fx`` proxy (a trace sees the plain convolution)."""
-    return isinstance(x, torch.fx.Proxy)
-
-
 def compile_options(device: torch.device | str) -> dict[str, bool]:
     """Options of the inductor backend for ``torch.compile(model, options=...)`` of a model on
     ``device``. On CPU: lower the 1×1 convolutions that stay convolutions in a compiled graph
@@ -255,7 +231,7 @@ def strided_pointwise_conv2d(
     convolution is 1.2–1.8× slower than that of the subsampled one, and the matrix forms are
     faster again (docs/benchmarks.md, "Whole-model training"). Elsewhere it is ``F.conv2d``."""
     if not torch.jit.is_scripting():
-        if _fx_proxy(x):  # a trace records the plain strided convolution
+        if is_fx_proxy(x):  # a trace records the plain strided convolution
             return F.conv2d(x, weight, bias, stride, 0, 1, groups)
     if x.device.type == "cpu" and x.dim() == 4:  # an unbatched (C, H, W) input: the conv
         sub = x[:, :, :: stride[0], :: stride[1]]

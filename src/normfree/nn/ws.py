@@ -27,13 +27,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from normfree.nn.eager_forms import has_tangent, recording, under_functorch
 from normfree.nn.padding import Conv2dSame, _pad_same_2d, conv_pair, resolve_padding
 from normfree.nn.param_updates import tensor_key
 from normfree.nn.pointwise_conv import (
     PointwiseConv2d,
-    _has_tangent,
     _PointwiseForms,
-    _under_functorch,
     pointwise_conv2d,
     strided_pointwise_conv2d,
 )
@@ -75,13 +74,13 @@ def _cacheable(*tensors: Tensor | None) -> bool:
     tracing or compiling, not for inference tensors (no version counter), tensors wrapped by a
     ``torch.func`` transform (no memory of their own) or dual tensors of forward-mode AD (the
     tangent is not part of the key)."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if recording():
         return False
     present = [t for t in tensors if t is not None]
     return not (
         any(t.is_inference() for t in present)
-        or _under_functorch(*present)
-        or _has_tangent(*present)
+        or under_functorch(*present)
+        or has_tangent(*present)
     )
 
 

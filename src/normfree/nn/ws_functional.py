@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from normfree.nn import native
-from normfree.nn.pointwise_conv import _has_tangent, _under_functorch
+from normfree.nn.eager_forms import has_tangent, under_functorch
 from normfree.nn.unit_norms import (
     remember_grad_norms,
     remember_unit_stats,
@@ -284,8 +284,8 @@ def _sync_free_ok(weight: Tensor, gain: Tensor | None) -> bool:
     return (
         weight.dtype in _NATIVE_DTYPES
         and weight.numel() > 0
-        and not _under_functorch(weight, gain)
-        and not _has_tangent(weight, gain)
+        and not under_functorch(weight, gain)
+        and not has_tangent(weight, gain)
     )
 
 
@@ -334,11 +334,11 @@ def scaled_standardize(
         eager = not (tracing or torch.compiler.is_compiling())
         if eager and weight.device.type == "cpu":
             _reduce_dims(weight)  # a clear error for a weight without units
-            if _under_functorch(weight, gain):  # torch.func over the weights: no value branch
+            if under_functorch(weight, gain):  # torch.func over the weights: no value branch
                 return _scaled_standardize_parts(weight, gain, eps, gamma)[0]
             native_ok = weight.dtype in _NATIVE_DTYPES and weight.numel() > 0
             ext = native.extension() if native_ok else None
-            if ext is not None and _has_tangent(weight, gain):
+            if ext is not None and has_tangent(weight, gain):
                 ext = None  # the native functions detach their inputs: a tangent would be lost
             if ext is not None and (gain is None or gain.dtype == weight.dtype):
                 if needs_grad and torch.is_grad_enabled():

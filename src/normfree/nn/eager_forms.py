@@ -1,0 +1,76 @@
+"""When a hand-written eager form may stand in for PyTorch's plain operations.
+
+normfree computes several layers in forms that are faster on CPU than the plain operations
+with the same numbers: the 1×1 matrix forms (:mod:`normfree.nn.pointwise_conv`), the Scaled-WS
+functions (:mod:`normfree.nn.ws_functional`), the tanh-GELU (:mod:`normfree.nn.activations`) and
+the channels-last max-pool (:mod:`normfree.nn.pooling`). Most are ``torch.autograd.Function`` s,
+which have no batching (``vmap``) or forward-mode (``jvp``) rule, and none of them should be
+what a tracer or compiler records. The predicates here say when the plain operations must run
+instead; every fast form asks them, so the rules live in one place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+
+__all__ = [
+    "cpu_autocast_enabled",
+    "custom_function_ok",
+    "has_tangent",
+    "is_fx_proxy",
+    "recording",
+    "under_functorch",
+]
+
+
+def under_functorch(*tensors: Tensor | None) -> bool:
+    """Whether a tensor is wrapped by a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``):
+    such tensors have no storage of their own, and the plain operations, which every transform
+    supports, run instead."""
+    for t in tensors:
+        if t is not None:
+            try:
+                t.untyped_storage()
+            except (NotImplementedError, RuntimeError):
+                return True
+    return False
+
+
+def has_tangent(*tensors: Tensor | None) -> bool:
+    """Whether a tensor carries a forward-mode AD tangent (``torch.autograd.forward_ad``)."""
+    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def cpu_autocast_enabled() -> bool:
+    """Whether CPU autocast is on (``torch.autocast("cpu")``)."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled()
+
+
+@torch.jit.unused
+def is_fx_proxy(x: object) -> bool:
+    """Whether ``x`` is a ``torch.fx`` proxy (a symbolic trace records the plain operations)."""
+    return isinstance(x, torch.fx.Proxy)
+
+
+def recording() -> bool:
+    """Whether ``torch.jit.trace`` or ``torch.compile`` (Dynamo, ``torch.export``) is recording
+    the operations: a recorder sees the plain ones (inductor has its own kernels)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def custom_function_ok(*tensors: Tensor | None) -> bool:
+    """Whether an eager ``torch.autograd.Function`` may replace the plain operations on
+    ``tensors``: nothing records the operations (:func:`recording`, a ``torch.fx`` proxy), no
+    ``torch.func`` transform wraps a tensor and none carries a forward-mode tangent (the
+    Functions have neither a ``vmap`` nor a ``jvp`` rule)."""
+    return not (
+        recording()
+        or any(is_fx_proxy(t) for t in tensors)
+        or under_functorch(*tensors)
+        or has_tangent(*tensors)
+    )
