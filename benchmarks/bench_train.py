@@ -35,6 +35,8 @@ train steps (it includes the interpreter and libraries, ~0.3 GiB, the same for e
         --only torchvision:resnet50_nonorm,normfree:nf_resnet50,timm:nf_resnet50
     python benchmarks/bench_train.py --only normfree:nf_resnet50,normfree:nf_resnet50:sd,\
 normfree:nf_resnet50:folded --group resnet50      # extra variants: :sd, :folded
+    python benchmarks/bench_train.py --group resnet50 --only torchvision:resnet50_nonorm,\
+torchvision:resnet50_nonorm:fastpool,normfree:nf_resnet50   # the floor with normfree's pool
 
 ``--compile`` compiles normfree's models with :func:`normfree.nn.compile_options` (what
 ``normfree train --compile`` uses: on CPU, inductor's ``conv_1x1_as_mm``) and the peers with
@@ -68,6 +70,7 @@ from torch import nn
 import normfree
 from interleaved import cpu_name, median_ratio, time_interleaved
 from normfree.nn import NFResidualBlock, compile_options, native_kernels
+from normfree.nn.pooling import max_pool2d
 from normfree.optim import AGC
 from normfree.train.allocator import tune_malloc
 
@@ -142,8 +145,20 @@ def build_variant(spec: str, num_classes: int = 1000) -> nn.Module:
                 for child_name, child in list(parent.named_children()):
                     if isinstance(child, nn.BatchNorm2d):
                         setattr(parent, child_name, nn.Identity())
+        if variant == ["fastpool"]:
+            model.maxpool = _FastMaxPool()
         return model
     raise ValueError(f"unknown source {source!r} in {spec!r}")
+
+
+class _FastMaxPool(nn.Module):
+    """torchvision's stem pool (3×3, stride 2, padding 1) through
+    :func:`normfree.nn.pooling.max_pool2d`, normfree's faster CPU kernel choice with the same
+    numbers: the ``:fastpool`` floor shows how much of normfree's lead over the floor is that
+    choice alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return max_pool2d(x, 3, 2, (1, 1))
 
 
 def _agc(spec: str, model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], None] | None:
