@@ -3,6 +3,7 @@ where that expresses the amounts, equal to pooling an explicitly ``-inf``-padded
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -118,3 +119,71 @@ def test_other_inputs_take_the_plain_pool(monkeypatch: pytest.MonkeyPatch) -> No
         tangent = torch.ones_like(x)
         out = pooling.max_pool2d(fwAD.make_dual(x.detach(), tangent), 3, 2, (1, 1))
         assert torch.equal(fwAD.unpack_dual(out).tangent, torch.ones_like(expected))
+
+
+def _graphs_seen(seen: list[str]):
+    """A ``torch.compile`` backend that records each captured graph's code and runs it."""
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        seen.append(gm.code)
+        return gm.forward
+
+    return backend
+
+
+@pytest.mark.parametrize("k,s,padding,ceil_mode", POOLS)
+def test_compiled_pool_is_the_channels_last_operator_bit_identical_to_the_plain_pool(
+    k: int, s: int, padding: tuple[int, int], ceil_mode: bool
+) -> None:
+    """Under torch.compile the pool is ``normfree::max_pool2d_channels_last`` (forward and
+    backward graphs), with the plain pool's outputs and gradients to the bit, ties included;
+    a second input size recompiles with symbolic sizes (the fake kernel's shapes)."""
+    torch._dynamo.reset()
+    seen: list[str] = []
+
+    def pool(t: torch.Tensor) -> torch.Tensor:
+        return pooling.max_pool2d(t, k, s, padding, ceil_mode)
+
+    recorded = torch.compile(pool, backend=_graphs_seen(seen), fullgraph=True)
+    aot = torch.compile(pool, backend="aot_eager", fullgraph=True)  # fake kernel, autograd
+    for seed, (h, w) in enumerate([(17, 15), (12, 10), (9, 10)]):
+        x = _tied((3, 6, h, w), torch.float32, seed)
+        g = torch.randn(F.max_pool2d(x, k, s, padding, ceil_mode=ceil_mode).shape,
+                        generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        results = []
+        for fn in (functools.partial(F.max_pool2d, kernel_size=k, stride=s, padding=padding,
+                                     ceil_mode=ceil_mode), recorded, aot):  # fmt: skip
+            xi = x.clone().requires_grad_()
+            y = fn(xi)
+            y.backward(g)
+            with torch.no_grad():  # compiled evaluation takes the operator too
+                results.append((y.is_contiguous(), y, xi.grad, fn(x)))
+        for got in results[1:]:
+            assert got[0] and all(torch.equal(a, b) for a, b in zip(got[1:], results[0][1:]))
+    assert len(seen) >= 2 and all("ops.normfree.max_pool2d_channels_last" in c for c in seen)
+    assert all("max_pool2d(" not in c for c in seen)  # the operator, no plain pool
+
+
+def test_pool_operator_passes_torch_library_opcheck() -> None:
+    """The schema, fake kernel, autograd registration and AOT dispatch of the operator agree
+    with its eager kernel (``torch.library.opcheck``)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 5, 11, 9, dtype=torch.float64, generator=gen, requires_grad=True)
+    for k, s, padding, ceil_mode in POOLS:
+        torch.library.opcheck(
+            torch.ops.normfree.max_pool2d_channels_last.default,
+            (x, k, s, list(padding), ceil_mode),
+        )
+
+
+def test_export_and_channels_last_inputs_take_the_plain_pool_when_compiled() -> None:
+    torch._dynamo.reset()
+    seen: list[str] = []
+    fn = torch.compile(
+        lambda t: pooling.max_pool2d(t, 3, 2, (1, 1)), backend=_graphs_seen(seen), fullgraph=True
+    )
+    cl = torch.randn(2, 4, 12, 12).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(fn(cl), F.max_pool2d(cl, 3, 2, 1))
+    assert seen and "normfree" not in seen[0]
+    program = torch.export.export(MaxPoolSame(), (torch.randn(2, 4, 12, 12),))
+    assert "normfree" not in str(program.graph)  # an exported program holds only ATen ops

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normfree.nn.eager_forms import custom_function_ok
+from normfree.nn.eager_forms import custom_function_ok, has_tangent, under_functorch
 from normfree.nn.padding import _pad_same_2d, same_padding_amounts
 from normfree.nn.ws import ScaledStdConv2d
 
@@ -97,14 +97,29 @@ def max_pool2d(
     output (and, with autograd, the argmax indices) copied back to NCHW; the backward is
     PyTorch's NCHW kernel with those indices (0.7 ms), exactly the plain backward. Both
     kernels take the first maximum of a window (ties and NaN included), so outputs, indices and
-    gradients are bit-identical to the plain pool's (``tests/nn/test_max_pool_same.py``). Elsewhere
-    (other devices and layouts, tracing, compiling, ``torch.func`` transforms, forward-mode
-    AD) it is ``F.max_pool2d``."""
+    gradients are bit-identical to the plain pool's (``tests/nn/test_max_pool_same.py``). Under
+    ``torch.compile`` the same form runs as the operator ``normfree::max_pool2d_channels_last``
+    (inductor's own NCHW pool is slower). Elsewhere (other devices and layouts, tracing,
+    ``torch.export``, ``torch.func`` transforms, forward-mode AD) it is ``F.max_pool2d``."""
     if not torch.jit.is_scripting():
-        fast = _channels_last_max_pool(x, kernel_size, stride, padding, ceil_mode)
+        if torch.compiler.is_compiling():
+            fast = _compiled_channels_last_max_pool(x, kernel_size, stride, padding, ceil_mode)
+        else:
+            fast = _channels_last_max_pool(x, kernel_size, stride, padding, ceil_mode)
         if fast is not None:
             return fast
     return F.max_pool2d(x, kernel_size, stride, padding, ceil_mode=ceil_mode)
+
+
+def _cpu_batch(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a floating CPU batch of more than one channel plane."""
+    return x.device.type == "cpu" and x.dim() == 4 and x.is_floating_point() and x.shape[1] > 1
+
+
+def _nchw(x: torch.Tensor) -> bool:
+    """Whether ``x`` is NCHW-contiguous and not also channels-last (asked after the
+    ``torch.func`` checks: a transform's tensor answers no layout queries)."""
+    return x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
 
 
 @torch.jit.unused
@@ -113,15 +128,7 @@ def _channels_last_max_pool(
 ) -> torch.Tensor | None:
     """:func:`max_pool2d` in channels-last layout for an NCHW-contiguous floating CPU batch
     with more than one channel where a custom Function may run, else None."""
-    if not (
-        x.device.type == "cpu"
-        and x.dim() == 4
-        and x.is_floating_point()
-        and x.shape[1] > 1
-        and custom_function_ok(x)  # first: a torch.func tensor answers no layout queries
-        and x.is_contiguous()
-        and not x.is_contiguous(memory_format=torch.channels_last)
-    ):
+    if not (_cpu_batch(x) and custom_function_ok(x) and _nchw(x)):
         return None
     if torch.is_grad_enabled() and x.requires_grad:
         return _ChannelsLastMaxPool.apply(x, k, s, padding, ceil_mode)
@@ -139,22 +146,92 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
         ctx, x: torch.Tensor, kernel_size: int, stride: int, padding: tuple[int, int],
         ceil_mode: bool,
     ) -> torch.Tensor:  # fmt: skip
-        cl = x.contiguous(memory_format=torch.channels_last)
-        out, indices = F.max_pool2d(
-            cl, kernel_size, stride, padding, ceil_mode=ceil_mode, return_indices=True
-        )
-        ctx.save_for_backward(x, indices.contiguous())
-        ctx.pool = (kernel_size, stride, padding, ceil_mode)
-        return out.contiguous()
+        out, indices = _pool_channels_last(x, kernel_size, stride, list(padding), ceil_mode)
+        ctx.save_for_backward(x, indices)
+        ctx.pool = (kernel_size, stride, list(padding), ceil_mode)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, indices = ctx.saved_tensors
-        k, s, padding, ceil_mode = ctx.pool
-        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
-            grad.contiguous(), x, [k, k], [s, s], list(padding), [1, 1], ceil_mode, indices
-        )
-        return grad_x, None, None, None, None
+        return _pool_grad(grad, x, indices, *ctx.pool), None, None, None, None
+
+
+def _pool_channels_last(
+    x: torch.Tensor, kernel_size: int, stride: int, padding: list[int], ceil_mode: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pool of an NCHW ``x`` in channels-last layout: NCHW-contiguous output and argmax
+    indices (flat positions in each channel plane, the same as the NCHW kernel's)."""
+    cl = x.contiguous(memory_format=torch.channels_last)
+    out, indices = F.max_pool2d(
+        cl, kernel_size, stride, padding, ceil_mode=ceil_mode, return_indices=True
+    )
+    return out.contiguous(), indices.contiguous()
+
+
+def _pool_grad(
+    grad: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, kernel_size: int, stride: int,
+    padding: list[int], ceil_mode: bool,
+) -> torch.Tensor:  # fmt: skip
+    """``∂L/∂x`` of the pool: PyTorch's NCHW backward with the forward's indices (a
+    differentiable ATen op, so double backward works)."""
+    k, s = kernel_size, stride
+    return torch.ops.aten.max_pool2d_with_indices_backward(
+        grad.contiguous(), x, [k, k], [s, s], padding, [1, 1], ceil_mode, indices
+    )
+
+
+def _register_operator() -> bool:
+    """Register ``normfree::max_pool2d_channels_last`` with ``torch.library`` (public since
+    torch 2.4; False where this torch has no ``custom_op``): under ``torch.compile`` inductor
+    calls it as it is, where its own lowering of an NCHW max-pool is ~2.5× slower (forward
+    and backward of the ResNet stem's pool, docs/benchmarks.md)."""
+    custom_op = getattr(torch.library, "custom_op", None)
+    if custom_op is None:
+        return False
+
+    @custom_op("normfree::max_pool2d_channels_last", mutates_args=())
+    def pool_op(
+        x: torch.Tensor, kernel_size: int, stride: int, padding: list[int], ceil_mode: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _pool_channels_last(x, kernel_size, stride, padding, ceil_mode)
+
+    pool_op.register_fake(_pool_channels_last)  # the same ops on fake tensors give the shapes
+
+    def setup_context(ctx, inputs: tuple, output: tuple) -> None:
+        x, kernel_size, stride, padding, ceil_mode = inputs
+        ctx.save_for_backward(x, output[1])
+        ctx.pool = (kernel_size, stride, list(padding), ceil_mode)
+
+    def backward(ctx, grad: torch.Tensor, _grad_indices: object) -> tuple:
+        x, indices = ctx.saved_tensors
+        return _pool_grad(grad, x, indices, *ctx.pool), None, None, None, None
+
+    pool_op.register_autograd(backward, setup_context=setup_context)
+    return True
+
+
+_HAS_OPERATOR = _register_operator()
+
+
+@torch.jit.unused
+def _compiled_channels_last_max_pool(
+    x: torch.Tensor, k: int, s: int, padding: tuple[int, int], ceil_mode: bool
+) -> torch.Tensor | None:
+    """Under ``torch.compile``: the channels-last pool as one opaque operator for an
+    NCHW-contiguous floating CPU batch, else None (``torch.export``, ``torch.func``
+    transforms, other layouts and devices get the plain pool)."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    if not (
+        _HAS_OPERATOR
+        and not exporting()
+        and _cpu_batch(x)
+        and not under_functorch(x)
+        and not has_tangent(x)
+        and _nchw(x)
+    ):
+        return None
+    return torch.ops.normfree.max_pool2d_channels_last(x, k, s, list(padding), ceil_mode)[0]
 
 
 torch.fx.wrap("max_pool2d_same")  # a torch.fx leaf: the padding depends on the input's size
