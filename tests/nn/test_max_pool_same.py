@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import normfree.nn.pooling as pooling
+from compile_backends import graphs_seen
 from normfree.nn.padding import _pad_same_2d
 from normfree.nn.pooling import MaxPoolSame, max_pool2d_same
 
@@ -121,30 +122,21 @@ def test_other_inputs_take_the_plain_pool(monkeypatch: pytest.MonkeyPatch) -> No
         assert torch.equal(fwAD.unpack_dual(out).tangent, torch.ones_like(expected))
 
 
-def _graphs_seen(seen: list[str]):
-    """A ``torch.compile`` backend that records each captured graph's code and runs it."""
-
-    def backend(gm: torch.fx.GraphModule, example_inputs):
-        seen.append(gm.code)
-        return gm.forward
-
-    return backend
-
-
 @pytest.mark.parametrize("k,s,padding,ceil_mode", POOLS)
 def test_compiled_pool_is_the_channels_last_operator_bit_identical_to_the_plain_pool(
     k: int, s: int, padding: tuple[int, int], ceil_mode: bool
 ) -> None:
-    """Under torch.compile the pool is ``normfree::max_pool2d_channels_last`` (forward and
-    backward graphs), with the plain pool's outputs and gradients to the bit, ties included;
-    a second input size recompiles with symbolic sizes (the fake kernel's shapes)."""
+    """Under torch.compile the pool is ``normfree::max_pool2d_channels_last`` (every captured
+    graph holds it and no plain pool), with the plain pool's outputs and gradients to the bit,
+    ties included, through its autograd registration and under AOTAutograd; a second input
+    size recompiles with symbolic sizes (the fake kernel's shapes)."""
     torch._dynamo.reset()
     seen: list[str] = []
 
     def pool(t: torch.Tensor) -> torch.Tensor:
         return pooling.max_pool2d(t, k, s, padding, ceil_mode)
 
-    recorded = torch.compile(pool, backend=_graphs_seen(seen), fullgraph=True)
+    recorded = torch.compile(pool, backend=graphs_seen(seen), fullgraph=True)
     aot = torch.compile(pool, backend="aot_eager", fullgraph=True)  # fake kernel, autograd
     for seed, (h, w) in enumerate([(17, 15), (12, 10), (9, 10)]):
         x = _tied((3, 6, h, w), torch.float32, seed)
@@ -180,7 +172,7 @@ def test_export_and_channels_last_inputs_take_the_plain_pool_when_compiled() -> 
     torch._dynamo.reset()
     seen: list[str] = []
     fn = torch.compile(
-        lambda t: pooling.max_pool2d(t, 3, 2, (1, 1)), backend=_graphs_seen(seen), fullgraph=True
+        lambda t: pooling.max_pool2d(t, 3, 2, (1, 1)), backend=graphs_seen(seen), fullgraph=True
     )
     cl = torch.randn(2, 4, 12, 12).contiguous(memory_format=torch.channels_last)
     assert torch.equal(fn(cl), F.max_pool2d(cl, 3, 2, 1))

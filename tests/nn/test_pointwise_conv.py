@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import normfree
+from compile_backends import graphs_seen
 from normfree.deploy import prepare_for_inference
 from normfree.nn import (
     PointwiseConv2d,
@@ -440,16 +441,6 @@ def _compile_sees_exporting() -> bool:
     return seen[0]
 
 
-def _graphs_seen(seen: list[str]):
-    """A ``torch.compile`` backend that records each captured graph's code and runs it."""
-
-    def backend(gm: torch.fx.GraphModule, example_inputs):
-        seen.append(gm.code)
-        return gm.forward
-
-    return backend
-
-
 @pytest.mark.parametrize("size,bias", [(6, True), (3, False)])
 def test_compiled_training_runs_the_forms_as_one_operator_with_the_convs_numbers(
     size, bias, products
@@ -462,7 +453,7 @@ def test_compiled_training_runs_the_forms_as_one_operator_with_the_convs_numbers
     x = torch.randn(3, 24, size, size, dtype=torch.float64)
     up = torch.randn(3, 40, size, size, dtype=torch.float64)
     seen: list[str] = []
-    compiled = torch.compile(conv, backend=_graphs_seen(seen), fullgraph=True)
+    compiled = torch.compile(conv, backend=graphs_seen(seen), fullgraph=True)
     results = []
     for module in (compiled, ref):
         xi = x.clone().requires_grad_()
@@ -507,11 +498,11 @@ def test_compiled_evaluation_runs_the_operator_and_export_sees_the_convolution()
     x = torch.randn(2, 6, 5, 5)
     seen: list[str] = []
     with torch.no_grad():
-        out = torch.compile(conv, backend=_graphs_seen(seen), fullgraph=True)(x)
+        out = torch.compile(conv, backend=graphs_seen(seen), fullgraph=True)(x)
         torch.testing.assert_close(out, conv(x), rtol=1e-6, atol=1e-6)
     assert ("ops.normfree.pointwise_conv2d" in seen[0]) != _compile_sees_exporting()
     pooled: list[str] = []  # a pooled input stays a convolution (inductor's conv_1x1_as_mm)
-    torch.compile(conv, backend=_graphs_seen(pooled), fullgraph=True)(x.mean((2, 3), True))
+    torch.compile(conv, backend=graphs_seen(pooled), fullgraph=True)(x.mean((2, 3), True))
     assert "conv2d(" in pooled[0] and "normfree" not in pooled[0]
     program = torch.export.export(conv, (x,))  # parameters requiring grad, grad mode on
     code = program.graph_module.code

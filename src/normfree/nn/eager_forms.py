@@ -18,6 +18,7 @@ from torch import Tensor
 __all__ = [
     "cpu_autocast_enabled",
     "custom_function_ok",
+    "exporting",
     "has_tangent",
     "is_fx_proxy",
     "recording",
@@ -55,6 +56,13 @@ def cpu_autocast_enabled() -> bool:
 def is_fx_proxy(x: object) -> bool:
     """Whether ``x`` is a ``torch.fx`` proxy (a symbolic trace records the plain operations)."""
     return isinstance(x, torch.fx.Proxy)
+
+
+def exporting() -> bool:
+    """Whether ``torch.export`` is tracing (``torch.compiler.is_exporting``; False on a torch
+    without it): an exported program holds only ATen operations, no normfree operator."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
 
 
 def recording() -> bool:

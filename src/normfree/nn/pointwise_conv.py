@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from normfree.nn.eager_forms import (
     cpu_autocast_enabled,
+    exporting,
     has_tangent,
     is_fx_proxy,
     under_functorch,
@@ -198,7 +199,6 @@ def _compiled_form(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | N
     Some PyTorch releases (2.11) fold ``torch.compiler.is_exporting()`` to True in every
     Dynamo trace; there every compiled 1×1 conv stays a convolution (correct, lowered by
     ``conv_1x1_as_mm``, without the faster forms)."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
     if (
         exporting()
         or x.shape[2] * x.shape[3] == 1
