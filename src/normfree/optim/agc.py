@@ -47,7 +47,10 @@ ExcludeSpec = Iterable[str] | str | Callable[[str, torch.Tensor], bool] | None
 
 
 def _norm_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    for t in tensors:  # (a loop: AGC asks this for every parameter at every step)
+        if t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +90,7 @@ class _Layout:
 
 
 @functools.lru_cache(maxsize=32)
-def _layout(shapes: tuple[tuple[int, ...], ...], device: torch.device) -> _Layout:
+def _layout(shapes: tuple[torch.Size, ...], device: torch.device) -> _Layout:
     return _Layout(shapes, device)
 
 
@@ -116,7 +119,7 @@ def _clip_same_device(
     applied with one ``_foreach_mul_``. With ``skip_unclipped`` (CPU, where a host sync is free
     and bandwidth is the cost) tensors with no clipped unit are not touched.
     """
-    layout = _layout(tuple(tuple(p.shape) for p in params), grads[0].device)
+    layout = _layout(tuple(p.shape for p in params), grads[0].device)
     param_norms: list[torch.Tensor] = []
     grad_norms: list[torch.Tensor] = []
     known_norms = unit_norms_from_forward([params[i] for i in layout.big])
@@ -152,8 +155,9 @@ def _clip_same_device(
     scale = torch.where(clipped, max_norm / grad_norm.clamp_min(min_grad_norm), 1.0)
 
     if skip_unclipped:
-        counts = clipped.cumsum(0)[layout.ends]
-        keep = [k for k, n in enumerate(torch.diff(counts, prepend=counts[:1] * 0).tolist()) if n]
+        # clipped units so far at the end of each tensor; a tensor has some where this grows
+        ends = clipped.cumsum(0)[layout.ends].tolist()
+        keep = [k for k, (end, start) in enumerate(zip(ends, [0, *ends])) if end > start]
     else:
         keep = range(len(layout.order))
     targets = [grads[layout.order[k]] for k in keep]
@@ -175,13 +179,14 @@ def _collect(parameters: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Te
     for p in parameters:
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"parameters must be tensors, got {type(p).__name__}")
-        if p.grad is None or p.numel() == 0 or id(p) in seen:
+        grad = p.grad
+        if grad is None or id(p) in seen or not p.numel():
             continue  # a parameter listed twice is clipped once (clipping is idempotent)
         seen.add(id(p))
-        if p.grad.is_sparse:
+        if grad.is_sparse:
             raise ValueError("adaptive gradient clipping does not support sparse gradients")
-        if p.grad.shape != p.shape:
-            raise ValueError(f"gradient shape {tuple(p.grad.shape)} != parameter {tuple(p.shape)}")
+        if grad.shape != p.shape:
+            raise ValueError(f"gradient shape {tuple(grad.shape)} != parameter {tuple(p.shape)}")
         out.append(p)
     return out
 
@@ -193,14 +198,23 @@ def _adaptive_clip_grad(
     skip_unclipped: bool | None = None,
     grad_scale: torch.Tensor | None = None,
 ) -> None:
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
-    for p in params:
-        groups[(p.grad.device, _norm_dtype(p, p.grad))].append(p)
-    for (device, norm_dtype), group in groups.items():
+    # one pass: each gradient read once; a model's parameters share one device and dtype,
+    # so the usual call is a single group
+    grads = [p.grad for p in params]
+    keys = [(g.device, _norm_dtype(p, g)) for p, g in zip(params, grads)]
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]]
+    if all(k == keys[0] for k in keys):
+        groups = {keys[0]: (params, grads)}
+    else:
+        groups = defaultdict(lambda: ([], []))
+        for p, g, k in zip(params, grads, keys):
+            groups[k][0].append(p)
+            groups[k][1].append(g)
+    for (device, norm_dtype), (group, group_grads) in groups.items():
         skip = device.type == "cpu" if skip_unclipped is None else skip_unclipped
         _clip_same_device(
             group,  # read only (under no_grad); kept undetached: the WS statistics key on them
-            [p.grad.detach() for p in group],
+            [g.detach() if g.requires_grad else g for g in group_grads],
             clipping,
             eps,
             norm_dtype,
