@@ -125,6 +125,25 @@ def test_skip_and_no_skip_paths_agree() -> None:
         assert torch.equal(pa.grad, pb.grad)
 
 
+def test_gradients_that_carry_a_graph_are_clipped_in_place() -> None:
+    """``backward(create_graph=True)`` leaves gradients that require grad: AGC clips their
+    values in place like any other (the reference on the same numbers), and an empty list of
+    parameters is a no-op."""
+    model = TinyNet()
+    random_grads(model, 3)
+    for p in model.parameters():
+        p.grad = p.grad.clone().requires_grad_()  # as create_graph=True leaves them
+    before = grads_of(model)
+    expected = {n: reference_agc(p, before[n]) for n, p in model.named_parameters()}
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    adaptive_clip_grad_(model.parameters(), clipping=0.01, eps=1e-3)
+    for n, p in model.named_parameters():
+        assert p.grad is grads[n] and p.grad.requires_grad  # the same tensors, changed in place
+        torch.testing.assert_close(p.grad.detach().double(), expected[n], rtol=2e-6, atol=0.0)
+    assert any(not torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
+    _adaptive_clip_grad([], 0.01, 1e-3)
+
+
 @pytest.mark.parametrize("shape", [(2, 3), (3,)])
 def test_clipping_condition_both_ways(shape: tuple[int, ...]) -> None:
     clipping = 0.01

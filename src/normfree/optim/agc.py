@@ -200,6 +200,8 @@ def _adaptive_clip_grad(
 ) -> None:
     # one pass: each gradient read once; a model's parameters share one device and dtype,
     # so the usual call is a single group
+    if not params:
+        return
     grads = [p.grad for p in params]
     keys = [(g.device, _norm_dtype(p, g)) for p, g in zip(params, grads)]
     groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]]
