@@ -23,6 +23,7 @@ __all__ = [
     "is_fx_proxy",
     "recording",
     "under_functorch",
+    "untransformed",
 ]
 
 
@@ -42,6 +43,13 @@ def under_functorch(*tensors: Tensor | None) -> bool:
 def has_tangent(*tensors: Tensor | None) -> bool:
     """Whether a tensor carries a forward-mode AD tangent (``torch.autograd.forward_ad``)."""
     return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def untransformed(*tensors: Tensor | None) -> bool:
+    """Whether no ``torch.func`` transform wraps a tensor and none carries a forward-mode
+    tangent: what a hand-written form (a custom ``autograd.Function`` or operator, with neither
+    a ``vmap`` nor a ``jvp`` rule) needs of its inputs, eager or compiled."""
+    return not (under_functorch(*tensors) or has_tangent(*tensors))
 
 
 def cpu_autocast_enabled() -> bool:
@@ -76,9 +84,4 @@ def custom_function_ok(*tensors: Tensor | None) -> bool:
     ``tensors``: nothing records the operations (:func:`recording`, a ``torch.fx`` proxy), no
     ``torch.func`` transform wraps a tensor and none carries a forward-mode tangent (the
     Functions have neither a ``vmap`` nor a ``jvp`` rule)."""
-    return not (
-        recording()
-        or any(is_fx_proxy(t) for t in tensors)
-        or under_functorch(*tensors)
-        or has_tangent(*tensors)
-    )
+    return not (recording() or any(is_fx_proxy(t) for t in tensors)) and untransformed(*tensors)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normfree.nn.eager_forms import custom_function_ok, exporting, has_tangent, under_functorch
+from normfree.nn.eager_forms import custom_function_ok, exporting, untransformed
 from normfree.nn.padding import _pad_same_2d, same_padding_amounts
 from normfree.nn.ws import ScaledStdConv2d
 
@@ -221,14 +221,7 @@ def _compiled_channels_last_max_pool(
     """Under ``torch.compile``: the channels-last pool as one opaque operator for an
     NCHW-contiguous floating CPU batch, else None (``torch.export``, ``torch.func``
     transforms, other layouts and devices get the plain pool)."""
-    if not (
-        _HAS_OPERATOR
-        and not exporting()
-        and _cpu_batch(x)
-        and not under_functorch(x)
-        and not has_tangent(x)
-        and _nchw(x)
-    ):
+    if not (_HAS_OPERATOR and not exporting() and _cpu_batch(x) and untransformed(x) and _nchw(x)):
         return None
     return torch.ops.normfree.max_pool2d_channels_last(x, k, s, list(padding), ceil_mode)[0]
 

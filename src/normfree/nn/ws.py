@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from normfree.nn.eager_forms import has_tangent, recording, under_functorch
+from normfree.nn.eager_forms import recording, untransformed
 from normfree.nn.padding import Conv2dSame, _pad_same_2d, conv_pair, resolve_padding
 from normfree.nn.param_updates import tensor_key
 from normfree.nn.pointwise_conv import (
@@ -77,11 +77,7 @@ def _cacheable(*tensors: Tensor | None) -> bool:
     if recording():
         return False
     present = [t for t in tensors if t is not None]
-    return not (
-        any(t.is_inference() for t in present)
-        or under_functorch(*present)
-        or has_tangent(*present)
-    )
+    return not any(t.is_inference() for t in present) and untransformed(*present)
 
 
 class StdConv2dBase(_PointwiseForms, nn.Conv2d):

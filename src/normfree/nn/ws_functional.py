@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from normfree.nn import native
-from normfree.nn.eager_forms import has_tangent, under_functorch
+from normfree.nn.eager_forms import has_tangent, under_functorch, untransformed
 from normfree.nn.unit_norms import (
     remember_grad_norms,
     remember_unit_stats,
@@ -281,12 +281,7 @@ _SYNC_FREE_DEVICES = ("cuda", "meta")
 def _sync_free_ok(weight: Tensor, gain: Tensor | None) -> bool:
     """Whether :func:`_device_standardize` takes this weight: float32/float64 with elements,
     no ``torch.func`` transform and no forward-mode tangent (a custom Function has neither)."""
-    return (
-        weight.dtype in _NATIVE_DTYPES
-        and weight.numel() > 0
-        and not under_functorch(weight, gain)
-        and not has_tangent(weight, gain)
-    )
+    return weight.dtype in _NATIVE_DTYPES and weight.numel() > 0 and untransformed(weight, gain)
 
 
 @torch.jit.unused
