@@ -396,6 +396,49 @@ def test_cache_not_copied_or_pickled() -> None:
     assert m._ws_cache is None
 
 
+
+def test_train_mode_drops_the_cache() -> None:
+    m = ScaledStdConv2d(2, 3, 3).eval()
+    with torch.no_grad():
+        m(torch.randn(1, 2, 4, 4))
+    m.eval()  # eval() keeps it
+    assert m._ws_cache is not None
+    nn.Sequential(m).train()  # as model.train() reaches every conv
+    assert m._ws_cache is None
+
+
+@pytest.mark.parametrize("cls", [ScaledStdConv2d, WSConv2d])
+def test_eager_evaluation_does_not_recompile_a_compiled_training_step(cls: type) -> None:
+    """A compiled forward neither reads nor drops the eager cache: an eager evaluation between
+    compiled training steps (as ``normfree train --compile`` evaluates) must not invalidate the
+    compiled graph, and reads weights standardized after the step."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = cls(3, 4, 3, stride=2)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def counting_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(m, backend=counting_backend, fullgraph=True)
+    x = torch.randn(2, 3, 7, 7)
+    for _ in range(3):
+        m.train()
+        opt.zero_grad()
+        compiled(x).square().mean().backward()
+        opt.step()
+        m.eval()
+        with torch.no_grad():
+            cached = m(x)  # eager: builds the cache for the new weights
+            assert m._ws_cache is not None
+            m.clear_weight_cache()
+            fresh = m(x)
+        assert torch.equal(cached, fresh)
+    assert len(graphs) == 1  # the first eager evaluation used to force a second compile
+
+
 # --------------------------------------------------------------------------- padding / layout
 
 

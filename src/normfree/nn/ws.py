@@ -70,12 +70,10 @@ for _leaf in ("_upcast_half", "scaled_standardize", "qiao_standardize"):
 
 
 def _cacheable(*tensors: Tensor | None) -> bool:
-    """Whether a no-grad forward may cache the weights computed from ``tensors``: not while
-    tracing or compiling, not for inference tensors (no version counter), tensors wrapped by a
-    ``torch.func`` transform (no memory of their own) or dual tensors of forward-mode AD (the
-    tangent is not part of the key)."""
-    if recording():
-        return False
+    """Whether a no-grad eager forward may cache the weights computed from ``tensors``: not for
+    inference tensors (no version counter), tensors wrapped by a ``torch.func`` transform (no
+    memory of their own) or dual tensors of forward-mode AD (the tangent is not part of the
+    key). Traced and compiled forwards never reach it (see :class:`StdConv2dBase`)."""
     present = [t for t in tensors if t is not None]
     return not any(t.is_inference() for t in present) and untransformed(*present)
 
@@ -100,9 +98,12 @@ class StdConv2dBase(_PointwiseForms, nn.Conv2d):
       :mod:`normfree.nn.param_updates`) and ``eps``/``gamma``, so ``optimizer.step()``,
       ``load_state_dict``, ``.to()`` and ``param.data = ...`` invalidate it. The cache is not
       part of the state dict and is skipped under TorchScript, tracing, ``torch.compile``,
-      ``torch.func`` transforms, forward-mode AD and for inference tensors. In-place writes
-      through ``param.data`` (``param.data.mul_(2)``) bypass all of these: call
-      :meth:`clear_weight_cache` after them.
+      ``torch.func`` transforms, forward-mode AD and for inference tensors; a traced or compiled
+      forward neither reads nor drops it (Dynamo would guard on it and recompile the training
+      graph after the first eager evaluation), and ``model.train()`` drops it, so that no
+      stale copy is kept while training. In-place writes through ``param.data``
+      (``param.data.mul_(2)``) bypass all of these: call :meth:`clear_weight_cache` after
+      them.
     * Folding: :meth:`to_conv2d` returns an equivalent plain conv (for export / deployment).
     """
 
@@ -168,6 +169,13 @@ class StdConv2dBase(_PointwiseForms, nn.Conv2d):
         """Drop the cached inference weight (it is rebuilt on the next no-grad forward)."""
         self._ws_cache = None
 
+    def train(self, mode: bool = True) -> StdConv2dBase:
+        """``nn.Module.train``; switching to training mode also drops the inference cache (a
+        compiled training step cannot: it leaves the cache alone)."""
+        if mode:
+            self._ws_cache = None
+        return super().train(mode)
+
     def _formula_key(self) -> tuple:
         """The formula's constants, part of the cache key (assigning ``eps``/``gamma`` after
         construction changes the standardized weight)."""
@@ -176,7 +184,7 @@ class StdConv2dBase(_PointwiseForms, nn.Conv2d):
     @torch.jit.unused
     def _eager_weight(self) -> Tensor:
         weight, gain = self.weight, getattr(self, "gain", None)
-        if isinstance(weight, torch.fx.Proxy):  # fx: trace the formula, never cache
+        if isinstance(weight, torch.fx.Proxy) or recording():  # traced: the formula, no cache
             return self.standardized_weight()
         grad_wanted = torch.is_grad_enabled() and (
             weight.requires_grad or (gain is not None and gain.requires_grad)
@@ -393,6 +401,8 @@ class ScaledStdConv2d(StdConv2dBase):
     ) -> tuple[Tensor, Tensor | None]:
         if isinstance(self.weight, torch.fx.Proxy):
             return self._traced_weight_bias(in_scale, out_scale, out_gain)
+        if recording():  # jit.trace / torch.compile: the formula, no cache (class docstring)
+            return self.effective_weight_bias(in_scale, out_scale, out_gain)
         weight, gain, bias = self.weight, self.gain, self.bias
         grad_wanted = torch.is_grad_enabled() and (
             weight.requires_grad
