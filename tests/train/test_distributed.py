@@ -25,25 +25,41 @@ DDP_RUN = [
 ]
 
 
+def _two_process_run(run_cli: Callable, out: Path) -> Path:
+    done = run_cli("train", "--nproc", "2", "--out", str(out), *QUIET, *DDP_RUN, timeout=180)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
 @pytest.mark.distributed
-def test_two_processes_match_one_and_resume_exactly(
+def test_two_processes_match_one(
     tmp_path: Path,
     make_cfg: Callable[..., Config],
     run_cli: Callable,
     final_weights: Callable,
-    assert_same_weights: Callable,
 ) -> None:
     single = make_cfg(*DDP_RUN, out="single")
     train(single)
-    ddp = tmp_path / "ddp"
-    done = run_cli("train", "--nproc", "2", "--out", str(ddp), *QUIET, *DDP_RUN, timeout=180)
-    assert done.returncode == 0, done.stderr
+    ddp = _two_process_run(run_cli, tmp_path / "ddp")
     one, two = final_weights(Path(single.out_dir)), final_weights(ddp)
     for part in ("model", "ema"):
         for k, v in one[part].items():
             torch.testing.assert_close(two[part][k], v, rtol=1e-5, atol=1e-6, msg=f"{part}.{k}")
     state = load_checkpoint(ddp / "last.pt")
     assert len(state["rng"]) == 2 and state["position"]["world_size"] == 2
+
+
+# three multi-process runs: with the slow tests (keeps the default run < 5 min); the default
+# run covers kill-and-resume in one process (test_resume_subprocess.py) and DDP above
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_killed_torchrun_resumes_exactly(
+    tmp_path: Path,
+    run_cli: Callable,
+    final_weights: Callable,
+    assert_same_weights: Callable,
+) -> None:
+    ddp = _two_process_run(run_cli, tmp_path / "ddp")
     # torchrun, killed (simulated) after step 5 → last.pt of step 4 (mid-epoch 2); resume
     crashed = tmp_path / "crashed"
     res = run_cli(
