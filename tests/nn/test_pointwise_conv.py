@@ -35,23 +35,25 @@ def _pair(in_ch: int, out_ch: int, bias: bool, seed: int = 0) -> tuple[Pointwise
 
 @pytest.fixture
 def products(monkeypatch):
-    """The names of the matrix products and convolution backwards run while a test runs."""
+    """The names of the matrix products and convolution backwards run while a test runs (a
+    per-sample product with its bias, ``torch.baddbmm``, counts as "bmm")."""
     # inductor registers torch.bmm/mm as extern kernels by __name__ when it is first imported;
     # imported under the patch it would see two functions named "counted" (torch 2.11 raises)
     import torch._inductor.compile_fx
 
     calls: list[str] = []
 
-    def counting(module, name):
+    def counting(module, name, label=None):
         original = getattr(module, name)
 
         def counted(*args, **kwargs):
-            calls.append(name)
+            calls.append(label or name)
             return original(*args, **kwargs)
 
         monkeypatch.setattr(module, name, counted)
 
     counting(torch, "bmm")
+    counting(torch, "baddbmm", "bmm")
     counting(torch, "mm")
     counting(torch.nn.grad, "conv2d_input")
     return calls

@@ -2,7 +2,8 @@
 pass in the form that measured faster inside whole training steps (docs/benchmarks.md):
 
 * forward ``y_b = W·x_b + b``: per-sample products (``torch.bmm`` over the ``(C, H·W)`` view of
-  each sample) where :func:`product_pays`, else the convolution;
+  each sample; ``torch.baddbmm`` with the bias as its addend, so the bias costs no second pass
+  over the output) where :func:`product_pays`, else the convolution;
 * ``∂L/∂x_b = Wᵀ·δ_b``: per-sample products where they pay and the weight fits in a core's
   cache (≤ 1 MiB, one read from memory for all samples), else the convolution's backward;
 * ``∂L/∂W = Σ_b δ_b·x_bᵀ``: one product over all pixels of the batch, on copies of δ and x laid
@@ -75,15 +76,14 @@ def per_sample_product(
     area = height * width
     matrix = weight.reshape(out, channels).expand(batch, out, channels)
     inputs = x.view(batch, channels, area)
-    if fresh:
-        y = x.new_empty((batch, out, height, width))
-        rows = torch.bmm(matrix, inputs, out=y.view(batch, out, area))
-    else:
-        rows = torch.bmm(matrix, inputs)
-        y = rows.view(batch, out, height, width)
-    if bias is not None:
-        rows.add_(bias.reshape(out, 1))
-    return y
+    y = x.new_empty((batch, out, height, width)) if fresh else None
+    rows = None if y is None else y.view(batch, out, area)
+    if bias is None:
+        rows = torch.bmm(matrix, inputs, out=rows)
+    else:  # the bias as the product's C (beta = 1): no second pass over the output
+        rows = torch.baddbmm(bias.reshape(1, out, 1).expand(batch, out, area), matrix, inputs,
+                             out=rows)  # fmt: skip
+    return rows.view(batch, out, height, width) if y is None else y
 
 
 class PassForms(NamedTuple):
