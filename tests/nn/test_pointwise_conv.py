@@ -194,6 +194,25 @@ def test_without_autograd_a_per_sample_product_equal_to_the_conv(
     assert products == ["bmm"] * 3
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_training_output_is_its_own_tensor_for_an_in_place_activation(products, bias) -> None:
+    # the training form writes the product (and the bias, as baddbmm's addend) into a new
+    # tensor, not a view: an in-place ReLU may follow it, and the gradients stay the conv's
+    conv, ref = _pair(24, 40, bias)
+    x = torch.randn(3, 24, 6, 5, dtype=torch.float64)
+    up = torch.randn(3, 40, 6, 5, dtype=torch.float64)
+    results = []
+    for module in (conv, ref):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        if module is conv:
+            assert y._base is None and products == ["bmm"]
+        out = torch.relu_(y)
+        results.append((out, *torch.autograd.grad(out, (xi, *module.parameters()), up)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_the_rule_is_exact_at_its_boundary(products) -> None:
     # in·out ≤ 16·H·W·(in + out): at 2×2, 128→128 sits on the line, 130→130 is past it
     for channels, expected in ((128, ["bmm"]), (130, [])):
