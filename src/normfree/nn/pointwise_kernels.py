@@ -77,13 +77,13 @@ def per_sample_product(
     matrix = weight.reshape(out, channels).expand(batch, out, channels)
     inputs = x.view(batch, channels, area)
     y = x.new_empty((batch, out, height, width)) if fresh else None
-    rows = None if y is None else y.view(batch, out, area)
+    target = y.view(batch, out, area) if fresh else None
     if bias is None:
-        rows = torch.bmm(matrix, inputs, out=rows)
+        rows = torch.bmm(matrix, inputs, out=target)
     else:  # the bias as the product's C (beta = 1): no second pass over the output
         rows = torch.baddbmm(bias.reshape(1, out, 1).expand(batch, out, area), matrix, inputs,
-                             out=rows)  # fmt: skip
-    return rows.view(batch, out, height, width) if y is None else y
+                             out=target)  # fmt: skip
+    return y if fresh else rows.view(batch, out, height, width)
 
 
 class PassForms(NamedTuple):
