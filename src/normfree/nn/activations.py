@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from normfree.nn import native
 from normfree.nn.eager_forms import custom_function_ok
 
 __all__ = [
@@ -81,31 +82,45 @@ _GELU_A = 0.044715
 
 
 class _TanhGELUFunction(torch.autograd.Function):
-    """tanh-GELU through the identity ``0.5·(1 + tanh(u)) = sigmoid(2u)``:
-    ``x · sigmoid(2c·x + 2ca·x³)`` in four passes of PyTorch's vectorised elementwise kernels
-    (``addcmul``, ``mul_``, ``sigmoid_``, ``mul_``). On CPU this is ~1.3× faster than
-    ``F.gelu(approximate="tanh")``, whose kernel evaluates a per-element tanh polynomial (4–5×
-    slower than the erf GELU, see docs/benchmarks.md). The backward is PyTorch's own
-    ``gelu_backward`` of the same function, so gradients and double backward are unchanged."""
+    """tanh-GELU through the identity ``0.5·(1 + tanh(u)) = sigmoid(2u)`` on eager CPU.
+
+    * PyTorch ops (``ext`` None): ``x · sigmoid(2c·x + 2ca·x³)`` in four passes of PyTorch's
+      vectorised elementwise kernels (``addcmul``, ``mul_``, ``sigmoid_``, ``mul_``). On CPU
+      this is ~1.3× faster than ``F.gelu(approximate="tanh")``, whose kernel evaluates a
+      per-element tanh polynomial (4–5× slower than the erf GELU, see docs/benchmarks.md). The
+      backward is PyTorch's own ``gelu_backward`` of the same function, so gradients are
+      bit-identical to ``nn.GELU(approximate="tanh")``'s.
+    * The native kernels (``ext``, :mod:`normfree.nn.native`, float32 dense ``x``): one pass
+      forward and one backward (``csrc/tanh_gelu.h``), 2–3× faster than the op path on a 2-core
+      x86 CPU; values within ~1 ulp of the float64 formula.
+
+    Double backward (``create_graph=True``) takes ``gelu_backward``, which is differentiable."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, ext: object = None) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(x)
+        ctx.ext = ext
+        if ext is not None:
+            return ext.tanh_gelu_forward(x)
         z = torch.addcmul(x.new_full((), 2.0 * _GELU_C), x, x, value=2.0 * _GELU_C * _GELU_A)
         return z.mul_(x).sigmoid_().mul_(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+        if ctx.ext is not None and not torch.is_grad_enabled() and grad.stride() == x.stride():
+            return ctx.ext.tanh_gelu_backward(grad, x), None
+        return torch.ops.aten.gelu_backward(grad, x, approximate="tanh"), None
 
 
 class TanhGELU(nn.GELU):
     """``nn.GELU(approximate="tanh")`` (the official NFNets' ``jax.nn.gelu``) with a faster
-    eager-CPU forward (:class:`_TanhGELUFunction`; within a few float32 ulps of PyTorch's kernel).
-    Under ``torch.compile``/``torch.export``/``torch.fx``/tracing/scripting, on other devices
-    and for other dtypes it is exactly ``nn.GELU(approximate="tanh")`` (a compiler fuses the
-    native form anyway)."""
+    eager-CPU forward (:class:`_TanhGELUFunction`; within a few float32 ulps of PyTorch's kernel),
+    and a one-pass forward and backward with the native kernels switched on
+    (:func:`normfree.nn.native.set_native_kernels`, float32). Under
+    ``torch.compile``/``torch.export``/``torch.fx``/tracing/scripting, on other devices and for
+    other dtypes it is exactly ``nn.GELU(approximate="tanh")`` (a compiler fuses the native form
+    anyway)."""
 
     def __init__(self) -> None:
         super().__init__(approximate="tanh")
@@ -129,7 +144,16 @@ def _eager_tanh_gelu(x: torch.Tensor) -> torch.Tensor | None:
         or x.dtype not in (torch.float32, torch.float64)
     ):
         return None
-    return _TanhGELUFunction.apply(x)
+    ext = native.extension() if x.dtype == torch.float32 else None
+    if ext is not None and not _dense(x):
+        ext = None
+    return _TanhGELUFunction.apply(x, ext)
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Whether ``x``'s elements fill its memory without gaps (NCHW or channels-last)."""
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return x.is_contiguous() or channels_last
 
 
 def _raw_activation_factories() -> dict[str, Callable[[bool], nn.Module]]:
