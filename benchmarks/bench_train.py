@@ -70,6 +70,7 @@ from torch import nn
 import normfree
 from interleaved import cpu_name, median_ratio, time_interleaved
 from normfree.nn import NFResidualBlock, compile_options, native_kernels
+from normfree.nn.native import KERNELS
 from normfree.nn.pooling import max_pool2d
 from normfree.optim import AGC
 from normfree.train.allocator import tune_malloc
@@ -92,6 +93,7 @@ GROUPS: dict[str, list[str]] = {
         "timm:dm_nfnet_f0",
         "normfree:nfnet_f0",
         "normfree:nfnet_f0:native",
+        "normfree:nfnet_f0:native=tanh_gelu",
         "normfree:nfnet_f0:plain",
     ],
     "nf_regnet_b0": ["timm:nf_regnet_b0", "normfree:nf_regnet_b0", "normfree:nf_regnet_b0:native"],
@@ -121,7 +123,8 @@ def build_variant(spec: str, num_classes: int = 1000) -> nn.Module:
     ``:plain`` runs every block in the paper's form (every scale an op on the activations),
     ``:folded`` is the deployment copy of :func:`normfree.deploy.prepare_for_inference` (plain
     convs; eval only) and ``:native`` is the default model timed with the native CPU kernels
-    of :mod:`normfree.nn.native` (switched on around its steps only)."""
+    of :mod:`normfree.nn.native` (switched on around its steps only; ``:native=tanh_gelu``
+    or ``:native=scaled_ws`` with only that pair)."""
     source, name, *variant = spec.split(":")
     if source == "normfree":
         off = {} if variant == ["sd"] else {"drop_path_rate": 0.0, "drop_rate": 0.0}
@@ -189,6 +192,21 @@ class Variant:
 COMPILED = "+compile"  # suffix of a variant's torch.compile'd twin (``--compile``)
 
 
+def _native_choice(spec: str) -> bool | list[str]:
+    """The native kernels a spec's last part asks for: ``native`` all (True), ``native=a+b``
+    those of :data:`normfree.nn.native.KERNELS`, anything else none (False)."""
+    last = spec.rsplit(":", 1)[-1]
+    if last == "native":
+        return True
+    if last.startswith("native="):
+        names = last.removeprefix("native=").split("+")
+        unknown = [n for n in names if n not in KERNELS]
+        if unknown:
+            raise MissingPeer(f"unknown native kernels {unknown}; known: {'+'.join(KERNELS)}")
+        return names
+    return False
+
+
 def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> Variant:
     compiled = spec.endswith(COMPILED)
     torch.manual_seed(0)
@@ -208,17 +226,17 @@ def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> V
         fwd = torch.compile(model, options=options)
     loss_fn = nn.CrossEntropyLoss()
     v = Variant(spec, train=None, eval=lambda: None)
-    native = spec.removesuffix(COMPILED).endswith(":native")
+    native = _native_choice(spec.removesuffix(COMPILED))
     if native and device.type != "cpu":
         raise MissingPeer("the native kernels are CPU-only")
     if native:
-        with native_kernels(True) as built:  # build now, not inside the first timed step
+        with native_kernels(native) as built:  # build now, not inside the first timed step
             if not built:
                 raise MissingPeer("normfree's native CPU kernels cannot be built here")
 
     def kernels() -> contextlib.AbstractContextManager:
         # ":native": normfree's native CPU kernels for this variant only (built on first use)
-        return native_kernels(True) if native else contextlib.nullcontext()
+        return native_kernels(native) if native else contextlib.nullcontext()
 
     def sync() -> None:
         if device.type == "cuda":
@@ -384,8 +402,9 @@ def run_group(name: str, args: argparse.Namespace, device: torch.device) -> None
     train_t = time_interleaved(trainable, args.rounds, 1, clock=clock)
     eval_t = time_interleaved({k: v.eval for k, v in variants.items()}, args.rounds, 1,
                               clock=clock)  # fmt: skip
+    width = max(30, *(len(spec) for spec in variants))
     header = (
-        f"{'variant':<30} {'train ms':>9} {'/' + base.split(':')[1][:12]:>14} {'eval ms':>8} "
+        f"{'variant':<{width}} {'train ms':>9} {'/' + base.split(':')[1][:12]:>14} {'eval ms':>8} "
         f"{'/' + base.split(':')[1][:12]:>14} {'AGC %':>6} {'peak MiB':>9}"
     )
     print(f"\n[{name}] ratios to {base}")
@@ -402,7 +421,7 @@ def run_group(name: str, args: argparse.Namespace, device: torch.device) -> None
             train = f"{'-':>9} {'-':>14}"
         compiled = "" if v.compile_seconds is None else f"  (compiled in {v.compile_seconds:.0f} s)"
         print(
-            f"{spec:<30} {train} {statistics.median(eval_t[spec]) * 1e3:>8.1f} "
+            f"{spec:<{width}} {train} {statistics.median(eval_t[spec]) * 1e3:>8.1f} "
             f"{median_ratio(eval_t[spec], eval_t[base]):>13.3f}x {agc} {peak}{compiled}"
         )
     pairs = [(a, b) for a in train_t for b in train_t if a != b and a != base and

@@ -277,6 +277,43 @@ def test_switch_and_context_manager(kernels) -> None:
         assert half.dtype == torch.bfloat16
 
 
+def test_each_kernel_pair_can_be_chosen_alone(kernels) -> None:
+    from normfree.nn.activations import TanhGELU
+
+    w, gain, _ = _weights(False, dtype=torch.float32)
+    x = 3 * torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(5))
+    with native.native_kernels(False):
+        plain_gelu = TanhGELU()(x)
+    with native.native_kernels(["tanh_gelu"]) as on:
+        assert on and native.native_kernels_enabled("tanh_gelu")
+        assert not native.native_kernels_enabled("scaled_ws")
+        assert _on_op_path(scaled_standardize(w, gain, 1e-4, 1.0))
+        assert native.extension("tanh_gelu") is not None and native.extension("scaled_ws") is None
+        assert not torch.equal(TanhGELU()(x), plain_gelu)  # the kernel's rounding, not the ops'
+    with native.native_kernels({"scaled_ws"}):
+        assert not _on_op_path(scaled_standardize(w, gain, 1e-4, 1.0))
+        assert torch.equal(TanhGELU()(x), plain_gelu)  # the op path, bit for bit
+        assert native.native_kernels_enabled() and not native.native_kernels_enabled("tanh_gelu")
+    with native.native_kernels([]) as on:
+        assert not on and not native.native_kernels_enabled()
+    with pytest.raises(TypeError, match="collection of kernel names"):
+        native.set_native_kernels("tanh_gelu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown native kernels \\['gelu'\\]; choose from"):
+        native.set_native_kernels(["gelu"])
+    with pytest.raises(ValueError, match="unknown native kernel"):
+        native.native_kernels_enabled("gelu")
+
+
+def test_the_environment_names_the_kernels() -> None:
+    assert native._from_environment(" 1 ") == set(native.KERNELS)
+    assert native._from_environment("On") == set(native.KERNELS)
+    assert native._from_environment("") == native._from_environment("off") == frozenset()
+    assert native._from_environment("tanh_gelu") == {"tanh_gelu"}
+    assert native._from_environment("scaled_ws, tanh_gelu") == set(native.KERNELS)
+    with pytest.warns(RuntimeWarning, match="unknown native kernels \\['gelu'\\]"):
+        assert native._from_environment("gelu,scaled_ws") == {"scaled_ws"}
+
+
 def test_a_failed_build_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch.utils.cpp_extension as cpp
 
@@ -285,7 +322,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(native, "_extension", None)
     monkeypatch.setattr(native, "_build_failed", False)
-    monkeypatch.setattr(native, "_enabled", False)
+    monkeypatch.setattr(native, "_enabled", frozenset())
     monkeypatch.setattr(cpp, "load", fail)
     with pytest.warns(RuntimeWarning, match="g\\+\\+ not found.*PyTorch-op path"):
         assert native.set_native_kernels(True) is False
@@ -334,7 +371,7 @@ def test_each_torch_version_builds_in_a_folder_of_its_own(
     loaded: list[str] = []
     monkeypatch.setattr(native, "_extension", None)
     monkeypatch.setattr(native, "_build_failed", False)
-    monkeypatch.setattr(native, "_enabled", False)
+    monkeypatch.setattr(native, "_enabled", frozenset())
     monkeypatch.setattr(cpp, "load", lambda name, **kw: loaded.append((name, kw)) or object())
     assert native.set_native_kernels(True)
     name = names["2.14.1+cpu"]  # the running torch's (patched) version

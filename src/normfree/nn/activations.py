@@ -144,7 +144,7 @@ def _eager_tanh_gelu(x: torch.Tensor) -> torch.Tensor | None:
         or x.dtype not in (torch.float32, torch.float64)
     ):
         return None
-    ext = native.extension() if x.dtype == torch.float32 else None
+    ext = native.extension("tanh_gelu") if x.dtype == torch.float32 else None
     if ext is not None and not _dense(x):
         ext = None
     return _TanhGELUFunction.apply(x, ext)

@@ -16,14 +16,17 @@ Two kernel pairs (``csrc/module.cpp``):
   active).
 * The tanh-GELU of NFNets (:class:`normfree.nn.activations.TanhGELU`, float32) forward and
   backward in one pass each (``csrc/tanh_gelu.h``): 2–3× faster than the op path and PyTorch's
-  kernel, within a few ulps of the float64 formula; ≈ 5 % of an NFNet-F0 training step on CPU.
+  kernel, within a few ulps of the float64 formula; ≈ 3.5 % of an NFNet-F0 training step on CPU.
 
-Off by default. Turning it on compiles the extension once per machine (about 30 s, with a C++
-compiler and OpenMP; cached under ``~/.cache/torch_extensions`` or ``TORCH_EXTENSIONS_DIR``,
-one folder per PyTorch version):
+Off by default. Turning them on compiles the extension once per machine (about 30 s, with a
+C++ compiler and OpenMP; cached under ``~/.cache/torch_extensions`` or ``TORCH_EXTENSIONS_DIR``,
+one folder per PyTorch version). Each kernel pair can be chosen alone (:data:`KERNELS`): which
+pays depends on the CPU and the model (on the AMD EPYC host of docs/benchmarks.md the
+Scaled-WS pair costs NFNet-F0 up to ≈ 3 % while the tanh-GELU pair gains ≈ 3.5 %):
 
     import normfree.nn.native as native
-    native.set_native_kernels(True)      # or NORMFREE_NATIVE_KERNELS=1 in the environment
+    native.set_native_kernels(True)      # all; or NORMFREE_NATIVE_KERNELS=1 in the environment
+    native.set_native_kernels(["tanh_gelu"])  # only these; NORMFREE_NATIVE_KERNELS=tanh_gelu
     with native.native_kernels(False):   # temporarily back to the PyTorch-op path
         ...
 
@@ -41,21 +44,47 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-__all__ = ["native_kernels", "native_kernels_enabled", "set_native_kernels"]
+__all__ = ["KERNELS", "native_kernels", "native_kernels_enabled", "set_native_kernels"]
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCE = _CSRC / "module.cpp"  # one translation unit: it includes the kernels' headers
 _ENV = "NORMFREE_NATIVE_KERNELS"
 
+KERNELS: tuple[str, ...] = ("scaled_ws", "tanh_gelu")
+"""The kernel pairs, by the name :func:`set_native_kernels` and ``NORMFREE_NATIVE_KERNELS``
+take: Scaled WS (``csrc/scaled_ws.h``) and the tanh-GELU (``csrc/tanh_gelu.h``)."""
+
+
+def _from_environment(value: str) -> frozenset[str]:
+    """The kernels ``NORMFREE_NATIVE_KERNELS`` names: ``1``/``true``/``yes``/``on`` all of
+    them, unset/``0``/``false``/``no``/``off`` none, else a comma-separated list of
+    :data:`KERNELS` (an unknown name is skipped with a warning)."""
+    value = value.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return frozenset(KERNELS)
+    if value in ("", "0", "false", "no", "off"):
+        return frozenset()
+    names = {name.strip() for name in value.split(",") if name.strip()}
+    unknown = sorted(names - set(KERNELS))
+    if unknown:
+        warnings.warn(
+            f"{_ENV} names unknown native kernels {unknown}; known: {', '.join(KERNELS)} "
+            "(or 1 for all); ignoring them",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return frozenset(names & set(KERNELS))
+
+
 _extension: ModuleType | None = None
 _build_failed = False
-_enabled = os.environ.get(_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+_enabled: frozenset[str] = _from_environment(os.environ.get(_ENV, ""))
 
 
 def _sources_digest() -> str:
@@ -175,30 +204,48 @@ def _build() -> ModuleType | None:
     return _extension
 
 
-def set_native_kernels(enabled: bool) -> bool:
-    """Use the native CPU kernels (``True``) or the PyTorch-op path (``False``) from now on.
+def _selection(enabled: bool | Collection[str]) -> frozenset[str]:
+    if isinstance(enabled, bool):
+        return frozenset(KERNELS) if enabled else frozenset()
+    if isinstance(enabled, str) or not isinstance(enabled, Collection):
+        raise TypeError(
+            "enabled must be a bool or a collection of kernel names "
+            f"({', '.join(KERNELS)}), got {type(enabled).__name__}"
+        )
+    unknown = sorted(set(enabled) - set(KERNELS))
+    if unknown:
+        raise ValueError(f"unknown native kernels {unknown}; choose from {', '.join(KERNELS)}")
+    return frozenset(enabled)
 
-    Turning them on builds the extension if this machine has no cached build yet. Returns
-    whether the kernels are in use afterwards (``False`` when the build failed: a
-    ``RuntimeWarning`` says why)."""
+
+def set_native_kernels(enabled: bool | Collection[str]) -> bool:
+    """Use the native CPU kernels (``True``: all of :data:`KERNELS`; a collection of names:
+    those, the others on the PyTorch-op path) or the PyTorch-op path only (``False``) from now
+    on.
+
+    Turning kernels on builds the extension if this machine has no cached build yet. Returns
+    whether the chosen kernels are in use afterwards (``False`` when the build failed: a
+    ``RuntimeWarning`` says why; ``False`` also for ``False`` or an empty choice)."""
     global _enabled
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-    _enabled = enabled and _build() is not None
-    return _enabled
+    chosen = _selection(enabled)
+    _enabled = chosen if chosen and _build() is not None else frozenset()
+    return bool(_enabled)
 
 
-def native_kernels_enabled() -> bool:
-    """Whether Scaled WS and the tanh-GELU on eager CPU run the native kernels (without
-    building anything)."""
-    return _enabled and _extension is not None
+def native_kernels_enabled(kernel: str | None = None) -> bool:
+    """Whether any native kernel (``kernel=None``) or the named one of :data:`KERNELS` runs on
+    eager CPU (without building anything)."""
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"unknown native kernel {kernel!r}; choose from {', '.join(KERNELS)}")
+    chosen = _enabled if kernel is None else _enabled & {kernel}
+    return bool(chosen) and _extension is not None
 
 
 @contextlib.contextmanager
-def native_kernels(enabled: bool = True) -> Iterator[bool]:
-    """``with native_kernels(flag):`` runs its body with the native kernels on or off and
-    restores the previous setting on exit (also when the body raises); yields whether they
-    are in use."""
+def native_kernels(enabled: bool | Collection[str] = True) -> Iterator[bool]:
+    """``with native_kernels(choice):`` runs its body with the native kernels chosen as in
+    :func:`set_native_kernels` and restores the previous choice on exit (also when the body
+    raises); yields whether the chosen kernels are in use."""
     global _enabled
     previous = _enabled
     try:
@@ -207,10 +254,11 @@ def native_kernels(enabled: bool = True) -> Iterator[bool]:
         _enabled = previous
 
 
-def extension() -> ModuleType | None:
-    """The loaded extension when the kernels are switched on (building it on first use under
-    ``NORMFREE_NATIVE_KERNELS=1``), else None. Used by :mod:`normfree.nn.ws_functional` and
-    :mod:`normfree.nn.activations`."""
-    if not _enabled:
+def extension(kernel: str) -> ModuleType | None:
+    """The loaded extension when ``kernel`` (one of :data:`KERNELS`) is switched on (building
+    it on first use under ``NORMFREE_NATIVE_KERNELS``), else None. Used by
+    :mod:`normfree.nn.ws_functional` (``"scaled_ws"``) and :mod:`normfree.nn.activations`
+    (``"tanh_gelu"``)."""
+    if kernel not in _enabled:
         return None
     return _extension if _extension is not None else _build()

@@ -181,7 +181,7 @@ class _ScaledStandardizeNative(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: Tensor, gain: Tensor | None, eps: float, gamma: float) -> Tensor:
-        ext = native.extension()
+        ext = native.extension("scaled_ws")
         out, mean, n_var, ctx.forward_number = _native_standardize(ext, weight, gain, eps, gamma)
         ctx.save_for_backward(weight, gain, mean, n_var)
         ctx.ext, ctx.eps, ctx.gamma = ext, eps, gamma
@@ -332,7 +332,7 @@ def scaled_standardize(
             if under_functorch(weight, gain):  # torch.func over the weights: no value branch
                 return _scaled_standardize_parts(weight, gain, eps, gamma)[0]
             native_ok = weight.dtype in _NATIVE_DTYPES and weight.numel() > 0
-            ext = native.extension() if native_ok else None
+            ext = native.extension("scaled_ws") if native_ok else None
             if ext is not None and has_tangent(weight, gain):
                 ext = None  # the native functions detach their inputs: a tangent would be lost
             if ext is not None and (gain is None or gain.dtype == weight.dtype):
