@@ -6,7 +6,8 @@
 //   dy/dx = s + x s (1 - s) du,  s (1 - s) = e / (1 + e)^2,  du = 2c (1 + 3a x^2).
 //
 // PyTorch's own kernel for gelu(approximate="tanh") evaluates a vectorised tanh per element and
-// its backward a second one: on a 2-core x86 CPU it takes 3-4x the time of the erf GELU. Here
+// its backward a second one: on a 2-core x86 CPU the forward takes 3-4x the time of the erf
+// GELU's and the backward about 2x (docs/benchmarks.md, seventeenth pass). Here
 // the exponential is a Cody-Waite reduction and a degree-6 polynomial (about 1 ulp) that the
 // compiler vectorises: one read and one write per element forward, two reads and one write
 // backward. -fno-trapping-math (normfree.nn.native's flags) lets GCC vectorise the selects;
@@ -34,7 +35,7 @@ constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluA = 0.044715f;
 constexpr int64_t kElementGrain = 32768;  // elements per task, as ATen's elementwise kernels
 
-// exp(t) for t <= 0, 0 where it is below float's normal range (t < -87.3); NaN stays NaN.
+// exp(t) for t <= 0; 0 from t = -87.68 on (n = -127), below float's normal range; NaN stays NaN.
 inline float exp_nonpositive(float t) {
   t = __builtin_isless(t, -88.0f) ? -88.0f : t;  // then n = -127: a zero scale below
   const float n = (t * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(t / ln 2)
