@@ -310,6 +310,7 @@ def test_the_environment_names_the_kernels() -> None:
     assert native._from_environment("") == native._from_environment("off") == frozenset()
     assert native._from_environment("tanh_gelu") == {"tanh_gelu"}
     assert native._from_environment("scaled_ws, tanh_gelu") == set(native.KERNELS)
+    assert native._from_environment("scaled_ws+tanh_gelu") == set(native.KERNELS)  # as bench_train
     with pytest.warns(RuntimeWarning, match="unknown native kernels \\['gelu'\\]"):
         assert native._from_environment("gelu,scaled_ws") == {"scaled_ws"}
 

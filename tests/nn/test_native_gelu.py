@@ -68,9 +68,6 @@ def test_gradient_is_within_a_few_ulps_of_the_float64_derivative(native_on) -> N
     scale = g.double().abs() * (s + (x64 * s * (1 - s) * du).abs())
     bound = (4 + 2 * _amplified(x)) * EPS32 * scale + 1e-35  # as for the forward
     assert ((got.double() - ref).abs() <= bound).all()
-    # and PyTorch's own float32 kernel is no closer (it rounds 1 + tanh u)
-    (aten,) = torch.autograd.grad(F.gelu(x32, approximate="tanh"), x32, g)
-    assert (got.double() - ref).abs().max() <= (aten.double() - ref).abs().max()
 
 
 def test_the_kernels_run_and_match_the_op_path(native_on, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,6 +105,10 @@ def test_channels_last_keeps_its_layout_and_other_inputs_keep_the_op_path(native
     (dx,) = torch.autograd.grad(y, cl, g)
     (ref,) = torch.autograd.grad(F.gelu(cl, approximate="tanh"), cl, g)
     torch.testing.assert_close(dx, ref, rtol=1e-6, atol=1e-6)
+    negated = torch._neg_view(x)  # a lazily negated view: the op path reads it right
+    torch.testing.assert_close(
+        TanhGELU()(negated), F.gelu(-x, approximate="tanh"), rtol=4e-7, atol=4e-7
+    )
     strided = x[:, ::2]  # not dense: the op path
     torch.testing.assert_close(
         TanhGELU()(strided), F.gelu(strided, approximate="tanh"), rtol=4e-7, atol=4e-7

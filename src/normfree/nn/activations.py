@@ -92,7 +92,7 @@ class _TanhGELUFunction(torch.autograd.Function):
       bit-identical to ``nn.GELU(approximate="tanh")``'s.
     * The native kernels (``ext``, :mod:`normfree.nn.native`, float32 dense ``x``): one pass
       forward and one backward (``csrc/tanh_gelu.h``), 2–3× faster than the op path on a 2-core
-      x86 CPU; values within ~1 ulp of the float64 formula.
+      x86 CPU; values within a few ulps of the float64 formula.
 
     Double backward (``create_graph=True``) takes ``gelu_backward``, which is differentiable."""
 
@@ -151,9 +151,10 @@ def _eager_tanh_gelu(x: torch.Tensor) -> torch.Tensor | None:
 
 
 def _dense(x: torch.Tensor) -> bool:
-    """Whether ``x``'s elements fill its memory without gaps (NCHW or channels-last)."""
+    """Whether ``x``'s elements fill its memory without gaps (NCHW or channels-last) and hold
+    its values as they are (not a lazily negated view)."""
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-    return x.is_contiguous() or channels_last
+    return (x.is_contiguous() or channels_last) and not x.is_neg()
 
 
 def _raw_activation_factories() -> dict[str, Callable[[bool], nn.Module]]:

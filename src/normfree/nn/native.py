@@ -63,14 +63,14 @@ take: Scaled WS (``csrc/scaled_ws.h``) and the tanh-GELU (``csrc/tanh_gelu.h``).
 
 def _from_environment(value: str) -> frozenset[str]:
     """The kernels ``NORMFREE_NATIVE_KERNELS`` names: ``1``/``true``/``yes``/``on`` all of
-    them, unset/``0``/``false``/``no``/``off`` none, else a comma-separated list of
-    :data:`KERNELS` (an unknown name is skipped with a warning)."""
+    them, unset/``0``/``false``/``no``/``off`` none, else a list of :data:`KERNELS` separated
+    by commas or ``+`` (an unknown name is skipped with a warning)."""
     value = value.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return frozenset(KERNELS)
     if value in ("", "0", "false", "no", "off"):
         return frozenset()
-    names = {name.strip() for name in value.split(",") if name.strip()}
+    names = {name.strip() for name in value.replace("+", ",").split(",") if name.strip()}
     unknown = sorted(names - set(KERNELS))
     if unknown:
         warnings.warn(

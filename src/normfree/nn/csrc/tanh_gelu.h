@@ -22,7 +22,10 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// (GCC 12 on: older GCC rejects the arch=x86-64-vN names in target_clones; the clones are
+// ifuncs, which glibc provides)
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && \
+    defined(__GLIBC__)
 #define NORMFREE_VECTOR_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -35,9 +38,11 @@ constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluA = 0.044715f;
 constexpr int64_t kElementGrain = 32768;  // elements per task, as ATen's elementwise kernels
 
-// exp(t) for t <= 0; 0 from t = -87.68 on (n = -127), below float's normal range; NaN stays NaN.
+// exp(t) for t <= 0; 0 from t = -87.68 on (n = -127), below float's normal range.
 inline float exp_nonpositive(float t) {
-  t = __builtin_isless(t, -88.0f) ? -88.0f : t;  // then n = -127: a zero scale below
+  // then n = -127, a zero scale below; NaN too (no undefined float-to-int cast; a NaN input
+  // stays NaN through the factor x of the callers)
+  t = __builtin_isgreaterequal(t, -88.0f) ? t : -88.0f;
   const float n = (t * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(t / ln 2)
   float r = t - n * 0.693359375f;  // t - n ln 2, ln 2 in two parts (Cody-Waite)
   r = r + n * 2.12194440e-4f;
@@ -81,8 +86,9 @@ inline void tanh_gelu_backward_span(const float* __restrict g, const float* __re
 }
 
 inline void check_dense_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_non_overlapping_and_dense(),
-              name, " must be a dense float32 CPU tensor");
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat &&
+                  t.is_non_overlapping_and_dense() && !t.is_neg(),
+              name, " must be a dense float32 CPU tensor (no negative view)");
 }
 
 }  // namespace normfree_native
