@@ -70,7 +70,6 @@ from torch import nn
 import normfree
 from interleaved import cpu_name, median_ratio, time_interleaved
 from normfree.nn import NFResidualBlock, compile_options, native_kernels
-from normfree.nn.native import KERNELS
 from normfree.nn.pooling import max_pool2d
 from normfree.optim import AGC
 from normfree.train.allocator import tune_malloc
@@ -194,16 +193,12 @@ COMPILED = "+compile"  # suffix of a variant's torch.compile'd twin (``--compile
 
 def _native_choice(spec: str) -> bool | list[str]:
     """The native kernels a spec's last part asks for: ``native`` all (True), ``native=a+b``
-    those of :data:`normfree.nn.native.KERNELS`, anything else none (False)."""
+    those named (checked by :func:`normfree.nn.native_kernels`), anything else none (False)."""
     last = spec.rsplit(":", 1)[-1]
     if last == "native":
         return True
     if last.startswith("native="):
-        names = last.removeprefix("native=").split("+")
-        unknown = [n for n in names if n not in KERNELS]
-        if unknown:
-            raise MissingPeer(f"unknown native kernels {unknown}; known: {'+'.join(KERNELS)}")
-        return names
+        return last.removeprefix("native=").split("+")
     return False
 
 
@@ -230,9 +225,12 @@ def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> V
     if native and device.type != "cpu":
         raise MissingPeer("the native kernels are CPU-only")
     if native:
-        with native_kernels(native) as built:  # build now, not inside the first timed step
-            if not built:
-                raise MissingPeer("normfree's native CPU kernels cannot be built here")
+        try:
+            with native_kernels(native) as built:  # build now, not inside the first timed step
+                if not built:
+                    raise MissingPeer("normfree's native CPU kernels cannot be built here")
+        except ValueError as err:  # a name not in normfree.nn.native.KERNELS
+            raise MissingPeer(str(err)) from err
 
     def kernels() -> contextlib.AbstractContextManager:
         # ":native": normfree's native CPU kernels for this variant only (built on first use)

@@ -61,6 +61,19 @@ KERNELS: tuple[str, ...] = ("scaled_ws", "tanh_gelu")
 take: Scaled WS (``csrc/scaled_ws.h``) and the tanh-GELU (``csrc/tanh_gelu.h``)."""
 
 
+def _unknown(names: Collection[str]) -> list[str]:
+    """The names in ``names`` that are not in :data:`KERNELS`, sorted."""
+    return sorted(set(names) - set(KERNELS))
+
+
+def _known(names: Collection[str]) -> frozenset[str]:
+    """``names`` as a set, or a ``ValueError`` naming the unknown ones and the choices."""
+    unknown = _unknown(names)
+    if unknown:
+        raise ValueError(f"unknown native kernels {unknown}; choose from {', '.join(KERNELS)}")
+    return frozenset(names)
+
+
 def _from_environment(value: str) -> frozenset[str]:
     """The kernels ``NORMFREE_NATIVE_KERNELS`` names: ``1``/``true``/``yes``/``on`` all of
     them, unset/``0``/``false``/``no``/``off`` none, else a list of :data:`KERNELS` separated
@@ -71,7 +84,7 @@ def _from_environment(value: str) -> frozenset[str]:
     if value in ("", "0", "false", "no", "off"):
         return frozenset()
     names = {name.strip() for name in value.replace("+", ",").split(",") if name.strip()}
-    unknown = sorted(names - set(KERNELS))
+    unknown = _unknown(names)
     if unknown:
         warnings.warn(
             f"{_ENV} names unknown native kernels {unknown}; known: {', '.join(KERNELS)} "
@@ -212,10 +225,7 @@ def _selection(enabled: bool | Collection[str]) -> frozenset[str]:
             "enabled must be a bool or a collection of kernel names "
             f"({', '.join(KERNELS)}), got {type(enabled).__name__}"
         )
-    unknown = sorted(set(enabled) - set(KERNELS))
-    if unknown:
-        raise ValueError(f"unknown native kernels {unknown}; choose from {', '.join(KERNELS)}")
-    return frozenset(enabled)
+    return _known(enabled)
 
 
 def set_native_kernels(enabled: bool | Collection[str]) -> bool:
@@ -235,9 +245,7 @@ def set_native_kernels(enabled: bool | Collection[str]) -> bool:
 def native_kernels_enabled(kernel: str | None = None) -> bool:
     """Whether any native kernel (``kernel=None``) or the named one of :data:`KERNELS` runs on
     eager CPU (without building anything)."""
-    if kernel is not None and kernel not in KERNELS:
-        raise ValueError(f"unknown native kernel {kernel!r}; choose from {', '.join(KERNELS)}")
-    chosen = _enabled if kernel is None else _enabled & {kernel}
+    chosen = _enabled if kernel is None else _enabled & _known({kernel})
     return bool(chosen) and _extension is not None
 
 
