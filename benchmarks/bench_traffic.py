@@ -20,16 +20,23 @@ This script times, interleaved round by round in one process:
 * ``agc norms``: the per-unit gradient norms AGC computes (one reduction per weight);
 * ``floor step``: the no-norm floor's train step from ``bench_train.py`` (needs torchvision).
 
+``--native`` times the Scaled-WS passes with normfree's native kernels
+(:mod:`normfree.nn.native`, built on first use) instead of the default eager form; their
+backward also sums AGC's per-unit gradient norms while it writes the gradient, so AGC's pass
+is then counted as done (0 ms).
+
 It prints the bytes each pass must move, the bound (six weight passes at the better of the two
 measured bandwidths) next to what the kernels take, and both as a ratio to the floor's step::
 
     python benchmarks/bench_traffic.py --threads 2 --malloc tuned    # nf_resnet50, b8 @128²
     python benchmarks/bench_traffic.py --model nfnet_f0 --no-floor
+    python benchmarks/bench_traffic.py --threads 2 --malloc tuned --native
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import statistics
 import sys
@@ -41,7 +48,7 @@ from torch import Tensor
 import normfree
 from bench_train import MissingPeer, make_variant
 from interleaved import cpu_name, time_interleaved
-from normfree.nn import ScaledStdConv2d, scaled_standardize
+from normfree.nn import ScaledStdConv2d, native_kernels, scaled_standardize
 from normfree.train.allocator import tune_malloc
 
 __all__ = ["main", "weight_passes"]
@@ -55,12 +62,17 @@ def _ws_modules(model: torch.nn.Module) -> list[ScaledStdConv2d]:
     return [m for m in model.modules() if isinstance(m, ScaledStdConv2d)]
 
 
-def weight_passes(model: torch.nn.Module) -> dict[str, Callable[[], object]]:
-    """The timed pieces for ``model``'s Scaled-WS weights (module docstring), each a callable."""
+def weight_passes(
+    model: torch.nn.Module, native: bool = False
+) -> dict[str, Callable[[], object]]:
+    """The timed pieces for ``model``'s Scaled-WS weights (module docstring), each a callable;
+    ``native``: the Scaled-WS passes through the native kernels."""
     convs = _ws_modules(model)
     if not convs:
         raise ValueError("the model has no Scaled-WS convolutions")
-    weights = [c.weight.detach().clone().requires_grad_() for c in convs]
+    # parameters, as in a model: the forms keep their statistics (and the native backward its
+    # gradient norms) for AGC as they do in a train step
+    weights = [torch.nn.Parameter(c.weight.detach().clone()) for c in convs]
     gains = [c.gain.detach().clone().requires_grad_() for c in convs]
     upstream = [torch.randn_like(w) for w in weights]
     copies = [torch.empty_like(w) for w in weights]
@@ -74,14 +86,19 @@ def weight_passes(model: torch.nn.Module) -> dict[str, Callable[[], object]]:
     def read() -> object:
         return [w.detach().sum() for w in weights]
 
+    def kernels() -> contextlib.AbstractContextManager:
+        return native_kernels({"scaled_ws"}) if native else contextlib.nullcontext()
+
     def ws_forward() -> None:
         standardized.clear()
-        for conv, w, g in zip(convs, weights, gains):
-            standardized.append(scaled_standardize(w, g, conv.eps, conv.gamma))
+        with kernels():
+            for conv, w, g in zip(convs, weights, gains):
+                standardized.append(scaled_standardize(w, g, conv.eps, conv.gamma))
 
     def ws_forward_backward() -> None:
         ws_forward()
-        torch.autograd.backward(standardized, upstream)
+        with kernels():
+            torch.autograd.backward(standardized, upstream)
         standardized.clear()
         for t in (*weights, *gains):
             t.grad = None
@@ -107,13 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128, help="of the floor's step")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor's train step")
     parser.add_argument("--malloc", choices=("default", "tuned"), default="default")
+    parser.add_argument("--native", action="store_true",
+                        help="the Scaled-WS passes through normfree's native kernels")  # fmt: skip
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     malloc = tune_malloc() if args.malloc == "tuned" else "malloc: as is"
+    if args.native:
+        with native_kernels({"scaled_ws"}) as built:  # build now, outside the timed rounds
+            if not built:
+                print("error: --native: the native kernels cannot be built here", file=sys.stderr)
+                return 2
     try:
         model = normfree.create_model(args.model)
-        pieces = weight_passes(model)
+        pieces = weight_passes(model, native=args.native)
     except (KeyError, ValueError) as err:
         print(f"error: --model {args.model!r}: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
@@ -132,10 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     times = time_interleaved(steps, rounds=args.rounds, inner=1)
     med = {k: statistics.median(v) for k, v in times.items()}
     med["ws backward"] = med.pop("ws forward+backward") - med["ws forward"]
+    if args.native:  # the native backward summed the gradient norms while writing the gradient
+        med["agc norms"] = 0.0
     bandwidth = max(2 * size / med["copy"], size / med["read"])
     print(
         f"{datetime.date.today()} | torch {torch.__version__} | {cpu_name()} | "
-        f"{torch.get_num_threads()} threads | {args.rounds} rounds | {malloc}"
+        f"{torch.get_num_threads()} threads | {args.rounds} rounds | {malloc} | "
+        f"Scaled WS: {'native kernels' if args.native else 'default eager form'}"
     )
     print(f"{args.model}: {len(weights)} Scaled-WS weights, {size / 2**20:.1f} MiB")
     print(f"copy {med['copy'] * 1e3:.2f} ms ({2 * size / med['copy'] / 1e9:.1f} GB/s), "

@@ -48,6 +48,36 @@ def test_float32_and_odd_fan_ins_match_the_op_path(kernels) -> None:
             torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("fan_in", [255, 256, 257, 520, 4611])
+@pytest.mark.parametrize("units", [1, 5, 37])
+def test_rows_of_several_blocks_match_the_analytic_function(native_on, fan_in, units) -> None:
+    # the kernels sweep a row's output in blocks of 256 weights, requesting the next row of the
+    # thread's share meanwhile: fan-ins across block and 8-lane boundaries, units split over
+    # two threads, float64 against the analytic function and the gradient norms against a
+    # direct float64 norm
+    ext = native.extension("scaled_ws")
+    gen = torch.Generator().manual_seed(fan_in + units)
+    w = torch.randn(units, fan_in, dtype=torch.float64, generator=gen).mul_(0.1).add_(0.02)
+    gain = torch.rand(units, dtype=torch.float64, generator=gen) + 0.5
+    up = torch.randn(units, fan_in, dtype=torch.float64, generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out, mean, n_var = ext.scaled_ws_forward(w, gain, 1e-4, 1.3)
+        grad_w, grad_gain, norms = ext.scaled_ws_backward(
+            up, w, mean, n_var, gain, 1e-4, 1.3, True, True, True
+        )
+    finally:
+        torch.set_num_threads(threads)
+    wr, gr = w.clone().requires_grad_(), gain.clone().requires_grad_()
+    ref = _ScaledStandardize.apply(wr, gr, 1e-4, 1.3)
+    ref_w, ref_gain = torch.autograd.grad(ref, (wr, gr), up)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(grad_w, ref_w, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(grad_gain, ref_gain, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(norms, ref_w.norm(dim=1), rtol=1e-12, atol=0.0)
+
+
 def test_fan_in_one_is_all_floor(native_on) -> None:
     # one weight per unit: N·var = 0, every unit floored, Ŵ = 0 and ∂L/∂W = 0 (float64, where
     # the rounding of the op path's cancelling terms, ~1e-14 at scale 130, is below atol)

@@ -12,6 +12,24 @@ namespace normfree_native {
 
 constexpr int kLanes = 8;
 
+// A hint to start loading the cache line at p (no fault on any address; a no-op where the
+// compiler has no builtin); see kBlock in scaled_ws.h for where it pays.
+template <typename T>
+inline void prefetch(const T* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p);
+#else
+  (void)p;
+#endif
+}
+
+// The next row of a thread's block [.., end) of rows of length n, or the row itself when r is
+// the block's last (prefetching a line that is already in cache costs nothing).
+template <typename T>
+inline const T* next_row(const T* row, int64_t r, int64_t end, int64_t n) {
+  return r + 1 < end ? row + n : row;
+}
+
 template <typename T>
 inline T lane_sum(const T (&acc)[kLanes]) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
@@ -44,6 +62,20 @@ inline T row_centred_square_sum(const T* x, T mean, int64_t n) {
     const T d = x[i] - mean;
     s += d * d;
   }
+  return s;
+}
+
+// sum_i g[i] * (x[i] - mean). A helper of its own, not a second partial sum in row_sum's loop:
+// with two lane arrays in one loop GCC keeps them in memory, and the loop ran 5x slower
+// (0.73 against 0.15 ns per element from L1 on a Xeon).
+template <typename T>
+inline T row_centred_dot(const T* g, const T* x, T mean, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += g[i + l] * (x[i + l] - mean);
+  T s = lane_sum(acc);
+  for (; i < n; ++i) s += g[i] * (x[i] - mean);
   return s;
 }
 

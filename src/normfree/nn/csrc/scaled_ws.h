@@ -4,7 +4,8 @@
 // Each row (at most a few tens of KB) is read from memory once and stays in L1 for the
 // statistics and the output, so the forward costs one read and one write of the weight and the
 // backward two reads and one write, against six and five passes for the same formula written
-// with PyTorch ops. Header-only: compiled in module.cpp, one translation unit (normfree.nn.native builds it).
+// with PyTorch ops. A row is swept a few times (each sum with one set of lane partial sums,
+// row_ops.h), the first from memory and the rest from cache. Header-only: compiled in module.cpp, one translation unit (normfree.nn.native builds it).
 //
 // Forward:  mean = sum(w) / N, n_var = sum((w - mean)^2), rstd = 1 / sqrt(max(n_var, eps)).
 // Backward (dy = dL/dW_hat, c = w - mean, s = gain * gamma * rstd):
@@ -24,6 +25,67 @@
 
 namespace normfree_native {
 
+// The kernels' last sweep over a row (the output) runs from cache while the memory bus idles,
+// so they request the next row of the thread's share meanwhile, one block of kBlock elements
+// at a time: a few prefetches per block ahead of a plain loop over it, which GCC vectorises as
+// it does without them (a prefetch inside the 8-lane loop stops that). On the 53 nf_resnet50
+// weights (90 MiB, 2 threads, Xeon) the forward went from 8.6 to 7.3 ms and the backward from
+// 14.2 to 11.3 ms, level with a plain two-input add over the same tensors (10.3-11.1 ms).
+constexpr int64_t kBlock = 256;  // a multiple of kLanes
+
+template <typename T>
+inline void prefetch_block(const T* p, int64_t count) {
+  constexpr int64_t line = 64 / static_cast<int64_t>(sizeof(T));
+  for (int64_t k = 0; k < count; k += line) prefetch(p + k);
+}
+
+// One output row of the forward, y = (x - m) * scale, with the row x_next requested meanwhile.
+template <typename T>
+inline void ws_forward_row_out(const T* x, const T* x_next, T* y, T m, T scale, int64_t n) {
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t stop = std::min(n, b + kBlock);
+    prefetch_block(x_next + b, stop - b);
+    for (int64_t i = b; i < stop; ++i) y[i] = (x[i] - m) * scale;
+  }
+}
+
+// One row of dL/dW = scale * g - shift - coef * (x - m), with the rows g_next and x_next
+// requested meanwhile; returns the row's squared norm when with_norm (else 0), summed in
+// kLanes partial sums and then the tail, in the order of row_sum.
+template <typename T>
+inline T ws_backward_row_out(const T* g, const T* x, const T* g_next, const T* x_next, T* out,
+                             T m, T scale, T shift, T coef, int64_t n, bool with_norm) {
+  if (!with_norm) {
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t stop = std::min(n, b + kBlock);
+      prefetch_block(g_next + b, stop - b);
+      prefetch_block(x_next + b, stop - b);
+      for (int64_t j = b; j < stop; ++j) out[j] = scale * g[j] - shift - coef * (x[j] - m);
+    }
+    return T(0);
+  }
+  const int64_t whole = n - n % kLanes;
+  T acc[kLanes] = {};
+  for (int64_t b = 0; b < whole; b += kBlock) {
+    const int64_t stop = std::min(whole, b + kBlock);
+    prefetch_block(g_next + b, stop - b);
+    prefetch_block(x_next + b, stop - b);
+    for (int64_t j = b; j < stop; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const T v = scale * g[j + l] - shift - coef * (x[j + l] - m);
+        out[j + l] = v;
+        acc[l] += v * v;
+      }
+  }
+  T sq = lane_sum(acc);
+  for (int64_t j = whole; j < n; ++j) {
+    const T v = scale * g[j] - shift - coef * (x[j] - m);
+    out[j] = v;
+    sq += v * v;
+  }
+  return sq;
+}
+
 template <typename T>
 void ws_forward_rows(const T* w, const T* gain, T* out, T* mean, T* n_var, int64_t rows, int64_t n,
                   T eps, T gamma) {
@@ -34,7 +96,7 @@ void ws_forward_rows(const T* w, const T* gain, T* out, T* mean, T* n_var, int64
       const T m = row_sum(x, n) / static_cast<T>(n);
       const T q = row_centred_square_sum(x, m, n);
       const T scale = (gain ? gain[r] : T(1)) * gamma / std::sqrt(std::max(q, eps));
-      for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - m) * scale;
+      ws_forward_row_out(x, next_row(x, r, end, n), y, m, scale, n);
       mean[r] = m;
       n_var[r] = q;
     }
@@ -50,18 +112,8 @@ void ws_backward_rows(const T* dy, const T* w, const T* mean, const T* n_var, co
       const T* g = dy + r * n;
       const T* x = w + r * n;
       const T m = mean[r];
-      T acc_g[kLanes] = {}, acc_gc[kLanes] = {};
-      int64_t i = 0;
-      for (; i + kLanes <= n; i += kLanes)
-        for (int l = 0; l < kLanes; ++l) {
-          acc_g[l] += g[i + l];
-          acc_gc[l] += g[i + l] * (x[i + l] - m);
-        }
-      T sum_g = lane_sum(acc_g), sum_gc = lane_sum(acc_gc);
-      for (; i < n; ++i) {
-        sum_g += g[i];
-        sum_gc += g[i] * (x[i] - m);
-      }
+      // two sweeps of the row (the second from cache), each with one set of partial sums
+      const T sum_g = row_sum(g, n), sum_gc = row_centred_dot(g, x, m, n);
       const bool floored = n_var[r] < eps;
       const T rstd = T(1) / std::sqrt(std::max(n_var[r], eps));
       if (grad_gain) grad_gain[r] = gamma * rstd * sum_gc;
@@ -69,26 +121,10 @@ void ws_backward_rows(const T* dy, const T* w, const T* mean, const T* n_var, co
         const T scale = (gain ? gain[r] : T(1)) * gamma * rstd;
         const T shift = scale * sum_g / static_cast<T>(n);
         const T coef = floored ? T(0) : scale * rstd * rstd * sum_gc;
-        T* out = grad_w + r * n;
-        if (!grad_norm) {
-          for (int64_t j = 0; j < n; ++j) out[j] = scale * g[j] - shift - coef * (x[j] - m);
-          continue;
-        }
-        T acc_sq[kLanes] = {};
-        int64_t j = 0;
-        for (; j + kLanes <= n; j += kLanes)
-          for (int l = 0; l < kLanes; ++l) {
-            const T v = scale * g[j + l] - shift - coef * (x[j + l] - m);
-            out[j + l] = v;
-            acc_sq[l] += v * v;
-          }
-        T sq = lane_sum(acc_sq);
-        for (; j < n; ++j) {
-          const T v = scale * g[j] - shift - coef * (x[j] - m);
-          out[j] = v;
-          sq += v * v;
-        }
-        grad_norm[r] = std::sqrt(sq);
+        const T sq = ws_backward_row_out(g, x, next_row(g, r, end, n), next_row(x, r, end, n),
+                                         grad_w + r * n, m, scale, shift, coef, n,
+                                         grad_norm != nullptr);
+        if (grad_norm) grad_norm[r] = std::sqrt(sq);
       }
     }
   });
