@@ -45,7 +45,8 @@ torchvision:resnet50_nonorm:fastpool,normfree:nf_resnet50   # the floor with nor
 timm and torchvision are optional (``pip install normfree[bench]``); a missing peer is skipped
 with a message. The ``:native`` rows (normfree's opt-in native CPU kernels, built on first use:
 a C++ compiler and ~30 s once) are skipped with a message where they cannot be built, and on
-accelerators.
+accelerators; each is also compared round by round with the same model on the default path
+when both rows run.
 """
 
 from __future__ import annotations
@@ -426,6 +427,9 @@ def run_group(name: str, args: argparse.Namespace, device: torch.device) -> None
              a.startswith("normfree:") and not b.startswith("normfree:") and b != base and
              a.endswith(COMPILED) == b.endswith(COMPILED)]  # fmt: skip
     pairs += [(a + COMPILED, a) for a in train_t if a + COMPILED in train_t]
+    # each ":native..." row against the same model on the default path, round by round
+    pairs += [(a, a.rsplit(":", 1)[0]) for a in train_t
+              if _native_choice(a) and a.rsplit(":", 1)[0] in train_t]  # fmt: skip
     for a, b in pairs:
         spread = sorted(t / u for t, u in zip(train_t[a], train_t[b]))
         print(
