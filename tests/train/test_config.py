@@ -75,9 +75,11 @@ def test_overrides_are_typed() -> None:
             "model_kwargs.width=2",
             "optim.betas=0.8,0.99",
             "train.precision=bf16",
+            "train.native_kernels=[tanh_gelu]",
             "out_dir=runs/x",
         ]
     )
+    assert cfg.train.native_kernels == ["tanh_gelu"]
     assert cfg.model == "nfnet_f0" and cfg.optim.lr == 0.2 and cfg.optim.weight_decay == 1e-4
     assert cfg.data.spec == "cifar10:/data/cifar-10-batches-py"
     assert cfg.data.randaugment == (2, 9) and cfg.data.flip is True
@@ -102,6 +104,8 @@ def test_overrides_are_typed() -> None:
         ("optim.lr", "optim.lr"),
         ("train.epochs=true", "train.epochs"),
         ("data.image_size=[", "data.image_size"),
+        ("train.native_kernels=[bogus]", "train.native_kernels"),
+        ("train.native_kernels=maybe", "train.native_kernels"),
     ],
 )
 def test_bad_overrides_name_the_key(override: str, key: str) -> None:

@@ -234,3 +234,19 @@ def test_mixup_cutmix_loss_uses_mixed_soft_targets(make_cfg: Callable[..., Confi
     out = plain._train_step([(x, y)])
     expected = torch.nn.functional.cross_entropy(ref(x), y, label_smoothing=0.1).item()
     assert out["loss"] == pytest.approx(expected, rel=1e-5) and not math.isnan(out["loss"])
+
+
+def test_native_kernels_setting_chooses_the_kernels(
+    make_cfg: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # train.native_kernels reaches normfree.nn.set_native_kernels once, before training (the
+    # kernels themselves are tests/nn/test_native*.py); null leaves the process's choice alone
+    import normfree.train.loop as loop
+
+    calls: list[object] = []
+    monkeypatch.setattr(loop, "set_native_kernels", lambda choice: calls.append(choice) or False)
+    one_step = ("train.epochs=1", "train.max_steps_per_epoch=1")
+    train(make_cfg(*one_step, "train.native_kernels=[tanh_gelu]", out="chosen"))
+    assert calls == [["tanh_gelu"]]
+    train(make_cfg(*one_step, out="default"))
+    assert calls == [["tanh_gelu"]]

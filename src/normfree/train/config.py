@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import ConfigDict
 
 from normfree.models.registry import UnknownModelError, model_entrypoint
+from normfree.nn.native import KERNELS
 
 __all__ = [
     "Config",
@@ -144,6 +145,13 @@ class TrainLoopConfig:
     tune_malloc: bool = _f(
         True, "CPU, glibc: keep freed heap memory for the next step (process-wide)"
     )
+    native_kernels: bool | list[str] | None = _f(
+        None,
+        "CPU: normfree's optional C++ kernels (process-wide; true: all, a list such as "
+        "[tanh_gelu]: those, false: none, null: as NORMFREE_NATIVE_KERNELS says); built once "
+        "per machine (~30 s, a C++ compiler); if the build fails a warning says why and the "
+        "PyTorch ops run",
+    )
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     eval_every_epochs: int = _f(1, "evaluate every N epochs (and after the last)")
     checkpoint_every_steps: int = _f(0, "also write last.pt every N steps (0: each epoch)")
@@ -270,6 +278,11 @@ def validate_config(cfg: Config) -> None:
         "in [0, 1)",
     )
     need(t.threads is None or t.threads > 0, "train.threads", "> 0 or null")
+    need(
+        not isinstance(t.native_kernels, list) or set(t.native_kernels) <= set(KERNELS),
+        "train.native_kernels",
+        f"true, false, null or a list of kernel names from {list(KERNELS)}",
+    )
     need(t.finetune_epochs >= 0, "train.finetune_epochs", ">= 0")
     need(t.finetune_size is None or t.finetune_size > 0, "train.finetune_size", "> 0 or null")
     need(t.finetune_lr_scale > 0, "train.finetune_lr_scale", "> 0")

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normfree.nn import compile_options
+from normfree.nn import compile_options, set_native_kernels
 from normfree.optim import AGC, attached
 from normfree.train import builders as B
 from normfree.train.allocator import release_heap, tune_malloc
@@ -109,6 +109,12 @@ class Trainer(TrainerState):
             # said aloud where the user's own allocator settings took precedence
             chose = "configured" in self.malloc or "refused" in self.malloc
             log.log(logging.INFO if chose else logging.DEBUG, "%s", self.malloc)
+        if t.native_kernels is not None:
+            if info.device.type == "cpu":  # built here, before the first step, if not cached
+                on = set_native_kernels(t.native_kernels)
+                log.info("native CPU kernels: %s", "on" if on else "off")
+            else:
+                log.info("train.native_kernels ignored: they run on CPU only")
         state = None
         changes: dict[str, tuple[Any, Any]] = {}
         if resume is not None:
