@@ -79,7 +79,7 @@ def test_overrides_are_typed() -> None:
             "out_dir=runs/x",
         ]
     )
-    assert cfg.train.native_kernels == ["tanh_gelu"]
+    assert cfg.train.native_kernels == ("tanh_gelu",)
     assert cfg.model == "nfnet_f0" and cfg.optim.lr == 0.2 and cfg.optim.weight_decay == 1e-4
     assert cfg.data.spec == "cifar10:/data/cifar-10-batches-py"
     assert cfg.data.randaugment == (2, 9) and cfg.data.flip is True

@@ -247,6 +247,6 @@ def test_native_kernels_setting_chooses_the_kernels(
     monkeypatch.setattr(loop, "set_native_kernels", lambda choice: calls.append(choice) or False)
     one_step = ("train.epochs=1", "train.max_steps_per_epoch=1")
     train(make_cfg(*one_step, "train.native_kernels=[tanh_gelu]", out="chosen"))
-    assert calls == [["tanh_gelu"]]
+    assert calls == [("tanh_gelu",)]
     train(make_cfg(*one_step, out="default"))
-    assert calls == [["tanh_gelu"]]
+    assert calls == [("tanh_gelu",)]

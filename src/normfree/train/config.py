@@ -145,7 +145,7 @@ class TrainLoopConfig:
     tune_malloc: bool = _f(
         True, "CPU, glibc: keep freed heap memory for the next step (process-wide)"
     )
-    native_kernels: bool | list[str] | None = _f(
+    native_kernels: bool | tuple[str, ...] | None = _f(
         None,
         "CPU: normfree's optional C++ kernels (process-wide; true: all, a list such as "
         "[tanh_gelu]: those, false: none, null: as NORMFREE_NATIVE_KERNELS says); built once "
@@ -279,7 +279,7 @@ def validate_config(cfg: Config) -> None:
     )
     need(t.threads is None or t.threads > 0, "train.threads", "> 0 or null")
     need(
-        not isinstance(t.native_kernels, list) or set(t.native_kernels) <= set(KERNELS),
+        not isinstance(t.native_kernels, tuple) or set(t.native_kernels) <= set(KERNELS),
         "train.native_kernels",
         f"true, false, null or a list of kernel names from {list(KERNELS)}",
     )
