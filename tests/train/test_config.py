@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from normfree.cli import build_parser, main
+from normfree.nn.native import KERNELS
 from normfree.train import (
     Config,
     ConfigError,
@@ -22,6 +23,7 @@ from normfree.train import (
     resolve_config,
 )
 from normfree.train.builders import peak_lr
+from normfree.train.config import native_kernel_choice
 
 
 def _leaf_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -80,6 +82,10 @@ def test_overrides_are_typed() -> None:
         ]
     )
     assert cfg.train.native_kernels == ("tanh_gelu",)
+    for value, choice in [("tanh_gelu", ("tanh_gelu",)), ("scaled_ws+tanh_gelu", KERNELS),
+                          ("true", True), ("null", None), ("[]", ())]:  # fmt: skip
+        kept = resolve_config(overrides=[f"train.native_kernels={value}"]).train.native_kernels
+        assert native_kernel_choice(kept) == choice
     assert cfg.model == "nfnet_f0" and cfg.optim.lr == 0.2 and cfg.optim.weight_decay == 1e-4
     assert cfg.data.spec == "cifar10:/data/cifar-10-batches-py"
     assert cfg.data.randaugment == (2, 9) and cfg.data.flip is True
@@ -105,7 +111,8 @@ def test_overrides_are_typed() -> None:
         ("train.epochs=true", "train.epochs"),
         ("data.image_size=[", "data.image_size"),
         ("train.native_kernels=[bogus]", "train.native_kernels"),
-        ("train.native_kernels=maybe", "train.native_kernels"),
+        ("train.native_kernels=bogus", "train.native_kernels"),
+        ("train.native_kernels=2", "train.native_kernels"),
     ],
 )
 def test_bad_overrides_name_the_key(override: str, key: str) -> None:

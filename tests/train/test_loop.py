@@ -236,17 +236,46 @@ def test_mixup_cutmix_loss_uses_mixed_soft_targets(make_cfg: Callable[..., Confi
     assert out["loss"] == pytest.approx(expected, rel=1e-5) and not math.isnan(out["loss"])
 
 
-def test_native_kernels_setting_chooses_the_kernels(
+
+def test_native_kernels_setting_is_scoped_to_the_run(
     make_cfg: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # train.native_kernels reaches normfree.nn.set_native_kernels once, before training (the
-    # kernels themselves are tests/nn/test_native*.py); null leaves the process's choice alone
-    import normfree.train.loop as loop
+    # train.native_kernels chooses the kernels for the span of fit (every step runs inside the
+    # choice, which is undone when the run ends); null leaves the process's choice alone; a
+    # resume may set it (the kernels themselves are tests/nn/test_native*.py)
+    import contextlib
 
-    calls: list[object] = []
-    monkeypatch.setattr(loop, "set_native_kernels", lambda choice: calls.append(choice) or False)
+    import normfree.train.loop as loop
+    from normfree.train.callbacks import Callback
+
+    entered: list[object] = []
+    inside = [False]
+
+    @contextlib.contextmanager
+    def spy(choice):  # records instead of building the extension
+        entered.append(choice)
+        inside[0] = True
+        try:
+            yield True
+        finally:
+            inside[0] = False
+
+    class StepsInside(Callback):
+        def __init__(self) -> None:
+            self.seen: list[bool] = []
+
+        def on_step_end(self, trainer) -> None:
+            self.seen.append(inside[0])
+
+    monkeypatch.setattr(loop, "native_kernels", spy)
     one_step = ("train.epochs=1", "train.max_steps_per_epoch=1")
-    train(make_cfg(*one_step, "train.native_kernels=[tanh_gelu]", out="chosen"))
-    assert calls == [("tanh_gelu",)]
-    train(make_cfg(*one_step, out="default"))
-    assert calls == [("tanh_gelu",)]
+    steps = StepsInside()
+    train(make_cfg(*one_step, "train.native_kernels=tanh_gelu", out="chosen"), callbacks=[steps])
+    assert entered == [("tanh_gelu",)] and steps.seen == [True] and not inside[0]
+    steps = StepsInside()
+    train(make_cfg(*one_step, out="default"), callbacks=[steps])
+    assert entered == [("tanh_gelu",)] and steps.seen == [False]
+    # a resume may switch them on (they change rounding, not what was trained)
+    run = make_cfg(*one_step, out="default").out_dir
+    train(make_cfg(*one_step, "train.native_kernels=true", out="default"), resume=run)
+    assert entered == [("tanh_gelu",), True]

@@ -30,6 +30,7 @@ __all__ = [
     "OptimConfig",
     "ScheduleConfig",
     "TrainLoopConfig",
+    "native_kernel_choice",
     "validate_config",
 ]
 
@@ -145,12 +146,12 @@ class TrainLoopConfig:
     tune_malloc: bool = _f(
         True, "CPU, glibc: keep freed heap memory for the next step (process-wide)"
     )
-    native_kernels: bool | tuple[str, ...] | None = _f(
+    native_kernels: bool | tuple[str, ...] | str | None = _f(
         None,
-        "CPU: normfree's optional C++ kernels (process-wide; true: all, a list such as "
-        "[tanh_gelu]: those, false: none, null: as NORMFREE_NATIVE_KERNELS says); built once "
-        "per machine (~30 s, a C++ compiler); if the build fails a warning says why and the "
-        "PyTorch ops run",
+        "CPU: normfree's optional C++ kernels during the run (true: all; names such as "
+        "tanh_gelu or [scaled_ws, tanh_gelu]: those; false: none; null: as "
+        "NORMFREE_NATIVE_KERNELS says); built once per machine (~30 s, a C++ compiler); if the "
+        "build fails a warning says why and the PyTorch ops run",
     )
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     eval_every_epochs: int = _f(1, "evaluate every N epochs (and after the last)")
@@ -249,6 +250,17 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
 
 
+def native_kernel_choice(
+    value: bool | tuple[str, ...] | str | None,
+) -> bool | tuple[str, ...] | None:
+    """``train.native_kernels`` as :func:`normfree.nn.set_native_kernels` takes it: a bare name
+    (or names joined by ``+`` or ``,``, as in ``NORMFREE_NATIVE_KERNELS``) becomes a tuple of
+    names; ``True``, ``False``, ``None`` and tuples pass through."""
+    if isinstance(value, str):
+        return tuple(n.strip() for n in value.replace(",", "+").split("+") if n.strip())
+    return value
+
+
 def validate_config(cfg: Config) -> None:
     """Range checks the types cannot express; raises :class:`ConfigError` naming the key."""
 
@@ -278,10 +290,11 @@ def validate_config(cfg: Config) -> None:
         "in [0, 1)",
     )
     need(t.threads is None or t.threads > 0, "train.threads", "> 0 or null")
+    choice = native_kernel_choice(t.native_kernels)
     need(
-        not isinstance(t.native_kernels, tuple) or set(t.native_kernels) <= set(KERNELS),
+        not isinstance(choice, tuple) or set(choice) <= set(KERNELS),
         "train.native_kernels",
-        f"true, false, null or a list of kernel names from {list(KERNELS)}",
+        f"true, false, null or kernel names from {list(KERNELS)}",
     )
     need(t.finetune_epochs >= 0, "train.finetune_epochs", ">= 0")
     need(t.finetune_size is None or t.finetune_size > 0, "train.finetune_size", "> 0 or null")

@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normfree.nn import compile_options, set_native_kernels
+from normfree.nn import compile_options, native_kernels
 from normfree.optim import AGC, attached
 from normfree.train import builders as B
 from normfree.train.allocator import release_heap, tune_malloc
 from normfree.train.callbacks import Callback
 from normfree.train.checkpointing import check_weights_fit, load_checkpoint
-from normfree.train.config import Config, validate_config
+from normfree.train.config import Config, native_kernel_choice, validate_config
 from normfree.train.config_io import dump_config
 from normfree.train.distill import distillation_loss, load_teacher
 from normfree.train.distributed import (
@@ -109,12 +109,6 @@ class Trainer(TrainerState):
             # said aloud where the user's own allocator settings took precedence
             chose = "configured" in self.malloc or "refused" in self.malloc
             log.log(logging.INFO if chose else logging.DEBUG, "%s", self.malloc)
-        if t.native_kernels is not None:
-            if info.device.type == "cpu":  # built here, before the first step, if not cached
-                on = set_native_kernels(t.native_kernels)
-                log.info("native CPU kernels: %s", "on" if on else "off")
-            else:
-                log.info("train.native_kernels ignored: they run on CPU only")
         state = None
         changes: dict[str, tuple[Any, Any]] = {}
         if resume is not None:
@@ -461,8 +455,29 @@ class Trainer(TrainerState):
                     msg += f"  {k} {record[k]:.4g}"
             log.info(msg)
 
+    def _kernel_choice(self) -> contextlib.AbstractContextManager:
+        """``train.native_kernels`` for the span of :meth:`fit` on CPU (the previous choice is
+        restored after it; built on entry if this machine has no cached build), else nothing."""
+        choice = native_kernel_choice(self.cfg.train.native_kernels)
+        if choice is None:
+            return contextlib.nullcontext()
+        if self.info.device.type != "cpu":
+            log.info("train.native_kernels ignored: the native kernels run on CPU only")
+            return contextlib.nullcontext()
+        return native_kernels(choice)
+
     def fit(self) -> dict[str, Any]:
         """Train to ``train.epochs`` (from the resumed position) and return the summary."""
+        with self._kernel_choice() as on:
+            if on is not None and self.info.is_main:
+                log.info(
+                    "native CPU kernels (%s): %s",
+                    self.cfg.train.native_kernels,
+                    "on" if on else "off",
+                )
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         restore = None
         if threading.current_thread() is threading.main_thread():
             restore = {

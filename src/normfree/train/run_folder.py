@@ -56,7 +56,8 @@ RUN_FILES = (
 )  # fmt: skip
 # keys a resume may change: they do not affect the weights already trained ...
 RESUME_OVERRIDABLE = ("log.", "dist.", "data.workers", "data.skip_unreadable", "train.threads",
-                      "train.device", "train.tune_malloc", "out_dir", "optim.fused")  # fmt: skip
+                      "train.device", "train.tune_malloc", "train.native_kernels", "out_dir",
+                      "optim.fused")  # fmt: skip
 # ... or they are what recovers a diverged run (Brock et al. 2021b, §4: lower lr, tighter AGC)
 RECOVERY_OVERRIDABLE = ("optim.lr", "optim.base_lr", "schedule.", "optim.clipping",
                         "optim.agc_eps", "train.skip_nonfinite")  # fmt: skip
@@ -64,6 +65,12 @@ RECOVERY_OVERRIDABLE = ("optim.lr", "optim.base_lr", "schedule.", "optim.clippin
 
 class RunFolderError(ConfigError):
     """The run folder is in use, holds an earlier run, or cannot be written."""
+
+
+def _overridable_listed() -> str:
+    """The keys a resume may change, for messages (``out_dir`` is where the folder is now)."""
+    keys = [k for k in RESUME_OVERRIDABLE + RECOVERY_OVERRIDABLE if k != "out_dir"]
+    return ", ".join(keys)
 
 
 def resume_overridable(key: str) -> bool:
@@ -182,7 +189,7 @@ def resume_changes(
     if fixed:
         raise ConfigError(
             f"cannot change {', '.join(repr(k) for k in fixed)} when resuming; a resume may "
-            f"change only {', '.join(RESUME_OVERRIDABLE[:-1] + RECOVERY_OVERRIDABLE)}"
+            f"change only {_overridable_listed()}"
         )
     return changes
 
@@ -205,10 +212,7 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if not resume_overridable(key):
-            raise ConfigError(
-                f"cannot change {key!r} when resuming (only "
-                f"{', '.join(RESUME_OVERRIDABLE[:-1] + RECOVERY_OVERRIDABLE)})"
-            )
+            raise ConfigError(f"cannot change {key!r} when resuming (only {_overridable_listed()})")
     last = run_dir / "last.pt"
     cfg = checkpoint_config(load_checkpoint(last), last)
     edited = run_dir / "config.yaml"
@@ -229,6 +233,6 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
                     "checkpoint's config wins and config.yaml is rewritten from it; to change a "
                     "key on resume pass it as KEY=VALUE (allowed: %s)",
                     lines,
-                    ", ".join(RESUME_OVERRIDABLE[:-1] + RECOVERY_OVERRIDABLE),
+                    _overridable_listed(),
                 )
     return apply_overrides(cfg, overrides)
