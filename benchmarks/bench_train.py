@@ -428,8 +428,8 @@ def run_group(name: str, args: argparse.Namespace, device: torch.device) -> None
              a.endswith(COMPILED) == b.endswith(COMPILED)]  # fmt: skip
     pairs += [(a + COMPILED, a) for a in train_t if a + COMPILED in train_t]
     # each ":native..." row against the same model on the default path, round by round
-    pairs += [(a, a.rsplit(":", 1)[0]) for a in train_t
-              if _native_choice(a) and a.rsplit(":", 1)[0] in train_t]  # fmt: skip
+    plain = {a: a.rsplit(":", 1)[0] for a in train_t if _native_choice(a)}
+    pairs += [(a, b) for a, b in plain.items() if b in train_t]
     for a, b in pairs:
         spread = sorted(t / u for t, u in zip(train_t[a], train_t[b]))
         print(

@@ -236,7 +236,6 @@ def test_mixup_cutmix_loss_uses_mixed_soft_targets(make_cfg: Callable[..., Confi
     assert out["loss"] == pytest.approx(expected, rel=1e-5) and not math.isnan(out["loss"])
 
 
-
 def test_native_kernels_setting_is_scoped_to_the_run(
     make_cfg: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -53,7 +53,13 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["KERNELS", "native_kernels", "native_kernels_enabled", "set_native_kernels"]
+__all__ = [
+    "KERNELS",
+    "kernel_names",
+    "native_kernels",
+    "native_kernels_enabled",
+    "set_native_kernels",
+]
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCE = _CSRC / "module.cpp"  # one translation unit: it includes the kernels' headers
@@ -62,6 +68,12 @@ _ENV = "NORMFREE_NATIVE_KERNELS"
 KERNELS: tuple[str, ...] = ("scaled_ws", "tanh_gelu")
 """The kernel pairs, by the name :func:`set_native_kernels` and ``NORMFREE_NATIVE_KERNELS``
 take: Scaled WS (``csrc/scaled_ws.h``) and the tanh-GELU (``csrc/tanh_gelu.h``)."""
+
+
+def kernel_names(text: str) -> tuple[str, ...]:
+    """The names in ``text`` separated by commas or ``+`` (``"scaled_ws+tanh_gelu"``), in
+    order, blanks dropped; not checked against :data:`KERNELS`."""
+    return tuple(name.strip() for name in text.replace("+", ",").split(",") if name.strip())
 
 
 def _unknown(names: Collection[str]) -> list[str]:
@@ -86,7 +98,7 @@ def _from_environment(value: str) -> frozenset[str]:
         return frozenset(KERNELS)
     if value in ("", "0", "false", "no", "off"):
         return frozenset()
-    names = {name.strip() for name in value.replace("+", ",").split(",") if name.strip()}
+    names = set(kernel_names(value))
     unknown = _unknown(names)
     if unknown:
         warnings.warn(

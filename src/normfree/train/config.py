@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import ConfigDict
 
 from normfree.models.registry import UnknownModelError, model_entrypoint
-from normfree.nn.native import KERNELS
+from normfree.nn.native import KERNELS, kernel_names
 
 __all__ = [
     "Config",
@@ -256,9 +256,7 @@ def native_kernel_choice(
     """``train.native_kernels`` as :func:`normfree.nn.set_native_kernels` takes it: a bare name
     (or names joined by ``+`` or ``,``, as in ``NORMFREE_NATIVE_KERNELS``) becomes a tuple of
     names; ``True``, ``False``, ``None`` and tuples pass through."""
-    if isinstance(value, str):
-        return tuple(n.strip() for n in value.replace(",", "+").split("+") if n.strip())
-    return value
+    return kernel_names(value) if isinstance(value, str) else value
 
 
 def validate_config(cfg: Config) -> None:

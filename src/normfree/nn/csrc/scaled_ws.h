@@ -5,7 +5,8 @@
 // statistics and the output, so the forward costs one read and one write of the weight and the
 // backward two reads and one write, against six and five passes for the same formula written
 // with PyTorch ops. A row is swept a few times (each sum with one set of lane partial sums,
-// row_ops.h), the first from memory and the rest from cache. Header-only: compiled in module.cpp, one translation unit (normfree.nn.native builds it).
+// row_ops.h), the first from memory and the rest from cache. Header-only: compiled in
+// module.cpp, one translation unit (normfree.nn.native builds it).
 //
 // Forward:  mean = sum(w) / N, n_var = sum((w - mean)^2), rstd = 1 / sqrt(max(n_var, eps)).
 // Backward (dy = dL/dW_hat, c = w - mean, s = gain * gamma * rstd):
@@ -51,20 +52,11 @@ inline void ws_forward_row_out(const T* x, const T* x_next, T* y, T m, T scale, 
 }
 
 // One row of dL/dW = scale * g - shift - coef * (x - m), with the rows g_next and x_next
-// requested meanwhile; returns the row's squared norm when with_norm (else 0), summed in
+// requested meanwhile; returns the row's squared norm when WithNorm (else 0), summed in
 // kLanes partial sums and then the tail, in the order of row_sum.
-template <typename T>
+template <bool WithNorm, typename T>
 inline T ws_backward_row_out(const T* g, const T* x, const T* g_next, const T* x_next, T* out,
-                             T m, T scale, T shift, T coef, int64_t n, bool with_norm) {
-  if (!with_norm) {
-    for (int64_t b = 0; b < n; b += kBlock) {
-      const int64_t stop = std::min(n, b + kBlock);
-      prefetch_block(g_next + b, stop - b);
-      prefetch_block(x_next + b, stop - b);
-      for (int64_t j = b; j < stop; ++j) out[j] = scale * g[j] - shift - coef * (x[j] - m);
-    }
-    return T(0);
-  }
+                             T m, T scale, T shift, T coef, int64_t n) {
   const int64_t whole = n - n % kLanes;
   T acc[kLanes] = {};
   for (int64_t b = 0; b < whole; b += kBlock) {
@@ -75,14 +67,14 @@ inline T ws_backward_row_out(const T* g, const T* x, const T* g_next, const T* x
       for (int l = 0; l < kLanes; ++l) {
         const T v = scale * g[j + l] - shift - coef * (x[j + l] - m);
         out[j + l] = v;
-        acc[l] += v * v;
+        if constexpr (WithNorm) acc[l] += v * v;
       }
   }
   T sq = lane_sum(acc);
   for (int64_t j = whole; j < n; ++j) {
     const T v = scale * g[j] - shift - coef * (x[j] - m);
     out[j] = v;
-    sq += v * v;
+    if constexpr (WithNorm) sq += v * v;
   }
   return sq;
 }
@@ -122,10 +114,13 @@ void ws_backward_rows(const T* dy, const T* w, const T* mean, const T* n_var, co
         const T scale = (gain ? gain[r] : T(1)) * gamma * rstd;
         const T shift = scale * sum_g / static_cast<T>(n);
         const T coef = floored ? T(0) : scale * rstd * rstd * sum_gc;
-        const T sq = ws_backward_row_out(g, x, next_row(g, r, end, n), next_row(x, r, end, n),
-                                         grad_w + r * n, m, scale, shift, coef, n,
-                                         grad_norm != nullptr);
-        if (grad_norm) grad_norm[r] = std::sqrt(sq);
+        const T *g_next = next_row(g, r, end, n), *x_next = next_row(x, r, end, n);
+        T* row = grad_w + r * n;
+        if (grad_norm)
+          grad_norm[r] = std::sqrt(
+              ws_backward_row_out<true>(g, x, g_next, x_next, row, m, scale, shift, coef, n));
+        else
+          ws_backward_row_out<false>(g, x, g_next, x_next, row, m, scale, shift, coef, n);
       }
     }
   });
