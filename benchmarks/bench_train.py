@@ -37,10 +37,17 @@ train steps (it includes the interpreter and libraries, ~0.3 GiB, the same for e
 normfree:nf_resnet50:folded --group resnet50      # extra variants: :sd, :folded
     python benchmarks/bench_train.py --group resnet50 --only torchvision:resnet50_nonorm,\
 torchvision:resnet50_nonorm:fastpool,normfree:nf_resnet50   # the floor with normfree's pool
+    python benchmarks/bench_train.py --group resnet50 --only torchvision:resnet50_nonorm,\
+normfree:nf_resnet50:native,normfree:nf_resnet50:native:inbwd   # the step in the backward
 
 ``--compile`` compiles normfree's models with :func:`normfree.nn.compile_options` (what
 ``normfree train --compile`` uses: on CPU, inductor's ``conv_1x1_as_mm``) and the peers with
 ``torch.compile``'s defaults, as their users would.
+
+A ``:native:inbwd`` variant (given with ``--only``) also applies the SGD step of the model's
+Scaled-WS conv weights inside their native backward, fused with AGC
+(:func:`normfree.optim.update_in_backward`); its AGC share is that of the other parameters,
+and it is compared round by round with the ``:native`` row.
 
 timm and torchvision are optional (``pip install normfree[bench]``); a missing peer is skipped
 with a message. The ``:native`` rows (normfree's opt-in native CPU kernels, built on first use:
@@ -72,7 +79,7 @@ import normfree
 from interleaved import cpu_name, median_ratio, time_interleaved
 from normfree.nn import NFResidualBlock, compile_options, native_kernels
 from normfree.nn.pooling import max_pool2d
-from normfree.optim import AGC
+from normfree.optim import AGC, update_in_backward
 from normfree.train.allocator import tune_malloc
 
 __all__ = ["GROUPS", "build_variant", "main"]
@@ -192,10 +199,14 @@ class Variant:
 COMPILED = "+compile"  # suffix of a variant's torch.compile'd twin (``--compile``)
 
 
+IN_BACKWARD = ":inbwd"  # suffix: the Scaled-WS weights' SGD step inside their backward
+
+
 def _native_choice(spec: str) -> bool | list[str]:
-    """The native kernels a spec's last part asks for: ``native`` all (True), ``native=a+b``
-    those named (checked by :func:`normfree.nn.native_kernels`), anything else none (False)."""
-    last = spec.rsplit(":", 1)[-1]
+    """The native kernels a spec's last part (before ``:inbwd``) asks for: ``native`` all
+    (True), ``native=a+b`` those named (checked by :func:`normfree.nn.native_kernels`), anything
+    else none (False)."""
+    last = spec.removesuffix(IN_BACKWARD).rsplit(":", 1)[-1]
     if last == "native":
         return True
     if last.startswith("native="):
@@ -216,6 +227,10 @@ def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> V
         fused = {"foreach": True}
     opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9, **fused)
     clip = _agc(spec.removesuffix(COMPILED), model, opt)
+    if spec.removesuffix(COMPILED).endswith(IN_BACKWARD):
+        if not spec.startswith("normfree:") or not _native_choice(spec.removesuffix(COMPILED)):
+            raise MissingPeer(f"{IN_BACKWARD} needs a normfree model with its native kernels")
+        update_in_backward(opt, model, agc=None if clip is None else clip.__self__)
     fwd = model
     if compiled:  # normfree's models with normfree's inductor options; peers with the defaults
         options = compile_options(device) if spec.startswith("normfree:") else {}

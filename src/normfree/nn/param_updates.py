@@ -12,15 +12,25 @@ of optimizer steps taken in this process, counted by a global step post-hook
 (``torch.optim.optimizer.register_optimizer_step_post_hook``, public since torch 2.0), and on
 the tensor's memory, dtype, device, shape and strides (:func:`tensor_key`), which catch
 ``param.data = ...``, ``Module.to()`` / ``.cuda()`` and views.
+
+It also holds the updates that run *inside* the backward (:func:`set_backward_update`): an
+optimizer step for one Scaled-WS weight that its native backward applies row by row instead of
+writing the weight's gradient (:mod:`normfree.optim.backward_update` registers them).
 """
 
 from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["optimizer_steps", "tensor_key"]
+__all__ = ["backward_update", "optimizer_steps", "set_backward_update", "tensor_key"]
+
+# id(weight) → (weak ref to it, its update): see set_backward_update
+_BACKWARD_UPDATES: dict[int, tuple[weakref.ref, Callable]] = {}
 
 _steps = 0
 
@@ -51,3 +61,29 @@ def tensor_key(tensor: Tensor) -> tuple:
         tensor.stride(),
         _steps,
     )
+
+
+def set_backward_update(weight: Tensor, update: Callable | None) -> None:
+    """Register ``update`` as the optimizer step that ``weight``'s native Scaled-WS backward
+    applies in place of writing its gradient, or drop it (``None``).
+
+    The backward calls ``update(grad_rows, rows, mean, n_var, gain, eps, gamma, need_gain)``
+    with the upstream gradient and the weight as contiguous ``(out, fan_in)`` rows (``rows``
+    shares the weight's memory), the forward's per-unit ``mean`` and ``N·var``, the gain of
+    the formula (or None), its constants, and whether the gain's gradient is wanted. It
+    returns ``(applied, grad_gain)``: when ``applied`` the weight was updated (and gets no
+    gradient), otherwise the backward writes the gradient as usual. Dropped with the weight."""
+    key = id(weight)
+    if update is None:
+        _BACKWARD_UPDATES.pop(key, None)
+        return
+    ref = weakref.ref(weight, lambda _, key=key: _BACKWARD_UPDATES.pop(key, None))
+    _BACKWARD_UPDATES[key] = (ref, update)
+
+
+def backward_update(weight: Tensor) -> Callable | None:
+    """The update registered for ``weight`` by :func:`set_backward_update`, or None."""
+    entry = _BACKWARD_UPDATES.get(id(weight))
+    if entry is None or entry[0]() is not weight:
+        return None
+    return entry[1]

@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from normfree.nn import native
 from normfree.nn.eager_forms import has_tangent, under_functorch, untransformed
+from normfree.nn.param_updates import backward_update
 from normfree.nn.unit_norms import (
     remember_grad_norms,
     remember_unit_stats,
@@ -176,8 +177,10 @@ class _ScaledStandardizeNative(torch.autograd.Function):
     """Scaled WS for eager CPU through the native kernels of :mod:`normfree.nn.native`: the
     forward and the analytic backward of :class:`_ScaledStandardize` (floor included), one
     read of each weight row per pass. The backward of a parameter also keeps its gradient's
-    per-unit norms for AGC (:func:`normfree.nn.unit_norms.unit_grad_norms_from_backward`).
-    First-order only."""
+    per-unit norms for AGC (:func:`normfree.nn.unit_norms.unit_grad_norms_from_backward`), or,
+    where an optimizer step is registered for the weight
+    (:func:`normfree.nn.param_updates.set_backward_update`), applies that step to the weight's
+    rows instead of writing its gradient. First-order only."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, gain: Tensor | None, eps: float, gamma: float) -> Tensor:
@@ -193,6 +196,15 @@ class _ScaledStandardizeNative(torch.autograd.Function):
         weight, gain, mean, n_var = ctx.saved_tensors
         needs_weight, needs_gain = ctx.needs_input_grad[:2]
         rows = weight.reshape(weight.shape[0], -1).contiguous()
+        update = backward_update(weight) if needs_weight else None
+        if update is not None:  # an optimizer step applied here (normfree.optim.backward_update)
+            need_gain = needs_gain and gain is not None
+            applied, grad_gain = update(
+                grad_out.reshape(rows.shape).contiguous(), rows, mean, n_var,
+                None if gain is None else gain.contiguous(), ctx.eps, ctx.gamma, need_gain,
+            )  # fmt: skip
+            if applied:
+                return None, grad_gain if need_gain else None, None, None
         want_norm = needs_weight and wants_grad_norms(weight, ctx.forward_number)
         grad_weight, grad_gain, grad_norm = ctx.ext.scaled_ws_backward(
             grad_out.reshape(rows.shape).contiguous(), rows, mean, n_var,

@@ -1,7 +1,8 @@
 """Optimisation for normalizer-free training: AGC, MSR gradient projection, schedules, EMA and
-parameter groups."""
+parameter groups, and the SGD step of the Scaled-WS weights applied inside their backward."""
 
 from normfree.optim.agc import AGC, adaptive_clip_grad_, attach_agc, unitwise_norm
+from normfree.optim.backward_update import BackwardUpdate, update_in_backward
 from normfree.optim.ema import ModelEMA, ema_decay
 from normfree.optim.fused import fused_available
 from normfree.optim.hooks import after_step_hook, attached, before_step_hook
@@ -16,6 +17,7 @@ from normfree.optim.schedules import WarmupDecayLR, lr_factor, scaled_peak_lr, w
 
 __all__: list[str] = [
     "AGC",
+    "BackwardUpdate",
     "MeanShiftRejection",
     "ModelEMA",
     "WarmupDecayLR",
@@ -33,6 +35,7 @@ __all__: list[str] = [
     "project_zero_mean_",
     "scaled_peak_lr",
     "unitwise_norm",
+    "update_in_backward",
     "warmup_cosine_lr",
     "zero_mean_eligible",
 ]

@@ -109,6 +109,13 @@ class OptimConfig:
         "global-norm gradient clipping: rescale all gradients so ‖G‖₂ ≤ this (Pascanu et al. "
         "2013; the baseline AGC is compared with, Brock et al. 2021b §4; null: off)",
     )
+    update_in_backward: bool = _f(
+        False,
+        "apply SGD's step, with AGC, to the Scaled-WS conv weights inside their native backward "
+        "(CPU, train.native_kernels on; normfree.optim.update_in_backward): the same update, "
+        "no gradient memory for those weights, 1-5 % faster a step; needs optim.name sgd, "
+        "train.accum_steps 1, no fp16, no clip_grad_norm, no MSR and one process",
+    )
 
 
 @dataclass
@@ -306,6 +313,17 @@ def validate_config(cfg: Config) -> None:
     need(o.clipping > 0, "optim.clipping", "> 0")
     need(o.agc_eps > 0, "optim.agc_eps", "> 0")
     need(o.clip_grad_norm is None or o.clip_grad_norm > 0, "optim.clip_grad_norm", "> 0 or null")
+    if o.update_in_backward:  # an optimizer step inside the backward: one backward, SGD's step
+        for ok, key, rule in (
+            (o.name == "sgd", "optim.name", "sgd"),
+            (t.accum_steps == 1, "train.accum_steps", "1"),
+            (t.precision != "fp16", "train.precision", "fp32 or bf16 (no GradScaler)"),
+            (o.clip_grad_norm is None, "optim.clip_grad_norm", "null"),
+            (o.msr is not True, "optim.msr", "false or null"),
+            (choice is not False and (not isinstance(choice, tuple) or "scaled_ws" in choice),
+             "train.native_kernels", "true, null or a list with scaled_ws"),
+        ):  # fmt: skip
+            need(ok, key, f"{rule} with optim.update_in_backward=true")
     s = cfg.schedule
     need(s.warmup_epochs >= 0, "schedule.warmup_epochs", ">= 0")
     need(s.warmup_steps is None or s.warmup_steps >= 0, "schedule.warmup_steps", ">= 0 or null")

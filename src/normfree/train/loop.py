@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normfree.nn import compile_options, native_kernels
-from normfree.optim import AGC, attached
+from normfree.nn import compile_options, native_kernels, native_kernels_enabled
+from normfree.optim import AGC, attached, update_in_backward
 from normfree.train import builders as B
 from normfree.train.allocator import release_heap, tune_malloc
 from normfree.train.callbacks import Callback
 from normfree.train.checkpointing import check_weights_fit, load_checkpoint
-from normfree.train.config import Config, native_kernel_choice, validate_config
+from normfree.train.config import Config, ConfigError, native_kernel_choice, validate_config
 from normfree.train.config_io import dump_config
 from normfree.train.distill import distillation_loss, load_teacher
 from normfree.train.distributed import (
@@ -142,6 +142,9 @@ class Trainer(TrainerState):
         self.optimizer = B.build_optimizer(cfg, model)
         self.scheduler = B.build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=t.precision == "fp16")
+        self.backward_update = None
+        if cfg.optim.update_in_backward:
+            self.backward_update = self._build_backward_update()
         self.ema = None
         if cfg.ema.enabled:
             from normfree.optim.ema import ModelEMA
@@ -194,6 +197,24 @@ class Trainer(TrainerState):
             dump_config(cfg, self.run_dir / "config.yaml")
         self._stop_requested = False
         self._updating = False
+
+    def _build_backward_update(self):
+        """``optim.update_in_backward``: SGD's step, with the AGC attached to the optimizer,
+        applied to the Scaled-WS conv weights inside their native backward
+        (:func:`normfree.optim.update_in_backward`), on CPU and in one process."""
+        if self.info.device.type != "cpu":
+            log.info("optim.update_in_backward ignored: it runs in the native kernels, CPU only")
+            return None
+        if self.info.distributed:
+            raise ConfigError(
+                "config key 'optim.update_in_backward' must be false with several processes: "
+                "the gradients must be all-reduced before the update"
+            )
+        agc = next((a for a in attached(self.optimizer) if isinstance(a, AGC)), None)
+        try:
+            return update_in_backward(self.optimizer, self.model, agc=agc)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"config key 'optim.update_in_backward': {err}") from err
 
     def _apply_resume_changes(self, changes: dict[str, tuple[Any, Any]]) -> None:
         """A resume that changes the learning rate, schedule or clipping (diverged-run
@@ -256,7 +277,9 @@ class Trainer(TrainerState):
                     loss = (1.0 - w) * loss + w * soft
                 for cb in self.callbacks:
                     loss = cb.on_loss(self, number, loss)
-                self.scaler.scale(loss / len(micro)).backward()
+                if self.backward_update is None or bool(torch.isfinite(loss)):
+                    self.scaler.scale(loss / len(micro)).backward()
+                # else: the backward would update weights; the step is skipped below
             n = y.shape[0]
             sums[0] += loss.detach().double() * n
             sums[1] += n
@@ -474,6 +497,11 @@ class Trainer(TrainerState):
                     "native CPU kernels (%s): %s",
                     self.cfg.train.native_kernels,
                     "on" if on else "off",
+                )
+            if self.backward_update is not None and not native_kernels_enabled("scaled_ws"):
+                log.warning(
+                    "optim.update_in_backward: the native Scaled-WS kernels are off (set "
+                    "train.native_kernels: true), so the optimizer updates every weight as usual"
                 )
             return self._fit()
 

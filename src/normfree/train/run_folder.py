@@ -57,7 +57,7 @@ RUN_FILES = (
 # keys a resume may change: they do not affect the weights already trained ...
 RESUME_OVERRIDABLE = ("log.", "dist.", "data.workers", "data.skip_unreadable", "train.threads",
                       "train.device", "train.tune_malloc", "train.native_kernels", "out_dir",
-                      "optim.fused")  # fmt: skip
+                      "optim.fused", "optim.update_in_backward")  # fmt: skip
 # ... or they are what recovers a diverged run (Brock et al. 2021b, §4: lower lr, tighter AGC)
 RECOVERY_OVERRIDABLE = ("optim.lr", "optim.base_lr", "schedule.", "optim.clipping",
                         "optim.agc_eps", "train.skip_nonfinite")  # fmt: skip

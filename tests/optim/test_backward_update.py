@@ -1,0 +1,220 @@
+"""The SGD step of the Scaled-WS weights inside their native backward, fused with AGC
+(normfree.optim.update_in_backward): the same weights, momentum buffers and optimizer state as
+AGC followed by ``optimizer.step()`` (float64, several steps, every SGD option), no gradient
+for the weights it updates, the plain path where it does not apply, and a clear error for each
+use it cannot serve."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import normfree
+from normfree.nn import ScaledStdConv2d, native
+from normfree.optim import attach_agc, attach_msr, update_in_backward
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with native.native_kernels(True) as on:
+            if not on:
+                pytest.skip("no C++ compiler/OpenMP here: the native kernels cannot be built")
+    with native.native_kernels(True):
+        yield
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = normfree.create_model(
+        "nf_resnet26", num_classes=10, drop_path_rate=0.0, drop_rate=0.0
+    ).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 0:  # skip gains off zero, so that every branch carries a gradient
+                p.fill_(0.3)
+    return model
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randn(4, 3, 48, 48, dtype=torch.float64, generator=gen), torch.randint(
+        0, 10, (4,), generator=gen
+    )
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, lrs=None) -> None:
+    for step in steps:
+        if lrs is not None:
+            for group in opt.param_groups:
+                group["lr"] = lrs[step]
+        x, y = _batch(step)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _conv_weights(model: nn.Module) -> list[torch.Tensor]:
+    return [m.weight for m in model.modules() if isinstance(m, ScaledStdConv2d)]
+
+
+def _assert_same(a: nn.Module, b: nn.Module, oa, ob) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14, msg=lambda m, n=name: f"{n}: {m}")
+    sa, sb = oa.state_dict(), ob.state_dict()
+    assert sa["state"].keys() == sb["state"].keys()
+    for k, state in sa["state"].items():
+        if state.get("momentum_buffer") is not None:
+            torch.testing.assert_close(sb["state"][k]["momentum_buffer"], state["momentum_buffer"],
+                                       rtol=1e-12, atol=1e-14)  # fmt: skip
+
+
+SGD_OPTIONS = [
+    {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
+    {"momentum": 0.9, "dampening": 0.2},
+    {"momentum": 0.0},
+    {"momentum": 0.5, "weight_decay": 1e-2, "maximize": True},
+]
+
+
+@pytest.mark.parametrize("with_agc", [True, False])
+@pytest.mark.parametrize("options", SGD_OPTIONS)
+def test_equals_agc_then_the_optimizer_step(kernels, options: dict, with_agc: bool) -> None:
+    """Three steps (the learning rate changed between them, as a schedule would) give the same
+    parameters and momentum buffers as AGC followed by SGD's step, to 1e-12; the updated
+    weights never hold a gradient, the others do; AGC changes the result (it clipped)."""
+    plain, fused = _model(), None
+    fused = copy.deepcopy(plain)
+    unclipped = copy.deepcopy(plain)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.2, **options) for m in (plain, fused, unclipped)]
+    agcs = [attach_agc(o, clipping=0.01, model=m) if with_agc else None
+            for o, m in zip(opts[:2], (plain, fused))]  # fmt: skip
+    handle = update_in_backward(opts[1], fused, agc=agcs[1])
+    assert len(handle.weights) == len(_conv_weights(fused))
+    lrs = [0.2, 0.05, 0.1]
+    _train(plain, opts[0], range(3), lrs)
+    _train(unclipped, opts[2], range(3), lrs)
+    for step in range(3):
+        _train(fused, opts[1], range(step, step + 1), lrs)
+        assert all(w.grad is None for w in _conv_weights(fused))
+        assert any(p.grad is not None for p in fused.parameters())
+    _assert_same(plain, fused, opts[0], opts[1])
+    if with_agc:
+        w_plain, w_free = _conv_weights(plain)[3], _conv_weights(unclipped)[3]
+        assert (w_plain - w_free).abs().max() > 1e-6
+
+
+def test_state_dict_and_a_resumed_optimizer(kernels) -> None:
+    """The momentum buffers live in the optimizer's state: a run resumed from a checkpoint
+    (model and optimizer state loaded into new objects, whose param-group dicts are new)
+    continues exactly as the plain run."""
+    plain, fused = _model(), _model()
+    o_plain = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    o_fused = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    attach_agc(o_plain, model=plain)
+    update_in_backward(o_fused, fused, agc=attach_agc(o_fused, model=fused))
+    _train(plain, o_plain, range(2))
+    _train(fused, o_fused, range(2))
+    saved = copy.deepcopy((fused.state_dict(), o_fused.state_dict()))
+    resumed = _model()
+    resumed.load_state_dict(saved[0])
+    o_resumed = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    agc = attach_agc(o_resumed, model=resumed)
+    update_in_backward(o_resumed, resumed, agc=agc)
+    o_resumed.load_state_dict(saved[1])
+    _train(plain, o_plain, range(2, 4))
+    _train(resumed, o_resumed, range(2, 4))
+    _assert_same(plain, resumed, o_plain, o_resumed)
+
+
+def test_plain_path_without_the_native_kernels_and_after_remove(kernels) -> None:
+    """With the native kernels off, the weights get their gradients and ``optimizer.step()``
+    updates them, with the same numbers; after ``remove()`` the same holds with them on."""
+    plain, fused = _model(), _model()
+    o_plain = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    o_fused = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
+    handle = update_in_backward(o_fused, fused)
+    with native.native_kernels(False):
+        x, y = _batch(0)
+        o_fused.zero_grad(set_to_none=True)
+        F.cross_entropy(fused(x), y).backward()
+        assert all(w.grad is not None for w in _conv_weights(fused))
+        o_fused.step()
+    _train(plain, o_plain, range(1))
+    handle.remove()
+    _train(plain, o_plain, range(1, 2))
+    x, y = _batch(1)
+    o_fused.zero_grad(set_to_none=True)
+    F.cross_entropy(fused(x), y).backward()
+    assert all(w.grad is not None for w in _conv_weights(fused))
+    o_fused.step()
+    for p, q in zip(plain.parameters(), fused.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12)
+
+
+def test_a_second_backward_before_the_step_raises(kernels) -> None:
+    """Gradient accumulation cannot be served (the first backward already stepped): the second
+    backward says so; after ``optimizer.step()`` the next backward runs."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    update_in_backward(opt, model)
+    x, y = _batch(0)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="second backward"):
+        F.cross_entropy(model(x), y).backward()
+    opt.zero_grad(set_to_none=True)
+    opt.step()
+    F.cross_entropy(model(x), y).backward()
+
+
+@pytest.mark.parametrize("extra", ["square", "linear"])
+def test_a_weight_used_twice_is_never_updated_twice(kernels, extra: str) -> None:
+    """A conv weight that also feeds another term of the loss is never updated with part of
+    its gradient: the other term's gradient reaches it before its Scaled-WS backward (then the
+    optimizer updates it: the plain path's numbers), or after it (then autograd refuses the
+    weight it saved, or ``optimizer.step()`` refuses the late gradient)."""
+    plain, fused = _model(), _model()
+    o_plain = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    o_fused = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
+    update_in_backward(o_fused, fused)
+    x, y = _batch(0)
+    term = {"square": lambda w: w.square().sum(), "linear": lambda w: 3.0 * w.sum()}[extra]
+    for model, opt in ((plain, o_plain), (fused, o_fused)):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y) + term(_conv_weights(model)[-1])
+        try:
+            loss.backward()
+            opt.step()
+        except RuntimeError as err:
+            assert model is fused
+            message = str(err)
+            assert "modified by an inplace operation" in message or "another use" in message
+            return
+    for p, q in zip(plain.parameters(), fused.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
+
+
+def test_clear_errors_for_what_it_cannot_serve() -> None:
+    model = _model()
+    with pytest.raises(TypeError, match=r"torch\.optim\.SGD"):
+        update_in_backward(torch.optim.AdamW(model.parameters()), model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    attach_agc(opt, model=model)
+    with pytest.raises(ValueError, match=r"pass it as agc="):
+        update_in_backward(opt, model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    attach_msr(opt, model)
+    with pytest.raises(ValueError, match="MeanShiftRejection"):
+        update_in_backward(opt, model)
+    other = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match=r"no float32/float64 Scaled-WS conv weight"):
+        update_in_backward(torch.optim.SGD(other.parameters(), lr=0.1), model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="same optimizer"):
+        update_in_backward(opt, model, agc=attach_agc(torch.optim.SGD(model.parameters(), lr=1)))
