@@ -210,6 +210,11 @@ class Trainer(TrainerState):
                 "config key 'optim.update_in_backward' must be false with several processes: "
                 "the gradients must be all-reduced before the update"
             )
+        if self.cfg.train.channels_last and self.info.is_main:
+            log.warning(
+                "optim.update_in_backward with train.channels_last: the convs whose weights "
+                "are not contiguous in that layout (k×k kernels) are updated by the optimizer"
+            )
         agc = next((a for a in attached(self.optimizer) if isinstance(a, AGC)), None)
         try:
             return update_in_backward(self.optimizer, self.model, agc=agc)
