@@ -7,7 +7,9 @@ use it cannot serve."""
 from __future__ import annotations
 
 import copy
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -110,6 +112,50 @@ def test_equals_agc_then_the_optimizer_step(kernels, options: dict, with_agc: bo
         assert (w_plain - w_free).abs().max() > 1e-6
 
 
+def test_param_groups_exclusions_frozen_gains_and_floored_rows(kernels) -> None:
+    """Per-group learning rates, momenta and weight decay; a conv excluded from AGC by name, a
+    group with ``clipping=None``, a frozen gain (its gradient not asked for) and a constant
+    weight row (under the Scaled-WS floor): the same parameters and buffers as AGC + SGD's
+    step, to 1e-12 (float64, three steps)."""
+    models = [_model(), _model()]
+    opts, agcs = [], []
+    for model in models:
+        convs = [m for m in model.modules() if isinstance(m, ScaledStdConv2d)]
+        with torch.no_grad():
+            convs[5].weight[3].fill_(0.25)  # N·var = 0: the floored row
+        convs[2].gain.requires_grad_(False)
+        first = {id(c.weight) for c in convs[: len(convs) // 2]}
+        rest = [p for p in model.parameters() if id(p) not in first and p.requires_grad]
+        groups = [
+            {"params": [c.weight for c in convs[: len(convs) // 2]], "lr": 0.2,
+             "weight_decay": 1e-3},
+            {"params": rest, "lr": 0.05, "momentum": 0.5, "clipping": None},
+        ]  # fmt: skip
+        opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=False)
+        name = next(n for n, p in model.named_parameters() if p is convs[1].weight)
+        agcs.append(attach_agc(opt, clipping=0.01, exclude=[name], model=model))
+        opts.append(opt)
+    handle = update_in_backward(opts[1], models[1], agc=agcs[1])
+    assert len(handle.weights) == len(_conv_weights(models[1]))
+    for model, opt in zip(models, opts):
+        _train(model, opt, range(3))
+    _assert_same(models[0], models[1], opts[0], opts[1])
+
+
+def test_actions_attached_later_are_refused_before_a_weight_moves(kernels) -> None:
+    """A Mean Shift Rejection attached after the update began is refused in the backward,
+    before any weight is changed."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    update_in_backward(opt, model)
+    attach_msr(opt, model)
+    before = [w.detach().clone() for w in _conv_weights(model)]
+    x, y = _batch(0)
+    with pytest.raises(RuntimeError, match="attached to the optimizer after"):
+        F.cross_entropy(model(x), y).backward()
+    assert all(torch.equal(a, w) for a, w in zip(before, _conv_weights(model)))
+
+
 def test_state_dict_and_a_resumed_optimizer(kernels) -> None:
     """The momentum buffers live in the optimizer's state: a run resumed from a checkpoint
     (model and optimizer state loaded into new objects, whose param-group dicts are new)
@@ -158,6 +204,24 @@ def test_plain_path_without_the_native_kernels_and_after_remove(kernels) -> None
         torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12)
 
 
+def test_the_update_lives_as_long_as_the_optimizer(kernels) -> None:
+    """The optimizer's step hooks hold the update, whose handle need not be kept; once the
+    optimizer is gone (collected: nothing else holds it), the weights get gradients again."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    update_in_backward(opt, model)
+    x, y = _batch(0)
+    F.cross_entropy(model(x), y).backward()
+    assert all(w.grad is None for w in _conv_weights(model))
+    opt.step()
+    gone = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert gone() is None
+    F.cross_entropy(model(x), y).backward()
+    assert all(w.grad is not None for w in _conv_weights(model))
+
+
 def test_a_second_backward_before_the_step_raises(kernels) -> None:
     """Gradient accumulation cannot be served (the first backward already stepped): the second
     backward says so; after ``optimizer.step()`` the next backward runs."""
@@ -175,10 +239,11 @@ def test_a_second_backward_before_the_step_raises(kernels) -> None:
 
 @pytest.mark.parametrize("extra", ["square", "linear"])
 def test_a_weight_used_twice_is_never_updated_twice(kernels, extra: str) -> None:
-    """A conv weight that also feeds another term of the loss is never updated with part of
-    its gradient: the other term's gradient reaches it before its Scaled-WS backward (then the
-    optimizer updates it: the plain path's numbers), or after it (then autograd refuses the
-    weight it saved, or ``optimizer.step()`` refuses the late gradient)."""
+    """A conv weight that also feeds another term of the loss is refused, never silently
+    updated with part of its gradient: autograd refuses the weight the other term saved, or
+    ``optimizer.step()`` refuses the other term's gradient (the weight was already updated with
+    its conv's part: the docs say to restore a checkpoint). Where neither happens, the result
+    must equal the plain path's."""
     plain, fused = _model(), _model()
     o_plain = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
     o_fused = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)

@@ -72,7 +72,9 @@ def set_backward_update(weight: Tensor, update: Callable | None) -> None:
     shares the weight's memory), the forward's per-unit ``mean`` and ``N·var``, the gain of
     the formula (or None), its constants, and whether the gain's gradient is wanted. It
     returns ``(applied, grad_gain)``: when ``applied`` the weight was updated (and gets no
-    gradient), otherwise the backward writes the gradient as usual. Dropped with the weight."""
+    gradient), otherwise the backward writes the gradient as usual. The registry holds the
+    weight weakly and drops the entry with it, so ``update`` must not hold the weight itself
+    (:class:`normfree.optim.backward_update.BackwardUpdate` holds weak references)."""
     key = id(weight)
     if update is None:
         _BACKWARD_UPDATES.pop(key, None)

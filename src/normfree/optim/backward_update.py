@@ -7,9 +7,10 @@ both can run on the row while it is still in cache: the row's gradient is comput
 against ``clipping·max(‖W_o‖, eps)`` (‖W_o‖ from the forward's statistics) and applied to the
 row of the weight and of its momentum buffer in place. No gradient is written for these weights
 and none is read back, so a step moves 5 weight-sized streams through memory for them instead
-of 3 (backward) + 1 (AGC's norms) + 8 (PyTorch's per-tensor SGD). On nf_resnet50 at b8 @128² on
-2 CPU cores that is 1-2 % of a training step, and the 90 MiB of conv-weight gradients are never
-allocated (docs/benchmarks.md, "Nineteenth pass").
+of 3 (backward) + 1 (AGC's norms) + 8 (PyTorch's per-tensor SGD). On nf_resnet50 and NFNet-F0
+at b8 @128² on 2 CPU cores a training step takes 0.95–0.97× the time with the native kernels
+alone, and the conv-weight gradients (90 / 177 MiB) are never allocated (docs/benchmarks.md,
+"Nineteenth pass").
 
 This is PyTorch's optimizer-in-backward pattern, so it holds only for one backward per
 optimizer step::
@@ -23,7 +24,7 @@ optimizer step::
             F.cross_entropy(model(x), y).backward()  # updates the Scaled-WS conv weights
             opt.step()  # clips and updates every other parameter
 
-Rules (each broken one is an error, not a silent difference):
+Rules:
 
 * The update uses the weight's param group as it is at the backward (``lr``, ``momentum``,
   ``dampening``, ``weight_decay``, ``nesterov``, ``maximize``; a schedule that changes ``lr``
@@ -32,16 +33,26 @@ Rules (each broken one is an error, not a silent difference):
   are unchanged. The numbers equal those of AGC followed by ``opt.step()`` to rounding.
 * It runs where the native Scaled-WS kernels run (eager CPU, float32/float64, a contiguous
   weight). Elsewhere the gradient is written and ``opt.step()`` updates the weight as usual.
-* One backward per step: a second backward through an updated weight before ``opt.step()``
-  raises (gradient accumulation needs the plain path), and so does ``opt.step()`` when an
-  updated weight has received a gradient from another use. A weight that already holds a
-  gradient is left to the optimizer.
-* Not with ``GradScaler`` (a skipped step would already have moved these weights),
-  ``clip_grad_norm_`` (it needs every gradient first), DistributedDataParallel (gradients must
-  be all-reduced before the update) or Mean Shift Rejection (it projects the gradients).
+* One backward per step. A second backward through an updated weight before ``opt.step()``
+  raises (gradient accumulation needs the plain path). A weight that already holds a gradient
+  is left to the optimizer.
+* A weight used twice in one graph (shared by two convs, or also read by another term of the
+  loss) is refused, but only once the first of its uses has been updated: autograd refuses
+  the weight it saved, or ``opt.step()`` refuses the late gradient. The weights are then
+  partly updated; restore them from a checkpoint.
+* Refused when the update starts: several processes (``torch.distributed`` with more than
+  one), and a Mean Shift Rejection or an AGC other than ``agc`` attached to the optimizer.
+* **Not detected**: ``GradScaler`` (its scaled gradients would be applied as they are) and
+  ``clip_grad_norm_`` (it would leave these weights out). Do not combine them with this.
+* Every backward that reaches these weights' Scaled-WS nodes applies the step, including a
+  ``torch.autograd.grad`` for the convs' gains: call :meth:`BackwardUpdate.remove` before
+  taking gradients for anything but a training step. The optimizer's step hooks hold the
+  update, so it ends with the optimizer (the returned handle need not be kept).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +66,14 @@ from normfree.optim.hooks import attached
 __all__ = ["BackwardUpdate", "update_in_backward"]
 
 _DTYPES = (torch.float32, torch.float64)
+
+
+def _processes() -> int:
+    """The number of processes of ``torch.distributed``'s default group (1 without one)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
 
 
 class BackwardUpdate:
@@ -89,6 +108,11 @@ class BackwardUpdate:
         for group in optimizer.param_groups:
             if group.get("differentiable", False):
                 raise ValueError("update_in_backward does not support differentiable=True")
+        if _processes() > 1:
+            raise ValueError(
+                "update_in_backward needs one process: with several, the gradients must be "
+                "all-reduced before the update"
+            )
         self.optimizer, self.agc = optimizer, agc
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self._weights: dict[int, Tensor] = {}
@@ -137,49 +161,78 @@ class BackwardUpdate:
         if agc is None or id(weight) in agc.excluded_ids:
             return 0.0
         clipping = group.get("clipping", agc.clipping)
-        return 0.0 if clipping is None else float(clipping)
+        if clipping is None:
+            return 0.0  # the kernel's "no clipping"
+        if not float(clipping) > 0.0:
+            raise RuntimeError(f"AGC clipping must be > 0 for update_in_backward, got {clipping}")
+        return float(clipping)
 
     def _updater(self, weight: Tensor):
-        def update(
-            grad_rows: Tensor, rows: Tensor, mean: Tensor, n_var: Tensor, gain: Tensor | None,
-            eps: float, gamma: float, need_gain: bool,
-        ) -> tuple[bool, Tensor | None]:  # fmt: skip
-            key = id(weight)
-            if key in self._updated:
-                raise RuntimeError(
-                    "a second backward through a weight that update_in_backward already updated "
-                    "in this step (gradient accumulation, or the weight used twice): call "
-                    "optimizer.step() after each backward, or remove() the BackwardUpdate"
-                )
-            ext = native.extension("scaled_ws")
-            if ext is None or weight.grad is not None or not weight.is_contiguous():
-                return False, None  # the gradient is written; optimizer.step() applies it
-            group = self._group(weight)
-            momentum = float(group["momentum"])
-            buffer = None
-            dampening = float(group["dampening"])
-            if momentum != 0.0:
-                state = self.optimizer.state[weight]
-                buffer = state.get("momentum_buffer")
-                if buffer is None:  # SGD's first step: the buffer is the gradient itself
-                    buffer = torch.zeros_like(weight, memory_format=torch.contiguous_format)
-                    state["momentum_buffer"] = buffer
-                    dampening = 0.0
-                elif not buffer.is_contiguous() or buffer.shape != weight.shape:
-                    return False, None
-                buffer = buffer.view(rows.shape)
-            clipping = self._clipping(weight, group)
-            agc_eps = self.agc.eps if self.agc is not None else 0.0
-            grad_gain = ext.scaled_ws_backward_sgd(
-                grad_rows, rows, mean, n_var, gain, buffer, eps, gamma, need_gain,
-                float(group["lr"]), momentum, dampening, float(group["weight_decay"]),
-                bool(group["nesterov"]), bool(group.get("maximize", False)), clipping, agc_eps,
-            )  # fmt: skip
-            torch.autograd.graph.increment_version(weight)
-            self._updated.add(key)
-            return True, grad_gain
+        # weak references only: the registry of normfree.nn.param_updates holds this function
+        # for as long as the weight lives, and this object lives as long as the optimizer whose
+        # hooks hold it; once that is gone, the backward writes the gradient again
+        owner, target = weakref.ref(self), weakref.ref(weight)
+
+        def update(*args) -> tuple[bool, Tensor | None]:
+            handle, w = owner(), target()
+            if handle is None or w is None:
+                return False, None
+            return handle._apply(w, *args)
 
         return update
+
+    def _apply(
+        self, weight: Tensor, grad_rows: Tensor, rows: Tensor, mean: Tensor, n_var: Tensor,
+        gain: Tensor | None, eps: float, gamma: float, need_gain: bool,
+    ) -> tuple[bool, Tensor | None]:  # fmt: skip
+        """The step for ``weight`` in its backward (the protocol of
+        :func:`normfree.nn.param_updates.set_backward_update`)."""
+        key = id(weight)
+        if key in self._updated:
+            raise RuntimeError(
+                "a second backward through a weight that update_in_backward already updated "
+                "in this step (gradient accumulation, or the weight used twice): call "
+                "optimizer.step() after each backward, or remove() the BackwardUpdate"
+            )
+        ext = native.extension("scaled_ws")
+        if ext is None or weight.grad is not None or not weight.is_contiguous():
+            return False, None  # the gradient is written; optimizer.step() applies it
+        self._check_attached()
+        group = self._group(weight)
+        momentum = float(group["momentum"])
+        buffer = fresh = None
+        dampening = float(group["dampening"])
+        if momentum != 0.0:  # (optimizer.state makes an entry when asked: SGD keeps none without)
+            buffer = self.optimizer.state[weight].get("momentum_buffer")
+            if buffer is None:  # SGD's first step: the buffer is the gradient itself
+                buffer = fresh = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+                dampening = 0.0
+            elif not buffer.is_contiguous() or buffer.shape != weight.shape:
+                return False, None
+        clipping = self._clipping(weight, group)
+        agc_eps = self.agc.eps if self.agc is not None else 0.0
+        grad_gain = ext.scaled_ws_backward_sgd(
+            grad_rows, rows, mean, n_var, gain, None if buffer is None else buffer.view(rows.shape),
+            eps, gamma, need_gain, float(group["lr"]), momentum, dampening,
+            float(group["weight_decay"]), bool(group["nesterov"]),
+            bool(group.get("maximize", False)), clipping, agc_eps,
+        )  # fmt: skip
+        if fresh is not None:
+            self.optimizer.state[weight]["momentum_buffer"] = fresh
+        torch.autograd.graph.increment_version(weight)
+        self._updated.add(key)
+        return True, grad_gain
+
+    def _check_attached(self) -> None:
+        """Refuse, before any weight moves, the step actions attached to the optimizer since
+        this update began that would act on gradients these weights never get."""
+        for action in attached(self.optimizer):
+            if action is not self.agc:
+                raise RuntimeError(
+                    f"{type(action).__name__} was attached to the optimizer after "
+                    "update_in_backward: it acts on gradients that the weights updated in the "
+                    "backward never get; remove() the BackwardUpdate first"
+                )
 
     def _check_before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict):
         for key in self._updated:

@@ -202,24 +202,32 @@ class Trainer(TrainerState):
         """``optim.update_in_backward``: SGD's step, with the AGC attached to the optimizer,
         applied to the Scaled-WS conv weights inside their native backward
         (:func:`normfree.optim.update_in_backward`), on CPU and in one process."""
+        t = self.cfg.train
         if self.info.device.type != "cpu":
-            log.info("optim.update_in_backward ignored: it runs in the native kernels, CPU only")
+            log.warning("optim.update_in_backward ignored: it runs in the native kernels, on CPU")
             return None
         if self.info.distributed:
             raise ConfigError(
                 "config key 'optim.update_in_backward' must be false with several processes: "
                 "the gradients must be all-reduced before the update"
             )
-        if self.cfg.train.channels_last and self.info.is_main:
+        plain = [key for key, on in (("train.compile", t.compile),
+                                     ("train.grad_checkpointing", t.grad_checkpointing))
+                 if on]  # fmt: skip
+        if t.channels_last:
+            plain.append("train.channels_last (for the k×k convs, not contiguous in that layout)")
+        if plain and self.info.is_main:
             log.warning(
-                "optim.update_in_backward with train.channels_last: the convs whose weights "
-                "are not contiguous in that layout (k×k kernels) are updated by the optimizer"
+                "optim.update_in_backward with %s: those weights get gradients and the "
+                "optimizer updates them as usual",
+                ", ".join(plain),
             )
         agc = next((a for a in attached(self.optimizer) if isinstance(a, AGC)), None)
         try:
             return update_in_backward(self.optimizer, self.model, agc=agc)
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"config key 'optim.update_in_backward': {err}") from err
+            hint = " (set optim.msr=false)" if "MeanShiftRejection" in str(err) else ""
+            raise ConfigError(f"config key 'optim.update_in_backward': {err}{hint}") from err
 
     def _apply_resume_changes(self, changes: dict[str, tuple[Any, Any]]) -> None:
         """A resume that changes the learning rate, schedule or clipping (diverged-run
@@ -282,9 +290,11 @@ class Trainer(TrainerState):
                     loss = (1.0 - w) * loss + w * soft
                 for cb in self.callbacks:
                     loss = cb.on_loss(self, number, loss)
-                if self.backward_update is None or bool(torch.isfinite(loss)):
+                if self.backward_update is None:
                     self.scaler.scale(loss / len(micro)).backward()
-                # else: the backward would update weights; the step is skipped below
+                elif bool(torch.isfinite(loss)):  # else the step is skipped below
+                    self._updating = True  # this backward updates weights: no save inside it
+                    self.scaler.scale(loss / len(micro)).backward()
             n = y.shape[0]
             sums[0] += loss.detach().double() * n
             sums[1] += n
