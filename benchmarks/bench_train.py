@@ -44,8 +44,8 @@ normfree:nf_resnet50:native,normfree:nf_resnet50:native:inbwd   # the step in th
 ``normfree train --compile`` uses: on CPU, inductor's ``conv_1x1_as_mm``) and the peers with
 ``torch.compile``'s defaults, as their users would.
 
-A ``:native:inbwd`` variant (given with ``--only``) also applies the SGD step of the model's
-Scaled-WS conv weights inside their native backward, fused with AGC
+A ``:native:inbwd`` variant (in the resnet50 and nfnet_f0 groups) also applies the SGD step
+of the model's Scaled-WS conv weights inside their native backward, fused with AGC
 (:func:`normfree.optim.update_in_backward`); its AGC share is that of the other parameters,
 and it is compared round by round with the ``:native`` row.
 
@@ -90,6 +90,7 @@ GROUPS: dict[str, list[str]] = {
         "torchvision:resnet50_nonorm",
         "normfree:nf_resnet50",
         "normfree:nf_resnet50:native",
+        "normfree:nf_resnet50:native:inbwd",
         "normfree:nf_resnet50:plain",
         "normfree:nf_resnet50:folded",
         "timm:nf_resnet50",
@@ -100,6 +101,7 @@ GROUPS: dict[str, list[str]] = {
         "timm:dm_nfnet_f0",
         "normfree:nfnet_f0",
         "normfree:nfnet_f0:native",
+        "normfree:nfnet_f0:native:inbwd",
         "normfree:nfnet_f0:native=tanh_gelu",
         "normfree:nfnet_f0:plain",
     ],
