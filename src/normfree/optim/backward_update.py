@@ -53,6 +53,7 @@ Rules:
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -84,7 +85,9 @@ class BackwardUpdate:
         weights: the names of the weights updated in the backward.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, agc: AGC | None = None):
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, model: nn.Module, agc: AGC | None = None
+    ) -> None:
         if type(optimizer) is not torch.optim.SGD:
             raise TypeError(
                 "update_in_backward applies torch.optim.SGD's step; got "
@@ -167,7 +170,7 @@ class BackwardUpdate:
             raise RuntimeError(f"AGC clipping must be > 0 for update_in_backward, got {clipping}")
         return float(clipping)
 
-    def _updater(self, weight: Tensor):
+    def _updater(self, weight: Tensor) -> Callable[..., tuple[bool, Tensor | None]]:
         # weak references only: the registry of normfree.nn.param_updates holds this function
         # for as long as the weight lives, and this object lives as long as the optimizer whose
         # hooks hold it; once that is gone, the backward writes the gradient again
@@ -234,7 +237,9 @@ class BackwardUpdate:
                     "backward never get; remove() the BackwardUpdate first"
                 )
 
-    def _check_before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict):
+    def _check_before_step(
+        self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict
+    ) -> None:
         for key in self._updated:
             if self._weights[key].grad is not None:
                 raise RuntimeError(

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normfree.nn import compile_options, native_kernels, native_kernels_enabled
-from normfree.optim import AGC, attached, update_in_backward
+from normfree.optim import AGC, BackwardUpdate, attached, update_in_backward
 from normfree.train import builders as B
 from normfree.train.allocator import release_heap, tune_malloc
 from normfree.train.callbacks import Callback
@@ -198,7 +198,7 @@ class Trainer(TrainerState):
         self._stop_requested = False
         self._updating = False
 
-    def _build_backward_update(self):
+    def _build_backward_update(self) -> BackwardUpdate | None:
         """``optim.update_in_backward``: SGD's step, with the AGC attached to the optimizer,
         applied to the Scaled-WS conv weights inside their native backward
         (:func:`normfree.optim.update_in_backward`), on CPU and in one process."""
