@@ -196,18 +196,19 @@ class _ScaledStandardizeNative(torch.autograd.Function):
         weight, gain, mean, n_var = ctx.saved_tensors
         needs_weight, needs_gain = ctx.needs_input_grad[:2]
         rows = weight.reshape(weight.shape[0], -1).contiguous()
+        grad_rows = grad_out.reshape(rows.shape).contiguous()
         update = backward_update(weight) if needs_weight else None
         if update is not None:  # an optimizer step applied here (normfree.optim.backward_update)
             need_gain = needs_gain and gain is not None
             applied, grad_gain = update(
-                grad_out.reshape(rows.shape).contiguous(), rows, mean, n_var,
-                None if gain is None else gain.contiguous(), ctx.eps, ctx.gamma, need_gain,
+                grad_rows, rows, mean, n_var, None if gain is None else gain.contiguous(),
+                ctx.eps, ctx.gamma, need_gain,
             )  # fmt: skip
             if applied:
                 return None, grad_gain if need_gain else None, None, None
         want_norm = needs_weight and wants_grad_norms(weight, ctx.forward_number)
         grad_weight, grad_gain, grad_norm = ctx.ext.scaled_ws_backward(
-            grad_out.reshape(rows.shape).contiguous(), rows, mean, n_var,
+            grad_rows, rows, mean, n_var,
             None if gain is None else gain.contiguous(), ctx.eps, ctx.gamma,
             needs_weight, needs_gain and gain is not None, want_norm,
         )  # fmt: skip

@@ -131,6 +131,7 @@ class BackwardUpdate:
                 "no float32/float64 Scaled-WS conv weight of the model is in the optimizer"
             )
         self._updated: set[int] = set()  # weights updated since the last optimizer step
+        self._where: dict[int, tuple[int, int]] = {}  # id(weight) → (group, place) last found
         self._hooks = [
             optimizer.register_step_pre_hook(self._check_before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -150,10 +151,19 @@ class BackwardUpdate:
         self._hooks = []
 
     def _group(self, weight: Tensor) -> dict:
-        # looked up at each backward: load_state_dict replaces the group dicts
-        for group in self.optimizer.param_groups:
-            if any(p is weight for p in group["params"]):
-                return group
+        # where the weight was last found, checked at each backward: load_state_dict replaces
+        # the group dicts (and keeps the parameters' places)
+        groups = self.optimizer.param_groups
+        where = self._where.get(id(weight))
+        if where is not None and where[0] < len(groups):
+            params = groups[where[0]]["params"]
+            if where[1] < len(params) and params[where[1]] is weight:
+                return groups[where[0]]
+        for k, group in enumerate(groups):
+            for j, p in enumerate(group["params"]):
+                if p is weight:
+                    self._where[id(weight)] = (k, j)
+                    return group
         raise RuntimeError(
             "a weight updated in the backward is no longer in the optimizer; call remove() "
             "on the BackwardUpdate before changing the optimizer's parameters"
@@ -200,7 +210,8 @@ class BackwardUpdate:
         ext = native.extension("scaled_ws")
         if ext is None or weight.grad is not None or not weight.is_contiguous():
             return False, None  # the gradient is written; optimizer.step() applies it
-        self._check_attached()
+        if not self._updated:  # the first weight of this step
+            self._check_attached()
         group = self._group(weight)
         momentum = float(group["momentum"])
         buffer = fresh = None

@@ -58,32 +58,51 @@ inline void ws_forward_row_out(const T* x, const T* x_next, T* y, T m, T scale, 
   }
 }
 
-// One row of dL/dW = scale * g - shift - coef * (x - m), with the rows g_next and x_next
-// requested meanwhile; returns the row's squared norm when WithNorm (else 0), summed in
-// kLanes partial sums and then the tail, in the order of row_sum.
-template <bool WithNorm, typename T>
-inline T ws_backward_row_out(const T* g, const T* x, const T* g_next, const T* x_next, T* out,
+// One row of dL/dW = scale * g - shift - coef * (x - m): written to out when Write, its
+// squared norm returned when WithNorm (else 0), summed in kLanes partial sums and then the
+// tail, in the order of row_sum; the rows ahead_a and ahead_b (either may be null) are
+// requested meanwhile.
+template <bool WithNorm, bool Write, typename T>
+inline T ws_backward_row_out(const T* g, const T* x, const T* ahead_a, const T* ahead_b, T* out,
                              T m, T scale, T shift, T coef, int64_t n) {
   const int64_t whole = n - n % kLanes;
   T acc[kLanes] = {};
   for (int64_t b = 0; b < whole; b += kBlock) {
     const int64_t stop = std::min(whole, b + kBlock);
-    prefetch_block(g_next + b, stop - b);
-    prefetch_block(x_next + b, stop - b);
+    if (ahead_a) prefetch_block(ahead_a + b, stop - b);
+    if (ahead_b) prefetch_block(ahead_b + b, stop - b);
     for (int64_t j = b; j < stop; j += kLanes)
       for (int l = 0; l < kLanes; ++l) {
         const T v = scale * g[j + l] - shift - coef * (x[j + l] - m);
-        out[j + l] = v;
+        if constexpr (Write) out[j + l] = v;
         if constexpr (WithNorm) acc[l] += v * v;
       }
   }
   T sq = lane_sum(acc);
   for (int64_t j = whole; j < n; ++j) {
     const T v = scale * g[j] - shift - coef * (x[j] - m);
-    out[j] = v;
+    if constexpr (Write) out[j] = v;
     if constexpr (WithNorm) sq += v * v;
   }
   return sq;
+}
+
+// The per-row constants of dL/dW = scale * g - shift - coef * (x - m) (header comment) from the
+// row's two sums; also dL/dgain.
+template <typename T>
+struct RowGrad {
+  T scale, shift, coef, grad_gain;
+};
+
+template <typename T>
+inline RowGrad<T> ws_row_grad(const T* g, const T* x, T m, T n_var, T gain, int64_t n, T eps,
+                              T gamma) {
+  // two sweeps of the row (the second from cache), each with one set of partial sums
+  const T sum_g = row_sum(g, n), sum_gc = row_centred_dot(g, x, m, n);
+  const T rstd = T(1) / std::sqrt(std::max(n_var, eps));
+  const T scale = gain * gamma * rstd;
+  const T coef = n_var < eps ? T(0) : scale * rstd * rstd * sum_gc;  // 0 where floored
+  return {scale, scale * sum_g / static_cast<T>(n), coef, gamma * rstd * sum_gc};
 }
 
 template <typename T>
@@ -112,51 +131,23 @@ void ws_backward_rows(const T* dy, const T* w, const T* mean, const T* n_var, co
       const T* g = dy + r * n;
       const T* x = w + r * n;
       const T m = mean[r];
-      // two sweeps of the row (the second from cache), each with one set of partial sums
-      const T sum_g = row_sum(g, n), sum_gc = row_centred_dot(g, x, m, n);
-      const bool floored = n_var[r] < eps;
-      const T rstd = T(1) / std::sqrt(std::max(n_var[r], eps));
-      if (grad_gain) grad_gain[r] = gamma * rstd * sum_gc;
+      const RowGrad<T> d =
+          ws_row_grad(g, x, m, n_var[r], gain ? gain[r] : T(1), n, eps, gamma);
+      if (grad_gain) grad_gain[r] = d.grad_gain;
       if (grad_w) {
-        const T scale = (gain ? gain[r] : T(1)) * gamma * rstd;
-        const T shift = scale * sum_g / static_cast<T>(n);
-        const T coef = floored ? T(0) : scale * rstd * rstd * sum_gc;
         const T *g_next = next_row(g, r, end, n), *x_next = next_row(x, r, end, n);
         T* row = grad_w + r * n;
         if (grad_norm)
-          grad_norm[r] = std::sqrt(
-              ws_backward_row_out<true>(g, x, g_next, x_next, row, m, scale, shift, coef, n));
+          grad_norm[r] = std::sqrt(ws_backward_row_out<true, true>(
+              g, x, g_next, x_next, row, m, d.scale, d.shift, d.coef, n));
         else
-          ws_backward_row_out<false>(g, x, g_next, x_next, row, m, scale, shift, coef, n);
+          ws_backward_row_out<false, true>(g, x, g_next, x_next, row, m, d.scale, d.shift,
+                                           d.coef, n);
       }
     }
   });
 }
 
-
-// sum of (scale * g - shift - coef * (x - m))^2 over one row (the norm of dL/dW_o before it is
-// clipped), from cache, with the row b (the momentum buffer's, read next) requested meanwhile.
-template <typename T>
-inline T ws_grad_square_sum(const T* g, const T* x, const T* b, T m, T scale, T shift, T coef,
-                            int64_t n) {
-  const int64_t whole = n - n % kLanes;
-  T acc[kLanes] = {};
-  for (int64_t b0 = 0; b0 < whole; b0 += kBlock) {
-    const int64_t stop = std::min(whole, b0 + kBlock);
-    if (b) prefetch_block(b + b0, stop - b0);
-    for (int64_t j = b0; j < stop; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        const T v = scale * g[j + l] - shift - coef * (x[j + l] - m);
-        acc[l] += v * v;
-      }
-  }
-  T sq = lane_sum(acc);
-  for (int64_t j = whole; j < n; ++j) {
-    const T v = scale * g[j] - shift - coef * (x[j] - m);
-    sq += v * v;
-  }
-  return sq;
-}
 
 // One step of torch.optim.SGD with the row's gradient d = sign * (scale*g - shift - coef*(x - m)):
 //   d += weight_decay * x;  b = momentum * b + damp * d;  d = Nesterov ? d + momentum * b : b;
@@ -200,29 +191,28 @@ void ws_backward_sgd_rows(const T* dy, T* w, const T* mean, const T* n_var, cons
       T* x = w + r * n;
       T* b = Momentum ? buf + r * n : nullptr;
       const T m = mean[r];
-      const T sum_g = row_sum(g, n), sum_gc = row_centred_dot(g, (const T*)x, m, n);
-      const bool floored = n_var[r] < eps;
-      const T rstd = T(1) / std::sqrt(std::max(n_var[r], eps));
-      if (grad_gain) grad_gain[r] = gamma * rstd * sum_gc;
-      T scale = (gain ? gain[r] : T(1)) * gamma * rstd;
-      T shift = scale * sum_g / static_cast<T>(n);
-      T coef = floored ? T(0) : scale * rstd * rstd * sum_gc;
+      RowGrad<T> d =
+          ws_row_grad(g, (const T*)x, m, n_var[r], gain ? gain[r] : T(1), n, eps, gamma);
+      if (grad_gain) grad_gain[r] = d.grad_gain;
       if (clipping > T(0)) {  // AGC: ||dL/dW_o|| against clipping * max(||W_o||, agc_eps)
-        const T norm = std::sqrt(ws_grad_square_sum(g, (const T*)x, (const T*)b, m, scale,
-                                                    shift, coef, n));
+        // the norm as the plain backward sums it (the same clipping decision), from cache,
+        // with this row of the momentum buffer requested meanwhile
+        const T norm = std::sqrt(ws_backward_row_out<true, false>(
+            g, (const T*)x, (const T*)b, (const T*)nullptr, (T*)nullptr, m, d.scale, d.shift,
+            d.coef, n));
         const T limit = clipping * std::max(std::sqrt(n_var[r] + static_cast<T>(n) * m * m),
                                             agc_eps);
         if (norm > limit) {
           const T factor = limit / std::max(norm, T(1e-6));
-          scale *= factor;
-          shift *= factor;
-          coef *= factor;
+          d.scale *= factor;
+          d.shift *= factor;
+          d.coef *= factor;
         }
       }
       const T* b_row = b ? (const T*)b : (const T*)x;
       ws_sgd_row<Momentum, Nesterov, WeightDecay>(
           g, x, b, next_row(g, r, end, n), next_row((const T*)x, r, end, n),
-          next_row(b_row, r, end, n), m, scale, shift, coef, step, n);
+          next_row(b_row, r, end, n), m, d.scale, d.shift, d.coef, step, n);
     }
   });
 }
