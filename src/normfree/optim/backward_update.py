@@ -8,7 +8,7 @@ against ``clipping·max(‖W_o‖, eps)`` (‖W_o‖ from the forward's statisti
 row of the weight and of its momentum buffer in place. No gradient is written for these weights
 and none is read back, so a step moves 5 weight-sized streams through memory for them instead
 of 3 (backward) + 1 (AGC's norms) + 8 (PyTorch's per-tensor SGD). On nf_resnet50 and NFNet-F0
-at b8 @128² on 2 CPU cores a training step takes 0.95–0.97× the time with the native kernels
+at b8 @128² on 2 CPU cores a training step takes 0.94–0.97× the time with the native kernels
 alone, and the conv-weight gradients (90 / 177 MiB) are never allocated (docs/benchmarks.md,
 "Nineteenth pass").
 

@@ -113,7 +113,7 @@ class OptimConfig:
         False,
         "apply SGD's step, with AGC, to the Scaled-WS conv weights inside their native backward "
         "(CPU, train.native_kernels on; normfree.optim.update_in_backward): the same update, "
-        "no gradient memory for those weights, a step 0.95-0.97x the time; needs optim.name "
+        "no gradient memory for those weights, a step 0.94-0.97x the time; needs optim.name "
         "sgd, train.accum_steps 1, no fp16, no clip_grad_norm, no MSR and one process",
     )
 
