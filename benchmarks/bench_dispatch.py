@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # SGD in its foreach form, CUDA's default (its fused kernel has no meta implementation)
     args.channels_last, args.precision, args.clock = False, "fp32", "wall"
-    args.fused_optimizer = False
+    args.fused_optimizer, args.optimizer = False, "sgd"
     meta = torch.device("meta")
     print(f"torch {torch.__version__} | meta device (CUDA's code paths) | "
           f"batch {args.batch} @{args.size}² | SGD foreach")  # fmt: skip

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     floor = None
     if not args.no_floor:
         ns = argparse.Namespace(batch=args.batch, size=args.size, channels_last=False,
-                                fused_optimizer=False)  # fmt: skip
+                                fused_optimizer=False, optimizer="sgd")  # fmt: skip
         try:
             floor = make_variant("torchvision:resnet50_nonorm", ns, torch.device("cpu"))
             steps["floor step"] = floor.train

@@ -2,7 +2,8 @@
 BatchNorm ResNet-50 and the "no-norm" floor, interleaved round by round in one process.
 
 A train step is ``zero_grad → forward → cross-entropy → backward → AGC (λ = 0.01, classifier
-excluded; only for the models trained with it) → SGD-momentum step``; an eval step is a
+excluded; only for the models trained with it) → SGD-momentum step`` (``--optimizer adamw``:
+AdamW with weight decay 0.05); an eval step is a
 ``torch.no_grad`` forward in eval mode. "no-norm" is torchvision's ResNet-50 with every
 BatchNorm replaced by ``nn.Identity``: the same convolutions and nothing else, the floor any
 normalizer-free ResNet-50 can reach. Within each group every variant runs once per round in a
@@ -39,12 +40,14 @@ normfree:nf_resnet50:folded --group resnet50      # extra variants: :sd, :folded
 torchvision:resnet50_nonorm:fastpool,normfree:nf_resnet50   # the floor with normfree's pool
     python benchmarks/bench_train.py --group resnet50 --only torchvision:resnet50_nonorm,\
 normfree:nf_resnet50:native,normfree:nf_resnet50:native:inbwd   # the step in the backward
+    python benchmarks/bench_train.py --group resnet50 --optimizer adamw --only \
+normfree:nf_resnet50:native,normfree:nf_resnet50:native:inbwd   # AdamW's step, the same
 
 ``--compile`` compiles normfree's models with :func:`normfree.nn.compile_options` (what
 ``normfree train --compile`` uses: on CPU, inductor's ``conv_1x1_as_mm``) and the peers with
 ``torch.compile``'s defaults, as their users would.
 
-A ``:native:inbwd`` variant (in the resnet50 and nfnet_f0 groups) also applies the SGD step
+A ``:native:inbwd`` variant (in the resnet50 and nfnet_f0 groups) also applies the optimizer's step
 of the model's Scaled-WS conv weights inside their native backward, fused with AGC
 (:func:`normfree.optim.update_in_backward`); its AGC share is that of the other parameters,
 and it is compared round by round with the ``:native`` row.
@@ -201,7 +204,7 @@ class Variant:
 COMPILED = "+compile"  # suffix of a variant's torch.compile'd twin (``--compile``)
 
 
-IN_BACKWARD = ":inbwd"  # suffix: the Scaled-WS weights' SGD step inside their backward
+IN_BACKWARD = ":inbwd"  # suffix: the Scaled-WS weights' optimizer step inside their backward
 
 
 def _native_choice(spec: str) -> bool | list[str]:
@@ -227,7 +230,10 @@ def make_variant(spec: str, args: argparse.Namespace, device: torch.device) -> V
     fused = {"fused": True} if args.fused_optimizer else {}
     if device.type == "meta" and not fused:  # bench_dispatch: SGD's form on CUDA by default
         fused = {"foreach": True}
-    opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9, **fused)
+    if args.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05, **fused)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9, **fused)
     clip = _agc(spec.removesuffix(COMPILED), model, opt)
     if spec.removesuffix(COMPILED).endswith(IN_BACKWARD):
         if not spec.startswith("normfree:") or not _native_choice(spec.removesuffix(COMPILED)):
@@ -313,7 +319,7 @@ def _child_peak(spec: str, args: argparse.Namespace) -> float:
         cmd.append("--channels-last")
     if args.fused_optimizer:
         cmd.append("--fused-optimizer")
-    cmd += ["--precision", args.precision, "--malloc", args.malloc]
+    cmd += ["--precision", args.precision, "--malloc", args.malloc, "--optimizer", args.optimizer]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         return float("nan")
@@ -468,8 +474,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="bf16: forward and loss under torch.autocast (as normfree train's "
                         "train.precision=bf16)")
     parser.add_argument("--fused-optimizer", action="store_true",
-                        help="PyTorch's fused SGD for every variant (normfree train's default "
-                        "where available) instead of its per-tensor loop")
+                        help="PyTorch's fused SGD/AdamW for every variant (normfree train's "
+                        "default where available) instead of its per-tensor loop")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                        help="every variant's optimizer: SGD with momentum 0.9, or AdamW with "
+                        "weight decay 0.05 (lr 1e-5)")
     parser.add_argument("--quick", action="store_true", help="3 rounds, no memory column")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--batch", type=int, default=8)
@@ -513,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{cpu_name()} | {where} | "
         f"{torch.get_num_threads()} threads | batch {args.batch} @{args.size}² | "
         f"{args.rounds} rounds | {args.clock} clock | compile={args.compile} "
-        f"channels_last={args.channels_last} fused_optimizer={args.fused_optimizer} "
+        f"channels_last={args.channels_last} optimizer={args.optimizer} "
+        f"fused_optimizer={args.fused_optimizer} "
         f"precision={args.precision} | {malloc} | "
         f"load {load:.1f}"
     )

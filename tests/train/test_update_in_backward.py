@@ -1,7 +1,7 @@
-"""``optim.update_in_backward`` in ``normfree train``: the SGD step of the Scaled-WS conv
-weights inside their native backward (normfree.optim.update_in_backward) trains to the same
-weights as the plain run, skips a non-finite step without touching them, resumes, and each
-setting it cannot serve is a one-line config error."""
+"""``optim.update_in_backward`` in ``normfree train``: the SGD or AdamW step of the Scaled-WS
+conv weights inside their native backward (normfree.optim.update_in_backward) trains to the
+same weights as the plain run, skips a non-finite step without touching them, resumes, and
+each setting it cannot serve is a one-line config error."""
 
 from __future__ import annotations
 
@@ -87,10 +87,34 @@ def test_resume_keeps_the_momentum_buffers(
     _assert_close(_weights(Path(whole.out_dir)), _weights(Path(crashed.out_dir)))
 
 
+@pytest.mark.parametrize("fused_optimizer", [False, True])
+def test_an_adamw_run_equals_the_plain_run(
+    kernels, make_cfg: Callable[..., Config], random_run: list[str], fused_optimizer: bool
+) -> None:
+    """AdamW (decoupled weight decay, the trainer's AGC) with its step inside the backward
+    trains to the plain run's weights and optimizer state (step counts, moments), with
+    PyTorch's per-tensor and fused AdamW as the plain step."""
+    common = [*random_run, "train.native_kernels=true", "optim.name=adamw", "optim.lr=0.001",
+              "optim.weight_decay=0.05", f"optim.fused={str(fused_optimizer).lower()}"]  # fmt: skip
+    states = {}
+    for fused in (False, True):
+        cfg = make_cfg(*common, f"optim.update_in_backward={str(fused).lower()}", out=f"a{fused}")
+        assert train(cfg)["status"] == "completed"
+        states[fused] = torch.load(Path(cfg.out_dir) / "last.pt", weights_only=True)
+    _assert_close(states[False]["model"], states[True]["model"])
+    plain, inbwd = (states[f]["optimizer"]["state"] for f in (False, True))
+    assert plain.keys() == inbwd.keys()
+    for k in plain:
+        assert plain[k].keys() == inbwd[k].keys() == {"step", "exp_avg", "exp_avg_sq"}
+        assert torch.equal(plain[k]["step"], inbwd[k]["step"])
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(inbwd[k][name], plain[k][name], rtol=1e-3, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     ("override", "key"),
     [
-        ("optim.name=adamw", "optim.name"),
+        ("optim.name=rmsprop", "optim.name"),
         ("train.accum_steps=2", "train.accum_steps"),
         ("train.precision=fp16", "train.precision"),
         ("optim.clip_grad_norm=1.0", "optim.clip_grad_norm"),

@@ -14,7 +14,8 @@ Two kernel pairs (``csrc/module.cpp``):
   gradients: AGC's cost in an nf_resnet50 step about halves. The numbers are the formula's to
   float rounding: float64 equal to the analytic function to ~1e-14, and the ``N·Var`` floor
   handled exactly as the official code (the variance term of the backward vanishes where it is
-  active).
+  active). The same row sweep can apply an optimizer step instead of writing ∂L/∂W
+  (``csrc/scaled_ws_update.h``; :func:`normfree.optim.update_in_backward`).
 * The tanh-GELU of NFNets (:class:`normfree.nn.activations.TanhGELU`, float32) forward and
   backward in one pass each (``csrc/tanh_gelu.h``): 2–3× faster than the op path and PyTorch's
   kernel, within a few ulps of the float64 formula; ≈ 3.5 % of an NFNet-F0 training step on CPU.
@@ -207,11 +208,14 @@ def _build() -> ModuleType | None:
             build_directory=str(_build_directory()),
             sources=[str(_SOURCE)],
             # -fno-trapping-math: GCC may then vectorise loops with selects (tanh_gelu.h);
-            # no result changes, only the floating-point exception flags go unmodelled
+            # -fno-math-errno: and loops with a square root (Adam's step, scaled_ws_update.h),
+            # which it otherwise calls one element at a time to set errno for a negative input.
+            # No result changes: the exception flags and errno go unmodelled
             extra_cflags=[
                 "-O3",
                 "-fopenmp",
                 "-fno-trapping-math",
+                "-fno-math-errno",
                 f"-DNORMFREE_SOURCES={_sources_digest()}",
             ],
             extra_ldflags=["-fopenmp"],

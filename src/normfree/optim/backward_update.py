@@ -1,16 +1,19 @@
 """The optimizer step of the Scaled-WS conv weights applied inside their backward, fused with
-adaptive gradient clipping (Brock et al. 2021b, eq. 3), for ``torch.optim.SGD``.
+adaptive gradient clipping (Brock et al. 2021b, eq. 3), for ``torch.optim.SGD``, ``Adam`` and
+``AdamW``.
 
 A Scaled-WS conv's native backward (:mod:`normfree.nn.native`) computes ∂L/∂W one output unit
-(one row of the weight) at a time. AGC clips per unit, and SGD updates element by element, so
-both can run on the row while it is still in cache: the row's gradient is computed, clipped
-against ``clipping·max(‖W_o‖, eps)`` (‖W_o‖ from the forward's statistics) and applied to the
-row of the weight and of its momentum buffer in place. No gradient is written for these weights
-and none is read back, so a step moves 5 weight-sized streams through memory for them instead
-of 3 (backward) + 1 (AGC's norms) + 8 (PyTorch's per-tensor SGD). On nf_resnet50 and NFNet-F0
-at b8 @128² on 2 CPU cores a training step takes 0.94–0.97× the time with the native kernels
-alone, and the conv-weight gradients (90 / 177 MiB) are never allocated (docs/benchmarks.md,
-"Nineteenth pass").
+(one row of the weight) at a time. AGC clips per unit, and the optimizers update element by
+element, so both can run on the row while it is still in cache: the row's gradient is computed,
+clipped against ``clipping·max(‖W_o‖, eps)`` (‖W_o‖ from the forward's statistics) and applied
+to the row of the weight and of the optimizer's state in place (``csrc/scaled_ws_update.h``).
+No gradient is written for these weights and none is read back. For SGD with momentum a step
+then moves 5 weight-sized streams through memory for them instead of 3 (backward) + 1 (AGC's
+norms) + 8 (PyTorch's per-tensor SGD), and for Adam 7 instead of 3 + 1 + 20 (PyTorch's
+per-tensor Adam; 7 with its fused kernel). On nf_resnet50 and NFNet-F0 at b8 @128² on 2 CPU
+cores an SGD training step takes 0.94–0.97× the time with the native kernels alone, and the
+conv-weight gradients (90 / 177 MiB) are never allocated (docs/benchmarks.md, "Nineteenth
+pass"; Adam: "Twentieth pass").
 
 This is PyTorch's optimizer-in-backward pattern, so it holds only for one backward per
 optimizer step::
@@ -26,11 +29,15 @@ optimizer step::
 
 Rules:
 
-* The update uses the weight's param group as it is at the backward (``lr``, ``momentum``,
-  ``dampening``, ``weight_decay``, ``nesterov``, ``maximize``; a schedule that changes ``lr``
-  after ``opt.step()`` acts on the next backward, as on the next step), and keeps its momentum
-  buffer where SGD does (``opt.state[w]["momentum_buffer"]``), so ``state_dict`` and resuming
-  are unchanged. The numbers equal those of AGC followed by ``opt.step()`` to rounding.
+* The update uses the weight's param group as it is at the backward (SGD: ``lr``,
+  ``momentum``, ``dampening``, ``weight_decay``, ``nesterov``, ``maximize``; Adam/AdamW:
+  ``lr``, ``betas``, ``eps``, ``weight_decay``, ``amsgrad``, ``maximize`` and whether the
+  decay is decoupled; a schedule that changes ``lr`` after ``opt.step()`` acts on the next
+  backward, as on the next step), and keeps the state where the optimizer does (SGD's
+  ``opt.state[w]["momentum_buffer"]``; Adam's ``step``, ``exp_avg``, ``exp_avg_sq`` and
+  ``max_exp_avg_sq``), so ``state_dict`` and resuming are unchanged. The numbers equal those
+  of AGC followed by ``opt.step()`` to rounding. ``differentiable`` and ``capturable`` groups
+  are refused.
 * It runs where the native Scaled-WS kernels run (eager CPU, float32/float64, a contiguous
   weight). Elsewhere the gradient is written and ``opt.step()`` updates the weight as usual.
 * One backward per step. A second backward through an updated weight before ``opt.step()``
@@ -67,6 +74,21 @@ from normfree.optim.hooks import attached
 __all__ = ["BackwardUpdate", "update_in_backward"]
 
 _DTYPES = (torch.float32, torch.float64)
+_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+def _fits(state: Tensor, weight: Tensor) -> bool:
+    """Whether an optimizer state tensor can be updated in place as the weight's rows."""
+    return state.is_contiguous() and state.shape == weight.shape and state.dtype == weight.dtype
+
+
+def _adam_step_dtype(group: dict) -> torch.dtype:
+    """The dtype of the step count that ``torch.optim.Adam`` makes for a new state (torch 2.x):
+    float32 for its fused kernel, otherwise float64 under a float64 default dtype, else
+    float32."""
+    if group.get("fused"):
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def _processes() -> int:
@@ -88,9 +110,9 @@ class BackwardUpdate:
     def __init__(
         self, optimizer: torch.optim.Optimizer, model: nn.Module, agc: AGC | None = None
     ) -> None:
-        if type(optimizer) is not torch.optim.SGD:
+        if type(optimizer) not in _OPTIMIZERS:
             raise TypeError(
-                "update_in_backward applies torch.optim.SGD's step; got "
+                "update_in_backward applies the step of torch.optim.SGD, Adam or AdamW; got "
                 f"{type(optimizer).__name__}: use the plain path (no update_in_backward)"
             )
         if not isinstance(model, nn.Module):
@@ -109,8 +131,9 @@ class BackwardUpdate:
                     "updated in the backward are clipped too"
                 )
         for group in optimizer.param_groups:
-            if group.get("differentiable", False):
-                raise ValueError("update_in_backward does not support differentiable=True")
+            for flag in ("differentiable", "capturable"):
+                if group.get(flag, False):
+                    raise ValueError(f"update_in_backward does not support {flag}=True")
         if _processes() > 1:
             raise ValueError(
                 "update_in_backward needs one process: with several, the gradients must be "
@@ -213,6 +236,21 @@ class BackwardUpdate:
         if not self._updated:  # the first weight of this step
             self._check_attached()
         group = self._group(weight)
+        clipping = self._clipping(weight, group)
+        agc = (clipping, self.agc.eps if self.agc is not None else 0.0)
+        step = self._adam if isinstance(self.optimizer, torch.optim.Adam) else self._sgd
+        applied, grad_gain = step(ext, weight, group, (grad_rows, rows, mean, n_var, gain),
+                                  (eps, gamma, need_gain), agc)  # fmt: skip
+        if applied:
+            torch.autograd.graph.increment_version(weight)
+            self._updated.add(key)
+        return applied, grad_gain
+
+    def _sgd(
+        self, ext, weight: Tensor, group: dict, tensors: tuple, ws: tuple, agc: tuple
+    ) -> tuple[bool, Tensor | None]:
+        """``torch.optim.SGD``'s step in the backward, as :meth:`_apply` returns it: not
+        applied where the momentum buffer is not one the kernel can update in place."""
         momentum = float(group["momentum"])
         buffer = fresh = None
         dampening = float(group["dampening"])
@@ -221,20 +259,46 @@ class BackwardUpdate:
             if buffer is None:  # SGD's first step: the buffer is the gradient itself
                 buffer = fresh = torch.zeros_like(weight, memory_format=torch.contiguous_format)
                 dampening = 0.0
-            elif not buffer.is_contiguous() or buffer.shape != weight.shape:
+            elif not _fits(buffer, weight):
                 return False, None
-        clipping = self._clipping(weight, group)
-        agc_eps = self.agc.eps if self.agc is not None else 0.0
         grad_gain = ext.scaled_ws_backward_sgd(
-            grad_rows, rows, mean, n_var, gain, None if buffer is None else buffer.view(rows.shape),
-            eps, gamma, need_gain, float(group["lr"]), momentum, dampening,
-            float(group["weight_decay"]), bool(group["nesterov"]),
-            bool(group.get("maximize", False)), clipping, agc_eps,
+            *tensors, None if buffer is None else buffer.view(tensors[1].shape), *ws,
+            float(group["lr"]), momentum, dampening, float(group["weight_decay"]),
+            bool(group["nesterov"]), bool(group.get("maximize", False)), *agc,
         )  # fmt: skip
         if fresh is not None:
             self.optimizer.state[weight]["momentum_buffer"] = fresh
-        torch.autograd.graph.increment_version(weight)
-        self._updated.add(key)
+        return True, grad_gain
+
+    def _adam(
+        self, ext, weight: Tensor, group: dict, tensors: tuple, ws: tuple, agc: tuple
+    ) -> tuple[bool, Tensor | None]:
+        """``torch.optim.Adam``'s or ``AdamW``'s step in the backward, with the step count and
+        moments kept in the optimizer's state as Adam keeps them, as :meth:`_apply` returns
+        it: not applied where the state is not one the kernel can update in place."""
+        state = self.optimizer.state[weight]
+        names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+        fresh = None
+        if len(state) == 0:  # Adam's lazy initialization, as its first step would make it
+            fresh = {"step": torch.tensor(0.0, dtype=_adam_step_dtype(group))}
+            for name in names:
+                fresh[name] = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        moments = fresh if fresh is not None else state
+        if not all(name in moments and _fits(moments[name], weight) for name in names):
+            return False, None  # optimizer.step() takes it (and says what is missing)
+        t = float(moments["step"]) + 1.0
+        lr, (beta1, beta2) = float(group["lr"]), (float(b) for b in group["betas"])
+        shape = tensors[1].shape
+        grad_gain = ext.scaled_ws_backward_adam(
+            *tensors, moments["exp_avg"].view(shape), moments["exp_avg_sq"].view(shape),
+            moments["max_exp_avg_sq"].view(shape) if group["amsgrad"] else None, *ws,
+            lr, beta1, beta2, float(group["eps"]), float(group["weight_decay"]),
+            bool(group.get("decoupled_weight_decay", False)), bool(group["maximize"]),
+            lr / (1.0 - beta1**t), (1.0 - beta2**t) ** 0.5, *agc,
+        )  # fmt: skip
+        moments["step"] += 1
+        if fresh is not None:
+            state.update(fresh)
         return True, grad_gain
 
     def _check_attached(self) -> None:
@@ -266,8 +330,9 @@ class BackwardUpdate:
 def update_in_backward(
     optimizer: torch.optim.Optimizer, model: nn.Module, agc: AGC | None = None
 ) -> BackwardUpdate:
-    """Apply ``optimizer``'s step (``torch.optim.SGD``) to ``model``'s Scaled-WS conv weights
-    inside their native backward, clipped by ``agc`` (the :class:`~normfree.optim.AGC` attached
-    to ``optimizer``, if any), instead of writing their gradients (module docstring). Returns
-    the :class:`BackwardUpdate`; its :meth:`~BackwardUpdate.remove` restores the plain path."""
+    """Apply ``optimizer``'s step (``torch.optim.SGD``, ``Adam`` or ``AdamW``; not a subclass,
+    whose step may differ) to ``model``'s Scaled-WS conv weights inside their native backward,
+    clipped by ``agc`` (the :class:`~normfree.optim.AGC` attached to ``optimizer``, if any),
+    instead of writing their gradients (module docstring). Returns the
+    :class:`BackwardUpdate`; its :meth:`~BackwardUpdate.remove` restores the plain path."""
     return BackwardUpdate(optimizer, model, agc=agc)

@@ -111,10 +111,11 @@ class OptimConfig:
     )
     update_in_backward: bool = _f(
         False,
-        "apply SGD's step, with AGC, to the Scaled-WS conv weights inside their native backward "
-        "(CPU, train.native_kernels on; normfree.optim.update_in_backward): the same update, "
-        "no gradient memory for those weights, a step 0.94-0.97x the time; needs optim.name "
-        "sgd, train.accum_steps 1, no fp16, no clip_grad_norm, no MSR and one process",
+        "apply the optimizer's step (SGD, Adam or AdamW), with AGC, to the Scaled-WS conv "
+        "weights inside their native backward (CPU, train.native_kernels on; "
+        "normfree.optim.update_in_backward): the same update, no gradient memory for those "
+        "weights, an SGD step 0.94-0.97x the time; needs optim.name sgd, adam or adamw, "
+        "train.accum_steps 1, no fp16, no clip_grad_norm, no MSR and one process",
     )
 
 
@@ -313,9 +314,9 @@ def validate_config(cfg: Config) -> None:
     need(o.clipping > 0, "optim.clipping", "> 0")
     need(o.agc_eps > 0, "optim.agc_eps", "> 0")
     need(o.clip_grad_norm is None or o.clip_grad_norm > 0, "optim.clip_grad_norm", "> 0 or null")
-    if o.update_in_backward:  # an optimizer step inside the backward: one backward, SGD's step
+    if o.update_in_backward:  # an optimizer step inside the backward: one backward per step
         for ok, key, rule in (
-            (o.name == "sgd", "optim.name", "sgd"),
+            (o.name in ("sgd", "adam", "adamw"), "optim.name", "sgd, adam or adamw"),
             (t.accum_steps == 1, "train.accum_steps", "1"),
             (t.precision != "fp16", "train.precision", "fp32 or bf16 (no GradScaler)"),
             (o.clip_grad_norm is None, "optim.clip_grad_norm", "null"),

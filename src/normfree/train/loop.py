@@ -199,9 +199,10 @@ class Trainer(TrainerState):
         self._updating = False
 
     def _build_backward_update(self) -> BackwardUpdate | None:
-        """``optim.update_in_backward``: SGD's step, with the AGC attached to the optimizer,
-        applied to the Scaled-WS conv weights inside their native backward
-        (:func:`normfree.optim.update_in_backward`), on CPU and in one process."""
+        """``optim.update_in_backward``: the optimizer's step (SGD, Adam or AdamW), with the
+        AGC attached to the optimizer, applied to the Scaled-WS conv weights inside their
+        native backward (:func:`normfree.optim.update_in_backward`), on CPU and in one
+        process."""
         t = self.cfg.train
         if self.info.device.type != "cpu":
             log.warning("optim.update_in_backward ignored: it runs in the native kernels, on CPU")

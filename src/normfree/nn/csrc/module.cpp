@@ -5,6 +5,7 @@
 #include <torch/python.h>
 
 #include "scaled_ws.h"
+#include "scaled_ws_update.h"
 #include "tanh_gelu.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -12,6 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scaled_ws_backward", &scaled_ws_backward, "Scaled WS backward over weight rows");
   m.def("scaled_ws_backward_sgd", &scaled_ws_backward_sgd,
         "Scaled WS backward with AGC and an SGD step applied to the weight rows");
+  m.def("scaled_ws_backward_adam", &scaled_ws_backward_adam,
+        "Scaled WS backward with AGC and an Adam/AdamW step applied to the weight rows");
   m.def("tanh_gelu_forward", &tanh_gelu_forward, "tanh-GELU forward, float32");
   m.def("tanh_gelu_backward", &tanh_gelu_backward, "tanh-GELU backward, float32");
 }

@@ -15,18 +15,13 @@
 // The backward can also return each row's norm ||dL/dW_o||, summed while the row is written:
 // adaptive gradient clipping reads it instead of a pass over the gradients.
 //
-// The backward with the update (ws_backward_sgd_rows): the same dL/dW_o, never written, clipped
-// by adaptive gradient clipping (Brock et al. 2021b, eq. 3; a unit is a row) and applied by
-// one step of SGD (PyTorch's torch.optim.SGD: weight decay, momentum, dampening, Nesterov,
-// maximize) to the row of W and of the momentum buffer in place, while the row is in cache:
-// normfree.optim.update_in_backward.
+// The backward that applies an optimizer step instead of writing dL/dW: scaled_ws_update.h.
 #pragma once
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 #include "row_ops.h"
@@ -149,74 +144,6 @@ void ws_backward_rows(const T* dy, const T* w, const T* mean, const T* n_var, co
 }
 
 
-// One step of torch.optim.SGD with the row's gradient d = sign * (scale*g - shift - coef*(x - m)):
-//   d += weight_decay * x;  b = momentum * b + damp * d;  d = Nesterov ? d + momentum * b : b;
-//   x -= lr * d
-// (damp = 1 - dampening, or 1 on the buffer's first step, when b holds zeros), with the next
-// rows of g, x and b requested meanwhile.
-template <typename T>
-struct SgdStep {
-  T lr, momentum, damp, weight_decay, sign;
-};
-
-template <bool Momentum, bool Nesterov, bool WeightDecay, typename T>
-inline void ws_sgd_row(const T* __restrict__ g, T* __restrict__ x, T* __restrict__ b,
-                       const T* g_next, const T* x_next, const T* b_next, T m, T scale, T shift,
-                       T coef, const SgdStep<T>& s, int64_t n) {
-  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
-    const int64_t stop = std::min(n, b0 + kBlock);
-    prefetch_block(g_next + b0, stop - b0);
-    prefetch_block(x_next + b0, stop - b0);
-    if constexpr (Momentum) prefetch_block(b_next + b0, stop - b0);
-    for (int64_t i = b0; i < stop; ++i) {
-      T d = s.sign * (scale * g[i] - shift - coef * (x[i] - m));
-      if constexpr (WeightDecay) d += s.weight_decay * x[i];
-      if constexpr (Momentum) {
-        const T buf = s.momentum * b[i] + s.damp * d;
-        b[i] = buf;
-        d = Nesterov ? d + s.momentum * buf : buf;
-      }
-      x[i] -= s.lr * d;
-    }
-  }
-}
-
-template <bool Momentum, bool Nesterov, bool WeightDecay, typename T>
-void ws_backward_sgd_rows(const T* dy, T* w, const T* mean, const T* n_var, const T* gain, T* buf,
-                          T* grad_gain, int64_t rows, int64_t n, T eps, T gamma,
-                          const SgdStep<T>& step, T clipping, T agc_eps) {
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* g = dy + r * n;
-      T* x = w + r * n;
-      T* b = Momentum ? buf + r * n : nullptr;
-      const T m = mean[r];
-      RowGrad<T> d =
-          ws_row_grad(g, (const T*)x, m, n_var[r], gain ? gain[r] : T(1), n, eps, gamma);
-      if (grad_gain) grad_gain[r] = d.grad_gain;
-      if (clipping > T(0)) {  // AGC: ||dL/dW_o|| against clipping * max(||W_o||, agc_eps)
-        // the norm as the plain backward sums it (the same clipping decision), from cache,
-        // with this row of the momentum buffer requested meanwhile
-        const T norm = std::sqrt(ws_backward_row_out<true, false>(
-            g, (const T*)x, (const T*)b, (const T*)nullptr, (T*)nullptr, m, d.scale, d.shift,
-            d.coef, n));
-        const T limit = clipping * std::max(std::sqrt(n_var[r] + static_cast<T>(n) * m * m),
-                                            agc_eps);
-        if (norm > limit) {
-          const T factor = limit / std::max(norm, T(1e-6));
-          d.scale *= factor;
-          d.shift *= factor;
-          d.coef *= factor;
-        }
-      }
-      const T* b_row = b ? (const T*)b : (const T*)x;
-      ws_sgd_row<Momentum, Nesterov, WeightDecay>(
-          g, x, b, next_row(g, r, end, n), next_row((const T*)x, r, end, n),
-          next_row(b_row, r, end, n), m, d.scale, d.shift, d.coef, step, n);
-    }
-  });
-}
-
 // The upstream gradient and the weight rows of a backward: contiguous 2-D CPU rows of one
 // shape and dtype.
 inline void check_grad_rows(const at::Tensor& dy, const at::Tensor& w) {
@@ -275,55 +202,4 @@ inline std::vector<at::Tensor> scaled_ws_backward(const at::Tensor& dy, const at
         static_cast<scalar_t>(eps), static_cast<scalar_t>(gamma));
   });
   return {grad_w, grad_gain, grad_norm};
-}
-
-// The backward of the weight rows with the SGD step applied in place (header comment): w and,
-// with momentum, buf (zeros on its first step, with dampening 0) are updated; returns
-// grad_gain (undefined unless need_gain). clipping <= 0: no AGC.
-inline at::Tensor scaled_ws_backward_sgd(const at::Tensor& dy, at::Tensor w,
-                                         const at::Tensor& mean, const at::Tensor& n_var,
-                                         const c10::optional<at::Tensor>& gain,
-                                         const c10::optional<at::Tensor>& buf, double eps,
-                                         double gamma, bool need_gain, double lr, double momentum,
-                                         double dampening, double weight_decay, bool nesterov,
-                                         bool maximize, double clipping, double agc_eps) {
-  normfree_native::check_grad_rows(dy, w);
-  const int64_t rows = w.size(0), n = w.size(1);
-  const bool has_gain = gain.has_value() && gain->defined();
-  const bool has_buf = buf.has_value() && buf->defined();
-  TORCH_CHECK(has_buf == (momentum != 0.0), "a momentum buffer is needed exactly with momentum");
-  if (has_buf)
-    TORCH_CHECK(buf->sizes() == w.sizes() && buf->is_contiguous() &&
-                    buf->scalar_type() == w.scalar_type(),
-                "the momentum buffer must be a contiguous tensor like the weight rows");
-  TORCH_CHECK(!nesterov || has_buf, "Nesterov momentum needs momentum");
-  at::Tensor grad_gain;
-  if (need_gain) grad_gain = at::empty({rows}, w.options());
-  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "scaled_ws_backward_sgd", [&] {
-    using T = scalar_t;
-    const normfree_native::SgdStep<T> step{static_cast<T>(lr), static_cast<T>(momentum),
-                                           static_cast<T>(1.0 - dampening),
-                                           static_cast<T>(weight_decay),
-                                           static_cast<T>(maximize ? -1.0 : 1.0)};
-    auto run = [&](auto momentum_on, auto nesterov_on, auto decay_on) {
-      normfree_native::ws_backward_sgd_rows<decltype(momentum_on)::value,
-                                            decltype(nesterov_on)::value,
-                                            decltype(decay_on)::value, T>(
-          dy.data_ptr<T>(), w.data_ptr<T>(), mean.data_ptr<T>(), n_var.data_ptr<T>(),
-          has_gain ? gain->data_ptr<T>() : nullptr, has_buf ? buf->data_ptr<T>() : nullptr,
-          need_gain ? grad_gain.data_ptr<T>() : nullptr, rows, n, static_cast<T>(eps),
-          static_cast<T>(gamma), step, static_cast<T>(clipping), static_cast<T>(agc_eps));
-    };
-    using yes = std::true_type;
-    using no = std::false_type;
-    const bool decay = weight_decay != 0.0;
-    if (!has_buf) {
-      decay ? run(no{}, no{}, yes{}) : run(no{}, no{}, no{});
-    } else if (nesterov) {
-      decay ? run(yes{}, yes{}, yes{}) : run(yes{}, yes{}, no{});
-    } else {
-      decay ? run(yes{}, no{}, yes{}) : run(yes{}, no{}, no{});
-    }
-  });
-  return grad_gain;
 }
