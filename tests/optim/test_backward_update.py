@@ -170,7 +170,7 @@ def test_float32_is_as_accurate_as_the_plain_step(kernels, cls) -> None:
     for (name, plain), fused, exact in zip(
         models[0].named_parameters(), models[1].parameters(), models[2].parameters()
     ):
-        errors = [float((p.detach().double() - exact).abs().max()) for p in (plain, fused)]
+        errors = [float((p.detach().double() - exact.detach()).abs().max()) for p in (plain, fused)]
         assert errors[1] <= 2.0 * errors[0] + 2e-7, (name, errors)
         worst = [max(w, e) for w, e in zip(worst, errors)]
     assert worst[1] <= 1.1 * worst[0], worst
@@ -220,27 +220,97 @@ def test_actions_attached_later_are_refused_before_a_weight_moves(kernels) -> No
     assert all(torch.equal(a, w) for a, w in zip(before, _conv_weights(model)))
 
 
-def test_state_dict_and_a_resumed_optimizer(kernels) -> None:
-    """The momentum buffers live in the optimizer's state: a run resumed from a checkpoint
-    (model and optimizer state loaded into new objects, whose param-group dicts are new)
-    continues exactly as the plain run."""
+RESUMED = {
+    "SGD": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+    "AdamW": (torch.optim.AdamW, {"lr": 1e-2, "amsgrad": True, "weight_decay": 1e-2}),
+}
+
+
+@pytest.mark.parametrize("name", list(RESUMED))
+def test_state_dict_and_a_resumed_optimizer(kernels, name: str) -> None:
+    """The optimizer's state (SGD's momentum buffers; Adam's step counts, moments and maxima)
+    lives in the optimizer: a run resumed from a checkpoint (model and optimizer state loaded
+    into new objects, whose param-group dicts are new) continues exactly as the plain run, also
+    from a checkpoint of a plain run."""
+    cls, kwargs = RESUMED[name]
     plain, fused = _model(), _model()
-    o_plain = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-    o_fused = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    o_plain, o_fused = cls(plain.parameters(), **kwargs), cls(fused.parameters(), **kwargs)
     attach_agc(o_plain, model=plain)
     update_in_backward(o_fused, fused, agc=attach_agc(o_fused, model=fused))
     _train(plain, o_plain, range(2))
     _train(fused, o_fused, range(2))
-    saved = copy.deepcopy((fused.state_dict(), o_fused.state_dict()))
-    resumed = _model()
-    resumed.load_state_dict(saved[0])
-    o_resumed = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-    agc = attach_agc(o_resumed, model=resumed)
-    update_in_backward(o_resumed, resumed, agc=agc)
-    o_resumed.load_state_dict(saved[1])
-    _train(plain, o_plain, range(2, 4))
-    _train(resumed, o_resumed, range(2, 4))
-    _assert_same(plain, resumed, o_plain, o_resumed)
+    for source in (fused, o_fused), (plain, o_plain):
+        saved = copy.deepcopy((source[0].state_dict(), source[1].state_dict()))
+        resumed = _model()
+        resumed.load_state_dict(saved[0])
+        o_resumed = cls(resumed.parameters(), **kwargs)
+        agc = attach_agc(o_resumed, model=resumed)
+        update_in_backward(o_resumed, resumed, agc=agc)
+        o_resumed.load_state_dict(saved[1])
+        reference = copy.deepcopy(plain)
+        o_reference = cls(reference.parameters(), **kwargs)
+        attach_agc(o_reference, model=reference)
+        o_reference.load_state_dict(o_plain.state_dict())
+        _train(reference, o_reference, range(2, 4))
+        _train(resumed, o_resumed, range(2, 4))
+        _assert_same(reference, resumed, o_reference, o_resumed, atol=1e-12)
+
+
+def test_adam_state_dtypes_and_per_group_settings(kernels) -> None:
+    """Under a float64 default dtype Adam makes float64 step counts, except for a fused group
+    (float32): the update in the backward makes them alike, and with per-group betas, eps,
+    AMSGrad and fused flags the run equals AGC + ``opt.step()`` (three steps)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        models, opts = [_model(), _model()], []
+        for model in models:
+            convs = _conv_weights(model)
+            first = {id(w) for w in convs[: len(convs) // 2]}
+            groups = [
+                {"params": convs[: len(convs) // 2], "fused": True, "betas": (0.8, 0.9)},
+                {"params": [p for p in model.parameters() if id(p) not in first], "eps": 1e-4,
+                 "amsgrad": True},
+            ]  # fmt: skip
+            opt = torch.optim.Adam(groups, lr=1e-2, weight_decay=1e-3)
+            opts.append(opt)
+        agcs = [attach_agc(o, clipping=0.01, model=m) for o, m in zip(opts, models)]
+        update_in_backward(opts[1], models[1], agc=agcs[1])
+        for model, opt in zip(models, opts):
+            _train(model, opt, range(3))
+    finally:
+        torch.set_default_dtype(previous)
+    _assert_same(models[0], models[1], opts[0], opts[1], atol=1e-12)  # (dtypes included)
+    convs = _conv_weights(models[1])
+    assert opts[1].state[convs[0]]["step"].dtype == torch.float32
+    assert opts[1].state[convs[-1]]["step"].dtype == torch.float64
+
+
+def test_what_it_cannot_update_falls_back_or_is_refused_before_a_weight_moves(kernels) -> None:
+    """A weight whose Adam state lacks its step count gets its gradient (the optimizer's step
+    then deals with it, as PyTorch would); a ``capturable`` flag set on a group after the
+    update began is refused at the next backward, before any weight moves."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    update_in_backward(opt, model)
+    _train(model, opt, range(1))
+    weights = _conv_weights(model)
+    del opt.state[weights[2]]["step"]
+    before = weights[2].detach().clone()
+    x, y = _batch(1)
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    assert weights[2].grad is not None and torch.equal(weights[2].detach(), before)
+    assert all(w.grad is None for k, w in enumerate(weights) if k != 2)
+    opt.state[weights[2]]["step"] = torch.tensor(1.0)
+    opt.step()  # the plain step for that weight
+    assert not torch.equal(weights[2].detach(), before)
+    opt.zero_grad(set_to_none=True)
+    opt.param_groups[0]["capturable"] = True
+    before = [w.detach().clone() for w in weights]
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        F.cross_entropy(model(x), y).backward()
+    assert all(torch.equal(a, w) for a, w in zip(before, weights))
 
 
 def test_plain_path_without_the_native_kernels_and_after_remove(kernels) -> None:

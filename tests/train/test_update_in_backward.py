@@ -106,6 +106,7 @@ def test_an_adamw_run_equals_the_plain_run(
     assert plain.keys() == inbwd.keys()
     for k in plain:
         assert plain[k].keys() == inbwd[k].keys() == {"step", "exp_avg", "exp_avg_sq"}
+        assert plain[k]["step"].dtype == inbwd[k]["step"].dtype  # (torch.equal ignores dtype)
         assert torch.equal(plain[k]["step"], inbwd[k]["step"])
         for name in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(inbwd[k][name], plain[k][name], rtol=1e-3, atol=1e-7)

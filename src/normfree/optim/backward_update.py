@@ -9,11 +9,12 @@ clipped against ``clipping·max(‖W_o‖, eps)`` (‖W_o‖ from the forward's 
 to the row of the weight and of the optimizer's state in place (``csrc/scaled_ws_update.h``).
 No gradient is written for these weights and none is read back. For SGD with momentum a step
 then moves 5 weight-sized streams through memory for them instead of 3 (backward) + 1 (AGC's
-norms) + 8 (PyTorch's per-tensor SGD), and for Adam 7 instead of 3 + 1 + 20 (PyTorch's
-per-tensor Adam; 7 with its fused kernel). On nf_resnet50 and NFNet-F0 at b8 @128² on 2 CPU
-cores an SGD training step takes 0.94–0.97× the time with the native kernels alone, and the
-conv-weight gradients (90 / 177 MiB) are never allocated (docs/benchmarks.md, "Nineteenth
-pass"; Adam: "Twentieth pass").
+norms) + 8 (PyTorch's per-tensor SGD; 5 with its fused kernel), and for Adam 7 (9 with AMSGrad)
+instead of 3 + 1 + 20 (PyTorch's per-tensor Adam; 7 with its fused kernel). On nf_resnet50 and
+NFNet-F0 at b8 @128² on 2 CPU cores a training step takes 0.94–0.97× the time with the native
+kernels alone with PyTorch's per-tensor SGD, 0.90× with its per-tensor AdamW and 0.97–1.00×
+with its fused AdamW, and the conv-weight gradients (90 / 177 MiB) are never allocated
+(docs/benchmarks.md, "Nineteenth pass" and "Twentieth pass").
 
 This is PyTorch's optimizer-in-backward pattern, so it holds only for one backward per
 optimizer step::
@@ -36,8 +37,10 @@ Rules:
   backward, as on the next step), and keeps the state where the optimizer does (SGD's
   ``opt.state[w]["momentum_buffer"]``; Adam's ``step``, ``exp_avg``, ``exp_avg_sq`` and
   ``max_exp_avg_sq``), so ``state_dict`` and resuming are unchanged. The numbers equal those
-  of AGC followed by ``opt.step()`` to rounding. ``differentiable`` and ``capturable`` groups
-  are refused.
+  of AGC followed by ``opt.step()`` to rounding (a tensor-valued ``lr`` or ``betas`` is read
+  as a Python float, so the bias corrections are computed in double precision where PyTorch
+  computes them in the tensor's dtype). ``differentiable`` and ``capturable`` groups are
+  refused, also when they appear later (before the next step's first update).
 * It runs where the native Scaled-WS kernels run (eager CPU, float32/float64, a contiguous
   weight). Elsewhere the gradient is written and ``opt.step()`` updates the weight as usual.
 * One backward per step. A second backward through an updated weight before ``opt.step()``
@@ -79,7 +82,21 @@ _OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 def _fits(state: Tensor, weight: Tensor) -> bool:
     """Whether an optimizer state tensor can be updated in place as the weight's rows."""
-    return state.is_contiguous() and state.shape == weight.shape and state.dtype == weight.dtype
+    return (
+        state.is_contiguous()
+        and state.shape == weight.shape
+        and state.dtype == weight.dtype
+        and state.device == weight.device
+    )
+
+
+def _unsupported_flag(optimizer: torch.optim.Optimizer) -> str | None:
+    """The first param-group flag the kernels do not implement that a group has set."""
+    for group in optimizer.param_groups:
+        for flag in ("differentiable", "capturable"):
+            if group.get(flag, False):
+                return flag
+    return None
 
 
 def _adam_step_dtype(group: dict) -> torch.dtype:
@@ -130,10 +147,9 @@ class BackwardUpdate:
                     "an AGC is attached to the optimizer: pass it as agc= so that the weights "
                     "updated in the backward are clipped too"
                 )
-        for group in optimizer.param_groups:
-            for flag in ("differentiable", "capturable"):
-                if group.get(flag, False):
-                    raise ValueError(f"update_in_backward does not support {flag}=True")
+        flag = _unsupported_flag(optimizer)
+        if flag is not None:
+            raise ValueError(f"update_in_backward does not support {flag}=True")
         if _processes() > 1:
             raise ValueError(
                 "update_in_backward needs one process: with several, the gradients must be "
@@ -234,7 +250,7 @@ class BackwardUpdate:
         if ext is None or weight.grad is not None or not weight.is_contiguous():
             return False, None  # the gradient is written; optimizer.step() applies it
         if not self._updated:  # the first weight of this step
-            self._check_attached()
+            self._check_before_update()
         group = self._group(weight)
         clipping = self._clipping(weight, group)
         agc = (clipping, self.agc.eps if self.agc is not None else 0.0)
@@ -284,7 +300,9 @@ class BackwardUpdate:
             for name in names:
                 fresh[name] = torch.zeros_like(weight, memory_format=torch.contiguous_format)
         moments = fresh if fresh is not None else state
-        if not all(name in moments and _fits(moments[name], weight) for name in names):
+        if "step" not in moments or not all(
+            name in moments and _fits(moments[name], weight) for name in names
+        ):
             return False, None  # optimizer.step() takes it (and says what is missing)
         t = float(moments["step"]) + 1.0
         lr, (beta1, beta2) = float(group["lr"]), (float(b) for b in group["betas"])
@@ -293,7 +311,7 @@ class BackwardUpdate:
             *tensors, moments["exp_avg"].view(shape), moments["exp_avg_sq"].view(shape),
             moments["max_exp_avg_sq"].view(shape) if group["amsgrad"] else None, *ws,
             lr, beta1, beta2, float(group["eps"]), float(group["weight_decay"]),
-            bool(group.get("decoupled_weight_decay", False)), bool(group["maximize"]),
+            bool(group.get("decoupled_weight_decay", False)), bool(group.get("maximize", False)),
             lr / (1.0 - beta1**t), (1.0 - beta2**t) ** 0.5, *agc,
         )  # fmt: skip
         moments["step"] += 1
@@ -301,9 +319,17 @@ class BackwardUpdate:
             state.update(fresh)
         return True, grad_gain
 
-    def _check_attached(self) -> None:
-        """Refuse, before any weight moves, the step actions attached to the optimizer since
-        this update began that would act on gradients these weights never get."""
+    def _check_before_update(self) -> None:
+        """Refuse, before any weight of a step moves, what has changed since this update began
+        that it cannot serve: a param group flag it does not implement (set by hand or by
+        ``load_state_dict``), and step actions attached to the optimizer that would act on
+        gradients these weights never get."""
+        flag = _unsupported_flag(self.optimizer)
+        if flag is not None:
+            raise RuntimeError(
+                f"a param group has {flag}=True, which update_in_backward does not support; "
+                "remove() the BackwardUpdate first"
+            )
         for action in attached(self.optimizer):
             if action is not self.agc:
                 raise RuntimeError(

@@ -151,10 +151,11 @@ void ws_backward_update_rows(const T* dy, T* w, const T* mean, const T* n_var, c
   });
 }
 
-// A state tensor of the step: contiguous, of the weight rows' shape and dtype.
+// A state tensor of the step: contiguous, of the weight rows' shape, dtype and device.
 inline void check_state(const at::Tensor& t, const at::Tensor& w, const char* name) {
-  TORCH_CHECK(t.sizes() == w.sizes() && t.is_contiguous() && t.scalar_type() == w.scalar_type(),
-              name, " must be a contiguous tensor like the weight rows");
+  TORCH_CHECK(t.sizes() == w.sizes() && t.is_contiguous() && t.scalar_type() == w.scalar_type() &&
+                  t.device() == w.device(),
+              name, " must be a contiguous tensor like the weight rows (shape, dtype, device)");
 }
 
 // Calls run(std::bool_constant<a>{}, std::bool_constant<b>{}, std::bool_constant<c>{}): the
