@@ -35,7 +35,7 @@ def kernels():
 def _model() -> nn.Module:
     torch.manual_seed(0)
     model = normfree.create_model(
-        "nf_resnet26", num_classes=10, drop_path_rate=0.0, drop_rate=0.0
+        "nf_resnet_cifar20", num_classes=10, drop_path_rate=0.0, drop_rate=0.0
     ).double()
     with torch.no_grad():
         for p in model.parameters():
@@ -68,11 +68,11 @@ def _conv_weights(model: nn.Module) -> list[torch.Tensor]:
 
 def _assert_same(a: nn.Module, b: nn.Module, oa, ob, adam: bool = False) -> None:
     """The parameters and the optimizer state of two float64 runs are equal to rounding. Adam
-    divides by √v, so a rounding difference in a gradient comes out up to ≈ 2e-13 absolute
-    (≈ 1e-11 of the largest move) in the weights after three steps and ≈ 4e-12 relative in
-    the moments (measured), against ≈ 1e-15 absolute for SGD: Adam's tolerances are 1e-12
-    absolute for the parameters and 1e-10 relative for the state."""
-    atol, state_rtol = (1e-12, 1e-10) if adam else (1e-14, 1e-12)
+    divides by √v, which amplifies a rounding difference in a gradient where v is small: on
+    this model its parameters differ by up to ≈ 2e-15 after three steps (≈ 1e-13 of the
+    largest move; on nf_resnet26 ≈ 2e-13, and ≈ 4e-12 relative in the moments), so Adam's
+    tolerances are 1e-13 absolute for the parameters and 1e-11 relative for the state."""
+    atol, state_rtol = (1e-13, 1e-11) if adam else (1e-14, 1e-12)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-12, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
     sa, sb = oa.state_dict(), ob.state_dict()
@@ -108,13 +108,10 @@ OPTIMIZERS = [(torch.optim.SGD, {"lr": 0.2, **o}) for o in SGD_OPTIONS] + [
 ]
 
 
-# every setting with AGC; without it, the first SGD and the first two Adam/AdamW settings (the
-# kernels' no-clipping branch is shared by every step policy)
 CASES = [
     pytest.param(cls, options, with_agc, id=f"{cls.__name__}-{i}-{'agc' if with_agc else 'plain'}")
     for i, (cls, options) in enumerate(OPTIMIZERS)
     for with_agc in (True, False)
-    if with_agc or i in (0, len(SGD_OPTIONS), len(SGD_OPTIONS) + 2)
 ]
 
 
@@ -157,15 +154,17 @@ def test_equals_agc_then_the_optimizer_step(
 def test_float32_is_as_accurate_as_the_plain_step(kernels, cls) -> None:
     """In float32 the fused step is as accurate as AGC + ``opt.step()``: after three steps each
     parameter is as close to the float64 run of the same training as the plain float32 run is
-    (measured: at most 1.4× its distance per parameter for AdamW, 1.1× for SGD, and the same
-    largest distance, ≈ 9e-5 / 5e-7)."""
+    (measured: within 1.05× of its distance per parameter for AdamW and 1.09× for SGD where
+    that distance is over 1e-9, the same largest distance, ≈ 2e-7 / 1e-7)."""
     kwargs = {"lr": 1e-3, "weight_decay": 0.05} if cls is torch.optim.AdamW else {"lr": 0.1,
               "momentum": 0.9}  # fmt: skip
     models = []
     for _ in range(3):
         torch.manual_seed(0)
         models.append(
-            normfree.create_model("nf_resnet26", num_classes=10, drop_path_rate=0.0, drop_rate=0.0)
+            normfree.create_model(
+                "nf_resnet_cifar20", num_classes=10, drop_path_rate=0.0, drop_rate=0.0
+            )
         )
     models[2].double()
     opts = [cls(m.parameters(), **kwargs) for m in models]
@@ -182,7 +181,7 @@ def test_float32_is_as_accurate_as_the_plain_step(kernels, cls) -> None:
         models[0].named_parameters(), models[1].parameters(), models[2].parameters()
     ):
         errors = [float((p.detach().double() - exact.detach()).abs().max()) for p in (plain, fused)]
-        assert errors[1] <= 2.0 * errors[0] + 2e-7, (name, errors)
+        assert errors[1] <= 2.0 * errors[0] + 1e-9, (name, errors)
         worst = [max(w, e) for w, e in zip(worst, errors)]
     assert worst[1] <= 1.1 * worst[0], worst
 
