@@ -47,7 +47,7 @@ normfree:nf_resnet50:native,normfree:nf_resnet50:native:inbwd   # AdamW's step, 
 ``normfree train --compile`` uses: on CPU, inductor's ``conv_1x1_as_mm``) and the peers with
 ``torch.compile``'s defaults, as their users would.
 
-A ``:native:inbwd`` variant (in the resnet50 and nfnet_f0 groups) also applies the optimizer's step
+A ``:native:inbwd`` variant (in every group) also applies the optimizer's step
 of the model's Scaled-WS conv weights inside their native backward, fused with AGC
 (:func:`normfree.optim.update_in_backward`); its AGC share is that of the other parameters,
 and it is compared round by round with the ``:native`` row.
@@ -108,7 +108,12 @@ GROUPS: dict[str, list[str]] = {
         "normfree:nfnet_f0:native=tanh_gelu",
         "normfree:nfnet_f0:plain",
     ],
-    "nf_regnet_b0": ["timm:nf_regnet_b0", "normfree:nf_regnet_b0", "normfree:nf_regnet_b0:native"],
+    "nf_regnet_b0": [
+        "timm:nf_regnet_b0",
+        "normfree:nf_regnet_b0",
+        "normfree:nf_regnet_b0:native",
+        "normfree:nf_regnet_b0:native:inbwd",
+    ],
 }
 # models trained with AGC (Brock et al. 2021b); the others get no clipping
 USES_AGC = {"nf_resnet50", "nfnet_f0", "dm_nfnet_f0", "nf_regnet_b0"}

@@ -186,6 +186,28 @@ def test_float32_is_as_accurate_as_the_plain_step(kernels, cls) -> None:
     assert worst[1] <= 1.1 * worst[0], worst
 
 
+@pytest.mark.parametrize("cls", [torch.optim.SGD, torch.optim.AdamW])
+def test_grouped_and_depthwise_convs(kernels, cls) -> None:
+    """NF-RegNet-B0's grouped and depthwise Scaled-WS convs (rows of 9 to 72 weights, 16 of its
+    54 convs) are updated in the backward like the dense ones: two steps equal AGC + the
+    optimizer's step (float64)."""
+    torch.manual_seed(0)
+    base = normfree.create_model(
+        "nf_regnet_b0", num_classes=10, drop_path_rate=0.0, drop_rate=0.0
+    ).double()
+    assert sum(m.groups > 1 for m in base.modules() if isinstance(m, ScaledStdConv2d)) == 16
+    models = [base, copy.deepcopy(base)]
+    kwargs = {"lr": 0.1, "momentum": 0.9} if cls is torch.optim.SGD else {"lr": 1e-3}
+    opts = [cls(m.parameters(), **kwargs) for m in models]
+    agcs = [attach_agc(o, clipping=0.01, model=m) for o, m in zip(opts, models)]
+    handle = update_in_backward(opts[1], models[1], agc=agcs[1])
+    assert len(handle.weights) == 54
+    for model, opt in zip(models, opts):
+        _train(model, opt, range(2))
+    assert all(w.grad is None for w in _conv_weights(models[1]))
+    _assert_same(models[0], models[1], opts[0], opts[1], adam=cls is not torch.optim.SGD)
+
+
 def test_param_groups_exclusions_frozen_gains_and_floored_rows(kernels) -> None:
     """Per-group learning rates, momenta and weight decay; a conv excluded from AGC by name, a
     group with ``clipping=None``, a frozen gain (its gradient not asked for) and a constant
