@@ -1,5 +1,6 @@
 """Optimisation for normalizer-free training: AGC, MSR gradient projection, schedules, EMA and
-parameter groups, and the SGD step of the Scaled-WS weights applied inside their backward."""
+parameter groups, and the optimizer step (SGD, Adam, AdamW) of the Scaled-WS weights applied
+inside their backward."""
 
 from normfree.optim.agc import AGC, adaptive_clip_grad_, attach_agc, unitwise_norm
 from normfree.optim.backward_update import BackwardUpdate, update_in_backward

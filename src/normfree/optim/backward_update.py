@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
@@ -156,6 +157,7 @@ class BackwardUpdate:
                 "all-reduced before the update"
             )
         self.optimizer, self.agc = optimizer, agc
+        self._step = self._adam if isinstance(optimizer, torch.optim.Adam) else self._sgd
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self._weights: dict[int, Tensor] = {}
         self.weights: list[str] = []
@@ -254,16 +256,15 @@ class BackwardUpdate:
         group = self._group(weight)
         clipping = self._clipping(weight, group)
         agc = (clipping, self.agc.eps if self.agc is not None else 0.0)
-        step = self._adam if isinstance(self.optimizer, torch.optim.Adam) else self._sgd
-        applied, grad_gain = step(ext, weight, group, (grad_rows, rows, mean, n_var, gain),
-                                  (eps, gamma, need_gain), agc)  # fmt: skip
+        applied, grad_gain = self._step(ext, weight, group, (grad_rows, rows, mean, n_var, gain),
+                                        (eps, gamma, need_gain), agc)  # fmt: skip
         if applied:
             torch.autograd.graph.increment_version(weight)
             self._updated.add(key)
         return applied, grad_gain
 
     def _sgd(
-        self, ext, weight: Tensor, group: dict, tensors: tuple, ws: tuple, agc: tuple
+        self, ext: ModuleType, weight: Tensor, group: dict, tensors: tuple, ws: tuple, agc: tuple
     ) -> tuple[bool, Tensor | None]:
         """``torch.optim.SGD``'s step in the backward, as :meth:`_apply` returns it: not
         applied where the momentum buffer is not one the kernel can update in place."""
@@ -287,7 +288,7 @@ class BackwardUpdate:
         return True, grad_gain
 
     def _adam(
-        self, ext, weight: Tensor, group: dict, tensors: tuple, ws: tuple, agc: tuple
+        self, ext: ModuleType, weight: Tensor, group: dict, tensors: tuple, ws: tuple, agc: tuple
     ) -> tuple[bool, Tensor | None]:
         """``torch.optim.Adam``'s or ``AdamW``'s step in the backward, with the step count and
         moments kept in the optimizer's state as Adam keeps them, as :meth:`_apply` returns
