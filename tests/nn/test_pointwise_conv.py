@@ -462,17 +462,14 @@ def _compile_sees_exporting() -> bool:
     return seen[0]
 
 
-@pytest.mark.parametrize("size,bias", [(6, True), (3, False)])
-def test_compiled_training_runs_the_forms_as_one_operator_with_the_convs_numbers(
-    size, bias, products
-) -> None:
-    """Under torch.compile with autograd a spatial 1×1 conv is ``normfree::pointwise_conv2d``
-    (the graph holds no convolution), whose forward and backward run the eager forms and give
-    the convolution's numbers (float64)."""
+def _compiled_training_graph(bias: bool, size: int, batch: int) -> str:
+    """The code of the one graph Dynamo captures for a 1×1 conv (24 → 40, float64) on a
+    ``(batch, 24, size, size)`` input with autograd, after checking that the compiled output
+    and every gradient equal the convolution's."""
     torch._dynamo.reset()
     conv, ref = _pair(24, 40, bias)
-    x = torch.randn(3, 24, size, size, dtype=torch.float64)
-    up = torch.randn(3, 40, size, size, dtype=torch.float64)
+    x = torch.randn(batch, 24, size, size, dtype=torch.float64)
+    up = torch.randn(batch, 40, size, size, dtype=torch.float64)
     seen: list[str] = []
     compiled = torch.compile(conv, backend=graphs_seen(seen), fullgraph=True)
     results = []
@@ -481,14 +478,25 @@ def test_compiled_training_runs_the_forms_as_one_operator_with_the_convs_numbers
         y = module(xi)
         results.append((y, *torch.autograd.grad(y, (xi, *module.parameters()), up)))
     assert len(seen) == 1
-    if _compile_sees_exporting():  # the convolution, with the same numbers
-        assert "normfree" not in seen[0] and seen[0].count("conv2d(") == 1
-    else:
-        assert "ops.normfree.pointwise_conv2d" in seen[0]
-        assert seen[0].count("conv2d(") == 1  # that operator, and no convolution
-        assert "bmm" in products  # the eager forms ran inside the operator
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    return seen[0]
+
+
+@pytest.mark.parametrize("size,bias", [(6, True), (3, False)])
+def test_compiled_training_runs_the_forms_as_one_operator_with_the_convs_numbers(
+    size, bias, products
+) -> None:
+    """Under torch.compile with autograd a spatial 1×1 conv is ``normfree::pointwise_conv2d``
+    (the graph holds no convolution), whose forward and backward run the eager forms and give
+    the convolution's numbers (float64)."""
+    graph = _compiled_training_graph(bias, size, batch=3)
+    if _compile_sees_exporting():  # the convolution, with the same numbers
+        assert "normfree" not in graph and graph.count("conv2d(") == 1
+    else:
+        assert "ops.normfree.pointwise_conv2d" in graph
+        assert graph.count("conv2d(") == 1  # that operator, and no convolution
+        assert "bmm" in products  # the eager forms ran inside the operator
 
 
 def test_pointwise_operator_passes_torch_library_opcheck() -> None:
@@ -522,9 +530,19 @@ def test_compiled_evaluation_runs_the_operator_and_export_sees_the_convolution()
         out = torch.compile(conv, backend=graphs_seen(seen), fullgraph=True)(x)
         torch.testing.assert_close(out, conv(x), rtol=1e-6, atol=1e-6)
     assert ("ops.normfree.pointwise_conv2d" in seen[0]) != _compile_sees_exporting()
-    pooled: list[str] = []  # a pooled input stays a convolution (inductor's conv_1x1_as_mm)
-    torch.compile(conv, backend=graphs_seen(pooled), fullgraph=True)(x.mean((2, 3), True))
-    assert "conv2d(" in pooled[0] and "normfree" not in pooled[0]
     program = torch.export.export(conv, (x,))  # parameters requiring grad, grad mode on
     code = program.graph_module.code
     assert "conv2d" in code and "normfree" not in code
+    pooled = torch.export.export(conv, (x.mean((2, 3), True),)).graph_module.code
+    assert "conv2d" in pooled and "linear" not in pooled  # export keeps the model's convolution
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_compiled_pooled_input_is_a_matrix_product_forward_and_backward(bias) -> None:
+    """Under torch.compile a pooled ``(B, C, 1, 1)`` input (the squeeze-excite gates) is
+    ``F.linear`` as in eager mode, so its backward is a matrix product too: left a convolution,
+    oneDNN's backward of such a 1×1 conv took 73 ms of a compiled NFNet-F0 step
+    (docs/benchmarks.md, "Twenty-first pass"). The numbers are the convolution's (float64)."""
+    graph = _compiled_training_graph(bias, 1, batch=5)
+    if not _compile_sees_exporting():
+        assert "linear(" in graph and "conv2d(" not in graph

@@ -33,8 +33,10 @@ which inductor calls as it is; without autograd (compiled evaluation) and under
 ``torch.func`` transforms these are exactly the convolution; so are spatial inputs that are
 channels-last, under autocast, not float32/float64 or not on CPU, and training steps with
 forward-mode AD tangents. A pooled ``(B, C, 1, 1)`` float input takes ``F.linear`` in eager
-mode on every device (on CUDA that follows the matmul TF32 setting, off by default, not
-cuDNN's).
+mode and under ``torch.compile``, on every device (on CUDA that follows the matmul TF32
+setting, off by default, not cuDNN's), so a compiled graph's backward is a matrix product too
+(oneDNN's backward of such a convolution took 7 % of a compiled NFNet-F0 step); ``torch.export``
+keeps the convolution.
 """
 
 from __future__ import annotations
@@ -130,9 +132,10 @@ def is_strided_pointwise(conv: nn.Conv2d) -> bool:
 def pointwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.conv2d(x, weight, bias)`` for a ``(out, in, 1, 1)`` weight (stride 1, no padding, no
     groups), computed in matrix form where that is faster (module docstring): ``F.linear`` for a
-    pooled ``(B, C, 1, 1)`` input in eager mode; for an NCHW float CPU input, per-sample products
-    without autograd and :class:`~normfree.nn.pointwise_kernels.PointwiseConvFunction` (each
-    pass in its faster form) with it."""
+    pooled ``(B, C, 1, 1)`` input (also under ``torch.compile``, not ``torch.export``); for an
+    NCHW float CPU input, per-sample products without autograd and
+    :class:`~normfree.nn.pointwise_kernels.PointwiseConvFunction` (each pass in its faster
+    form) with it."""
     if not torch.jit.is_scripting():
         fast = _as_matrix_product(x, weight, bias)
         if fast is not None:
@@ -147,14 +150,14 @@ def _as_matrix_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
         return None
     if torch.jit.is_tracing():
         return None
-    if torch.compiler.is_compiling():
-        return _compiled_form(x, weight, bias)
     batch, _, height, width = x.shape
     if height == 1 and width == 1:
-        if not x.is_floating_point():
+        if not x.is_floating_point() or exporting():  # an exported program keeps the conv
             return None
         out = F.linear(x.flatten(1), weight.flatten(1), bias)
         return out.view(batch, weight.shape[0], 1, 1)
+    if torch.compiler.is_compiling():
+        return _compiled_form(x, weight, bias)
     if not _matrix_input(x, weight, bias) or under_functorch(x, weight, bias):
         return None
     if _grad_needed(x, weight, bias):
@@ -188,8 +191,9 @@ def _grad_needed(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 def _compiled_form(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     """Under ``torch.compile``: a spatial NCHW float CPU input runs the eager forms as one
     opaque operator (:func:`normfree.nn.pointwise_kernels.compiled_pointwise_conv2d`), with or
-    without autograd; pooled inputs, other layouts and dtypes and ``torch.export`` get the
-    convolution, which inductor lowers to a matrix product with :func:`compile_options`.
+    without autograd; other layouts and dtypes and ``torch.export`` get the convolution, which
+    inductor lowers to a matrix product with :func:`compile_options` (pooled inputs never
+    come here: they are ``F.linear``, forward and backward).
 
     The operator has no forward-mode or batching rule: ``torch.func.jvp`` inside a compiled
     function gives a zero tangent through it and ``torch.func.grad`` fails to trace. Switch the
@@ -211,7 +215,7 @@ def _compiled_form(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | N
 def compile_options(device: torch.device | str) -> dict[str, bool]:
     """Options of the inductor backend for ``torch.compile(model, options=...)`` of a model on
     ``device``. On CPU: lower the 1×1 convolutions that stay convolutions in a compiled graph
-    (pooled squeeze-excite inputs, channels-last inputs) to matrix products
+    (channels-last inputs; pooled ones are ``F.linear`` already) to matrix products
     (``conv_1x1_as_mm``; the NCHW spatial ones run as ``normfree::pointwise_conv2d``, module
     docstring), and keep the model's NCHW layout instead of converting the convolutions to
     channels-last (``layout_optimization=False``: with the conversion a compiled nf_resnet50
