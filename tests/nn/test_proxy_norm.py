@@ -197,6 +197,76 @@ def test_gradcheck_through_proxy_statistics(name: str) -> None:
     assert torch.autograd.gradcheck(fn, (x.requires_grad_(True), *params), eps=1e-6, atol=1e-6)
 
 
+def literal_pn_act(m: ProxyNormActivation, x: torch.Tensor, act) -> torch.Tensor:
+    """The paper's formula written out op by op (Labatie et al. 2021, §4): the moments of
+    φ(γ·Y + β) over Y = (1 + γ̃)·u + β̃ at the quadrature points, then
+    ``(φ(γ·x + β) − E) / sqrt(Var + ε)`` (only ``− E`` without the scale)."""
+    u = m.quantiles
+    proxy = (1.0 + m.proxy_weight)[:, None] * u + m.proxy_bias[:, None]
+    z = act(m.weight[:, None] * proxy + m.bias[:, None])
+    mean = z.mean(dim=1)
+    var = (z - mean[:, None]).square().mean(dim=1)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    out = act(x * m.weight.reshape(shape) + m.bias.reshape(shape)) - mean.reshape(shape)
+    return out * (var + m.eps).rsqrt().reshape(shape) if m.scale else out
+
+
+@pytest.mark.parametrize(
+    "name,scale,channels_last",
+    [("relu", True, False), ("relu", False, False), ("relu", True, True), ("silu", True, False),
+     ("gelu", False, False)],
+)  # fmt: skip
+def test_fast_form_equals_the_literal_formula(name: str, scale: bool, channels_last: bool) -> None:
+    """The module's forms (the proxy points as one affine map of u; ReLU moved through the
+    output scale) give the literal formula's output and every gradient, in float64."""
+    m = ProxyNormActivation(6, name, scale=scale).double()
+    randomize_(m, seed=11)
+    assert m.relu_form == (name == "relu")
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 6, 5, 4, dtype=torch.float64, generator=gen)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    up = torch.randn(3, 6, 5, 4, dtype=torch.float64, generator=gen)
+    params = list(m.parameters())
+    results = []
+    for forward in (m, lambda t: literal_pn_act(m, t, m.act)):
+        xi = x.clone().requires_grad_()
+        out = forward(xi)
+        results.append((out, *torch.autograd.grad(out, (xi, *params), up)))
+    for got, ref in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-13)
+
+
+def test_relu_form_follows_the_activation_eps_and_scale() -> None:
+    """ReLU moves through the output scale only where that scale is finite and positive, and
+    only for an exact ``nn.ReLU``; a module changed after construction finds its form again."""
+    import copy
+    import pickle
+
+    m = ProxyNormActivation(4, "relu")
+    assert m.relu_form
+    m.act = nn.GELU()
+    assert not m.relu_form
+    m.act = nn.ReLU()
+    assert m.relu_form
+    m.eps = 0.0  # a = rsqrt(Var) may be infinite: the literal order
+    assert not m.relu_form
+    m.scale = False  # a = 1
+    assert m.relu_form
+
+    class ClippedReLU(nn.ReLU):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x).clamp_max(1.0)
+
+    assert not ProxyNormActivation(4, ClippedReLU()).relu_form
+    assert copy.deepcopy(m).relu_form and pickle.loads(pickle.dumps(m)).relu_form
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(13))
+    m.eps, m.scale = 0.0, True
+    randomize_(m, seed=14)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), literal_pn_act(m, x, torch.relu), rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_reach_all_four_parameters() -> None:
     m = ProxyNormActivation(4, "relu")
     x = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(6))
