@@ -237,6 +237,19 @@ def test_fast_form_equals_the_literal_formula(name: str, scale: bool, channels_l
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-13)
 
 
+def test_statistics_stay_float32_under_autocast() -> None:
+    """Under CPU autocast (bf16) the proxy statistics are the float32 ones: none of their ops
+    is one that autocast runs in half precision."""
+    m = ProxyNormActivation(8, "relu")
+    randomize_(m, seed=15)
+    ref = m.proxy_moments()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m.proxy_moments()
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_relu_form_follows_the_activation_eps_and_scale() -> None:
     """ReLU moves through the output scale only where that scale is finite and positive, and
     only for an exact ``nn.ReLU``; a module changed after construction finds its form again."""

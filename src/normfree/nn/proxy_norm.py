@@ -13,7 +13,7 @@ parameters). ε = 0.03. The statistics are computed in ``forward`` with autograd
 flow through them into γ, β, γ̃ and β̃ (Graphcore back-propagates into them by hand; same maths).
 
 It is computed in few passes. φ's argument at the proxy points, ``γ·((1+γ̃)·u + β̃) + β``, is
-one affine map of ``u`` (``torch.addr``). ReLU is positively homogeneous, so for the output
+one affine map of ``u`` (one ``torch.addcmul``). ReLU is positively homogeneous, so for the output
 scale ``a > 0``, ``a·relu(γ·y + β) + b = relu(aγ·y + aβ) + b``: three passes over the
 activation instead of five. On CPU a train step of lnpn_resnet50 (b8 @128²) takes ≈ 0.91× the
 time of the literal form, and its evaluation ≈ 0.87× (docs/benchmarks.md, "Twenty-first
@@ -226,12 +226,13 @@ class ProxyNormActivation(nn.Module):
         # φ's argument γ·((1 + γ̃)·u + β̃) + β at the N points: one affine map of u per channel
         slope = gamma * (1.0 + self.proxy_weight.to(dtype))
         offset = torch.addcmul(self.bias.to(dtype), gamma, self.proxy_bias.to(dtype))
-        points = torch.addr(offset[:, None], slope, u)
+        # (no matrix-product op such as addr or vecdot: autocast would run those in half
+        # precision)
+        points = torch.addcmul(offset[:, None], slope[:, None], u)
         z = self.act(points)
         _check_elementwise(points, z)
         mean = z.mean(dim=1)
-        centered = z - mean[:, None]
-        var = torch.linalg.vecdot(centered, centered) / z.shape[1]
+        var = torch.linalg.vector_norm(z - mean[:, None], dim=1).square() / z.shape[1]
         return mean, var
 
     def folded_affine(self) -> tuple[Tensor, Tensor]:
