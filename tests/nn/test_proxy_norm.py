@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from scipy.stats import norm as normal_dist
 from torch import nn
 
+from normfree.nn import plain_forward
 from normfree.nn.proxy_norm import (
     FoldedProxyNormActivation,
     NormAct,
@@ -384,6 +385,73 @@ def test_norm_act_matches_manual_composition() -> None:
     assert isinstance(proj.act, nn.Identity) and proj.norm.weight is not None
 
 
+def _output_and_grads(model: nn.Module, x: torch.Tensor, up: torch.Tensor) -> list[torch.Tensor]:
+    xi = x.clone().requires_grad_()
+    out = model(xi)
+    return [out, *torch.autograd.grad(out, (xi, *model.parameters()), up)]
+
+
+@pytest.mark.parametrize("norm", ["ln", "gn"])
+@pytest.mark.parametrize("top", [False, True])
+def test_group_norm_and_pn_act_as_one_kernel_equal_the_two_modules(norm: str, top: bool) -> None:
+    """``norm_then_act`` (GN with PN's affine folded in, in-place ReLU, shift) gives the two
+    modules' output and every gradient, in float64; ``plain_forward`` runs the modules."""
+    block = NormAct(8, norm, num_groups=4).double()
+    if top:  # the network "Top": centering only (a = 1)
+        block.act = ProxyNormActivation(8, "relu", scale=False).double()
+    randomize_(block.act, seed=20)
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(3, 8, 5, 5, dtype=torch.float64, generator=gen)
+    up = torch.randn(3, 8, 5, 5, dtype=torch.float64, generator=gen)
+    calls: list[str] = []
+    block.norm.register_forward_hook(lambda *_: calls.append("norm"))
+    fused = _output_and_grads(block, x, up)
+    assert calls == []  # one kernel: the norm module is not called
+    with plain_forward(block):
+        plain = _output_and_grads(block, x, up)
+    assert calls == ["norm"] and block.fold_scales
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_a_norm_with_its_own_affine_runs_as_the_two_modules() -> None:
+    """A group norm that keeps an affine (model surgery) is not folded into PN-Act's kernel."""
+    block = NormAct(8, "gn", num_groups=4).double()
+    block.norm = nn.GroupNorm(4, 8, eps=1e-3).double()
+    with torch.no_grad():
+        block.norm.weight.uniform_(0.5, 2.0)
+        block.norm.bias.normal_()
+    randomize_(block.act, seed=25)
+    x = torch.randn(3, 8, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(26))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), block.act(block.norm(x)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["lnpn_resnet_cifar20", "gnpn_resnet_cifar20"])
+def test_pn_resnet_folded_equals_its_plain_form(name: str) -> None:
+    """A whole PN ResNet with its norm/PN-Act pairs as one kernel equals the form that calls
+    every module (output and every parameter's gradient, float64), and a torch.fx trace of it
+    records the modules."""
+    import normfree
+
+    torch.manual_seed(22)
+    model = normfree.create_model(name, num_classes=5).double()
+    for m in model.modules():
+        if isinstance(m, ProxyNormActivation):
+            randomize_(m, seed=23)
+    gen = torch.Generator().manual_seed(24)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=gen)
+    up = torch.randn(2, 5, dtype=torch.float64, generator=gen)
+    fused = _output_and_grads(model, x, up)
+    with plain_forward(model):
+        plain = _output_and_grads(model, x, up)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+    graph = torch.fx.symbolic_trace(model.stages[0][0]).graph
+    targets = {n.target for n in graph.nodes if n.op == "call_module"}
+    assert {"norm1", "norm2", "act1.act", "act2.act"} <= targets  # (PN-Act traced through)
+
+
 def test_norm_act_works_on_2d_input() -> None:
     block = NormAct(6, "ln", proxy=True, activation="silu")
     x = torch.randn(4, 6)
@@ -466,8 +534,9 @@ def test_decay_declarations_and_param_groups() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
-def test_torchscript_and_export() -> None:
-    block = NormAct(8, "gn", num_groups=4, activation="silu").eval()
+@pytest.mark.parametrize("activation", ["silu", "relu"])  # relu: norm_then_act in eager mode
+def test_torchscript_and_export(activation: str) -> None:
+    block = NormAct(8, "gn", num_groups=4, activation=activation).eval()
     randomize_(block.act, seed=18)
     x = torch.randn(2, 8, 3, 3, generator=torch.Generator().manual_seed(19))
     with torch.no_grad():

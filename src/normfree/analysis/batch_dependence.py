@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from normfree.analysis.context import analysis_mode, make_inputs
+from normfree.nn.residual import plain_forward
 
 __all__ = ["BatchDependence", "batch_dependence"]
 
@@ -134,7 +135,7 @@ def _compare(
         return hook
 
     handles = []
-    with torch.no_grad(), analysis_mode(model, mode):
+    with torch.no_grad(), analysis_mode(model, mode), plain_forward(model):  # every leaf runs
         try:
             for name, module in leaves:
                 handles.append(module.register_forward_pre_hook(make_pre_hook(name)))

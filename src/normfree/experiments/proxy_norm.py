@@ -55,7 +55,7 @@ def preactivation_shares(model: Any, x: Any) -> list[float]:
     from torch import nn
 
     from normfree.analysis import power_decomposition
-    from normfree.nn import ProxyNormActivation
+    from normfree.nn import ProxyNormActivation, plain_forward
 
     found: list[torch.Tensor] = []
 
@@ -79,7 +79,7 @@ def preactivation_shares(model: Any, x: Any) -> list[float]:
         if isinstance(m, (nn.ReLU, ProxyNormActivation)) and id(m) not in inner
     ]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), plain_forward(model):  # every PN-Act called: its hook runs
             model.train()  # BN with batch statistics, as during training
             model(x)
     finally:

@@ -12,14 +12,20 @@ Bottleneck block (the basic block drops ``norm3/act3/conv3`` and has two 3×3 co
     r = conv3(act3(norm3(r)))                  # 1×1
     r = branch_probe(r) → drop_path → skip_gain (SkipInit / ReZero only)
     return r + shortcut
+
+With ``fold_scales`` (the default) each group norm without affine and the PN-Act with ReLU after
+it run as one kernel (:func:`normfree.nn.proxy_norm.norm_then_act`), which does not call the
+two modules; :func:`normfree.nn.plain_forward` switches it off for hooks on them.
 """
 
-from __future__ import annotations
-
+# (no ``from __future__ import annotations`` here: TorchScript reads the signature of the unused
+# method ``_norm_act`` and cannot resolve its ``int`` from a string annotation)
 from typing import Protocol
 
+import torch
 from torch import Tensor, nn
 
+from normfree.nn.proxy_norm import norm_then_act
 from normfree.nn.residual import ResidualBlock, SkipInitGain, StochasticDepth
 
 __all__ = ["BlockLayers", "PreActBlock"]
@@ -82,15 +88,23 @@ class PreActBlock(ResidualBlock):
             self.conv2 = layers.conv(out_ch, out_ch, 3)
         self.drop_path = StochasticDepth(drop_path_rate)
         self.skip_gain = SkipInitGain(gain_init) if skip_gain else None
+        self.fold_scales = True  # GN + PN-Act(ReLU) as one kernel (module docstring)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.act1(self.norm1(x))
+        fold = self.fold_scales and not torch.jit.is_scripting()
+        out = self._norm_act(1, x) if fold else self.act1(self.norm1(x))
         shortcut = self.downsample(out) if self.downsample is not None else x
-        r = self.conv2(self.act2(self.norm2(self.conv1(out))))
+        r = self.conv1(out)
+        r = self.conv2(self._norm_act(2, r) if fold else self.act2(self.norm2(r)))
         if self.conv3 is not None and self.norm3 is not None and self.act3 is not None:
-            r = self.conv3(self.act3(self.norm3(r)))
+            r = self.conv3(self._norm_act(3, r) if fold else self.act3(self.norm3(r)))
         r = self.branch_probe(r)
         r = self.drop_path(r)
         if self.skip_gain is not None:
             r = self.skip_gain(r)
         return r + shortcut
+
+    @torch.jit.unused
+    def _norm_act(self, which: int, x: Tensor) -> Tensor:
+        """``act{which}(norm{which}(x))`` through :func:`norm_then_act`."""
+        return norm_then_act(getattr(self, f"norm{which}"), getattr(self, f"act{which}"), x)

@@ -15,9 +15,11 @@ flow through them into γ, β, γ̃ and β̃ (Graphcore back-propagates into the
 It is computed in few passes. φ's argument at the proxy points, ``γ·((1+γ̃)·u + β̃) + β``, is
 one affine map of ``u`` (one ``torch.addcmul``). ReLU is positively homogeneous, so for the output
 scale ``a > 0``, ``a·relu(γ·y + β) + b = relu(aγ·y + aβ) + b``: three passes over the
-activation instead of five. On CPU a train step of lnpn_resnet50 (b8 @128²) takes ≈ 0.91× the
-time of the literal form, and its evaluation ≈ 0.87× (docs/benchmarks.md, "Twenty-first
-pass").
+activation instead of five. A group norm without affine followed by such a PN-Act
+(:func:`norm_then_act`, in :class:`NormAct` and the pre-activation blocks) is one group-norm
+kernel that carries ``(aγ, aβ)``, an in-place ReLU and the shift. On CPU a train step of
+lnpn_resnet50 (b8 @128²) takes ≈ 0.82× the time of the literal form (docs/benchmarks.md,
+"Twenty-first pass").
 
 Parameters per channel: ``weight`` (γ, init 1), ``bias`` (β, init 0), ``proxy_weight`` (γ̃,
 init 0), ``proxy_bias`` (β̃, init 0). The paper puts **weight decay on γ̃ and β̃** (it keeps the
@@ -41,9 +43,11 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normfree.nn.activations import get_activation
+from normfree.nn.eager_forms import is_fx_proxy
 from normfree.nn.norm import norm_layer
 
 __all__ = [
@@ -52,6 +56,7 @@ __all__ = [
     "ProxyNormActivation",
     "fold_proxy_norm",
     "midpoint_normal_quantiles",
+    "norm_then_act",
     "proxy_norm_decay_names",
     "proxy_norm_no_decay_names",
 ]
@@ -298,6 +303,32 @@ class FoldedProxyNormActivation(nn.Module):
         return f"{self.num_channels}"
 
 
+def norm_then_act(norm: nn.Module, act: nn.Module, x: Tensor) -> Tensor:
+    """``act(norm(x))``. Where ``norm`` is an ``nn.GroupNorm`` without affine (the LayerNorm
+    over (C, H, W) of :class:`NormAct` is one with a single group) and ``act`` a PN-Act with ReLU
+    (:attr:`ProxyNormActivation.relu_form`), it is computed as one group-norm kernel with PN's
+    affine folded in, ``relu(GN(x; aγ, aβ)) + b``: two passes over the activation fewer, forward
+    and backward, the same function and gradients (module docstring). The modules' own
+    ``forward`` and hooks are then not called: blocks that use this have a ``fold_scales`` flag,
+    and :func:`normfree.nn.plain_forward` switches it off. A ``torch.fx`` trace records the two
+    modules."""
+    if (
+        type(norm) is nn.GroupNorm
+        and not norm.affine
+        and isinstance(act, ProxyNormActivation)
+        and act.relu_form
+        and not is_fx_proxy(x)
+    ):
+        _check_input(x, act.num_channels, "ProxyNormActivation")
+        scale, shift = act.folded_affine()
+        y = F.group_norm(
+            x, norm.num_groups, (scale * act.weight).to(x.dtype), (scale * act.bias).to(x.dtype),
+            norm.eps,
+        )  # fmt: skip
+        return y.relu_() + shift.to(y.dtype).reshape((1, -1) + (1,) * (y.ndim - 2))
+    return act(norm(x))
+
+
 def fold_proxy_norm(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Replace every :class:`ProxyNormActivation` in ``model`` by its folded inference form.
     Works on a deep copy unless ``inplace``; a bare PN-Act is returned folded."""
@@ -356,7 +387,9 @@ class NormAct(nn.Module):
       then ``proxy`` must be False and the norm keeps its affine.
 
     Submodules are ``norm`` and ``act``; parameter names are therefore ``norm.weight``,
-    ``act.proxy_weight`` etc.
+    ``act.proxy_weight`` etc. A group norm followed by PN-Act with ReLU runs as one kernel
+    (:func:`norm_then_act`, which skips the two modules' hooks) while ``fold_scales`` is True,
+    the default; :func:`normfree.nn.plain_forward` switches it off.
     """
 
     def __init__(
@@ -400,9 +433,16 @@ class NormAct(nn.Module):
             self.act = ProxyNormActivation(num_channels, activation, eps_proxy, num_quantiles)
         else:
             self.act = _build_activation(activation)
+        self.fold_scales = True  # GN + PN-Act(ReLU) as one kernel (norm_then_act)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fold_scales and not torch.jit.is_scripting():
+            return self._forward_folded(x)
         return self.act(self.norm(x))
+
+    @torch.jit.unused
+    def _forward_folded(self, x: Tensor) -> Tensor:
+        return norm_then_act(self.norm, self.act, x)
 
     def extra_repr(self) -> str:
         return f"norm={self.norm_kind!r}, proxy={self.proxy}"

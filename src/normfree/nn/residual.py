@@ -232,11 +232,14 @@ class ExpectedVariance:
 
 @contextlib.contextmanager
 def plain_forward(model: nn.Module) -> Iterator[nn.Module]:
-    """Run every :class:`NFResidualBlock` of ``model`` in its plain form inside the context
-    (every scale an op on the activations, ``branch_probe`` and ``act`` called), so that
-    forward hooks inside the blocks see the quantities of the paper's formulation. The blocks'
-    ``fold_scales`` flags are restored on exit, also when the body raises."""
-    blocks = [m for m in model.modules() if isinstance(m, NFResidualBlock)]
+    """Run every block of ``model`` that has a ``fold_scales`` flag in its plain form inside the
+    context, so that forward hooks inside the blocks see the quantities of the paper's
+    formulation: :class:`NFResidualBlock` (every scale an op on the activations,
+    ``branch_probe`` and ``act`` called), and the pre-activation blocks and
+    :class:`~normfree.nn.NormAct` (each norm and PN-Act module called, not
+    :func:`~normfree.nn.proxy_norm.norm_then_act`). The flags are restored on exit, also when
+    the body raises."""
+    blocks = [m for m in model.modules() if isinstance(getattr(m, "fold_scales", None), bool)]
     saved = [b.fold_scales for b in blocks]
     try:
         for b in blocks:
