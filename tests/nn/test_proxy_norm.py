@@ -274,6 +274,15 @@ def test_relu_form_follows_the_activation_eps_and_scale() -> None:
 
     assert not ProxyNormActivation(4, ClippedReLU()).relu_form
     assert copy.deepcopy(m).relu_form and pickle.loads(pickle.dumps(m)).relu_form
+    old = ProxyNormActivation(4, "relu")  # a module pickled before the attribute existed
+    del old.__dict__["relu_form"]
+    assert pickle.loads(pickle.dumps(old)).relu_form
+    import normfree
+
+    preact = normfree.create_model("lnpn_resnet_cifar20").stages[0][0]
+    for block in (NormAct(4, "ln"), preact):  # blocks pickled before the flag existed
+        del block.__dict__["fold_scales"]
+        assert pickle.loads(pickle.dumps(block)).fold_scales
     x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(13))
     m.eps, m.scale = 0.0, True
     randomize_(m, seed=14)

@@ -104,6 +104,10 @@ class PreActBlock(ResidualBlock):
             r = self.skip_gain(r)
         return r + shortcut
 
+    def __setstate__(self, state: dict) -> None:  # blocks pickled before the flag
+        super().__setstate__(state)
+        self.__dict__.setdefault("fold_scales", True)
+
     @torch.jit.unused
     def _norm_act(self, which: int, x: Tensor) -> Tensor:
         """``act{which}(norm{which}(x))`` through :func:`norm_then_act`."""

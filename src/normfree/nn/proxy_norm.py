@@ -444,5 +444,9 @@ class NormAct(nn.Module):
     def _forward_folded(self, x: Tensor) -> Tensor:
         return norm_then_act(self.norm, self.act, x)
 
+    def __setstate__(self, state: dict) -> None:  # blocks pickled before the flag
+        super().__setstate__(state)
+        self.__dict__.setdefault("fold_scales", True)
+
     def extra_repr(self) -> str:
         return f"norm={self.norm_kind!r}, proxy={self.proxy}"
