@@ -13,9 +13,9 @@ Bottleneck block (the basic block drops ``norm3/act3/conv3`` and has two 3×3 co
     r = branch_probe(r) → drop_path → skip_gain (SkipInit / ReZero only)
     return r + shortcut
 
-With ``fold_scales`` (the default) each group norm without affine and the PN-Act with ReLU after
-it run as one kernel (:func:`normfree.nn.proxy_norm.norm_then_act`), which does not call the
-two modules; :func:`normfree.nn.plain_forward` switches it off for hooks on them.
+With ``fold_scales`` (the default) each group norm without affine carries the affine of the
+PN-Act after it in its own kernel (:func:`normfree.nn.proxy_norm.norm_then_act`), which does
+not call the two modules; :func:`normfree.nn.plain_forward` switches it off for hooks on them.
 """
 
 # (no ``from __future__ import annotations`` here: TorchScript reads the signature of the unused
@@ -88,7 +88,7 @@ class PreActBlock(ResidualBlock):
             self.conv2 = layers.conv(out_ch, out_ch, 3)
         self.drop_path = StochasticDepth(drop_path_rate)
         self.skip_gain = SkipInitGain(gain_init) if skip_gain else None
-        self.fold_scales = True  # GN + PN-Act(ReLU) as one kernel (module docstring)
+        self.fold_scales = True  # PN's affine in the group norm's kernel (module docstring)
 
     def forward(self, x: Tensor) -> Tensor:
         fold = self.fold_scales and not torch.jit.is_scripting()

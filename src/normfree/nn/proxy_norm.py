@@ -15,11 +15,11 @@ flow through them into γ, β, γ̃ and β̃ (Graphcore back-propagates into the
 It is computed in few passes. φ's argument at the proxy points, ``γ·((1+γ̃)·u + β̃) + β``, is
 one affine map of ``u`` (one ``torch.addcmul``). ReLU is positively homogeneous, so for the output
 scale ``a > 0``, ``a·relu(γ·y + β) + b = relu(aγ·y + aβ) + b``: three passes over the
-activation instead of five. A group norm without affine followed by such a PN-Act
-(:func:`norm_then_act`, in :class:`NormAct` and the pre-activation blocks) is one group-norm
-kernel that carries ``(aγ, aβ)``, an in-place ReLU and the shift. On CPU a train step of
-lnpn_resnet50 (b8 @128²) takes ≈ 0.82× the time of the literal form (docs/benchmarks.md,
-"Twenty-first pass").
+activation instead of five. A group norm without affine followed by a PN-Act
+(:func:`norm_then_act`, in :class:`NormAct` and the pre-activation blocks) carries PN's
+``(γ, β)`` in its own kernel, with ReLU ``(aγ, aβ)``, then an in-place ReLU and the shift. On
+CPU a train step of lnpn_resnet50 (b8 @128²) takes ≈ 0.82× the time of the literal form
+(docs/benchmarks.md, "Twenty-first pass").
 
 Parameters per channel: ``weight`` (γ, init 1), ``bias`` (β, init 0), ``proxy_weight`` (γ̃,
 init 0), ``proxy_bias`` (β̃, init 0). The paper puts **weight decay on γ̃ and β̃** (it keeps the
@@ -305,10 +305,11 @@ class FoldedProxyNormActivation(nn.Module):
 
 def norm_then_act(norm: nn.Module, act: nn.Module, x: Tensor) -> Tensor:
     """``act(norm(x))``. Where ``norm`` is an ``nn.GroupNorm`` without affine (the LayerNorm
-    over (C, H, W) of :class:`NormAct` is one with a single group) and ``act`` a PN-Act with ReLU
-    (:attr:`ProxyNormActivation.relu_form`), it is computed as one group-norm kernel with PN's
-    affine folded in, ``relu(GN(x; aγ, aβ)) + b``: two passes over the activation fewer, forward
-    and backward, the same function and gradients (module docstring). The modules' own
+    over (C, H, W) of :class:`NormAct` is one with a single group) and ``act`` a PN-Act, the
+    group norm's kernel carries PN's affine: ``a·φ(GN(x; γ, β)) + b``, and with ReLU
+    (:attr:`ProxyNormActivation.relu_form`) ``relu(GN(x; aγ, aβ)) + b``. That is one or two
+    passes over the activation fewer, forward and backward, for the same function and
+    gradients (module docstring). The modules' own
     ``forward`` and hooks are then not called: blocks that use this have a ``fold_scales`` flag,
     and :func:`normfree.nn.plain_forward` switches it off. A ``torch.fx`` trace records the two
     modules."""
@@ -316,11 +317,14 @@ def norm_then_act(norm: nn.Module, act: nn.Module, x: Tensor) -> Tensor:
         type(norm) is nn.GroupNorm
         and not norm.affine
         and isinstance(act, ProxyNormActivation)
-        and act.relu_form
         and not is_fx_proxy(x)
     ):
         _check_input(x, act.num_channels, "ProxyNormActivation")
         scale, shift = act.folded_affine()
+        if not act.relu_form:  # φ(GN(x; γ, β))·a + b
+            y = F.group_norm(x, norm.num_groups, act.weight.to(x.dtype), act.bias.to(x.dtype),
+                             norm.eps)  # fmt: skip
+            return _channel_affine(act.act(y), scale, shift)
         y = F.group_norm(
             x, norm.num_groups, (scale * act.weight).to(x.dtype), (scale * act.bias).to(x.dtype),
             norm.eps,
@@ -387,7 +391,7 @@ class NormAct(nn.Module):
       then ``proxy`` must be False and the norm keeps its affine.
 
     Submodules are ``norm`` and ``act``; parameter names are therefore ``norm.weight``,
-    ``act.proxy_weight`` etc. A group norm followed by PN-Act with ReLU runs as one kernel
+    ``act.proxy_weight`` etc. A group norm followed by PN-Act carries PN's affine in its kernel
     (:func:`norm_then_act`, which skips the two modules' hooks) while ``fold_scales`` is True,
     the default; :func:`normfree.nn.plain_forward` switches it off.
     """
@@ -433,7 +437,7 @@ class NormAct(nn.Module):
             self.act = ProxyNormActivation(num_channels, activation, eps_proxy, num_quantiles)
         else:
             self.act = _build_activation(activation)
-        self.fold_scales = True  # GN + PN-Act(ReLU) as one kernel (norm_then_act)
+        self.fold_scales = True  # PN's affine in the group norm's kernel (norm_then_act)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fold_scales and not torch.jit.is_scripting():
