@@ -18,7 +18,7 @@ scale ``a > 0``, ``a·relu(γ·y + β) + b = relu(aγ·y + aβ) + b``: three pas
 activation instead of five. A group norm without affine followed by a PN-Act
 (:func:`norm_then_act`, in :class:`NormAct` and the pre-activation blocks) carries PN's
 ``(γ, β)`` in its own kernel, with ReLU ``(aγ, aβ)``, then an in-place ReLU and the shift. On
-CPU a train step of lnpn_resnet50 (b8 @128²) takes ≈ 0.82× the time of the literal form
+CPU a train step of lnpn_resnet50 (b8 @128²) takes ≈ 0.83× the time of the literal form
 (docs/benchmarks.md, "Twenty-first pass").
 
 Parameters per channel: ``weight`` (γ, init 1), ``bias`` (β, init 0), ``proxy_weight`` (γ̃,
