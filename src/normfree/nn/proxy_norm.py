@@ -115,11 +115,15 @@ def _build_activation(activation: ActivationSpec) -> nn.Module:
     )
 
 
+def _on_channels(t: Tensor, like: Tensor) -> Tensor:
+    """A per-channel ``(C,)`` tensor in ``like``'s dtype, shaped to broadcast on its axis 1."""
+    return t.to(like.dtype).reshape((1, -1) + (1,) * (like.ndim - 2))
+
+
 def _channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``x·scale_c + shift_c`` with per-channel ``(C,)`` tensors on axis 1, in ``x``'s dtype (the
     shift added in place to the product, which autograd does not keep: one tensor, not two)."""
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    return (x * scale.to(x.dtype).reshape(shape)).add_(shift.to(x.dtype).reshape(shape))
+    return (x * _on_channels(scale, x)).add_(_on_channels(shift, x))
 
 
 def _check_input(x: Tensor, num_channels: int, who: str) -> None:
@@ -251,9 +255,8 @@ class ProxyNormActivation(nn.Module):
         _check_input(x, self.num_channels, "ProxyNormActivation")
         scale, shift = self.folded_affine()
         if self.relu_form:  # a·relu(γ·x + β) + b = relu(aγ·x + aβ) + b, a > 0
-            shape = (1, -1) + (1,) * (x.ndim - 2)
             inner = _channel_affine(x, scale * self.weight, scale * self.bias).relu_()
-            return inner + shift.to(x.dtype).reshape(shape)
+            return inner + _on_channels(shift, x)
         z = self.act(_channel_affine(x, self.weight, self.bias))
         return _channel_affine(z, scale, shift)
 
@@ -329,7 +332,7 @@ def norm_then_act(norm: nn.Module, act: nn.Module, x: Tensor) -> Tensor:
             x, norm.num_groups, (scale * act.weight).to(x.dtype), (scale * act.bias).to(x.dtype),
             norm.eps,
         )  # fmt: skip
-        return y.relu_() + shift.to(y.dtype).reshape((1, -1) + (1,) * (y.ndim - 2))
+        return y.relu_() + _on_channels(shift, y)
     return act(norm(x))
 
 
