@@ -456,3 +456,88 @@ def test_a_stale_build_lock_is_removed_and_a_live_one_waited_for(
     assert removed is (case != "released")
     assert {"stale": waited < 0.5, "becomes_stale": 0.5 < waited < 3.0,
             "released": 0.4 < waited < 3.0}[case]  # fmt: skip
+
+
+@pytest.mark.parametrize("fan_in", [7, 256, 4611])
+def test_bfloat16_output_and_gradient_are_the_casts_bits(native_on, fan_in) -> None:
+    # under CPU autocast the forward writes a float32 weight's Ŵ as bfloat16 and the backward
+    # reads the bfloat16 gradient: bit for bit Ŵ.to(bfloat16) (round to nearest even), the
+    # float32 statistics, and the float32 backward of the widened gradient (fan-ins across the
+    # 8-lane and 256-element blocks; a constant, floored row)
+    ext = native.extension("scaled_ws")
+    gen = torch.Generator().manual_seed(fan_in)
+    w = torch.randn(9, fan_in, generator=gen).mul_(0.1).add_(0.02)
+    w[4] = 0.3
+    gain = torch.rand(9, generator=gen) + 0.5
+    up = torch.randn(9, fan_in, generator=gen).bfloat16()
+    out, mean, n_var = ext.scaled_ws_forward(w, gain, 1e-4, 1.3, True)
+    ref, ref_mean, ref_n_var = ext.scaled_ws_forward(w, gain, 1e-4, 1.3)
+    assert out.dtype == torch.bfloat16 and ref.dtype == torch.float32
+    assert torch.equal(out.view(torch.int16), ref.bfloat16().view(torch.int16))
+    assert torch.equal(mean, ref_mean) and torch.equal(n_var, ref_n_var)
+    got = ext.scaled_ws_backward(up, w, mean, n_var, gain, 1e-4, 1.3, True, True, True)
+    want = ext.scaled_ws_backward(up.float(), w, mean, n_var, gain, 1e-4, 1.3, True, True, True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert got[0].dtype == torch.float32 and float(got[0].abs().max()) > 0.0
+    with pytest.raises(RuntimeError, match="a bfloat16 output needs float32 rows"):
+        ext.scaled_ws_forward(w.double(), gain.double(), 1e-4, 1.3, True)
+    with pytest.raises(RuntimeError, match="grad must have the weight's dtype"):
+        ext.scaled_ws_backward(
+            up, w.double(), mean.double(), n_var.double(), None, 1e-4, 1.3, True, False, False
+        )
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_an_autocast_training_step_hands_the_convs_bfloat16_weights(
+    kernels, monkeypatch: pytest.MonkeyPatch, on: bool
+) -> None:
+    # a CPU autocast (bfloat16) training step: every Scaled-WS conv asks for its Ŵ in
+    # bfloat16 (the native kernel writes it; the op path casts it), and the loss and every
+    # parameter's gradient are bit for bit those of the float32 Ŵ that autocast casts itself
+    import normfree.nn.ws as ws_module
+    import normfree.nn.ws_functional as functional
+
+    torch.manual_seed(0)
+    model = normfree.create_model("nf_resnet_cifar20", num_classes=10, drop_path_rate=0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 0:
+                p.fill_(0.3)  # skip gains off zero: every branch carries a gradient
+    convs = sum(isinstance(m, ScaledStdConv2d) for m in model.modules())
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 3, 5, 9])
+    direct = []
+    native_standardize = functional._native_standardize
+
+    def counting(*args, **kwargs):
+        direct.append(args[-1] if len(args) == 6 else kwargs.get("bf16_out", False))
+        return native_standardize(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "_native_standardize", counting)
+    results = []
+    for cast_by_autocast in (False, True):
+        if cast_by_autocast:
+            monkeypatch.setattr(ws_module, "cpu_autocast_dtype", lambda weight: None)
+        model.zero_grad()
+        with native.native_kernels(on), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    # with the kernels: one forward with bfloat16 output per conv, then one without
+    assert direct == ([True] * convs + [False] * convs if on else [])
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert all(g.dtype == torch.float32 for g in grads_a)
+
+
+def test_autocast_dtype_of_a_weight() -> None:
+    from normfree.nn.eager_forms import cpu_autocast_dtype
+
+    w = torch.zeros(2, 2)
+    assert cpu_autocast_dtype(w) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_autocast_dtype(w) == torch.bfloat16
+        assert cpu_autocast_dtype(w.double()) is None  # autocast casts float32 only
+        assert cpu_autocast_dtype(w.bfloat16()) is None
+        with torch.autocast("cpu", enabled=False):
+            assert cpu_autocast_dtype(w) is None

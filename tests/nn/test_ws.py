@@ -337,6 +337,27 @@ def test_eval_cache_identical_outputs_and_reuse() -> None:
     assert m._ws_cache is None
 
 
+def test_autocast_evaluation_caches_the_weight_in_autocast_dtype() -> None:
+    # under CPU autocast the cached weight is kept in bfloat16, the cast the convolution would
+    # make on every call made once: bit for bit the output of the float32 weight that autocast
+    # casts; leaving autocast caches the float32 weight again
+    torch.manual_seed(0)
+    m = ScaledStdConv2d(4, 6, 3, stride=2).eval()
+    x = torch.randn(2, 4, 9, 8)
+    with torch.no_grad():
+        w32, b = m.effective_weight_bias()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = m._conv(x, w32, b)
+            first = m(x)
+            cached = m._ws_cache[1][0]
+            second = m(x)
+            assert m._ws_cache[1][0] is cached  # reused
+        plain = m(x)
+    assert cached.dtype == torch.bfloat16 and torch.equal(cached, w32.bfloat16())
+    assert ref.dtype == torch.bfloat16 and torch.equal(first, ref) and torch.equal(second, ref)
+    assert m._ws_cache[1][0].dtype == torch.float32 and torch.equal(plain, m._conv(x, w32, b))
+
+
 @pytest.mark.parametrize(
     "make_opt",
     [

@@ -454,3 +454,46 @@ def test_clear_errors_for_what_it_cannot_serve() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="same optimizer"):
         update_in_backward(opt, model, agc=attach_agc(torch.optim.SGD(model.parameters(), lr=1)))
+
+
+@pytest.mark.parametrize("cls", [torch.optim.SGD, torch.optim.AdamW])
+def test_autocast_steps_read_the_bfloat16_gradients(
+    kernels, monkeypatch: pytest.MonkeyPatch, cls
+) -> None:
+    """Under CPU autocast (bfloat16) each conv's Ŵ is written as bfloat16 and the fused step
+    reads the bfloat16 ∂L/∂Ŵ as the convolution returns it: after three steps the parameters
+    and the optimizer state are bit for bit those of the same steps with a float32 Ŵ that
+    autocast casts (whose backward widens the gradient before the step reads it)."""
+    import normfree.nn.ws as ws_module
+
+    kwargs = {"lr": 1e-3, "weight_decay": 0.05} if cls is torch.optim.AdamW else {"lr": 0.1,
+              "momentum": 0.9}  # fmt: skip
+    runs = []
+    for cast_by_autocast in (False, True):
+        if cast_by_autocast:
+            monkeypatch.setattr(ws_module, "cpu_autocast_dtype", lambda weight: None)
+        torch.manual_seed(0)
+        model = normfree.create_model(
+            "nf_resnet_cifar20", num_classes=10, drop_path_rate=0.0, drop_rate=0.0
+        )
+        start = [w.detach().clone() for w in _conv_weights(model)]
+        opt = cls(model.parameters(), **kwargs)
+        update_in_backward(opt, model, agc=attach_agc(opt, clipping=0.01, model=model))
+        for step in range(3):
+            x, y = _batch(step)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x.float()), y)
+            loss.backward()
+            assert all(w.grad is None for w in _conv_weights(model))  # stepped in the backward
+            opt.step()
+        assert all(not torch.equal(a, b) for a, b in zip(start, _conv_weights(model)))
+        runs.append((model, opt))
+    (model_a, opt_a), (model_b, opt_b) = runs
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        assert torch.equal(a, b), name
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        state_a, state_b = opt_a.state[a], opt_b.state[b]
+        assert state_a.keys() == state_b.keys()
+        for key, value in state_a.items():
+            assert torch.equal(value, state_b[key]), key

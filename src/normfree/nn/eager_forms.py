@@ -16,6 +16,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 __all__ = [
+    "cpu_autocast_dtype",
     "cpu_autocast_enabled",
     "custom_function_ok",
     "exporting",
@@ -58,6 +59,18 @@ def cpu_autocast_enabled() -> bool:
         return torch.is_autocast_enabled("cpu")
     except TypeError:  # torch < 2.4 has no device argument
         return torch.is_autocast_cpu_enabled()
+
+
+def cpu_autocast_dtype(tensor: Tensor) -> torch.dtype | None:
+    """The dtype CPU autocast casts ``tensor`` to for an op it runs in lower precision (a
+    convolution): its ``torch.get_autocast_dtype("cpu")`` where CPU autocast is on and
+    ``tensor`` is a float32 CPU tensor (autocast casts no other), else None."""
+    if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or not cpu_autocast_enabled():
+        return None
+    try:
+        return torch.get_autocast_dtype("cpu")
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_cpu_dtype()
 
 
 @torch.jit.unused

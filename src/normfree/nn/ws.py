@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from normfree.nn.eager_forms import recording, untransformed
+from normfree.nn.eager_forms import cpu_autocast_dtype, recording, untransformed
 from normfree.nn.padding import Conv2dSame, _pad_same_2d, conv_pair, resolve_padding
 from normfree.nn.param_updates import tensor_key
 from normfree.nn.pointwise_conv import (
@@ -89,11 +89,15 @@ class StdConv2dBase(_PointwiseForms, nn.Conv2d):
       behave as in ``nn.Conv2d``.
     * The standardization runs in fp32 when the weight is fp16/bf16 and ignores autocast; the
       result is cast back to the weight's dtype (autocast then casts it for the conv, as for a
-      plain conv).
+      plain conv). Under CPU autocast a :class:`ScaledStdConv2d` hands the conv its float32
+      weight's result in autocast's dtype already: the same bits, cast once per cached copy in
+      evaluation, and written so by the native kernels in training (which also read the
+      gradient in that dtype: :func:`scaled_standardize`).
     * Inference cache: when no gradient can flow to the parameters (``torch.no_grad``,
       ``inference_mode`` or frozen parameters) the standardized weight is computed once and reused
       until a parameter changes. The key is each parameter's version, memory, dtype, device,
-      shape and strides, the number of optimizer steps taken in this process (fused optimizer
+      shape and strides, the CPU autocast dtype (:class:`ScaledStdConv2d`), the number of
+      optimizer steps taken in this process (fused optimizer
       kernels update parameters without bumping their version:
       :mod:`normfree.nn.param_updates`) and ``eps``/``gamma``, so ``optimizer.step()``,
       ``load_state_dict``, ``.to()`` and ``param.data = ...`` invalidate it. The cache is not
@@ -364,10 +368,17 @@ class ScaledStdConv2d(StdConv2dBase):
         return self._conv(x, weight, bias)
 
     def effective_weight_bias(
-        self, in_scale: float = 1.0, out_scale: float = 1.0, out_gain: Tensor | None = None
+        self,
+        in_scale: float = 1.0,
+        out_scale: float = 1.0,
+        out_gain: Tensor | None = None,
+        out_dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """The conv weight and bias :meth:`forward` uses (with autograd, no cache)."""
-        if in_scale == 1.0 and out_scale == 1.0 and out_gain is None:
+        """The conv weight and bias :meth:`forward` uses (with autograd, no cache); the weight
+        in ``out_dtype`` (None: the parameter's), rounded once. An eager training step under
+        CPU autocast asks for autocast's dtype, the one the convolution casts the weight to
+        (:func:`~normfree.nn.scaled_standardize`: the native kernels write it directly)."""
+        if in_scale == 1.0 and out_scale == 1.0 and out_gain is None and out_dtype is None:
             return self.standardized_weight(), self.bias
         weight = self.weight
         low = weight.dtype == torch.float16 or weight.dtype == torch.bfloat16
@@ -375,8 +386,9 @@ class ScaledStdConv2d(StdConv2dBase):
         gain = self.gain.to(work.dtype)
         if out_gain is not None:
             gain = gain * out_gain.to(work.dtype)
-        w = scaled_standardize(work, gain, self.eps, self.gamma * in_scale * out_scale)
-        return w.to(weight.dtype) if low else w, _scaled_bias(self.bias, out_scale, out_gain)
+        dtype = weight.dtype if out_dtype is None else out_dtype
+        w = scaled_standardize(work, gain, self.eps, self.gamma * in_scale * out_scale, dtype)
+        return w, _scaled_bias(self.bias, out_scale, out_gain)
 
     @torch.jit.unused
     def _traced_weight_bias(
@@ -410,18 +422,22 @@ class ScaledStdConv2d(StdConv2dBase):
             or (bias is not None and bias.requires_grad)
             or (out_gain is not None and out_gain.requires_grad)
         )
+        # under CPU autocast the weight comes in the dtype the convolution would cast it to:
+        # written so by the native kernels in training, cast once per cached copy in evaluation
+        dtype = cpu_autocast_dtype(weight)
         if grad_wanted or not _cacheable(weight, gain, bias, out_gain):
             if self._ws_cache is not None:
                 self._ws_cache = None  # don't keep a stale copy alive while training
-            return self.effective_weight_bias(in_scale, out_scale, out_gain)
+            return self.effective_weight_bias(in_scale, out_scale, out_gain, dtype)
         key: tuple = (torch.is_inference_mode_enabled(), self._formula_key(), in_scale, out_scale)
+        key += (dtype,)
         tensors = [t for t in (weight, gain, bias, out_gain) if t is not None]
         key += tuple(None if t is None else tensor_key(t) for t in (weight, gain, bias, out_gain))
         cache = self._ws_cache
         if cache is not None and cache[0] == key:
             return cache[1]
         with torch.no_grad():
-            value = self.effective_weight_bias(in_scale, out_scale, out_gain)
+            value = self.effective_weight_bias(in_scale, out_scale, out_gain, dtype)
         # Holding detached views of the tensors keeps their storage alive, so a new tensor can
         # never reuse a cached data pointer.
         self._ws_cache = (key, value, [t.detach() for t in tensors])

@@ -159,14 +159,20 @@ def _standardize_rows_floored(
 
 
 def _native_standardize(
-    ext: ModuleType, weight: Tensor, gain: Tensor | None, eps: float, gamma: float
+    ext: ModuleType,
+    weight: Tensor,
+    gain: Tensor | None,
+    eps: float,
+    gamma: float,
+    bf16_out: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, int | None]:
     """``(Ŵ, μ, N·var, forward number)`` from the native kernel (:mod:`normfree.nn.native`),
     keeping a parameter's statistics for AGC as :func:`_eager_standardize` does (the number
-    is None for a tensor that is not a parameter)."""
+    is None for a tensor that is not a parameter); ``bf16_out``: Ŵ of a float32 weight
+    written as bfloat16 (the bits of ``Ŵ.to(torch.bfloat16)``), the statistics in float32."""
     rows = weight.detach().reshape(weight.shape[0], -1).contiguous()
     g = None if gain is None else gain.detach().contiguous()
-    out, mean, n_var = ext.scaled_ws_forward(rows, g, eps, gamma)
+    out, mean, n_var = ext.scaled_ws_forward(rows, g, eps, gamma, bf16_out)
     number = None
     if isinstance(weight, nn.Parameter):
         number = remember_unit_stats(weight, mean, n_var=n_var)
@@ -180,12 +186,23 @@ class _ScaledStandardizeNative(torch.autograd.Function):
     per-unit norms for AGC (:func:`normfree.nn.unit_norms.unit_grad_norms_from_backward`), or,
     where an optimizer step is registered for the weight
     (:func:`normfree.nn.param_updates.set_backward_update`), applies that step to the weight's
-    rows instead of writing its gradient. First-order only."""
+    rows instead of writing its gradient. With ``bf16_out`` a float32 weight's Ŵ comes out as
+    bfloat16 (:func:`scaled_standardize`'s ``out_dtype``), and the backward reads the bfloat16
+    gradient as it comes. First-order only."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, gain: Tensor | None, eps: float, gamma: float) -> Tensor:
+    def forward(
+        ctx,
+        weight: Tensor,
+        gain: Tensor | None,
+        eps: float,
+        gamma: float,
+        bf16_out: bool = False,
+    ) -> Tensor:
         ext = native.extension("scaled_ws")
-        out, mean, n_var, ctx.forward_number = _native_standardize(ext, weight, gain, eps, gamma)
+        out, mean, n_var, ctx.forward_number = _native_standardize(
+            ext, weight, gain, eps, gamma, bf16_out
+        )
         ctx.save_for_backward(weight, gain, mean, n_var)
         ctx.ext, ctx.eps, ctx.gamma = ext, eps, gamma
         return out
@@ -205,7 +222,7 @@ class _ScaledStandardizeNative(torch.autograd.Function):
                 ctx.eps, ctx.gamma, need_gain,
             )  # fmt: skip
             if applied:
-                return None, grad_gain if need_gain else None, None, None
+                return None, grad_gain if need_gain else None, None, None, None
         want_norm = needs_weight and wants_grad_norms(weight, ctx.forward_number)
         grad_weight, grad_gain, grad_norm = ctx.ext.scaled_ws_backward(
             grad_rows, rows, mean, n_var,
@@ -218,6 +235,7 @@ class _ScaledStandardizeNative(torch.autograd.Function):
         return (
             grad_weight if needs_weight else None,
             grad_gain if needs_gain and gain is not None else None,
+            None,
             None,
             None,
         )
@@ -314,7 +332,11 @@ def _device_standardize(weight: Tensor, gain: Tensor | None, eps: float, gamma: 
 
 
 def scaled_standardize(
-    weight: Tensor, gain: Tensor | None = None, eps: float = 1e-4, gamma: float = 1.0
+    weight: Tensor,
+    gain: Tensor | None = None,
+    eps: float = 1e-4,
+    gamma: float = 1.0,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Scaled WS (Brock et al. 2021a, eq. 2; official ``WSConv2D``), per output unit (dim 0):
     ``gain·γ·(W − μ)·rsqrt(max(N·var, eps))``, biased variance, ``N = W[0].numel()`` (fan-in),
@@ -331,6 +353,12 @@ def scaled_standardize(
     synchronisation, first-order only). With the optional
     native kernels switched on (:mod:`normfree.nn.native`), eager CPU float32/float64 weights
     run the C++ forward and analytic backward instead (:class:`_ScaledStandardizeNative`).
+
+    ``out_dtype`` (None: the weight's) is the dtype of the result: computed in the weight's
+    dtype and rounded once, as ``.to(out_dtype)`` does. A CPU autocast training step asks for
+    the convolution's bfloat16 (:meth:`ScaledStdConv2d.forward_scaled`); the native kernels then
+    write a float32 weight's Ŵ as bfloat16 and read the bfloat16 gradient directly, which saves
+    a cast of Ŵ each way (the same bits and gradients as the cast).
     """
     if gain is not None and gain.shape != weight.shape[:1]:
         raise ValueError(f"gain must have shape ({weight.shape[0]},), got {list(gain.shape)}")
@@ -349,15 +377,23 @@ def scaled_standardize(
             if ext is not None and has_tangent(weight, gain):
                 ext = None  # the native functions detach their inputs: a tangent would be lost
             if ext is not None and (gain is None or gain.dtype == weight.dtype):
+                bf16 = out_dtype == torch.bfloat16 and weight.dtype == torch.float32
                 if needs_grad and torch.is_grad_enabled():
-                    return _ScaledStandardizeNative.apply(weight, gain, eps, gamma)
-                return _native_standardize(ext, weight, gain, eps, gamma)[0]
-            return _eager_standardize(weight, gain, eps, gamma)
+                    out = _ScaledStandardizeNative.apply(weight, gain, eps, gamma, bf16)
+                else:
+                    out = _native_standardize(ext, weight, gain, eps, gamma, bf16)[0]
+                return _in_dtype(out, out_dtype)
+            return _in_dtype(_eager_standardize(weight, gain, eps, gamma), out_dtype)
         if eager and weight.device.type in _SYNC_FREE_DEVICES and _sync_free_ok(weight, gain):
-            return _device_standardize(weight, gain, eps, gamma)
+            return _in_dtype(_device_standardize(weight, gain, eps, gamma), out_dtype)
         if needs_grad and torch.is_grad_enabled() and not tracing:
-            return _ScaledStandardize.apply(weight, gain, eps, gamma)
-    return _scaled_standardize_parts(weight, gain, eps, gamma)[0]
+            return _in_dtype(_ScaledStandardize.apply(weight, gain, eps, gamma), out_dtype)
+    return _in_dtype(_scaled_standardize_parts(weight, gain, eps, gamma)[0], out_dtype)
+
+
+def _in_dtype(out: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``out`` as ``dtype`` (None: as it is)."""
+    return out if dtype is None else out.to(dtype)
 
 
 @torch.jit.unused

@@ -9,7 +9,9 @@
 #include "tanh_gelu.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("scaled_ws_forward", &scaled_ws_forward, "Scaled WS forward over weight rows");
+  m.def("scaled_ws_forward", &scaled_ws_forward, "Scaled WS forward over weight rows",
+        pybind11::arg("w"), pybind11::arg("gain"), pybind11::arg("eps"), pybind11::arg("gamma"),
+        pybind11::arg("bf16_out") = false);
   m.def("scaled_ws_backward", &scaled_ws_backward, "Scaled WS backward over weight rows");
   m.def("scaled_ws_backward_sgd", &scaled_ws_backward_sgd,
         "Scaled WS backward with AGC and an SGD step applied to the weight rows");
