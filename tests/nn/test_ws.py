@@ -667,6 +667,44 @@ def test_empty_weights_standardize_to_empty(shape: tuple[int, ...]) -> None:
     assert w.grad.shape == w.shape
 
 
+class _ScaledCall(nn.Module):
+    """A conv called with folded scales, as NF residual blocks call it."""
+
+    def __init__(self, conv: ScaledStdConv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv.forward_scaled(x, 2.0, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_torch_func_grad_of_a_scaled_conv_keeps_the_weight_dtype(dtype) -> None:
+    # torch.func over a conv with folded scales: the formula's branch hands the conv its
+    # weight in the dtype asked for (the bfloat16 parameters', or under CPU autocast
+    # bfloat16 for float32 ones), and the gradients equal autograd's
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    net = _ScaledCall(ScaledStdConv2d(3, 4, 3)).to(dtype)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    x = torch.randn(2, 3, 6, 6, dtype=dtype)
+    autocast = {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": dtype == torch.float32}
+
+    def loss(p: dict) -> torch.Tensor:
+        with torch.autocast(**autocast):
+            return functional_call(net, p, (x,)).float().square().sum()
+
+    got = grad(loss)(params)
+    with torch.autocast(**autocast):
+        out = net(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    for name, p in net.named_parameters():
+        assert got[name].dtype == dtype
+        torch.testing.assert_close(got[name], p.grad)
+
+
 def test_torch_func_grad_and_per_sample_gradients_through_scaled_ws() -> None:
     """``torch.func.grad`` and ``vmap`` (per-sample gradients) run through the eager-CPU Scaled
     WS (group norm's autograd node; the former ``autograd.Function`` had no ``setup_context``

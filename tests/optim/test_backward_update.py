@@ -465,12 +465,26 @@ def test_autocast_steps_read_the_bfloat16_gradients(
     and the optimizer state are bit for bit those of the same steps with a float32 Ŵ that
     autocast casts (whose backward widens the gradient before the step reads it)."""
     import normfree.nn.ws as ws_module
+    import normfree.nn.ws_functional as functional
 
     kwargs = {"lr": 1e-3, "weight_decay": 0.05} if cls is torch.optim.AdamW else {"lr": 0.1,
               "momentum": 0.9}  # fmt: skip
+    outputs: list[torch.dtype] = []
+    native_standardize = functional._native_standardize
+
+    def recording(*args, **kwargs):
+        result = native_standardize(*args, **kwargs)
+        outputs.append(result[0].dtype)
+        return result
+
+    monkeypatch.setattr(functional, "_native_standardize", recording)
     runs = []
     for cast_by_autocast in (False, True):
         if cast_by_autocast:
+            # the first run handed every conv a bfloat16 Ŵ from the kernel, three steps long
+            convs = len(_conv_weights(runs[0][0]))
+            assert outputs == [torch.bfloat16] * (3 * convs)
+            outputs.clear()
             monkeypatch.setattr(ws_module, "cpu_autocast_dtype", lambda weight: None)
         torch.manual_seed(0)
         model = normfree.create_model(
@@ -489,6 +503,7 @@ def test_autocast_steps_read_the_bfloat16_gradients(
             opt.step()
         assert all(not torch.equal(a, b) for a, b in zip(start, _conv_weights(model)))
         runs.append((model, opt))
+    assert outputs == [torch.float32] * (3 * len(_conv_weights(runs[1][0])))
     (model_a, opt_a), (model_b, opt_b) = runs
     for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
         assert torch.equal(a, b), name

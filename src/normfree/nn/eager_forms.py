@@ -64,7 +64,8 @@ def cpu_autocast_enabled() -> bool:
 def cpu_autocast_dtype(tensor: Tensor) -> torch.dtype | None:
     """The dtype CPU autocast casts ``tensor`` to for an op it runs in lower precision (a
     convolution): its ``torch.get_autocast_dtype("cpu")`` where CPU autocast is on and
-    ``tensor`` is a float32 CPU tensor (autocast casts no other), else None."""
+    ``tensor`` is a float32 CPU tensor, else None (autocast also casts float16 and bfloat16
+    tensors, which normfree's forms already keep in their own dtype)."""
     if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or not cpu_autocast_enabled():
         return None
     try:

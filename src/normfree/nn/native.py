@@ -17,7 +17,8 @@ Two kernel pairs (``csrc/module.cpp``):
   active). The same row sweep can apply an optimizer step instead of writing ∂L/∂W
   (``csrc/scaled_ws_update.h``; :func:`normfree.optim.update_in_backward`). Under CPU
   autocast in bfloat16 a float32 weight's Ŵ is written as bfloat16 and the bfloat16 gradient
-  read as it comes: the bits of autocast's casts, without their two passes over the weights.
+  read as it comes: the bits of autocast's casts (NaN payloads aside), without their two
+  passes over the weights.
 * The tanh-GELU of NFNets (:class:`normfree.nn.activations.TanhGELU`, float32) forward and
   backward in one pass each (``csrc/tanh_gelu.h``): 2–3× faster than the op path and PyTorch's
   kernel, within a few ulps of the float64 formula; ≈ 3.5 % of an NFNet-F0 training step on CPU.

@@ -169,7 +169,8 @@ def _native_standardize(
     """``(Ŵ, μ, N·var, forward number)`` from the native kernel (:mod:`normfree.nn.native`),
     keeping a parameter's statistics for AGC as :func:`_eager_standardize` does (the number
     is None for a tensor that is not a parameter); ``bf16_out``: Ŵ of a float32 weight
-    written as bfloat16 (the bits of ``Ŵ.to(torch.bfloat16)``), the statistics in float32."""
+    written as bfloat16 (the bits of ``Ŵ.to(torch.bfloat16)``, NaN payloads aside), the
+    statistics in float32."""
     rows = weight.detach().reshape(weight.shape[0], -1).contiguous()
     g = None if gain is None else gain.detach().contiguous()
     out, mean, n_var = ext.scaled_ws_forward(rows, g, eps, gamma, bf16_out)
@@ -358,7 +359,8 @@ def scaled_standardize(
     dtype and rounded once, as ``.to(out_dtype)`` does. A CPU autocast training step asks for
     the convolution's bfloat16 (:meth:`ScaledStdConv2d.forward_scaled`); the native kernels then
     write a float32 weight's Ŵ as bfloat16 and read the bfloat16 gradient directly, which saves
-    a cast of Ŵ each way (the same bits and gradients as the cast).
+    a cast of Ŵ each way (the same bits as the cast except in a NaN's payload, and the same
+    gradients).
     """
     if gain is not None and gain.shape != weight.shape[:1]:
         raise ValueError(f"gain must have shape ({weight.shape[0]},), got {list(gain.shape)}")
@@ -371,7 +373,8 @@ def scaled_standardize(
         if eager and weight.device.type == "cpu":
             _reduce_dims(weight)  # a clear error for a weight without units
             if under_functorch(weight, gain):  # torch.func over the weights: no value branch
-                return _scaled_standardize_parts(weight, gain, eps, gamma)[0]
+                out = _scaled_standardize_parts(weight, gain, eps, gamma)[0]
+                return _in_dtype(out, out_dtype)
             native_ok = weight.dtype in _NATIVE_DTYPES and weight.numel() > 0
             ext = native.extension("scaled_ws") if native_ok else None
             if ext is not None and has_tangent(weight, gain):

@@ -17,8 +17,9 @@
 //
 // Under CPU autocast the convolution runs in bfloat16 and would cast W_hat to it: a float32
 // forward can write W_hat as bfloat16 itself (computed in float32, rounded once to nearest
-// even, the bits of W_hat.to(bfloat16)), and the backward reads the bfloat16 dL/dW_hat the
-// convolution returns (widened exactly). Each saves a cast, a pass over the weight each way.
+// even: the bits of W_hat.to(bfloat16) but for a NaN's payload), and the backward reads the
+// bfloat16 dL/dW_hat the convolution returns (widened exactly). Each saves a cast, a pass
+// over the weight each way.
 //
 // The backward that applies an optimizer step instead of writing dL/dW: scaled_ws_update.h.
 #pragma once
