@@ -9,7 +9,8 @@
 //             Alg. 2): L2 or decoupled weight decay, AMSGrad, maximize; the bias corrections
 //             come from the caller, which counts the steps.
 // The same numbers as the gradient followed by the optimizer's per-tensor step, to rounding.
-// The upstream gradient may be bfloat16 rows of float32 weights, as in scaled_ws.h.
+// The upstream gradient may be bfloat16 rows of float32 weights, as in scaled_ws.h (each row
+// widened first: widened_row).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -17,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <vector>
 
 #include "scaled_ws.h"
 
@@ -38,11 +40,10 @@ struct SgdRows {
   const T* ahead_a(int64_t r, int64_t n) const { return Momentum ? buf + r * n : nullptr; }
   const T* ahead_b(int64_t, int64_t) const { return nullptr; }
 
-  template <typename G>
-  void row(const G* __restrict__ g, T* __restrict__ x, int64_t r, int64_t end, T m,
+  void row(const T* __restrict__ g, T* __restrict__ x, int64_t r, int64_t end, T m,
            const RowGrad<T>& d, int64_t n) const {
     T* __restrict__ b = Momentum ? buf + r * n : nullptr;
-    const G* g_next = next_row(g, r, end, n);
+    const T* g_next = next_row(g, r, end, n);
     const T* x_next = next_row((const T*)x, r, end, n);
     const T* b_next = Momentum ? next_row((const T*)b, r, end, n) : nullptr;
     for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
@@ -51,7 +52,7 @@ struct SgdRows {
       prefetch_block(x_next + b0, stop - b0);
       if constexpr (Momentum) prefetch_block(b_next + b0, stop - b0);
       for (int64_t i = b0; i < stop; ++i) {
-        T v = sign * (d.scale * static_cast<T>(g[i]) - d.shift - d.coef * (x[i] - m));
+        T v = sign * (d.scale * g[i] - d.shift - d.coef * (x[i] - m));
         if constexpr (WeightDecay) v += weight_decay * x[i];
         if constexpr (Momentum) {
           const T bi = momentum * b[i] + damp * v;
@@ -80,13 +81,12 @@ struct AdamRows {
   const T* ahead_a(int64_t r, int64_t n) const { return exp_avg + r * n; }
   const T* ahead_b(int64_t r, int64_t n) const { return exp_avg_sq + r * n; }
 
-  template <typename G>
-  void row(const G* __restrict__ g, T* __restrict__ x, int64_t r, int64_t end, T m,
+  void row(const T* __restrict__ g, T* __restrict__ x, int64_t r, int64_t end, T m,
            const RowGrad<T>& d, int64_t n) const {
     T* __restrict__ a = exp_avg + r * n;
     T* __restrict__ v = exp_avg_sq + r * n;
     T* __restrict__ vm = Amsgrad ? max_exp_avg_sq + r * n : nullptr;
-    const G* g_next = next_row(g, r, end, n);
+    const T* g_next = next_row(g, r, end, n);
     const T* x_next = next_row((const T*)x, r, end, n);
     const T* a_next = next_row((const T*)a, r, end, n);
     const T* v_next = next_row((const T*)v, r, end, n);
@@ -99,7 +99,7 @@ struct AdamRows {
       prefetch_block(v_next + b0, stop - b0);
       if constexpr (Amsgrad) prefetch_block(vm_next + b0, stop - b0);
       for (int64_t i = b0; i < stop; ++i) {
-        T grad = sign * (d.scale * static_cast<T>(g[i]) - d.shift - d.coef * (x[i] - m));
+        T grad = sign * (d.scale * g[i] - d.shift - d.coef * (x[i] - m));
         T xi = x[i];
         if constexpr (WeightDecay) {
           if constexpr (Decoupled)
@@ -122,13 +122,31 @@ struct AdamRows {
   }
 };
 
-template <typename Step, typename G, typename T>
-void ws_backward_update_rows(const G* dy, T* w, const T* mean, const T* n_var, const T* gain,
-                             T* grad_gain, int64_t rows, int64_t n, T eps, T gamma, T clipping,
-                             T agc_eps, const Step& step) {
+// Row r of a bfloat16 upstream gradient widened into buf, whose later sweeps then read it from
+// cache; the next row of the thread's block is requested meanwhile. A runtime choice, not a
+// template argument: the kernel is compiled once per step policy and T, and the policies' loops
+// are most of the extension's build time.
+template <typename T>
+inline const T* widened_row(const c10::BFloat16* dy, int64_t r, int64_t end, int64_t n, T* buf) {
+  const c10::BFloat16* g = dy + r * n;
+  const c10::BFloat16* ahead = next_row(g, r, end, n);
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t stop = std::min(n, b + kBlock);
+    prefetch_block(ahead + b, stop - b);
+    for (int64_t i = b; i < stop; ++i) buf[i] = static_cast<T>(g[i]);
+  }
+  return buf;
+}
+
+// dy: the upstream gradient's rows of T, or null and dy_bf16 its bfloat16 rows.
+template <typename Step, typename T>
+void ws_backward_update_rows(const T* dy, const c10::BFloat16* dy_bf16, T* w, const T* mean,
+                             const T* n_var, const T* gain, T* grad_gain, int64_t rows, int64_t n,
+                             T eps, T gamma, T clipping, T agc_eps, const Step& step) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> wide(dy ? 0 : n);
     for (int64_t r = begin; r < end; ++r) {
-      const G* g = dy + r * n;
+      const T* g = dy ? dy + r * n : widened_row(dy_bf16, r, end, n, wide.data());
       T* x = w + r * n;
       const T m = mean[r];
       RowGrad<T> d =
@@ -172,9 +190,9 @@ void with_switches(bool a, bool b, bool c, Run&& run) {
   a ? with_b(yes{}) : with_b(no{});
 }
 
-// The entry points' common part: checks the rows, dispatches on their dtype T and the
-// gradient's G (dispatch_grad_rows), and runs ws_backward_update_rows with the step policy
-// that with_step(T{}, go) passes to go; returns grad_gain (undefined unless need_gain).
+// The entry points' common part: checks the rows, dispatches on their dtype T, and runs
+// ws_backward_update_rows on the gradient's rows (T, or bfloat16) with the step policy that
+// with_step(T{}, go) passes to go; returns grad_gain (undefined unless need_gain).
 template <typename WithStep>
 at::Tensor update_rows(const at::Tensor& dy, at::Tensor& w, const at::Tensor& mean,
                        const at::Tensor& n_var, const c10::optional<at::Tensor>& gain, double eps,
@@ -185,12 +203,13 @@ at::Tensor update_rows(const at::Tensor& dy, at::Tensor& w, const at::Tensor& me
   const bool has_gain = gain.has_value() && gain->defined();
   at::Tensor grad_gain;
   if (need_gain) grad_gain = at::empty({rows}, w.options());
-  dispatch_grad_rows(dy, w, [&](auto g0, auto t0) {
-    using G = decltype(g0);
-    using T = decltype(t0);
+  const bool bf16 = bf16_grad(dy, w);
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "scaled_ws_backward_update", [&] {
+    using T = scalar_t;
     with_step(T{}, [&](const auto& step) {
-      ws_backward_update_rows<std::decay_t<decltype(step)>, G, T>(
-          dy.data_ptr<G>(), w.data_ptr<T>(), mean.data_ptr<T>(), n_var.data_ptr<T>(),
+      ws_backward_update_rows<std::decay_t<decltype(step)>, T>(
+          bf16 ? nullptr : dy.data_ptr<T>(), bf16 ? dy.data_ptr<c10::BFloat16>() : nullptr,
+          w.data_ptr<T>(), mean.data_ptr<T>(), n_var.data_ptr<T>(),
           has_gain ? gain->data_ptr<T>() : nullptr, need_gain ? grad_gain.data_ptr<T>() : nullptr,
           rows, n, static_cast<T>(eps), static_cast<T>(gamma), static_cast<T>(clipping),
           static_cast<T>(agc_eps), step);
