@@ -126,6 +126,12 @@ def _channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return (x * _on_channels(scale, x)).add_(_on_channels(shift, x))
 
 
+def _relu_then_shift(y: Tensor, shift: Tensor) -> Tensor:
+    """``relu(y) + shift_c`` for PN-Act's ReLU form (``y`` already carries ``aγ, aβ``; the ReLU
+    in place on it)."""
+    return y.relu_() + _on_channels(shift, y)
+
+
 def _check_input(x: Tensor, num_channels: int, who: str) -> None:
     if x.ndim < 2 or x.shape[1] != num_channels:
         raise ValueError(
@@ -255,8 +261,8 @@ class ProxyNormActivation(nn.Module):
         _check_input(x, self.num_channels, "ProxyNormActivation")
         scale, shift = self.folded_affine()
         if self.relu_form:  # a·relu(γ·x + β) + b = relu(aγ·x + aβ) + b, a > 0
-            inner = _channel_affine(x, scale * self.weight, scale * self.bias).relu_()
-            return inner + _on_channels(shift, x)
+            inner = _channel_affine(x, scale * self.weight, scale * self.bias)
+            return _relu_then_shift(inner, shift)
         z = self.act(_channel_affine(x, self.weight, self.bias))
         return _channel_affine(z, scale, shift)
 
@@ -332,7 +338,7 @@ def norm_then_act(norm: nn.Module, act: nn.Module, x: Tensor) -> Tensor:
             x, norm.num_groups, (scale * act.weight).to(x.dtype), (scale * act.bias).to(x.dtype),
             norm.eps,
         )  # fmt: skip
-        return y.relu_() + _on_channels(shift, y)
+        return _relu_then_shift(y, shift)
     return act(norm(x))
 
 

@@ -171,6 +171,10 @@ inline void check_grad_rows(const at::Tensor& dy, const at::Tensor& w) {
 }
 
 // Calls run(G{}, T{}) with T the weight rows' dtype and G the gradient's (T, or bfloat16).
+// The plain backward reads a bfloat16 gradient row as it is, G a template argument: on
+// nf_resnet50's 53 weights that is 1.5-2 ms faster than widening each row into a buffer first,
+// for a few more instantiations. The update kernels widen instead (widened_row in
+// scaled_ws_update.h): compiling their 16 step policies per G cost 7.5 s of build time.
 template <typename Run>
 void dispatch_grad_rows(const at::Tensor& dy, const at::Tensor& w, Run&& run) {
   if (bf16_grad(dy, w)) {
