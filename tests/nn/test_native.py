@@ -487,6 +487,50 @@ def test_bfloat16_output_and_gradient_are_the_casts_bits(native_on, fan_in) -> N
         )
 
 
+def test_the_entry_points_check_the_row_values_they_read(native_on) -> None:
+    # the statistics and gain are read as plain arrays of one value per row: a strided view,
+    # a short tensor, a 2-D gain or another dtype is refused, not read out of place or bounds;
+    # the update kernels also refuse state that shares memory with the weight it updates
+    ext = native.extension("scaled_ws")
+    w = torch.randn(4, 9, dtype=torch.float64)
+    gain = torch.rand(4, dtype=torch.float64) + 0.5
+    up = torch.randn(4, 9, dtype=torch.float64)
+    _, mean, n_var = ext.scaled_ws_forward(w, gain, 1e-4, 1.0)
+    ok = ext.scaled_ws_backward(up, w, mean, n_var, gain, 1e-4, 1.0, True, True, False)
+    assert ok[0].shape == w.shape
+    strided = torch.stack([mean, mean], 1)[:, 0]  # the same values, stride 2
+    assert torch.equal(strided, mean) and not strided.is_contiguous()
+    bad = {
+        "mean": (strided, n_var, gain),
+        "n_var": (mean, n_var[:1], gain),
+        "gain": (mean, n_var, gain.view(4, 1)),
+    }
+    for name, (m, v, g) in bad.items():
+        with pytest.raises(RuntimeError, match=f"{name} must be a contiguous \\(out,\\) CPU"):
+            ext.scaled_ws_backward(up, w, m, v, g, 1e-4, 1.0, True, True, False)
+        with pytest.raises(RuntimeError, match=f"{name} must be a contiguous \\(out,\\) CPU"):
+            ext.scaled_ws_backward_sgd(
+                up, w.clone(), m, v, g, None, 1e-4, 1.0, True, 0.1, 0.0, 0.0, 0.0, False, False,
+                0.0, 1e-3,
+            )  # fmt: skip
+    with pytest.raises(RuntimeError, match="gain must be a contiguous \\(out,\\) CPU"):
+        ext.scaled_ws_forward(w, gain.float(), 1e-4, 1.0)
+    weight = w.clone()
+    overlap = "single memory location"
+    with pytest.raises(RuntimeError, match=overlap):  # the buffer is the weight itself
+        ext.scaled_ws_backward_sgd(
+            up, weight, mean, n_var, gain, weight, 1e-4, 1.0, True, 0.1, 0.9, 0.0, 0.0, False,
+            False, 0.0, 1e-3,
+        )  # fmt: skip
+    moments = torch.zeros(4, 9, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=overlap):  # both moments in one tensor
+        ext.scaled_ws_backward_adam(
+            up, weight, mean, n_var, gain, moments, moments, None, 1e-4, 1.0, True, 1e-3, 0.9,
+            0.999, 1e-8, 0.0, False, False, 1e-2, 0.03, 0.0, 1e-3,
+        )  # fmt: skip
+    assert torch.equal(weight, w)  # nothing moved
+
+
 @pytest.mark.parametrize("on", [True, False])
 def test_an_autocast_training_step_hands_the_convs_bfloat16_weights(
     kernels, monkeypatch: pytest.MonkeyPatch, on: bool

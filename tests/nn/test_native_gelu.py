@@ -109,6 +109,11 @@ def test_channels_last_keeps_its_layout_and_other_inputs_keep_the_op_path(native
     torch.testing.assert_close(
         TanhGELU()(negated), F.gelu(-x, approximate="tanh"), rtol=4e-7, atol=4e-7
     )
+    up = torch.randn(2, 8, 5, 7, generator=gen)  # a lazily negated upstream gradient
+    xg = x.clone().requires_grad_()
+    (dx,) = torch.autograd.grad(TanhGELU()(xg), xg, torch._neg_view(up))
+    (ref,) = torch.autograd.grad(F.gelu(xg, approximate="tanh"), xg, -up)
+    torch.testing.assert_close(dx, ref, rtol=1e-6, atol=1e-6)
     strided = x[:, ::2]  # not dense: the op path
     torch.testing.assert_close(
         TanhGELU()(strided), F.gelu(strided, approximate="tanh"), rtol=4e-7, atol=4e-7

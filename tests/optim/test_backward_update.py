@@ -456,6 +456,49 @@ def test_clear_errors_for_what_it_cannot_serve() -> None:
         update_in_backward(opt, model, agc=attach_agc(torch.optim.SGD(model.parameters(), lr=1)))
 
 
+def test_adamw_of_torch_before_2_7_takes_the_decoupled_adam_step(
+    kernels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch 2.3–2.6 (the declared range starts at 2.3) define ``AdamW`` as its own
+    ``Optimizer``, not a subclass of ``Adam``, and its param groups have no
+    ``"decoupled_weight_decay"`` key. Emulated here: the in-backward step of such an AdamW is
+    still Adam's with decoupled weight decay, the weights equal those of today's AdamW step
+    (float64, three steps, weight decay large enough that L2 decay would differ)."""
+    import normfree.optim.backward_update as module
+
+    real = torch.optim.AdamW
+
+    class AdamW(torch.optim.Optimizer):  # the torch 2.6 class: its defaults, its own step
+        def __init__(self, params, lr=1e-3, weight_decay=1e-2) -> None:
+            defaults = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
+                            amsgrad=False, maximize=False, foreach=None, capturable=False,
+                            differentiable=False, fused=None)  # fmt: skip
+            super().__init__(params, defaults)
+
+        def step(self, closure=None) -> None:  # only the conv weights, updated in the backward
+            assert all(p.grad is None for g in self.param_groups for p in g["params"])
+
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    monkeypatch.setattr(module, "_OPTIMIZERS", (torch.optim.SGD, torch.optim.Adam, AdamW))
+    old, new = _model(), None
+    new = copy.deepcopy(old)
+    opt_old = AdamW(_conv_weights(old), lr=1e-2, weight_decay=0.5)
+    assert "decoupled_weight_decay" not in opt_old.param_groups[0]
+    update_in_backward(opt_old, old)
+    opt_new = real(_conv_weights(new), lr=1e-2, weight_decay=0.5)
+    for step in range(3):
+        for model, opt in ((old, opt_old), (new, opt_new)):
+            x, y = _batch(step)
+            opt.zero_grad(set_to_none=True)
+            for p in model.parameters():
+                p.grad = None
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    for a, b in zip(_conv_weights(old), _conv_weights(new)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    assert float(opt_old.state[_conv_weights(old)[0]]["step"]) == 3.0
+
+
 @pytest.mark.parametrize("cls", [torch.optim.SGD, torch.optim.AdamW])
 def test_autocast_steps_read_the_bfloat16_gradients(
     kernels, monkeypatch: pytest.MonkeyPatch, cls

@@ -108,7 +108,12 @@ class _TanhGELUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        if ctx.ext is not None and not torch.is_grad_enabled() and grad.stride() == x.stride():
+        if (  # the kernel reads grad's memory with x's strides, its values as they are
+            ctx.ext is not None
+            and not torch.is_grad_enabled()
+            and grad.stride() == x.stride()
+            and not grad.is_neg()
+        ):
             return ctx.ext.tanh_gelu_backward(grad, x), None
         return torch.ops.aten.gelu_backward(grad, x, approximate="tanh"), None
 

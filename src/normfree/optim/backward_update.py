@@ -157,7 +157,9 @@ class BackwardUpdate:
                 "all-reduced before the update"
             )
         self.optimizer, self.agc = optimizer, agc
-        self._step = self._adam if isinstance(optimizer, torch.optim.Adam) else self._sgd
+        # by type: before torch 2.7, AdamW was no subclass of Adam
+        self._step = self._sgd if type(optimizer) is torch.optim.SGD else self._adam
+        self._decoupled = type(optimizer) is torch.optim.AdamW
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self._weights: dict[int, Tensor] = {}
         self.weights: list[str] = []
@@ -312,7 +314,8 @@ class BackwardUpdate:
             *tensors, moments["exp_avg"].view(shape), moments["exp_avg_sq"].view(shape),
             moments["max_exp_avg_sq"].view(shape) if group["amsgrad"] else None, *ws,
             lr, beta1, beta2, float(group["eps"]), float(group["weight_decay"]),
-            bool(group.get("decoupled_weight_decay", False)), bool(group.get("maximize", False)),
+            bool(group.get("decoupled_weight_decay", self._decoupled)),
+            bool(group.get("maximize", False)),
             lr / (1.0 - beta1**t), (1.0 - beta2**t) ** 0.5, *agc,
         )  # fmt: skip
         moments["step"] += 1

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -100,6 +101,22 @@ inline void check_rows(const at::Tensor& t, const char* name) {
               " must be a contiguous 2-D CPU tensor");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
               " must be float32 or float64");
+}
+
+// One value per row of the weight rows w (a gain, or the forward's mean or N*var): a contiguous
+// (rows,) CPU tensor of w's dtype. The kernels read it as a plain array of rows values.
+inline void check_row_values(const at::Tensor& t, const at::Tensor& w, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.is_contiguous() && t.size(0) == w.size(0) &&
+                  t.scalar_type() == w.scalar_type(),
+              name, " must be a contiguous (out,) CPU tensor of the weight's dtype");
+}
+
+// The forward's statistics and the optional gain that a backward reads with the weight rows w.
+inline void check_row_stats(const at::Tensor& mean, const at::Tensor& n_var,
+                            const c10::optional<at::Tensor>& gain, const at::Tensor& w) {
+  check_row_values(mean, w, "mean");
+  check_row_values(n_var, w, "n_var");
+  if (gain.has_value() && gain->defined()) check_row_values(*gain, w, "gain");
 }
 
 }  // namespace normfree_native

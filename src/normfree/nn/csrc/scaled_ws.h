@@ -198,10 +198,7 @@ inline std::vector<at::Tensor> scaled_ws_forward(const at::Tensor& w, const c10:
   auto mean = at::empty({rows}, w.options());
   auto n_var = at::empty({rows}, w.options());
   const bool has_gain = gain.has_value() && gain->defined();
-  if (has_gain)
-    TORCH_CHECK(gain->is_contiguous() && gain->numel() == rows &&
-                    gain->scalar_type() == w.scalar_type(),
-                "gain must be a contiguous (out,) tensor of the weight's dtype");
+  if (has_gain) normfree_native::check_row_values(*gain, w, "gain");
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "scaled_ws_forward", [&] {
     auto run = [&](auto* y) {
       normfree_native::ws_forward_rows(w.data_ptr<scalar_t>(),
@@ -226,6 +223,7 @@ inline std::vector<at::Tensor> scaled_ws_backward(const at::Tensor& dy, const at
                                            double gamma, bool need_weight, bool need_gain,
                                            bool need_norm) {
   normfree_native::check_grad_rows(dy, w);
+  normfree_native::check_row_stats(mean, n_var, gain, w);
   const int64_t rows = w.size(0), n = w.size(1);
   const bool has_gain = gain.has_value() && gain->defined();
   TORCH_CHECK(need_weight || !need_norm, "the gradient's norm needs the gradient");

@@ -27,7 +27,8 @@ namespace normfree_native {
 // Row r's clipped gradient is d.scale * g - d.shift - d.coef * (x - m) (RowGrad); sign is -1
 // under maximize. A policy's ahead_a/ahead_b are rows of its state to request while the
 // clipping norm sweeps row r from cache; row() applies the step to row r of the thread's block
-// [.., end), requesting the next rows meanwhile.
+// [.., end), requesting the next rows meanwhile (g_next: the gradient's next row, which the
+// caller knows: the upstream gradient's, or g itself where g is a widened row in a buffer).
 
 // torch.optim.SGD:  d += weight_decay * x;  b = momentum * b + damp * d;
 //                   d = Nesterov ? d + momentum * b : b;  x -= lr * d
@@ -40,10 +41,9 @@ struct SgdRows {
   const T* ahead_a(int64_t r, int64_t n) const { return Momentum ? buf + r * n : nullptr; }
   const T* ahead_b(int64_t, int64_t) const { return nullptr; }
 
-  void row(const T* __restrict__ g, T* __restrict__ x, int64_t r, int64_t end, T m,
-           const RowGrad<T>& d, int64_t n) const {
+  void row(const T* __restrict__ g, const T* g_next, T* __restrict__ x, int64_t r, int64_t end,
+           T m, const RowGrad<T>& d, int64_t n) const {
     T* __restrict__ b = Momentum ? buf + r * n : nullptr;
-    const T* g_next = next_row(g, r, end, n);
     const T* x_next = next_row((const T*)x, r, end, n);
     const T* b_next = Momentum ? next_row((const T*)b, r, end, n) : nullptr;
     for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
@@ -81,12 +81,11 @@ struct AdamRows {
   const T* ahead_a(int64_t r, int64_t n) const { return exp_avg + r * n; }
   const T* ahead_b(int64_t r, int64_t n) const { return exp_avg_sq + r * n; }
 
-  void row(const T* __restrict__ g, T* __restrict__ x, int64_t r, int64_t end, T m,
-           const RowGrad<T>& d, int64_t n) const {
+  void row(const T* __restrict__ g, const T* g_next, T* __restrict__ x, int64_t r, int64_t end,
+           T m, const RowGrad<T>& d, int64_t n) const {
     T* __restrict__ a = exp_avg + r * n;
     T* __restrict__ v = exp_avg_sq + r * n;
     T* __restrict__ vm = Amsgrad ? max_exp_avg_sq + r * n : nullptr;
-    const T* g_next = next_row(g, r, end, n);
     const T* x_next = next_row((const T*)x, r, end, n);
     const T* a_next = next_row((const T*)a, r, end, n);
     const T* v_next = next_row((const T*)v, r, end, n);
@@ -167,16 +166,19 @@ void ws_backward_update_rows(const T* dy, const c10::BFloat16* dy_bf16, T* w, co
           d.coef *= factor;
         }
       }
-      step.row(g, x, r, end, m, d, n);
+      step.row(g, dy ? next_row(g, r, end, n) : g, x, r, end, m, d, n);
     }
   });
 }
 
 // A state tensor of the step: contiguous, of the weight rows' shape, dtype and device.
+// The kernels update it in place through restrict pointers, so it must not share memory with
+// the weight rows (nor, checked by the entry points, with the other state tensors).
 inline void check_state(const at::Tensor& t, const at::Tensor& w, const char* name) {
   TORCH_CHECK(t.sizes() == w.sizes() && t.is_contiguous() && t.scalar_type() == w.scalar_type() &&
                   t.device() == w.device(),
               name, " must be a contiguous tensor like the weight rows (shape, dtype, device)");
+  at::assert_no_overlap(t, w);
 }
 
 // Calls run(std::bool_constant<a>{}, std::bool_constant<b>{}, std::bool_constant<c>{}): the
@@ -199,6 +201,8 @@ at::Tensor update_rows(const at::Tensor& dy, at::Tensor& w, const at::Tensor& me
                        double gamma, bool need_gain, double clipping, double agc_eps,
                        WithStep&& with_step) {
   check_grad_rows(dy, w);
+  at::assert_no_overlap(dy, w);  // w is updated in place while dy is read
+  check_row_stats(mean, n_var, gain, w);
   const int64_t rows = w.size(0), n = w.size(1);
   const bool has_gain = gain.has_value() && gain->defined();
   at::Tensor grad_gain;
@@ -263,6 +267,11 @@ inline at::Tensor scaled_ws_backward_adam(
   normfree_native::check_state(exp_avg_sq, w, "exp_avg_sq");
   const bool amsgrad = max_exp_avg_sq.has_value() && max_exp_avg_sq->defined();
   if (amsgrad) normfree_native::check_state(*max_exp_avg_sq, w, "max_exp_avg_sq");
+  at::assert_no_overlap(exp_avg, exp_avg_sq);
+  if (amsgrad) {
+    at::assert_no_overlap(exp_avg, *max_exp_avg_sq);
+    at::assert_no_overlap(exp_avg_sq, *max_exp_avg_sq);
+  }
   return normfree_native::update_rows(
       dy, w, mean, n_var, gain, eps, gamma, need_gain, clipping, agc_eps,
       [&](auto zero, auto&& go) {
