@@ -23,6 +23,7 @@ from torch import nn
 
 from normfree.atomic import atomic_write_json
 from normfree.deploy.inference import folded_module_counts, prepare_for_inference
+from normfree.nn.eager_forms import export_trace
 
 __all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "export_model"]
 
@@ -101,7 +102,8 @@ def _eager_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _trace(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
     batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
     try:
-        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        with export_trace():
+            return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     except Exception as e:  # torch raises many types here; all mean "cannot trace"
         raise ExportError(f"torch.export could not trace the model: {type(e).__name__}: {e}") from e
 
@@ -113,10 +115,11 @@ def _save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int |
         raise ImportError('ONNX export needs onnxscript: pip install "normfree[export]"') from e
     batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
     try:
-        program = torch.onnx.export(
-            model, (example,), dynamo=True, input_names=["input"], output_names=["output"],
-            dynamic_shapes=({0: batch},), opset_version=opset, verbose=False,
-        )  # fmt: skip
+        with export_trace():
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, input_names=["input"], output_names=["output"],
+                dynamic_shapes=({0: batch},), opset_version=opset, verbose=False,
+            )  # fmt: skip
     except Exception as e:
         raise ExportError(f"ONNX export failed: {type(e).__name__}: {e}") from e
     program.save(path)  # weights > 2 GB go to an external-data file beside it

@@ -11,6 +11,9 @@ instead; every fast form asks them, so the rules live in one place.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
@@ -19,6 +22,7 @@ __all__ = [
     "cpu_autocast_dtype",
     "cpu_autocast_enabled",
     "custom_function_ok",
+    "export_trace",
     "exporting",
     "has_tangent",
     "is_fx_proxy",
@@ -55,10 +59,7 @@ def untransformed(*tensors: Tensor | None) -> bool:
 
 def cpu_autocast_enabled() -> bool:
     """Whether CPU autocast is on (``torch.autocast("cpu")``)."""
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4 has no device argument
-        return torch.is_autocast_cpu_enabled()
+    return torch.is_autocast_enabled("cpu")
 
 
 def cpu_autocast_dtype(tensor: Tensor) -> torch.dtype | None:
@@ -68,10 +69,7 @@ def cpu_autocast_dtype(tensor: Tensor) -> torch.dtype | None:
     tensors, which normfree's forms already keep in their own dtype)."""
     if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or not cpu_autocast_enabled():
         return None
-    try:
-        return torch.get_autocast_dtype("cpu")
-    except AttributeError:  # torch < 2.4
-        return torch.get_autocast_cpu_dtype()
+    return torch.get_autocast_dtype("cpu")
 
 
 @torch.jit.unused
@@ -80,11 +78,28 @@ def is_fx_proxy(x: object) -> bool:
     return isinstance(x, torch.fx.Proxy)
 
 
+_IS_EXPORTING = getattr(torch.compiler, "is_exporting", None)  # None before torch 2.7
+_EXPORTS_RUNNING = 0  # torch.export traces run by normfree itself (export_trace)
+
+
+@contextlib.contextmanager
+def export_trace() -> Iterator[None]:
+    """Mark a ``torch.export`` trace that normfree runs (:mod:`normfree.deploy`):
+    :func:`exporting` is True inside it also on a torch without
+    ``torch.compiler.is_exporting`` (before 2.7)."""
+    global _EXPORTS_RUNNING
+    _EXPORTS_RUNNING += 1
+    try:
+        yield
+    finally:
+        _EXPORTS_RUNNING -= 1
+
+
 def exporting() -> bool:
-    """Whether ``torch.export`` is tracing (``torch.compiler.is_exporting``; False on a torch
-    without it): an exported program holds only ATen operations, no normfree operator."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting is not None and is_exporting())
+    """Whether ``torch.export`` is tracing (``torch.compiler.is_exporting``, or a trace run
+    inside :func:`export_trace`; a direct ``torch.export`` on a torch before 2.7 is not seen):
+    an exported program holds only ATen operations, no normfree operator."""
+    return _EXPORTS_RUNNING > 0 or bool(_IS_EXPORTING is not None and _IS_EXPORTING())
 
 
 def recording() -> bool:

@@ -198,7 +198,11 @@ def _register_operators() -> bool:
     if custom_op is None:
         return False
 
-    @custom_op("normfree::pointwise_conv2d", mutates_args=())
+    # the schemas spelled out: torch 2.4-2.5 infer none from PEP 604 annotations
+    @custom_op(
+        "normfree::pointwise_conv2d", mutates_args=(),
+        schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
+    )  # fmt: skip
     def forward_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return pointwise_forward(x, weight, bias)
 
@@ -206,7 +210,11 @@ def _register_operators() -> bool:
     def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
 
-    @custom_op("normfree::pointwise_conv2d_backward", mutates_args=())
+    @custom_op(
+        "normfree::pointwise_conv2d_backward", mutates_args=(),
+        schema="(Tensor grad, Tensor x, Tensor weight, bool needs_input, bool needs_weight, "
+        "bool needs_bias) -> (Tensor, Tensor, Tensor)",
+    )  # fmt: skip
     def backward_op(
         grad: Tensor, x: Tensor, weight: Tensor, needs_input: bool, needs_weight: bool,
         needs_bias: bool,

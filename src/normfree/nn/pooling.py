@@ -190,7 +190,12 @@ def _register_operator() -> bool:
     if custom_op is None:
         return False
 
-    @custom_op("normfree::max_pool2d_channels_last", mutates_args=())
+    # the schema spelled out: torch 2.4-2.5 infer none from PEP 585/604 annotations
+    @custom_op(
+        "normfree::max_pool2d_channels_last", mutates_args=(),
+        schema="(Tensor x, int kernel_size, int stride, int[] padding, bool ceil_mode) "
+        "-> (Tensor, Tensor)",
+    )  # fmt: skip
     def pool_op(
         x: torch.Tensor, kernel_size: int, stride: int, padding: list[int], ceil_mode: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -152,6 +152,15 @@ for _leaf in ("_check_input", "_check_elementwise"):
     torch.fx.wrap(_leaf)  # leaves of torch.fx traces: they read shapes
 
 
+def _moments_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype of the proxy statistics: float32, float64 for float64 parameters."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+# one call in a torch.fx graph: before torch 2.6, promote_types cannot take a traced dtype
+torch.fx.wrap("_moments_dtype")
+
+
 class ProxyNormActivation(nn.Module):
     """Proxy-normalized activation PN-Act (Labatie et al. 2021, §4; see the module docstring).
 
@@ -235,7 +244,7 @@ class ProxyNormActivation(nn.Module):
     def proxy_moments(self) -> tuple[Tensor, Tensor]:
         """``(E, Var)`` of ``φ(γ·Y + β)`` per channel over the N proxy points, shape ``(C,)``,
         in float32 (float64 when the parameters are float64); differentiable."""
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        dtype = _moments_dtype(self.weight)
         u = self.quantiles.to(dtype)
         gamma = self.weight.to(dtype)
         # φ's argument γ·((1 + γ̃)·u + β̃) + β at the N points: one affine map of u per channel
