@@ -36,9 +36,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args`` where options and ``KEY=VALUE`` overrides may come in any order:
+    argparse gives a subcommand's ``overrides`` (``nargs="*"``) only the first run of
+    positional words, so ``normfree train a=1 --compile b=2`` would refuse ``b=2``. The
+    overrides left over are appended in command-line order (a later one still wins); anything
+    else left over is refused as argparse does."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = getattr(args, "overrides", None)
+    if extra and isinstance(overrides, list):
+        if all("=" in item and not item.startswith("-") for item in extra):
+            overrides.extend(extra)
+            extra = []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

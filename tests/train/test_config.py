@@ -214,3 +214,65 @@ def test_type_errors_name_the_expected_type() -> None:
         resolve_config(overrides=["train.precision=fp8"])
     with pytest.raises(ConfigError, match=r"expected int, got True"):
         resolve_config(overrides=["train.epochs=true"])  # pydantic alone would read 1
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["optim.clipping=.inf", "optim.agc_eps=.inf", "optim.lr=.inf", "optim.base_lr=.inf",
+     "optim.weight_decay=.inf", "optim.lr=.nan", "optim.weight_decay=.nan", "optim.lr=inf",
+     "optim.momentum=.nan", "optim.betas=[0.9,.inf]", "optim.clip_grad_norm=.inf",
+     "ema.decay=.nan", "train.finetune_lr_scale=.inf", "schedule.warmup_epochs=.inf"],
+)  # fmt: skip
+def test_non_finite_numbers_are_refused(override: str) -> None:
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"'{key}' must be (a )?finite number"):
+        resolve_config(overrides=[override])
+
+
+def test_non_finite_number_is_one_cli_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--print-config", "optim.clipping=.inf"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "'optim.clipping' must be a finite number (default 0.01), got inf" in err
+
+
+def test_options_and_overrides_come_in_any_order(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--print-config", "train.epochs=1", "--compile", "train.precision=bf16",
+            "--data", "synthetic", "train.epochs=3"]  # fmt: skip
+    assert main(argv) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["precision"] == "bf16" and printed["train"]["compile"] is True
+    assert printed["train"]["epochs"] == 3 and printed["data"]["spec"] == "synthetic"
+    with pytest.raises(SystemExit) as e:  # anything else left over is still refused
+        main(["train", "--print-config", "train.epochs=1", "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_spellings_of_one_native_kernel_choice_are_no_change() -> None:
+    from normfree.train import config_diff
+
+    def kernels(value: str) -> Config:
+        return resolve_config(overrides=[f"train.native_kernels={value}"])
+
+    assert config_diff(kernels("[scaled_ws]"), kernels("scaled_ws")) == {}
+    assert config_diff(kernels("[tanh_gelu, scaled_ws]"), kernels("scaled_ws+tanh_gelu")) == {}
+    assert config_diff(kernels("true"), kernels("[scaled_ws, tanh_gelu]")) == {}
+    assert config_diff(kernels("false"), kernels("[]")) == {}
+    assert config_diff(kernels("scaled_ws"), kernels("tanh_gelu")) == {
+        "train.native_kernels": ("scaled_ws", "tanh_gelu")
+    }
+    assert "train.native_kernels" in config_diff(kernels("null"), kernels("false"))
+
+
+def test_resume_help_lists_every_key_a_resume_may_change(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from normfree.train.run_folder import RECOVERY_OVERRIDABLE, RESUME_OVERRIDABLE
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    resume = out[out.index("--resume RUN_DIR continue") : out.index("--overwrite let")]
+    for key in RESUME_OVERRIDABLE + RECOVERY_OVERRIDABLE:
+        if key != "out_dir":
+            assert (key + "*" if key.endswith(".") else key) in resume, key

@@ -272,9 +272,98 @@ def test_native_kernels_setting_is_scoped_to_the_run(
     train(make_cfg(*one_step, "train.native_kernels=tanh_gelu", out="chosen"), callbacks=[steps])
     assert entered == [("tanh_gelu",)] and steps.seen == [True] and not inside[0]
     steps = StepsInside()
-    train(make_cfg(*one_step, out="default"), callbacks=[steps])
-    assert entered == [("tanh_gelu",)] and steps.seen == [False]
+    two_epochs = ("train.epochs=2", "train.max_steps_per_epoch=1")
+    with pytest.raises(InjectedCrash):  # stopped in epoch 2: last.pt holds epoch 1
+        train(make_cfg(*two_epochs, out="default"), callbacks=[steps, CrashAfter(2)])
+    assert entered == [("tanh_gelu",)] and steps.seen == [False, False]
     # a resume may switch them on (they change rounding, not what was trained)
-    run = make_cfg(*one_step, out="default").out_dir
-    train(make_cfg(*one_step, "train.native_kernels=true", out="default"), resume=run)
+    run = make_cfg(*two_epochs, out="default").out_dir
+    train(make_cfg(*two_epochs, "train.native_kernels=true", out="default"), resume=run)
     assert entered == [("tanh_gelu",), True]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["train.native_kernels=[scaled_ws]"], "native CPU kernels (scaled_ws): on"),
+        (["train.native_kernels=true"], "native CPU kernels (all): on"),
+        (["model=bn_resnet_cifar20", "train.native_kernels=true"],
+         "native CPU kernels (all): on (no Scaled-WS or tanh-GELU layer in this model: "
+         "no effect)"),
+        (["model=bn_resnet_cifar20", "train.native_kernels=scaled_ws"],
+         "native CPU kernels (scaled_ws): on (no Scaled-WS layer in this model: no effect)"),
+        (["train.native_kernels=false"], "native CPU kernels (none): off"),
+    ],
+)  # fmt: skip
+def test_the_native_kernel_choice_is_reported_readably(
+    overrides: list[str], line: str, make_cfg: Callable[..., Config],
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    import contextlib
+    import logging
+
+    import normfree.train.loop as loop
+
+    @contextlib.contextmanager
+    def built(choice):  # as if the extension were built (what is logged is under test)
+        yield bool(choice)
+
+    monkeypatch.setattr(loop, "native_kernels", built)
+    one_step = ["train.epochs=1", "train.max_steps_per_epoch=1", "train.batch_size=16"]
+    with caplog.at_level(logging.INFO, logger="normfree"):
+        train(make_cfg(*one_step, *overrides))
+    assert [r.getMessage() for r in caplog.records if "native CPU" in r.getMessage()] == [line]
+
+
+def test_curves_are_skipped_when_there_is_nothing_to_draw(tmp_path: Path) -> None:
+    """A run that stops before its first record plots nothing (no file, and no matplotlib
+    "No artists with labels" warning); a run with step records only has no empty legend."""
+    import warnings
+
+    from normfree.train.run_logger import plot_curves
+
+    pytest.importorskip("matplotlib")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot_curves([], tmp_path / "none.png") is False
+        assert not (tmp_path / "none.png").exists()
+        steps = [{"kind": "step", "step": 1, "loss": 2.3, "lr": 0.1}]
+        assert plot_curves(steps, tmp_path / "steps.png") is True
+    assert (tmp_path / "steps.png").is_file()
+
+
+def test_a_mid_epoch_resume_keeps_the_epoch_train_metrics(
+    make_cfg: Callable[..., Config], final_weights: Callable, assert_same_weights: Callable
+) -> None:
+    """Stopped at step 3 of 4 (last.pt at step 2) and resumed: the epoch's train_loss and
+    train_top1 cover the whole epoch, as in the uninterrupted run; a checkpoint written before
+    it held the running totals still resumes (its epoch covers the steps after the resume)."""
+    run = ("train.epochs=1", "train.max_steps_per_epoch=4", "train.batch_size=32",
+           "train.checkpoint_every_steps=2")  # fmt: skip
+
+    def epoch_row(cfg: Config) -> dict:
+        records = [json.loads(x) for x in (Path(cfg.out_dir) / "metrics.jsonl").open()]
+        return next(r for r in records if r["kind"] == "epoch")
+
+    ref = make_cfg(*run, out="ref")
+    train(ref)
+    crashed = make_cfg(*run, out="crashed")
+    with pytest.raises(InjectedCrash):
+        train(crashed, callbacks=[CrashAfter(3)])
+    last = Path(crashed.out_dir) / "last.pt"
+    old_style = torch.load(last, weights_only=True)
+    assert old_style["position"]["step_in_epoch"] == 2
+    train(crashed, resume=crashed.out_dir)
+    assert_same_weights(final_weights(Path(ref.out_dir)), final_weights(Path(crashed.out_dir)))
+    for key in ("train_loss", "train_top1"):
+        assert epoch_row(crashed)[key] == epoch_row(ref)[key], key
+    # a checkpoint without the totals (older versions) resumes as before
+    older = make_cfg(*run, out="older")
+    with pytest.raises(InjectedCrash):
+        train(older, callbacks=[CrashAfter(3)])
+    state = torch.load(Path(older.out_dir) / "last.pt", weights_only=True)
+    del state["progress"]["epoch_totals"]
+    torch.save(state, Path(older.out_dir) / "last.pt")
+    train(older, resume=older.out_dir)
+    assert_same_weights(final_weights(Path(ref.out_dir)), final_weights(Path(older.out_dir)))
+    assert epoch_row(older)["train_loss"] != epoch_row(ref)["train_loss"]

@@ -273,6 +273,8 @@ def test_eval_checks_its_inputs_before_evaluating(
     ckpt = str(tiny_run / "last.pt")
     assert main(["eval", ckpt, "--batch-size", "0"]) == 2
     _one_line_error(capsys.readouterr().err, "--batch-size", "got 0")
+    assert main(["eval", ckpt, "--workers", "-1"]) == 2
+    _one_line_error(capsys.readouterr().err, "--workers must be a non-negative number, got -1")
     assert main(["eval", ckpt, "--device", "tpu"]) == 2
     _one_line_error(capsys.readouterr().err, "--device='tpu'")
     blocker = tmp_path / "a_file"
@@ -368,3 +370,138 @@ def test_a_diverged_run_recovers_with_a_lower_learning_rate(
     history = [json.loads(x) for x in (run / "config_history.jsonl").open()]
     assert history == [{**history[0], "event": "resume", "step": 3,
                         "changes": {"optim.lr": {"from": 300.0, "to": 0.1}}}]  # fmt: skip
+
+
+# ------------------------------------------------------------------ resume input
+def test_resume_refuses_non_finite_overrides_before_touching_the_run(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _copy(tiny_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for override in ("optim.clipping=.inf", "optim.agc_eps=.inf", "optim.lr=.nan"):
+        assert main(["train", "--resume", str(run), override]) == 2
+        _one_line_error(capsys.readouterr().err, override.split("=")[0], "finite number")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_out_with_resume_is_refused_and_the_run_keeps_its_out_dir(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _copy(tiny_run, tmp_path)
+    config = (run / "config.yaml").read_text()
+    other = tmp_path / "other"
+    assert main(["train", "--resume", str(run), "--out", str(other)]) == 2
+    _one_line_error(capsys.readouterr().err, "--out cannot be combined with --resume",
+                    "init_from=")  # fmt: skip
+    assert main(["train", "--resume", str(run), f"out_dir={other}"]) == 2
+    _one_line_error(capsys.readouterr().err, "cannot change 'out_dir'", "init_from=")
+    assert (run / "config.yaml").read_text() == config and not other.exists()
+
+
+def test_resuming_a_complete_run_trains_nothing_and_rewrites_nothing(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from normfree.train import RunAlreadyComplete, config_from_dict
+
+    run = _copy(tiny_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert main(["train", "--resume", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1 and "already complete (1 of 1 epochs)" in out, out
+    assert f"init_from={run / 'last.pt'}" in out and "Traceback" not in err
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert after == {**before, LOCK_FILE: after[LOCK_FILE]}  # summary.json as it was
+    cfg = config_from_dict(load_checkpoint(run / "last.pt")["config"])
+    with pytest.raises(RunAlreadyComplete, match="already complete"):
+        train(cfg, resume=run)
+
+
+def test_default_run_folders_of_one_second_differ(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs started in the same second without --out: each gets its own folder."""
+    from datetime import datetime
+
+    import normfree.train.trainer_state as ts
+    from normfree.train import resolve_config
+    from normfree.train.distributed import DistInfo
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz: object = None) -> datetime:  # type: ignore[override]
+            return datetime(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(ts, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_config(overrides=TINY)
+    first, lock1 = ts.prepare_run_dir(cfg, DistInfo(), "digits")
+    second, lock2 = ts.prepare_run_dir(cfg, DistInfo(), "digits")
+    try:
+        assert first == Path("runs/nf_resnet_cifar20-digits-20260102-030405")
+        assert second == Path(f"{first}-2") and lock1.held and lock2.held
+        assert ts.default_run_dir(cfg, "digits") == Path(f"{first}-3")
+    finally:
+        lock1.release()
+        lock2.release()
+
+
+def test_update_in_backward_with_nproc_is_refused_before_spawning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import normfree.train.cli as train_cli
+
+    def spawn(*args: object) -> int:
+        raise AssertionError("workers were spawned")
+
+    monkeypatch.setattr(train_cli, "_spawn", spawn)
+    argv = ["train", "--nproc", "2", "--out", str(tmp_path / "run"), *TINY,
+            "optim.update_in_backward=true", "train.native_kernels=true"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    _one_line_error(err, "'optim.update_in_backward' must be false with several processes")
+    assert "--resume" not in err and not (tmp_path / "run").exists()
+
+
+def test_a_dead_worker_advises_resume_only_where_a_checkpoint_exists(tmp_path: Path) -> None:
+    from argparse import Namespace
+
+    from normfree.train import resolve_config
+    from normfree.train.cli import _resume_advice
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = resolve_config(overrides=[f"out_dir={run}"])
+    args = Namespace(resume=None)
+    assert "No checkpoint had been written" in _resume_advice(args, cfg, time.time())
+    (run / "last.pt").write_bytes(b"")
+    assert _resume_advice(args, cfg, time.time()) == (
+        f"Continue from the last checkpoint with --resume {run}"
+    )
+
+
+# PyTorch's CPU allocator refusing 40 GB (what data.image_size=100000 asks for)
+_OOM = (
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+    "memory: you tried to allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)"
+)
+
+
+def test_out_of_memory_is_one_line(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """An allocation the machine cannot serve (``data.image_size=100000``, ``eval --test-size
+    100000``) ends in one line naming the size and the fix, without touching the run."""
+
+    def too_big(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(_OOM)
+
+    run = _copy(tiny_run, tmp_path)
+    before = (run / "last.pt").read_bytes()
+    monkeypatch.setattr(sys.modules["normfree.train.evaluate"], "evaluate", too_big)
+    assert main(["eval", str(run), "--test-size", "100000"]) == 1
+    _one_line_error(capsys.readouterr().err, "out of memory (37.3 GiB asked for)", "--test-size")
+    monkeypatch.setattr("normfree.train.loop.train", too_big)
+    assert main(["train", "--out", str(tmp_path / "big"), *TINY, "data.image_size=100000"]) == 1
+    _one_line_error(capsys.readouterr().err, "out of memory (37.3 GiB", "data.image_size")
+    assert (run / "last.pt").read_bytes() == before

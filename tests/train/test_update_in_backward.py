@@ -128,3 +128,56 @@ def test_what_it_cannot_serve_is_a_config_error(
 ) -> None:
     with pytest.raises(ConfigError, match=rf"'{key}' must be .* with optim\.update_in_backward"):
         make_cfg("optim.update_in_backward=true", override)
+
+
+def test_a_model_without_scaled_ws_convs_names_the_fix(make_cfg: Callable[..., Config]) -> None:
+    with pytest.raises(ConfigError, match=r"set optim\.update_in_backward=false: "
+                       r"bn_resnet_cifar20 has no Scaled-WS convolutions"):  # fmt: skip
+        train(make_cfg("model=bn_resnet_cifar20", "optim.update_in_backward=true"))
+
+
+@pytest.mark.parametrize(
+    ("env", "choice", "built", "said"),
+    [
+        ("1", None, True, None),  # switched on by the environment, built lazily: no warning
+        ("", "true", True, None),
+        ("", "true", False, "could not be built"),  # the build failed
+        ("scaled_ws", None, False, "could not be built"),
+        ("", None, False, "are off (set train.native_kernels=true"),  # not asked for
+        ("tanh_gelu", None, False, "are off (set train.native_kernels=true"),
+    ],
+)
+def test_the_update_in_backward_warning_says_what_happens(
+    env: str, choice: str | None, built: bool, said: str | None,
+    make_cfg: Callable[..., Config], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """Whether the Scaled-WS kernels will run is decided after the extension is resolved
+    (NORMFREE_NATIVE_KERNELS builds it lazily); a failed build is named as such, not as an
+    option to set."""
+    import contextlib
+    import logging
+
+    import normfree.train.loop as loop
+
+    @contextlib.contextmanager
+    def kernels_chosen(value):  # the build's outcome, without building
+        yield built
+
+    monkeypatch.setenv("NORMFREE_NATIVE_KERNELS", env)
+    monkeypatch.setattr(loop, "native_kernels", kernels_chosen)
+    monkeypatch.setattr(loop, "native_extension", lambda kernel: object() if built else None)
+    overrides = ["train.epochs=1", "train.max_steps_per_epoch=1", "train.batch_size=16",
+                 "optim.update_in_backward=true"]  # fmt: skip
+    if choice is not None:
+        overrides.append(f"train.native_kernels={choice}")
+    with caplog.at_level(logging.WARNING, logger="normfree"):
+        train(make_cfg(*overrides))
+    warned = [m for m in (r.getMessage() for r in caplog.records)
+              if m.startswith("optim.update_in_backward:")]  # fmt: skip
+    if said is None:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and said in warned[0], warned
+        if "could not be built" in said:
+            assert "set train.native_kernels" not in warned[0]

@@ -229,8 +229,8 @@ def _build() -> ModuleType | None:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         warnings.warn(
             f"normfree native kernels are unavailable ({type(exc).__name__}: {reason[:200]}); "
-            "using the PyTorch-op path (set_native_kernels(False) or unset "
-            f"{_ENV} to silence this)",
+            "using the PyTorch-op path (set_native_kernels(False), unset "
+            f"{_ENV} or pass train.native_kernels=false to silence this)",
             RuntimeWarning,
             stacklevel=3,
         )

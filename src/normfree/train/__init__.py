@@ -37,6 +37,7 @@ from normfree.train.config_io import (
 from normfree.train.evaluate import evaluate, evaluate_checkpoint
 from normfree.train.loop import (
     NonFiniteLossError,
+    RunAlreadyComplete,
     Trainer,
     TrainingInterrupted,
     train,
@@ -53,6 +54,7 @@ __all__ = [
     "LogConfig",
     "NonFiniteLossError",
     "OptimConfig",
+    "RunAlreadyComplete",
     "ScheduleConfig",
     "TrainLoopConfig",
     "Trainer",

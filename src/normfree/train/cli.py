@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 from normfree.atomic import atomic_write_json, check_writable
@@ -54,6 +55,7 @@ def _setup_logging(rank: int) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from normfree.train.config_io import config_help, list_recipes
+    from normfree.train.run_folder import overridable_listed
 
     p = sub.add_parser(
         "train",
@@ -76,9 +78,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue the run in RUN_DIR (last.pt); KEY=VALUE may change logging, workers, "
-        "device, optim.fused, and to recover a diverged run optim.lr/base_lr, schedule.*, "
-        "optim.clipping, optim.agc_eps, train.skip_nonfinite",
+        help="continue the run in RUN_DIR (last.pt), in that folder (no --out); KEY=VALUE may "
+        f"change only {overridable_listed()}",
     )
     p.add_argument(
         "--overwrite",
@@ -129,6 +130,12 @@ def _resolve(args: argparse.Namespace) -> Any:
         raise ConfigError("--resume continues a run with its own config; drop --config/--recipe")
     if args.overwrite:
         raise ConfigError("--overwrite starts a new run; it cannot be combined with --resume")
+    if args.out:
+        raise ConfigError(
+            f"--out cannot be combined with --resume: the run continues in its own folder "
+            f"{args.resume!r}; to branch it, start a new run from its weights "
+            f"(--out NEW init_from={os.path.join(args.resume, 'last.pt')})"
+        )
     return resume_config(args.resume, overrides)
 
 
@@ -141,13 +148,40 @@ def _error(e: BaseException, code: int) -> int:
     return code
 
 
+_OOM_MARKERS = ("DefaultCPUAllocator", "out of memory", "can't allocate memory",
+                "not enough memory")  # fmt: skip
+
+
+def _out_of_memory(e: BaseException, fix: str) -> str | None:
+    """The one-line message of an allocation failure (PyTorch's CPU allocator, CUDA out of
+    memory), naming the size asked for and ``fix``; None for any other error."""
+    import re
+
+    text = str(e)
+    if not isinstance(e, RuntimeError) or not any(m in text for m in _OOM_MARKERS):
+        return None
+    size = ""
+    found = re.search(r"allocate (\d+) bytes", text)
+    if found:
+        size = f" ({int(found.group(1)) / 2**30:.1f} GiB asked for)"
+    else:
+        found = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B)", text)
+        size = f" ({found.group(1)} asked for)" if found else ""
+    return f"out of memory{size}: {fix}"
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Entry point of ``normfree train`` (returns the exit code)."""
     from normfree.data.imagefolder import UnreadableImageError
     from normfree.train.checkpointing import CheckpointError
     from normfree.train.config import ConfigError
     from normfree.train.config_io import dump_config
-    from normfree.train.loop import NonFiniteLossError, TrainingInterrupted, train
+    from normfree.train.loop import (
+        NonFiniteLossError,
+        RunAlreadyComplete,
+        TrainingInterrupted,
+        train,
+    )
 
     rank = int(os.environ.get("RANK", "0"))
     _setup_logging(rank)
@@ -171,13 +205,28 @@ def run_train(args: argparse.Namespace) -> int:
                        "one GPU, which NCCL refuses: use train.device=auto (one GPU per "
                        "process) or dist.backend=gloo")  # fmt: skip
             return _error(ConfigError(message), 2)
-        return _spawn(args)
+        if args.nproc > 1 and cfg.optim.update_in_backward:  # each worker would refuse it
+            from normfree.train.config import UPDATE_IN_BACKWARD_ONE_PROCESS
+
+            return _error(ConfigError(UPDATE_IN_BACKWARD_ONE_PROCESS), 2)
+        return _spawn(args, cfg)
     try:
         summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except RunAlreadyComplete as e:  # nothing to do, nothing rewritten
+        if rank == 0:
+            print(e)
+        return 0
     except (ConfigError, CheckpointError, UnreadableImageError) as e:
         return _error(e, 2)
     except NonFiniteLossError as e:
         return _error(e, 1)
+    except RuntimeError as e:  # an allocation the machine cannot serve (images too large)
+        fix = ("use a smaller data.image_size / data.test_size or train.batch_size / "
+               "data.eval_batch_size")  # fmt: skip
+        message = _out_of_memory(e, fix)
+        if message is None:
+            raise
+        return _error(Exception(message), 1)
     except OSError as e:  # disk full, folder gone or read-only mid-run (names the file)
         return _error(e, 1)
     except TrainingInterrupted as e:
@@ -230,7 +279,7 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     return argv + list(args.overrides)
 
 
-def _spawn(args: argparse.Namespace) -> int:
+def _spawn(args: argparse.Namespace, cfg: Any) -> int:
     import torch.multiprocessing as mp
 
     from normfree.train.distributed import find_free_port
@@ -242,6 +291,7 @@ def _spawn(args: argparse.Namespace) -> int:
         print("error: --nproc cannot be combined with torchrun", file=sys.stderr)
         return 2
     argv = _child_argv(args)
+    started = time.time()
     context = mp.start_processes(
         _spawned_worker,
         args=(args.nproc, find_free_port(), argv),
@@ -273,7 +323,7 @@ def _spawn(args: argparse.Namespace) -> int:
             why = f"exited with code {e.exit_code}"
         print(
             f"error: worker rank {e.error_index} of {args.nproc} {why}; the other workers "
-            "were stopped. Continue from the last checkpoint with --resume <run folder>",
+            f"were stopped. {_resume_advice(args, cfg, started)}",
             file=sys.stderr,
         )
         return int(e.exit_code) if e.exit_code and e.exit_code > 0 else 1
@@ -287,6 +337,31 @@ def _spawn(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _resume_advice(args: argparse.Namespace, cfg: Any, started: float) -> str:
+    """What to do after the workers died: continue from ``last.pt`` where one exists (the
+    folder being resumed, ``--out``/``out_dir``, else the newest default folder of this model
+    written since ``started``), otherwise start again."""
+    from pathlib import Path
+
+    run_dir = args.resume or cfg.out_dir
+    if run_dir is not None:
+        candidates = [Path(run_dir)]
+    else:  # runs/<model>-<data>-<time>, named by rank 0
+        candidates = sorted(Path("runs").glob(f"{cfg.model}-*"), key=_mtime, reverse=True)
+        candidates = [p for p in candidates if _mtime(p) >= started - 1.0][:1]
+    for folder in candidates:
+        if (folder / "last.pt").is_file():
+            return f"Continue from the last checkpoint with --resume {folder}"
+    return "No checkpoint had been written: start the run again"
+
+
+def _mtime(path: Any) -> float:
+    try:
+        return float(path.stat().st_mtime)
+    except OSError:
+        return 0.0
 
 
 def _stop_workers(context: Any) -> None:
@@ -328,6 +403,11 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     except (CheckpointError, ConfigError, ValueError, OSError) as e:
         return _error(e, 2)
+    except RuntimeError as e:  # an allocation the machine cannot serve (images too large)
+        message = _out_of_memory(e, "use a smaller --test-size / --image-size or --batch-size")
+        if message is None:
+            raise
+        return _error(Exception(message), 1)
     print(f"{result['model']} on {result['data']} ({result['split']}, {result['count']} images)")
     for name in ("raw", "ema"):
         m = result[name]

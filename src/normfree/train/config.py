@@ -11,6 +11,8 @@ raise :class:`ConfigError` naming the key. ``normfree train --help`` lists every
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -20,6 +22,7 @@ from normfree.models.registry import UnknownModelError, model_entrypoint
 from normfree.nn.native import KERNELS, kernel_names
 
 __all__ = [
+    "UPDATE_IN_BACKWARD_ONE_PROCESS",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -33,6 +36,15 @@ __all__ = [
     "native_kernel_choice",
     "validate_config",
 ]
+
+
+# optim.update_in_backward in a job of several processes (refused before spawning, and by
+# each process of a torchrun job)
+UPDATE_IN_BACKWARD_ONE_PROCESS = (
+    "config key 'optim.update_in_backward' must be false with several processes: the "
+    "gradients must be all-reduced before the update (set optim.update_in_backward=false or "
+    "train in one process)"
+)
 
 
 class ConfigError(ValueError):
@@ -267,8 +279,35 @@ def native_kernel_choice(
     return kernel_names(value) if isinstance(value, str) else value
 
 
+def _non_finite(obj: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The first float setting of ``obj`` (a config dataclass, sections included) that is
+    NaN or infinite: ``(dotted key, value, default)``; None when every one is finite. The
+    free-form mappings (``model_kwargs``, ``distill.teacher_kwargs``) are their owners' to
+    check."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            found = _non_finite(value, f"{prefix}{f.name}.")
+            if found is not None:
+                return found
+            continue
+        items = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            return f"{prefix}{f.name}", value, f.default
+    return None
+
+
 def validate_config(cfg: Config) -> None:
     """Range checks the types cannot express; raises :class:`ConfigError` naming the key."""
+    found = _non_finite(cfg)  # .inf / .nan parse as floats: no setting means them
+    if found is not None:
+        key, value, default = found
+        what = "finite numbers" if isinstance(value, tuple) else "a finite number"
+        if default is None:
+            what += " or null"
+        elif default is not dataclasses.MISSING:
+            what += f" (default {list(default) if isinstance(default, tuple) else default!r})"
+        raise ConfigError(f"config key {key!r} must be {what}, got {value!r}")
 
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:

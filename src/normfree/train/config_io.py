@@ -26,7 +26,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from normfree.atomic import atomic_write_text
-from normfree.train.config import Config, ConfigError, validate_config
+from normfree.train.config import Config, ConfigError, native_kernel_choice, validate_config
 
 __all__ = [
     "apply_overrides",
@@ -321,7 +321,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 def config_diff(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
-    """``{dotted key: (old value, new value)}`` for every leaf that differs (plain values)."""
+    """``{dotted key: (old value, new value)}`` for every leaf that differs (plain values;
+    two spellings of one ``train.native_kernels`` choice do not differ)."""
     out: dict[str, tuple[Any, Any]] = {}
 
     def walk(a: Any, b: Any, prefix: str) -> None:
@@ -332,7 +333,23 @@ def config_diff(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
             out[prefix] = (a, b)
 
     walk(config_to_dict(old), config_to_dict(new), "")
+    key = "train.native_kernels"  # spellings of one choice ("scaled_ws", [scaled_ws]) are equal
+    if key in out and _kernel_set(out[key][0]) == _kernel_set(out[key][1]):
+        del out[key]
     return out
+
+
+def _kernel_set(value: Any) -> Any:
+    """A ``train.native_kernels`` value as the set of kernels it names (None: the
+    environment's choice, kept apart)."""
+    from normfree.nn.native import KERNELS
+
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return frozenset(KERNELS) if value else frozenset()
+    choice = native_kernel_choice(value if isinstance(value, str) else tuple(value))
+    return frozenset(choice) if isinstance(choice, tuple) else choice
 
 
 def resolve_config(

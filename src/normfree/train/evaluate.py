@@ -130,7 +130,8 @@ def evaluate_checkpoint(
     for name, value in (("batch size", batch_size), ("image size", image_size),
                         ("test size", test_size), ("workers", workers)):  # fmt: skip
         if value is not None and value < (0 if name == "workers" else 1):
-            raise ValueError(f"--{name.replace(' ', '-')} must be a positive number, got {value}")
+            what = "a non-negative" if name == "workers" else "a positive"
+            raise ValueError(f"--{name.replace(' ', '-')} must be {what} number, got {value}")
     dev = select_device(device, what="--device")
     path = resolve_checkpoint_path(checkpoint)
     state = load_checkpoint(path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -31,13 +32,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normfree.nn import compile_options, native_kernels, native_kernels_enabled
+from normfree.nn import ScaledStdConv2d, compile_options, native_kernels
+from normfree.nn.activations import TanhGELU
+from normfree.nn.native import KERNELS, kernel_names
+from normfree.nn.native import extension as native_extension
 from normfree.optim import AGC, BackwardUpdate, attached, update_in_backward
 from normfree.train import builders as B
 from normfree.train.allocator import release_heap, tune_malloc
 from normfree.train.callbacks import Callback
-from normfree.train.checkpointing import check_weights_fit, load_checkpoint
-from normfree.train.config import Config, ConfigError, native_kernel_choice, validate_config
+from normfree.train.checkpointing import check_weights_fit, checkpoint_config, load_checkpoint
+from normfree.train.config import (
+    UPDATE_IN_BACKWARD_ONE_PROCESS,
+    Config,
+    ConfigError,
+    native_kernel_choice,
+    validate_config,
+)
 from normfree.train.config_io import dump_config
 from normfree.train.distill import distillation_loss, load_teacher
 from normfree.train.distributed import (
@@ -49,7 +59,7 @@ from normfree.train.distributed import (
     init_distributed,
     local_world_size,
 )
-from normfree.train.errors import NonFiniteLossError, TrainingInterrupted
+from normfree.train.errors import NonFiniteLossError, RunAlreadyComplete, TrainingInterrupted
 from normfree.train.evaluate import autocast_context, evaluate
 from normfree.train.run_folder import RunFolderLock, record_config_change, resume_changes
 from normfree.train.run_logger import RunLogger
@@ -60,7 +70,7 @@ from normfree.train.trainer_state import (
     setup_sync_batchnorm,
 )
 
-__all__ = ["NonFiniteLossError", "Trainer", "TrainingInterrupted", "train"]
+__all__ = ["NonFiniteLossError", "RunAlreadyComplete", "Trainer", "TrainingInterrupted", "train"]
 
 log = logging.getLogger("normfree.train")
 
@@ -115,7 +125,11 @@ class Trainer(TrainerState):
             self.run_dir = Path(resume)
             state = load_checkpoint(self.run_dir / "last.pt")
             changes = resume_changes(state, self.run_dir, cfg)
+            stored_out = state["config"].get("out_dir")
+            if cfg.out_dir != stored_out:  # the run continues in its own folder: kept as is
+                self.cfg = cfg = dataclasses.replace(cfg, out_dir=stored_out)
             self._lock = lock_for_resume(self.run_dir, info)
+            self._refuse_if_complete(state)
         # same initialisation on every rank
         B.seed_globals(cfg.seed)
         self.bundle = B.build_data(cfg)
@@ -165,6 +179,7 @@ class Trainer(TrainerState):
                 label_smoothing=t.label_smoothing,
             )
         self.epoch = self.step_in_epoch = self.global_step = self.skipped_steps = 0
+        self.epoch_totals = _fresh_totals()  # this epoch's loss·n, n and correct so far
         self.best: dict[str, Any] = {"val_top1": -math.inf, "ema_val_top1": -math.inf, "epoch": 0}
         self.last_eval: dict[str, Any] = {}
         self.wall_offset = 0.0
@@ -198,6 +213,34 @@ class Trainer(TrainerState):
         self._stop_requested = False
         self._updating = False
 
+    def _refuse_if_complete(self, state: dict[str, Any]) -> None:
+        """:class:`RunAlreadyComplete` when the checkpoint has trained every epoch: a resume
+        would train nothing and only rewrite the summary. ``config.yaml`` is rewritten from
+        the checkpoint where it was edited (as the resume's warning says)."""
+        done, epochs = int(state["position"]["epoch"]), self.cfg.train.epochs
+        if done < epochs:
+            return
+        run_dir = self.run_dir
+        stored = checkpoint_config(state, run_dir / "last.pt")
+        if self.info.is_main:
+            text, path = dump_config(stored), run_dir / "config.yaml"
+            if not path.is_file() or path.read_text() != text:
+                dump_config(stored, path)
+        finetune = run_dir / "finetune"
+        pending = stored.train.finetune_epochs > 0 and not (finetune / "last.pt").is_file()
+        also = ""
+        if stored.train.finetune_epochs > 0 and not pending:
+            also = f" (its fine-tuning phase is {finetune}, resumed with --resume {finetune})"
+        raise RunAlreadyComplete(
+            f"run {str(run_dir)!r} is already complete ({done} of {epochs} epochs), nothing to "
+            f"train{also}; to train further, start a new run from its weights: normfree train "
+            f"init_from={run_dir / 'last.pt'} --out NEW_DIR",
+            run_dir,
+            config=stored,
+            model_args=state["model_args"],
+            finetune_pending=pending,
+        )
+
     def _build_backward_update(self) -> BackwardUpdate | None:
         """``optim.update_in_backward``: the optimizer's step (SGD, Adam or AdamW), with the
         AGC attached to the optimizer, applied to the Scaled-WS conv weights inside their
@@ -208,10 +251,7 @@ class Trainer(TrainerState):
             log.warning("optim.update_in_backward ignored: it runs in the native kernels, on CPU")
             return None
         if self.info.distributed:
-            raise ConfigError(
-                "config key 'optim.update_in_backward' must be false with several processes: "
-                "the gradients must be all-reduced before the update"
-            )
+            raise ConfigError(UPDATE_IN_BACKWARD_ONE_PROCESS)
         plain = [key for key, on in (("train.compile", t.compile),
                                      ("train.grad_checkpointing", t.grad_checkpointing))
                  if on]  # fmt: skip
@@ -227,7 +267,12 @@ class Trainer(TrainerState):
         try:
             return update_in_backward(self.optimizer, self.model, agc=agc)
         except (TypeError, ValueError) as err:
-            hint = " (set optim.msr=false)" if "MeanShiftRejection" in str(err) else ""
+            hint = ""
+            if "MeanShiftRejection" in str(err):
+                hint = " (set optim.msr=false)"
+            elif "scaled_ws" not in _kernels_used_by(self.model):
+                hint = (f"; set optim.update_in_backward=false: {self.cfg.model} has no "
+                        "Scaled-WS convolutions")  # fmt: skip
             raise ConfigError(f"config key 'optim.update_in_backward': {err}{hint}") from err
 
     def _apply_resume_changes(self, changes: dict[str, tuple[Any, Any]]) -> None:
@@ -336,6 +381,10 @@ class Trainer(TrainerState):
             if self.ema is not None and number % cfg.ema.every_steps == 0:
                 self.ema.update(self.model)
             self.scheduler.step()
+        totals = self.epoch_totals  # with the position, so that a checkpoint holds both
+        totals["loss"] += loss_sum / n * n
+        totals["n"] += n
+        totals["correct"] += correct if self.mixer is None else 0.0
         self.global_step += 1
         self.step_in_epoch += 1
         self._updating = False
@@ -378,7 +427,9 @@ class Trainer(TrainerState):
                 dynamic_ncols=True,
                 leave=False,
             )
-        totals = {"loss": 0.0, "n": 0.0, "correct": 0.0}
+        if self.step_in_epoch == 0:  # else resumed mid-epoch: the totals came with last.pt
+            self.epoch_totals = _fresh_totals()
+        totals = self.epoch_totals
         self._before_workers()
         it = iter(loader)
         try:
@@ -389,10 +440,7 @@ class Trainer(TrainerState):
                     if self._stop_requested:  # DataLoader workers died on the same Ctrl-C
                         raise KeyboardInterrupt from None
                     raise
-                out = self._train_step(micro)
-                totals["loss"] += out["loss"] * out["n"]
-                totals["n"] += out["n"]
-                totals["correct"] += out.get("correct", 0.0)
+                out = self._train_step(micro)  # adds to self.epoch_totals
                 self._after_step(out, bar)
         finally:
             if bar is not None:
@@ -505,20 +553,42 @@ class Trainer(TrainerState):
             return contextlib.nullcontext()
         return native_kernels(choice)
 
+    def _report_kernels(self, on: bool | None) -> None:
+        """Say what ``train.native_kernels`` did (``on``: what :meth:`_kernel_choice` yielded,
+        None where it chose nothing), and warn where ``optim.update_in_backward`` cannot run in
+        the backward."""
+        choice = native_kernel_choice(self.cfg.train.native_kernels)
+        if on is not None and self.info.is_main:
+            chosen = _chosen_kernels(choice)
+            state = "on" if on else "off (the build failed: see the warning above)"
+            if on and not (_kernels_used_by(self.model) & chosen):
+                layers = " or ".join(_KERNEL_LAYERS[k] for k in KERNELS if k in chosen)
+                state = f"on (no {layers} layer in this model: no effect)"
+            if not chosen:
+                state = "off"
+            log.info("native CPU kernels (%s): %s", _readable_choice(choice), state)
+        if self.backward_update is None or not self.info.is_main:
+            return
+        # the extension is built lazily, at the first forward: resolve it now (a choice of
+        # NORMFREE_NATIVE_KERNELS is built here), so that what is said is what will run
+        if native_extension("scaled_ws") is not None:
+            return
+        requested = "scaled_ws" in _chosen_kernels(choice) if choice is not None else (
+            "scaled_ws" in _environment_kernels())  # fmt: skip
+        if requested:
+            why = ("the native Scaled-WS kernels could not be built (see the warning above; "
+                   "a C++ compiler with OpenMP is needed)")  # fmt: skip
+        else:
+            why = ("the native Scaled-WS kernels are off (set train.native_kernels=true or "
+                   "NORMFREE_NATIVE_KERNELS=1)")  # fmt: skip
+        log.warning(
+            "optim.update_in_backward: %s, so the optimizer updates every weight as usual", why
+        )
+
     def fit(self) -> dict[str, Any]:
         """Train to ``train.epochs`` (from the resumed position) and return the summary."""
         with self._kernel_choice() as on:
-            if on is not None and self.info.is_main:
-                log.info(
-                    "native CPU kernels (%s): %s",
-                    self.cfg.train.native_kernels,
-                    "on" if on else "off",
-                )
-            if self.backward_update is not None and not native_kernels_enabled("scaled_ws"):
-                log.warning(
-                    "optim.update_in_backward: the native Scaled-WS kernels are off (set "
-                    "train.native_kernels: true), so the optimizer updates every weight as usual"
-                )
+            self._report_kernels(on)
             return self._fit()
 
     def _fit(self) -> dict[str, Any]:
@@ -584,6 +654,50 @@ class Trainer(TrainerState):
             )
 
 
+def _fresh_totals() -> dict[str, float]:
+    return {"loss": 0.0, "n": 0.0, "correct": 0.0}
+
+
+# the layers each native kernel pair serves (normfree.nn.native.KERNELS)
+_KERNEL_LAYERS = {"scaled_ws": "Scaled-WS", "tanh_gelu": "tanh-GELU"}
+
+
+def _kernels_used_by(model: nn.Module) -> set[str]:
+    """The native kernel pairs that ``model`` has layers for."""
+    used = set()
+    for module in model.modules():
+        if isinstance(module, ScaledStdConv2d):
+            used.add("scaled_ws")
+        elif isinstance(module, TanhGELU):
+            used.add("tanh_gelu")
+    return used
+
+
+def _chosen_kernels(choice: bool | tuple[str, ...] | None) -> set[str]:
+    """The kernel pairs a ``train.native_kernels`` choice names (None: none named)."""
+    if choice is True:
+        return set(KERNELS)
+    return set(choice) if isinstance(choice, tuple) else set()
+
+
+def _readable_choice(choice: bool | tuple[str, ...] | None) -> str:
+    """``train.native_kernels`` for a log line: ``all``, ``none`` or the names."""
+    if choice is True:
+        return "all"
+    return ", ".join(choice) if choice else "none"
+
+
+def _environment_kernels() -> set[str]:
+    """The kernel pairs ``NORMFREE_NATIVE_KERNELS`` asks for (as normfree.nn.native reads
+    it: 1/true/yes/on all, unset/0/false/no/off none, else names)."""
+    value = os.environ.get("NORMFREE_NATIVE_KERNELS", "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return set(KERNELS)
+    if value in ("", "0", "false", "no", "off"):
+        return set()
+    return set(kernel_names(value))
+
+
 def train(
     cfg: Config,
     resume: str | Path | None = None,
@@ -598,7 +712,19 @@ def train(
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     info = init_distributed(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s)
     try:
-        trainer = Trainer(cfg, info, resume=resume, callbacks=callbacks, overwrite=overwrite)
+        try:
+            trainer = Trainer(cfg, info, resume=resume, callbacks=callbacks, overwrite=overwrite)
+        except RunAlreadyComplete as done:
+            if not done.finetune_pending:
+                raise
+            # the run ended before its fine-tuning phase started: that phase is what is left
+            summary = _read_summary(done.run_dir)
+            with torch.device("meta"):  # for its metadata only (finetune_config)
+                model = B.build_model(done.model_args or {})
+            finetune_cfg = finetune_config(done.config, done.run_dir, model)
+            summary["finetune"] = Trainer(finetune_cfg, info).fit()
+            cleanup_distributed(sync=True)
+            return summary
         summary = trainer.fit()
         if cfg.train.finetune_epochs > 0 and summary.get("status") == "completed":
             finetune_cfg = finetune_config(cfg, trainer.run_dir, trainer.model)
@@ -609,6 +735,17 @@ def train(
         cleanup_distributed()
         torch.set_num_threads(threads)  # leave the caller's process as it was
         torch.use_deterministic_algorithms(deterministic)
+
+
+def _read_summary(run_dir: Path) -> dict[str, Any]:
+    """The run's ``summary.json`` (empty when it is missing or unreadable)."""
+    import json
+
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def finetune_config(cfg: Config, run_dir: Path, model: nn.Module) -> Config:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from normfree.atomic import remove_stale_temp_files
-from normfree.train.config import Config, ConfigError
+from normfree.train.config import Config, ConfigError, validate_config
 
 try:
     import fcntl
@@ -39,6 +39,7 @@ __all__ = [
     "RunFolderError",
     "RunFolderLock",
     "check_new_run_folder",
+    "overridable_listed",
     "record_config_change",
     "resume_changes",
     "resume_config",
@@ -67,9 +68,11 @@ class RunFolderError(ConfigError):
     """The run folder is in use, holds an earlier run, or cannot be written."""
 
 
-def _overridable_listed() -> str:
-    """The keys a resume may change, for messages (``out_dir`` is where the folder is now)."""
-    keys = [k for k in RESUME_OVERRIDABLE + RECOVERY_OVERRIDABLE if k != "out_dir"]
+def overridable_listed() -> str:
+    """The keys a resume may change, for messages and ``--resume``'s help (``out_dir`` is
+    where the folder is now, not a choice: a run continues in its own folder)."""
+    keys = [k + "*" if k.endswith(".") else k
+            for k in RESUME_OVERRIDABLE + RECOVERY_OVERRIDABLE if k != "out_dir"]  # fmt: skip
     return ", ".join(keys)
 
 
@@ -189,7 +192,7 @@ def resume_changes(
     if fixed:
         raise ConfigError(
             f"cannot change {', '.join(repr(k) for k in fixed)} when resuming; a resume may "
-            f"change only {_overridable_listed()}"
+            f"change only {overridable_listed()}"
         )
     return changes
 
@@ -211,8 +214,14 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
         raise ConfigError(f"--resume {str(run_dir)!r}: no such run folder")
     for item in overrides:
         key = item.split("=", 1)[0].strip()
+        if key == "out_dir":
+            raise ConfigError(
+                f"cannot change 'out_dir' when resuming: the run continues in its own folder "
+                f"{str(run_dir)!r}; to branch it, start a new run from its weights "
+                f"(out_dir=NEW init_from={run_dir / 'last.pt'})"
+            )
         if not resume_overridable(key):
-            raise ConfigError(f"cannot change {key!r} when resuming (only {_overridable_listed()})")
+            raise ConfigError(f"cannot change {key!r} when resuming (only {overridable_listed()})")
     last = run_dir / "last.pt"
     cfg = checkpoint_config(load_checkpoint(last), last)
     edited = run_dir / "config.yaml"
@@ -233,6 +242,8 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
                     "checkpoint's config wins and config.yaml is rewritten from it; to change a "
                     "key on resume pass it as KEY=VALUE (allowed: %s)",
                     lines,
-                    _overridable_listed(),
+                    overridable_listed(),
                 )
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    validate_config(cfg)  # refused here, once, before a process is spawned or a file touched
+    return cfg

@@ -46,9 +46,16 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def _legend(ax: Any) -> None:
+    """A legend where the axes have labelled curves (matplotlib warns on an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+
+
 def plot_curves(records: list[dict[str, Any]], path: str | Path) -> bool:
     """Training loss, validation accuracy/loss and learning rate against the step, as a PNG.
-    Returns False (with a logged warning) when matplotlib is not installed."""
+    Returns False (with a logged warning) when matplotlib is not installed, and False without
+    writing a file when ``records`` hold nothing to draw."""
     try:
         import matplotlib
 
@@ -59,6 +66,9 @@ def plot_curves(records: list[dict[str, Any]], path: str | Path) -> bool:
         return False
     steps = [r for r in records if r.get("kind") == "step"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
+    if not steps and not epochs:  # the run ended before its first record: nothing to draw
+        log.debug("no metrics recorded yet: skipping curves.png")
+        return False
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     ax = axes[0]
     pts = [(r["step"], r["loss"]) for r in steps if _finite(r.get("loss"))]
@@ -69,14 +79,14 @@ def plot_curves(records: list[dict[str, Any]], path: str | Path) -> bool:
         if pts:
             ax.plot(*zip(*pts), marker="o", ms=3, label=label)
     ax.set(xlabel="step", ylabel="loss", title="loss")
-    ax.legend()
+    _legend(ax)
     ax = axes[1]
     for key, label in (("val_top1", "val"), ("ema_val_top1", "val (EMA)"), ("train_top1", "train")):
         pts = [(r["step"], r[key]) for r in epochs if _finite(r.get(key))]
         if pts:
             ax.plot(*zip(*pts), marker="o", ms=3, label=label)
     ax.set(xlabel="step", ylabel="top-1 (%)", title="accuracy")
-    ax.legend()
+    _legend(ax)
     ax = axes[2]
     pts = [(r["step"], r["lr"]) for r in steps if _finite(r.get("lr"))]
     if pts:

@@ -3,11 +3,13 @@ state (what ``last.pt`` holds and how a resumed run restores it) and the run sum
 
 ``TrainerState`` is a mixin: it reads the attributes ``Trainer.__init__`` sets (``cfg``,
 ``info``, ``model``, ``ema``, ``optimizer``, ``scheduler``, ``scaler``, ``bundle``, the position
-counters ``epoch``/``step_in_epoch``/``global_step`` and ``best``/``last_eval``).
+counters ``epoch``/``step_in_epoch``/``global_step``, the epoch's running ``epoch_totals`` and
+``best``/``last_eval``).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -43,11 +45,28 @@ __all__ = [
 log = logging.getLogger("normfree.train")
 
 
-def default_run_dir(cfg: Config, data_name: str) -> Path:
-    """``runs/<model>-<data>-<YYYYmmdd-HHMMSS>`` (relative to the working directory)."""
+def default_run_dir(cfg: Config, data_name: str, root: str | Path = "runs") -> Path:
+    """A new, empty folder ``runs/<model>-<data>-<YYYYmmdd-HHMMSS>`` (relative to the working
+    directory), created here: each name is taken atomically (``mkdir``), so two runs started in
+    the same second get two folders, the second with ``-2`` appended (then ``-3``, ...)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in data_name)
-    return Path("runs") / f"{cfg.model}-{safe}-{stamp}"
+    base = Path(root) / f"{cfg.model}-{safe}-{stamp}"
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for n in itertools.count(1):
+            path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            return path
+    except OSError as e:
+        raise ConfigError(
+            f"cannot create a run folder under {str(base.parent)!r}: {e.strerror or e}; "
+            "choose one with --out DIR"
+        ) from e
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _on_main(info: DistInfo, action: Callable[[], None]) -> None:
@@ -70,7 +89,13 @@ def prepare_run_dir(
 ) -> tuple[Path, RunFolderLock]:
     """The run folder of a new run (rank 0 picks the name, every rank gets it), locked by rank
     0. Refuses a folder in use or holding an earlier run's files (unless ``overwrite``)."""
-    name = [str(cfg.out_dir or default_run_dir(cfg, data_name))]
+    name = [str(cfg.out_dir or "")]
+    if not cfg.out_dir:  # rank 0 creates the default folder (a fresh name), the others follow
+
+        def pick() -> None:
+            name[0] = str(default_run_dir(cfg, data_name))
+
+        _on_main(info, pick)
     if info.distributed:
         dist.broadcast_object_list(name, src=0)
     run_dir = Path(name[0])
@@ -172,6 +197,9 @@ class TrainerState:
         self.last_eval = dict(prog.get("last_eval", {}))
         self.wall_offset = float(prog.get("wall_time_s", 0.0))
         self.skipped_steps = int(prog.get("skipped_steps", 0))
+        totals = prog.get("epoch_totals")  # absent in checkpoints of older versions
+        if self.step_in_epoch and isinstance(totals, dict):
+            self.epoch_totals = {k: float(totals.get(k, 0.0)) for k in ("loss", "n", "correct")}
         rngs = state["rng"]
         if len(rngs) == self.info.world_size:
             restore_rng_state(rngs[self.info.rank])
@@ -215,6 +243,8 @@ class TrainerState:
                 "last_eval": self.last_eval,
                 "wall_time_s": self.wall_time(),
                 "skipped_steps": self.skipped_steps,
+                # the epoch's running train loss/accuracy sums, for a mid-epoch resume
+                "epoch_totals": dict(self.epoch_totals) if self.step_in_epoch else None,
             },
         }
 
