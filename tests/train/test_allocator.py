@@ -99,6 +99,7 @@ def _probe(mode: str) -> tuple[str, dict[str, list[int]]]:
 glibc_only = pytest.mark.skipif(allocator._glibc() is None, reason="needs Linux with glibc")
 
 
+@pytest.mark.slow  # counts page faults of real processes: ~6 s
 @glibc_only
 def test_tuned_heap_serves_repeated_steps_without_page_faults() -> None:
     """Control: under glibc's defaults the four freed blocks trim the heap, so every
@@ -282,6 +283,7 @@ os.kill(child, 9)
 )
 
 
+@pytest.mark.slow  # forks real processes over a 112 MiB heap: ~5 s
 @glibc_only
 @pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs smaps_rollup")
 def test_release_heap_keeps_a_forked_child_from_copying_the_kept_heap() -> None:
