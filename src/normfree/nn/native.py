@@ -59,6 +59,7 @@ import torch
 
 __all__ = [
     "KERNELS",
+    "environment_kernels",
     "kernel_names",
     "native_kernels",
     "native_kernels_enabled",
@@ -93,10 +94,10 @@ def _known(names: Collection[str]) -> frozenset[str]:
     return frozenset(names)
 
 
-def _from_environment(value: str) -> frozenset[str]:
+def _from_environment(value: str, warn: bool = True) -> frozenset[str]:
     """The kernels ``NORMFREE_NATIVE_KERNELS`` names: ``1``/``true``/``yes``/``on`` all of
     them, unset/``0``/``false``/``no``/``off`` none, else a list of :data:`KERNELS` separated
-    by commas or ``+`` (an unknown name is skipped with a warning)."""
+    by commas or ``+`` (an unknown name is skipped, with a warning where ``warn``)."""
     value = value.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return frozenset(KERNELS)
@@ -104,7 +105,7 @@ def _from_environment(value: str) -> frozenset[str]:
         return frozenset()
     names = set(kernel_names(value))
     unknown = _unknown(names)
-    if unknown:
+    if unknown and warn:
         warnings.warn(
             f"{_ENV} names unknown native kernels {unknown}; known: {', '.join(KERNELS)} "
             "(or 1 for all); ignoring them",
@@ -117,6 +118,12 @@ def _from_environment(value: str) -> frozenset[str]:
 _extension: ModuleType | None = None
 _build_failed = False
 _enabled: frozenset[str] = _from_environment(os.environ.get(_ENV, ""))
+
+
+def environment_kernels() -> frozenset[str]:
+    """The kernels ``NORMFREE_NATIVE_KERNELS`` asks for now (see :func:`_from_environment`),
+    whether or not they have been built."""
+    return _from_environment(os.environ.get(_ENV, ""), warn=False)
 
 
 def _sources_digest() -> str:

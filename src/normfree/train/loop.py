@@ -34,7 +34,7 @@ from torch import nn
 
 from normfree.nn import ScaledStdConv2d, compile_options, native_kernels
 from normfree.nn.activations import TanhGELU
-from normfree.nn.native import KERNELS, kernel_names
+from normfree.nn.native import KERNELS, environment_kernels
 from normfree.nn.native import extension as native_extension
 from normfree.optim import AGC, BackwardUpdate, attached, update_in_backward
 from normfree.train import builders as B
@@ -574,7 +574,7 @@ class Trainer(TrainerState):
         if native_extension("scaled_ws") is not None:
             return
         requested = "scaled_ws" in _chosen_kernels(choice) if choice is not None else (
-            "scaled_ws" in _environment_kernels())  # fmt: skip
+            "scaled_ws" in environment_kernels())  # fmt: skip
         if requested:
             why = ("the native Scaled-WS kernels could not be built (see the warning above; "
                    "a C++ compiler with OpenMP is needed)")  # fmt: skip
@@ -685,17 +685,6 @@ def _readable_choice(choice: bool | tuple[str, ...] | None) -> str:
     if choice is True:
         return "all"
     return ", ".join(choice) if choice else "none"
-
-
-def _environment_kernels() -> set[str]:
-    """The kernel pairs ``NORMFREE_NATIVE_KERNELS`` asks for (as normfree.nn.native reads
-    it: 1/true/yes/on all, unset/0/false/no/off none, else names)."""
-    value = os.environ.get("NORMFREE_NATIVE_KERNELS", "").strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return set(KERNELS)
-    if value in ("", "0", "false", "no", "off"):
-        return set()
-    return set(kernel_names(value))
 
 
 def train(
