@@ -435,6 +435,7 @@ def test_the_matrix_forms_can_be_switched_off(products) -> None:
         set_pointwise_matmul(0)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow  # three fresh interpreters (~6 s); the in-process switch is tested above
 def test_the_environment_switches_the_matrix_forms_off() -> None:
     import os
     import subprocess
