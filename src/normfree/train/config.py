@@ -33,6 +33,7 @@ __all__ = [
     "OptimConfig",
     "ScheduleConfig",
     "TrainLoopConfig",
+    "chosen_kernels",
     "native_kernel_choice",
     "validate_config",
 ]
@@ -277,6 +278,17 @@ def native_kernel_choice(
     (or names joined by ``+`` or ``,``, as in ``NORMFREE_NATIVE_KERNELS``) becomes a tuple of
     names; ``True``, ``False``, ``None`` and tuples pass through."""
     return kernel_names(value) if isinstance(value, str) else value
+
+
+def chosen_kernels(value: bool | tuple[str, ...] | list[str] | str | None) -> frozenset[str] | None:
+    """The kernel pairs a ``train.native_kernels`` value names, however it is spelled
+    (``true``, ``scaled_ws``, ``[scaled_ws]``); None for ``null`` (the environment's
+    choice)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return frozenset(KERNELS) if value else frozenset()
+    return frozenset(native_kernel_choice(value if isinstance(value, str) else tuple(value)))
 
 
 def _non_finite(obj: Any, prefix: str = "") -> tuple[str, Any, Any] | None:

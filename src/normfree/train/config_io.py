@@ -26,7 +26,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from normfree.atomic import atomic_write_text
-from normfree.train.config import Config, ConfigError, native_kernel_choice, validate_config
+from normfree.train.config import Config, ConfigError, chosen_kernels, validate_config
 
 __all__ = [
     "apply_overrides",
@@ -334,22 +334,9 @@ def config_diff(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
 
     walk(config_to_dict(old), config_to_dict(new), "")
     key = "train.native_kernels"  # spellings of one choice ("scaled_ws", [scaled_ws]) are equal
-    if key in out and _kernel_set(out[key][0]) == _kernel_set(out[key][1]):
+    if key in out and chosen_kernels(out[key][0]) == chosen_kernels(out[key][1]):
         del out[key]
     return out
-
-
-def _kernel_set(value: Any) -> Any:
-    """A ``train.native_kernels`` value as the set of kernels it names (None: the
-    environment's choice, kept apart)."""
-    from normfree.nn.native import KERNELS
-
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return frozenset(KERNELS) if value else frozenset()
-    choice = native_kernel_choice(value if isinstance(value, str) else tuple(value))
-    return frozenset(choice) if isinstance(choice, tuple) else choice
 
 
 def resolve_config(

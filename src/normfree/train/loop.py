@@ -45,6 +45,7 @@ from normfree.train.config import (
     UPDATE_IN_BACKWARD_ONE_PROCESS,
     Config,
     ConfigError,
+    chosen_kernels,
     native_kernel_choice,
     validate_config,
 )
@@ -559,7 +560,7 @@ class Trainer(TrainerState):
         the backward."""
         choice = native_kernel_choice(self.cfg.train.native_kernels)
         if on is not None and self.info.is_main:
-            chosen = _chosen_kernels(choice)
+            chosen = chosen_kernels(choice) or frozenset()
             state = "on" if on else "off (the build failed: see the warning above)"
             if on and not (_kernels_used_by(self.model) & chosen):
                 layers = " or ".join(_KERNEL_LAYERS[k] for k in KERNELS if k in chosen)
@@ -573,7 +574,7 @@ class Trainer(TrainerState):
         # NORMFREE_NATIVE_KERNELS is built here), so that what is said is what will run
         if native_extension("scaled_ws") is not None:
             return
-        requested = "scaled_ws" in _chosen_kernels(choice) if choice is not None else (
+        requested = "scaled_ws" in chosen_kernels(choice) if choice is not None else (
             "scaled_ws" in environment_kernels())  # fmt: skip
         if requested:
             why = ("the native Scaled-WS kernels could not be built (see the warning above; "
@@ -671,13 +672,6 @@ def _kernels_used_by(model: nn.Module) -> set[str]:
         elif isinstance(module, TanhGELU):
             used.add("tanh_gelu")
     return used
-
-
-def _chosen_kernels(choice: bool | tuple[str, ...] | None) -> set[str]:
-    """The kernel pairs a ``train.native_kernels`` choice names (None: none named)."""
-    if choice is True:
-        return set(KERNELS)
-    return set(choice) if isinstance(choice, tuple) else set()
 
 
 def _readable_choice(choice: bool | tuple[str, ...] | None) -> str:
