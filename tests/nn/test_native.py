@@ -415,7 +415,8 @@ def test_each_torch_version_builds_in_a_folder_of_its_own(
     monkeypatch.setattr(native, "_extension", None)
     monkeypatch.setattr(native, "_build_failed", False)
     monkeypatch.setattr(native, "_enabled", frozenset())
-    monkeypatch.setattr(cpp, "load", lambda name, **kw: loaded.append((name, kw)) or object())
+    monkeypatch.setattr(cpp, "load", lambda name, **kw: loaded.append((name, kw)))
+    monkeypatch.setattr(native, "_operators", lambda name: object())
     assert native.set_native_kernels(True)
     name = names["2.14.1+cpu"]  # the running torch's (patched) version
     assert loaded == [(name, {**loaded[0][1], "build_directory": str(tmp_path / name)})]
@@ -585,3 +586,37 @@ def test_autocast_dtype_of_a_weight() -> None:
         assert cpu_autocast_dtype(w.bfloat16()) is None
         with torch.autocast("cpu", enabled=False):
             assert cpu_autocast_dtype(w) is None
+
+
+def test_the_operators_declare_what_they_write(native_on) -> None:
+    """The kernels are PyTorch operators (csrc/library.cpp) whose schemas mark the arguments
+    they update in place (the weight and the optimizer's state): ``torch.library.opcheck``'s
+    schema test runs each under PyTorch's schema checker, which fails an operator that writes
+    an argument its schema does not mark as written (control: a Python operator that does)."""
+    ops = native.extension("scaled_ws")
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(6, 27, dtype=torch.float64, generator=gen)
+    gain = torch.rand(6, dtype=torch.float64, generator=gen) + 0.5
+    _, mean, n_var = ops.scaled_ws_forward(w, gain, 1e-4, 1.0)
+    dy, state = torch.randn_like(w), torch.rand_like(w) + 0.1
+    cases = {
+        "scaled_ws_forward": (w, gain, 1e-4, 1.0, False),
+        "scaled_ws_backward": (dy, w, mean, n_var, gain, 1e-4, 1.0, True, True, True),
+        "scaled_ws_backward_sgd": (dy, w.clone(), mean, n_var, gain, state.clone(), 1e-4, 1.0,
+                                   True, 0.1, 0.9, 0.0, 1e-4, True, False, 0.01, 1e-3),
+        "scaled_ws_backward_adam": (dy, w.clone(), mean, n_var, gain, state.clone(), state.clone(),
+                                    state.clone(), 1e-4, 1.0, True, 0.1, 0.9, 0.999, 1e-8, 1e-2,
+                                    True, False, 0.5, 0.3, 0.01, 1e-3),
+        "tanh_gelu_forward": (torch.randn(10, generator=gen),),
+        "tanh_gelu_backward": (torch.randn(10, generator=gen), torch.randn(10, generator=gen)),
+    }  # fmt: skip
+    assert set(cases) == set(native._OPERATORS)
+    for name, args in cases.items():
+        torch.library.opcheck(getattr(ops, name).default, args, test_utils=("test_schema",))
+
+    lib = torch.library.Library("normfree_test_schema", "FRAGMENT")
+    lib.define("scale(Tensor x) -> Tensor")
+    lib.impl("scale", lambda x: x.mul_(2.0).clone(), "CPU")
+    with pytest.raises(Exception, match="mutated"):
+        torch.library.opcheck(torch.ops.normfree_test_schema.scale.default, (torch.ones(3),),
+                              test_utils=("test_schema",))  # fmt: skip

@@ -1,6 +1,7 @@
 """Optional native CPU kernels, built on first use with ``torch.utils.cpp_extension``.
 
-Two kernel pairs (``csrc/module.cpp``):
+Two kernel pairs, registered as PyTorch operators (``csrc/library.cpp``; the kernels in
+``csrc/kernels.cpp``):
 
 * Scaled Weight Standardization (Brock et al. 2021a, eq. 2) forward and backward over the rows
   of a weight (``csrc/scaled_ws.h``). Each output unit's row is read from memory once and stays
@@ -23,13 +24,15 @@ Two kernel pairs (``csrc/module.cpp``):
   backward in one pass each (``csrc/tanh_gelu.h``): 2–3× faster than the op path and PyTorch's
   kernel, within a few ulps of the float64 formula; ≈ 3.5 % of an NFNet-F0 training step on CPU.
 
-Off by default. Turning them on compiles the extension once per machine (about 30 s, with a
-C++ compiler and OpenMP; cached under ``~/.cache/torch_extensions`` or ``TORCH_EXTENSIONS_DIR``,
-one folder per PyTorch version). Each kernel pair can be chosen alone (:data:`KERNELS`): which
-pays depends on the CPU and the model (on a Xeon host of docs/benchmarks.md the Scaled-WS
-pair makes nf_resnet50 and NFNet-F0 steps 2–5 % faster; on an AMD EPYC host, before its
-kernels were fixed to run at memory speed, it cost NFNet-F0 up to ≈ 3 %, while the tanh-GELU
-pair gained ≈ 3.5 %). ``normfree train`` takes the choice as ``train.native_kernels``:
+Off by default. Turning them on compiles the extension once per machine (about 20 s on two
+cores, with a C++ compiler and OpenMP; cached under ``~/.cache/torch_extensions`` or
+``TORCH_EXTENSIONS_DIR``, one folder per PyTorch version) and loads it as PyTorch operators,
+``torch.ops.normfree_native_<tag>.*`` (``torch.profiler`` names them). Each kernel pair can be
+chosen alone (:data:`KERNELS`): which pays depends on the CPU and the model (on a Xeon host of
+docs/benchmarks.md the Scaled-WS pair makes nf_resnet50 and NFNet-F0 steps 2–5 % faster; on an
+AMD EPYC host, before its kernels were fixed to run at memory speed, it cost NFNet-F0 up to
+≈ 3 %, while the tanh-GELU pair gained ≈ 3.5 %). ``normfree train`` takes the choice as
+``train.native_kernels``:
 
     import normfree.nn.native as native
     native.set_native_kernels(True)      # all; or NORMFREE_NATIVE_KERNELS=1 in the environment
@@ -67,7 +70,8 @@ __all__ = [
 ]
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCE = _CSRC / "module.cpp"  # one translation unit: it includes the kernels' headers
+# two translation units, compiled in parallel: the operators' registration and the kernels
+_SOURCES = (_CSRC / "library.cpp", _CSRC / "kernels.cpp")
 _ENV = "NORMFREE_NATIVE_KERNELS"
 
 KERNELS: tuple[str, ...] = ("scaled_ws", "tanh_gelu")
@@ -148,7 +152,7 @@ def _extension_name() -> str:
     return "normfree_native_" + hashlib.sha256(tag.encode()).hexdigest()[:10]
 
 
-_STALE_LOCK_S = 300.0  # a build takes ~30 s; a lock file this old was left by a killed build
+_STALE_LOCK_S = 300.0  # a build takes ~20 s; a lock file this old was left by a killed build
 
 
 def _lock_age(lock: Path) -> float | None:
@@ -166,7 +170,7 @@ def _clear_stale_lock(lock: Path) -> None:
     forever when the building process was killed (SIGKILL, the OOM killer; a Ctrl-C releases
     it). Before handing over to PyTorch: wait while another process's lock is younger than
     any build takes, then remove a lock that is older, with a warning. A live build slower
-    than ``_STALE_LOCK_S`` would be built twice; none has come close (~30 s)."""
+    than ``_STALE_LOCK_S`` would be built twice; none has come close (~20 s)."""
     from torch.utils import cpp_extension
 
     if not hasattr(cpp_extension, "FileBaton"):  # torch 2.14: an advisory lock, freed on exit
@@ -201,6 +205,26 @@ def _build_directory() -> Path:
     return folder
 
 
+_OPERATORS = (
+    "scaled_ws_forward",
+    "scaled_ws_backward",
+    "scaled_ws_backward_sgd",
+    "scaled_ws_backward_adam",
+    "tanh_gelu_forward",
+    "tanh_gelu_backward",
+)
+
+
+def _operators(name: str) -> ModuleType:
+    """The loaded library's operator namespace ``torch.ops.<name>`` (a module whose attributes
+    are the operators of ``csrc/library.cpp``); an ``AttributeError`` names an operator the
+    library did not register."""
+    namespace = getattr(torch.ops, name)
+    for op in _OPERATORS:
+        getattr(namespace, op)  # raises for an operator that is not registered
+    return namespace
+
+
 def _build() -> ModuleType | None:
     """The compiled extension, building it on the first call; None (with one warning) when it
     cannot be built."""
@@ -213,10 +237,12 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        _extension = load(
-            name=_extension_name(),
+        name = _extension_name()
+        load(  # loads the library into the process: its operators are torch.ops.<name>.*
+            name=name,
             build_directory=str(_build_directory()),
-            sources=[str(_SOURCE)],
+            sources=[str(path) for path in _SOURCES],
+            is_python_module=False,
             # -fno-trapping-math: GCC may then vectorise loops with selects (tanh_gelu.h);
             # -fno-math-errno: and loops with a square root (Adam's step, scaled_ws_update.h),
             # which it otherwise calls one element at a time to set errno for a negative input.
@@ -231,6 +257,7 @@ def _build() -> ModuleType | None:
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
+        _extension = _operators(name)
     except Exception as exc:  # any build or load failure: fall back, say why once
         _build_failed = True
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -171,7 +171,7 @@ class TrainLoopConfig:
         None,
         "CPU: normfree's optional C++ kernels during the run (true: all; names such as "
         "tanh_gelu or [scaled_ws, tanh_gelu]: those; false: none; null: as "
-        "NORMFREE_NATIVE_KERNELS says); built once per machine (~30 s, a C++ compiler); if the "
+        "NORMFREE_NATIVE_KERNELS says); built once per machine (~20 s, a C++ compiler); if the "
         "build fails a warning says why and the PyTorch ops run",
     )
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")

@@ -5,8 +5,8 @@
 // statistics and the output, so the forward costs one read and one write of the weight and the
 // backward two reads and one write, against six and five passes for the same formula written
 // with PyTorch ops. A row is swept a few times (each sum with one set of lane partial sums,
-// row_ops.h), the first from memory and the rest from cache. Header-only: compiled in
-// module.cpp, one translation unit (normfree.nn.native builds it).
+// row_ops.h), the first from memory and the rest from cache. Compiled in kernels.cpp, its
+// entry points declared in ops.h (normfree.nn.native builds it).
 //
 // Forward:  mean = sum(w) / N, n_var = sum((w - mean)^2), rstd = 1 / sqrt(max(n_var, eps)).
 // Backward (dy = dL/dW_hat, c = w - mean, s = gain * gamma * rstd):
@@ -24,10 +24,13 @@
 // The backward that applies an optimizer step instead of writing dL/dW: scaled_ws_update.h.
 #pragma once
 
+#include "ops.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -189,8 +192,9 @@ void dispatch_grad_rows(const at::Tensor& dy, const at::Tensor& w, Run&& run) {
 
 // (out, mean, n_var) of weight rows (out, fan_in); gain is an (out,) tensor or undefined;
 // out is bfloat16 when bf16_out (float32 rows only), else of the rows' dtype.
-inline std::vector<at::Tensor> scaled_ws_forward(const at::Tensor& w, const c10::optional<at::Tensor>& gain,
-                                          double eps, double gamma, bool bf16_out) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scaled_ws_forward(
+    const at::Tensor& w, const c10::optional<at::Tensor>& gain, double eps, double gamma,
+    bool bf16_out) {
   normfree_native::check_rows(w, "weight");
   TORCH_CHECK(!bf16_out || w.scalar_type() == at::kFloat, "a bfloat16 output needs float32 rows");
   const int64_t rows = w.size(0), n = w.size(1);
@@ -217,11 +221,10 @@ inline std::vector<at::Tensor> scaled_ws_forward(const at::Tensor& w, const c10:
 
 // (grad_weight, grad_gain, per-row norm of grad_weight), each undefined unless asked for, for an
 // upstream gradient of the output rows.
-inline std::vector<at::Tensor> scaled_ws_backward(const at::Tensor& dy, const at::Tensor& w,
-                                           const at::Tensor& mean, const at::Tensor& n_var,
-                                           const c10::optional<at::Tensor>& gain, double eps,
-                                           double gamma, bool need_weight, bool need_gain,
-                                           bool need_norm) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scaled_ws_backward(
+    const at::Tensor& dy, const at::Tensor& w, const at::Tensor& mean, const at::Tensor& n_var,
+    const c10::optional<at::Tensor>& gain, double eps, double gamma, bool need_weight,
+    bool need_gain, bool need_norm) {
   normfree_native::check_grad_rows(dy, w);
   normfree_native::check_row_stats(mean, n_var, gain, w);
   const int64_t rows = w.size(0), n = w.size(1);

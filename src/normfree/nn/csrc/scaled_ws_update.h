@@ -227,13 +227,12 @@ at::Tensor update_rows(const at::Tensor& dy, at::Tensor& w, const at::Tensor& me
 // The backward of the weight rows with torch.optim.SGD's step applied in place: w and, with
 // momentum, buf (zeros on its first step, with dampening 0) are updated; returns grad_gain
 // (undefined unless need_gain). clipping <= 0: no AGC.
-inline at::Tensor scaled_ws_backward_sgd(const at::Tensor& dy, at::Tensor w,
-                                         const at::Tensor& mean, const at::Tensor& n_var,
-                                         const c10::optional<at::Tensor>& gain,
-                                         const c10::optional<at::Tensor>& buf, double eps,
-                                         double gamma, bool need_gain, double lr, double momentum,
-                                         double dampening, double weight_decay, bool nesterov,
-                                         bool maximize, double clipping, double agc_eps) {
+at::Tensor scaled_ws_backward_sgd(const at::Tensor& dy, at::Tensor w, const at::Tensor& mean,
+                                  const at::Tensor& n_var, const c10::optional<at::Tensor>& gain,
+                                  const c10::optional<at::Tensor>& buf, double eps, double gamma,
+                                  bool need_gain, double lr, double momentum, double dampening,
+                                  double weight_decay, bool nesterov, bool maximize,
+                                  double clipping, double agc_eps) {
   const bool has_buf = buf.has_value() && buf->defined();
   TORCH_CHECK(has_buf == (momentum != 0.0), "a momentum buffer is needed exactly with momentum");
   if (has_buf) normfree_native::check_state(*buf, w, "the momentum buffer");
@@ -257,7 +256,7 @@ inline at::Tensor scaled_ws_backward_sgd(const at::Tensor& dy, at::Tensor w,
 // place to w, exp_avg, exp_avg_sq and, for AMSGrad, max_exp_avg_sq, at the step whose
 // step_size = lr / (1 - beta1^t) and bc2_sqrt = sqrt(1 - beta2^t) are given; returns grad_gain
 // (undefined unless need_gain). clipping <= 0: no AGC.
-inline at::Tensor scaled_ws_backward_adam(
+at::Tensor scaled_ws_backward_adam(
     const at::Tensor& dy, at::Tensor w, const at::Tensor& mean, const at::Tensor& n_var,
     const c10::optional<at::Tensor>& gain, at::Tensor exp_avg, at::Tensor exp_avg_sq,
     const c10::optional<at::Tensor>& max_exp_avg_sq, double eps, double gamma, bool need_gain,

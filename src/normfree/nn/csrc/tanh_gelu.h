@@ -12,8 +12,10 @@
 // compiler vectorises: one read and one write per element forward, two reads and one write
 // backward. -fno-trapping-math (normfree.nn.native's flags) lets GCC vectorise the selects;
 // on x86-64 GCC also builds AVX2 and AVX-512 clones, picked at load time by the CPU.
-// Header-only: compiled in module.cpp (normfree.nn.native builds it).
+// Compiled in kernels.cpp, its entry points declared in ops.h (normfree.nn.native builds it).
 #pragma once
+
+#include "ops.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -94,7 +96,7 @@ inline void check_dense_float(const at::Tensor& t, const char* name) {
 }  // namespace normfree_native
 
 // y = tanh-GELU(x), with x's layout (any dense one: NCHW, channels-last, ...).
-inline at::Tensor tanh_gelu_forward(const at::Tensor& x) {
+at::Tensor tanh_gelu_forward(const at::Tensor& x) {
   normfree_native::check_dense_float(x, "x");
   auto y = at::empty_like(x);  // the same strides for a dense input
   const float* xp = x.data_ptr<float>();
@@ -106,7 +108,7 @@ inline at::Tensor tanh_gelu_forward(const at::Tensor& x) {
 }
 
 // dL/dx = g * tanh-GELU'(x), for an upstream gradient g laid out as x.
-inline at::Tensor tanh_gelu_backward(const at::Tensor& g, const at::Tensor& x) {
+at::Tensor tanh_gelu_backward(const at::Tensor& g, const at::Tensor& x) {
   normfree_native::check_dense_float(x, "x");
   normfree_native::check_dense_float(g, "grad");
   TORCH_CHECK(g.sizes() == x.sizes() && g.strides() == x.strides(),
