@@ -15,6 +15,7 @@ ROOT = Path(normfree.__file__).parent
 ALLOWED: dict[str, set[str]] = {
     "_version": set(),
     "atomic": set(),
+    "console": set(),
     "nn": set(),
     "data": set(),
     "models": {"nn"},

@@ -59,8 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from normfree.convert import trusting_code
+
     try:
-        return int(args.func(args) or 0)
+        with trusting_code(bool(getattr(args, "trust_code", False))):  # the commands' --trust-code
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

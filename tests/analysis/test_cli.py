@@ -56,6 +56,16 @@ def test_unwritable_outputs_fail_before_the_analysis(tmp_path, capsys) -> None:
     assert main(["diagnose", "nf_resnet_cifar20", "--image-size", "8", "--json", str(target)]) == 2
     assert f"cannot write {target}" in capsys.readouterr().err
 
+@pytest.mark.parametrize("command", ["spp", "diagnose"])
+def test_a_device_this_machine_lacks_is_a_one_line_error(capsys, command: str) -> None:
+    bad = "cuda" if not __import__("torch").cuda.is_available() else "cuda:99"
+    cases = ((bad, f"--device='{bad}'"), ("gpu", "--device='gpu' is not a device normfree runs"))
+    for device, expected in cases:
+        assert main([command, "nf_resnet_cifar20", "--image-size", "8", "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {expected}") and len(err.strip().splitlines()) == 1, err
+
+
 def test_diagnose_exit_codes(capsys) -> None:
     assert main(["diagnose", "nf_resnet_cifar20", "--image-size", "8"]) == 0
     assert "no problems found" in capsys.readouterr().out

@@ -139,7 +139,7 @@ def test_corrupt_and_missing_files_are_errors(tmp_path: Path) -> None:
     save_model(model, tmp_path / "ok.pt")
     data = (tmp_path / "ok.pt").read_bytes()
     (tmp_path / "bad.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_pretrained(model, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="not found"):
         load_pretrained(model, tmp_path / "nope.pt")
@@ -149,7 +149,7 @@ def test_torch_file_with_arbitrary_objects_is_refused(tmp_path: Path) -> None:
     import argparse
 
     torch.save({"state_dict": argparse.Namespace(a=1)}, tmp_path / "obj.pt")
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match=r"it names argparse\.Namespace"):
         load_pretrained(normfree.create_model("nf_resnet_cifar20"), tmp_path / "obj.pt")
 
 

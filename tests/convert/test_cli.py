@@ -3,6 +3,8 @@ the trainer, on a tiny BN ResNet (width 4) and the bundled digits."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from normfree.cli import main
@@ -34,6 +36,12 @@ def test_convert_eval_and_train_hook(tmp_path, capsys):
     built = build_model({"name": f"converted:{out}", "num_classes": 10, "in_chans": 1,
                          "kwargs": {}})  # fmt: skip
     assert isinstance(built, ConvertedModel) and built.training
+    from normfree.train.checkpointing import check_weights_fit
+
+    args = {"name": f"converted:{out}", "num_classes": 10, "in_chans": 1, "kwargs": {}}
+    with warnings.catch_warnings():  # `normfree eval` of such a run: its skeleton on meta
+        warnings.simplefilter("error")  # was one "copying ... to a meta parameter" per tensor
+        check_weights_fit(args, built.state_dict(), "best.pt")
     with pytest.raises(ConfigError, match="10-class model on 1 channels"):
         build_model({"name": f"converted:{out}", "num_classes": 3, "in_chans": 1, "kwargs": {}})
 
@@ -48,3 +56,38 @@ def test_convert_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     rc = main(["convert", SPEC, "--to", "bn_free", "--out", str(tmp_path / "x.txt"),
                "--image-size", "8"])  # fmt: skip
     assert rc == 2 and "--out must end in" in capsys.readouterr().err
+    rc = main(["convert", SPEC, "--to", "nf", "--out", str(out),
+               "--data", "synthetic:num_classes=10,size=8,channels=3,n=16"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "has 3 channels but the model takes 1" in err[-1]
+    factory = SPEC.partition("[")[0]
+    rc = main(["convert", f"{factory}[width=abc]", "--to", "nf", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith(f"error: cannot build '{factory}' with {{'width':")
+    assert not out.exists()
+
+
+def test_a_pickled_converted_module_is_read_only_on_the_opt_in(tmp_path, capsys):
+    """`normfree convert --trust-pickle` of a pickled module writes a pickled converted module;
+    export reads it with its own --trust-pickle; without it, and in spp, the refusal names the
+    file and what it holds (not "unknown model")."""
+    pytest.importorskip("onnxscript")
+    import torch
+
+    from normfree.convert.experiment import bn_resnet_small
+
+    torch.save(bn_resnet_small(width=4), tmp_path / "mod.pt")
+    converted, onnx_file = tmp_path / "gn.pt", tmp_path / "gn.onnx"
+    assert main(["convert", str(tmp_path / "mod.pt"), "--trust-pickle", "--to", "gn",
+                 "--out", str(converted), "--image-size", "8"]) == 0  # fmt: skip
+    assert "export --trust-pickle" in capsys.readouterr().out
+    for argv in (["export", str(converted), "--out", str(onnx_file)],
+                 ["spp", str(converted), "--image-size", "8", "--quiet"]):  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{converted} holds pickled Python objects" in err
+        assert "ConvertedModel" in err and "unknown model" not in err
+    assert not onnx_file.exists()
+    assert main(["export", str(converted), "--out", str(onnx_file), "--trust-pickle",
+                 "--image-size", "8"]) == 0  # fmt: skip
+    assert "checked with" in capsys.readouterr().out and onnx_file.is_file()

@@ -108,6 +108,8 @@ def test_bad_requests_are_clear_errors(tmp_path: Path) -> None:
         export_model(model, tmp_path / "m.bin", (3, 8, 8))
     with pytest.raises(ValueError, match="unknown export format"):
         export_model(model, tmp_path / "m.onnx", (3, 8, 8), format="tflite")
+    with pytest.raises(ValueError, match=r"a pt2 file is named \*\.pt2, got 'm\.onnx'"):
+        export_model(model, tmp_path / "m.onnx", (3, 8, 8), format="pt2")
     with pytest.raises(ValueError, match=r"three positive ints"):
         export_model(model, tmp_path / "m.pt2", (8, 8))
     with pytest.raises(ExportError, match="does not run"):
@@ -115,6 +117,53 @@ def test_bad_requests_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         prepare_for_inference("nf_resnet_cifar20")  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_blocked_destination_fails_before_the_work_and_keeps_the_old_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model file and its sidecar are replaced together or not at all: a sidecar path taken
+    by a folder, or an --out that is a folder, fails before anything is traced or written."""
+    model = normfree.create_model("nf_resnet_cifar20")
+    path = tmp_path / "model.pt2"
+    path.write_bytes(b"previous export")
+    (tmp_path / "model.pt2.json").mkdir()
+    monkeypatch.setattr(export_mod, "_trace", lambda *a: pytest.fail("traced anyway"))
+    with pytest.raises(OSError, match=r"cannot write .*model\.pt2\.json: it is a folder"):
+        export_model(model, path, (3, 8, 8))
+    assert path.read_bytes() == b"previous export"
+    (tmp_path / "dir.pt2").mkdir()
+    with pytest.raises(OSError, match=r"cannot write .*dir\.pt2: it is a folder"):
+        export_model(model, tmp_path / "dir.pt2", (3, 8, 8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.pt2", "model.pt2", "model.pt2.json"]
+
+
+def test_an_opset_the_exporter_cannot_write_is_an_error(tmp_path: Path) -> None:
+    """torch's ONNX exporter writes opset 18 and converts down; when that fails it logs a
+    traceback and keeps 18. normfree reports it and keeps the old file; an opset it writes is
+    the opset in the file."""
+    pytest.importorskip("onnxscript")
+    onnx = pytest.importorskip("onnx")
+    model = normfree.create_model("nf_resnet_cifar20")
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"previous export")
+    with pytest.raises(ExportError, match="cannot write this model at opset 3"):
+        export_model(model, path, (3, 8, 8), opset=3, verify=False)
+    newest = onnx.defs.onnx_opset_version()
+    with pytest.raises(ExportError, match=f"opset {newest + 1} does not exist"):
+        export_model(model, path, (3, 8, 8), opset=newest + 1, verify=False)
+    assert path.read_bytes() == b"previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    export_model(model, path, (3, 8, 8), opset=18, verify=False)
+    assert {o.domain: o.version for o in onnx.load(str(path)).opset_import}[""] == 18
+
+
+def test_export_command_refuses_sizes_below_one(capsys: pytest.CaptureFixture[str]) -> None:
+    for option in ("--image-size", "--opset"):
+        with pytest.raises(SystemExit) as info:
+            main(["export", "nf_resnet_cifar20", "--out", "m.onnx", option, "0"])
+        assert info.value.code == 2
+        assert f"argument {option}: expected a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_export_command_from_a_training_checkpoint(

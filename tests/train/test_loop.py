@@ -163,6 +163,29 @@ def test_resume_keeps_this_process_optimizer_kernel(
         assert momentum["momentum_buffer"].abs().sum() > 0  # the state itself was loaded
 
 
+def test_a_checkpoint_naming_an_unknown_model_is_one_line(
+    make_cfg: Callable[..., Config], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint of a model this normfree lacks (a newer version, a plugin) is refused in one
+    line by every command that rebuilds its model, before anything runs."""
+    cfg = make_cfg("train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=32")
+    train(cfg)
+    best = Path(cfg.out_dir) / "best.pt"
+    state = torch.load(best, weights_only=True)
+    state["model_args"]["name"] = "nf_resnet_from_the_future"
+    foreign = Path(cfg.out_dir).parent / "foreign.pt"
+    torch.save(state, foreign)
+    student = str(Path(cfg.out_dir).parent / "student")
+    teacher = [f"distill.teacher={foreign}", "train.epochs=1", "train.max_steps_per_epoch=2",
+               "log.progress=false", "--out", student]  # fmt: skip
+    for argv in (["eval", str(foreign)], ["train", *teacher]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert "Traceback" not in err and len(lines) == 1, err
+        assert "unknown model 'nf_resnet_from_the_future'" in lines[0]
+
+
 def test_resume_refuses_corrupt_or_missing_checkpoint(
     make_cfg: Callable[..., Config], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -231,6 +231,24 @@ def test_bad_devices_and_malformed_overrides_are_one_line(
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+@pytest.mark.parametrize(
+    ("content", "needles"),
+    [
+        (b"model: [unclosed\n", ["bad.cfg", "not valid YAML", "at line 2, column 1"]),
+        (b"PK\x03\x04\x80\xff a checkpoint", ["bad.cfg", "not a UTF-8 text file", "init_from="]),
+    ],
+    ids=["yaml", "binary"],
+)
+def test_a_bad_config_file_is_one_line(
+    content: bytes, needles: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "bad.cfg"
+    config.write_bytes(content)
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), *TINY]) == 2
+    _one_line_error(capsys.readouterr().err, *needles)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = ["--out", str(tmp_path / "run"), *TINY, "train.device=cuda"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import re
 import sys
 from pathlib import Path
@@ -21,7 +20,14 @@ import torch
 import yaml
 from torch import nn
 
-__all__ = ["add_parser", "model_from_spec", "parse_model_spec", "parse_overrides"]
+from normfree.atomic import check_writable
+from normfree.checkpoints import CheckpointError
+from normfree.console import report_error
+
+__all__ = [
+    "add_parser", "add_trust_code_argument", "model_from_spec", "parse_model_spec",
+    "parse_overrides", "positive_int",
+]  # fmt: skip
 
 _SPEC = re.compile(r"^(?P<name>[^\[\]]+?)(?:\[(?P<kw>.*)\])?$")
 
@@ -41,6 +47,27 @@ def _split_top_level(text: str) -> list[str]:
     if "".join(cur).strip():
         parts.append("".join(cur))
     return parts
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` of a size or count option: an int ≥ 1 (``--image-size 0`` is refused,
+    not read as "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_trust_code_argument(p: argparse.ArgumentParser) -> None:
+    """``--trust-code`` of every command that reads converted-model files (the main CLI opens
+    :func:`normfree.convert.trusting_code` around the command when it is given)."""
+    p.add_argument("--trust-code", action="store_true",
+                   help="let converted-model files name any package.module:factory "
+                   "architecture (rebuilding it imports and runs that code: only for files "
+                   "you trust)")  # fmt: skip
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -79,7 +106,7 @@ def model_from_spec(spec: str, overrides: dict[str, Any] | None = None) -> nn.Mo
     converted model in the file ``spec`` (``normfree convert``)."""
     from normfree.convert import is_converted_file, load_converted
 
-    if is_converted_file(spec):
+    if is_converted_file(spec) or Path(spec).is_file():  # the load says what else a file is
         if overrides:
             raise ValueError(f"{spec}: a converted model file takes no --override")
         return load_converted(spec)
@@ -117,13 +144,15 @@ def _zero_gains(model: nn.Module) -> bool:
 
 
 def _common(p: argparse.ArgumentParser, batch: int) -> None:
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=positive_int, default=None,
                    help="input height = width (default: the model's test size)")  # fmt: skip
-    p.add_argument("--batch", type=int, default=batch, help=f"batch size (default {batch})")
+    p.add_argument("--batch", type=positive_int, default=batch,
+                   help=f"batch size (default {batch})")  # fmt: skip
     p.add_argument("--override", action="append", metavar="KEY=VALUE",
                    help="model option for every model, e.g. use_ws=False (repeatable)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the Gaussian input and the model")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
+    add_trust_code_argument(p)
     p.add_argument(
         "--points",
         nargs="+",
@@ -191,16 +220,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=run_diagnose)
 
 
-def _check_writable(*paths: str | None) -> None:
-    """Fail before the analysis runs when an output file could not be written."""
-    for path in paths:
-        if path is None:
-            continue
-        folder = Path(path).resolve().parent
-        while not folder.exists():
-            folder = folder.parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-            raise OSError(f"cannot write {path}: {folder} is not a writable folder")
+def _device(name: str) -> torch.device:
+    from normfree.train.distributed import select_device
+
+    return select_device(name, what="--device")
 
 
 def run_spp(args: argparse.Namespace) -> int:
@@ -208,12 +231,15 @@ def run_spp(args: argparse.Namespace) -> int:
     from normfree.analysis.spp import save_results, signal_propagation, write_csv
 
     try:
-        _check_writable(args.json, args.csv, args.out)
+        for path in (args.json, args.csv, args.out):
+            if path:
+                check_writable(path)
+        device = _device(args.device)
         overrides = parse_overrides(args.override)
         results = []
         for spec in args.models:
             torch.manual_seed(args.seed)
-            model = model_from_spec(spec, overrides).to(args.device)
+            model = model_from_spec(spec, overrides).to(device)
             if _zero_gains(model) and not args.skip_gains_one:
                 print(
                     f"note: every SkipInit gain of {spec} is 0, so its blocks are identities "
@@ -236,9 +262,8 @@ def run_spp(args: argparse.Namespace) -> int:
         if args.out:
             plot_spp(results, args.out, log_scale=args.log_scale)
             print(f"wrote {args.out}")
-    except (ValueError, TypeError, KeyError, ImportError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, KeyError, ImportError, OSError, CheckpointError) as err:
+        return report_error(err)
     return 0
 
 
@@ -246,9 +271,11 @@ def run_diagnose(args: argparse.Namespace) -> int:
     from normfree.analysis.diagnose import diagnose
 
     try:
-        _check_writable(args.json)
+        if args.json:
+            check_writable(args.json)
+        device = _device(args.device)
         torch.manual_seed(args.seed)
-        model = model_from_spec(args.model, parse_overrides(args.override)).to(args.device)
+        model = model_from_spec(args.model, parse_overrides(args.override)).to(device)
         result = diagnose(
             model, input_shape=_input_shape(model, args.model, args.image_size),
             points=args.points, branch_points=args.branch_points, batch_size=args.batch,
@@ -258,7 +285,6 @@ def run_diagnose(args: argparse.Namespace) -> int:
         print(result.to_text())
         if args.json:
             result.to_json(args.json)
-    except (ValueError, TypeError, KeyError, ImportError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, KeyError, ImportError, OSError, CheckpointError) as err:
+        return report_error(err)
     return result.exit_code

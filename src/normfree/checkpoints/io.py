@@ -8,6 +8,10 @@ crash never leaves a half-written checkpoint behind. Reads use ``torch.load(weig
 from __future__ import annotations
 
 import os
+import pickle
+import pickletools
+import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,9 @@ import torch
 from normfree.atomic import atomic_write_bytes
 from normfree.checkpoints.errors import CheckpointError
 
-__all__ = ["atomic_save", "atomic_write_bytes", "load_tensors", "save_safetensors"]
+__all__ = [
+    "atomic_save", "atomic_write_bytes", "load_tensors", "load_torch_file", "save_safetensors",
+]  # fmt: skip
 
 
 def _torch_save(obj: Any, f: Any) -> None:
@@ -51,11 +57,87 @@ def save_safetensors(
     atomic_write_bytes(path, lambda f: f.write(data))
 
 
-def load_tensors(path: str | os.PathLike[str]) -> Any:
+def _pickle_globals(path: str | os.PathLike[str]) -> list[str] | None:
+    """The globals (``module.name``) a plain pickle file names, read with :mod:`pickletools`
+    (nothing is unpickled or imported); None when the file is not one whole pickle."""
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str) and "UNICODE" in op.name:
+                    strings.append(arg)
+    except Exception:
+        return None
+    return names
+
+
+def _refusal_reason(e: BaseException, path: str | os.PathLike[str]) -> str | None:
+    """What ``torch.load(weights_only=True)`` refused in the file (``it names posix.system``), or
+    None when ``e`` is not such a refusal (a corrupt file also fails the safe unpickler, with
+    "Unsupported operand": then the file is parsed, not unpickled, to tell which it is).
+    PyTorch's message spans several lines around the reason, with advice (``weights_only=False``)
+    normfree does not follow."""
+    text = str(e)
+    if not isinstance(e, pickle.UnpicklingError) or not text.startswith("Weights only load"):
+        return None
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    if named:
+        return f"it names {named.group(1)}"
+    if "Unsupported operand" in text and not zipfile.is_zipfile(path):
+        names = _pickle_globals(path)
+        if names is None:
+            return None
+        if names:
+            return f"it names {', '.join(dict.fromkeys(names))}"
+    return "objects the safe loader does not read"
+
+
+def load_torch_file(
+    path: str | os.PathLike[str], map_location: Any = "cpu", *, mmap: bool = False,
+    trust_hint: str | None = None,
+) -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors.
+
+    Raises :class:`CheckpointError` naming ``path`` and what to do: for a truncated or corrupt
+    file, and for one whose pickle holds more than tensors and plain containers (which could
+    run code when unpickled: normfree refuses it, says what it holds, and names ``trust_hint``,
+    the caller's explicit opt-in, where there is one). PyTorch's warning about an unusual pickle
+    protocol is not shown; the file loads or is refused all the same.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:
+        reason = _refusal_reason(e, path)
+        if reason is not None:
+            fix = f", or pass {trust_hint} if you trust where it came from" if trust_hint else ""
+            raise CheckpointError(
+                f"{path} holds pickled Python objects, not only tensors ({reason}), and normfree "
+                "does not unpickle those because they can run code; save the weights with "
+                f"torch.save(model.state_dict(), ...) or as .safetensors{fix}"
+            ) from e
+        if str(e).startswith("Weights only load"):  # neither a torch zip file nor a pickle
+            first = "no tensors or pickle could be read from it"
+        else:
+            first = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        raise CheckpointError(
+            f"{path} is corrupt or truncated, or not a PyTorch file, and cannot be loaded "
+            f"({first}); restore it from a copy or give another file"
+        ) from e
+
+
+def load_tensors(path: str | os.PathLike[str], *, trust_hint: str | None = None) -> Any:
     """Load a ``.safetensors`` file or a torch file with ``weights_only=True``.
 
     Raises :class:`CheckpointError` for a missing, truncated or corrupt file, or one that needs
-    full unpickling (which normfree never does for torch files).
+    full unpickling (which normfree never does for torch files; ``trust_hint`` as in
+    :func:`load_torch_file`).
     """
     path = Path(path)
     if not path.is_file():
@@ -69,12 +151,4 @@ def load_tensors(path: str | os.PathLike[str]) -> Any:
             return load_file(str(path))
         except Exception as e:
             raise CheckpointError(f"corrupt safetensors file {path}: {e}") from e
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {e}") from e
-    except Exception as e:  # UnpicklingError for weights_only refusals
-        raise CheckpointError(
-            f"{path} is not a plain tensor checkpoint (torch.load with weights_only=True refused "
-            f"it: {e}). normfree does not unpickle arbitrary objects from files."
-        ) from e
+    return load_torch_file(path, trust_hint=trust_hint)

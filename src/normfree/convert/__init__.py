@@ -16,7 +16,7 @@ from normfree.convert.api import (
 from normfree.convert.graph import ConversionError, find_norms, find_residual_adds, trace
 from normfree.convert.layers import ChannelAffine
 from normfree.convert.modes import MODES, ConvertOptions
-from normfree.convert.sources import build_source
+from normfree.convert.sources import build_source, trusting_code
 
 __all__ = [
     "CONVERTED_FORMAT",
@@ -37,4 +37,5 @@ __all__ = [
     "measure_conversion",
     "save_converted",
     "trace",
+    "trusting_code",
 ]

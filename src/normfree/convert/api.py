@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from normfree.checkpoints.errors import CheckpointError
-from normfree.checkpoints.io import atomic_save, load_tensors, save_safetensors
+from normfree.checkpoints.io import atomic_save, load_tensors, load_torch_file, save_safetensors
 from normfree.checkpoints.state_dict import load_state_dict_checked
 from normfree.convert.graph import ConversionError, last_linear, trace
 from normfree.convert.modes import (
@@ -33,7 +33,7 @@ from normfree.convert.modes import (
     mark_residual_outputs,
     replace_norms,
 )
-from normfree.convert.sources import build_source, infer_source
+from normfree.convert.sources import build_source, check_file_source, infer_source
 from normfree.models.base import ModelMeta
 
 __all__ = [
@@ -345,7 +345,7 @@ def _read(path: Path, trust_pickle: bool) -> tuple[dict[str, Any] | None, Any]:
             raise CheckpointError(f"{path} is not a converted-model file (no {CONVERTED_FORMAT})")
         return json.loads(meta["description"]), load_tensors(path)
     try:
-        obj = load_tensors(path)
+        obj = load_tensors(path, trust_hint="trust_pickle=True (normfree export --trust-pickle)")
     except CheckpointError:
         if not trust_pickle:
             raise
@@ -360,16 +360,21 @@ def _read(path: Path, trust_pickle: bool) -> tuple[dict[str, Any] | None, Any]:
     return obj["description"], obj["state_dict"]
 
 
-def load_converted(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> ConvertedModel:
+def load_converted(
+    path: str | os.PathLike[str], *, trust_pickle: bool = False, trust_code: bool = False
+) -> ConvertedModel:
     """Rebuild a model written by :func:`save_converted` (eval mode): the source architecture
     is built from the description, converted again (structure only) and the tensors loaded
-    strictly. Pickled full modules load only with ``trust_pickle=True``."""
+    strictly. Pickled full modules load only with ``trust_pickle=True``; a description naming
+    a ``package.module:factory`` other than normfree's own only with ``trust_code=True`` (see
+    :func:`normfree.convert.sources.check_file_source`)."""
     path = Path(path)
     description, state = _read(path, trust_pickle)
     if description is None:
         return state.eval()
     if description.get("version") != 1 or description.get("mode") not in MODES:
         raise CheckpointError(f"{path}: unsupported converted-model description {description}")
+    check_file_source(description["source"], description.get("source_kwargs"), path, trust_code)
     source = build_source(description["source"], description.get("source_kwargs"))
     converted = _convert(
         source, description["mode"], ConvertOptions.from_dict(description["options"]), None,
@@ -393,7 +398,7 @@ def is_converted_file(path: str | os.PathLike[str]) -> bool:
             with safe_open(str(path), "pt") as f:
                 return (f.metadata() or {}).get("format") == CONVERTED_FORMAT
         # mmap: the tensors are not read, only the small pickled structure
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        obj = load_torch_file(path, mmap=True)
     except Exception:
         return False
     return isinstance(obj, dict) and obj.get("format") == CONVERTED_FORMAT

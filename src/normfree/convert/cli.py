@@ -25,6 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from normfree.analysis.cli import positive_int
+from normfree.console import report_error
+
 __all__ = [
     "add_parser",
     "evaluate_converted_file",
@@ -56,15 +59,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="argument of the architecture, e.g. num_classes=10 (repeatable)")
     p.add_argument("--data", default=None,
                    help="dataset spec for calibration and the error report, e.g. digits")
-    p.add_argument("--calib-batches", type=int, default=4, help="batches of --data (default 4)")
-    p.add_argument("--batch", type=int, default=32, help="calibration batch size (default 32)")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--calib-batches", type=positive_int, default=4,
+                   help="batches of --data (default 4)")  # fmt: skip
+    p.add_argument("--batch", type=positive_int, default=32,
+                   help="calibration batch size (default 32)")  # fmt: skip
+    p.add_argument("--image-size", type=positive_int, default=None,
                    help="size of the Gaussian example input when there is no --data")
     p.add_argument("--standalone-bn", choices=("error", "affine"), default="error",
                    help="bn_free/nf: a BN not fed by a conv (pre-activation nets) becomes an "
                    "exact per-channel affine with 'affine' (default: error)")  # fmt: skip
     p.add_argument("--alpha", type=float, default=0.2, help="nf: residual branch scale α")
-    p.add_argument("--max-groups", type=int, default=32, help="gn/gnpn: most GroupNorm groups")
+    p.add_argument("--max-groups", type=positive_int, default=32,
+                   help="gn/gnpn: most GroupNorm groups")  # fmt: skip
     p.add_argument("--nf-fit", choices=("covariance", "mean"), default="covariance",
                    help="nf: how WS kernels are fitted on the calibration data")
     p.add_argument("--raw", action="store_true", help="checkpoint SOURCE: raw, not EMA weights")
@@ -88,7 +94,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--clipping", type=float, default=0.05, help="AGC λ of the converted models")
     e.add_argument("--width", type=int, default=16)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    e.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     e.add_argument("--json", default=None, help="write the results here")
     e.add_argument("--figure", default=None, help="write the figure here (.png)")
     e.add_argument("--table", default=None, help="write the Markdown table here")
@@ -97,8 +103,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_convert_experiment(args: argparse.Namespace) -> int:
     """Entry point of ``normfree convert-experiment``."""
-    from normfree.analysis.cli import _check_writable
-    from normfree.atomic import atomic_write_json, atomic_write_text
+    from normfree.atomic import atomic_write_json, atomic_write_text, check_writable
     from normfree.convert.experiment import (
         ExperimentConfig,
         plot_results,
@@ -107,7 +112,9 @@ def run_convert_experiment(args: argparse.Namespace) -> int:
     )
 
     try:
-        _check_writable(args.json, args.figure, args.table)
+        for path in (args.json, args.figure, args.table):
+            if path:
+                check_writable(path)
         torch.set_num_threads(args.threads)
         cfg = ExperimentConfig(
             data=args.data, width=args.width, pretrain_steps=args.pretrain_steps,
@@ -125,8 +132,7 @@ def run_convert_experiment(args: argparse.Namespace) -> int:
             plot_results(result, args.figure)
             print(f"wrote {args.figure}")
     except (ValueError, TypeError, ImportError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     print(f"done in {result['seconds']:.0f}s")
     return 0
 
@@ -144,7 +150,7 @@ def _from_file(path: Path, args: argparse.Namespace) -> tuple[nn.Module, str | N
     from normfree.checkpoints.io import load_tensors
 
     try:
-        obj = load_tensors(path)
+        obj = load_tensors(path, trust_hint="--trust-pickle")
     except CheckpointError:
         if not args.trust_pickle:
             raise
@@ -199,11 +205,24 @@ def _from_spec(args: argparse.Namespace) -> tuple[nn.Module, str, dict]:
     return model, name, kwargs
 
 
+def _input_channels(model: nn.Module) -> int | None:
+    """The channels ``model`` takes: its ``in_chans``, else its first convolution's."""
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    takes = getattr(model, "in_chans", None) or getattr(first_conv, "in_channels", None)
+    return None if takes is None else int(takes)
+
+
 def _example(args: argparse.Namespace, model: nn.Module) -> torch.Tensor:
+    in_chans = _input_channels(model)
     if args.data:
         from normfree.data import build_datasets
 
         bundle = build_datasets(args.data, image_size=args.image_size, augment=None)
+        if in_chans is not None and bundle.in_chans != in_chans:
+            raise ValueError(
+                f"--data {args.data!r} has {bundle.in_chans} channels but the model takes "
+                f"{in_chans}; give data of its input or the model's in_chans (--override)"
+            )
         n = min(len(bundle.train), args.calib_batches * args.batch)
         g = torch.Generator().manual_seed(args.seed)
         idx = torch.randperm(len(bundle.train), generator=g)[:n].tolist()
@@ -212,19 +231,20 @@ def _example(args: argparse.Namespace, model: nn.Module) -> torch.Tensor:
     if not size:
         raise ValueError("pass --data or --image-size (the model declares no input size)")
     g = torch.Generator().manual_seed(args.seed)
-    in_chans = int(getattr(model, "in_chans", 3))
     print("note: no --data: calibrating and measuring on Gaussian noise", file=sys.stderr)
-    return torch.randn(args.batch, in_chans, size, size, generator=g)
+    return torch.randn(args.batch, in_chans or 3, size, size, generator=g)
 
 
 def run_convert(args: argparse.Namespace) -> int:
     """Entry point of ``normfree convert``."""
-    from normfree.analysis.cli import _check_writable
+    from normfree.atomic import check_writable
     from normfree.checkpoints import CheckpointError
     from normfree.convert import ConversionError, convert_model, save_converted
 
     try:
-        _check_writable(args.out, args.json)
+        for path in (args.out, args.json):
+            if path:
+                check_writable(path)
         if Path(args.out).suffix not in (".safetensors", ".pt", ".pth"):
             raise ValueError(f"--out must end in .safetensors or .pt, got {args.out!r}")
         source = Path(args.source)
@@ -248,10 +268,12 @@ def run_convert(args: argparse.Namespace) -> int:
             atomic_write_json(args.json, report.to_dict())
     except (ConversionError, CheckpointError, ValueError, TypeError, KeyError, ImportError,
             OSError) as e:  # fmt: skip
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     print(report.summary())
-    pickled = " (a pickled module: load it with trust_pickle=True)" if spec is None else ""
+    pickled = (
+        " (a pickled module: load_converted(PATH, trust_pickle=True) and "
+        "`normfree export --trust-pickle` read it)" if spec is None else ""
+    )  # fmt: skip
     print(f"wrote {args.out}{pickled}")
     return 0
 
@@ -299,8 +321,7 @@ def run_eval_converted(args: argparse.Namespace) -> int:
             device=args.device, image_size=args.image_size,
         )  # fmt: skip
     except (CheckpointError, ValueError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     m = result["raw"]
     print(f"{result['model']} on {result['data']} ({result['split']}, {result['count']} images)")
     print(f"  raw  top1 {m['top1']:6.2f}%  top5 {m['top5']:6.2f}%  loss {m['loss']:.4f}")

@@ -9,18 +9,74 @@ A *source spec* is one of:
 * ``"package.module:factory"`` - an importable factory the user names (its module is imported).
 
 Nothing is downloaded: pretrained weights are never requested here; weights come from files.
+
+A converted-model *file* names its source spec too, and a file is untrusted input: rebuilding a
+``package.module:factory`` imports and calls whatever the file names (``os:system`` included).
+:func:`check_file_source` therefore lets a file name only torchvision, timm and normfree
+architectures and the factories normfree ships (:data:`SHIPPED_FACTORIES`), with no option that
+would load another file, unless the reader opts in: ``trust_code=True`` in Python, or the
+:func:`trusting_code` block that ``--trust-code`` opens for a command.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
 
+from normfree.checkpoints.errors import CheckpointError
 from normfree.convert.graph import ConversionError
 
-__all__ = ["build_source", "infer_source"]
+__all__ = [
+    "SHIPPED_FACTORIES", "build_source", "check_file_source", "infer_source", "trusting_code",
+]  # fmt: skip
+
+# ``package.module:factory`` sources a file may name without an opt-in: normfree's own
+SHIPPED_FACTORIES = frozenset({"normfree.convert.experiment:bn_resnet_small"})
+_REGISTRIES = ("torchvision", "timm", "normfree")
+_LOADS_FILES = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+                          "checkpoint_path", "weights"})  # fmt: skip
+_TRUST_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("trust_code", default=False)
+
+
+@contextlib.contextmanager
+def trusting_code(enabled: bool = True) -> Iterator[None]:
+    """Within the block (when ``enabled``), converted-model files may name any source spec: what
+    a command's ``--trust-code`` opens around its work. Only for files from a source you trust."""
+    token = _TRUST_CODE.set(enabled or _TRUST_CODE.get())
+    try:
+        yield
+    finally:
+        _TRUST_CODE.reset(token)
+
+
+def check_file_source(
+    spec: str, kwargs: dict[str, Any] | None, path: str | os.PathLike[str], trust_code: bool = False
+) -> None:
+    """Refuse (:class:`CheckpointError`) a source spec read from the file ``path`` that would run
+    code the file chooses or load another file (see the module docstring)."""
+    if not isinstance(spec, str) or not isinstance(kwargs, (dict, type(None))):
+        raise CheckpointError(f"{path}: its description's source is not a spec and options")
+    if trust_code or _TRUST_CODE.get():
+        return
+    kind = spec.partition(":")[0] if ":" in spec else "normfree"
+    if kind not in _REGISTRIES and spec not in SHIPPED_FACTORIES:
+        raise CheckpointError(
+            f"{path} names its architecture {spec!r}, a Python callable that rebuilding it would "
+            "import and run; files may name torchvision:, timm: and normfree: architectures. "
+            "Pass --trust-code (Python: trust_code=True) only for a file you trust"
+        )
+    loads = sorted(_LOADS_FILES & set(kwargs or {}))
+    if loads:
+        raise CheckpointError(
+            f"{path}: the options {loads} of its architecture {spec!r} would load another file; "
+            "pass --trust-code (Python: trust_code=True) only for a file you trust"
+        )
 
 
 def build_source(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
@@ -51,7 +107,10 @@ def build_source(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
         raise ConversionError(f"cannot build {spec!r} with {kwargs}: {e}") from e
     if not callable(factory):
         raise ConversionError(f"{spec!r}: module {kind} has no callable {name!r}")
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise ConversionError(f"cannot build {spec!r} with {kwargs}: {e}") from e
     if not isinstance(model, nn.Module):
         raise ConversionError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
     return model

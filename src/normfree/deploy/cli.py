@@ -9,12 +9,13 @@ EMA weights unless ``--raw``) or a model spec as for ``normfree spp`` (registere
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from normfree.analysis.cli import add_trust_code_argument, positive_int
+from normfree.console import report_error
 from normfree.deploy.export import EXPORT_FORMATS
 
 __all__ = ["add_parser", "run_export"]
@@ -36,19 +37,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help=f"output file: {suffixes}")
     p.add_argument("--format", choices=sorted(EXPORT_FORMATS), default=None,
                    help="default: from the --out suffix")  # fmt: skip
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=positive_int, default=None,
                    help="input height = width (default: the checkpoint's test size, else the "
                    "model's)")  # fmt: skip
     p.add_argument("--weights", default=None,
                    help="weights for a model SOURCE (normfree, timm or DeepMind file)")
     p.add_argument("--trust-pickle", action="store_true",
-                   help="allow DeepMind's pickled .npz weight files (they can run code: only "
-                   "for files from a source you trust)")  # fmt: skip
+                   help="allow pickled files: DeepMind's .npz weights, and a whole converted "
+                   "module written by `normfree convert --trust-pickle` (unpickling can run "
+                   "code: only for files from a source you trust)")  # fmt: skip
+    add_trust_code_argument(p)
     p.add_argument("--raw", action="store_true",
                    help="checkpoint SOURCE: export the raw weights, not the EMA weights")
     p.add_argument("--override", action="append", metavar="KEY=VALUE",
                    help="model option for a model SOURCE, e.g. num_classes=10 (repeatable)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=positive_int, default=None,
+                   help="ONNX opset (default: the exporter's)")  # fmt: skip
     p.add_argument("--no-verify", action="store_true",
                    help="skip running the saved file against the eager model")
     p.set_defaults(func=run_export)
@@ -95,7 +99,13 @@ def run_export(args: argparse.Namespace) -> int:
         elif source.is_file():
             if args.weights or args.override:
                 raise ValueError("--weights/--override apply to a model SOURCE, not a checkpoint")
-            model, info, weights = _from_checkpoint(source, args.raw)
+            try:
+                model, info, weights = _from_checkpoint(source, args.raw)
+            except CheckpointError:
+                if not args.trust_pickle:
+                    raise
+                model = load_converted(source, trust_pickle=True)  # a pickled converted module
+                info, weights = {"test_size": model.meta.test_size}, "raw"
         else:
             model, info, weights = _from_spec(args), {}, args.weights or "initialisation"
         meta = getattr(model, "meta", None)
@@ -119,8 +129,7 @@ def run_export(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except (CheckpointError, ExportError, ValueError, TypeError, KeyError, ImportError,
             OSError) as e:  # fmt: skip
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     folded = ", ".join(f"{n} {k}" for k, n in result.folded.items()) or "nothing"
     check = (
         f"checked with {result.verified_with}: max |diff| {result.max_abs_diff:.2e}"

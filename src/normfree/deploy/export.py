@@ -10,6 +10,7 @@ batch size is free. Inputs are normalised ``(B, C, H, W)`` float32 tensors, as i
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from normfree.atomic import atomic_write_json
+from normfree.atomic import atomic_write_json, check_writable
 from normfree.deploy.inference import folded_module_counts, prepare_for_inference
 from normfree.nn.eager_forms import export_trace
 
@@ -69,6 +70,11 @@ def _format_of(path: Path, fmt: str | None) -> str:
         )
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {sorted(EXPORT_FORMATS)}")
+    if path.suffix != EXPORT_FORMATS[fmt]:  # readers go by the suffix (torch.export.load does)
+        raise ValueError(
+            f"a {fmt} file is named *{EXPORT_FORMATS[fmt]}, got {path.name!r}: rename it to "
+            f"{path.with_suffix(EXPORT_FORMATS[fmt]).name!r}"
+        )
     return fmt
 
 
@@ -108,20 +114,50 @@ def _trace(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProg
         raise ExportError(f"torch.export could not trace the model: {type(e).__name__}: {e}") from e
 
 
+@contextlib.contextmanager
+def _exporter_logs_quiet() -> Iterator[None]:
+    """Silence the ONNX exporter's own log lines (a failed opset conversion logs a traceback and
+    goes on at opset 18); what matters is checked on the result and reported as an error."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int | None) -> None:
     try:
+        import onnx
         import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
     except ImportError as e:
-        raise ImportError('ONNX export needs onnxscript: pip install "normfree[export]"') from e
+        raise ImportError(
+            'ONNX export needs onnx and onnxscript: pip install "normfree[export]"'
+        ) from e
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and not 1 <= opset <= newest:
+        raise ExportError(
+            f"opset {opset} does not exist (this onnx knows 1 to {newest}); choose one up to "
+            f"{newest} or leave --opset out"
+        )
     batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
     try:
-        with export_trace():
+        with export_trace(), _exporter_logs_quiet():
             program = torch.onnx.export(
                 model, (example,), dynamo=True, input_names=["input"], output_names=["output"],
                 dynamic_shapes=({0: batch},), opset_version=opset, verbose=False,
             )  # fmt: skip
     except Exception as e:
         raise ExportError(f"ONNX export failed: {type(e).__name__}: {e}") from e
+    written = dict(program.model.opset_imports).get("")
+    if opset is not None and written != opset:
+        raise ExportError(
+            f"the ONNX exporter cannot write this model at opset {opset} (it converts from "
+            f"opset {written} and that failed); choose a newer opset or leave --opset out"
+        )
     program.save(path)  # weights > 2 GB go to an external-data file beside it
 
 
@@ -200,6 +236,9 @@ def export_model(
     shape = _check_shape(input_shape)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    sidecar = path.with_name(path.name + ".json")
+    check_writable(path)  # before the work: both files are replaced only if both can be
+    check_writable(sidecar)
     folded = prepare_for_inference(model).cpu().float()
     gen = torch.Generator().manual_seed(seed)
     example = torch.randn(2, *shape, generator=gen)  # batch 2: 1 would be specialised
@@ -227,11 +266,12 @@ def export_model(
             if runner is not None:
                 run, result.verified_with = runner
                 _verify(run, _eager_output(model, check), check, atol, result, path)
+        staged_sidecar = atomic_write_json(staging / sidecar.name, result.to_dict())
         for extra in sorted(staging.iterdir()):  # external-data files first, the model last
-            if extra.name != path.name:
+            if extra.name not in (path.name, sidecar.name):
                 os.replace(extra, path.parent / extra.name)
         os.replace(staged, path)
+        os.replace(staged_sidecar, sidecar)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    atomic_write_json(path.with_name(path.name + ".json"), result.to_dict())
     return result

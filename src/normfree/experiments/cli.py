@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from normfree.console import report_error
+
 __all__ = ["add_parser", "run_cli"]
 
 
@@ -70,8 +72,7 @@ def run_cli(args: argparse.Namespace) -> int:
         run_experiment(exp, out, options, jobs=args.jobs, report_only=args.report,
                        log=lambda line: print(line, flush=True))  # fmt: skip
     except ExperimentError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     return 0
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from normfree.models import NormFreeModel, count_params, create_model
+from normfree.models import NormFreeModel, UnknownModelError, count_params, create_model
 from normfree.optim.fused import fused_available
 from normfree.optim.param_groups import build_param_groups
 from normfree.optim.schedules import WarmupDecayLR, scaled_peak_lr
@@ -140,6 +140,8 @@ def build_model(args: dict[str, Any]) -> NormFreeModel:
             in_chans=args["in_chans"],
             **args["kwargs"],
         )
+    except UnknownModelError as e:  # e.g. a checkpoint of a newer normfree or a plugin model
+        raise ConfigError(str(e)) from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model {args['name']!r} rejected its arguments: {e}") from e
 

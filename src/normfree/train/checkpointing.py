@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import torch
 
 from normfree.atomic import atomic_write_bytes
 from normfree.checkpoints.errors import CheckpointError
-from normfree.checkpoints.io import atomic_save
+from normfree.checkpoints.io import atomic_save, load_torch_file
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -98,15 +99,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {str(path)!r}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt or truncated and cannot be loaded "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "restore the file from a copy or give another checkpoint (a resume never falls back "
-            "to a fresh start)"
-        ) from e
+    state = load_torch_file(path, map_location)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{str(path)!r} is not a normfree training checkpoint "
@@ -148,7 +141,9 @@ def check_weights_fit(
         isinstance(t, torch.Tensor) for t in weights.values()
     ):
         raise CheckpointError(f"{str(path)!r}: the model weights are not a mapping of tensors")
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        # a converted model's skeleton reads its file's tensors into meta parameters, a no-op
+        warnings.filterwarnings("ignore", message=".*to a meta parameter in the current model")
         skeleton = build_model(model_args)
     expected = skeleton.state_dict()
     missing = sorted(expected.keys() - weights.keys())

@@ -15,7 +15,9 @@ import sys
 import time
 from typing import Any
 
+from normfree.analysis.cli import add_trust_code_argument
 from normfree.atomic import atomic_write_json, check_writable
+from normfree.console import report_error
 
 __all__ = ["add_parser", "run_eval", "run_train"]
 
@@ -91,6 +93,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--nproc", type=int, metavar="N", help="spawn N data-parallel processes")
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
+    add_trust_code_argument(p)  # model=converted:PATH naming its own factory
     p.set_defaults(func=run_train)
 
     e = sub.add_parser(
@@ -108,6 +111,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     e.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast dtype")
     e.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    add_trust_code_argument(e)
     e.set_defaults(func=run_eval)
 
 
@@ -137,15 +141,6 @@ def _resolve(args: argparse.Namespace) -> Any:
             f"(--out NEW init_from={os.path.join(args.resume, 'last.pt')})"
         )
     return resume_config(args.resume, overrides)
-
-
-def _error(e: BaseException, code: int) -> int:
-    """Print the one-line error of ``e`` (the last line of a worker's traceback text)."""
-    if isinstance(e, OSError) and e.strerror and e.filename is None:
-        e = Exception(e.strerror)  # "[Errno 28] cannot write ..." -> "cannot write ..."
-    text = str(e).strip().splitlines()
-    print(f"error: {text[-1] if text else type(e).__name__}", file=sys.stderr)
-    return code
 
 
 _OOM_MARKERS = ("DefaultCPUAllocator", "out of memory", "can't allocate memory",
@@ -188,7 +183,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         cfg = _resolve(args)
     except (ConfigError, CheckpointError) as e:
-        return _error(e, 2)
+        return report_error(e, 2)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
@@ -198,17 +193,17 @@ def run_train(args: argparse.Namespace) -> int:
         try:  # a device the workers cannot use fails here, once, not in every worker
             select_device(cfg.train.device, local_rank=max(args.nproc, 1) - 1)
         except ConfigError as e:
-            return _error(e, 2)
+            return report_error(e, 2)
         one_gpu = str(cfg.train.device).strip().lower().startswith("cuda:")  # every process
         if args.nproc > 1 and one_gpu and cfg.dist.backend != "gloo":
             message = (f"train.device={cfg.train.device!r} puts all {args.nproc} processes on "
                        "one GPU, which NCCL refuses: use train.device=auto (one GPU per "
                        "process) or dist.backend=gloo")  # fmt: skip
-            return _error(ConfigError(message), 2)
+            return report_error(ConfigError(message), 2)
         if args.nproc > 1 and cfg.optim.update_in_backward:  # each worker would refuse it
             from normfree.train.config import UPDATE_IN_BACKWARD_ONE_PROCESS
 
-            return _error(ConfigError(UPDATE_IN_BACKWARD_ONE_PROCESS), 2)
+            return report_error(ConfigError(UPDATE_IN_BACKWARD_ONE_PROCESS), 2)
         return _spawn(args, cfg)
     try:
         summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -217,18 +212,18 @@ def run_train(args: argparse.Namespace) -> int:
             print(e)
         return 0
     except (ConfigError, CheckpointError, UnreadableImageError) as e:
-        return _error(e, 2)
+        return report_error(e, 2)
     except NonFiniteLossError as e:
-        return _error(e, 1)
+        return report_error(e, 1)
     except RuntimeError as e:  # an allocation the machine cannot serve (images too large)
         fix = ("use a smaller data.image_size / data.test_size or train.batch_size / "
                "data.eval_batch_size")  # fmt: skip
         message = _out_of_memory(e, fix)
         if message is None:
             raise
-        return _error(Exception(message), 1)
+        return report_error(Exception(message), 1)
     except OSError as e:  # disk full, folder gone or read-only mid-run (names the file)
-        return _error(e, 1)
+        return report_error(e, 1)
     except TrainingInterrupted as e:
         if rank == 0:
             print(f"{e}; last.pt written. Continue with --resume <run folder>", file=sys.stderr)
@@ -276,6 +271,8 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--overwrite")
     if getattr(args, "compile", False):
         argv.append("--compile")
+    if getattr(args, "trust_code", False):
+        argv.append("--trust-code")
     return argv + list(args.overrides)
 
 
@@ -402,12 +399,12 @@ def run_eval(args: argparse.Namespace) -> int:
             precision=args.precision,
         )
     except (CheckpointError, ConfigError, ValueError, OSError) as e:
-        return _error(e, 2)
+        return report_error(e, 2)
     except RuntimeError as e:  # an allocation the machine cannot serve (images too large)
         message = _out_of_memory(e, "use a smaller --test-size / --image-size or --batch-size")
         if message is None:
             raise
-        return _error(Exception(message), 1)
+        return report_error(Exception(message), 1)
     print(f"{result['model']} on {result['data']} ({result['split']}, {result['count']} images)")
     for name in ("raw", "ema"):
         m = result[name]
@@ -419,5 +416,5 @@ def run_eval(args: argparse.Namespace) -> int:
         try:
             atomic_write_json(args.json, result)
         except OSError as e:
-            return _error(e, 2)
+            return report_error(e, 2)
     return 0

@@ -225,9 +225,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"config file {str(p)!r} is not a UTF-8 text file; --config takes a YAML file "
+            "(a checkpoint goes to --resume RUN_DIR or init_from=FILE)"
+        ) from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {_yaml_problem(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -250,6 +255,14 @@ def load_recipe(name: str) -> dict[str, Any]:
     return yaml.safe_load(text) or {}
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line, the problem and where it is (PyYAML's own message spans
+    several lines, with the offending text and a caret)."""
+    problem = str(getattr(e, "problem", None) or "").strip() or str(e).strip().splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 # --------------------------------------------------------------------------- overrides
 def _override_value(item: str, key: str, raw: str, tp: Any) -> Any:
     """The value of one ``key=raw`` override: the text itself for string fields, else YAML
@@ -268,9 +281,8 @@ def _override_value(item: str, key: str, raw: str, tp: Any) -> Any:
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
         raise ConfigError(
-            f"override {item!r}: the value of {key!r} is not valid YAML ({problem}); "
+            f"override {item!r}: the value of {key!r} is not valid YAML ({_yaml_problem(e)}); "
             "quote strings and close brackets, e.g. model_kwargs.width=2 or data.randaugment=[2,9]"
         ) from None
 

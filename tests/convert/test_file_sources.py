@@ -1,0 +1,89 @@
+"""A converted-model file names the architecture to rebuild; the file is untrusted input, so a
+description naming an arbitrary ``package.module:factory`` (here ``builtins:open``, which would
+create a file) or options that load another file is refused by every reader unless it opts in
+with ``--trust-code`` / ``trust_code=True``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from normfree.checkpoints import CheckpointError
+from normfree.checkpoints.io import atomic_save, save_safetensors
+from normfree.cli import main
+from normfree.convert import load_converted, save_converted, trusting_code
+from normfree.convert.experiment import bn_resnet_small
+from normfree.convert.sources import SHIPPED_FACTORIES
+
+pytest.importorskip("sklearn")
+SHIPPED = "normfree.convert.experiment:bn_resnet_small"
+
+
+def _forged(tmp_path: Path, source: str, kwargs: dict, suffix: str) -> Path:
+    """A real converted file (nf mode, 1 channel, 10 classes) whose description is rewritten."""
+    from normfree.convert import convert_model
+
+    assert SHIPPED in SHIPPED_FACTORIES
+    torch.manual_seed(0)
+    c = convert_model(bn_resnet_small(width=4), "nf", torch.randn(4, 1, 8, 8),
+                      source=SHIPPED, source_kwargs={"width": 4})  # fmt: skip
+    honest = tmp_path / "honest.safetensors"
+    save_converted(c, honest)
+    with safe_open(str(honest), "pt") as f:
+        description = json.loads(f.metadata()["description"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    description.update(source=source, source_kwargs=kwargs)
+    path = tmp_path / f"forged{suffix}"
+    if suffix == ".safetensors":
+        meta = {"format": "normfree.converted", "description": json.dumps(description)}
+        save_safetensors(tensors, path, metadata=meta)
+    else:
+        atomic_save({"format": "normfree.converted", "description": description,
+                     "state_dict": tensors}, path)  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_file_naming_a_callable_runs_nothing_without_the_opt_in(tmp_path, suffix) -> None:
+    marker = tmp_path / "code_ran"
+    path = _forged(tmp_path, "builtins:open", {"file": str(marker), "mode": "w"}, suffix)
+    with pytest.raises(CheckpointError, match=r"names its architecture 'builtins:open'"):
+        load_converted(path)
+    assert not marker.exists()
+    with pytest.raises(Exception, match=r"not an nn\.Module"), trusting_code():
+        load_converted(path)  # the opt-in is what lets it run: the payload is real
+    assert marker.exists()
+
+
+def test_options_that_load_another_file_are_refused(tmp_path) -> None:
+    path = _forged(tmp_path, "normfree:nf_resnet_cifar20", {"checkpoint_path": "/x.pt"}, ".pt")
+    with pytest.raises(CheckpointError, match=r"\['checkpoint_path'\].*would load another file"):
+        load_converted(path)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval", "{f}", "--data", "digits"],
+        ["spp", "{f}", "--image-size", "8", "--quiet"],
+        ["diagnose", "{f}", "--image-size", "8"],
+        ["export", "{f}", "--out", "{d}/m.onnx"],
+        ["train", "model=converted:{f}", "train.epochs=1", "train.max_steps_per_epoch=1",
+         "log.progress=false", "--out", "{d}/run"],
+    ],
+    ids=["eval", "spp", "diagnose", "export", "train"],
+)  # fmt: skip
+def test_every_command_refuses_it_in_one_line(tmp_path, capsys, command) -> None:
+    marker = tmp_path / "code_ran"
+    path = _forged(tmp_path, "builtins:open", {"file": str(marker), "mode": "w"}, ".safetensors")
+    capsys.readouterr()
+    assert main([a.format(f=path, d=tmp_path) for a in command]) == 2
+    err = capsys.readouterr().err.strip()
+    lines = err.splitlines()
+    assert "Traceback" not in err and lines[-1].startswith("error: "), err
+    assert "'builtins:open'" in lines[-1] and "--trust-code" in lines[-1]
+    assert not marker.exists() and not (tmp_path / "m.onnx").exists()
