@@ -7,6 +7,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from normfree._version import __version__
 
@@ -24,8 +25,16 @@ SUBCOMMANDS: list[str] = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, as every other normfree error is (argparse
+    prints the whole usage block first); subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="normfree",
         description="Build, analyse, train and deploy deep networks without batch normalization.",
     )

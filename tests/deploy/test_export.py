@@ -163,7 +163,9 @@ def test_export_command_refuses_sizes_below_one(capsys: pytest.CaptureFixture[st
         with pytest.raises(SystemExit) as info:
             main(["export", "nf_resnet_cifar20", "--out", "m.onnx", option, "0"])
         assert info.value.code == 2
-        assert f"argument {option}: expected a positive integer, got 0" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert err.startswith("error: normfree export: ") and len(err.splitlines()) == 1, err
+        assert f"argument {option}: expected a positive integer, got 0" in err
 
 
 def test_export_command_from_a_training_checkpoint(
