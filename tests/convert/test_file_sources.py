@@ -87,3 +87,49 @@ def test_every_command_refuses_it_in_one_line(tmp_path, capsys, command) -> None
     assert "Traceback" not in err and lines[-1].startswith("error: "), err
     assert "'builtins:open'" in lines[-1] and "--trust-code" in lines[-1]
     assert not marker.exists() and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("source", ["timm:hf-hub:someone/repo", "timm:local-dir:/tmp",
+                                    "torchvision:../x", "normfree:nf_resnet_cifar20[width=2]"])
+def test_registry_names_must_be_plain(tmp_path, source) -> None:
+    """After ``timm:`` etc. comes a registered name, not a location timm would read or fetch."""
+    path = _forged(tmp_path, source, {}, ".pt")
+    with pytest.raises(CheckpointError, match=r"is not a plain .* model name"):
+        load_converted(path)
+
+
+def test_tensors_are_checked_against_the_description_before_a_real_build(
+    tmp_path, monkeypatch
+) -> None:
+    """A small file whose description asks for a huge model is refused on the meta device:
+    only meta-device builds happen."""
+    import normfree.convert.api as api
+
+    path = _forged(tmp_path, SHIPPED, {"width": 4, "num_classes": 10**7}, ".pt")
+    devices: list[str] = []
+    real = api.build_source
+
+    def build(spec, kwargs=None):
+        devices.append(str(torch.empty(0).device))
+        return real(spec, kwargs)
+
+    monkeypatch.setattr(api, "build_source", build)
+    with pytest.raises(CheckpointError, match=r"do not fit the architecture .*2 differ"):
+        load_converted(path)
+    assert devices == ["meta"]
+
+
+def test_a_model_file_name_is_a_name_not_a_spec(tmp_path, capsys) -> None:
+    """``normfree convert`` of a ``normfree.model`` file takes its model_name as a registered
+    name: options in it (``[checkpoint_path=...]``) would read another file."""
+    import normfree
+    from normfree.checkpoints import save_model
+
+    path = tmp_path / "m.pt"
+    save_model(normfree.create_model("bn_resnet_cifar20"), path)
+    state = torch.load(path, weights_only=True)
+    state["model_name"] = "bn_resnet_cifar20[checkpoint_path='/x.pt']"
+    torch.save(state, path)
+    assert main(["convert", str(path), "--to", "bn_free", "--out", str(tmp_path / "o.pt"),
+                 "--image-size", "8"]) == 2  # fmt: skip
+    assert "is not a model name" in capsys.readouterr().err

@@ -161,3 +161,14 @@ def test_tar_member_outside_expected_dir_is_ignored(cifar10_dir: Path, tmp_path:
             tar.add(f, arcname=f"other-dir/{f.name}")
     with pytest.raises(FileNotFoundError, match="missing cifar-10-batches-py/data_batch_1"):
         build_datasets(f"cifar10:{archive}")
+
+
+def test_an_archive_member_larger_than_any_cifar_file_is_refused_unread(tmp_path: Path) -> None:
+    """A small archive can declare (or inflate to) any size: a member bigger than the largest
+    CIFAR file is refused from its header, before anything is read."""
+    member = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+    member.size = 3 << 30  # 3 GiB declared; the archive holds only the header
+    archive = tmp_path / "cifar-10-python.tar"
+    archive.write_bytes(member.tobuf())
+    with pytest.raises(ValueError, match=r"data_batch_1 holds 3072 MiB, more than any CIFAR-10"):
+        build_datasets(f"cifar10:{archive}")

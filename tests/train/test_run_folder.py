@@ -523,3 +523,73 @@ def test_out_of_memory_is_one_line(
     assert main(["train", "--out", str(tmp_path / "big"), *TINY, "data.image_size=100000"]) == 1
     _one_line_error(capsys.readouterr().err, "out of memory (37.3 GiB", "data.image_size")
     assert (run / "last.pt").read_bytes() == before
+
+
+# ------------------------------------------------------------- files from elsewhere
+@pytest.mark.parametrize("name", [LOCK_FILE, "config_history.jsonl"])
+def test_a_symlink_in_a_run_folder_is_not_written_through(
+    name: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The lock and the config history are written in place: a run folder from elsewhere
+    whose entries link to another file gets them refused, the file untouched."""
+    run = _copy(tiny_run, tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n" * 10)
+    (run / name).unlink(missing_ok=True)
+    (run / name).symlink_to(victim)
+    if name == LOCK_FILE:  # taken by every run, finished or not
+        assert main(["train", "--resume", str(run)]) == 2
+        _one_line_error(capsys.readouterr().err, name, "symbolic link")
+    else:  # appended to when a resume changes the config
+        from normfree.train.run_folder import record_config_change
+
+        with pytest.raises(RunFolderError, match="symbolic link"):
+            record_config_change(run, "resume", 2, {"optim.lr": (0.1, 0.05)})
+    assert victim.read_text() == "keep me\n" * 10
+
+
+def test_stored_model_options_may_not_name_other_files(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = torch.load(tiny_run / "last.pt", weights_only=True)
+    state["model_args"]["kwargs"]["checkpoint_path"] = str(tmp_path / "private.pt")
+    forged = tmp_path / "forged.pt"
+    torch.save(state, forged)
+    for argv in (["eval", str(forged)], ["export", str(forged), "--out", str(tmp_path / "m.pt2")]):
+        assert main(argv) == 2
+        _one_line_error(capsys.readouterr().err, "['checkpoint_path']", "init_from=FILE")
+
+
+def test_a_config_naming_a_callable_teacher_runs_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """distill.teacher from a config file (or a resumed checkpoint's config) is a file's
+    choice: a package.module:factory there needs --trust-code."""
+    marker = tmp_path / "code_ran"
+    config = tmp_path / "evil.yaml"
+    config.write_text(
+        "distill:\n  teacher: 'builtins:open'\n  teacher_weights: x.pt\n"
+        f"  teacher_kwargs: {{file: '{marker}', mode: w}}\n"
+    )
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), *TINY]) == 2
+    _one_line_error(capsys.readouterr().err, "distill.teacher", "'builtins:open'", "--trust-code")
+    assert not marker.exists()
+
+
+def test_export_takes_no_size_from_a_checkpoint_on_trust(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint's recorded test size sets the export's input: an absurd one is refused
+    (--image-size overrides it), and its model is checked against its tensors first."""
+    state = torch.load(tiny_run / "last.pt", weights_only=True)
+    state["data_info"]["test_size"] = 20000
+    forged = tmp_path / "forged.pt"
+    torch.save(state, forged)
+    out = tmp_path / "m.pt2"
+    assert main(["export", str(forged), "--out", str(out)]) == 2
+    _one_line_error(capsys.readouterr().err, "test size of 20000", "--image-size")
+    assert main(["export", str(forged), "--out", str(out), "--image-size", "8"]) == 0
+    state["model_args"]["num_classes"] = 3_000_000
+    torch.save(state, forged)
+    assert main(["export", str(forged), "--out", str(out), "--image-size", "8"]) == 2
+    _one_line_error(capsys.readouterr().err, "does not hold the weights")

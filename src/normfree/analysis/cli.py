@@ -29,6 +29,7 @@ __all__ = [
     "parse_overrides", "positive_int",
 ]  # fmt: skip
 
+_FILE_SUFFIXES = (".pt", ".pth", ".safetensors", ".npz", ".bin", ".ckpt")
 _SPEC = re.compile(r"^(?P<name>[^\[\]]+?)(?:\[(?P<kw>.*)\])?$")
 
 
@@ -106,6 +107,8 @@ def model_from_spec(spec: str, overrides: dict[str, Any] | None = None) -> nn.Mo
     converted model in the file ``spec`` (``normfree convert``)."""
     from normfree.convert import is_converted_file, load_converted
 
+    if ("/" in spec or Path(spec).suffix in _FILE_SUFFIXES) and not Path(spec).exists():
+        raise ValueError(f"no file {spec!r} (a model is NAME, NAME[key=value,...] or module:fn)")
     if is_converted_file(spec) or Path(spec).is_file():  # the load says what else a file is
         if overrides:
             raise ValueError(f"{spec}: a converted model file takes no --override")

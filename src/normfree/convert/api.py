@@ -375,12 +375,26 @@ def load_converted(
     if description.get("version") != 1 or description.get("mode") not in MODES:
         raise CheckpointError(f"{path}: unsupported converted-model description {description}")
     check_file_source(description["source"], description.get("source_kwargs"), path, trust_code)
-    source = build_source(description["source"], description.get("source_kwargs"))
-    converted = _convert(
-        source, description["mode"], ConvertOptions.from_dict(description["options"]), None,
-        description["source"], description.get("source_kwargs") or {},
-        description.get("image_size"),
-    )  # fmt: skip
+
+    def rebuild() -> ConvertedModel:
+        source = build_source(description["source"], description.get("source_kwargs"))
+        return _convert(
+            source, description["mode"], ConvertOptions.from_dict(description["options"]), None,
+            description["source"], description.get("source_kwargs") or {},
+            description.get("image_size"),
+        )  # fmt: skip
+
+    with torch.device("meta"):  # the file's tensors must fill it before memory is spent on it
+        skeleton = rebuild()
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != got:
+        wrong = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
+        raise CheckpointError(
+            f"{path}: its tensors do not fit the architecture its description names "
+            f"({len(wrong)} differ: {', '.join(wrong[:3])}); the file is damaged or forged"
+        )
+    converted = rebuild()
     load_state_dict_checked(converted, state, strict=True, source=str(path))
     return converted.eval()
 

@@ -18,6 +18,7 @@ Calibration / error measurement input: ``--data SPEC`` (e.g. ``digits``; the fir
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,10 @@ def _from_file(path: Path, args: argparse.Namespace) -> tuple[nn.Module, str | N
         from normfree.checkpoints import load_pretrained
         from normfree.convert.sources import build_source
 
-        name, kwargs = _split_spec(f"normfree:{obj['model_name']}", _overrides(args))
+        model_name = str(obj["model_name"])
+        if not re.fullmatch(r"[A-Za-z0-9_]+", model_name):  # a name, never a spec with options
+            raise CheckpointError(f"{path}: its model_name {model_name!r} is not a model name")
+        name, kwargs = f"normfree:{model_name}", _overrides(args)
         model = build_source(name, kwargs)
         load_pretrained(model, path)
         return model, name, kwargs

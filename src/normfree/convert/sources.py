@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import importlib
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,7 +34,8 @@ from normfree.checkpoints.errors import CheckpointError
 from normfree.convert.graph import ConversionError
 
 __all__ = [
-    "SHIPPED_FACTORIES", "build_source", "check_file_source", "infer_source", "trusting_code",
+    "SHIPPED_FACTORIES", "build_source", "check_file_source", "file_loading_options",
+    "infer_source", "trusting_code",
 ]  # fmt: skip
 
 # ``package.module:factory`` sources a file may name without an opt-in: normfree's own
@@ -41,7 +43,15 @@ SHIPPED_FACTORIES = frozenset({"normfree.convert.experiment:bn_resnet_small"})
 _REGISTRIES = ("torchvision", "timm", "normfree")
 _LOADS_FILES = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
                           "checkpoint_path", "weights"})  # fmt: skip
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")  # a registered name: resnet50.a1_in1k
 _TRUST_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("trust_code", default=False)
+
+
+def file_loading_options(kwargs: dict[str, Any] | None) -> list[str]:
+    """The options among ``kwargs`` with which a model builder loads another file
+    (``checkpoint_path``, ``pretrained``, ``pretrained_cfg``...): a file's stored options must
+    not choose what else is read."""
+    return sorted(_LOADS_FILES & set(kwargs or {}))
 
 
 @contextlib.contextmanager
@@ -64,14 +74,20 @@ def check_file_source(
         raise CheckpointError(f"{path}: its description's source is not a spec and options")
     if trust_code or _TRUST_CODE.get():
         return
-    kind = spec.partition(":")[0] if ":" in spec else "normfree"
+    kind, _, name = spec.partition(":") if ":" in spec else ("normfree", ":", spec)
     if kind not in _REGISTRIES and spec not in SHIPPED_FACTORIES:
         raise CheckpointError(
             f"{path} names its architecture {spec!r}, a Python callable that rebuilding it would "
             "import and run; files may name torchvision:, timm: and normfree: architectures. "
             "Pass --trust-code (Python: trust_code=True) only for a file you trust"
         )
-    loads = sorted(_LOADS_FILES & set(kwargs or {}))
+    if kind in _REGISTRIES and not _PLAIN_NAME.fullmatch(name):  # timm:hf-hub:..., local-dir:
+        raise CheckpointError(
+            f"{path} names its architecture {spec!r}, which is not a plain {kind} model name "
+            "(it would read a folder or download a configuration); pass --trust-code (Python: "
+            "trust_code=True) only for a file you trust"
+        )
+    loads = file_loading_options(kwargs)
     if loads:
         raise CheckpointError(
             f"{path}: the options {loads} of its architecture {spec!r} would load another file; "

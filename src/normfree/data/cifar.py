@@ -119,12 +119,27 @@ _LAYOUTS = {
 }
 
 
+# the largest file of the python archives is CIFAR-100's train (~158 MB); a bigger member is
+# not CIFAR (and a small archive could inflate to any size: it is refused before it is read)
+_LARGEST_MEMBER = 256 << 20
+
+
+def _too_large(lay: _Layout, where: object, name: str, size: int) -> ValueError:
+    return ValueError(
+        f"expected {lay.title} python archive at {where}: {name} holds {size / 2**20:.0f} MiB, "
+        f"more than any {lay.title} file ({_LARGEST_MEMBER >> 20} MiB at most)"
+    )
+
+
 def _read_dir(root: Path, lay: _Layout) -> dict[str, bytes]:
     missing = [f for f in lay.files if not (root / f).is_file()]
     if missing:
         raise FileNotFoundError(
             f"expected {lay.title} python archive at {root}: missing {', '.join(missing)}"
         )
+    for f in lay.files:
+        if (size := (root / f).stat().st_size) > _LARGEST_MEMBER:
+            raise _too_large(lay, root, f, size)
     return {f: (root / f).read_bytes() for f in lay.files}
 
 
@@ -138,9 +153,11 @@ def _read_tar(path: Path, lay: _Layout) -> dict[str, bytes]:
                     continue
                 if len(p.parts) > 1 and p.parent.name != lay.dirname:
                     continue
+                if member.size > _LARGEST_MEMBER:
+                    raise _too_large(lay, path, member.name, member.size)
                 f = tar.extractfile(member)
                 if f is not None:
-                    out[p.name] = f.read()
+                    out[p.name] = f.read(_LARGEST_MEMBER + 1)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise ValueError(f"expected {lay.title} python archive at {path}: {exc}") from exc
     missing = [f for f in lay.files if f not in out]

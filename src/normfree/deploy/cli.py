@@ -58,19 +58,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_export)
 
 
+_LARGEST_SIDE = 4096  # a checkpoint's recorded test size beyond this is not taken on trust
+
+
 def _from_checkpoint(path: Path, raw: bool) -> tuple[nn.Module, dict[str, Any], str]:
     from normfree.checkpoints import load_state_dict_checked
     from normfree.train.builders import build_model
-    from normfree.train.checkpointing import checkpoint_weights, load_checkpoint
+    from normfree.train.checkpointing import (
+        check_weights_fit,
+        checkpoint_weights,
+        load_checkpoint,
+    )
 
     state = load_checkpoint(path)
-    model = build_model(state["model_args"])
     use_ema = not raw and bool(state.get("ema"))
-    load_state_dict_checked(model, checkpoint_weights(state, ema=use_ema), source=str(path))
+    weights = checkpoint_weights(state, ema=use_ema)
+    check_weights_fit(state["model_args"], weights, path)  # before the model is allocated
+    model = build_model(state["model_args"])
+    load_state_dict_checked(model, weights, source=str(path))
     info = dict(state.get("data_info") or {})
     if not info:  # written before checkpoints recorded it: what the config says, if anything
         data = state["config"].get("data", {})
         info = {"test_size": data.get("test_size") or data.get("image_size")}
+    info["in_chans"] = state["model_args"]["in_chans"]  # what the weights take, not a claim
     return model, info, "ema" if use_ema else "raw"
 
 
@@ -112,6 +122,8 @@ def run_export(args: argparse.Namespace) -> int:
         size = args.image_size or info.get("test_size") or getattr(meta, "test_size", None)
         if not size:
             raise ValueError("pass --image-size (neither the source nor the model declares one)")
+        if args.image_size is None and not (isinstance(size, int) and 0 < size <= _LARGEST_SIDE):
+            raise ValueError(f"{source} records a test size of {size!r}; pass --image-size")
         in_chans = int(info.get("in_chans") or getattr(model, "in_chans", 3))
         metadata = {
             "model": getattr(meta, "name", type(model).__name__),

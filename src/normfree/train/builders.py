@@ -123,7 +123,14 @@ def build_model(args: dict[str, Any]) -> NormFreeModel:
     the model's metadata unless the config overrides them. ``model=converted:PATH`` loads a
     model written by ``normfree convert`` (:func:`normfree.convert.build_converted`)."""
     from normfree.convert.api import CONVERTED_PREFIX
+    from normfree.convert.sources import file_loading_options
 
+    loads = file_loading_options(args["kwargs"])
+    if loads:  # model_args come from checkpoints too: they must not choose other files to read
+        raise ConfigError(
+            f"model options {loads} would load weights from another file; a run takes its "
+            "weights from init_from=FILE"
+        )
     if str(args["name"]).startswith(CONVERTED_PREFIX):
         from normfree.convert.api import build_converted
 

@@ -58,9 +58,15 @@ def load_teacher(cfg: Config, device: torch.device) -> nn.Module:
                 "distill.teacher_weights=FILE (.safetensors or a state-dict .pt)"
             )
         from normfree.checkpoints import load_pretrained
-        from normfree.convert.sources import build_source
+        from normfree.convert import ConversionError
+        from normfree.convert.sources import build_source, check_file_source
 
-        teacher = build_source(d.teacher, d.teacher_kwargs)
+        # a config (or a resumed checkpoint's) is a file too: no code it names runs unasked
+        check_file_source(d.teacher, d.teacher_kwargs, "distill.teacher")
+        try:
+            teacher = build_source(d.teacher, d.teacher_kwargs)
+        except ConversionError as e:
+            raise ConfigError(f"distill.teacher: {e}") from None
         own = d.teacher.startswith("normfree:") or ":" not in d.teacher
         load_pretrained(teacher, d.teacher_weights, format="auto" if own else "state_dict")
     teacher.eval().requires_grad_(False)

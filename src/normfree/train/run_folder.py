@@ -13,11 +13,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -81,6 +83,25 @@ def resume_overridable(key: str) -> bool:
     return key.startswith(RESUME_OVERRIDABLE + RECOVERY_OVERRIDABLE)
 
 
+def _open_run_file(path: Path, flags: int) -> int:
+    """``os.open`` of a file that normfree writes *in place* in a run folder (the lock, the
+    config history): a symbolic link there is refused, not followed, so a run folder from
+    elsewhere cannot point those writes at another file (:class:`RunFolderError`)."""
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP or path.is_symlink():
+            raise RunFolderError(
+                f"{str(path)!r} is a symbolic link; normfree does not write through links in a "
+                "run folder: remove it"
+            ) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunFolderError(f"{str(path)!r} is not a regular file; remove it")
+    return fd
+
+
 class RunFolderLock:
     """Exclusive lock of a run folder (see module docstring); also a context manager."""
 
@@ -96,7 +117,9 @@ class RunFolderLock:
             fd, probe = tempfile.mkstemp(prefix=".normfree-probe.", dir=self.run_dir)
             os.close(fd)
             os.unlink(probe)
-            fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = _open_run_file(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+        except RunFolderError:
+            raise
         except OSError as e:
             raise RunFolderError(
                 f"run folder {where!r} is not writable ({e.strerror or e}); make it writable "
@@ -173,7 +196,8 @@ def record_config_change(
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()},
     }
-    with open(Path(run_dir) / HISTORY_FILE, "a", encoding="utf-8") as f:
+    fd = _open_run_file(Path(run_dir) / HISTORY_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
