@@ -526,7 +526,7 @@ def test_out_of_memory_is_one_line(
 
 
 # ------------------------------------------------------------- files from elsewhere
-@pytest.mark.parametrize("name", [LOCK_FILE, "config_history.jsonl"])
+@pytest.mark.parametrize("name", [LOCK_FILE, "config_history.jsonl", "tensorboard", "finetune"])
 def test_a_symlink_in_a_run_folder_is_not_written_through(
     name: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -537,7 +537,7 @@ def test_a_symlink_in_a_run_folder_is_not_written_through(
     victim.write_text("keep me\n" * 10)
     (run / name).unlink(missing_ok=True)
     (run / name).symlink_to(victim)
-    if name == LOCK_FILE:  # taken by every run, finished or not
+    if name in (LOCK_FILE, "tensorboard", "finetune"):  # checked by every run, finished or not
         assert main(["train", "--resume", str(run)]) == 2
         _one_line_error(capsys.readouterr().err, name, "symbolic link")
     else:  # appended to when a resume changes the config

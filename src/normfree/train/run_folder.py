@@ -57,6 +57,7 @@ RUN_FILES = (
     "last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "summary.json", "config.yaml",
     "curves.png", "tensorboard", HISTORY_FILE, "finetune",
 )  # fmt: skip
+_WRITTEN_INTO = ("tensorboard", "finetune")  # the run folder's subfolders a run writes into
 # keys a resume may change: they do not affect the weights already trained ...
 RESUME_OVERRIDABLE = ("log.", "dist.", "data.workers", "data.skip_unreadable", "train.threads",
                       "train.device", "train.tune_malloc", "train.native_kernels", "out_dir",
@@ -137,6 +138,13 @@ class RunFolderLock:
                 ) from None
         else:  # pragma: no cover
             log.warning("no file locking on this platform: one run per folder is not enforced")
+        linked = [name for name in _WRITTEN_INTO if (self.run_dir / name).is_symlink()]
+        if linked:  # files would be created wherever the link points
+            os.close(fd)
+            raise RunFolderError(
+                f"run folder {where!r}: {', '.join(linked)} is a symbolic link; normfree does not "
+                "write through links in a run folder: remove it"
+            )
         os.ftruncate(fd, 0)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
