@@ -46,12 +46,15 @@ class SyntheticSpec:
     noise: float = 1.0
 
     def __post_init__(self) -> None:
-        for name, lo in (("num_classes", 2), ("size", 1), ("channels", 1), ("n", 1)):
+        # upper bounds: a spec can come from a checkpoint's stored config, and the labels
+        # (8 bytes an image) and class prototypes are allocated up front
+        for name, lo, hi in (("num_classes", 2, 1 << 20), ("size", 1, 1 << 14),
+                             ("channels", 1, 1 << 10), ("n", 1, 1 << 27)):  # fmt: skip
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ValueError(f"synthetic {name} must be an int >= {lo}, got {value!r}")
-        if self.n_val is not None and self.n_val < 1:
-            raise ValueError(f"synthetic n_val must be >= 1, got {self.n_val}")
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ValueError(f"synthetic {name} must be an int in [{lo}, {hi}], got {value!r}")
+        if self.n_val is not None and not 1 <= self.n_val <= 1 << 27:
+            raise ValueError(f"synthetic n_val must be in [1, {1 << 27}], got {self.n_val}")
         if not self.noise >= 0:
             raise ValueError(f"synthetic noise must be >= 0, got {self.noise}")
 
