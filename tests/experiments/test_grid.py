@@ -84,6 +84,40 @@ def test_resume_skips_finished_cells_and_restarts_half_written_ones(tmp_path: Pa
     assert len(rows) == 12
 
 
+def test_a_folder_made_with_other_settings_is_refused(tmp_path: Path) -> None:
+    """Cell keys do not say quick/full or the dataset: a rerun with other settings would read
+    the old results as its own. It is refused, nothing runs and the table stays."""
+    run_experiment(FAKE, tmp_path, GridOptions(quick=True), log=lambda s: None)
+    table = (tmp_path / "results.csv").read_text()
+    for other, was in ((GridOptions(), "quick=True"), (GridOptions(quick=True, data="digits"),
+                                                       "data=None")):  # fmt: skip
+        CALLS.clear()
+        with pytest.raises(ExperimentError, match=f"made with other settings .*{was}"):
+            run_experiment(FAKE, tmp_path, other, log=lambda s: None)
+        with pytest.raises(ExperimentError, match="use another --out"):
+            run_experiment(FAKE, tmp_path, other, log=lambda s: None, report_only=True)
+        assert CALLS == []
+    assert (tmp_path / "results.csv").read_text() == table
+    run_experiment(FAKE, tmp_path, GridOptions(quick=True), log=lambda s: None)  # the same: fine
+
+
+def test_a_damaged_result_file_reruns_its_cell_or_is_one_error(tmp_path: Path) -> None:
+    run_experiment(FAKE, tmp_path, GridOptions(), log=lambda s: None)
+    result = tmp_path / "cells" / "ma-x1-s0" / "result.json"
+    for damaged in ("[]", "null", '{"result": 5}', "garbage{"):
+        result.write_text(damaged)
+        CALLS.clear()
+        run_experiment(FAKE, tmp_path, GridOptions(), log=lambda s: None)
+        assert CALLS == ["ma-x1-s0"], damaged
+    curves = Experiment("curves", "", _cells, _run, ["y"],
+                        lambda rows, path, o: [r["curve"] for r in rows])  # fmt: skip
+    stored = json.loads(result.read_text())
+    del stored["result"]["curve"]  # valid JSON, the right shape, a field the figure needs gone
+    result.write_text(json.dumps(stored))
+    with pytest.raises(ExperimentError, match=r"cannot draw curves\.png .*'curve'.*delete that"):
+        run_experiment(curves, tmp_path, GridOptions(), log=lambda s: None)
+
+
 def test_report_only_tabulates_finished_cells_and_touches_nothing(tmp_path: Path) -> None:
     run_experiment(FAKE, tmp_path, GridOptions(), log=lambda s: None)
     (tmp_path / "cells" / "mb-x1-s0" / "result.json").unlink()  # as if still running

@@ -146,19 +146,39 @@ def _execute(
     t0 = time.perf_counter()
     result = dict(run_cell(cell, path, options))
     result.setdefault("wall_s", round(time.perf_counter() - t0, 2))
-    atomic_write_json(path / RESULT_FILE, {"cell": cell.key, "params": cell.params,
+    atomic_write_json(path / RESULT_FILE, {"cell": cell.key, **_settings(cell, options),
                                            "result": result})  # fmt: skip
     return result
 
 
-def _load_result(folder: Path) -> dict[str, Any] | None:
+def _settings(cell: Cell, options: GridOptions) -> dict[str, Any]:
+    """What a cell's result depends on besides its seed (its key): stored with the result and
+    compared on a rerun, so a folder made with other settings is never read as this grid's."""
+    return {"params": cell.params, "quick": options.quick, "data": options.data}
+
+
+def _load_result(folder: Path, cell: Cell, options: GridOptions) -> dict[str, Any] | None:
+    """The cell's stored result; None when it has none or an unreadable one (the cell reruns).
+    :class:`ExperimentError` when it was made with other settings."""
     path = folder / RESULT_FILE
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())["result"]
-    except (OSError, ValueError, KeyError):
-        return None  # unreadable: the cell reruns
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or not isinstance(stored.get("result"), dict):
+        return None
+    expected = json.loads(json.dumps(_settings(cell, options)))  # as JSON reads it back
+    differ = [k for k, v in expected.items() if k in stored and stored[k] != v]
+    if differ:  # (files of earlier versions lack quick/data: their params still decide)
+        was = ", ".join(f"{k}={stored[k]!r}" for k in differ)
+        raise ExperimentError(
+            f"{path.parent.parent.parent} was made with other settings (cell {cell.key}: {was}; "
+            f"now {', '.join(f'{k}={expected[k]!r}' for k in differ)}); use another --out, or "
+            "the options it was made with"
+        )
+    return stored["result"]
 
 
 def _short(result: dict[str, Any], columns: Sequence[str]) -> str:
@@ -203,7 +223,7 @@ def run_experiment(
     n = len(cells)
     pending: list[tuple[int, Cell]] = []
     for i, cell in enumerate(cells, 1):
-        if _load_result(cell_dir(out, cell)) is not None:
+        if _load_result(cell_dir(out, cell), cell, options) is not None:
             log(f"[{i}/{n}] {cell.key}: done before, skipped")
         elif report_only:
             log(f"[{i}/{n}] {cell.key}: not finished, left out")
@@ -245,13 +265,18 @@ def run_experiment(
             for fut in as_completed(futures):  # a line per cell as soon as it finishes
                 i, cell = futures[fut]
                 report(i, cell, fut.result)
-    rows = table_rows(exp, out, cells)
+    rows = table_rows(exp, out, cells, options)
     write_table(exp, out, rows)
     if rows:
         try:
             exp.plot(rows, out / f"{exp.name}.png", options)
         except ImportError as e:
             log(f"no figure: {e}")
+        except (KeyError, TypeError, ValueError) as e:  # a hand-edited or damaged result.json
+            raise ExperimentError(
+                f"cannot draw {exp.name}.png from the results in {out} ({type(e).__name__}: "
+                f"{e}); a cell's result.json is damaged: delete that cell folder to rerun it"
+            ) from None
     figure = out / f"{exp.name}.png"
     log(f"{len(rows)}/{n} cells done; table {out / 'results.csv'}, figure {figure}")
     if failed:
@@ -260,11 +285,13 @@ def run_experiment(
     return rows
 
 
-def table_rows(exp: Experiment, out: Path, cells: list[Cell]) -> list[dict[str, Any]]:
+def table_rows(
+    exp: Experiment, out: Path, cells: list[Cell], options: GridOptions | None = None
+) -> list[dict[str, Any]]:
     """One row per finished cell, in grid order: its params then its result."""
     rows = []
     for cell in cells:
-        result = _load_result(cell_dir(out, cell))
+        result = _load_result(cell_dir(out, cell), cell, options or GridOptions())
         if result is not None:
             rows.append({"cell": cell.key, **cell.params, **result})
     return rows
