@@ -91,3 +91,39 @@ def test_a_pickled_converted_module_is_read_only_on_the_opt_in(tmp_path, capsys)
     assert main(["export", str(converted), "--out", str(onnx_file), "--trust-pickle",
                  "--image-size", "8"]) == 0  # fmt: skip
     assert "checked with" in capsys.readouterr().out and onnx_file.is_file()
+
+
+def test_convert_experiment_runs_end_to_end_and_checks_its_options(tmp_path, capsys):
+    """The docs/convert.md experiment at its smallest: pretrain, convert with every mode,
+    fine-tune the conversions (SGD with AGC attached) and write the results."""
+    out = tmp_path / "r.json"
+    assert main(["convert-experiment", "--pretrain-steps", "2", "--finetune-steps", "1",
+                 "--batch-sizes", "2", "--width", "4", "--json", str(out)]) == 0  # fmt: skip
+    import json
+
+    curves = json.loads(out.read_text())["curves"]
+    assert set(curves) == {"bn", "bn_free", "nf", "gn", "gnpn"}
+    assert all([step for step, _ in c["2"]] == [0, 1] for c in curves.values())
+    capsys.readouterr()
+    for bad, needle in ((["--batch-sizes", "0"], "batch_sizes[0] must be an int >= 1"),
+                        (["--finetune-lr", "nan"], "finetune_lr must be a positive finite")):
+        assert main(["convert-experiment", "--pretrain-steps", "2", *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_the_experiment_optimizer_is_sgd_with_agc_attached():
+    import torch
+
+    from normfree.convert.experiment import _optimizer
+
+    model = torch.nn.Linear(4, 3)
+    opt = _optimizer(model, lr=1.0, clipping=0.01)
+    assert isinstance(opt, torch.optim.SGD)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    model.weight.grad = torch.full_like(model.weight, 1e6)
+    model.bias.grad = torch.zeros_like(model.bias)
+    opt.step()  # AGC: each row's gradient clipped to 0.01 x its weight norm (2.0), + decay
+    expected = 1.0 - (0.01 + 5e-5)  # the clipped gradient's entries 0.01, weight decay 5e-5
+    torch.testing.assert_close(model.weight, torch.full_like(model.weight, expected))

@@ -182,3 +182,61 @@ def test_cli_lists_and_rejects_bad_input_with_one_line(tmp_path: Path, capsys) -
     blocker.write_text("")
     assert main(["experiment", "proxy-norm", "--quick", "--out", str(blocker / "x")]) == 2
     assert "cannot create the experiment folder" in capsys.readouterr().err
+
+
+PARENT = """
+import os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
+from normfree.experiments.grid import _exit_with_parent
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=_exit_with_parent,
+                               initargs=(os.getpid(),))
+    print(pool.submit(os.getpid).result(), flush=True)
+    pool.submit(time.sleep, 120)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "kill"), reason="POSIX signals")
+def test_cell_workers_end_when_the_grid_process_is_killed(tmp_path: Path) -> None:
+    """SIGKILL (or the OOM killer) of ``normfree experiment --jobs N`` runs no cleanup; its
+    workers must not live on, training into the folder a rerun reuses."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    worker = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        stat = Path(f"/proc/{worker}/stat")
+        if stat.is_file() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z":
+            return  # dead, waiting for a reaper that may not exist in a container
+        time.sleep(0.2)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("the worker outlived its killed parent")
+
+
+def test_cli_unwritable_outputs_and_an_empty_out_are_one_line(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "pn"
+    (out / "cells").mkdir(parents=True)
+    (out / "results.csv").mkdir()  # the table cannot be written
+    assert main(["experiment", "proxy-norm", "--quick", "--report", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "results.csv" in err and len(err.splitlines()) == 1
+    assert main(["experiment", "proxy-norm", "--quick", "--out", ""]) == 2
+    assert "--out is empty" in capsys.readouterr().err

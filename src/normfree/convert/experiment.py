@@ -16,6 +16,7 @@ Self-contained (its own small loop, no ``normfree.train``), so that it can be re
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -90,6 +91,21 @@ class ExperimentConfig:
     modes: Sequence[str] = field(default_factory=lambda: list(MODES))
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        counts = {"width": self.width, "blocks": self.blocks, "pretrain_steps": self.pretrain_steps,
+                  "pretrain_batch": self.pretrain_batch, "finetune_steps": self.finetune_steps,
+                  "eval_every": self.eval_every, "calib_images": self.calib_images}  # fmt: skip
+        counts.update({f"batch_sizes[{i}]": b for i, b in enumerate(self.batch_sizes)})
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not self.batch_sizes:
+            raise ValueError("batch_sizes must name at least one batch size")
+        for name in ("pretrain_lr", "finetune_lr", "clipping"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
 
 def _stack(dataset: Any) -> tuple[Tensor, Tensor]:
     xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
@@ -122,7 +138,9 @@ def _optimizer(model: nn.Module, lr: float, clipping: float | None) -> torch.opt
 
     groups = build_param_groups(model, lr=lr, weight_decay=5e-5, clipping=clipping)
     opt = torch.optim.SGD(groups, lr=lr, momentum=0.9)
-    return AGC(opt, clipping=clipping, exclude=()) if clipping is not None else opt
+    if clipping is not None:
+        AGC(opt, clipping=clipping, exclude=())  # a step pre-hook on the optimizer itself
+    return opt
 
 
 def _train(

@@ -62,7 +62,10 @@ def run_cli(args: argparse.Namespace) -> int:
                 raise ExperimentError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
         if args.data is not None:
             _check_data(args.data)
-        options = GridOptions(quick=args.quick, data=args.data, seeds=args.seeds,
+        if args.out is not None and not args.out.strip():
+            raise ExperimentError("--out is empty: name a folder, or leave it out for the default")
+        given = None if args.data == exp.default_data else args.data  # the default, named
+        options = GridOptions(quick=args.quick, data=given, seeds=args.seeds,
                               threads=args.threads)  # fmt: skip
         out = Path(args.out) if args.out else default_out(exp.name, args.quick)
         data = args.data or exp.default_data or "none (Gaussian input)"
@@ -71,7 +74,7 @@ def run_cli(args: argparse.Namespace) -> int:
             raise ExperimentError(f"--report: no experiment folder at {out}")
         run_experiment(exp, out, options, jobs=args.jobs, report_only=args.report,
                        log=lambda line: print(line, flush=True))  # fmt: skip
-    except ExperimentError as e:
+    except (ExperimentError, OSError) as e:  # OSError: a folder or file that cannot be written
         return report_error(e)
     return 0
 

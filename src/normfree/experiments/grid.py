@@ -21,7 +21,11 @@ import io
 import json
 import math
 import multiprocessing
+import os
 import shutil
+import signal
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -133,6 +137,28 @@ def _check_cells(cells: list[Cell]) -> None:
     for k in keys:
         if not k or not all(ch.isalnum() or ch in "-_.=" for ch in k) or k.startswith("."):
             raise ValueError(f"cell key {k!r} must be letters, digits and -_.= only")
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Initializer of a cell worker: end it when the process that started it dies, even by
+    SIGKILL or the OOM killer (which run no cleanup), so that no orphan keeps training into the
+    experiment folder that a rerun is about to reuse. Linux: ``PR_SET_PDEATHSIG``; elsewhere a
+    daemon thread watching the parent pid."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() != parent_pid:  # it died before the request took effect
+            os._exit(1)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _execute(
@@ -255,7 +281,8 @@ def run_experiment(
             report(i, cell, lambda c=cell, f=folder: _execute(exp.run_cell, c, f, options))
     else:
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:  # fmt: skip
             futures: dict[Future[dict[str, Any]], tuple[int, Cell]] = {}
             for i, cell in pending:
                 fut = pool.submit(_execute, exp.run_cell, cell, str(cell_dir(out, cell)),
