@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from normfree.console import report_error
+
 __all__ = ["add_parser"]
 
 
@@ -27,6 +29,8 @@ def _run(args: argparse.Namespace) -> int:
         else:
             print(name)
     if not names:
-        print(f"no model matches {args.pattern!r}")
-        return 1
+        return report_error(
+            LookupError(f"no model matches {args.pattern!r} (an fnmatch pattern, case-sensitive, "
+                        "e.g. 'nf_resnet*'; `normfree models` lists all)"), 1
+        )  # fmt: skip
     return 0
