@@ -94,24 +94,26 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[IO[bytes]]
     return path
 
 
-def check_writable(path: str | os.PathLike[str]) -> Path:
-    """Fail early (``OSError`` naming ``path``) when :func:`atomic_write_bytes` could not write
-    ``path``: creates (then removes) a temporary file in its folder, or in the nearest existing
-    ancestor when the folder does not exist yet. Use it before a long computation whose result
-    goes to ``path``."""
-    path = Path(path)
-    if path.is_dir():
-        raise OSError(errno.EISDIR, f"cannot write {path}: it is a folder")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
-    os.close(fd)
-    os.unlink(tmp)
-    return path
+def check_writable(*paths: str | os.PathLike[str] | None) -> None:
+    """Fail early (``OSError`` naming the path) when :func:`atomic_write_bytes` could not write
+    one of ``paths`` (``None`` entries, options not given, are skipped): creates (then removes)
+    a temporary file in each folder, or in the nearest existing ancestor when the folder does
+    not exist yet. Use it before a long computation whose results go to those paths."""
+    for given in paths:
+        if given is None:
+            continue
+        path = Path(given)
+        if path.is_dir():
+            raise OSError(errno.EISDIR, f"cannot write {path}: it is a folder")
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+        os.close(fd)
+        os.unlink(tmp)
 
 
 def remove_stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:

@@ -2,8 +2,8 @@
 
 A command reports bad input as ``error: <what is wrong and what to do>`` on stderr, with no
 traceback. :func:`report_error` is that line for any exception the command expects: an
-``OSError``'s text without its ``[Errno N]`` prefix, and of a message spanning several lines (a
-worker process's traceback text) the last line, where its error is.
+``OSError``'s text without its ``[Errno N]`` prefix; a message of several lines joined into one,
+except a worker process's traceback text, of which the last line (its error) is kept.
 """
 
 from __future__ import annotations
@@ -18,8 +18,13 @@ def error_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         names = " -> ".join(str(n) for n in (e.filename, e.filename2) if n is not None)
         return f"{e.strerror}: {names}" if names else e.strerror
-    lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(e).__name__
+    text = str(e).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    if "Traceback (most recent call last)" in text:  # a worker's traceback: its error is last
+        return lines[-1]
+    return " ".join(lines)  # a message with detail lines (e.g. a checkpoint mismatch) in one
 
 
 def report_error(e: BaseException, code: int = 2) -> int:

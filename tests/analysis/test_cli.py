@@ -81,3 +81,20 @@ def test_diagnose_any_module_by_factory_path(capsys) -> None:
                "--branch-points", "layer?.*.bn2"])  # fmt: skip
     assert rc == 1  # BatchNorm in train mode
     assert "layer1.0.bn1" in capsys.readouterr().out
+
+
+def test_files_and_names_are_told_apart(tmp_path, monkeypatch, capsys) -> None:
+    """A file in the working folder does not hide a model of the same name; a path that does
+    not exist says so; a converted file's recorded input size is bounded."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nf_resnet_cifar20").write_text("not a model")
+    assert main(["diagnose", "nf_resnet_cifar20", "--image-size", "8", "--no-batch-check"]) == 0
+    capsys.readouterr()
+    assert main(["spp", "runs/none/best.pt", "--image-size", "8"]) == 2
+    assert "no file 'runs/none/best.pt'" in capsys.readouterr().err
+    from normfree.analysis.cli import check_recorded_size
+
+    assert check_recorded_size(224, "f") == 224
+    for bad in (200_000, 0, "32", True):
+        with pytest.raises(ValueError, match="pass --image-size"):
+            check_recorded_size(bad, "f")

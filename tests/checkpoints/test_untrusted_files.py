@@ -101,3 +101,41 @@ def test_every_command_refuses_a_file_that_would_run_code(
     assert ("--trust-pickle" in err) == (command[0] == "convert")  # the one command with it
     assert not marker.exists()
     assert not (out / "m.onnx").exists() and not (out / "c.safetensors").exists()
+
+
+def test_trust_pickle_only_retries_a_refused_pickle(tmp_path: Path, capsys) -> None:
+    """``--trust-pickle`` unpickles a file the safe loader refused for holding objects; any
+    other error (a corrupt file, weights that do not fit) is reported as it is, in one line."""
+    empty, garbage = tmp_path / "empty.pt", tmp_path / "garbage.bin"
+    empty.write_bytes(b"")
+    garbage.write_bytes(bytes(range(256)) * 4)
+    for path in (empty, garbage):
+        assert main(["export", str(path), "--out", str(tmp_path / "m.onnx"), "--trust-pickle",
+                     "--image-size", "8"]) == 2  # fmt: skip
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "corrupt or truncated" in err, err
+
+
+def test_a_mismatch_names_the_file_in_its_one_line(tmp_path: Path, capsys) -> None:
+    import normfree
+    from normfree.checkpoints import save_model
+
+    path = tmp_path / "four.safetensors"
+    save_model(normfree.create_model("nf_resnet_cifar20", num_classes=4), path)
+    assert main(["export", "nf_resnet_cifar20", "--weights", str(path),
+                 "--out", str(tmp_path / "m.pt2")]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{path} does not match the model" in err and "head.fc.bias" in err
+
+
+def test_the_first_global_of_a_raw_pickle_is_named_exactly(tmp_path: Path) -> None:
+    """Protocol 4 reuses memoised strings: the name comes from the unpickler's own lookup."""
+    import collections
+    import os
+
+    path = tmp_path / "memo.pt"
+    with open(path, "wb") as f:
+        pickle.dump([{1, 2}, collections.OrderedDict, collections.Counter, os.getcwd], f, 4)
+    with pytest.raises(CheckpointError, match=r"\(it names collections\.OrderedDict\)"):
+        load_torch_file(path)

@@ -104,6 +104,10 @@ def test_convert_experiment_runs_end_to_end_and_checks_its_options(tmp_path, cap
     curves = json.loads(out.read_text())["curves"]
     assert set(curves) == {"bn", "bn_free", "nf", "gn", "gnpn"}
     assert all([step for step, _ in c["2"]] == [0, 1] for c in curves.values())
+    assert main(["convert-experiment", "--pretrain-steps", "2", "--finetune-steps", "0",
+                 "--batch-sizes", "2", "--width", "4", "--json", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["curves"]["nf"]["2"] == [[0, pytest.approx(
+        json.loads(out.read_text())["curves"]["nf"]["2"][0][1])]]  # conversion only
     capsys.readouterr()
     for bad, needle in ((["--batch-sizes", "0"], "batch_sizes[0] must be an int >= 1"),
                         (["--finetune-lr", "nan"], "finetune_lr must be a positive finite")):

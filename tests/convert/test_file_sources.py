@@ -51,7 +51,7 @@ def _forged(tmp_path: Path, source: str, kwargs: dict, suffix: str) -> Path:
 def test_a_file_naming_a_callable_runs_nothing_without_the_opt_in(tmp_path, suffix) -> None:
     marker = tmp_path / "code_ran"
     path = _forged(tmp_path, "builtins:open", {"file": str(marker), "mode": "w"}, suffix)
-    with pytest.raises(CheckpointError, match=r"names its architecture 'builtins:open'"):
+    with pytest.raises(CheckpointError, match=r"names the architecture 'builtins:open'"):
         load_converted(path)
     assert not marker.exists()
     with pytest.raises(Exception, match=r"not an nn\.Module"), trusting_code():
@@ -133,3 +133,34 @@ def test_a_model_file_name_is_a_name_not_a_spec(tmp_path, capsys) -> None:
     assert main(["convert", str(path), "--to", "bn_free", "--out", str(tmp_path / "o.pt"),
                  "--image-size", "8"]) == 2  # fmt: skip
     assert "is not a model name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("description", "state", "needle"),
+    [
+        ([1, 2], None, "is not a converted-model description"),
+        ({"version": 1, "mode": "nf"}, None, "is not a converted-model description"),
+        (None, [1, 2], "not a mapping of names to tensors"),
+        (None, {"w": 3}, "not a mapping of names to tensors"),
+    ],
+    ids=["list", "missing-keys", "state-list", "state-int"],
+)
+def test_a_damaged_description_or_state_is_one_error(tmp_path, description, state, needle):
+    path = _forged(tmp_path, SHIPPED, {"width": 4}, ".pt")
+    stored = torch.load(path, weights_only=True)
+    if description is not None:
+        stored["description"] = description
+    if state is not None:
+        stored["state_dict"] = state
+    torch.save(stored, path)
+    with pytest.raises(CheckpointError, match=needle):
+        load_converted(path)
+
+
+def test_options_that_would_download_or_load_are_refused_when_set(tmp_path) -> None:
+    path = _forged(tmp_path, "torchvision:resnet18", {"weights_backbone": "DEFAULT"}, ".pt")
+    with pytest.raises(CheckpointError, match=r"\['weights_backbone'\]"):
+        load_converted(path)
+    from normfree.convert.sources import file_loading_options
+
+    assert file_loading_options({"pretrained": False, "checkpoint_path": None, "width": 2}) == []

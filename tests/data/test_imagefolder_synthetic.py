@@ -107,7 +107,7 @@ def test_synthetic_defaults_and_spec_errors() -> None:
         build_datasets("synthetic:classes=3")
     with pytest.raises(ValueError, match=r"size=.*not a valid int"):
         build_datasets("synthetic:size=big")
-    with pytest.raises(ValueError, match=r"num_classes must be an int in \[2, 1048576\]"):
+    with pytest.raises(ValueError, match=r"num_classes must be an int in \[2, 65536\]"):
         build_datasets("synthetic:num_classes=1")
     with pytest.raises(ValueError, match=r"synthetic n must be an int in \[1, 134217728\]"):
         build_datasets("synthetic:n=1000000000000")  # 8 TB of labels, refused before any

@@ -99,6 +99,9 @@ def test_a_folder_made_with_other_settings_is_refused(tmp_path: Path) -> None:
         assert CALLS == []
     assert (tmp_path / "results.csv").read_text() == table
     run_experiment(FAKE, tmp_path, GridOptions(quick=True), log=lambda s: None)  # the same: fine
+    from normfree.experiments.grid import table_rows
+
+    assert len(table_rows(FAKE, tmp_path, _cells(GridOptions()))) == 6  # no options: no check
 
 
 def test_a_damaged_result_file_reruns_its_cell_or_is_one_error(tmp_path: Path) -> None:

@@ -587,9 +587,29 @@ def test_export_takes_no_size_from_a_checkpoint_on_trust(
     torch.save(state, forged)
     out = tmp_path / "m.pt2"
     assert main(["export", str(forged), "--out", str(out)]) == 2
-    _one_line_error(capsys.readouterr().err, "test size of 20000", "--image-size")
+    _one_line_error(capsys.readouterr().err, "input size of 20000", "--image-size")
     assert main(["export", str(forged), "--out", str(out), "--image-size", "8"]) == 0
     state["model_args"]["num_classes"] = 3_000_000
     torch.save(state, forged)
     assert main(["export", str(forged), "--out", str(out), "--image-size", "8"]) == 2
     _one_line_error(capsys.readouterr().err, "does not hold the weights")
+
+
+def test_a_new_run_refuses_a_dangling_link_and_a_fifo(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A link whose target does not exist yet still counts as an earlier run's file (it would
+    be appended through), and a FIFO in place of a file the run appends to fails at once."""
+    run = tmp_path / "run"
+    run.mkdir()
+    outside = tmp_path / "outside.txt"
+    (run / "metrics.jsonl").symlink_to(outside)
+    assert main(["train", "--out", str(run), *TINY]) == 2
+    _one_line_error(capsys.readouterr().err, "already holds an earlier run", "metrics.jsonl")
+    assert not outside.exists()
+    if hasattr(os, "mkfifo"):
+        from normfree.train.run_folder import record_config_change
+
+        os.mkfifo(run / "config_history.jsonl")
+        with pytest.raises(RunFolderError, match="not a regular file"):
+            record_config_change(run, "resume", 1, {"optim.lr": (0.1, 0.05)})

@@ -25,8 +25,8 @@ from normfree.checkpoints import CheckpointError
 from normfree.console import report_error
 
 __all__ = [
-    "add_parser", "add_trust_code_argument", "model_from_spec", "parse_model_spec",
-    "parse_overrides", "positive_int",
+    "LARGEST_RECORDED_SIDE", "add_parser", "add_trust_code_argument", "check_recorded_size",
+    "model_from_spec", "parse_model_spec", "parse_overrides", "positive_int",
 ]  # fmt: skip
 
 _FILE_SUFFIXES = (".pt", ".pth", ".safetensors", ".npz", ".bin", ".ckpt")
@@ -66,9 +66,9 @@ def add_trust_code_argument(p: argparse.ArgumentParser) -> None:
     """``--trust-code`` of every command that reads converted-model files (the main CLI opens
     :func:`normfree.convert.trusting_code` around the command when it is given)."""
     p.add_argument("--trust-code", action="store_true",
-                   help="let converted-model files name any package.module:factory "
-                   "architecture (rebuilding it imports and runs that code: only for files "
-                   "you trust)")  # fmt: skip
+                   help="let converted-model files (and train's distill.teacher) name any "
+                   "package.module:factory architecture (building it imports and runs that "
+                   "code: only for files you trust)")  # fmt: skip
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -107,9 +107,10 @@ def model_from_spec(spec: str, overrides: dict[str, Any] | None = None) -> nn.Mo
     converted model in the file ``spec`` (``normfree convert``)."""
     from normfree.convert import is_converted_file, load_converted
 
-    if ("/" in spec or Path(spec).suffix in _FILE_SUFFIXES) and not Path(spec).exists():
+    names_a_file = "/" in spec or Path(spec).suffix in _FILE_SUFFIXES  # never a model name
+    if names_a_file and not Path(spec).exists():
         raise ValueError(f"no file {spec!r} (a model is NAME, NAME[key=value,...] or module:fn)")
-    if is_converted_file(spec) or Path(spec).is_file():  # the load says what else a file is
+    if (names_a_file and Path(spec).is_file()) or is_converted_file(spec):  # the load says why not
         if overrides:
             raise ValueError(f"{spec}: a converted model file takes no --override")
         return load_converted(spec)
@@ -129,6 +130,17 @@ def model_from_spec(spec: str, overrides: dict[str, Any] | None = None) -> nn.Mo
     return create_model(name, **kwargs)
 
 
+LARGEST_RECORDED_SIDE = 4096  # an input size read from a file beyond this is not taken on trust
+
+
+def check_recorded_size(size: Any, source: object) -> int:
+    """An input side length that a file (checkpoint, converted model) records: a positive int
+    up to :data:`LARGEST_RECORDED_SIDE`, else ``ValueError`` asking for ``--image-size``."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= LARGEST_RECORDED_SIDE:
+        raise ValueError(f"{source} records an input size of {size!r}; pass --image-size")
+    return size
+
+
 def _input_shape(model: nn.Module, spec: str, image_size: int | None) -> tuple[int, int, int]:
     in_chans = getattr(model, "in_chans", 3)
     if image_size is None:
@@ -136,6 +148,7 @@ def _input_shape(model: nn.Module, spec: str, image_size: int | None) -> tuple[i
         image_size = getattr(meta, "test_size", None)
         if image_size is None:
             raise ValueError(f"{spec}: pass --image-size (the model does not declare one)")
+        image_size = check_recorded_size(image_size, spec)  # a converted file's, e.g.
     return (int(in_chans), int(image_size), int(image_size))
 
 
@@ -234,9 +247,7 @@ def run_spp(args: argparse.Namespace) -> int:
     from normfree.analysis.spp import save_results, signal_propagation, write_csv
 
     try:
-        for path in (args.json, args.csv, args.out):
-            if path:
-                check_writable(path)
+        check_writable(args.json, args.csv, args.out)
         device = _device(args.device)
         overrides = parse_overrides(args.override)
         results = []
@@ -274,8 +285,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
     from normfree.analysis.diagnose import diagnose
 
     try:
-        if args.json:
-            check_writable(args.json)
+        check_writable(args.json)
         device = _device(args.device)
         torch.manual_seed(args.seed)
         model = model_from_spec(args.model, parse_overrides(args.override)).to(device)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "CheckpointMismatchError"]
+__all__ = ["CheckpointError", "CheckpointMismatchError", "UnsafePickleError"]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, corrupt, of an unknown format, or refused for safety."""
+
+
+class UnsafePickleError(CheckpointError):
+    """A file holds pickled Python objects beyond tensors (unpickling it could run code): refused
+    unless the caller opts in to full unpickling for files it trusts."""
 
 
 class CheckpointMismatchError(CheckpointError):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import pickletools
 import re
 import warnings
 import zipfile
@@ -19,10 +18,11 @@ from typing import Any
 import torch
 
 from normfree.atomic import atomic_write_bytes
-from normfree.checkpoints.errors import CheckpointError
+from normfree.checkpoints.errors import CheckpointError, UnsafePickleError
 
 __all__ = [
-    "atomic_save", "atomic_write_bytes", "load_tensors", "load_torch_file", "save_safetensors",
+    "atomic_save", "atomic_write_bytes", "load_tensors", "load_torch_file", "load_trusted_pickle",
+    "save_safetensors",
 ]  # fmt: skip
 
 
@@ -57,29 +57,43 @@ def save_safetensors(
     atomic_write_bytes(path, lambda f: f.write(data))
 
 
-def _pickle_globals(path: str | os.PathLike[str]) -> list[str] | None:
-    """The globals (``module.name``) a plain pickle file names, read with :mod:`pickletools`
-    (nothing is unpickled or imported); None when the file is not one whole pickle."""
-    names: list[str] = []
-    strings: list[str] = []
+class _Named(Exception):
+    """Raised by :class:`_FirstGlobal` with the first global a pickle names."""
+
+
+class _FirstGlobal(pickle.Unpickler):
+    """An unpickler that stops at the first global the pickle names (``find_class`` is where
+    anything would be imported; nothing is imported, called or built from a class)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise _Named(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("persistent id")
+
+
+_LARGEST_INSPECTED = 64 << 20  # a refused pickle bigger than this is not read to name a global
+
+
+def _first_global(path: str | os.PathLike[str]) -> str | None:
+    """The first global (``module.name``) a plain pickle file names; ``""`` when it names none
+    or is too big to inspect; None when the file is not a pickle."""
+    if os.path.getsize(path) > _LARGEST_INSPECTED:
+        return ""
     try:
         with open(path, "rb") as f:
-            for op, arg, _ in pickletools.genops(f):
-                if op.name == "GLOBAL":
-                    names.append(str(arg).replace(" ", "."))
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    names.append(f"{strings[-2]}.{strings[-1]}")
-                elif isinstance(arg, str) and "UNICODE" in op.name:
-                    strings.append(arg)
+            _FirstGlobal(f).load()
+    except _Named as named:
+        return str(named)
     except Exception:
         return None
-    return names
+    return ""
 
 
 def _refusal_reason(e: BaseException, path: str | os.PathLike[str]) -> str | None:
     """What ``torch.load(weights_only=True)`` refused in the file (``it names posix.system``), or
     None when ``e`` is not such a refusal (a corrupt file also fails the safe unpickler, with
-    "Unsupported operand": then the file is parsed, not unpickled, to tell which it is).
+    "Unsupported operand": then :class:`_FirstGlobal` reads it up to its first global).
     PyTorch's message spans several lines around the reason, with advice (``weights_only=False``)
     normfree does not follow."""
     text = str(e)
@@ -89,11 +103,11 @@ def _refusal_reason(e: BaseException, path: str | os.PathLike[str]) -> str | Non
     if named:
         return f"it names {named.group(1)}"
     if "Unsupported operand" in text and not zipfile.is_zipfile(path):
-        names = _pickle_globals(path)
-        if names is None:
+        name = _first_global(path)
+        if name is None:
             return None
-        if names:
-            return f"it names {', '.join(dict.fromkeys(names))}"
+        if name:
+            return f"it names {name}"
     return "objects the safe loader does not read"
 
 
@@ -117,7 +131,7 @@ def load_torch_file(
         reason = _refusal_reason(e, path)
         if reason is not None:
             fix = f", or pass {trust_hint} if you trust where it came from" if trust_hint else ""
-            raise CheckpointError(
+            raise UnsafePickleError(
                 f"{path} holds pickled Python objects, not only tensors ({reason}), and normfree "
                 "does not unpickle those because they can run code; save the weights with "
                 f"torch.save(model.state_dict(), ...) or as .safetensors{fix}"
@@ -129,6 +143,21 @@ def load_torch_file(
         raise CheckpointError(
             f"{path} is corrupt or truncated, or not a PyTorch file, and cannot be loaded "
             f"({first}); restore it from a copy or give another file"
+        ) from e
+
+
+def load_trusted_pickle(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(path, weights_only=False)``: full unpickling, which can run code. Only for
+    a file the user vouched for (``--trust-pickle`` / ``trust_pickle=True``) after the safe
+    loader refused it (:class:`UnsafePickleError`); a file that still cannot be read raises
+    :class:`CheckpointError` in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # EOFError, UnpicklingError, an import the pickle names failing...
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(
+            f"{path} cannot be unpickled even as trusted ({type(e).__name__}: {first}); it is "
+            "corrupt, truncated or needs code that is not installed"
         ) from e
 
 

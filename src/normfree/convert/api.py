@@ -21,8 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from normfree.checkpoints.errors import CheckpointError
-from normfree.checkpoints.io import atomic_save, load_tensors, load_torch_file, save_safetensors
+from normfree.checkpoints.errors import CheckpointError, UnsafePickleError
+from normfree.checkpoints.io import (
+    atomic_save,
+    load_tensors,
+    load_torch_file,
+    load_trusted_pickle,
+    save_safetensors,
+)
 from normfree.checkpoints.state_dict import load_state_dict_checked
 from normfree.convert.graph import ConversionError, last_linear, trace
 from normfree.convert.modes import (
@@ -51,6 +57,7 @@ __all__ = [
 
 CONVERTED_FORMAT = "normfree.converted"
 CONVERTED_PREFIX = "converted:"  # `normfree train model=converted:PATH`
+_DESCRIBED = ("version", "mode", "source", "options")  # what a description must hold
 
 
 @dataclass
@@ -346,10 +353,10 @@ def _read(path: Path, trust_pickle: bool) -> tuple[dict[str, Any] | None, Any]:
         return json.loads(meta["description"]), load_tensors(path)
     try:
         obj = load_tensors(path, trust_hint="trust_pickle=True (normfree export --trust-pickle)")
-    except CheckpointError:
+    except UnsafePickleError:
         if not trust_pickle:
             raise
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = load_trusted_pickle(path)
         if not isinstance(obj, ConvertedModel):
             raise CheckpointError(
                 f"{path} holds a {type(obj).__name__}, not a ConvertedModel"
@@ -372,8 +379,12 @@ def load_converted(
     description, state = _read(path, trust_pickle)
     if description is None:
         return state.eval()
+    if not isinstance(description, dict) or not all(k in description for k in _DESCRIBED):
+        raise CheckpointError(f"{path}: its description is not a converted-model description")
     if description.get("version") != 1 or description.get("mode") not in MODES:
         raise CheckpointError(f"{path}: unsupported converted-model description {description}")
+    if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
+        raise CheckpointError(f"{path}: its weights are not a mapping of names to tensors")
     check_file_source(description["source"], description.get("source_kwargs"), path, trust_code)
 
     def rebuild() -> ConvertedModel:

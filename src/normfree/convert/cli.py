@@ -113,9 +113,7 @@ def run_convert_experiment(args: argparse.Namespace) -> int:
     )
 
     try:
-        for path in (args.json, args.figure, args.table):
-            if path:
-                check_writable(path)
+        check_writable(args.json, args.figure, args.table)
         torch.set_num_threads(args.threads)
         cfg = ExperimentConfig(
             data=args.data, width=args.width, pretrain_steps=args.pretrain_steps,
@@ -148,25 +146,28 @@ def _split_spec(spec: str, overrides: dict[str, Any]) -> tuple[str, dict[str, An
 def _from_file(path: Path, args: argparse.Namespace) -> tuple[nn.Module, str | None, dict]:
     """A model from a normfree checkpoint / model file, or a trusted pickled module."""
     from normfree.checkpoints import CheckpointError, load_state_dict_checked
-    from normfree.checkpoints.io import load_tensors
+    from normfree.checkpoints.errors import UnsafePickleError
+    from normfree.checkpoints.io import load_tensors, load_trusted_pickle
 
     try:
         obj = load_tensors(path, trust_hint="--trust-pickle")
-    except CheckpointError:
+    except UnsafePickleError:
         if not args.trust_pickle:
             raise
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = load_trusted_pickle(path)
         if not isinstance(obj, nn.Module):
             raise ValueError(f"{path} holds a {type(obj).__name__}, not an nn.Module") from None
         return obj, None, {}
     if isinstance(obj, dict) and "model_args" in obj:  # training checkpoint
         from normfree.train.builders import build_model
-        from normfree.train.checkpointing import checkpoint_weights
+        from normfree.train.checkpointing import check_weights_fit, checkpoint_weights
 
         margs = obj["model_args"]
-        model = build_model(margs)
         use_ema = not args.raw and bool(obj.get("ema"))
-        load_state_dict_checked(model, checkpoint_weights(obj, ema=use_ema), source=str(path))
+        weights = checkpoint_weights(obj, ema=use_ema)
+        check_weights_fit(margs, weights, path)  # before the model is allocated
+        model = build_model(margs)
+        load_state_dict_checked(model, weights, source=str(path))
         kwargs = {"num_classes": margs["num_classes"], "in_chans": margs["in_chans"],
                   **margs["kwargs"]}  # fmt: skip
         return model, f"normfree:{margs['name']}", kwargs
@@ -246,9 +247,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from normfree.convert import ConversionError, convert_model, save_converted
 
     try:
-        for path in (args.out, args.json):
-            if path:
-                check_writable(path)
+        check_writable(args.out, args.json)
         if Path(args.out).suffix not in (".safetensors", ".pt", ".pth"):
             raise ValueError(f"--out must end in .safetensors or .pt, got {args.out!r}")
         source = Path(args.source)

@@ -97,13 +97,16 @@ class ExperimentConfig:
                   "eval_every": self.eval_every, "calib_images": self.calib_images}  # fmt: skip
         counts.update({f"batch_sizes[{i}]": b for i, b in enumerate(self.batch_sizes)})
         for name, value in counts.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            low = 0 if name.endswith("_steps") else 1  # 0 steps: convert only, no fine-tune
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if not self.batch_sizes:
             raise ValueError("batch_sizes must name at least one batch size")
         for name in ("pretrain_lr", "finetune_lr", "clipping"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if isinstance(value, bool) or not (
+                isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+            ):
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 

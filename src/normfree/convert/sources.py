@@ -42,7 +42,10 @@ __all__ = [
 SHIPPED_FACTORIES = frozenset({"normfree.convert.experiment:bn_resnet_small"})
 _REGISTRIES = ("torchvision", "timm", "normfree")
 _LOADS_FILES = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
-                          "checkpoint_path", "weights"})  # fmt: skip
+                          "checkpoint_path", "weights", "weights_backbone",
+                          "pretrained_backbone"})  # fmt: skip
+_OPT_IN = ("pass --trust-code (Python: load_converted(..., trust_code=True), or the code in a "
+           "`with normfree.convert.trusting_code():` block) only if you trust where it came from")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")  # a registered name: resnet50.a1_in1k
 _TRUST_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("trust_code", default=False)
 
@@ -51,7 +54,7 @@ def file_loading_options(kwargs: dict[str, Any] | None) -> list[str]:
     """The options among ``kwargs`` with which a model builder loads another file
     (``checkpoint_path``, ``pretrained``, ``pretrained_cfg``...): a file's stored options must
     not choose what else is read."""
-    return sorted(_LOADS_FILES & set(kwargs or {}))
+    return sorted(k for k in _LOADS_FILES & set(kwargs or {}) if kwargs[k])  # type: ignore[index]
 
 
 @contextlib.contextmanager
@@ -77,21 +80,20 @@ def check_file_source(
     kind, _, name = spec.partition(":") if ":" in spec else ("normfree", ":", spec)
     if kind not in _REGISTRIES and spec not in SHIPPED_FACTORIES:
         raise CheckpointError(
-            f"{path} names its architecture {spec!r}, a Python callable that rebuilding it would "
-            "import and run; files may name torchvision:, timm: and normfree: architectures. "
-            "Pass --trust-code (Python: trust_code=True) only for a file you trust"
+            f"{path} names the architecture {spec!r}, a Python callable that building it would "
+            "import and run; only torchvision:, timm: and normfree: architectures are built "
+            f"unasked: {_OPT_IN}"
         )
     if kind in _REGISTRIES and not _PLAIN_NAME.fullmatch(name):  # timm:hf-hub:..., local-dir:
         raise CheckpointError(
-            f"{path} names its architecture {spec!r}, which is not a plain {kind} model name "
-            "(it would read a folder or download a configuration); pass --trust-code (Python: "
-            "trust_code=True) only for a file you trust"
+            f"{path} names the architecture {spec!r}, which is not a plain {kind} model name "
+            f"(it would read a folder or download a configuration): {_OPT_IN}"
         )
     loads = file_loading_options(kwargs)
     if loads:
         raise CheckpointError(
-            f"{path}: the options {loads} of its architecture {spec!r} would load another file; "
-            "pass --trust-code (Python: trust_code=True) only for a file you trust"
+            f"{path}: the options {loads} of the architecture {spec!r} would load another "
+            f"file: {_OPT_IN}"
         )
 
 

@@ -46,10 +46,11 @@ class SyntheticSpec:
     noise: float = 1.0
 
     def __post_init__(self) -> None:
-        # upper bounds: a spec can come from a checkpoint's stored config, and the labels
-        # (8 bytes an image) and class prototypes are allocated up front
-        for name, lo, hi in (("num_classes", 2, 1 << 20), ("size", 1, 1 << 14),
-                             ("channels", 1, 1 << 10), ("n", 1, 1 << 27)):  # fmt: skip
+        # upper bounds: a spec can come from a checkpoint's stored config; the labels (8 bytes
+        # an image, ≤ 1 GiB) and class prototypes (≤ 256 MiB) are allocated up front, and an
+        # image is at most 4 GiB
+        for name, lo, hi in (("num_classes", 2, 1 << 16), ("size", 1, 1 << 12),
+                             ("channels", 1, 1 << 6), ("n", 1, 1 << 27)):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise ValueError(f"synthetic {name} must be an int in [{lo}, {hi}], got {value!r}")

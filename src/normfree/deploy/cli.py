@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from normfree.analysis.cli import add_trust_code_argument, positive_int
+from normfree.analysis.cli import add_trust_code_argument, check_recorded_size, positive_int
 from normfree.console import report_error
 from normfree.deploy.export import EXPORT_FORMATS
 
@@ -58,9 +58,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_export)
 
 
-_LARGEST_SIDE = 4096  # a checkpoint's recorded test size beyond this is not taken on trust
-
-
 def _from_checkpoint(path: Path, raw: bool) -> tuple[nn.Module, dict[str, Any], str]:
     from normfree.checkpoints import load_state_dict_checked
     from normfree.train.builders import build_model
@@ -97,6 +94,7 @@ def _from_spec(args: argparse.Namespace) -> nn.Module:
 def run_export(args: argparse.Namespace) -> int:
     """Entry point of ``normfree export``."""
     from normfree.checkpoints import CheckpointError
+    from normfree.checkpoints.errors import UnsafePickleError
     from normfree.deploy.export import ExportError, export_model
 
     source = Path(args.source)
@@ -111,7 +109,7 @@ def run_export(args: argparse.Namespace) -> int:
                 raise ValueError("--weights/--override apply to a model SOURCE, not a checkpoint")
             try:
                 model, info, weights = _from_checkpoint(source, args.raw)
-            except CheckpointError:
+            except UnsafePickleError:
                 if not args.trust_pickle:
                     raise
                 model = load_converted(source, trust_pickle=True)  # a pickled converted module
@@ -122,8 +120,8 @@ def run_export(args: argparse.Namespace) -> int:
         size = args.image_size or info.get("test_size") or getattr(meta, "test_size", None)
         if not size:
             raise ValueError("pass --image-size (neither the source nor the model declares one)")
-        if args.image_size is None and not (isinstance(size, int) and 0 < size <= _LARGEST_SIDE):
-            raise ValueError(f"{source} records a test size of {size!r}; pass --image-size")
+        if args.image_size is None:
+            size = check_recorded_size(size, source)
         in_chans = int(info.get("in_chans") or getattr(model, "in_chans", 3))
         metadata = {
             "model": getattr(meta, "name", type(model).__name__),

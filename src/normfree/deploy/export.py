@@ -61,7 +61,7 @@ class ExportResult:
 def _format_of(path: Path, fmt: str | None) -> str:
     if fmt is None:
         for name, suffix in EXPORT_FORMATS.items():
-            if path.suffix == suffix:
+            if path.suffix.lower() == suffix:
                 return name
         raise ValueError(
             f"cannot tell the export format from {path.name!r}: name the file "
@@ -70,11 +70,6 @@ def _format_of(path: Path, fmt: str | None) -> str:
         )
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {sorted(EXPORT_FORMATS)}")
-    if path.suffix != EXPORT_FORMATS[fmt]:  # readers go by the suffix (torch.export.load does)
-        raise ValueError(
-            f"a {fmt} file is named *{EXPORT_FORMATS[fmt]}, got {path.name!r}: rename it to "
-            f"{path.with_suffix(EXPORT_FORMATS[fmt]).name!r}"
-        )
     return fmt
 
 
@@ -237,8 +232,7 @@ def export_model(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     sidecar = path.with_name(path.name + ".json")
-    check_writable(path)  # before the work: both files are replaced only if both can be
-    check_writable(sidecar)
+    check_writable(path, sidecar)  # before the work: both are replaced only if both can be
     folded = prepare_for_inference(model).cpu().float()
     gen = torch.Generator().manual_seed(seed)
     example = torch.randn(2, *shape, generator=gen)  # batch 2: 1 would be specialised

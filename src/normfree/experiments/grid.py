@@ -183,9 +183,12 @@ def _settings(cell: Cell, options: GridOptions) -> dict[str, Any]:
     return {"params": cell.params, "quick": options.quick, "data": options.data}
 
 
-def _load_result(folder: Path, cell: Cell, options: GridOptions) -> dict[str, Any] | None:
+def _load_result(
+    folder: Path, cell: Cell, options: GridOptions | None
+) -> dict[str, Any] | None:
     """The cell's stored result; None when it has none or an unreadable one (the cell reruns).
-    :class:`ExperimentError` when it was made with other settings."""
+    :class:`ExperimentError` when it was made with settings other than ``options`` (None:
+    not compared)."""
     path = folder / RESULT_FILE
     if not path.is_file():
         return None
@@ -195,6 +198,8 @@ def _load_result(folder: Path, cell: Cell, options: GridOptions) -> dict[str, An
         return None
     if not isinstance(stored, dict) or not isinstance(stored.get("result"), dict):
         return None
+    if options is None:
+        return stored["result"]
     expected = json.loads(json.dumps(_settings(cell, options)))  # as JSON reads it back
     differ = [k for k, v in expected.items() if k in stored and stored[k] != v]
     if differ:  # (files of earlier versions lack quick/data: their params still decide)
@@ -315,10 +320,11 @@ def run_experiment(
 def table_rows(
     exp: Experiment, out: Path, cells: list[Cell], options: GridOptions | None = None
 ) -> list[dict[str, Any]]:
-    """One row per finished cell, in grid order: its params then its result."""
+    """One row per finished cell, in grid order: its params then its result (with ``options``,
+    a folder made with other settings is refused)."""
     rows = []
     for cell in cells:
-        result = _load_result(cell_dir(out, cell), cell, options or GridOptions())
+        result = _load_result(cell_dir(out, cell), cell, options)
         if result is not None:
             rows.append({"cell": cell.key, **cell.params, **result})
     return rows

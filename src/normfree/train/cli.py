@@ -385,8 +385,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
         return run_eval_converted(args)
     try:
-        if args.json:
-            check_writable(args.json)
+        check_writable(args.json)
         result = evaluate_checkpoint(
             args.checkpoint,
             args.data,

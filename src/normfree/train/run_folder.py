@@ -41,6 +41,7 @@ __all__ = [
     "RunFolderError",
     "RunFolderLock",
     "check_new_run_folder",
+    "open_run_file",
     "overridable_listed",
     "record_config_change",
     "resume_changes",
@@ -84,18 +85,24 @@ def resume_overridable(key: str) -> bool:
     return key.startswith(RESUME_OVERRIDABLE + RECOVERY_OVERRIDABLE)
 
 
-def _open_run_file(path: Path, flags: int) -> int:
+def open_run_file(path: Path, flags: int) -> int:
     """``os.open`` of a file that normfree writes *in place* in a run folder (the lock, the
     config history): a symbolic link there is refused, not followed, so a run folder from
     elsewhere cannot point those writes at another file (:class:`RunFolderError`)."""
-    try:
-        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    if path.is_symlink() and not nofollow:  # a platform without O_NOFOLLOW: look first
+        raise RunFolderError(f"{str(path)!r} is a symbolic link; normfree does not write "
+                             "through links in a run folder: remove it")  # fmt: skip
+    try:  # O_NONBLOCK: a FIFO there fails or opens at once instead of blocking the run
+        fd = os.open(path, flags | nofollow | getattr(os, "O_NONBLOCK", 0), 0o666)
     except OSError as e:
         if e.errno == errno.ELOOP or path.is_symlink():
             raise RunFolderError(
                 f"{str(path)!r} is a symbolic link; normfree does not write through links in a "
                 "run folder: remove it"
             ) from None
+        if e.errno == errno.ENXIO:  # a FIFO nobody reads
+            raise RunFolderError(f"{str(path)!r} is not a regular file; remove it") from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -118,7 +125,7 @@ class RunFolderLock:
             fd, probe = tempfile.mkstemp(prefix=".normfree-probe.", dir=self.run_dir)
             os.close(fd)
             os.unlink(probe)
-            fd = _open_run_file(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+            fd = open_run_file(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)
         except RunFolderError:
             raise
         except OSError as e:
@@ -174,7 +181,7 @@ def check_new_run_folder(run_dir: str | Path, overwrite: bool = False) -> None:
     """Refuse (:class:`RunFolderError`) a new run into a folder holding an earlier run's files;
     with ``overwrite`` delete those files instead (other files are left alone)."""
     run_dir = Path(run_dir)
-    earlier = [name for name in RUN_FILES if (run_dir / name).exists()]
+    earlier = [name for name in RUN_FILES if os.path.lexists(run_dir / name)]  # links too
     if not earlier:
         return
     if not overwrite:
@@ -204,7 +211,7 @@ def record_config_change(
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()},
     }
-    fd = _open_run_file(Path(run_dir) / HISTORY_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    fd = open_run_file(Path(run_dir) / HISTORY_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 

@@ -15,10 +15,12 @@ import io
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from normfree.atomic import atomic_save_figure, atomic_write_json, atomic_write_text
+from normfree.train.run_folder import open_run_file
 
 __all__ = ["RunLogger", "plot_curves", "read_metrics"]
 
@@ -129,7 +131,8 @@ class RunLogger:
             kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= resume_step]
             atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
             self.records = kept
-        self._file = open(self.metrics_path, "a")
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT  # appended in place: no link followed
+        self._file = os.fdopen(open_run_file(self.metrics_path, flags), "a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
