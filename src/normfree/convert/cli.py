@@ -145,7 +145,7 @@ def _split_spec(spec: str, overrides: dict[str, Any]) -> tuple[str, dict[str, An
 
 def _from_file(path: Path, args: argparse.Namespace) -> tuple[nn.Module, str | None, dict]:
     """A model from a normfree checkpoint / model file, or a trusted pickled module."""
-    from normfree.checkpoints import CheckpointError, load_state_dict_checked
+    from normfree.checkpoints import CheckpointError
     from normfree.checkpoints.errors import UnsafePickleError
     from normfree.checkpoints.io import load_tensors, load_trusted_pickle
 
@@ -159,15 +159,10 @@ def _from_file(path: Path, args: argparse.Namespace) -> tuple[nn.Module, str | N
             raise ValueError(f"{path} holds a {type(obj).__name__}, not an nn.Module") from None
         return obj, None, {}
     if isinstance(obj, dict) and "model_args" in obj:  # training checkpoint
-        from normfree.train.builders import build_model
-        from normfree.train.checkpointing import check_weights_fit, checkpoint_weights
+        from normfree.train.checkpointing import checkpoint_model
 
         margs = obj["model_args"]
-        use_ema = not args.raw and bool(obj.get("ema"))
-        weights = checkpoint_weights(obj, ema=use_ema)
-        check_weights_fit(margs, weights, path)  # before the model is allocated
-        model = build_model(margs)
-        load_state_dict_checked(model, weights, source=str(path))
+        model = checkpoint_model(obj, path, ema=not args.raw and bool(obj.get("ema")))
         kwargs = {"num_classes": margs["num_classes"], "in_chans": margs["in_chans"],
                   **margs["kwargs"]}  # fmt: skip
         return model, f"normfree:{margs['name']}", kwargs

@@ -59,20 +59,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _from_checkpoint(path: Path, raw: bool) -> tuple[nn.Module, dict[str, Any], str]:
-    from normfree.checkpoints import load_state_dict_checked
-    from normfree.train.builders import build_model
-    from normfree.train.checkpointing import (
-        check_weights_fit,
-        checkpoint_weights,
-        load_checkpoint,
-    )
+    from normfree.train.checkpointing import checkpoint_model, load_checkpoint
 
     state = load_checkpoint(path)
     use_ema = not raw and bool(state.get("ema"))
-    weights = checkpoint_weights(state, ema=use_ema)
-    check_weights_fit(state["model_args"], weights, path)  # before the model is allocated
-    model = build_model(state["model_args"])
-    load_state_dict_checked(model, weights, source=str(path))
+    model = checkpoint_model(state, path, ema=use_ema)
     info = dict(state.get("data_info") or {})
     if not info:  # written before checkpoints recorded it: what the config says, if anything
         data = state["config"].get("data", {})

@@ -43,6 +43,7 @@ __all__ = [
     "capture_rng_state",
     "check_weights_fit",
     "checkpoint_config",
+    "checkpoint_model",
     "checkpoint_weights",
     "load_checkpoint",
     "restore_rng_state",
@@ -165,6 +166,22 @@ def check_weights_fit(
             f"({model_args.get('name')!r}, {size / 1e6:.1f}M values): {' | '.join(parts)}; "
             "the file is damaged or was not written by normfree train"
         )
+
+
+def checkpoint_model(
+    state: dict[str, Any], path: str | Path = "checkpoint", ema: bool = False
+) -> torch.nn.Module:
+    """The model of a loaded training checkpoint with its raw (or ``ema``) weights: the
+    tensors are checked against ``model_args`` on the meta device first
+    (:func:`check_weights_fit`), so a small file cannot make a huge model be allocated."""
+    from normfree.checkpoints.state_dict import load_state_dict_checked
+    from normfree.train.builders import build_model
+
+    weights = checkpoint_weights(state, ema=ema)
+    check_weights_fit(state["model_args"], weights, path)
+    model = build_model(state["model_args"])
+    load_state_dict_checked(model, weights, source=str(path))
+    return model
 
 
 def checkpoint_config(state: dict[str, Any], path: str | Path = "checkpoint") -> Any:

@@ -44,13 +44,11 @@ def load_teacher(cfg: Config, device: torch.device) -> nn.Module:
     assert d.teacher is not None
     path = Path(d.teacher)
     if path.is_dir() or (path.is_file() and d.teacher_weights is None):
-        from normfree.train.builders import build_model
-        from normfree.train.checkpointing import checkpoint_weights, load_checkpoint
+        from normfree.train.checkpointing import checkpoint_model, load_checkpoint
         from normfree.train.evaluate import resolve_checkpoint_path
 
-        state = load_checkpoint(resolve_checkpoint_path(path))
-        teacher = build_model(state["model_args"])
-        teacher.load_state_dict(checkpoint_weights(state))
+        resolved = resolve_checkpoint_path(path)
+        teacher = checkpoint_model(load_checkpoint(resolved), resolved)
     else:
         if d.teacher_weights is None:
             raise ConfigError(
