@@ -21,6 +21,7 @@ import io
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
@@ -142,20 +143,22 @@ def _check_cells(cells: list[Cell]) -> None:
 def _exit_with_parent(parent_pid: int) -> None:
     """Initializer of a cell worker: end it when the process that started it dies, even by
     SIGKILL or the OOM killer (which run no cleanup), so that no orphan keeps training into the
-    experiment folder that a rerun is about to reuse. Linux: ``PR_SET_PDEATHSIG``; elsewhere a
-    daemon thread watching the parent pid."""
+    experiment folder that a rerun is about to reuse. Linux: ``PR_SET_PDEATHSIG``; elsewhere
+    (or if that fails) a daemon thread waiting on the parent process's sentinel."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-        if os.getppid() != parent_pid:  # it died before the request took effect
-            os._exit(1)
+        if libc.prctl(1, signal.SIGKILL) == 0:  # PR_SET_PDEATHSIG = 1
+            if os.getppid() != parent_pid:  # it died before the request took effect
+                os._exit(1)
+            return
+    parent = multiprocessing.parent_process()
+    if parent is None:  # not started by multiprocessing: nothing to watch
         return
 
     def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
+        multiprocessing.connection.wait([parent.sentinel])
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
