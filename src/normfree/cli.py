@@ -4,6 +4,7 @@ of its concern and registers itself through ``add_parser(subparsers)``."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from collections.abc import Sequence
@@ -68,10 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from normfree.convert import trusting_code
+    trusted = contextlib.nullcontext()
+    if getattr(args, "trust_code", False):  # the commands' --trust-code
+        from normfree.convert import trusting_code
 
+        trusted = trusting_code()
     try:
-        with trusting_code(bool(getattr(args, "trust_code", False))):  # the commands' --trust-code
+        with trusted:
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

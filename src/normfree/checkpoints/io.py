@@ -111,6 +111,11 @@ def _refusal_reason(e: BaseException, path: str | os.PathLike[str]) -> str | Non
     return "objects the safe loader does not read"
 
 
+def _first_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (PyTorch's load errors run over several lines)."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
 def load_torch_file(
     path: str | os.PathLike[str], map_location: Any = "cpu", *, mmap: bool = False,
     trust_hint: str | None = None,
@@ -139,7 +144,7 @@ def load_torch_file(
         if str(e).startswith("Weights only load"):  # neither a torch zip file nor a pickle
             first = "no tensors or pickle could be read from it"
         else:
-            first = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+            first = _first_line(e)
         raise CheckpointError(
             f"{path} is corrupt or truncated, or not a PyTorch file, and cannot be loaded "
             f"({first}); restore it from a copy or give another file"
@@ -154,10 +159,9 @@ def load_trusted_pickle(path: str | os.PathLike[str]) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # EOFError, UnpicklingError, an import the pickle names failing...
-        first = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(
-            f"{path} cannot be unpickled even as trusted ({type(e).__name__}: {first}); it is "
-            "corrupt, truncated or needs code that is not installed"
+            f"{path} cannot be unpickled even as trusted ({_first_line(e)}); it is corrupt, "
+            "truncated or needs code that is not installed"
         ) from e
 
 

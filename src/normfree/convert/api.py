@@ -29,7 +29,7 @@ from normfree.checkpoints.io import (
     load_trusted_pickle,
     save_safetensors,
 )
-from normfree.checkpoints.state_dict import load_state_dict_checked
+from normfree.checkpoints.state_dict import compare_state_dict, load_state_dict_checked
 from normfree.convert.graph import ConversionError, last_linear, trace
 from normfree.convert.modes import (
     MODES,
@@ -397,14 +397,15 @@ def load_converted(
 
     with torch.device("meta"):  # the file's tensors must fill it before memory is spent on it
         skeleton = rebuild()
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != got:
-        wrong = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
+    report = compare_state_dict(skeleton, state)
+    wrong = sorted([*report.missing, *report.unexpected, *(k for k, _, _ in report.mismatched)])
+    if wrong:
         raise CheckpointError(
             f"{path}: its tensors do not fit the architecture its description names "
             f"({len(wrong)} differ: {', '.join(wrong[:3])}); the file is damaged or forged"
         )
+    if torch.get_default_device().type == "meta":  # a skeleton was asked for (shape checks)
+        return skeleton.eval()
     converted = rebuild()
     load_state_dict_checked(converted, state, strict=True, source=str(path))
     return converted.eval()

@@ -92,9 +92,9 @@ def run_export(args: argparse.Namespace) -> int:
     try:
         from normfree.convert import is_converted_file, load_converted
 
-        if is_converted_file(source):  # a `normfree convert` output file
-            model = load_converted(source)
-            info, weights = {"test_size": model.meta.test_size, "in_chans": model.in_chans}, "raw"
+        converted = None  # a `normfree convert` output file
+        if is_converted_file(source):
+            converted = load_converted(source)
         elif source.is_file():
             if args.weights or args.override:
                 raise ValueError("--weights/--override apply to a model SOURCE, not a checkpoint")
@@ -103,10 +103,12 @@ def run_export(args: argparse.Namespace) -> int:
             except UnsafePickleError:
                 if not args.trust_pickle:
                     raise
-                model = load_converted(source, trust_pickle=True)  # a pickled converted module
-                info, weights = {"test_size": model.meta.test_size}, "raw"
+                converted = load_converted(source, trust_pickle=True)  # a pickled one
         else:
             model, info, weights = _from_spec(args), {}, args.weights or "initialisation"
+        if converted is not None:
+            model, weights = converted, "raw"
+            info = {"test_size": converted.meta.test_size, "in_chans": converted.in_chans}
         meta = getattr(model, "meta", None)
         size = args.image_size or info.get("test_size") or getattr(meta, "test_size", None)
         if not size:

@@ -23,7 +23,6 @@ import os
 import random
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ import torch
 from normfree.atomic import atomic_write_bytes
 from normfree.checkpoints.errors import CheckpointError
 from normfree.checkpoints.io import atomic_save, load_torch_file
+from normfree.checkpoints.state_dict import compare_state_dict
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -142,20 +142,13 @@ def check_weights_fit(
         isinstance(t, torch.Tensor) for t in weights.values()
     ):
         raise CheckpointError(f"{str(path)!r}: the model weights are not a mapping of tensors")
-    with torch.device("meta"), warnings.catch_warnings():
-        # a converted model's skeleton reads its file's tensors into meta parameters, a no-op
-        warnings.filterwarnings("ignore", message=".*to a meta parameter in the current model")
+    with torch.device("meta"):
         skeleton = build_model(model_args)
-    expected = skeleton.state_dict()
-    missing = sorted(expected.keys() - weights.keys())
-    unexpected = sorted(weights.keys() - expected.keys())
-    wrong = [
-        f"{k}: checkpoint {tuple(weights[k].shape)}, model {tuple(expected[k].shape)}"
-        for k in expected.keys() & weights.keys()
-        if tuple(weights[k].shape) != tuple(expected[k].shape)
-    ]
+    report = compare_state_dict(skeleton, weights)
+    missing, unexpected = report.missing, report.unexpected
+    wrong = [f"{k}: checkpoint {got}, model {want}" for k, want, got in report.mismatched]
     if missing or unexpected or wrong:
-        size = sum(t.numel() for t in expected.values())
+        size = sum(t.numel() for t in skeleton.state_dict().values())
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
             if items:

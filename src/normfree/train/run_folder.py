@@ -85,28 +85,33 @@ def resume_overridable(key: str) -> bool:
     return key.startswith(RESUME_OVERRIDABLE + RECOVERY_OVERRIDABLE)
 
 
+def _linked(what: str) -> RunFolderError:
+    return RunFolderError(f"{what} is a symbolic link; normfree does not write through links in "
+                          "a run folder: remove it")  # fmt: skip
+
+
+def _not_regular(path: Path) -> RunFolderError:
+    return RunFolderError(f"{str(path)!r} is not a regular file; remove it")
+
+
 def open_run_file(path: Path, flags: int) -> int:
     """``os.open`` of a file that normfree writes *in place* in a run folder (the lock, the
     config history): a symbolic link there is refused, not followed, so a run folder from
     elsewhere cannot point those writes at another file (:class:`RunFolderError`)."""
     nofollow = getattr(os, "O_NOFOLLOW", 0)
     if path.is_symlink() and not nofollow:  # a platform without O_NOFOLLOW: look first
-        raise RunFolderError(f"{str(path)!r} is a symbolic link; normfree does not write "
-                             "through links in a run folder: remove it")  # fmt: skip
+        raise _linked(repr(str(path)))
     try:  # O_NONBLOCK: a FIFO there fails or opens at once instead of blocking the run
         fd = os.open(path, flags | nofollow | getattr(os, "O_NONBLOCK", 0), 0o666)
     except OSError as e:
         if e.errno == errno.ELOOP or path.is_symlink():
-            raise RunFolderError(
-                f"{str(path)!r} is a symbolic link; normfree does not write through links in a "
-                "run folder: remove it"
-            ) from None
+            raise _linked(repr(str(path))) from None
         if e.errno == errno.ENXIO:  # a FIFO nobody reads
-            raise RunFolderError(f"{str(path)!r} is not a regular file; remove it") from None
+            raise _not_regular(path) from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise RunFolderError(f"{str(path)!r} is not a regular file; remove it")
+        raise _not_regular(path)
     return fd
 
 
@@ -148,10 +153,7 @@ class RunFolderLock:
         linked = [name for name in _WRITTEN_INTO if (self.run_dir / name).is_symlink()]
         if linked:  # files would be created wherever the link points
             os.close(fd)
-            raise RunFolderError(
-                f"run folder {where!r}: {', '.join(linked)} is a symbolic link; normfree does not "
-                "write through links in a run folder: remove it"
-            )
+            raise _linked(f"run folder {where!r}: {', '.join(linked)}")
         os.ftruncate(fd, 0)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
