@@ -69,6 +69,28 @@ def test_a_corrupt_file_is_not_called_unsafe(tmp_path: Path) -> None:
     assert torch.equal(load_torch_file(good)["w"], torch.ones(1000))
 
 
+def test_a_legacy_format_file_is_named_or_called_truncated(tmp_path: Path) -> None:
+    """torch's pre-zip format: every pickle is read (inertly) before the file is called unsafe,
+    so a file cut inside its pickle is truncated, not a file naming a clipped global; an unsafe
+    one names the global that PyTorch refused."""
+    import os
+
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save({"w": torch.ones(1000)}, good, _use_new_zipfile_serialization=False)
+    torch.save({"w": torch.ones(2), "f": os.getcwd}, bad, _use_new_zipfile_serialization=False)
+    data = good.read_bytes()
+    assert torch.equal(load_torch_file(good)["w"], torch.ones(1000))
+    with pytest.raises(CheckpointError, match=r"\(it names (posix|nt)\.getcwd\)"):
+        load_torch_file(bad)
+    for cut in (0, 30, 300, len(data) // 2, len(data) - 1):  # in every pickle and in the data
+        (tmp_path / "cut.pt").write_bytes(data[:cut])
+        with pytest.raises(CheckpointError) as info:
+            load_torch_file(tmp_path / "cut.pt")
+        message = str(info.value)
+        assert "corrupt or truncated" in message and "can run code" not in message, (cut, message)
+        assert len(message.splitlines()) == 1 and ": )" not in message, message
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -98,7 +120,8 @@ def test_every_command_refuses_a_file_that_would_run_code(
     assert sum(line.startswith("error: ") for line in lines) == 1
     err = lines[-1]
     assert str(evil) in err and "can run code" in err
-    assert ("--trust-pickle" in err) == (command[0] == "convert")  # the one command with it
+    offered = command[0] in ("convert", "eval", "export") and "--weights" not in command
+    assert ("--trust-pickle" in err) == offered  # where a pickled converted model can be read
     assert not marker.exists()
     assert not (out / "m.onnx").exists() and not (out / "c.safetensors").exists()
 
@@ -127,6 +150,7 @@ def test_a_mismatch_names_the_file_in_its_one_line(tmp_path: Path, capsys) -> No
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert f"{path} does not match the model" in err and "head.fc.bias" in err
+    assert "strict=False" not in err and "(e.g. num_classes)" in err  # advice a command can take
 
 
 def test_the_first_global_of_a_raw_pickle_is_named_exactly(tmp_path: Path) -> None:

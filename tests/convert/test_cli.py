@@ -69,8 +69,8 @@ def test_convert_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
 
 def test_a_pickled_converted_module_is_read_only_on_the_opt_in(tmp_path, capsys):
     """`normfree convert --trust-pickle` of a pickled module writes a pickled converted module;
-    export reads it with its own --trust-pickle; without it, and in spp, the refusal names the
-    file and what it holds (not "unknown model")."""
+    export, eval, spp and diagnose read it with their --trust-pickle; without it the refusal
+    names the file, what it holds and the opt-in (not "unknown model")."""
     pytest.importorskip("onnxscript")
     import torch
 
@@ -80,14 +80,23 @@ def test_a_pickled_converted_module_is_read_only_on_the_opt_in(tmp_path, capsys)
     converted, onnx_file = tmp_path / "gn.pt", tmp_path / "gn.onnx"
     assert main(["convert", str(tmp_path / "mod.pt"), "--trust-pickle", "--to", "gn",
                  "--out", str(converted), "--image-size", "8"]) == 0  # fmt: skip
-    assert "export --trust-pickle" in capsys.readouterr().out
-    for argv in (["export", str(converted), "--out", str(onnx_file)],
-                 ["spp", str(converted), "--image-size", "8", "--quiet"]):  # fmt: skip
+    assert "`--trust-pickle` of eval, spp, diagnose and export" in capsys.readouterr().out
+    data = "synthetic:num_classes=10,size=8,channels=1,n=16"
+    commands = (["export", str(converted), "--out", str(onnx_file)],
+                ["spp", str(converted), "--image-size", "8"],
+                ["diagnose", str(converted), "--image-size", "8", "--no-batch-check"],
+                ["eval", str(converted), "--data", data])  # fmt: skip
+    for argv in commands:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"{converted} holds pickled Python objects" in err
-        assert "ConvertedModel" in err and "unknown model" not in err
+        assert "unknown model" not in err and "--trust-pickle" in err, err
+        assert "ConvertedModel" in err or argv[0] == "eval"  # eval reads it as a checkpoint
     assert not onnx_file.exists()
+    for argv in commands[1:]:
+        assert main([*argv, "--trust-pickle"]) in (0, 1), argv  # diagnose: 1 = problems found
+        out = capsys.readouterr().out
+        assert ("top1" in out) if argv[0] == "eval" else out.strip(), argv
     assert main(["export", str(converted), "--out", str(onnx_file), "--trust-pickle",
                  "--image-size", "8"]) == 0  # fmt: skip
     assert "checked with" in capsys.readouterr().out and onnx_file.is_file()

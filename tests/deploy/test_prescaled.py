@@ -34,10 +34,13 @@ def _block_convs(model: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize(
-    ("name", "size"), [("nf_resnet_cifar20", 16), ("nf_regnet_b0", 64), ("nfnet_f0", 64)]
-)
-def test_baked_model_equals_the_eval_model(name: str, size: int) -> None:
-    model = _trained_like(name)
+    ("name", "size", "kwargs"),
+    [("nf_resnet_cifar20", 16, {}), ("nf_regnet_b0", 64, {}),
+     ("nfnet_f0", 64, {"depths": (1, 1, 1, 1)})],  # F0's blocks, one per stage
+    ids=["nf_resnet_cifar20", "nf_regnet_b0", "nfnet_f0"],
+)  # fmt: skip
+def test_baked_model_equals_the_eval_model(name: str, size: int, kwargs: dict) -> None:
+    model = _trained_like(name, **kwargs)
     fast = prepare_for_inference(model)
     baked = [m for m in fast.modules() if isinstance(m, (PrescaledConv2d, PrescaledConv2dSame))]
     assert len(baked) == _block_convs(model) > 0  # every block conv carries its scales

@@ -22,10 +22,11 @@ from torch import nn
 
 from normfree.atomic import check_writable
 from normfree.checkpoints import CheckpointError
-from normfree.console import report_error
+from normfree.console import report_error, yaml_problem
 
 __all__ = [
-    "LARGEST_RECORDED_SIDE", "add_parser", "add_trust_code_argument", "check_recorded_size",
+    "LARGEST_RECORDED_SIDE", "add_parser", "add_trust_code_argument", "add_trust_pickle_argument",
+    "check_recorded_size",
     "model_from_spec", "parse_model_spec", "parse_overrides", "positive_int",
 ]  # fmt: skip
 
@@ -71,6 +72,16 @@ def add_trust_code_argument(p: argparse.ArgumentParser) -> None:
                    "code: only for files you trust)")  # fmt: skip
 
 
+def add_trust_pickle_argument(p: argparse.ArgumentParser) -> None:
+    """``--trust-pickle`` of the commands that read a converted model: it lets them read a whole
+    pickled module, which ``normfree convert --trust-pickle`` writes for a model it cannot
+    describe by name."""
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="read a converted model stored as a whole pickled module (written by "
+                   "`normfree convert --trust-pickle`; unpickling can run code: only for "
+                   "files you trust)")  # fmt: skip
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """``["use_ws=False", "alpha=0.5"]`` → ``{"use_ws": False, "alpha": 0.5}`` (YAML values)."""
     out: dict[str, Any] = {}
@@ -82,10 +93,9 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         try:
             out[key] = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError as e:
-            problem = str(getattr(e, "problem", None) or e).splitlines()[0]
             raise ValueError(
-                f"override {item!r}: the value is not valid YAML ({problem}); close brackets "
-                "and quote strings, e.g. alpha=0.2 or widths=[16,32]"
+                f"override {item!r}: the value is not valid YAML ({yaml_problem(e)}); close "
+                "brackets and quote strings, e.g. alpha=0.2 or widths=[16,32]"
             ) from None
     return out
 
@@ -102,9 +112,12 @@ def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"model {spec!r}: {e}") from None
 
 
-def model_from_spec(spec: str, overrides: dict[str, Any] | None = None) -> nn.Module:
+def model_from_spec(
+    spec: str, overrides: dict[str, Any] | None = None, *, trust_pickle: bool = False
+) -> nn.Module:
     """Build the model named by ``spec`` (registered name or ``module:factory``), or load the
-    converted model in the file ``spec`` (``normfree convert``)."""
+    converted model in the file ``spec`` (``normfree convert``; a pickled module only with
+    ``trust_pickle``)."""
     from normfree.convert import is_converted_file, load_converted
 
     names_a_file = "/" in spec or Path(spec).suffix in _FILE_SUFFIXES  # never a model name
@@ -113,7 +126,7 @@ def model_from_spec(spec: str, overrides: dict[str, Any] | None = None) -> nn.Mo
     if (names_a_file and Path(spec).is_file()) or is_converted_file(spec):  # the load says why not
         if overrides:
             raise ValueError(f"{spec}: a converted model file takes no --override")
-        return load_converted(spec)
+        return load_converted(spec, trust_pickle=trust_pickle)
     name, own = parse_model_spec(spec)
     kwargs = {**(overrides or {}), **own}
     if ":" in name:
@@ -169,6 +182,7 @@ def _common(p: argparse.ArgumentParser, batch: int) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the Gaussian input and the model")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
     add_trust_code_argument(p)
+    add_trust_pickle_argument(p)
     p.add_argument(
         "--points",
         nargs="+",
@@ -253,7 +267,7 @@ def run_spp(args: argparse.Namespace) -> int:
         results = []
         for spec in args.models:
             torch.manual_seed(args.seed)
-            model = model_from_spec(spec, overrides).to(device)
+            model = model_from_spec(spec, overrides, trust_pickle=args.trust_pickle).to(device)
             if _zero_gains(model) and not args.skip_gains_one:
                 print(
                     f"note: every SkipInit gain of {spec} is 0, so its blocks are identities "
@@ -288,7 +302,8 @@ def run_diagnose(args: argparse.Namespace) -> int:
         check_writable(args.json)
         device = _device(args.device)
         torch.manual_seed(args.seed)
-        model = model_from_spec(args.model, parse_overrides(args.override)).to(device)
+        overrides = parse_overrides(args.override)
+        model = model_from_spec(args.model, overrides, trust_pickle=args.trust_pickle).to(device)
         result = diagnose(
             model, input_shape=_input_shape(model, args.model, args.image_size),
             points=args.points, branch_points=args.branch_points, batch_size=args.batch,

@@ -6,7 +6,11 @@ from normfree.checkpoints.deepmind import (
     normfree_to_deepmind,
     read_haiku_file,
 )
-from normfree.checkpoints.errors import CheckpointError, CheckpointMismatchError
+from normfree.checkpoints.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    UnsafePickleError,
+)
 from normfree.checkpoints.io import atomic_save, atomic_write_bytes, load_tensors, save_safetensors
 from normfree.checkpoints.state_dict import LoadReport, compare_state_dict, load_state_dict_checked
 from normfree.checkpoints.timm import is_timm_state_dict, normfree_to_timm, timm_to_normfree
@@ -15,6 +19,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "LoadReport",
+    "UnsafePickleError",
     "atomic_save",
     "atomic_write_bytes",
     "compare_state_dict",

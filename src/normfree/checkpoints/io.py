@@ -57,63 +57,130 @@ def save_safetensors(
     atomic_write_bytes(path, lambda f: f.write(data))
 
 
-class _Named(Exception):
-    """Raised by :class:`_FirstGlobal` with the first global a pickle names."""
+class _Inert:
+    """What :class:`_GlobalsOnly` builds in place of every class or function a pickle names:
+    it accepts any arguments, state and items, and does nothing with them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
+        return self
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
 
 
-class _FirstGlobal(pickle.Unpickler):
-    """An unpickler that stops at the first global the pickle names (``find_class`` is where
-    anything would be imported; nothing is imported, called or built from a class)."""
+class _GlobalsOnly(pickle.Unpickler):
+    """An unpickler that records every global a pickle names (``find_class``, exact with any
+    protocol and memoised strings) and builds :class:`_Inert` instead: nothing is imported,
+    called or built from the file."""
+
+    def __init__(self, f: Any) -> None:
+        super().__init__(f)
+        self.names: list[str] = []
 
     def find_class(self, module: str, name: str) -> Any:
-        raise _Named(f"{module}.{name}")
+        self.names.append(f"{module}.{name}")
+        return _Inert
 
     def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("persistent id")
+        return _Inert()
 
 
-_LARGEST_INSPECTED = 64 << 20  # a refused pickle bigger than this is not read to name a global
+_LARGEST_INSPECTED = 64 << 20  # a raw pickle bigger than this is not read to name a global
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of torch's pre-1.6 (non-zip) format
+_LEGACY_PICKLES = 5  # magic, protocol, sys_info, the object, its storage keys; raw data follows
 
 
-def _first_global(path: str | os.PathLike[str]) -> str | None:
-    """The first global (``module.name``) a plain pickle file names; ``""`` when it names none
-    or is too big to inspect; None when the file is not a pickle."""
-    if os.path.getsize(path) > _LARGEST_INSPECTED:
-        return ""
+def _pickled_globals(path: str | os.PathLike[str]) -> tuple[bool, list[str]] | None:
+    """Whether a non-zip file is in torch's legacy format, and the globals (``module.name``) its
+    pickles name: every pickle of that format, or the one pickle of a raw pickle file. None
+    when a pickle ends early or is not one (the file is truncated or corrupt), or a raw pickle
+    is too big to inspect."""
     try:
         with open(path, "rb") as f:
-            _FirstGlobal(f).load()
-    except _Named as named:
-        return str(named)
+            unpickler = _GlobalsOnly(f)
+            legacy = unpickler.load() == _LEGACY_MAGIC
+            if legacy:
+                for _ in range(_LEGACY_PICKLES - 1):
+                    unpickler.load()
+            elif os.path.getsize(path) > _LARGEST_INSPECTED:
+                return None
     except Exception:
         return None
-    return ""
+    return legacy, unpickler.names
+
+
+def _archived_globals(path: str | os.PathLike[str]) -> list[str]:
+    """The globals a torch zip file's pickle names, in the order it names them (as far as it
+    can be read)."""
+    unpickler = None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            if archive.getinfo(member).file_size > _LARGEST_INSPECTED:
+                return []
+            with archive.open(member) as f:
+                unpickler = _GlobalsOnly(f)
+                unpickler.load()
+    except Exception:
+        pass
+    return unpickler.names if unpickler is not None else []
+
+
+def _written_by_torch_save(name: str) -> bool:
+    """A global ``torch.save`` itself writes for tensors and state dicts."""
+    return name.startswith("torch.") or name == "collections.OrderedDict"
 
 
 def _refusal_reason(e: BaseException, path: str | os.PathLike[str]) -> str | None:
-    """What ``torch.load(weights_only=True)`` refused in the file (``it names posix.system``), or
-    None when ``e`` is not such a refusal (a corrupt file also fails the safe unpickler, with
-    "Unsupported operand": then :class:`_FirstGlobal` reads it up to its first global).
-    PyTorch's message spans several lines around the reason, with advice (``weights_only=False``)
-    normfree does not follow."""
-    text = str(e)
-    if not isinstance(e, pickle.UnpicklingError) or not text.startswith("Weights only load"):
-        return None
-    named = re.search(r"GLOBAL ([\w.]+)", text)
-    if named:
-        return f"it names {named.group(1)}"
-    if "Unsupported operand" in text and not zipfile.is_zipfile(path):
-        name = _first_global(path)
-        if name is None:
+    """What the safe loader refused in the file (``it names posix.system``), or None when the
+    file is not refused for what it holds but truncated, corrupt or not a PyTorch file.
+
+    A zip file (PyTorch's format since 1.6) is asked with the platform's own static check,
+    ``torch.serialization.get_unsafe_globals_in_checkpoint``. Other files are read with
+    :class:`_GlobalsOnly` after a refusal (``pickle.UnpicklingError``): a pickle that ends early
+    is a truncated file, not an unsafe one; a whole one is named by the global PyTorch's
+    message names where the file does name it, else by its first global that ``torch.save``
+    would not write (a raw pickle: its first global)."""
+    if zipfile.is_zipfile(path):
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:
             return None
-        if name:
-            return f"it names {name}"
-    return "objects the safe loader does not read"
+        if not unsafe:
+            return None
+        in_order = [n for n in _archived_globals(path) if n in unsafe] or sorted(unsafe)
+        return f"it names {in_order[0]}"
+    if not isinstance(e, pickle.UnpicklingError):
+        return None
+    found = _pickled_globals(path)
+    if found is None or not found[1]:
+        return None
+    legacy, names = found
+    named = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if named and named.group(1) in names:
+        return f"it names {named.group(1)}"
+    foreign = [n for n in names if not (legacy and _written_by_torch_save(n))]
+    return f"it names {foreign[0]}" if foreign else "objects the safe loader does not read"
 
 
 def _first_line(e: BaseException) -> str:
     """``Type: first line of the message`` (PyTorch's load errors run over several lines)."""
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    first = (str(e).strip().splitlines() or [""])[0]
+    if not first and isinstance(e, EOFError):
+        first = "the file ends early"
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def load_torch_file(
@@ -135,13 +202,8 @@ def load_torch_file(
     except Exception as e:
         reason = _refusal_reason(e, path)
         if reason is not None:
-            fix = f", or pass {trust_hint} if you trust where it came from" if trust_hint else ""
-            raise UnsafePickleError(
-                f"{path} holds pickled Python objects, not only tensors ({reason}), and normfree "
-                "does not unpickle those because they can run code; save the weights with "
-                f"torch.save(model.state_dict(), ...) or as .safetensors{fix}"
-            ) from e
-        if str(e).startswith("Weights only load"):  # neither a torch zip file nor a pickle
+            raise UnsafePickleError(str(path), reason, trust_hint) from e
+        if isinstance(e, pickle.UnpicklingError):  # neither a torch zip file nor a pickle
             first = "no tensors or pickle could be read from it"
         else:
             first = _first_line(e)

@@ -352,7 +352,7 @@ def _read(path: Path, trust_pickle: bool) -> tuple[dict[str, Any] | None, Any]:
             raise CheckpointError(f"{path} is not a converted-model file (no {CONVERTED_FORMAT})")
         return json.loads(meta["description"]), load_tensors(path)
     try:
-        obj = load_tensors(path, trust_hint="trust_pickle=True (normfree export --trust-pickle)")
+        obj = load_tensors(path, trust_hint="--trust-pickle (trust_pickle=True)")
     except UnsafePickleError:
         if not trust_pickle:
             raise

@@ -269,8 +269,8 @@ def run_convert(args: argparse.Namespace) -> int:
         return report_error(e)
     print(report.summary())
     pickled = (
-        " (a pickled module: load_converted(PATH, trust_pickle=True) and "
-        "`normfree export --trust-pickle` read it)" if spec is None else ""
+        " (a pickled module: `--trust-pickle` of eval, spp, diagnose and export reads it, "
+        "and load_converted(PATH, trust_pickle=True))" if spec is None else ""
     )  # fmt: skip
     print(f"wrote {args.out}{pickled}")
     return 0
@@ -278,11 +278,11 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def evaluate_converted_file(
     path: str, data: str | None, *, batch_size: int | None = None, split: str = "val",
-    device: str = "auto", image_size: int | None = None,
+    device: str = "auto", image_size: int | None = None, trust_pickle: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """``normfree eval`` of a converted-model file: top-1/top-5/loss on ``data``'s held-out (or
     training) split, in the result layout of :func:`normfree.train.evaluate.evaluate_checkpoint`
-    (no EMA)."""
+    (no EMA). A whole pickled module is read only with ``trust_pickle``."""
     from torch.utils.data import DataLoader
 
     from normfree.convert import load_converted
@@ -294,7 +294,7 @@ def evaluate_converted_file(
         raise ValueError(f"{path} is a converted model: pass --data (it records no dataset)")
     if split not in ("val", "train"):
         raise ValueError(f"split must be 'val' or 'train', got {split!r}")
-    model = load_converted(path)
+    model = load_converted(path, trust_pickle=trust_pickle)
     bundle = build_datasets(data, image_size=image_size, augment=None)
     if bundle.num_classes != model.num_classes or bundle.in_chans != model.in_chans:
         raise ValueError(
@@ -317,6 +317,7 @@ def run_eval_converted(args: argparse.Namespace) -> int:
         result = evaluate_converted_file(
             args.checkpoint, args.data, batch_size=args.batch_size, split=args.split,
             device=args.device, image_size=args.image_size,
+            trust_pickle=getattr(args, "trust_pickle", False),
         )  # fmt: skip
     except (CheckpointError, ValueError, OSError, ImportError) as e:
         return report_error(e)

@@ -100,9 +100,9 @@ def run_export(args: argparse.Namespace) -> int:
                 raise ValueError("--weights/--override apply to a model SOURCE, not a checkpoint")
             try:
                 model, info, weights = _from_checkpoint(source, args.raw)
-            except UnsafePickleError:
+            except UnsafePickleError as refused:
                 if not args.trust_pickle:
-                    raise
+                    raise refused.with_opt_in("--trust-pickle") from None
                 converted = load_converted(source, trust_pickle=True)  # a pickled one
         else:
             model, info, weights = _from_spec(args), {}, args.weights or "initialisation"

@@ -15,7 +15,11 @@ import sys
 import time
 from typing import Any
 
-from normfree.analysis.cli import add_trust_code_argument
+from normfree.analysis.cli import (
+    add_trust_code_argument,
+    add_trust_pickle_argument,
+    positive_int,
+)
 from normfree.atomic import atomic_write_json, check_writable
 from normfree.console import report_error
 
@@ -104,14 +108,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("checkpoint", help="a .pt written by normfree train, or a run folder")
     e.add_argument("--data", metavar="SPEC", help="dataset spec (default: the run's)")
     e.add_argument("--split", choices=("val", "train"), default="val")
-    e.add_argument("--image-size", type=int, help="resolution override (default: the run's)")
-    e.add_argument("--test-size", type=int, help="evaluation resolution (default: the run's)")
-    e.add_argument("--batch-size", type=int, help="evaluation batch size")
+    e.add_argument("--image-size", type=positive_int,
+                   help="resolution override (default: the run's)")  # fmt: skip
+    e.add_argument("--test-size", type=positive_int,
+                   help="evaluation resolution (default: the run's)")  # fmt: skip
+    e.add_argument("--batch-size", type=positive_int, help="evaluation batch size")
     e.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     e.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast dtype")
     e.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     add_trust_code_argument(e)
+    add_trust_pickle_argument(e)
     e.set_defaults(func=run_eval)
 
 
@@ -373,6 +380,7 @@ def _stop_workers(context: Any) -> None:
 # ------------------------------------------------------------------------------------- eval
 def run_eval(args: argparse.Namespace) -> int:
     """Entry point of ``normfree eval``."""
+    from normfree.checkpoints import UnsafePickleError
     from normfree.train.checkpointing import CheckpointError
     from normfree.train.config import ConfigError
     from normfree.train.evaluate import evaluate_checkpoint
@@ -397,6 +405,12 @@ def run_eval(args: argparse.Namespace) -> int:
             workers=args.workers,
             precision=args.precision,
         )
+    except UnsafePickleError as e:  # no training checkpoint: a pickled converted module?
+        if args.trust_pickle:
+            from normfree.convert.cli import run_eval_converted
+
+            return run_eval_converted(args)
+        return report_error(e.with_opt_in("--trust-pickle"), 2)
     except (CheckpointError, ConfigError, ValueError, OSError) as e:
         return report_error(e, 2)
     except RuntimeError as e:  # an allocation the machine cannot serve (images too large)

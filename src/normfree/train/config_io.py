@@ -26,6 +26,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from normfree.atomic import atomic_write_text
+from normfree.console import yaml_problem
 from normfree.train.config import Config, ConfigError, chosen_kernels, validate_config
 
 __all__ = [
@@ -232,7 +233,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             "(a checkpoint goes to --resume RUN_DIR or init_from=FILE)"
         ) from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {_yaml_problem(e)}") from None
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {yaml_problem(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -255,14 +256,6 @@ def load_recipe(name: str) -> dict[str, Any]:
     return yaml.safe_load(text) or {}
 
 
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """A YAML error in one line, the problem and where it is (PyYAML's own message spans
-    several lines, with the offending text and a caret)."""
-    problem = str(getattr(e, "problem", None) or "").strip() or str(e).strip().splitlines()[0]
-    mark = getattr(e, "problem_mark", None)
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
-
-
 # --------------------------------------------------------------------------- overrides
 def _override_value(item: str, key: str, raw: str, tp: Any) -> Any:
     """The value of one ``key=raw`` override: the text itself for string fields, else YAML
@@ -282,7 +275,7 @@ def _override_value(item: str, key: str, raw: str, tp: Any) -> Any:
         return yaml.safe_load(raw)
     except yaml.YAMLError as e:
         raise ConfigError(
-            f"override {item!r}: the value of {key!r} is not valid YAML ({_yaml_problem(e)}); "
+            f"override {item!r}: the value of {key!r} is not valid YAML ({yaml_problem(e)}); "
             "quote strings and close brackets, e.g. model_kwargs.width=2 or data.randaugment=[2,9]"
         ) from None
 
