@@ -111,3 +111,22 @@ def test_bn_feedforward_grows_exponentially_bn_resnet_as_power_law(tmp_path) -> 
     assert all(abs(p.kurtosis - 3.0) < 0.5 for p in res.points)
     back = MomentsResult.from_json(ff.to_json(tmp_path / "m.json"))
     assert back == ff
+
+
+def test_the_sensitivity_pass_warns_about_nothing_of_pytorch_internals() -> None:
+    """Forward-mode AD makes PyTorch script its own decompositions on first use in a process,
+    which recent releases report as a FutureWarning about ``torch.jit.script``; the analysis
+    does not pass that on (a fresh process: the first use is what warns)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from torch import nn\n"
+        "from normfree.analysis import propagate_moments\n"
+        "model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))\n"
+        "propagate_moments(model, input_shape=(3, 8, 8), batch_size=2, points=['1', '2'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

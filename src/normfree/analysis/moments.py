@@ -30,6 +30,7 @@ pathological feedforward nets) or as a power law (``log χ`` linear in ``log l``
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -269,7 +270,12 @@ def propagate_moments(
         return stats
 
     def run() -> None:
-        with fwAD.dual_level():
+        with fwAD.dual_level(), warnings.catch_warnings():
+            # PyTorch scripts its own forward-AD decompositions on first use, and recent
+            # releases warn that torch.jit.script is deprecated: nothing the user can act on
+            warnings.filterwarnings(
+                "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+            )
             model(fwAD.make_dual(x, dx))
 
     try:
