@@ -217,15 +217,33 @@ def test_standalone_bn_as_exact_affine():
     assert c.report.rel_error < 1e-5
 
 
-def test_normfree_bn_resnet():
+def test_normfree_bn_models_fold_into_their_own_convs(tmp_path):
+    """normfree's BN models build their convs from ``HeConv2d`` (an ``nn.Conv2d`` that runs a
+    1×1 as a matrix product): each BN after one folds into it and the residual branches are
+    found. ``bn_resnet_cifar20`` is pre-activation: the BN of each block's input (and the final
+    one) has no conv before it and stays an exact affine; the BN after the block's first conv
+    folds. EfficientNet-B0 is Conv→BN throughout."""
     from normfree.models import create_model
 
     torch.manual_seed(0)
     model = _warm(create_model("bn_resnet_cifar20", num_classes=10), (4, 3, 16, 16), 2)
-    # normfree's BN ResNets are pre-activation (BN before the conv): kept as exact affines
     c = convert_model(model, "bn_free", _inputs(), standalone_bn="affine")
+    assert (c.report.norms, c.report.affine, c.report.residuals) == (19, 10, 9)
     assert c.report.rel_error < 1e-5
     assert c.description["source"] == "normfree:bn_resnet_cifar20"
+    nf = convert_model(model, "nf", _inputs(), standalone_bn="affine")
+    assert (nf.report.affine, nf.report.residuals, nf.report.calibrated) == (10, 9, True)
+    assert sum(isinstance(m, ScaledStdConv2d) for m in nf.modules()) == 9
+    save_converted(nf, tmp_path / "nf.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(load_converted(tmp_path / "nf.safetensors")(_inputs()),
+                                   nf(_inputs()), rtol=0, atol=0)  # fmt: skip
+
+    effnet = _warm(create_model("efficientnet_b0_g1_bn", num_classes=10), (2, 3, 32, 32), 1)
+    c = convert_model(effnet, "bn_free", _inputs(2, 32))  # no standalone BN to allow
+    assert (c.report.norms, c.report.affine, c.report.residuals) == (49, 0, 9)
+    assert c.report.rel_error < 1e-5
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in c.modules())
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ Nothing here guesses from module names: every pattern is read from the traced gr
 
 * :func:`trace` - ``torch.fx.symbolic_trace`` with every ``nn.modules.batchnorm._BatchNorm`` kept
   as one leaf call (so that subclasses are seen as the BN they are).
-* :func:`find_norms` - each BatchNorm call with the ``nn.Conv2d`` that feeds it (when the BN's
+* :func:`find_norms` - each BatchNorm call with the conv that feeds it (a :data:`PLAIN_CONVS`
+  module; when the BN's
   input is a conv used only by that BN: the foldable ``Conv→BN`` pattern of Ioffe & Szegedy 2015,
   §3.2) and the activation that follows it (when the BN's only user is an elementwise
   activation: ``Conv→BN→act``).
@@ -27,8 +28,12 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normfree.nn.conv import HeConv2d
+from normfree.nn.pointwise_conv import PointwiseConv2d
+
 __all__ = [
     "ELEMENTWISE_ACTIVATIONS",
+    "PLAIN_CONVS",
     "ConversionError",
     "NormSite",
     "ResidualAdd",
@@ -50,6 +55,11 @@ _ACT_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.relu
                   torch.nn.functional.hardswish}  # fmt: skip
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _FUNCTIONAL_BN = {torch.nn.functional.batch_norm, torch.batch_norm}
+# Conv modules whose forward is exactly ``F.conv2d(x, weight, bias, ...)`` of their attributes:
+# kept as leaf calls, so that a BN after one folds into it. normfree's own convs of BN models
+# compute the same convolution in other forms (a 1×1 as a matrix product); other subclasses
+# (timm's Conv2dSame, StdConv2d) change it, and are traced through.
+PLAIN_CONVS: tuple[type[nn.Conv2d], ...] = (nn.Conv2d, HeConv2d, PointwiseConv2d)
 
 
 class ConversionError(ValueError):
@@ -58,10 +68,15 @@ class ConversionError(ValueError):
 
 
 class _Tracer(fx.Tracer):
-    """Keeps every BatchNorm (subclasses too) and every plain torch.nn module as a leaf."""
+    """Keeps every BatchNorm (subclasses too), every :data:`PLAIN_CONVS` conv and every plain
+    torch.nn module as a leaf."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _BatchNorm) or super().is_leaf_module(m, module_qualified_name)
+        return (
+            isinstance(m, _BatchNorm)
+            or type(m) in PLAIN_CONVS
+            or super().is_leaf_module(m, module_qualified_name)
+        )
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -164,7 +179,7 @@ def find_norms(gm: fx.GraphModule) -> list[NormSite]:
         conv = None
         if (
             isinstance(src, fx.Node)
-            and type(_module(gm, src)) is nn.Conv2d
+            and type(_module(gm, src)) in PLAIN_CONVS
             and len(src.users) == 1
         ):
             conv = src
