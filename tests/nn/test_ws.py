@@ -418,6 +418,85 @@ def test_cache_not_copied_or_pickled() -> None:
     assert m._ws_cache is None
 
 
+def _reference_agc(params: list[torch.Tensor], grads: list[torch.Tensor], clipping: float):
+    """Eq. 3 of Brock et al. 2021b, unit by unit from the current weights (ε = 1e-3)."""
+    out = []
+    for p, g in zip(params, grads):
+        dims = tuple(range(1, p.ndim))
+        w_norm = torch.linalg.vector_norm(p.detach(), dim=dims or None, keepdim=True)
+        g_norm = torch.linalg.vector_norm(g, dim=dims or None, keepdim=True)
+        max_norm = clipping * w_norm.clamp_min(1e-3)
+        out.append(torch.where(g_norm > max_norm, g * max_norm / g_norm.clamp_min(1e-6), g))
+    return out
+
+
+def test_clear_caches_after_writes_through_a_shared_vector() -> None:
+    """Parameters set to views of a flat vector (``vector_to_parameters``), the vector written
+    in place and set again: nothing PyTorch counts changes, so the cached weight and the
+    forward's unit statistics are stale until ``clear_caches``, which makes the output and AGC
+    equal the formulas again."""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    from normfree.nn import clear_caches
+    from normfree.optim import adaptive_clip_grad_
+
+    torch.manual_seed(0)
+    conv = ScaledStdConv2d(4, 4, 3).eval()
+    x = torch.randn(2, 4, 6, 6)
+    vec = parameters_to_vector(conv.parameters()).clone()
+    vector_to_parameters(vec, conv.parameters())
+    with torch.no_grad():
+        conv(x)  # fills the cache
+    vec[: conv.weight.numel()].mul_(torch.linspace(0.5, 3.0, conv.weight.numel()))
+    vector_to_parameters(vec, conv.parameters())
+    fresh = _conv(conv, x, slow_scaled_ws(conv.weight, conv.gain, 1e-4, 1.0).float())
+    with torch.no_grad():
+        assert (conv(x) - fresh).abs().max() > 0.1  # stale: what the docstring warns of
+        clear_caches(conv)
+        torch.testing.assert_close(conv(x), fresh, rtol=1e-5, atol=1e-5)
+
+    conv.train()
+    conv(x).square().sum().backward()  # the forward keeps the unit statistics AGC reads
+    vec[: conv.weight.numel()].mul_(3.0)
+    vector_to_parameters(vec, conv.parameters())
+    params = list(conv.parameters())
+    expected = _reference_agc(params, [p.grad.clone() for p in params], 0.01)
+    clear_caches(conv)
+    adaptive_clip_grad_(params, 0.01)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-7)
+
+
+def test_parameters_stay_swappable_after_forwards_and_clipping() -> None:
+    """What normfree keeps per parameter holds no weak reference to it, so PyTorch's
+    ``swap_tensors`` (``Module.to()``/``load_state_dict`` under the swap flag, FSDP2) works
+    after training and evaluation forwards and AGC, and nothing stale is read after a swap."""
+    from normfree.models import create_model
+    from normfree.optim import adaptive_clip_grad_
+
+    torch.manual_seed(0)
+    model = create_model("nf_resnet_cifar20", num_classes=3)
+    x = torch.randn(2, 3, 16, 16)
+    model(x).sum().backward()
+    adaptive_clip_grad_(model.parameters(), 0.01)
+    with torch.no_grad():
+        model.eval()(x)  # fills every inference cache
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.double()
+        model.load_state_dict(model.state_dict())
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+    conv = model.stem.conv
+    torch.utils.swap_tensors(conv.weight, nn.Parameter(conv.weight.detach() * 2))
+    with torch.no_grad():
+        got = conv(x.double())
+    torch.testing.assert_close(
+        got, _conv(conv, x.double(), slow_scaled_ws(conv.weight, conv.gain, conv.eps, conv.gamma))
+    )
+
+
 def test_train_mode_drops_the_cache() -> None:
     m = ScaledStdConv2d(2, 3, 3).eval()
     with torch.no_grad():

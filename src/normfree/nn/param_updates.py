@@ -11,7 +11,15 @@ same and the weights are not. So these caches also key on :func:`optimizer_steps
 of optimizer steps taken in this process, counted by a global step post-hook
 (``torch.optim.optimizer.register_optimizer_step_post_hook``, public since torch 2.0), and on
 the tensor's memory, dtype, device, shape and strides (:func:`tensor_key`), which catch
-``param.data = ...``, ``Module.to()`` / ``.cuda()`` and views.
+``param.data = t`` with other memory, ``Module.to()`` / ``.cuda()`` and views. Writes through
+``param.data`` or another tensor sharing the parameter's memory are seen by none of these:
+:func:`normfree.nn.clear_caches` is for after them.
+
+What these registries keep per parameter lives as long as the parameter's memory: they hold a
+weak reference to its storage, never to the tensor (:func:`memory_ref`), because PyTorch's
+``torch.utils.swap_tensors`` (which ``Module.to()`` and ``load_state_dict`` use under
+``torch.__future__.set_swap_module_params_on_conversion(True)``, and FSDP2) refuses a tensor
+that has weak references.
 
 It also holds the updates that run *inside* the backward (:func:`set_backward_update`): an
 optimizer step for one Scaled-WS weight that its native backward applies row by row instead of
@@ -27,9 +35,12 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["backward_update", "optimizer_steps", "set_backward_update", "tensor_key"]
+__all__ = [
+    "backward_update", "holds_memory_of", "memory_ref", "optimizer_steps", "set_backward_update",
+    "tensor_key",
+]  # fmt: skip
 
-# id(weight) → (weak ref to it, its update): see set_backward_update
+# id(weight) → (weak ref to its storage, its update): see set_backward_update
 _BACKWARD_UPDATES: dict[int, tuple[weakref.ref, Callable]] = {}
 
 _steps = 0
@@ -46,6 +57,28 @@ _HOOK = register_optimizer_step_post_hook(_count_step)
 def optimizer_steps() -> int:
     """How many ``optimizer.step()`` calls (of any optimizer) have finished in this process."""
     return _steps
+
+
+def memory_ref(
+    tensor: Tensor, callback: Callable[[weakref.ref], object] | None = None
+) -> weakref.ref | None:
+    """A weak reference to ``tensor``'s storage (PyTorch keeps one Python storage object per
+    storage while it lives), with ``callback`` called when the storage goes: something kept
+    for a parameter lives as long as its memory, and the tensor itself gets no weak reference
+    (module docstring). None for a tensor without an accessible storage (a wrapper subclass or
+    a ``torch.func`` transform's tensor): then keep nothing for it."""
+    try:
+        return weakref.ref(tensor.untyped_storage(), callback)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def holds_memory_of(ref: weakref.ref, tensor: Tensor) -> bool:
+    """Whether ``ref`` (:func:`memory_ref`) refers to ``tensor``'s storage."""
+    try:
+        return ref() is tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
 
 
 def tensor_key(tensor: Tensor) -> tuple:
@@ -72,20 +105,23 @@ def set_backward_update(weight: Tensor, update: Callable | None) -> None:
     shares the weight's memory), the forward's per-unit ``mean`` and ``N·var``, the gain of
     the formula (or None), its constants, and whether the gain's gradient is wanted. It
     returns ``(applied, grad_gain)``: when ``applied`` the weight was updated (and gets no
-    gradient), otherwise the backward writes the gradient as usual. The registry holds the
-    weight weakly and drops the entry with it, so ``update`` must not hold the weight itself
-    (:class:`normfree.optim.backward_update.BackwardUpdate` holds weak references)."""
+    gradient), otherwise the backward writes the gradient as usual. The entry is dropped with
+    the weight's memory (:func:`memory_ref`), so ``update`` must not hold the weight itself
+    (:class:`normfree.optim.backward_update.BackwardUpdate` holds it through a weak reference
+    to its own object)."""
     key = id(weight)
     if update is None:
         _BACKWARD_UPDATES.pop(key, None)
         return
-    ref = weakref.ref(weight, lambda _, key=key: _BACKWARD_UPDATES.pop(key, None))
+    ref = memory_ref(weight, lambda _, key=key: _BACKWARD_UPDATES.pop(key, None))
+    if ref is None:
+        raise ValueError("a backward update needs a weight with its own storage")
     _BACKWARD_UPDATES[key] = (ref, update)
 
 
 def backward_update(weight: Tensor) -> Callable | None:
     """The update registered for ``weight`` by :func:`set_backward_update`, or None."""
     entry = _BACKWARD_UPDATES.get(id(weight))
-    if entry is None or entry[0]() is not weight:
+    if entry is None or not holds_memory_of(entry[0], weight):
         return None
     return entry[1]

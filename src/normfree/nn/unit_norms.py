@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import functools
 import itertools
-import weakref
 
 import torch
 from torch import Tensor
 
-from normfree.nn.param_updates import optimizer_steps, tensor_key
+from normfree.nn.param_updates import holds_memory_of, memory_ref, optimizer_steps, tensor_key
 
 __all__ = [
+    "forget_unit_norms",
     "remember_grad_norms",
     "remember_unit_stats",
     "unit_grad_norms_from_backward",
@@ -35,12 +35,14 @@ __all__ = [
 ]
 
 # Keyed by the parameter's identity (tensors compare elementwise, so no WeakKeyDictionary) and
-# dropped with it: id(weight) → (weak ref to it, its tensor_key, per-unit mean, per-unit N·var,
+# dropped with its memory (a weak reference to its storage, never to the tensor:
+# normfree.nn.param_updates.memory_ref):
+# id(weight) → (weak ref to its storage, its tensor_key, per-unit mean, per-unit N·var,
 # rsqrt(var) or var, forward number, which of the three: _N_VAR, _INV_STD, _VAR) from its last
 # forward that kept them, and
-# id(weight) → (weak ref to it, its gradient's data_ptr, that gradient's version, per-unit
-# ‖∂L/∂W_o‖, number of the forward it differentiates, optimizer steps so far) from its last
-# native backward.
+# id(weight) → (weak ref to its storage, its gradient's data_ptr, that gradient's version,
+# per-unit ‖∂L/∂W_o‖, number of the forward it differentiates, optimizer steps so far) from its
+# last native backward.
 _UNIT_STATS: dict[int, tuple] = {}
 _GRAD_NORMS: dict[int, tuple] = {}
 _FORWARDS = itertools.count()
@@ -51,9 +53,12 @@ _HALF = (torch.float16, torch.bfloat16)
 def _remember(store: dict[int, tuple], weight: Tensor, *facts: object) -> None:
     key = id(weight)
     entry = store.get(key)
-    ref = entry[0] if entry is not None and entry[0]() is weight else None
+    ref = entry[0] if entry is not None and holds_memory_of(entry[0], weight) else None
     if ref is None:
-        ref = weakref.ref(weight, lambda _, key=key: store.pop(key, None))
+        ref = memory_ref(weight, lambda _, key=key: store.pop(key, None))
+    if ref is None:  # no storage to tie the facts to: keep none
+        store.pop(key, None)
+        return
     store[key] = (ref, *facts)
 
 
@@ -84,6 +89,14 @@ def remember_unit_stats(
     return number
 
 
+def forget_unit_norms(weights: list[Tensor]) -> None:
+    """Drop whatever is kept for ``weights`` (after writes the checks cannot see:
+    :func:`normfree.nn.clear_caches`)."""
+    for w in weights:
+        _UNIT_STATS.pop(id(w), None)
+        _GRAD_NORMS.pop(id(w), None)
+
+
 def unit_norm_from_forward(weight: Tensor) -> Tensor | None:
     """The per-output-unit Frobenius norm ``‖W_o‖`` (shape ``(out,)``) of ``weight`` from the
     statistics its last eager Scaled-WS forward already computed
@@ -103,7 +116,7 @@ def unit_norms_from_forward(weights: list[Tensor]) -> list[Tensor | None]:
     for k, w in enumerate(weights):
         stats = _UNIT_STATS.get(id(w))
         # (no statistics are kept for inference tensors, so w here has a version)
-        if stats is not None and stats[0]() is w and stats[1] == tensor_key(w):
+        if stats is not None and stats[1] == tensor_key(w) and holds_memory_of(stats[0], w):
             by_kind[stats[5]].append((k, w, stats))
     for kind, hits in enumerate(by_kind):
         if not hits:
@@ -173,8 +186,8 @@ def unit_grad_norms_from_backward(
         stats = _UNIT_STATS.get(id(w))
         fresh = (
             entry is not None
-            and entry[0]() is w
             and entry[1] == g.data_ptr()
+            and holds_memory_of(entry[0], w)
             and entry[2] == g._version
             and stats is not None
             and stats[4] == entry[4]  # no other forward of this weight since

@@ -36,7 +36,11 @@ from normfree.nn.pointwise_conv import (
     pointwise_conv2d,
     strided_pointwise_conv2d,
 )
-from normfree.nn.unit_norms import unit_norm_from_forward, unit_norms_from_forward
+from normfree.nn.unit_norms import (
+    forget_unit_norms,
+    unit_norm_from_forward,
+    unit_norms_from_forward,
+)
 from normfree.nn.ws_functional import (
     _reduce_dims,
     _scaled_standardize_parts,
@@ -51,6 +55,7 @@ __all__ = [
     "ScaledStdConv2d",
     "StdConv2dBase",
     "WSConv2d",
+    "clear_caches",
     "fold_weight_standardization",
     "qiao_standardize",
     "scaled_standardize",
@@ -100,14 +105,18 @@ class StdConv2dBase(_PointwiseForms, nn.Conv2d):
       optimizer steps taken in this process (fused optimizer
       kernels update parameters without bumping their version:
       :mod:`normfree.nn.param_updates`) and ``eps``/``gamma``, so ``optimizer.step()``,
-      ``load_state_dict``, ``.to()`` and ``param.data = ...`` invalidate it. The cache is not
+      ``load_state_dict``, ``.to()`` and ``param.data = t`` (other memory) invalidate it. The
+      cache is not
       part of the state dict and is skipped under TorchScript, tracing, ``torch.compile``,
       ``torch.func`` transforms, forward-mode AD and for inference tensors; a traced or compiled
       forward neither reads nor drops it (Dynamo would guard on it and recompile the training
       graph after the first eager evaluation), and ``model.train()`` drops it, so that no
-      stale copy is kept while training. In-place writes through ``param.data``
-      (``param.data.mul_(2)``) bypass all of these: call :meth:`clear_weight_cache` after
-      them.
+      stale copy is kept while training. Writes that the version counter does not see bypass
+      all of these: in-place writes through ``param.data`` (``param.data.mul_(2)``), and writes
+      through another tensor sharing the parameter's memory (the flat vector whose views
+      ``torch.nn.utils.vector_to_parameters`` made the parameters, written in place and set
+      again). After them, call :func:`clear_caches` on the model (or
+      :meth:`clear_weight_cache` on the conv).
     * Folding: :meth:`to_conv2d` returns an equivalent plain conv (for export / deployment).
     """
 
@@ -496,6 +505,19 @@ class WSConv2d(StdConv2dBase):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", eps={self.eps:g}"
+
+
+def clear_caches(model: nn.Module) -> None:
+    """Drop everything normfree keeps about ``model``'s parameters between calls: each
+    Scaled-WS conv's inference cache, and the per-unit weight statistics and gradient norms
+    that adaptive gradient clipping would read (:mod:`normfree.nn.unit_norms`).
+
+    Needed only after writes that PyTorch's version counter does not see (the
+    :class:`StdConv2dBase` docstring lists them); everything else invalidates by itself."""
+    for module in model.modules():
+        if isinstance(module, StdConv2dBase):
+            module.clear_weight_cache()
+    forget_unit_norms(list(model.parameters()))
 
 
 def fold_weight_standardization(model: nn.Module, inplace: bool = False) -> nn.Module:

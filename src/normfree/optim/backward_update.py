@@ -224,16 +224,17 @@ class BackwardUpdate:
         return float(clipping)
 
     def _updater(self, weight: Tensor) -> Callable[..., tuple[bool, Tensor | None]]:
-        # weak references only: the registry of normfree.nn.param_updates holds this function
-        # for as long as the weight lives, and this object lives as long as the optimizer whose
-        # hooks hold it; once that is gone, the backward writes the gradient again
-        owner, target = weakref.ref(self), weakref.ref(weight)
+        # a weak reference to this object only (which holds the weight): the registry of
+        # normfree.nn.param_updates holds this function for as long as the weight's memory
+        # lives, and this object lives as long as the optimizer whose hooks hold it; once that
+        # is gone, the backward writes the gradient again
+        owner, key = weakref.ref(self), id(weight)
 
         def update(*args) -> tuple[bool, Tensor | None]:
-            handle, w = owner(), target()
-            if handle is None or w is None:
+            handle = owner()
+            if handle is None or key not in handle._weights:
                 return False, None
-            return handle._apply(w, *args)
+            return handle._apply(handle._weights[key], *args)
 
         return update
 
