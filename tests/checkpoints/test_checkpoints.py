@@ -192,3 +192,13 @@ def test_deepmind_allow_list_is_exact_and_checked_before_import(
         load_pretrained(_small_nfnet(0), path, trust_pickle=True)
     assert module not in sys.modules
     assert not marker.exists()
+
+
+def test_a_bad_format_or_a_model_that_is_no_nfnet_is_named() -> None:
+    from normfree.checkpoints import normfree_to_deepmind
+
+    model = normfree.create_model("nf_resnet_cifar20")
+    with pytest.raises(ValueError, match="format must be one of auto, normfree, timm"):
+        load_pretrained(model, "never_read.pt", format="bogus")
+    with pytest.raises(CheckpointError, match=r"onto normfree's NFNet models .* not a NFResNet"):
+        normfree_to_deepmind(model)

@@ -260,6 +260,10 @@ def test_bad_timm_arguments_fail_clearly() -> None:
             create_model(name, **kwargs)
     with pytest.raises(TypeError, match="keyword"):
         create_model(name, 10)
+    with pytest.raises(TypeError, match="a model name must be a str, got NoneType"):
+        create_model(None)
+    with pytest.raises(TypeError, match="pattern must be a str, got int"):
+        normfree.list_models(5)
     # unset timm options (None) are ignored, as timm's create_model does
     model = create_model(name, drop_block_rate=None, bn_momentum=None, cache_dir=None)
     assert model.meta.stochdepth_rate == 0.0

@@ -551,3 +551,19 @@ def test_compiled_pooled_input_is_a_matrix_product_forward_and_backward(bias) ->
     graph = _compiled_training_graph(bias, 1, batch=5)
     if not _compile_sees_exporting():
         assert "linear(" in graph and "conv2d(" not in graph
+
+
+@pytest.mark.parametrize("size", [8, 1])  # a map, and a pooled (B, C, 1, 1) input
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_wrong_channel_count_gets_the_convolutions_own_error(size: int, grad: bool) -> None:
+    """The matrix forms step aside for an input whose channels do not fit the weight, so the
+    error is nn.Conv2d's, naming both shapes (not a failed reshape deep inside a form)."""
+    from normfree.nn import HeConv2d, PointwiseConv2d, ScaledStdConv2d, WSConv2d
+
+    convs = [ScaledStdConv2d(3, 4, 1), WSConv2d(3, 4, 1), HeConv2d(3, 4, 1), PointwiseConv2d(3, 4)]
+    x = torch.randn(2, 5, size, size)
+    for conv in convs:
+        with torch.set_grad_enabled(grad), pytest.raises(
+            RuntimeError, match=rf"expected input\[2, 5, {size}, {size}\] to have 3 channels"
+        ):
+            conv(x)

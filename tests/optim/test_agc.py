@@ -629,3 +629,8 @@ def test_a_tied_weight_is_excluded_by_either_name() -> None:
     grad = net[0].weight.grad.clone()
     agc.clip_grad_()  # the tied weight's large gradient is left alone
     torch.testing.assert_close(net[0].weight.grad, grad, rtol=0, atol=0)
+
+
+def test_a_model_given_for_its_parameters_is_a_clear_error() -> None:
+    with pytest.raises(TypeError, match=r"pass the model's parameters \(model.parameters\(\)\)"):
+        adaptive_clip_grad_(nn.Linear(2, 2))

@@ -55,3 +55,22 @@ def test_buffers_averaged_or_copied_and_state_roundtrip() -> None:
         assert torch.equal(a, b)
     with pytest.raises(KeyError, match="num_updates"):
         other.load_state_dict({"module": {}})
+
+
+def test_an_update_from_another_model_is_refused_by_name() -> None:
+    """Another architecture (a superset of the names) or another head (a shape) is refused
+    before anything is averaged."""
+    from normfree.models import create_model
+
+    torch.manual_seed(0)
+    ema = ModelEMA(create_model("nf_resnet_cifar20", num_classes=10))
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with pytest.raises(ValueError, match=r"not the one this average was made from \(missing "
+                       r"none, unexpected stages\.0\.3\."):  # fmt: skip
+        ema.update(create_model("nf_resnet_cifar56", num_classes=10))
+    with pytest.raises(ValueError, match=r"'head\.fc\.weight' is \(7, 64\) in the model but "
+                       r"\(10, 64\) in the average"):  # fmt: skip
+        ema.update(create_model("nf_resnet_cifar20", num_classes=7))
+    assert ema.num_updates == 0
+    for k, v in ema.module.state_dict().items():
+        assert torch.equal(v, before[k]), k

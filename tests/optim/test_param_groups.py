@@ -71,3 +71,14 @@ def test_extra_exclusions_and_errors() -> None:
         build_param_groups(model, lr=0.0, weight_decay=0.0)
     with pytest.raises(ValueError, match="clipping"):
         build_param_groups(model, lr=0.1, weight_decay=0.0, clipping=-1.0)
+
+
+def test_one_extra_name_is_a_name_not_its_characters() -> None:
+    model = normfree.create_model("nf_resnet_cifar20")
+    groups = build_param_groups(model, 0.1, 5e-5, extra_no_weight_decay="stem.conv.weight")
+    listed = build_param_groups(model, 0.1, 5e-5, extra_no_weight_decay=["stem.conv.weight"])
+    assert [[id(p) for p in g["params"]] for g in groups] == [
+        [id(p) for p in g["params"]] for g in listed
+    ]
+    undecayed = [p for g in groups if g["weight_decay"] == 0 for p in g["params"]]
+    assert any(p is model.stem.conv.weight for p in undecayed)

@@ -91,3 +91,9 @@ def test_scheduler_scales_each_group_and_resumes() -> None:
     opt2.step()
     sched2.step()
     assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in opt2.param_groups]
+
+
+def test_warmup_cosine_lr_names_the_argument_it_refuses() -> None:
+    with pytest.raises(ValueError, match=r"final_lr must be in \[0, peak_lr = 0.1\], got 1.0"):
+        warmup_cosine_lr(5, 0.1, 2, 10, final_lr=1.0)
+    assert warmup_cosine_lr(10, 0.1, 2, 10, final_lr=0.1) == pytest.approx(0.1)

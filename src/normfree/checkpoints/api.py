@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import typing
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -84,6 +85,10 @@ def load_pretrained(
     A mismatched checkpoint raises :class:`CheckpointMismatchError` listing missing, unexpected
     and mis-shaped parameters and loads nothing, unless ``strict=False``.
     """
+    if format not in typing.get_args(CheckpointFormat):
+        raise ValueError(
+            f"format must be one of {', '.join(typing.get_args(CheckpointFormat))}, got {format!r}"
+        )
     path = Path(path)
     if format == "auto":
         format = _detect(path)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from normfree.checkpoints.errors import CheckpointError
+from normfree.models.nfnet import NFNet
 
 __all__ = ["deepmind_to_normfree", "normfree_to_deepmind", "read_haiku_file"]
 
@@ -122,10 +123,12 @@ _PARAM = {"w": "weight", "b": "bias", "gain": "gain", "bias": "bias"}
 
 
 def _block_positions(model: nn.Module) -> list[tuple[int, int]]:
-    stages = getattr(model, "stages", None)
-    if stages is None:
-        raise CheckpointError("DeepMind weights map onto normfree NFNet models (model.stages)")
-    return [(s, b) for s, stage in enumerate(stages) for b in range(len(stage))]
+    if not isinstance(model, NFNet):
+        raise CheckpointError(
+            "DeepMind's NFNet weights map onto normfree's NFNet models (the nfnet_* models), "
+            f"not a {type(model).__name__}"
+        )
+    return [(s, b) for s, stage in enumerate(model.stages) for b in range(len(stage))]
 
 
 def _to_torch(name: str, array: np.ndarray, is_linear: bool) -> torch.Tensor:

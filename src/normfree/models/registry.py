@@ -49,12 +49,18 @@ def _ensure_loaded() -> None:
 
 def list_models(pattern: str | None = None) -> list[str]:
     """Registered model names, sorted, optionally filtered by an fnmatch ``pattern``."""
+    if pattern is not None and not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a str, got {type(pattern).__name__}")
     _ensure_loaded()
     names = sorted(_REGISTRY)
     return [n for n in names if fnmatch.fnmatchcase(n, pattern)] if pattern else names
 
 
 def model_entrypoint(name: str) -> Callable[..., NormFreeModel]:
+    """The factory registered as ``name`` (:class:`UnknownModelError` with close names when
+    there is none)."""
+    if not isinstance(name, str):
+        raise TypeError(f"a model name must be a str, got {type(name).__name__}")
     _ensure_loaded()
     try:
         return _REGISTRY[name]

@@ -148,8 +148,8 @@ def _as_matrix_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
     """:func:`pointwise_conv2d` in matrix form, or None where the convolution runs."""
     if not _enabled or is_fx_proxy(x) or is_fx_proxy(weight) or x.dim() != 4:
         return None
-    if torch.jit.is_tracing():
-        return None
+    if torch.jit.is_tracing() or x.shape[1] != weight.shape[1]:
+        return None  # (the wrong channel count: F.conv2d's own error names it)
     batch, _, height, width = x.shape
     if height == 1 and width == 1:
         if not x.is_floating_point() or exporting():  # an exported program keeps the conv

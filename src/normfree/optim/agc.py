@@ -172,6 +172,8 @@ def _clip_same_device(
 
 
 def _collect(parameters: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    if isinstance(parameters, nn.Module):
+        raise TypeError("pass the model's parameters (model.parameters()), not the model")
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     out = []

@@ -43,6 +43,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _few(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit]) or "none"
+    return shown + (f", … (+{len(names) - limit})" if len(names) > limit else "")
+
+
 class ModelEMA:
     """An EMA copy of ``model`` (``self.module``, always in eval mode, no gradients).
 
@@ -75,9 +80,21 @@ class ModelEMA:
         """Fold the current weights of ``model`` into the average; returns the decay used."""
         d = ema_decay(self.decay, self.num_updates, self.warmup)
         src = _unwrap(model).state_dict()
-        for name, ema_t in self.module.state_dict().items():
-            if name not in src:
-                raise KeyError(f"EMA: parameter/buffer {name!r} is missing from the model")
+        averaged = self.module.state_dict()
+        if src.keys() != averaged.keys():
+            missing = [n for n in averaged if n not in src]
+            extra = [n for n in src if n not in averaged]
+            raise ValueError(
+                f"EMA: the model is not the one this average was made from (missing "
+                f"{_few(missing)}, unexpected {_few(extra)}); update with that model"
+            )
+        for name, ema_t in averaged.items():  # all checked before any is averaged
+            if src[name].shape != ema_t.shape:
+                raise ValueError(
+                    f"EMA: {name!r} is {tuple(src[name].shape)} in the model but "
+                    f"{tuple(ema_t.shape)} in the average; update with the model it was made from"
+                )
+        for name, ema_t in averaged.items():
             new = src[name].detach().to(ema_t.device)
             if ema_t.is_floating_point() or ema_t.is_complex():
                 ema_t.mul_(d).add_(new.to(ema_t.dtype), alpha=1.0 - d)

@@ -80,6 +80,8 @@ def build_param_groups(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names = {n for n, _ in model.named_parameters()}
     no_decay = _declared(model, "no_weight_decay_names", names)
+    if isinstance(extra_no_weight_decay, str):  # one name, not its characters
+        extra_no_weight_decay = [extra_no_weight_decay]
     extra = set(extra_no_weight_decay)
     if extra - names:
         raise ValueError(f"extra_no_weight_decay names unknown parameters: {sorted(extra - names)}")

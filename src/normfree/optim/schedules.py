@@ -79,6 +79,8 @@ def warmup_cosine_lr(
     """The NFNet schedule's learning rate at ``step`` (see the module docstring)."""
     if peak_lr <= 0:
         raise ValueError(f"peak_lr must be positive, got {peak_lr}")
+    if not 0.0 <= final_lr <= peak_lr:
+        raise ValueError(f"final_lr must be in [0, peak_lr = {peak_lr}], got {final_lr}")
     ratio = final_lr / peak_lr
     return peak_lr * lr_factor(step, warmup_steps, total_steps, ratio, "cosine")
 
