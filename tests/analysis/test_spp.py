@@ -185,6 +185,9 @@ def test_reused_module_and_missing_input_size_are_clear_errors() -> None:
         signal_propagation(model, input_shape=(3, 4, 4), points=["0"], device="meta")
     with pytest.raises(TypeError, match=r"nn\.Module"):
         signal_propagation("resnet", input_shape=(3, 4, 4))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"input_shape=\(3, 8, 8\) disagree"):
+        signal_propagation(model, inputs=torch.randn(2, 3, 4, 4), input_shape=(3, 8, 8),
+                           points=["0"])  # fmt: skip
 
 
 def test_gaussian_input_is_seeded() -> None:

@@ -260,6 +260,10 @@ def test_bad_timm_arguments_fail_clearly() -> None:
             create_model(name, **kwargs)
     with pytest.raises(TypeError, match="keyword"):
         create_model(name, 10)
+    with pytest.raises(ValueError, match="num_classes must be an int >= 0, got True"):
+        create_model(name, num_classes=True)
+    with pytest.raises(ValueError, match=r"num_classes must be an int >= 0, got 2\.5"):
+        create_model(name).reset_classifier(2.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="a model name must be a str, got NoneType"):
         create_model(None)
     with pytest.raises(TypeError, match="pattern must be a str, got int"):

@@ -147,6 +147,11 @@ def make_inputs(
     if inputs is not None:
         if not isinstance(inputs, torch.Tensor):
             raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+        if input_shape is not None and tuple(input_shape) != tuple(inputs.shape[1:]):
+            raise ValueError(
+                f"inputs of shape {tuple(inputs.shape)} and input_shape={tuple(input_shape)} "
+                "disagree; give one of them"
+            )
         if inputs.dim() < 1 or inputs.shape[0] < 1:
             raise ValueError(f"inputs must be a non-empty batch, got shape {tuple(inputs.shape)}")
         return inputs.to(dev), "data"

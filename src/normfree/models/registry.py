@@ -206,7 +206,10 @@ def create_model(
                 "the same option, give one"
             )
         overrides["stochdepth_rate"] = drop_path_rate
-    if not (num_classes is None or (isinstance(num_classes, int) and num_classes >= 0)):
+    if not (
+        num_classes is None
+        or (isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 0)
+    ):
         raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
 
     cfg_updates = _resolve_pretrained_cfg(name, pretrained_cfg, pretrained_cfg_overlay)

@@ -73,8 +73,8 @@ class ClassifierHead(nn.Module):
     def reset(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier with a freshly initialised one for ``num_classes`` classes;
         ``global_pool`` changes the pooling (``None`` keeps it)."""
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
         pool = self.global_pool if global_pool is None else _check_pool(global_pool)
         if not pool and num_classes:
             raise ValueError(
