@@ -14,7 +14,7 @@ import copy
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,8 @@ class ConversionReport:
         max_abs_diff: ``max |y − y_BN|`` over the logits.
         rel_error: ``‖y − y_BN‖ / ‖y_BN‖`` (Frobenius norms over the batch).
         top1_agreement: fraction of examples whose argmax agrees (2-D outputs only).
+        dropped: modules holding parameters that the traced (eval-mode) forward never calls,
+            e.g. auxiliary heads used only in training: the converted model has no copy.
     """
 
     mode: str
@@ -85,6 +87,7 @@ class ConversionReport:
     max_abs_diff: float | None = None
     rel_error: float | None = None
     top1_agreement: float | None = None
+    dropped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         text = (
@@ -100,6 +103,11 @@ class ConversionReport:
             )
             if self.top1_agreement is not None:
                 text += f", top-1 agreement {100 * self.top1_agreement:.1f}%"
+        if self.dropped:
+            text += (
+                f"; not converted, because the eval-mode forward never calls them (so the "
+                f"converted model has none): {', '.join(self.dropped)}"
+            )
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,11 +154,10 @@ class ConvertedModel(nn.Module):
         return None if self._classifier is None else self.net.get_submodule(self._classifier)
 
     @property
-    def num_classes(self) -> int:
+    def num_classes(self) -> int | None:
+        """Outputs of the last ``nn.Linear`` (the classifier); None without one."""
         fc = self.get_classifier()
-        if not isinstance(fc, nn.Linear):
-            raise AttributeError("this converted model has no nn.Linear classifier")
-        return int(fc.out_features)
+        return int(fc.out_features) if isinstance(fc, nn.Linear) else None
 
     def classifier_parameter_names(self) -> list[str]:
         fc = self.get_classifier()
@@ -204,11 +211,16 @@ def measure_conversion(
     try:
         reference.eval()
         converted.eval()
-        ref = reference(example).double()
-        out = converted(example).double()
+        ref, out = reference(example), converted(example)
     finally:
         for m, training in modes:
             m.train(training)
+    if not isinstance(ref, Tensor):
+        raise ConversionError(
+            f"the model returns a {type(ref).__name__}, not a tensor: conversion measures "
+            "models whose output is one tensor (wrap the model to return it)"
+        )
+    ref, out = ref.double(), out.double()
     diff = out - ref
     top1 = None
     if ref.dim() == 2:
@@ -255,6 +267,8 @@ def convert_model(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
     if options is None:
         options = ConvertOptions(**option_kwargs)
     elif option_kwargs:
@@ -273,6 +287,12 @@ def convert_model(
     return _convert(model, to, options, example, source, source_kwargs or {}, image_size)
 
 
+def _outermost_missing(name: str, kept: set[str]) -> str:
+    """The outermost module on the way to ``name`` that the traced graph does not hold."""
+    parts = name.split(".")
+    return next(p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1)) if p not in kept)
+
+
 def _convert(
     model: nn.Module,
     mode: str,
@@ -284,11 +304,14 @@ def _convert(
 ) -> ConvertedModel:
     work = copy.deepcopy(model).eval()
     gm = trace(work)
+    kept = {name for name, _ in gm.named_modules()}
+    dropped = [name for name, m in work.named_modules() if name and name not in kept
+               and any(True for _ in m.parameters(recurse=False))]  # fmt: skip
     folded, norms, affine = replace_norms(gm, mode, options)
     if mode == "nf" and example is not None:
         calibrate_nf(gm, folded, example, options.nf_fit, options.nf_shrinkage)
-    residuals = add_residual_gains(gm, mode, options)
-    outputs = mark_residual_outputs(gm)
+    add_residual_gains(gm, mode, options)
+    outputs = mark_residual_outputs(gm)  # one per residual add, in every mode
     description = {
         "format": CONVERTED_FORMAT,
         "version": 1,
@@ -301,7 +324,10 @@ def _convert(
     }
     converted = ConvertedModel(gm, description).eval()
     converted.analysis_points = [f"net.{n}" for n in outputs] or None
-    report = ConversionReport(mode, norms, affine, residuals, bool(folded) and example is not None)
+    report = ConversionReport(
+        mode, norms, affine, len(outputs), bool(folded) and example is not None
+    )
+    report.dropped = sorted({_outermost_missing(name, kept) for name in dropped})
     if example is not None:
         reference = copy.deepcopy(model).eval()
         report.examples = int(example.shape[0])
@@ -311,17 +337,61 @@ def _convert(
     return converted
 
 
+def _rebuild(description: dict[str, Any]) -> ConvertedModel:
+    """The converted model a description names, with the source's random weights (structure
+    only: no calibration)."""
+    source = build_source(description["source"], description.get("source_kwargs"))
+    return _convert(
+        source, description["mode"], ConvertOptions.from_dict(description["options"]), None,
+        description["source"], description.get("source_kwargs") or {},
+        description.get("image_size"),
+    )  # fmt: skip
+
+
+def _check_rebuilds(model: ConvertedModel) -> None:
+    """Refuse to describe ``model`` by a source that does not rebuild it: the description is
+    rebuilt on the meta device and must give the same tensors, modules and graph."""
+    desc = model.description
+    spec = f"{desc['source']!r} with {desc.get('source_kwargs') or {}}"
+    fix = ("pass convert_model(..., source=..., source_kwargs=...) with every option the model "
+           "was built with, or save with allow_pickle=True (a pickled module)")  # fmt: skip
+    try:
+        with torch.device("meta"):
+            rebuilt = _rebuild(desc)
+    except (ConversionError, CheckpointError, ValueError, TypeError) as e:
+        raise ConversionError(f"the source {spec} cannot be rebuilt ({e}); {fix}") from e
+    report = compare_state_dict(rebuilt, model.state_dict())
+    wrong = sorted([*report.missing, *report.unexpected, *(k for k, _, _ in report.mismatched)])
+    if wrong:
+        what = f"{len(wrong)} tensors differ: {', '.join(wrong[:3])}"
+    elif repr(rebuilt.net) != repr(model.net) or rebuilt.net.code != model.net.code:
+        what = "its layers or their settings differ (e.g. a stride or a padding)"
+    else:
+        return
+    raise ConversionError(f"the source {spec} does not rebuild this model ({what}); {fix}")
+
+
 def save_converted(
     model: ConvertedModel, path: str | os.PathLike[str], *, allow_pickle: bool = False
 ) -> None:
     """Write ``model`` atomically: ``.safetensors`` (tensors; the description in the metadata) or
     a torch file readable with ``weights_only=True`` (``{"format", "description",
-    "state_dict"}``). A model whose architecture has no source spec (converted from a module
-    object that normfree cannot rebuild) is only written as a full pickled module, with
-    ``allow_pickle=True`` (loading it then needs ``trust_pickle=True``)."""
+    "state_dict"}``). The description must rebuild the model: its source spec is built on the
+    meta device and converted again, and a source that gives other tensors, layers or layer
+    settings (a model built with options the spec does not record) is refused. A model whose
+    architecture has no such spec (converted from a module object that normfree cannot
+    rebuild) is only written as a full pickled module, with ``allow_pickle=True`` (loading it
+    then needs ``trust_pickle=True``)."""
     if not isinstance(model, ConvertedModel):
         raise TypeError(f"expected a ConvertedModel, got {type(model).__name__}")
     desc = model.description
+    if desc.get("source") is not None:
+        try:
+            _check_rebuilds(model)
+        except ConversionError:
+            if not allow_pickle or Path(path).suffix == ".safetensors":
+                raise
+            desc = {**desc, "source": None}  # not rebuildable: written as a pickled module
     if desc.get("source") is None:
         if not allow_pickle:
             raise ConversionError(
@@ -386,17 +456,8 @@ def load_converted(
     if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
         raise CheckpointError(f"{path}: its weights are not a mapping of names to tensors")
     check_file_source(description["source"], description.get("source_kwargs"), path, trust_code)
-
-    def rebuild() -> ConvertedModel:
-        source = build_source(description["source"], description.get("source_kwargs"))
-        return _convert(
-            source, description["mode"], ConvertOptions.from_dict(description["options"]), None,
-            description["source"], description.get("source_kwargs") or {},
-            description.get("image_size"),
-        )  # fmt: skip
-
     with torch.device("meta"):  # the file's tensors must fill it before memory is spent on it
-        skeleton = rebuild()
+        skeleton = _rebuild(description)
     report = compare_state_dict(skeleton, state)
     wrong = sorted([*report.missing, *report.unexpected, *(k for k, _, _ in report.mismatched)])
     if wrong:
@@ -406,7 +467,7 @@ def load_converted(
         )
     if torch.get_default_device().type == "meta":  # a skeleton was asked for (shape checks)
         return skeleton.eval()
-    converted = rebuild()
+    converted = _rebuild(description)
     load_state_dict_checked(converted, state, strict=True, source=str(path))
     return converted.eval()
 
@@ -442,6 +503,8 @@ def build_converted(
         model = load_converted(path)
     except CheckpointError as e:
         raise ValueError(str(e)) from e
+    if model.num_classes is None:
+        raise ValueError(f"{path} has no classifier (no nn.Linear): training needs class logits")
     if model.num_classes != num_classes or model.in_chans != in_chans:
         raise ValueError(
             f"{path} is a {model.num_classes}-class model on {model.in_chans} channels but the "

@@ -296,6 +296,8 @@ def evaluate_converted_file(
         raise ValueError(f"split must be 'val' or 'train', got {split!r}")
     model = load_converted(path, trust_pickle=trust_pickle)
     bundle = build_datasets(data, image_size=image_size, augment=None)
+    if model.num_classes is None:
+        raise ValueError(f"{path} has no classifier (no nn.Linear): eval needs class logits")
     if bundle.num_classes != model.num_classes or bundle.in_chans != model.in_chans:
         raise ValueError(
             f"dataset {data!r} has {bundle.num_classes} classes × {bundle.in_chans} channels but "

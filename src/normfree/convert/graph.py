@@ -207,6 +207,14 @@ def find_norms(gm: fx.GraphModule) -> list[NormSite]:
                 f"Conv2d '{conv.target}' is called {uses} times; folding a BatchNorm into it "
                 "needs a conv module used once"
             )
+        reads = [str(n.target) for n in gm.graph.nodes
+                 if n.op == "get_attr" and str(n.target).startswith(f"{conv.target}.")]  # fmt: skip
+        if reads:
+            raise ConversionError(
+                f"Conv2d '{conv.target}' also has {', '.join(reads)} read directly by the "
+                "forward (a tied weight); replacing the conv would change that use too, so "
+                "conversion needs a conv whose parameters only it uses"
+            )
     return sites
 
 

@@ -43,6 +43,7 @@ a residual add) cannot be folded: the BN-free and NF modes raise unless
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -114,15 +115,16 @@ class ConvertOptions:
             raise ValueError(
                 f"standalone_bn must be 'error' or 'affine', got {self.standalone_bn!r}"
             )
-        if not float(self.residual_alpha) > 0:
-            raise ValueError(f"residual_alpha must be > 0, got {self.residual_alpha}")
+        for key in ("residual_alpha", "nf_shrinkage"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not (math.isfinite(value) and value > 0):  # fmt: skip
+                raise ValueError(f"{key} must be a positive finite number, got {value!r}")
         if isinstance(self.max_groups, bool) or not isinstance(self.max_groups, int) or \
                 self.max_groups < 1:  # fmt: skip
             raise ValueError(f"max_groups must be a positive int, got {self.max_groups!r}")
         if self.nf_fit not in ("mean", "covariance"):
             raise ValueError(f"nf_fit must be 'mean' or 'covariance', got {self.nf_fit!r}")
-        if not float(self.nf_shrinkage) > 0:
-            raise ValueError(f"nf_shrinkage must be > 0, got {self.nf_shrinkage}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -186,6 +188,12 @@ def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
 def _drop_node(gm: fx.GraphModule, node: fx.Node, replacement: fx.Node) -> None:
     node.replace_all_uses_with(replacement)
     gm.graph.erase_node(node)
+
+
+def _placed(module: nn.Module, like: Tensor) -> nn.Module:
+    """``module`` on ``like``'s device, its floating tensors in ``like``'s dtype (a float64 or
+    a meta-device model gets float64 or meta replacements)."""
+    return module.to(device=like.device, dtype=like.dtype if like.is_floating_point() else None)
 
 
 def _like(param: Tensor, value: Tensor) -> Tensor:
@@ -257,7 +265,9 @@ def replace_norms(
     """Replace every BN site of ``gm`` (in place) for ``mode``. Returns ``(folded, sites,
     affine)``: for the NF mode the folded ``(W_f, b_f)`` of each WS conv by module name (for
     :func:`calibrate_nf`), the number of BNs replaced and how many became
-    :class:`ChannelAffine`."""
+    :class:`ChannelAffine`. In the NF mode a conv with a fan-in of 1 (a depthwise 1×1) stays a
+    plain conv with its BN folded in, as in ``bn_free``: the only zero-mean kernel of one
+    weight is 0, which Weight Standardization would make of it."""
     if mode not in MODES:
         raise ConversionError(f"unknown mode {mode!r}; choose one of {sorted(MODES)}")
     sites = find_norms(gm)
@@ -274,7 +284,7 @@ def replace_norms(
                 if options.standalone_bn != "affine":
                     raise _standalone_error(gm, site, mode)
                 scale, shift = bn_scale_shift(bn)
-                affine = ChannelAffine(bn.num_features).to(bn.running_mean.device)
+                affine = _placed(ChannelAffine(bn.num_features), bn.running_mean)
                 with torch.no_grad():
                     affine.weight.copy_(scale)
                     affine.bias.copy_(shift)
@@ -282,7 +292,7 @@ def replace_norms(
                 affines += 1
                 continue
             weight, bias = fold_conv_bn(conv, bn)
-            if mode == "bn_free":
+            if mode == "bn_free" or weight[0].numel() < 2:  # (a fan-in of 1: see the docstring)
                 new = _uninitialised(nn.Conv2d, conv, **_conv_kwargs(conv, conv_name), bias=True)
                 with torch.no_grad():
                     new.weight.copy_(weight)
@@ -305,24 +315,25 @@ def replace_norms(
         if mode == "gnpn" and site.act is not None:
             block = NormAct(c, "gn", proxy=True, activation=_activation_module(gm, site.act),
                             num_groups=groups, eps_norm=bn.eps)  # fmt: skip
+            _placed(block, bn.running_mean)
             with torch.no_grad():
                 block.act.weight.copy_(gamma)
                 block.act.bias.copy_(beta)
-            _set_module(gm, site.bn_name, block.to(bn.running_mean.device))
+            _set_module(gm, site.bn_name, block)
             _drop_node(gm, site.act, site.bn)
         elif mode == "gnpn" and tail and type(tail[1]) in ELEMENTWISE_ACTIVATIONS:
             act = tail[1]
             if hasattr(act, "inplace"):
                 act.inplace = False
-            pn = ProxyNormActivation(c, act)
+            pn = _placed(ProxyNormActivation(c, act), bn.running_mean)
             with torch.no_grad():
                 pn.weight.copy_(gamma)
                 pn.bias.copy_(beta)
             norm = nn.GroupNorm(groups, c, eps=bn.eps, affine=False)
-            block = nn.Sequential(norm, tail[0], pn).to(bn.running_mean.device)
+            block = _placed(nn.Sequential(norm, tail[0], pn), bn.running_mean)
             _set_module(gm, site.bn_name, block)
         else:
-            norm = nn.GroupNorm(groups, c, eps=bn.eps, affine=True).to(bn.running_mean.device)
+            norm = _placed(nn.GroupNorm(groups, c, eps=bn.eps, affine=True), bn.running_mean)
             with torch.no_grad():
                 norm.weight.copy_(gamma)
                 norm.bias.copy_(beta)
@@ -424,11 +435,11 @@ def add_residual_gains(gm: fx.GraphModule, mode: str, options: ConvertOptions) -
         return 0
     adds = find_residual_adds(gm)
     alpha = float(options.residual_alpha)
-    param = next(gm.parameters(), None)
-    device = param.device if param is not None else None
+    like = next(gm.parameters(), None)
     for i, res in enumerate(adds):
         name = f"{_GAIN_PREFIX}{i}"
-        gm.add_submodule(name, SkipInitGain(1.0).to(device))
+        gain_module = SkipInitGain(1.0)
+        gm.add_submodule(name, _placed(gain_module, like) if like is not None else gain_module)
         with gm.graph.inserting_after(res.branch):
             gain = gm.graph.call_module(name, (res.branch,))
         res.node.replace_input_with(res.branch, gain)

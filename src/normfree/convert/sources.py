@@ -3,7 +3,8 @@ rebuild it without unpickling anything.
 
 A *source spec* is one of:
 
-* ``"torchvision:NAME"`` - ``torchvision.models.get_model(NAME, weights=None, **kwargs)``;
+* ``"torchvision:NAME"`` - ``torchvision.models.get_model(NAME, weights=None, **kwargs)``
+  (with ``weights_backbone=None`` for builders that take it);
 * ``"timm:NAME"`` - ``timm.create_model(NAME, pretrained=False, **kwargs)``;
 * ``"normfree:NAME"`` or a registered normfree name - ``normfree.create_model(NAME, **kwargs)``;
 * ``"package.module:factory"`` - an importable factory the user names (its module is imported).
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import inspect
 import os
 import re
 from collections.abc import Iterator
@@ -109,7 +111,7 @@ def build_source(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
                 import torchvision
             except ImportError as e:
                 raise ConversionError(f"{spec}: torchvision is not installed") from e
-            return torchvision.models.get_model(name, weights=None, **kwargs)
+            return _torchvision_model(torchvision, name, kwargs)
         if kind == "timm":
             try:
                 import timm
@@ -132,6 +134,16 @@ def build_source(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ConversionError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _torchvision_model(torchvision: Any, name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """``get_model(name, weights=None)``, and ``weights_backbone=None`` for the segmentation and
+    detection builders unless asked otherwise: their default would download an ImageNet
+    backbone."""
+    builder = torchvision.models.get_model_builder(name)
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        kwargs = {"weights_backbone": None, **kwargs}
+    return builder(weights=None, **kwargs)
 
 
 def infer_source(model: nn.Module) -> tuple[str, dict[str, Any]] | None:

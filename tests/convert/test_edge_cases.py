@@ -1,0 +1,155 @@
+"""Models at the edges of what conversion handles: each is converted exactly, or refused in one
+message naming the problem, and a file always rebuilds the model it was saved from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import normfree
+from bn_stats import warm_bn
+from normfree.convert import ChannelAffine, ConversionError, ConvertedModel, convert_model
+from normfree.convert import load_converted, save_converted
+from normfree.convert.modes import ConvertOptions
+from normfree.nn import ScaledStdConv2d, SkipInitGain
+
+_warm = warm_bn
+
+
+def _x(n: int = 4, size: int = 16, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, size, size, generator=gen).to(dtype) * 2 + 0.5
+
+
+def test_a_file_always_rebuilds_the_model_it_was_saved_from(tmp_path):
+    """A normfree model built with an option the inferred source does not record (a stride)
+    rebuilds with other layer settings: saving it is refused rather than written as a file
+    that loads as another model; with allow_pickle it is written as a pickled module."""
+    model = _warm(normfree.create_model("bn_resnet_cifar20", num_classes=4, strides=(1, 1, 2)))
+    c = convert_model(model, "bn_free", _x(), standalone_bn="affine")
+    with pytest.raises(ConversionError, match=r"does not rebuild this model \(its layers or"):
+        save_converted(c, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+    save_converted(c, tmp_path / "m.pt", allow_pickle=True)
+    back = load_converted(tmp_path / "m.pt", trust_pickle=True)
+    with torch.no_grad():
+        assert torch.equal(back(_x()), c(_x()))
+    from normfree.convert.experiment import bn_resnet_small
+
+    wide = _warm(bn_resnet_small(num_classes=2, in_chans=3, width=8))
+    spec = "normfree.convert.experiment:bn_resnet_small"
+    c = convert_model(wide, "bn_free", source=spec, source_kwargs={"num_classes": 2,
+                                                                 "in_chans": 3, "width": 4})
+    with pytest.raises(ConversionError, match=r"does not rebuild this model \(\d+ tensors differ"):
+        save_converted(c, tmp_path / "w.pt")
+
+
+def test_a_conv_whose_weight_is_also_read_directly_is_refused():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), \
+                nn.Linear(8, 2)  # fmt: skip
+
+        def forward(self, x):
+            a = self.bn(self.conv(x))
+            b = F.conv2d(x, self.conv.weight, padding=2, dilation=2)
+            return self.fc(torch.cat([a, b], 1).mean((2, 3)))
+
+    for mode in ("bn_free", "gn"):
+        with pytest.raises(ConversionError, match=r"'conv' also has conv\.weight read directly"):
+            convert_model(_warm(Tied()), mode)
+
+
+def test_nf_keeps_a_conv_with_a_fan_in_of_one_plain_and_folded():
+    """Weight Standardization of a one-weight kernel is 0; such a conv keeps its folded weight
+    (exact, and it still learns) while the other convs become Scaled-WS."""
+    model = _warm(nn.Sequential(
+        nn.Conv2d(3, 3, 1, groups=3), nn.BatchNorm2d(3), nn.ReLU(),
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2),
+    ))  # fmt: skip
+    c = convert_model(model, "nf", _x())
+    kinds = [type(m) for m in c.net.modules() if isinstance(m, nn.Conv2d)]
+    assert kinds == [nn.Conv2d, ScaledStdConv2d]
+    first = next(m for m in c.net.modules() if isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        torch.testing.assert_close(first(_x()), model[1](model[0](_x())), rtol=1e-5, atol=1e-5)
+    c.train()
+    c(_x()).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in c.parameters())
+
+
+@pytest.mark.parametrize("mode", ["bn_free", "nf", "gn", "gnpn"])
+def test_a_float64_model_converts_to_float64_and_a_meta_model_on_meta(mode):
+    def build() -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8),
+            nn.Flatten(), nn.LazyLinear(2),
+        )  # fmt: skip
+
+    model = build().double()
+    model(_x(dtype=torch.float64))
+    model = _warm(model)
+    c = convert_model(model, mode, _x(dtype=torch.float64), standalone_bn="affine")
+    assert {p.dtype for p in c.parameters()} == {torch.float64}
+    if mode == "bn_free":
+        assert c.report.rel_error < 1e-12
+    with torch.device("meta"):
+        meta = build()
+        meta(torch.empty(1, 3, 16, 16))
+    converted = convert_model(meta, mode, standalone_bn="affine")
+    assert {p.device.type for p in converted.parameters()} == {"meta"}
+    assert any(isinstance(m, (ChannelAffine, nn.GroupNorm, SkipInitGain))
+               for m in converted.modules())  # fmt: skip
+
+
+def test_a_model_whose_output_is_not_a_tensor_is_a_clear_error():
+    class Dict(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return {"out": self.bn(self.conv(x))}
+
+    with pytest.raises(ConversionError, match="returns a dict, not a tensor"):
+        convert_model(_warm(Dict()), "bn_free", _x())
+
+
+def test_modules_the_eval_forward_never_calls_are_reported():
+    """torchvision's GoogLeNet calls its auxiliary heads only in training: the trace (eval)
+    has no copy of them, and the report says so."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True,
+                                         num_classes=3).eval()  # fmt: skip
+    c = convert_model(model, "bn_free", _x(2, 32))
+    assert c.report.dropped == ["aux1", "aux2"]
+    assert "never calls them" in c.report.summary() and "aux1, aux2" in c.report.summary()
+    plain = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True,
+                                         num_classes=3).eval()  # fmt: skip
+    assert convert_model(plain, "bn_free").report.dropped == []
+
+
+def test_segmentation_sources_build_without_downloading_a_backbone(monkeypatch):
+    torchvision = pytest.importorskip("torchvision")
+    from normfree.convert.sources import build_source
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    model = build_source("torchvision:lraspp_mobilenet_v3_large", {"num_classes": 3})
+    assert isinstance(model, torchvision.models.segmentation.LRASPP)
+
+
+def test_options_must_be_finite_numbers_and_a_model_without_classifier_says_so():
+    for key, value in (("residual_alpha", float("inf")), ("nf_shrinkage", float("nan")),
+                       ("residual_alpha", "0.5"), ("residual_alpha", True)):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{key} must be a positive finite number"):
+            ConvertOptions(**{key: value})
+    headless = _warm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    c = convert_model(headless, "bn_free")
+    assert isinstance(c, ConvertedModel) and c.num_classes is None
