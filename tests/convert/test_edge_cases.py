@@ -11,7 +11,6 @@ from torch import nn
 import normfree
 from bn_stats import warm_bn
 from normfree.convert import ChannelAffine, ConversionError, ConvertedModel, convert_model
-from normfree.convert import load_converted, save_converted
 from normfree.convert.modes import ConvertOptions
 from normfree.nn import ScaledStdConv2d, SkipInitGain
 
@@ -30,10 +29,10 @@ def test_a_file_always_rebuilds_the_model_it_was_saved_from(tmp_path):
     model = _warm(normfree.create_model("bn_resnet_cifar20", num_classes=4, strides=(1, 1, 2)))
     c = convert_model(model, "bn_free", _x(), standalone_bn="affine")
     with pytest.raises(ConversionError, match=r"does not rebuild this model \(its layers or"):
-        save_converted(c, tmp_path / "m.safetensors")
+        normfree.convert.save_converted(c, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
-    save_converted(c, tmp_path / "m.pt", allow_pickle=True)
-    back = load_converted(tmp_path / "m.pt", trust_pickle=True)
+    normfree.convert.save_converted(c, tmp_path / "m.pt", allow_pickle=True)
+    back = normfree.convert.load_converted(tmp_path / "m.pt", trust_pickle=True)
     with torch.no_grad():
         assert torch.equal(back(_x()), c(_x()))
     from normfree.convert.experiment import bn_resnet_small
@@ -43,7 +42,7 @@ def test_a_file_always_rebuilds_the_model_it_was_saved_from(tmp_path):
     c = convert_model(wide, "bn_free", source=spec, source_kwargs={"num_classes": 2,
                                                                  "in_chans": 3, "width": 4})
     with pytest.raises(ConversionError, match=r"does not rebuild this model \(\d+ tensors differ"):
-        save_converted(c, tmp_path / "w.pt")
+        normfree.convert.save_converted(c, tmp_path / "w.pt")
 
 
 def test_a_conv_whose_weight_is_also_read_directly_is_refused():
