@@ -152,3 +152,26 @@ def test_options_must_be_finite_numbers_and_a_model_without_classifier_says_so()
     headless = _warm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
     c = convert_model(headless, "bn_free")
     assert isinstance(c, ConvertedModel) and c.num_classes is None
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "dilation", "size"),
+    [(3, 1, 1, 1, 9), (7, 2, 3, 1, 20), (3, 2, 2, 2, 13), (1, 1, 0, 1, 6),
+     ((3, 1), (2, 1), (1, 0), (1, 1), 11)],
+)  # fmt: skip
+def test_calibration_samples_the_patches_that_unfolding_all_would_give(
+    kernel, stride, padding, dilation, size
+):
+    """The NF calibration gathers only the sampled patch positions; they equal the rows of the
+    full ``F.unfold`` that the same permutation picks, bit for bit."""
+    from normfree.convert.modes import sampled_patches
+
+    conv = nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation)
+    x = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(2))
+    cols = F.unfold(x.double(), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    for take in (17, rows.shape[0]):
+        pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:take]
+        expected = rows[pick] if take < rows.shape[0] else rows
+        got = sampled_patches(x, conv, take, torch.Generator().manual_seed(0))
+        assert torch.equal(got, expected)

@@ -380,6 +380,33 @@ def _zero_mean_fit(
     return fitted.reshape(weight.shape), shift.reshape(-1)
 
 
+def sampled_patches(
+    x: Tensor, conv: nn.Conv2d, max_rows: int, generator: torch.Generator
+) -> Tensor:
+    """The input patches of ``conv`` on ``x`` as float64 rows ``(rows, C_in·kh·kw)`` in
+    ``F.unfold``'s order: all of them, or ``max_rows`` positions drawn at random (``randperm``
+    of every position with ``generator``), gathered without unfolding the rest (a 224² batch
+    of 128 would unfold to gigabytes at a 3×3 conv)."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    (ph, pw), (dh, dw) = conv.padding, conv.dilation
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    total = n * oh * ow
+    if total <= max_rows:
+        cols = F.unfold(x.double(), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    pick = torch.randperm(total, generator=generator)[:max_rows].to(x.device)
+    image, place = pick // (oh * ow), pick % (oh * ow)
+    ys = (place // ow * sh)[:, None] + torch.arange(kh, device=x.device) * dh  # (rows, kh)
+    xs = (place % ow * sw)[:, None] + torch.arange(kw, device=x.device) * dw  # (rows, kw)
+    padded = F.pad(x, (pw, pw, ph, ph))
+    channels = torch.arange(c, device=x.device)
+    patches = padded[image[:, None, None, None], channels[None, :, None, None],
+                     ys[:, None, :, None], xs[:, None, None, :]]  # fmt: skip
+    return patches.reshape(max_rows, c * kh * kw).double()
+
+
 @torch.no_grad()
 def calibrate_nf(
     gm: fx.GraphModule,
@@ -406,10 +433,7 @@ def calibrate_nf(
         def hook(mod: nn.Module, args: tuple[Tensor, ...], out: Tensor, w: Tensor = weight,
                  b: Tensor = bias) -> Tensor:  # fmt: skip
             x = args[0]
-            cols = F.unfold(x.double(), mod.kernel_size, mod.dilation, mod.padding, mod.stride)
-            rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-            if rows.shape[0] > max_rows:
-                rows = rows[torch.randperm(rows.shape[0], generator=gen)[:max_rows]]
+            rows = sampled_patches(x, mod, max_rows, gen)
             fitted, shift = _zero_mean_fit(w, rows, mod.groups, fit, shrinkage)
             norm = torch.linalg.vector_norm(fitted, dim=(1, 2, 3))
             safe = torch.where(norm > 0, norm, torch.ones_like(norm))
