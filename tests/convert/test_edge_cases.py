@@ -175,3 +175,18 @@ def test_calibration_samples_the_patches_that_unfolding_all_would_give(
         expected = rows[pick] if take < rows.shape[0] else rows
         got = sampled_patches(x, conv, take, torch.Generator().manual_seed(0))
         assert torch.equal(got, expected)
+
+
+def test_nf_scales_branches_that_end_in_timms_batchnormact_by_alpha():
+    """timm's BatchNormAct2d leaves a drop → act tail (both Identity at a branch end) after the
+    WS conv: α goes past it, so every residual branch gets α, and the function is unchanged."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", num_classes=3).eval()
+    x = _x(2, 32)
+    plain = convert_model(model, "nf", x, residual_alpha=1.0)
+    scaled = convert_model(model, "nf", x, residual_alpha=0.2)
+    alphas = [n for n in scaled.net.graph.nodes if n.op == "call_function" and n.args[-1] == 0.2]
+    assert len(alphas) == scaled.report.residuals > 0
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(x), plain(x), rtol=1e-5, atol=1e-6)

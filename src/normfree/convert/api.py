@@ -63,7 +63,9 @@ _DESCRIBED = ("version", "mode", "source", "options")  # what a description must
 @dataclass
 class ConversionReport:
     """How a conversion went. The error fields compare the converted model with the BN model in
-    eval mode on the example input (None without one).
+    eval mode on the example input (None without one). In the NF mode that input is also the
+    calibration data, so the error on other inputs is larger (measure it there with
+    :func:`measure_conversion`).
 
     Attributes:
         mode: the conversion mode.

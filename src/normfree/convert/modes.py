@@ -451,6 +451,22 @@ def calibrate_nf(
             h.remove()
 
 
+def _scale_free(module: nn.Module) -> bool:
+    """A module that commutes with a positive scale: identity, dropout, or a sequence of them
+    (the drop → act tail timm's ``BatchNormAct2d`` leaves where its activation is Identity)."""
+    if isinstance(module, nn.Sequential):
+        return all(_scale_free(m) for m in module)
+    return isinstance(module, (nn.Identity, nn.Dropout))
+
+
+def _through_identities(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """The node that really produces ``node``'s value, past scale-free modules used once."""
+    while node.op == "call_module" and _scale_free(gm.get_submodule(str(node.target))) \
+            and isinstance(node.args[0], fx.Node) and len(node.args[0].users) == 1:  # fmt: skip
+        node = node.args[0]
+    return node
+
+
 def add_residual_gains(gm: fx.GraphModule, mode: str, options: ConvertOptions) -> int:
     """Give every residual branch of ``gm`` a learnable scalar gain (init 1) and, in the NF mode,
     the fixed scale α when the branch ends in a WS conv (whose gain and bias are divided by α).
@@ -467,10 +483,10 @@ def add_residual_gains(gm: fx.GraphModule, mode: str, options: ConvertOptions) -
         with gm.graph.inserting_after(res.branch):
             gain = gm.graph.call_module(name, (res.branch,))
         res.node.replace_input_with(res.branch, gain)
-        producer = gm.get_submodule(str(res.branch.target)) if res.branch.op == "call_module" \
-            else None  # fmt: skip
+        end = _through_identities(gm, res.branch)
+        producer = gm.get_submodule(str(end.target)) if end.op == "call_module" else None
         if mode == "nf" and alpha != 1.0 and isinstance(producer, ScaledStdConv2d) \
-                and len(res.branch.users) == 1:  # fmt: skip
+                and len(end.users) == 1:  # fmt: skip
             with torch.no_grad():
                 producer.gain.div_(alpha)
                 producer.bias.div_(alpha)
