@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import tempfile
@@ -28,6 +29,7 @@ __all__ = [
     "check_writable",
     "file_mode",
     "remove_stale_temp_files",
+    "to_json",
 ]
 
 _TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # mkstemp(prefix=".<name>.", suffix=".tmp")
@@ -139,10 +141,27 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write_bytes(path, lambda f: f.write(data))
 
 
+def _finite_only(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite_only(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite_only(v) for v in data]
+    return data
+
+
+def to_json(data: Any, indent: int | None = None) -> str:
+    """``json.dumps`` that writes valid JSON: a NaN or infinite number (a diverged loss, a best
+    score never set) becomes ``null``, where Python would write ``NaN`` / ``-Infinity``."""
+    return json.dumps(_finite_only(data), indent=indent, allow_nan=False)
+
+
 def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write ``data`` as indented JSON (with a final newline) to ``path`` atomically. The JSON is
-    produced before the file is touched, so unserializable data leaves ``path`` as it was."""
-    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    """Write ``data`` as indented JSON (with a final newline, :func:`to_json`) to ``path``
+    atomically. The JSON is produced before the file is touched, so unserializable data
+    leaves ``path`` as it was."""
+    return atomic_write_text(path, to_json(data, indent=2) + "\n")
 
 
 def atomic_save_figure(fig: Any, path: str | os.PathLike[str], **savefig_kwargs: Any) -> Path:

@@ -289,7 +289,9 @@ def test_eval_checks_its_inputs_before_evaluating(
 
     monkeypatch.setattr(sys.modules["normfree.train.evaluate"], "evaluate", never)
     ckpt = str(tiny_run / "last.pt")
-    assert main(["eval", ckpt, "--batch-size", "0"]) == 2
+    with pytest.raises(SystemExit) as refused:  # argparse's own check (positive_int)
+        main(["eval", ckpt, "--batch-size", "0"])
+    assert refused.value.code == 2
     _one_line_error(capsys.readouterr().err, "--batch-size", "got 0")
     assert main(["eval", ckpt, "--workers", "-1"]) == 2
     _one_line_error(capsys.readouterr().err, "--workers must be a non-negative number, got -1")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import typing
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +49,7 @@ def _extract_state_dict(obj: Any, use_ema: bool, path: Path) -> Mapping[str, tor
     if _is_tensor_mapping(obj):
         return obj
     if isinstance(obj, Mapping):
-        keys = ("ema", "model") if use_ema else ("state_dict", "model", "model_state")
+        keys = ("ema",) if use_ema else ("state_dict", "model", "model_state")
         for key in keys:
             value = obj.get(key)
             for inner in ("state_dict", "module"):  # {"ema": {"module": ...}} etc.
@@ -58,7 +58,11 @@ def _extract_state_dict(obj: Any, use_ema: bool, path: Path) -> Mapping[str, tor
             if _is_tensor_mapping(value):
                 return value
         if use_ema:
-            raise CheckpointError(f"{path} has no EMA weights (keys: {sorted(obj)})")
+            raise CheckpointError(
+                f"{path} has no EMA weights (keys: {sorted(obj)}; a run with ema.enabled=false "
+                "keeps none): load its raw weights instead (use_ema=False; in a training config, "
+                "init_use_ema=false)"
+            )
     raise CheckpointError(f"{path} holds no recognisable state dict (got {type(obj).__name__})")
 
 
@@ -70,6 +74,7 @@ def load_pretrained(
     strict: bool = True,
     use_ema: bool = False,
     trust_pickle: bool = False,
+    exclude: Collection[str] = (),
 ) -> LoadReport:
     """Load weights into ``model`` from a file.
 
@@ -83,7 +88,9 @@ def load_pretrained(
     * ``.safetensors`` files and plain state dicts.
 
     A mismatched checkpoint raises :class:`CheckpointMismatchError` listing missing, unexpected
-    and mis-shaped parameters and loads nothing, unless ``strict=False``.
+    and mis-shaped parameters and loads nothing, unless ``strict=False``. Names in ``exclude``
+    (state-dict keys of ``model``, e.g. ``model.classifier_parameter_names()`` to fine-tune on
+    other classes) are neither loaded nor compared: the model keeps its own.
     """
     if format not in typing.get_args(CheckpointFormat):
         raise ValueError(
@@ -98,7 +105,9 @@ def load_pretrained(
         state = dict(_extract_state_dict(load_tensors(path), use_ema, path))
         if format == "timm" or (format == "auto_torch" and is_timm_state_dict(state)):
             state = timm_to_normfree(state)
-    return load_state_dict_checked(model, state, strict=strict, source=str(path))
+    return load_state_dict_checked(
+        model, state, strict=strict, source=str(path), exclude=frozenset(exclude)
+    )
 
 
 def _detect(path: Path) -> str:

@@ -102,6 +102,13 @@ def build_data(
         )
     except (OSError, ValueError, ImportError) as e:  # missing / malformed data, missing extra
         raise ConfigError(f"data.spec={d.spec!r}: {e}") from e
+    for name, split in (("training", bundle.train), ("held-out", bundle.val)):
+        if len(split) == 0:
+            raise ConfigError(
+                f"data.spec={d.spec!r}: its {name} split holds no images (data.val_fraction="
+                f"{d.val_fraction} where the data has no held-out split of its own); give more "
+                "images or a larger data.val_fraction"
+            )
     for split in (bundle.train, bundle.val):  # image folders: data.skip_unreadable
         if hasattr(split, "skip_unreadable"):
             split.skip_unreadable = d.skip_unreadable
@@ -333,14 +340,28 @@ def check_input_size(model: nn.Module, size: int | None, key: str) -> None:
 
 def init_weights_from(cfg: Config, model: nn.Module) -> None:
     """Load ``cfg.init_from`` into a fresh model (fine-tuning): a run folder means its
-    ``best.pt``; any format :func:`normfree.load_pretrained` reads is accepted."""
+    ``best.pt``; any format :func:`normfree.load_pretrained` reads is accepted. With
+    ``init_head=false`` the classifier is not loaded (the model keeps its new one)."""
     if not cfg.init_from:
         return
     from pathlib import Path
 
-    from normfree.checkpoints import load_pretrained
+    from normfree.checkpoints import CheckpointMismatchError, load_pretrained
 
     path = Path(cfg.init_from)
     if path.is_dir():
         path = path / "best.pt"
-    load_pretrained(model, path, use_ema=cfg.init_use_ema)
+    head = list(getattr(model, "classifier_parameter_names", list)())
+    try:
+        load_pretrained(
+            model, path, use_ema=cfg.init_use_ema, exclude=() if cfg.init_head else head
+        )
+    except CheckpointMismatchError as e:
+        differ = {*e.missing, *e.unexpected, *(k for k, _, _ in e.mismatched)}
+        if cfg.init_head and head and differ <= set(head):
+            raise ConfigError(
+                f"init_from={str(path)!r}: its classifier does not fit this model's ("
+                f"{', '.join(sorted(differ))}); pass init_head=false to start the classifier "
+                "afresh (fine-tuning on other classes)"
+            ) from None
+        raise

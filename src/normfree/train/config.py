@@ -161,7 +161,10 @@ class TrainLoopConfig:
     compile: bool = _f(False, "torch.compile the model")
     grad_checkpointing: bool = _f(False, "recompute block activations in the backward pass")
     sync_bn: bool = _f(False, "SyncBatchNorm across ranks (BN baselines only)")
-    skip_nonfinite: bool = _f(False, "skip steps with a NaN/Inf loss instead of stopping")
+    skip_nonfinite: bool = _f(
+        False, "skip steps with a NaN/Inf loss instead of stopping (5 in a row, or weights "
+        "that are no longer finite, still stop the run)"
+    )
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms(True)")
     threads: int | None = _f(None, "torch CPU threads per rank (null: cores / local ranks)")
     tune_malloc: bool = _f(
@@ -260,6 +263,10 @@ class Config:
         "a normfree/timm/.safetensors file (fine-tuning; see normfree.load_pretrained)",
     )
     init_use_ema: bool = _f(False, "with init_from: take the checkpoint's EMA weights")
+    init_head: bool = _f(
+        True, "with init_from: load the classifier too; false keeps this model's new one "
+        "(fine-tuning on other classes)"
+    )
     out_dir: str | None = _f(None, "run folder (null: runs/<model>-<data>-<timestamp>)")
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -365,6 +372,8 @@ def validate_config(cfg: Config) -> None:
     need(o.clipping > 0, "optim.clipping", "> 0")
     need(o.agc_eps > 0, "optim.agc_eps", "> 0")
     need(o.clip_grad_norm is None or o.clip_grad_norm > 0, "optim.clip_grad_norm", "> 0 or null")
+    need(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", "two numbers in [0, 1)")
+    need(o.eps > 0, "optim.eps", "> 0")
     if o.update_in_backward:  # an optimizer step inside the backward: one backward per step
         for ok, key, rule in (
             (o.name in ("sgd", "adam", "adamw"), "optim.name", "sgd, adam or adamw"),

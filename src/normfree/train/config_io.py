@@ -31,6 +31,7 @@ from normfree.train.config import Config, ConfigError, chosen_kernels, validate_
 
 __all__ = [
     "apply_overrides",
+    "checked_config",
     "config_diff",
     "config_from_dict",
     "config_help",
@@ -190,6 +191,17 @@ def config_from_dict(data: dict[str, Any] | None, base: Config | None = None) ->
         data = {k: v for k, v in data.items() if k not in _RETIRED_SECTIONS}
     _merge(tree, data or {}, Config, "")
     return _validate(tree)
+
+
+def checked_config(cfg: Config) -> Config:
+    """``cfg`` checked as a config file is (types by pydantic, then ranges): a Config built or
+    changed in code gets the same one-line :class:`ConfigError` naming the key. Returns the
+    validated copy."""
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"expected a normfree.train.Config, got {type(cfg).__name__}")
+    checked = _validate(config_to_dict(cfg))
+    validate_config(checked)
+    return checked
 
 
 def copy_config(cfg: Config) -> Config:

@@ -25,7 +25,7 @@ from torch import nn
 
 from normfree.train.config import Config, ConfigError
 
-__all__ = ["distillation_loss", "load_teacher"]
+__all__ = ["check_teacher_fits", "distillation_loss", "load_teacher"]
 
 
 def distillation_loss(
@@ -36,6 +36,28 @@ def distillation_loss(
     log_q = F.log_softmax(student_logits.float() / t, dim=1)
     log_p = F.log_softmax(teacher_logits.float() / t, dim=1)
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (t * t)
+
+
+@torch.no_grad()
+def check_teacher_fits(teacher: nn.Module, image: torch.Tensor, num_classes: int) -> None:
+    """One of the data's images through the teacher, before the run starts: it must take the
+    images and give one logit per class (:class:`ConfigError` naming what does not fit)."""
+    device = next(teacher.parameters(), torch.empty(0)).device
+    size = "×".join(str(s) for s in image.shape)
+    try:
+        out = teacher(image[None].to(device))
+    except (RuntimeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(
+            f"distill.teacher does not take this data's {size} images ({first}); distil from a "
+            "teacher trained on this kind of image"
+        ) from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != num_classes:
+        got = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(
+            f"distill.teacher gives {got} outputs per image but the data has {num_classes} "
+            "classes; distil from a teacher trained on this label set"
+        )
 
 
 def load_teacher(cfg: Config, device: torch.device) -> nn.Module:

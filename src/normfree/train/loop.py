@@ -49,8 +49,8 @@ from normfree.train.config import (
     native_kernel_choice,
     validate_config,
 )
-from normfree.train.config_io import dump_config
-from normfree.train.distill import distillation_loss, load_teacher
+from normfree.train.config_io import checked_config, dump_config
+from normfree.train.distill import check_teacher_fits, distillation_loss, load_teacher
 from normfree.train.distributed import (
     DistInfo,
     ShardedBatchSampler,
@@ -70,6 +70,8 @@ from normfree.train.trainer_state import (
     prepare_run_dir,
     setup_sync_batchnorm,
 )
+
+MAX_SKIPPED_IN_A_ROW = 5  # with train.skip_nonfinite: this many in a row end the run
 
 __all__ = ["NonFiniteLossError", "RunAlreadyComplete", "Trainer", "TrainingInterrupted", "train"]
 
@@ -156,6 +158,7 @@ class Trainer(TrainerState):
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.optimizer = B.build_optimizer(cfg, model)
         self.scheduler = B.build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        self.step_lr = self._lr()  # the rate of the latest step (set by each _train_step)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=t.precision == "fp16")
         self.backward_update = None
         if cfg.optim.update_in_backward:
@@ -168,6 +171,7 @@ class Trainer(TrainerState):
         self.teacher = None
         if cfg.distill.teacher is not None:
             self.teacher = load_teacher(cfg, info.device)
+            check_teacher_fits(self.teacher, self.bundle.val[0][0], self.bundle.num_classes)
         self.mixer = None
         if cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0:
             from normfree.data import BatchMixer
@@ -180,6 +184,7 @@ class Trainer(TrainerState):
                 label_smoothing=t.label_smoothing,
             )
         self.epoch = self.step_in_epoch = self.global_step = self.skipped_steps = 0
+        self.skipped_in_a_row = 0  # non-finite losses since the last step taken
         self.epoch_totals = _fresh_totals()  # this epoch's loss·n, n and correct so far
         self.best: dict[str, Any] = {"val_top1": -math.inf, "ema_val_top1": -math.inf, "epoch": 0}
         self.last_eval: dict[str, Any] = {}
@@ -311,6 +316,7 @@ class Trainer(TrainerState):
     def _train_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         cfg, info, dev = self.cfg, self.info, self.info.device
         number = self.global_step + 1  # 1-based number of this step
+        self.step_lr = self._lr()  # the rate this step uses (logged; the scheduler moves on)
         sums = torch.zeros(5, dtype=torch.float64, device=dev)  # loss, n, correct, bad, stop
         for k, (x, y) in enumerate(micro):
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
@@ -365,6 +371,17 @@ class Trainer(TrainerState):
                     f"non-finite loss ({loss_sum / max(n, 1)}) at {where}; stopping, {kept}. "
                     "Lower the learning rate, check the data, or set train.skip_nonfinite=true."
                 )
+            self.skipped_in_a_row += 1
+            broken = next((name for name, p in self.model.named_parameters()
+                           if not bool(torch.isfinite(p).all())), None)  # fmt: skip
+            if broken is not None or self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                why = (f"the weights themselves are not finite ({broken})" if broken else
+                       f"so were the {MAX_SKIPPED_IN_A_ROW - 1} steps before it")  # fmt: skip
+                raise NonFiniteLossError(
+                    f"non-finite loss at {where}, and {why}: the run has diverged and skipping "
+                    "steps cannot recover it; lower the learning rate or resume from an "
+                    "earlier checkpoint"
+                )
             log.warning("non-finite loss at %s: step skipped", where)
             self.skipped_steps += 1
             self._updating = True
@@ -373,6 +390,7 @@ class Trainer(TrainerState):
                 self.scheduler.step()
         else:
             self._updating = True
+            self.skipped_in_a_row = 0
             if cfg.optim.clip_grad_norm is not None:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad_norm)
@@ -454,7 +472,7 @@ class Trainer(TrainerState):
 
     def _after_step(self, out: dict[str, Any], bar: Any) -> None:
         cfg = self.cfg
-        lr = self._lr()
+        lr = self.step_lr
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.3g}", refresh=False)
@@ -529,7 +547,7 @@ class Trainer(TrainerState):
         self.epoch, self.step_in_epoch = done, 0
         record.update(
             step=self.global_step,
-            lr=self._lr(),
+            lr=self.step_lr,  # the rate of the epoch's last step
             epoch_time_s=time.perf_counter() - epoch_t0,
             wall_time_s=self.wall_time(),
         )
@@ -692,6 +710,7 @@ def train(
     the checkpoint's config only in :func:`~normfree.train.run_folder.resume_overridable` keys);
     ``callbacks`` hook into the loop (:class:`~normfree.train.callbacks.Callback`);
     ``overwrite`` lets a new run replace an earlier run's files in ``cfg.out_dir``."""
+    cfg = checked_config(cfg)  # types and ranges, before anything is started or written
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     info = init_distributed(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s)
     try:

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from normfree.atomic import atomic_save_figure, atomic_write_json, atomic_write_text
+from normfree.atomic import atomic_save_figure, atomic_write_json, atomic_write_text, to_json
 from normfree.train.run_folder import open_run_file
 
 __all__ = ["RunLogger", "plot_curves", "read_metrics"]
@@ -129,7 +129,7 @@ class RunLogger:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume_step is not None:
             kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= resume_step]
-            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(self.metrics_path, "".join(to_json(r) + "\n" for r in kept))
             self.records = kept
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT  # appended in place: no link followed
         self._file = os.fdopen(open_run_file(self.metrics_path, flags), "a")
@@ -146,7 +146,7 @@ class RunLogger:
         if not self.enabled:
             return
         self.records.append(record)
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(to_json(record) + "\n")
         self._file.flush()
         if self._tb is not None:
             prefix = "train" if record.get("kind") == "step" else "epoch"
