@@ -113,6 +113,7 @@ def test_bn_feedforward_grows_exponentially_bn_resnet_as_power_law(tmp_path) -> 
     assert back == ff
 
 
+@pytest.mark.slow  # a fresh process (the warning comes once per process)
 def test_the_sensitivity_pass_warns_about_nothing_of_pytorch_internals() -> None:
     """Forward-mode AD makes PyTorch script its own decompositions on first use in a process,
     which recent releases report as a FutureWarning about ``torch.jit.script``; the analysis

@@ -316,6 +316,7 @@ def test_trainer_releases_the_heap_before_workers_fork(
 
 
 @glibc_only
+@pytest.mark.slow  # a whole `normfree train` process; the in-process tests above cover the rest
 def test_normfree_train_tunes_for_real(tmp_path: Path) -> None:
     """``normfree train`` in a fresh process on glibc: summary.json says it tuned."""
     run = tmp_path / "run"
