@@ -111,3 +111,40 @@ def test_init_from_without_its_head_or_without_ema_weights(
     cfg = make_cfg(*SHORT, f"init_from={first.out_dir}", "init_use_ema=true", out="ema")
     with pytest.raises(CheckpointError, match=r"has no EMA weights .* init_use_ema=false\)"):
         train(cfg)
+
+
+def test_resume_takes_a_fixed_key_at_its_stored_value_and_refuses_another(
+    make_cfg: Callable[..., Config],
+) -> None:
+    from normfree.train.run_folder import resume_config
+
+    cfg = make_cfg(*SHORT)
+    train(cfg)
+    assert resume_config(cfg.out_dir, ["train.epochs=1", "optim.lr=0.3"]).optim.lr == 0.3
+    with pytest.raises(ConfigError, match=r"cannot change 'train\.epochs' when resuming"):
+        resume_config(cfg.out_dir, ["train.epochs=3"])
+    with pytest.raises(ConfigError, match="cannot change 'out_dir' when resuming"):
+        resume_config(cfg.out_dir, [f"out_dir={cfg.out_dir}_elsewhere"])
+    with pytest.raises(ConfigError, match=r"'data\.randaugment' must be \[num_ops >= 0"):
+        train(make_cfg(*SHORT, "data.randaugment=[-1,9]", out="bad_randaugment"))
+
+
+def test_a_resumed_run_purges_tensorboards_events_after_its_checkpoint(tmp_path: Path) -> None:
+    """The resumed logger opens TensorBoard with ``purge_step`` = the checkpoint's step + 1:
+    its event file starts with a SessionLog START at that step, which makes TensorBoard drop
+    the earlier file's events from there on (logged before the crash)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    from normfree.train.run_logger import RunLogger
+
+    for resume_step, steps in ((None, range(1, 7)), (3, range(4, 7))):
+        logger = RunLogger(tmp_path, csv=False, plot=False, resume_step=resume_step)
+        for step in steps:
+            logger.log({"kind": "step", "step": step, "loss": float(step)})
+        logger.close()
+    first, resumed = sorted((tmp_path / "tensorboard").glob("events.*"))
+    starts = [(e.step, e.session_log.status) for e in EventFileLoader(str(resumed)).Load()
+              if e.HasField("session_log")]  # fmt: skip
+    assert starts == [(4, 1)]  # SessionLog.START at step 4
+    assert not any(e.HasField("session_log") for e in EventFileLoader(str(first)).Load())

@@ -396,6 +396,11 @@ def validate_config(cfg: Config) -> None:
     need(0.0 <= cfg.distill.weight <= 1.0, "distill.weight", "in [0, 1]")
     need(cfg.distill.temperature > 0, "distill.temperature", "> 0")
     need(d.pad >= 0, "data.pad", ">= 0")
+    need(
+        d.randaugment is None or (d.randaugment[0] >= 0 and d.randaugment[1] >= 0),
+        "data.randaugment",
+        "[num_ops >= 0, magnitude >= 0] or null",
+    )
     need(d.mixup_alpha >= 0, "data.mixup_alpha", ">= 0")
     need(d.cutmix_alpha >= 0, "data.cutmix_alpha", ">= 0")
     need(0.0 <= d.mix_switch_prob <= 1.0, "data.mix_switch_prob", "in [0, 1]")

@@ -240,8 +240,9 @@ def resume_changes(
 
 def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
     """The config to resume ``run_dir`` with: the checkpoint's, plus ``overrides`` (only
-    :func:`resume_overridable` keys). An edited ``config.yaml`` does not take effect: the
-    differences are logged with the note that the checkpoint's config wins."""
+    :func:`resume_overridable` keys, or other keys given the value they have). An edited
+    ``config.yaml`` does not take effect: the differences are logged with the note that the
+    checkpoint's config wins."""
     from normfree.train.checkpointing import checkpoint_config, load_checkpoint
     from normfree.train.config_io import (
         apply_overrides,
@@ -253,18 +254,20 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"--resume {str(run_dir)!r}: no such run folder")
+    last = run_dir / "last.pt"
+    cfg = checkpoint_config(load_checkpoint(last), last)
     for item in overrides:
         key = item.split("=", 1)[0].strip()
+        same = not config_diff(cfg, apply_overrides(cfg, [item]))
+        if same or (resume_overridable(key) and key != "out_dir"):
+            continue  # (a key that cannot change may be given its stored value)
         if key == "out_dir":
             raise ConfigError(
                 f"cannot change 'out_dir' when resuming: the run continues in its own folder "
                 f"{str(run_dir)!r}; to branch it, start a new run from its weights "
                 f"(out_dir=NEW init_from={run_dir / 'last.pt'})"
             )
-        if not resume_overridable(key):
-            raise ConfigError(f"cannot change {key!r} when resuming (only {overridable_listed()})")
-    last = run_dir / "last.pt"
-    cfg = checkpoint_config(load_checkpoint(last), last)
+        raise ConfigError(f"cannot change {key!r} when resuming (only {overridable_listed()})")
     edited = run_dir / "config.yaml"
     if edited.is_file():
         try:

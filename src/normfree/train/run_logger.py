@@ -107,7 +107,9 @@ class RunLogger:
         run_dir: the run folder.
         enabled: False on non-zero ranks.
         tensorboard / csv / plot: the optional outputs (``log.*`` config keys).
-        resume_step: when resuming, drop ``metrics.jsonl`` records with ``step`` above it.
+        resume_step: when resuming, drop ``metrics.jsonl`` records with ``step`` above it, and
+            TensorBoard's events after it (``SummaryWriter(purge_step=...)``): the steps between
+            the checkpoint and a crash are logged once, by the resumed run.
     """
 
     def __init__(
@@ -137,7 +139,9 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
+                                         purge_step=purge)  # fmt: skip
             except ImportError:
                 log.warning("tensorboard is not installed: skipping TensorBoard logs")
 
