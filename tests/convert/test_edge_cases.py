@@ -192,3 +192,16 @@ def test_nf_scales_branches_that_end_in_timms_batchnormact_by_alpha():
     assert len(alphas) == scaled.report.residuals > 0
     with torch.no_grad():
         torch.testing.assert_close(scaled(x), plain(x), rtol=1e-5, atol=1e-6)
+
+
+def test_bn_free_keeps_a_reflect_padded_conv_exactly_and_the_ws_modes_refuse_it():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+                          nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))  # fmt: skip
+    model(_x(1))
+    model = _warm(model)
+    c = convert_model(model, "bn_free", _x())
+    assert c.report.rel_error < 1e-5
+    assert [m.padding_mode for m in c.modules() if isinstance(m, nn.Conv2d)] == ["reflect"]
+    for mode in ("nf", "gn"):
+        with pytest.raises(ConversionError, match="padding_mode='reflect'; this mode's convs"):
+            convert_model(model, mode)

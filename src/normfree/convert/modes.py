@@ -156,11 +156,13 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[
     return weight, bias
 
 
-def _conv_kwargs(conv: nn.Conv2d, name: str) -> dict[str, Any]:
-    if conv.padding_mode != "zeros":
+def _conv_kwargs(conv: nn.Conv2d, name: str, plain: bool = False) -> dict[str, Any]:
+    """The constructor arguments of a conv like ``conv``; ``plain`` (an ``nn.Conv2d``) keeps
+    its padding mode, the Weight-Standardized convs take zero padding only."""
+    if conv.padding_mode != "zeros" and not plain:
         raise ConversionError(
-            f"Conv2d '{name}' uses padding_mode={conv.padding_mode!r}; conversion supports "
-            "zero padding"
+            f"Conv2d '{name}' uses padding_mode={conv.padding_mode!r}; this mode's convs take "
+            "zero padding (bn_free keeps any padding mode)"
         )
     padding = conv.padding
     if isinstance(padding, str):  # torch's "same" / "valid" (stride 1)
@@ -173,11 +175,14 @@ def _conv_kwargs(conv: nn.Conv2d, name: str) -> dict[str, Any]:
                 f"Conv2d '{name}' has padding='same' with an even kernel {conv.kernel_size}; "
                 "conversion supports explicit or odd-kernel 'same' padding"
             )
-    return dict(
+    kwargs = dict(
         in_channels=conv.in_channels, out_channels=conv.out_channels,
         kernel_size=conv.kernel_size, stride=conv.stride, padding=tuple(padding),
         dilation=conv.dilation, groups=conv.groups,
     )  # fmt: skip
+    if plain:
+        kwargs["padding_mode"] = conv.padding_mode
+    return kwargs
 
 
 def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
@@ -293,7 +298,8 @@ def replace_norms(
                 continue
             weight, bias = fold_conv_bn(conv, bn)
             if mode == "bn_free" or weight[0].numel() < 2:  # (a fan-in of 1: see the docstring)
-                new = _uninitialised(nn.Conv2d, conv, **_conv_kwargs(conv, conv_name), bias=True)
+                new = _uninitialised(nn.Conv2d, conv, **_conv_kwargs(conv, conv_name, plain=True),
+                                     bias=True)  # fmt: skip
                 with torch.no_grad():
                     new.weight.copy_(weight)
                     new.bias.copy_(bias)
