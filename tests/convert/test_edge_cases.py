@@ -205,3 +205,13 @@ def test_bn_free_keeps_a_reflect_padded_conv_exactly_and_the_ws_modes_refuse_it(
     for mode in ("nf", "gn"):
         with pytest.raises(ConversionError, match="padding_mode='reflect'; this mode's convs"):
             convert_model(model, mode)
+
+
+def test_an_untraceable_model_is_refused_naming_the_module_that_branches():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x  # control flow on a tensor value
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(Branchy()))
+    with pytest.raises(ConversionError, match=r"with torch\.fx in Branchy '2\.0' \(TraceError"):
+        convert_model(model, "bn_free")

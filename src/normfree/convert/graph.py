@@ -79,6 +79,20 @@ class _Tracer(fx.Tracer):
         )
 
 
+def _failing_module(error: BaseException, model: nn.Module) -> str:
+    """`` in Conv2dSame 'conv_stem'``: the innermost module of ``model`` whose ``forward`` is on
+    the traceback of ``error``, or ``""``."""
+    names = {id(m): name for name, m in model.named_modules() if name}
+    found = ""
+    tb = error.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            found = f" in {type(owner).__name__} '{names[id(owner)]}'"
+        tb = tb.tb_next
+    return found
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """``model`` as an ``fx.GraphModule`` sharing its modules (a ``ConversionError`` when the
     model cannot be traced)."""
@@ -86,10 +100,12 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
+        where = _failing_module(e, model)
+        first = (str(e).strip().splitlines() or [""])[0]
         raise ConversionError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "
-            "conversion needs a model whose forward torch.fx can trace (no Python control flow "
-            "on tensor values or shapes)"
+            f"cannot trace {type(model).__name__} with torch.fx{where} ({type(e).__name__}: "
+            f"{first}); conversion needs a model whose forward torch.fx can trace (no Python "
+            "control flow on tensor values or shapes)"
         ) from e
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
