@@ -67,6 +67,18 @@ def test_pt2_export_has_a_free_batch_and_a_sidecar(tmp_path: Path) -> None:
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt2", "model.pt2.json"]
 
 
+def test_a_float64_model_is_checked_in_float64_and_a_format_must_fit_the_suffix(
+    tmp_path: Path,
+) -> None:
+    model = _trained_like("nf_resnet_cifar20", num_classes=3).double()
+    result = export_model(model, tmp_path / "m.pt2", (3, 16, 16))
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+    assert next(model.parameters()).dtype == torch.float64  # the caller's model as it was
+    with pytest.raises(ValueError, match=r"'pt2' but 'm\.onnx' has the suffix of format 'onnx'"):
+        export_model(model.float(), tmp_path / "m.onnx", (3, 16, 16), format="pt2")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_onnx_export_runs_in_an_onnx_runtime(tmp_path: Path) -> None:
     pytest.importorskip("onnxscript")
     onnx = pytest.importorskip("onnx")
@@ -195,3 +207,14 @@ def test_export_command_from_a_training_checkpoint(
     bad.write_bytes(b"not a checkpoint")
     assert main(["export", str(bad), "--out", str(out)]) == 2
     assert "corrupt or truncated" in capsys.readouterr().err
+
+
+def test_a_model_name_exports_with_the_models_own_preprocessing(tmp_path: Path) -> None:
+    """The sidecar of an architecture given by name records its declared mean and std (timm's
+    ``pretrained_cfg``), as a checkpoint's records its dataset's."""
+    out = tmp_path / "m.pt2"
+    assert main(["export", "nf_resnet_cifar20", "--out", str(out), "--image-size", "8"]) == 0
+    metadata = json.loads(out.with_name("m.pt2.json").read_text())["metadata"]
+    declared = normfree.create_model("nf_resnet_cifar20").pretrained_cfg
+    assert metadata["mean"] == pytest.approx(list(declared["mean"]))
+    assert metadata["std"] == pytest.approx(list(declared["std"]))

@@ -6,9 +6,10 @@ Checks, with the thresholds of :class:`DiagnoseThresholds` (ratios are dimension
 * **mean shift** - at some non-stem point the squared channel mean reaches ``mean_shift_ratio``
   (0.5) × the channel variance (the channel means carry ≥ 1/3 of ``E[x²]``), *and* either that
   ratio grew ≥ ``mean_shift_growth`` (10×) from the first non-stem point or it is
-  ≥ ``mean_shift_dominant`` (2: the means dominate outright). Cause: layers with the largest rise
-  of the ratio (ReLU/Swish outputs have positive means that non-zero-mean weights pass on;
-  Scaled WS removes it).
+  ≥ ``mean_shift_dominant`` (2: the means dominate outright) there and still at the last point
+  (a ratio that peaks once and falls is not the depth-wise drift). Cause: the layers with the
+  largest rise of the ratio on the way to its peak (ReLU/Swish outputs have positive means that
+  non-zero-mean weights pass on; Scaled WS removes it).
 * **exploding / vanishing variance** - ``avg_var`` at some point exceeds ``var_high`` (1e3) or
   falls below ``var_low`` (1e-3) times the input's variance. Cause: the largest one-step jumps.
 * **residual branches out of scale** - a branch's output variance exceeds ``branch_to_input``
@@ -131,16 +132,19 @@ def _check_mean_shift(spp: SPPResult, t: DiagnoseThresholds) -> Finding:
     growth = ratio[worst] / ratio[0] if ratio[0] > 0 else math.inf
     values = {"max_ratio": ratio[worst], "at": pts[worst].name, "first_ratio": ratio[0],
               "growth": growth, "last_ratio": ratio[-1]}  # fmt: skip
-    rises = [(pts[i].name, ratio[i] - ratio[i - 1]) for i in range(1, len(pts))]
-    problem = ratio[worst] >= t.mean_shift_ratio and (
-        growth >= t.mean_shift_growth or ratio[worst] >= t.mean_shift_dominant
-    )
+    # the layers on the way up to the worst point (the first point itself when it is the worst)
+    rises = [(pts[i].name, ratio[i] - ratio[i - 1]) for i in range(1, worst + 1)]
+    culprits = _top(rises, t.top_layers) if worst else [pts[0].name]
+    dominant = min(ratio[worst], ratio[-1]) >= t.mean_shift_dominant  # still so at the output
+    problem = ratio[worst] >= t.mean_shift_ratio and (growth >= t.mean_shift_growth or dominant)
     if problem:
+        where = (f"{growth:.3g}× the ratio at {pts[0].name}" if worst else
+                 "already at the first point after the stem")  # fmt: skip
         msg = (f"squared channel mean reaches {ratio[worst]:.3g}× the channel variance at "
-               f"{pts[worst].name} ({growth:.3g}× the ratio at {pts[0].name}); activations "
+               f"{pts[worst].name} ({where}; {ratio[-1]:.3g}× at the last point); activations "
                "drift towards channel-wise constants (positive-mean activations passed on by "
                "non-zero-mean weights; Scaled WS removes this)")  # fmt: skip
-        return Finding("mean shift", "problem", msg, _top(rises, t.top_layers), values)
+        return Finding("mean shift", "problem", msg, culprits, values)
     msg = (f"squared channel mean / variance stays ≤ {ratio[worst]:.3g} (first {ratio[0]:.3g}, "
            f"last {ratio[-1]:.3g})")  # fmt: skip
     return Finding("mean shift", "ok", msg, [], values)

@@ -106,6 +106,10 @@ def run_export(args: argparse.Namespace) -> int:
                 converted = load_converted(source, trust_pickle=True)  # a pickled one
         else:
             model, info, weights = _from_spec(args), {}, args.weights or "initialisation"
+            declared = getattr(getattr(model, "meta", None), "data_config", None)
+            if callable(declared):  # a normfree architecture's own preprocessing (pretrained_cfg)
+                config = declared(int(getattr(model, "in_chans", 3)))
+                info = {"mean": list(config["mean"]), "std": list(config["std"])}
         if converted is not None:
             model, weights = converted, "raw"
             info = {"test_size": converted.meta.test_size, "in_chans": converted.in_chans}

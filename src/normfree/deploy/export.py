@@ -70,6 +70,12 @@ def _format_of(path: Path, fmt: str | None) -> str:
         )
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {sorted(EXPORT_FORMATS)}")
+    named = [name for name, suffix in EXPORT_FORMATS.items() if path.suffix.lower() == suffix]
+    if named and named[0] != fmt:
+        raise ValueError(
+            f"format {fmt!r} but {path.name!r} has the suffix of format {named[0]!r}; name it "
+            f"*{EXPORT_FORMATS[fmt]} (or another suffix), or choose format {named[0]!r}"
+        )
     return fmt
 
 
@@ -93,11 +99,13 @@ def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _eager_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The unfolded model's eval-mode output on its own device, as CPU float32."""
+    """The unfolded model's eval-mode output on its own device and in its own floating dtype
+    (a float64 model is checked in float64), as CPU float32."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else x.dtype
     with torch.no_grad(), _eval_mode(model):
-        return model(x.to(device)).float().cpu()
+        return model(x.to(device=device, dtype=dtype)).float().cpu()
 
 
 def _trace(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
