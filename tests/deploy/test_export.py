@@ -218,3 +218,22 @@ def test_a_model_name_exports_with_the_models_own_preprocessing(tmp_path: Path) 
     declared = normfree.create_model("nf_resnet_cifar20").pretrained_cfg
     assert metadata["mean"] == pytest.approx(list(declared["mean"]))
     assert metadata["std"] == pytest.approx(list(declared["std"]))
+
+
+def test_a_converted_training_checkpoint_exports_with_its_runs_data(tmp_path: Path) -> None:
+    """`normfree convert` of a training checkpoint keeps the run's data (mean, std, classes) in
+    the description, and `normfree export` of the converted file writes them to the sidecar."""
+    quiet = ["log.progress=false", "log.tensorboard=false", "log.plot=false", "train.threads=1"]
+    run = tmp_path / "bn"
+    assert main(["train", "--out", str(run), *quiet, "model=bn_resnet_cifar20", "ema.enabled=false",
+                 "data.spec=synthetic:num_classes=3,size=8,channels=1,n=40",
+                 "train.epochs=1", "train.max_steps_per_epoch=1", "train.batch_size=8"]) == 0
+    converted, exported = tmp_path / "bn_free.safetensors", tmp_path / "m.pt2"
+    assert main(["convert", str(run / "best.pt"), "--to", "bn_free", "--standalone-bn", "affine",
+                 "--out", str(converted), "--image-size", "8"]) == 0  # fmt: skip
+    assert main(["export", str(converted), "--out", str(exported)]) == 0
+    metadata = json.loads(exported.with_name("m.pt2.json").read_text())["metadata"]
+    info = torch.load(run / "best.pt", weights_only=True)["data_info"]
+    assert metadata["mean"] == pytest.approx(info["mean"])
+    assert metadata["std"] == pytest.approx(info["std"])
+    assert metadata["classes"] == info["classes"] and metadata["dataset"] == info["name"]

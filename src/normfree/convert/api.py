@@ -471,6 +471,8 @@ def load_converted(
         return skeleton.eval()
     converted = _rebuild(description)
     load_state_dict_checked(converted, state, strict=True, source=str(path))
+    if isinstance(description.get("data"), dict):  # the training data it records (export)
+        converted.description["data"] = description["data"]
     return converted.eval()
 
 

@@ -143,8 +143,11 @@ def _split_spec(spec: str, overrides: dict[str, Any]) -> tuple[str, dict[str, An
     return name, {**overrides, **kwargs}
 
 
-def _from_file(path: Path, args: argparse.Namespace) -> tuple[nn.Module, str | None, dict]:
-    """A model from a normfree checkpoint / model file, or a trusted pickled module."""
+def _from_file(
+    path: Path, args: argparse.Namespace
+) -> tuple[nn.Module, str | None, dict, dict]:
+    """A model from a normfree checkpoint / model file, or a trusted pickled module: the model,
+    its source spec and options, and the training data a checkpoint records (or ``{}``)."""
     from normfree.checkpoints import CheckpointError
     from normfree.checkpoints.errors import UnsafePickleError
     from normfree.checkpoints.io import load_tensors, load_trusted_pickle
@@ -157,7 +160,7 @@ def _from_file(path: Path, args: argparse.Namespace) -> tuple[nn.Module, str | N
         obj = load_trusted_pickle(path)
         if not isinstance(obj, nn.Module):
             raise ValueError(f"{path} holds a {type(obj).__name__}, not an nn.Module") from None
-        return obj, None, {}
+        return obj, None, {}, {}
     if isinstance(obj, dict) and "model_args" in obj:  # training checkpoint
         from normfree.train.checkpointing import checkpoint_model
 
@@ -165,7 +168,8 @@ def _from_file(path: Path, args: argparse.Namespace) -> tuple[nn.Module, str | N
         model = checkpoint_model(obj, path, ema=not args.raw and bool(obj.get("ema")))
         kwargs = {"num_classes": margs["num_classes"], "in_chans": margs["in_chans"],
                   **margs["kwargs"]}  # fmt: skip
-        return model, f"normfree:{margs['name']}", kwargs
+        data = obj.get("data_info") or {}  # the run's data, for export's sidecar
+        return model, f"normfree:{margs['name']}", kwargs, data
     if isinstance(obj, dict) and obj.get("format") == "normfree.model":
         from normfree.checkpoints import load_pretrained
         from normfree.convert.sources import build_source
@@ -176,7 +180,7 @@ def _from_file(path: Path, args: argparse.Namespace) -> tuple[nn.Module, str | N
         name, kwargs = f"normfree:{model_name}", _overrides(args)
         model = build_source(name, kwargs)
         load_pretrained(model, path)
-        return model, name, kwargs
+        return model, name, kwargs, {}
     raise ValueError(
         f"{path} is neither a normfree training checkpoint nor a normfree model file; for a "
         "bare state dict give the architecture as SOURCE and the file as --weights"
@@ -249,15 +253,17 @@ def run_convert(args: argparse.Namespace) -> int:
         if source.is_file():
             if args.weights:
                 raise ValueError("--weights applies to an architecture SOURCE, not a file")
-            model, spec, kwargs = _from_file(source, args)
+            model, spec, kwargs, data = _from_file(source, args)
         else:
-            model, spec, kwargs = _from_spec(args)
+            (model, spec, kwargs), data = _from_spec(args), {}
         example = _example(args, model)
         converted = convert_model(
             model, args.to, example, source=spec, source_kwargs=kwargs,
             standalone_bn=args.standalone_bn, residual_alpha=args.alpha,
             max_groups=args.max_groups, nf_fit=args.nf_fit,
         )  # fmt: skip
+        converted.description["data"] = {k: data[k] for k in ("name", "mean", "std", "classes")
+                                          if data.get(k) is not None}  # fmt: skip
         save_converted(converted, args.out, allow_pickle=spec is None)
         report = converted.report
         if args.json:

@@ -58,6 +58,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_export)
 
 
+def _described_data(description: dict[str, Any]) -> dict[str, Any]:
+    """The training data a converted model's description records (``normfree convert`` of a
+    training checkpoint): name, mean, std and class names, each only if well-formed (the file
+    is untrusted; these only go into the sidecar)."""
+    data = description.get("data")
+    if not isinstance(data, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key in ("mean", "std"):
+        value = data.get(key)
+        if isinstance(value, list) and value and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
+            out[key] = [float(v) for v in value]
+    classes = data.get("classes")
+    if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
+        out["classes"] = classes
+    if isinstance(data.get("name"), str):
+        out["name"] = data["name"]
+    return out
+
+
 def _from_checkpoint(path: Path, raw: bool) -> tuple[nn.Module, dict[str, Any], str]:
     from normfree.train.checkpointing import checkpoint_model, load_checkpoint
 
@@ -112,7 +134,8 @@ def run_export(args: argparse.Namespace) -> int:
                 info = {"mean": list(config["mean"]), "std": list(config["std"])}
         if converted is not None:
             model, weights = converted, "raw"
-            info = {"test_size": converted.meta.test_size, "in_chans": converted.in_chans}
+            info = {"test_size": converted.meta.test_size, "in_chans": converted.in_chans,
+                    **_described_data(converted.description)}  # fmt: skip
         meta = getattr(model, "meta", None)
         size = args.image_size or info.get("test_size") or getattr(meta, "test_size", None)
         if not size:
