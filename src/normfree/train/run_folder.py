@@ -243,7 +243,11 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
     :func:`resume_overridable` keys, or other keys given the value they have). An edited
     ``config.yaml`` does not take effect: the differences are logged with the note that the
     checkpoint's config wins."""
-    from normfree.train.checkpointing import checkpoint_config, load_checkpoint
+    from normfree.train.checkpointing import (
+        CheckpointError,
+        checkpoint_config,
+        load_checkpoint,
+    )
     from normfree.train.config_io import (
         apply_overrides,
         config_diff,
@@ -254,20 +258,28 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"--resume {str(run_dir)!r}: no such run folder")
-    last = run_dir / "last.pt"
-    cfg = checkpoint_config(load_checkpoint(last), last)
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        same = not config_diff(cfg, apply_overrides(cfg, [item]))
-        if same or (resume_overridable(key) and key != "out_dir"):
-            continue  # (a key that cannot change may be given its stored value)
+
+    def refused(key: str) -> ConfigError:
         if key == "out_dir":
-            raise ConfigError(
+            return ConfigError(
                 f"cannot change 'out_dir' when resuming: the run continues in its own folder "
                 f"{str(run_dir)!r}; to branch it, start a new run from its weights "
                 f"(out_dir=NEW init_from={run_dir / 'last.pt'})"
             )
-        raise ConfigError(f"cannot change {key!r} when resuming (only {overridable_listed()})")
+        return ConfigError(f"cannot change {key!r} when resuming (only {overridable_listed()})")
+
+    keys = [item.split("=", 1)[0].strip() for item in overrides]
+    fixed = [key for key in keys if key == "out_dir" or not resume_overridable(key)]
+    last = run_dir / "last.pt"
+    try:
+        cfg = checkpoint_config(load_checkpoint(last), last)
+    except CheckpointError:
+        if fixed:  # nothing to compare with: a key that cannot change is the first problem
+            raise refused(fixed[0]) from None
+        raise
+    for key, item in zip(keys, overrides):
+        if key in fixed and config_diff(cfg, apply_overrides(cfg, [item])):
+            raise refused(key)  # (a key that cannot change may be given its stored value)
     edited = run_dir / "config.yaml"
     if edited.is_file():
         try:
