@@ -129,3 +129,10 @@ def test_a_mean_ratio_that_peaks_once_and_falls_is_not_mean_shift() -> None:
     finding = next(f for f in diag.findings if f.check == "mean shift")
     assert finding.status == "problem" and finding.values["last_ratio"] >= 2.0
     assert finding.values["at"] in finding.layers  # where the ratio peaks, not later rises
+
+
+def test_thresholds_must_be_positive_and_ordered() -> None:
+    with pytest.raises(ValueError, match="var_high must be a positive finite number, got -1"):
+        DiagnoseThresholds(var_high=-1)
+    with pytest.raises(ValueError, match=r"var_low \(10\) must be below var_high \(5\)"):
+        DiagnoseThresholds(var_low=10, var_high=5)

@@ -80,3 +80,8 @@ def test_instance_norm_has_zero_instance_variability() -> None:
     bn = FeedforwardProbe(depth=6, width=8, norm="batch", affine_std=0.2)
     rb = power_profile(bn, input_shape=(3, 8, 8), batch_size=8, points="layers.*.norm")
     assert all(p.instance > 1e-3 * p.total for p in rb.points)
+
+
+def test_empty_activations_are_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"need non-empty \(N, C, \.\.\.\) activations"):
+        power_decomposition(torch.randn(0, 3, 4, 4))

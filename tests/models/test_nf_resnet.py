@@ -170,6 +170,7 @@ def test_stochastic_depth_rates_per_block() -> None:
     assert rates == pytest.approx([0.1 * i / 16 for i in range(16)])
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_torchscript_and_channels_last_and_autocast() -> None:
     torch.manual_seed(0)
     model = normfree.create_model("nf_resnet_cifar20", skipinit_init=1.0).eval()

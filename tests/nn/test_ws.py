@@ -716,6 +716,8 @@ def test_bad_arguments_raise_clear_errors() -> None:
         scaled_standardize(torch.randn(4, 2, 3, 3), torch.ones(3))
     with pytest.raises(ValueError, match=">= 2 dims"):
         scaled_standardize(torch.randn(4))
+    with pytest.raises(ValueError, match="gain_init must be a finite number, got nan"):
+        ScaledStdConv2d(4, 4, 3, gain_init=float("nan"))
 
 
 @pytest.mark.parametrize(

@@ -97,3 +97,14 @@ def test_warmup_cosine_lr_names_the_argument_it_refuses() -> None:
     with pytest.raises(ValueError, match=r"final_lr must be in \[0, peak_lr = 0.1\], got 1.0"):
         warmup_cosine_lr(5, 0.1, 2, 10, final_lr=1.0)
     assert warmup_cosine_lr(10, 0.1, 2, 10, final_lr=0.1) == pytest.approx(0.1)
+
+
+def test_step_counts_must_be_ints() -> None:
+    import numpy as np
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with pytest.raises(TypeError, match=r"warmup_steps must be an int \(a count of steps\)"):
+        WarmupDecayLR(opt, 1.5, 5)
+    with pytest.raises(TypeError, match="total_steps must be an int"):
+        lr_factor(0, 1, 5.5)
+    assert lr_factor(1, np.int64(2), np.int64(4)) == pytest.approx(0.5)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,17 @@ class DiagnoseThresholds:
     branch_spread: float = 10.0
     batch_rtol: float = 1e-3
     top_layers: int = 3
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not (math.isfinite(value) and value > 0):  # fmt: skip
+                raise ValueError(f"DiagnoseThresholds.{f.name} must be a positive finite "
+                                 f"number, got {value!r}")  # fmt: skip
+        if self.var_low >= self.var_high:
+            raise ValueError(f"DiagnoseThresholds.var_low ({self.var_low}) must be below "
+                             f"var_high ({self.var_high})")  # fmt: skip
 
 
 @dataclass

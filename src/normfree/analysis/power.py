@@ -63,8 +63,8 @@ def power_decomposition(y: torch.Tensor, channel_dim: int = 1) -> dict[str, floa
     """``{"channel_mean", "instance", "within", "total"}`` of ``y`` (batch axis 0, channel axis
     ``channel_dim``, every other axis a position; see the module docstring). Computed in
     float64. A ``(N, C)`` input has no positions, so ``within`` is 0."""
-    if y.dim() < 2:
-        raise ValueError(f"need (N, C, ...) activations, got shape {tuple(y.shape)}")
+    if y.dim() < 2 or y.numel() == 0:
+        raise ValueError(f"need non-empty (N, C, ...) activations, got shape {tuple(y.shape)}")
     cd = channel_dim % y.dim()
     if cd == 0:
         raise ValueError("channel_dim must not be the batch axis 0")

@@ -335,6 +335,8 @@ class ScaledStdConv2d(StdConv2dBase):
             device=device, dtype=dtype,
         )  # fmt: skip
         self.gain_init = float(gain_init)
+        if not math.isfinite(self.gain_init):
+            raise ValueError(f"gain_init must be a finite number, got {gain_init!r}")
         self.eps = float(eps)
         self.gamma = float(gamma)
         self.gain = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))

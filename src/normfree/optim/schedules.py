@@ -16,6 +16,7 @@ in the paper (:func:`scaled_peak_lr`). :class:`WarmupDecayLR` applies the *facto
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -36,6 +37,13 @@ def scaled_peak_lr(base_lr: float, batch_size: int, reference_batch: int = 256) 
 
 
 def _check(warmup_steps: int, total_steps: int, final_ratio: float, decay: str) -> None:
+    for name, value in (("warmup_steps", warmup_steps), ("total_steps", total_steps)):
+        try:
+            operator.index(value)  # ints of any kind (numpy's too), never 5.5
+        except TypeError:
+            raise TypeError(f"{name} must be an int (a count of steps), got {value!r}") from None
+        if isinstance(value, bool):
+            raise TypeError(f"{name} must be an int (a count of steps), got {value!r}")
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:
