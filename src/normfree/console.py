@@ -11,7 +11,19 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["error_line", "report_error", "yaml_problem"]
+__all__ = ["error_line", "first_line", "name_list", "report_error", "yaml_problem"]
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message (``""`` for none): library errors such as PyTorch's
+    run over several lines around it."""
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def name_list(names: list[str], limit: int = 12) -> str:
+    """``a, b, c, … (+n)``: at most ``limit`` names of a long list, in a message."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", … (+{len(names) - limit})" if len(names) > limit else "")
 
 
 def error_line(e: BaseException) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from normfree.console import name_list
+
 __all__ = ["CheckpointError", "CheckpointMismatchError", "UnsafePickleError"]
 
 
@@ -51,11 +53,12 @@ class CheckpointMismatchError(CheckpointError):
         self.missing = missing
         self.unexpected = unexpected
         self.mismatched = mismatched
+        self.differences = sorted([*missing, *unexpected, *(k for k, _, _ in mismatched)])
         lines = [f"{source} does not match the model (nothing was loaded; {_PYTHON_ADVICE}):"]
         if missing:
-            lines.append(f"  missing in checkpoint ({len(missing)}): {_short(missing)}")
+            lines.append(f"  missing in checkpoint ({len(missing)}): {name_list(missing)}")
         if unexpected:
-            lines.append(f"  unexpected in checkpoint ({len(unexpected)}): {_short(unexpected)}")
+            lines.append(f"  unexpected in checkpoint ({len(unexpected)}): {name_list(unexpected)}")
         for name, want, got in mismatched[:20]:
             lines.append(f"  shape mismatch: {name}: model {list(want)} vs checkpoint {list(got)}")
         if len(mismatched) > 20:
@@ -64,7 +67,3 @@ class CheckpointMismatchError(CheckpointError):
         self.cli_message = message.replace(_PYTHON_ADVICE, _CLI_ADVICE, 1)
         super().__init__(message)
 
-
-def _short(names: list[str], limit: int = 12) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", … (+{len(names) - limit})" if len(names) > limit else "")

@@ -19,6 +19,7 @@ import torch
 
 from normfree.atomic import atomic_write_bytes
 from normfree.checkpoints.errors import CheckpointError, UnsafePickleError
+from normfree.console import first_line
 
 __all__ = [
     "atomic_save", "atomic_write_bytes", "load_tensors", "load_torch_file", "load_trusted_pickle",
@@ -177,7 +178,7 @@ def _refusal_reason(e: BaseException, path: str | os.PathLike[str]) -> str | Non
 
 def _first_line(e: BaseException) -> str:
     """``Type: first line of the message`` (PyTorch's load errors run over several lines)."""
-    first = (str(e).strip().splitlines() or [""])[0]
+    first = first_line(e)
     if not first and isinstance(e, EOFError):
         first = "the file ends early"
     return f"{type(e).__name__}: {first}" if first else type(e).__name__

@@ -22,6 +22,11 @@ class LoadReport:
     unexpected: list[str]
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
 
+    @property
+    def differences(self) -> list[str]:
+        """Every name that is missing, unexpected or mis-shaped, sorted."""
+        return sorted([*self.missing, *self.unexpected, *(k for k, _, _ in self.mismatched)])
+
 
 def compare_state_dict(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], exclude: Collection[str] = ()

@@ -363,7 +363,7 @@ def _check_rebuilds(model: ConvertedModel) -> None:
     except (ConversionError, CheckpointError, ValueError, TypeError) as e:
         raise ConversionError(f"the source {spec} cannot be rebuilt ({e}); {fix}") from e
     report = compare_state_dict(rebuilt, model.state_dict())
-    wrong = sorted([*report.missing, *report.unexpected, *(k for k, _, _ in report.mismatched)])
+    wrong = report.differences
     if wrong:
         what = f"{len(wrong)} tensors differ: {', '.join(wrong[:3])}"
     elif repr(rebuilt.net) != repr(model.net) or rebuilt.net.code != model.net.code:
@@ -461,7 +461,7 @@ def load_converted(
     with torch.device("meta"):  # the file's tensors must fill it before memory is spent on it
         skeleton = _rebuild(description)
     report = compare_state_dict(skeleton, state)
-    wrong = sorted([*report.missing, *report.unexpected, *(k for k, _, _ in report.mismatched)])
+    wrong = report.differences
     if wrong:
         raise CheckpointError(
             f"{path}: its tensors do not fit the architecture its description names "

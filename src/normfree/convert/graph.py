@@ -28,6 +28,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normfree.console import first_line
 from normfree.nn.conv import HeConv2d
 from normfree.nn.pointwise_conv import PointwiseConv2d
 
@@ -101,11 +102,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
         graph = tracer.trace(model)
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
         where = _failing_module(e, model)
-        first = (str(e).strip().splitlines() or [""])[0]
         raise ConversionError(
             f"cannot trace {type(model).__name__} with torch.fx{where} ({type(e).__name__}: "
-            f"{first}); conversion needs a model whose forward torch.fx can trace (no Python "
-            "control flow on tensor values or shapes)"
+            f"{first_line(e)}); conversion needs a model whose forward torch.fx can trace (no "
+            "Python control flow on tensor values or shapes)"
         ) from e
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 

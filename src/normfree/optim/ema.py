@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from normfree.console import name_list
+
 __all__ = ["ModelEMA", "ema_decay"]
 
 
@@ -41,11 +43,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-def _few(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit]) or "none"
-    return shown + (f", … (+{len(names) - limit})" if len(names) > limit else "")
 
 
 class ModelEMA:
@@ -86,7 +83,8 @@ class ModelEMA:
             extra = [n for n in src if n not in averaged]
             raise ValueError(
                 f"EMA: the model is not the one this average was made from (missing "
-                f"{_few(missing)}, unexpected {_few(extra)}); update with that model"
+                f"{name_list(missing, 5) or 'none'}, unexpected {name_list(extra, 5) or 'none'}); "
+                "update with that model"
             )
         for name, ema_t in averaged.items():  # all checked before any is averaged
             if src[name].shape != ema_t.shape:

@@ -357,11 +357,10 @@ def init_weights_from(cfg: Config, model: nn.Module) -> None:
             model, path, use_ema=cfg.init_use_ema, exclude=() if cfg.init_head else head
         )
     except CheckpointMismatchError as e:
-        differ = {*e.missing, *e.unexpected, *(k for k, _, _ in e.mismatched)}
-        if cfg.init_head and head and differ <= set(head):
+        if cfg.init_head and head and set(e.differences) <= set(head):
             raise ConfigError(
                 f"init_from={str(path)!r}: its classifier does not fit this model's ("
-                f"{', '.join(sorted(differ))}); pass init_head=false to start the classifier "
+                f"{', '.join(e.differences)}); pass init_head=false to start the classifier "
                 "afresh (fine-tuning on other classes)"
             ) from None
         raise

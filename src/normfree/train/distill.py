@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normfree.console import first_line
 from normfree.train.config import Config, ConfigError
 
 __all__ = ["check_teacher_fits", "distillation_loss", "load_teacher"]
@@ -47,10 +48,9 @@ def check_teacher_fits(teacher: nn.Module, image: torch.Tensor, num_classes: int
     try:
         out = teacher(image[None].to(device))
     except (RuntimeError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [""])[0]
         raise ConfigError(
-            f"distill.teacher does not take this data's {size} images ({first}); distil from a "
-            "teacher trained on this kind of image"
+            f"distill.teacher does not take this data's {size} images ({first_line(e)}); "
+            "distil from a teacher trained on this kind of image"
         ) from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != num_classes:
         got = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
