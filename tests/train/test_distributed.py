@@ -32,6 +32,7 @@ def _two_process_run(run_cli: Callable, out: Path) -> Path:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # two spawned processes, 9–12 s: with the slow tests (default run < 5 min)
 def test_two_processes_match_one(
     tmp_path: Path,
     make_cfg: Callable[..., Config],
@@ -50,7 +51,7 @@ def test_two_processes_match_one(
 
 
 # three multi-process runs: with the slow tests (keeps the default run < 5 min); the default
-# run covers kill-and-resume in one process (test_resume_subprocess.py) and DDP above
+# run covers kill-and-resume in one process (test_resume_subprocess.py); DDP runs with -m slow
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_killed_torchrun_resumes_exactly(
