@@ -30,6 +30,13 @@ def test_bn_model_is_batch_dependent_in_train_mode_only() -> None:
     assert [n for n, _ in train.causes] == bn_names  # every BN couples the batch, in order
 
 
+@pytest.mark.parametrize("rtol", [-1.0, float("nan"), float("inf"), "1e-3"])
+def test_batch_dependence_refuses_a_bad_tolerance(rtol: object) -> None:
+    # a negative rtol used to flag every model as batch dependent (any difference > -1)
+    with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
+        batch_dependence(nn.Linear(3, 3), torch.randn(4, 3), rtol=rtol)  # type: ignore[arg-type]
+
+
 def test_nf_model_is_batch_independent_and_healthy() -> None:
     model = _model("nf_resnet_cifar20")
     diag = diagnose(model, input_shape=(3, 16, 16))

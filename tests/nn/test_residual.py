@@ -94,3 +94,19 @@ def test_classifier_head_init_and_reset() -> None:
     assert head.num_classes == 0 and head(x).shape == (4, 512)
     zero = ClassifierHead(16, 3, init_std=0.0)
     assert torch.count_nonzero(zero.fc.weight) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"in_features": 0}, "in_features must be an int >= 1, got 0"),  # was Linear(0, 10)
+        ({"in_features": 2.5}, "in_features must be an int >= 1"),
+        ({"drop_rate": 1.0}, r"drop_rate must be in \[0, 1\), got 1.0"),
+        ({"init_std": -0.01}, "init_std must be a finite number >= 0"),
+        ({"init_std": float("nan")}, "init_std must be a finite number >= 0"),
+    ],
+)
+def test_classifier_head_refuses_bad_arguments(kwargs: dict, message: str) -> None:
+    args = {"in_features": 16, "num_classes": 10, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        ClassifierHead(**args)

@@ -17,6 +17,12 @@ def test_warmup_formula_values() -> None:
     assert ema_decay(0.99, 5, warmup=False) == 0.99
     with pytest.raises(ValueError, match="decay"):
         ema_decay(1.5, 0)
+    for decay in ("0.9", True, float("nan")):  # a string used to raise TypeError from "<="
+        with pytest.raises(ValueError, match="EMA decay must be a number in"):
+            ema_decay(decay, 0)  # type: ignore[arg-type]
+    for step in (1.5, -1, True):
+        with pytest.raises(ValueError, match="EMA step must be an int >= 0"):
+            ema_decay(0.9, step)  # type: ignore[arg-type]
 
 
 def test_exact_values_for_a_scalar_parameter() -> None:

@@ -9,6 +9,7 @@ is reported when the shared example's output changes (e.g. every BatchNorm in tr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,8 @@ def batch_dependence(
     the others anew (seed ``seed + 1``). Dropout and stochastic depth are off, buffers are
     restored (see :func:`normfree.analysis.context.analysis_mode`).
     """
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < math.inf:
+        raise ValueError(f"rtol must be a finite number >= 0, got {rtol!r}")
     if batch_size < 2 and inputs is None:
         raise ValueError(
             f"batch_size must be at least 2 to test batch dependence, not {batch_size}"

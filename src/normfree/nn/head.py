@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -51,6 +53,12 @@ class ClassifierHead(nn.Module):
         init_std: float = 0.01,
         global_pool: str = "avg",
     ) -> None:
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features must be an int >= 1, got {in_features!r}")
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+        if not 0.0 <= init_std < math.inf:
+            raise ValueError(f"init_std must be a finite number >= 0, got {init_std!r}")
         super().__init__()
         self.in_features = in_features
         self.drop_rate = float(drop_rate)

@@ -27,10 +27,10 @@ __all__ = ["ModelEMA", "ema_decay"]
 def ema_decay(decay: float, step: int, warmup: bool = True) -> float:
     """Decay used for update number ``step`` (0-based): ``min(decay, (1+t)/(10+t))`` with
     warmup, else ``decay``."""
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
-    if step < 0:
-        raise ValueError(f"EMA step must be >= 0, got {step}")
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay must be a number in [0, 1], got {decay!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"EMA step must be an int >= 0, got {step!r}")
     return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
 
 

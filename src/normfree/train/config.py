@@ -317,7 +317,12 @@ def _non_finite(obj: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
 
 
 def validate_config(cfg: Config) -> None:
-    """Range checks the types cannot express; raises :class:`ConfigError` naming the key."""
+    """Range checks the types cannot express; raises :class:`ConfigError` naming the key.
+
+    It assumes each field already has its declared type, as a config read from a file has.
+    For a :class:`Config` built or changed in code use
+    :func:`normfree.train.config_io.checked_config`, which checks the types first (as
+    :func:`normfree.train.train` does)."""
     found = _non_finite(cfg)  # .inf / .nan parse as floats: no setting means them
     if found is not None:
         key, value, default = found
