@@ -215,3 +215,15 @@ def test_an_untraceable_model_is_refused_naming_the_module_that_branches():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(Branchy()))
     with pytest.raises(ConversionError, match=r"with torch\.fx in Branchy '2\.0' \(TraceError"):
         convert_model(model, "bn_free")
+
+
+def test_a_torch_compile_wrapper_is_refused_and_an_in_place_compiled_model_converts():
+    model = _warm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    # the wrapper's forward is not the network's; fx used to fail on it with its own internals
+    with pytest.raises(ConversionError, match=r"returned by torch\.compile: convert the module"):
+        convert_model(torch.compile(model), "bn_free")
+    model.compile()  # compiles in place on the first call; fx still traces the module's forward
+    converted = convert_model(model, "bn_free", _x())
+    assert converted.report.norms == 1
+    eager = nn.Sequential(*model).eval()  # the same layers, not compiled (no compile in a test)
+    torch.testing.assert_close(converted(_x()), eager(_x()), rtol=1e-5, atol=1e-6)

@@ -271,6 +271,12 @@ def convert_model(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         model = model.module
+    if type(model).__name__ == "OptimizedModule":  # no public type for torch.compile's wrapper
+        raise ConversionError(
+            "cannot convert a model returned by torch.compile: convert the module you passed to "
+            "torch.compile and compile the converted model (model.compile(), which compiles in "
+            "place, keeps a model convertible)"
+        )
     if options is None:
         options = ConvertOptions(**option_kwargs)
     elif option_kwargs:
