@@ -64,6 +64,20 @@ def test_timm_state_dict_round_trip(tmp_path: Path) -> None:
     torch.testing.assert_close(_logits(dst), _logits(src), rtol=0, atol=0)
 
 
+def test_a_timm_training_checkpoint_gives_its_raw_or_its_ema_weights(tmp_path: Path) -> None:
+    """timm's train.py writes {"state_dict", "state_dict_ema", "optimizer", "args", ...}:
+    use_ema=True used to say the file has no EMA weights."""
+    raw, ema, dst = _small_nfnet(0), _small_nfnet(1), _small_nfnet(2)
+    checkpoint = {"epoch": 3, "arch": "dm_nfnet_f0", "version": 2,
+                  "state_dict": normfree_to_timm(raw.state_dict()),
+                  "state_dict_ema": normfree_to_timm(ema.state_dict())}  # fmt: skip
+    torch.save(checkpoint, tmp_path / "checkpoint-3.pth.tar")
+    load_pretrained(dst, tmp_path / "checkpoint-3.pth.tar", use_ema=True)
+    torch.testing.assert_close(_logits(dst), _logits(ema), rtol=0, atol=0)
+    load_pretrained(dst, tmp_path / "checkpoint-3.pth.tar")
+    torch.testing.assert_close(_logits(dst), _logits(raw), rtol=0, atol=0)
+
+
 def _write_haiku_pickle(tree: dict, path: Path) -> None:
     with open(path, "wb") as f:
         pickle.dump(tree, f, protocol=4)
@@ -202,3 +216,52 @@ def test_a_bad_format_or_a_model_that_is_no_nfnet_is_named() -> None:
         load_pretrained(model, "never_read.pt", format="bogus")
     with pytest.raises(CheckpointError, match=r"onto normfree's NFNet models .* not a NFResNet"):
         normfree_to_deepmind(model)
+
+
+def test_create_model_reads_a_deepmind_pickle_when_the_cfg_trusts_it(tmp_path: Path) -> None:
+    """``create_model(pretrained=True)`` loads what ``load_pretrained`` loads (README): the
+    official pickled files with ``pretrained_cfg_overlay=dict(file=PATH, trust_pickle=True)``,
+    and without it the error names that way."""
+    src = _small_nfnet(0)
+    path = tmp_path / "F0_haiku.npz"
+    _write_haiku_pickle(normfree_to_deepmind(src), path)
+    cfg = dict(file=path, num_classes=10)  # the file's class count
+    with pytest.raises(CheckpointError, match=r"dict\(file=PATH, trust_pickle=True\)"):
+        normfree.create_model("nfnet_f0", pretrained=True, pretrained_cfg_overlay=cfg,
+                              depths=(1, 1, 2, 1))  # fmt: skip
+    model = normfree.create_model("nfnet_f0", pretrained=True, depths=(1, 1, 2, 1),
+                                  pretrained_cfg_overlay={**cfg, "trust_pickle": True})
+    torch.testing.assert_close(_logits(model.eval()), _logits(src), rtol=0, atol=0)
+
+
+def test_corrupt_or_malformed_haiku_files_raise_checkpoint_errors(tmp_path: Path) -> None:
+    """Damaged or malformed weight files fail with a one-line CheckpointError naming the file,
+    never a raw TypeError / MemoryError / ValueError from deep inside the reader."""
+    path = tmp_path / "F0_haiku.npz"
+    model = _small_nfnet(0)
+    data = pickle.dumps(normfree_to_deepmind(model), protocol=4)
+    bad_pickles = [
+        data[:2] + b"\x95" + b"\xff" * 8,  # a frame length no machine can allocate
+        b"\x80\x04" + b"\x8e" + b"\xff" * 8,  # BINBYTES8 larger than sys.maxsize
+        b"\x80\x04]\x94(K\x01K\x02e\x85R.",  # calls a list: TypeError inside the unpickler
+    ]  # fmt: skip
+    malformed = [
+        ({"NFNet/~/linear": [1, 2]}, r"module 'NFNet/~/linear' holds a list"),
+        ({"NFNet/~/linear": None}, "holds a NoneType"),
+        ({"NFNet/~/linear": {"w": "abc"}}, r"NFNet/~/linear/w is not a numeric array"),
+    ]
+    for raw in bad_pickles:
+        path.write_bytes(raw)
+        with pytest.raises(CheckpointError, match=re.escape(str(path))):
+            load_pretrained(model, path, trust_pickle=True)
+    for tree, message in malformed:
+        _write_haiku_pickle(tree, path)
+        with pytest.raises(CheckpointError, match=message):
+            load_pretrained(model, path, trust_pickle=True)
+    flat = tmp_path / "flat.npz"  # a real .npz archive holding an object array
+    np.savez(flat, **{"NFNet/~/linear/w": np.array([object(), 1], dtype=object)})
+    with pytest.raises(CheckpointError, match=r"cannot read \.npz archive .*allow_pickle"):
+        load_pretrained(model, flat)
+    flat.write_bytes(flat.read_bytes()[:40] + b"\0" * 16 + flat.read_bytes()[40:])
+    with pytest.raises(CheckpointError, match=r"cannot read \.npz archive"):
+        load_pretrained(model, flat)

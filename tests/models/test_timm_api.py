@@ -272,3 +272,54 @@ def test_bad_timm_arguments_fail_clearly() -> None:
     model = create_model(name, drop_block_rate=None, bn_momentum=None, cache_dir=None)
     assert model.meta.stochdepth_rate == 0.0
     assert create_model(name, stochdepth_rate=0.1).meta.stochdepth_rate == 0.1  # normfree alias
+
+
+def test_reset_classifier_takes_the_models_dtype_and_device() -> None:
+    """timm's ``reset_classifier`` makes the new classifier with the model's device and dtype
+    (``get_device_dtype``): a float64 model, or one whose classifier was removed before it moved
+    (no head parameters to copy the device from), keeps working."""
+    x = _image("nf_resnet").double()
+    model = _build("nf_resnet").double().eval()
+    model.reset_classifier(5)
+    assert model.head.fc.weight.dtype == torch.float64
+    assert model(x).shape == (2, 5)
+    model.reset_classifier(0)
+    model.reset_classifier(3, "catavgmax")
+    assert model.head.fc.weight.dtype == torch.float64 and model(x).shape == (2, 3)
+    headless = _build("nf_resnet", num_classes=0).to("meta")
+    headless.reset_classifier(4)
+    assert headless.head.fc.weight.device.type == "meta"
+
+
+@pytest.mark.parametrize("family", ["nfnet", "nf_regnet", "efficientnet"])
+def test_prune_norm_refits_the_head_to_the_last_map(family: str) -> None:
+    """Without ``final`` (a channel-changing final conv in these families) the features are the
+    last stage's: ``num_features`` / ``head_hidden_size`` say so, and a kept classifier of the
+    old width goes instead of failing in the forward."""
+    x = _image(family, n=1)
+    model = _build(family).eval()
+    last = model.feature_info[-1]["num_chs"]
+    assert model.num_features != last  # the final conv widens the features
+    with torch.no_grad():
+        stage_out = model.forward_intermediates(x, indices=1, intermediates_only=True)[0]
+    model.prune_intermediate_layers(indices=1, prune_norm=True, prune_head=False)
+    assert model.num_features == model.head_hidden_size == last and model.num_classes == 0
+    with torch.no_grad():
+        assert torch.equal(model(x), stage_out)
+    model.reset_classifier(7, "avg")
+    assert model.head.fc.in_features == last
+    with torch.no_grad():
+        assert model(x).shape == (1, 7)
+    extractor = _build(family, features_only=True, out_indices=(-1,))
+    assert extractor.model.num_features == extractor.feature_info.channels()[0] == last
+
+
+def test_create_model_takes_timms_device_and_dtype() -> None:
+    """timm's ``create_model(..., device=, dtype=)`` (timm >= 1.0.20) builds the parameters
+    there and in that dtype, instead of a TypeError."""
+    model = create_model("nf_resnet_cifar20", dtype=torch.float64, **SHORT)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert model(_image("nf_resnet").double()).dtype == torch.float64
+    meta = create_model("nfnet_f0", device="meta", num_classes=3, **FAMILIES["nfnet"][1])
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+    assert meta(torch.empty(2, 3, 32, 32, device="meta")).shape == (2, 3)

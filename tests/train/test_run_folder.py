@@ -562,6 +562,27 @@ def test_stored_model_options_may_not_name_other_files(
         _one_line_error(capsys.readouterr().err, "['checkpoint_path']", "init_from=FILE")
 
 
+def test_model_options_naming_a_file_are_refused_before_the_size_probe_reads_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An image folder with no size set builds a throw-away model for its sizes: that probe
+    must not load the weights the options name (it used to read the file first)."""
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / label / "0.png")
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"not read")
+    options = f"{{pretrained: true, pretrained_cfg_overlay: {{file: '{weights}'}}}}"
+    argv = ["train", f"data.spec=imagefolder:{tmp_path / 'images'}", f"model_kwargs={options}",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 2  # before: the probe read the file ("corrupt") and this was never said
+    _one_line_error(capsys.readouterr().err, "'pretrained', 'pretrained_cfg_overlay'",
+                    "init_from=FILE")  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_config_naming_a_callable_teacher_runs_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -45,11 +45,12 @@ def _is_tensor_mapping(obj: Any) -> bool:
 
 def _extract_state_dict(obj: Any, use_ema: bool, path: Path) -> Mapping[str, torch.Tensor]:
     """normfree model files, normfree training checkpoints (``model`` / ``ema``) or plain state
-    dicts (``state_dict`` / ``model`` wrappers as other tools write them)."""
+    dicts (``state_dict`` / ``model`` wrappers as other tools write them; timm's ``train.py``
+    keeps its EMA as ``state_dict_ema``)."""
     if _is_tensor_mapping(obj):
         return obj
     if isinstance(obj, Mapping):
-        keys = ("ema",) if use_ema else ("state_dict", "model", "model_state")
+        keys = ("ema", "state_dict_ema") if use_ema else ("state_dict", "model", "model_state")
         for key in keys:
             value = obj.get(key)
             for inner in ("state_dict", "module"):  # {"ema": {"module": ...}} etc.

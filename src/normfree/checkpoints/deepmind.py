@@ -91,27 +91,49 @@ def read_haiku_file(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weight file not found: {path}")
+    tree: dict[str, dict[str, np.ndarray]] = {}
     if zipfile.is_zipfile(path):
-        with np.load(path, allow_pickle=False) as npz:
-            tree: dict[str, dict[str, np.ndarray]] = {}
-            for key in npz.files:
-                module, _, param = key.rpartition("/")
-                tree.setdefault(module, {})[param] = npz[key]
-            return tree
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                for key in npz.files:
+                    module, _, param = key.rpartition("/")
+                    tree.setdefault(module, {})[param] = npz[key]
+        except Exception as e:  # a damaged archive, or object arrays (pickles) inside it
+            raise CheckpointError(f"cannot read .npz archive {path}: {e}") from e
+        return tree
     if not trust_pickle:
         raise CheckpointError(
             f"{path} is a pickle (DeepMind's Haiku weight files are dill pickles despite the "
             ".npz suffix). Unpickling can execute code from the file, so normfree only reads it "
-            "with trust_pickle=True (CLI: --trust-pickle); do that only for files you trust."
+            "with trust_pickle=True (CLI: --trust-pickle; create_model: pretrained_cfg_overlay="
+            "dict(file=PATH, trust_pickle=True)); do that only for files you trust."
         )
     try:
         with open(path, "rb") as f:
             raw = _RestrictedUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+    except (pickle.UnpicklingError, EOFError) as e:
         raise CheckpointError(f"cannot read Haiku weight file {path}: {e}") from e
+    except Exception as e:  # a corrupt pickle fails in many ways (TypeError, MemoryError…)
+        why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"cannot read Haiku weight file {path} ({why}): the file is corrupt"
+        ) from e
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"{path}: expected a mapping of module paths, got {type(raw)}")
-    return {str(m): {str(k): np.asarray(v) for k, v in dict(p).items()} for m, p in raw.items()}
+    for module, params in raw.items():
+        if not isinstance(params, Mapping):
+            raise CheckpointError(
+                f"{path}: module {module!r} holds a {type(params).__name__}, not a mapping of "
+                "parameter arrays"
+            )
+        arrays = {str(k): np.asarray(v) for k, v in params.items()}
+        for name, array in arrays.items():
+            if array.dtype.kind not in "biuf":
+                raise CheckpointError(
+                    f"{path}: {module}/{name} is not a numeric array (dtype {array.dtype})"
+                )
+        tree[str(module)] = arrays
+    return tree
 
 
 _BLOCK = re.compile(r"^NFNet/~/nf_block(?:_(\d+))?/~/(.+)$")

@@ -338,20 +338,24 @@ class NormFreeModel(nn.Module):
         """Remove the layers that the feature maps ``indices`` do not need (timm's semantics):
         the stages after the last one taken; ``final`` when it is not reached or
         ``prune_norm``; the classifier (``reset_classifier(0, '')``) when ``prune_head`` or
-        when the network no longer ends at its last stage. Returns the absolute indices kept
-        (valid for :meth:`forward_intermediates` afterwards)."""
+        when the features no longer have the classifier's width (the network ends before its
+        last stage, or a channel-changing ``final`` went). ``num_features`` then reads the
+        width of the last feature map kept. Returns the absolute indices kept (valid for
+        :meth:`forward_intermediates` afterwards)."""
         take, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        width = self.feature_info[max_index]["num_chs"]
         prune_end = max_index < len(self.stages)
         self.stages = self.stages[:max_index]
         if prune_end or prune_norm:
             self.final = nn.Identity()
-        if prune_end:
+        # the head is rebuilt for the last map kept unless it reads that very map
+        refit = prune_end or (prune_norm and width != self.head.in_features)
+        if refit:
             head = self.head
             self.head = type(head)(
-                self.feature_info[max_index]["num_chs"], 0, drop_rate=head.drop_rate,
-                init_std=head.init_std, global_pool="",
+                width, 0, drop_rate=head.drop_rate, init_std=head.init_std, global_pool="",
             ).train(head.training)  # fmt: skip
-        if prune_head or prune_end:
+        if prune_head or refit:
             self.reset_classifier(0, "")
         return take
 
@@ -385,8 +389,12 @@ class NormFreeModel(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier (e.g. for fine-tuning on a new label set); ``global_pool``
         (``"avg"``, ``"max"``, ``"avgmax"``, ``"catavgmax"`` or ``""`` for none) changes the
-        pooling, ``None`` keeps it."""
+        pooling, ``None`` keeps it. The new classifier takes the device and dtype of the
+        model's first parameter, as timm's ``reset_classifier`` (``get_device_dtype``)."""
+        ref = next((p for n, p in self.named_parameters() if not n.startswith("head.")), None)
         self.head.reset(num_classes, global_pool)
+        if ref is not None:
+            self.head.to(device=ref.device, dtype=ref.dtype)
 
     def classifier_parameter_names(self) -> list[str]:
         """Names of the classifier's parameters; AGC excludes the classifier by default."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import fnmatch
@@ -10,6 +11,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
 from normfree.models.base import NormFreeModel
@@ -75,7 +77,8 @@ def model_entrypoint(name: str) -> Callable[..., NormFreeModel]:
 
 #: Loads a weights file (path) into a model; installed by :mod:`normfree` (the checkpoint
 #: layer's ``load_pretrained``), which sits above the models in the package layering.
-_WEIGHTS_LOADER: list[Callable[[nn.Module, str], Any]] = []
+#: It takes ``trust_pickle=True`` for DeepMind's pickled ``.npz`` files.
+_WEIGHTS_LOADER: list[Callable[..., Any]] = []
 
 #: timm keywords with no normfree counterpart: accepted only when unset (``None``), as timm's
 #: scripts pass them.
@@ -86,8 +89,9 @@ _UNSUPPORTED = {
 }
 
 
-def set_weights_loader(loader: Callable[[nn.Module, str], Any]) -> None:
-    """Install the function ``create_model(pretrained=True)`` loads weight files with."""
+def set_weights_loader(loader: Callable[..., Any]) -> None:
+    """Install the function ``create_model(pretrained=True)`` loads weight files with
+    (``loader(model, path)``, and ``trust_pickle=True`` when the cfg says so)."""
     _WEIGHTS_LOADER[:] = [loader]
 
 
@@ -139,7 +143,9 @@ def _load_pretrained(model: NormFreeModel, cfg: dict[str, Any]) -> None:
         )
     if not _WEIGHTS_LOADER:  # pragma: no cover - installed whenever normfree is imported
         raise RuntimeError("no weights loader installed: import normfree first")
-    _WEIGHTS_LOADER[0](model, str(file))
+    # DeepMind's official files are pickles: read only on the cfg's explicit opt-in
+    trust = {"trust_pickle": True} if cfg.get("trust_pickle") is True else {}
+    _WEIGHTS_LOADER[0](model, str(file), **trust)
 
 
 def create_model(
@@ -162,9 +168,11 @@ def create_model(
         name: a name from :func:`list_models`, e.g. ``"nf_resnet50"`` or ``"nfnet_f0"``.
         pretrained: load weights from the local file named by ``pretrained_cfg_overlay=
             dict(file=PATH)`` (or ``pretrained_cfg=dict(file=PATH)``); a clear ``ValueError``
-            when none is given (nothing is downloaded). The weights are loaded into the model
-            with the configuration's class count (``num_classes`` of the cfg, the family's
-            default unless overlaid); a different ``num_classes`` then gets a fresh classifier.
+            when none is given (nothing is downloaded). DeepMind's official ``F*_haiku.npz``
+            files are pickles and load only with ``dict(file=PATH, trust_pickle=True)``.
+            The weights are loaded into the model with the configuration's class count
+            (``num_classes`` of the cfg, the family's default unless overlaid); a different
+            ``num_classes`` then gets a fresh classifier.
         num_classes: size of the classifier (0: no classifier, pooled features out); ``None``
             keeps the family's default (1000 for ImageNet models, 10 for the ``*_cifar*`` ones).
         pretrained_cfg / pretrained_cfg_overlay: a ``pretrained_cfg`` dict (or a timm
@@ -179,7 +187,8 @@ def create_model(
             ``stochdepth_rate``, which stays accepted).
         **overrides: architecture options of the family (``drop_rate``, ``stochdepth_rate``,
             ``in_chans``, ``alpha``, ``activation``, …); unknown options raise ``TypeError``.
-            timm's ``cache_dir`` is ignored; ``output_stride`` must be 32 (no dilated variants).
+            timm's ``cache_dir`` is ignored; ``output_stride`` must be 32 (no dilated variants);
+            timm's ``device`` and ``dtype`` make the parameters there and in that dtype.
     """
     if not isinstance(pretrained, bool):
         raise TypeError(
@@ -217,7 +226,12 @@ def create_model(
     build_classes = weights_classes if pretrained else num_classes
     if build_classes is not None:
         overrides["num_classes"] = build_classes
-    model = fn(**overrides)
+    # timm's factory keywords (timm 1.0.31 passes them on): parameters on device, in dtype
+    device, dtype = overrides.pop("device", None), overrides.pop("dtype", None)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = fn(**overrides)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
     cfg = model.default_pretrained_cfg(num_classes=weights_classes)
     cfg.update(cfg_updates)
     model.pretrained_cfg = cfg

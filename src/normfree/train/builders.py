@@ -58,6 +58,20 @@ def dataset_kind(spec: str) -> str:
     return spec.partition(":")[0].strip().lower()
 
 
+def _refuse_file_loading(kwargs: dict[str, Any]) -> None:
+    """A :class:`ConfigError` when model options would load weights from another file
+    (``pretrained``, ``checkpoint_path``...): model arguments come from checkpoints and run
+    folders too, and must not choose other files to read."""
+    from normfree.convert.sources import file_loading_options
+
+    loads = file_loading_options(kwargs)
+    if loads:
+        raise ConfigError(
+            f"model options {loads} would load weights from another file; a run takes its "
+            "weights from init_from=FILE"
+        )
+
+
 def model_resolution(cfg: Config, meta: Any | None = None) -> tuple[int | None, int | None]:
     """Train/test sizes for ``build_datasets``: the config's, else — for image folders, whose
     images have no native size — the model's ``meta.train_size`` / ``meta.test_size``
@@ -66,6 +80,7 @@ def model_resolution(cfg: Config, meta: Any | None = None) -> tuple[int | None, 
     if dataset_kind(cfg.data.spec) != "imagefolder" or (size and test):
         return size, test
     if meta is None:  # probe: a throw-away instance only for its metadata
+        _refuse_file_loading(cfg.model_kwargs)
         meta = create_model(cfg.model, num_classes=1, **cfg.model_kwargs).meta
     return size or meta.train_size, test or meta.test_size
 
@@ -130,14 +145,8 @@ def build_model(args: dict[str, Any]) -> NormFreeModel:
     the model's metadata unless the config overrides them. ``model=converted:PATH`` loads a
     model written by ``normfree convert`` (:func:`normfree.convert.build_converted`)."""
     from normfree.convert.api import CONVERTED_PREFIX
-    from normfree.convert.sources import file_loading_options
 
-    loads = file_loading_options(args["kwargs"])
-    if loads:  # model_args come from checkpoints too: they must not choose other files to read
-        raise ConfigError(
-            f"model options {loads} would load weights from another file; a run takes its "
-            "weights from init_from=FILE"
-        )
+    _refuse_file_loading(args["kwargs"])
     if str(args["name"]).startswith(CONVERTED_PREFIX):
         from normfree.convert.api import build_converted
 
