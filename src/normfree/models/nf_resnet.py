@@ -2,7 +2,7 @@
 performance gap in unnormalized ResNets", arXiv 2101.08692), following DeepMind's
 ``nfnets/nf_resnet.py``.
 
-A block computes ``h_{i+1} = shortcut + α · g · f_i(φ(h_i)·γ / β_i)`` (paper §4, eq. 2):
+A block computes ``h_{i+1} = shortcut + α · g · f_i(φ(h_i)·γ / β_i)`` (paper §4):
 
 * ``β_i`` is the expected standard deviation of ``h_i`` (tracked by
   :class:`~normfree.nn.ExpectedVariance`, reset after every transition block);

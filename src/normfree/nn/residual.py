@@ -251,7 +251,7 @@ def plain_forward(model: nn.Module) -> Iterator[nn.Module]:
 
 
 class NFResidualBlock(ResidualBlock):
-    """The normalizer-free residual block frame (Brock et al. 2021a, §4, eq. 2; official
+    """The normalizer-free residual block frame (Brock et al. 2021a, §4; official
     ``NFResBlock`` / ``NFBlock``)::
 
         out = act(x) · (1/β)                      # γ-scaled activation, unit-variance input
