@@ -9,9 +9,18 @@ except a worker process's traceback text, of which the last line (its error) is 
 
 from __future__ import annotations
 
+import re
 import sys
 
-__all__ = ["error_line", "first_line", "name_list", "report_error", "yaml_problem"]
+__all__ = [
+    "error_line", "first_line", "name_list", "out_of_memory", "report_error", "yaml_problem",
+]  # fmt: skip
+
+# PyTorch's CPU allocator and CUDA's messages for an allocation the machine cannot serve
+_OOM_MARKERS = ("DefaultCPUAllocator", "out of memory", "can't allocate memory",
+                "not enough memory")  # fmt: skip
+# the last line of a worker's traceback: ``package.module.SomeError: message``
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)\b:\s*")
 
 
 def first_line(e: BaseException) -> str:
@@ -37,8 +46,24 @@ def error_line(e: BaseException) -> str:
     if not lines:
         return type(e).__name__
     if "Traceback (most recent call last)" in text:  # a worker's traceback: its error is last
-        return lines[-1]
+        return _RAISED.sub("", lines[-1]) or lines[-1]
     return " ".join(lines)  # a message with detail lines (e.g. a checkpoint mismatch) in one
+
+
+def out_of_memory(e: BaseException, fix: str) -> str | None:
+    """The one-line message of an allocation failure (PyTorch's CPU allocator, CUDA out of
+    memory), naming the size asked for and ``fix``; None for any other error."""
+    text = str(e)
+    if not isinstance(e, RuntimeError) or not any(m in text for m in _OOM_MARKERS):
+        return None
+    size = ""
+    found = re.search(r"allocate (\d+) bytes", text)
+    if found:
+        size = f" ({int(found.group(1)) / 2**30:.1f} GiB asked for)"
+    else:
+        found = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B)", text)
+        size = f" ({found.group(1)} asked for)" if found else ""
+    return f"out of memory{size}: {fix}"
 
 
 def yaml_problem(e: BaseException) -> str:

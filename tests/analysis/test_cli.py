@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -98,3 +99,34 @@ def test_files_and_names_are_told_apart(tmp_path, monkeypatch, capsys) -> None:
     for bad in (200_000, 0, "32", True):
         with pytest.raises(ValueError, match="pass --image-size"):
             check_recorded_size(bad, "f")
+
+
+# PyTorch's CPU allocator refusing what --image-size 100000 asks for
+_OOM = (
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+    "memory: you tried to allocate 320000000000 bytes. Error code 12 (Cannot allocate memory)"
+)
+
+
+@pytest.mark.parametrize("command", ["spp", "diagnose"])
+def test_an_input_too_large_to_allocate_is_one_line(monkeypatch, capsys, command: str) -> None:
+    """``--image-size 100000`` ended in PyTorch's allocator traceback."""
+
+    def too_big(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(_OOM)
+
+    monkeypatch.setattr(sys.modules["normfree.analysis.spp"], "signal_propagation", too_big)
+    monkeypatch.setattr(sys.modules["normfree.analysis.diagnose"], "diagnose", too_big)
+    assert main([command, "nf_resnet_cifar20", "--image-size", "100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    err = err.splitlines()[-1]  # (spp's note on zero SkipInit gains comes first)
+    assert err.startswith("error: out of memory (298.0 GiB asked for)") and "--image-size" in err
+
+
+def test_a_folder_given_as_a_model_says_so(tmp_path, capsys) -> None:
+    """A directory where a model file is expected was reported as an unknown model name."""
+    assert main(["spp", str(tmp_path), "--image-size", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {tmp_path} is a folder: give a model file in it (a run folder's "
+                   "best.pt or last.pt), or a model NAME")  # fmt: skip

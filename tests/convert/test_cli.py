@@ -140,3 +140,43 @@ def test_the_experiment_optimizer_is_sgd_with_agc_attached():
     opt.step()  # AGC: each row's gradient clipped to 0.01 x its weight norm (2.0), + decay
     expected = 1.0 - (0.01 + 5e-5)  # the clipped gradient's entries 0.01, weight decay 5e-5
     torch.testing.assert_close(model.weight, torch.full_like(model.weight, expected))
+
+
+_OOM = (
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+    "memory: you tried to allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)"
+)
+
+
+def _too_big(*args: object, **kwargs: object) -> None:
+    raise RuntimeError(_OOM)
+
+
+def test_an_input_too_large_to_allocate_is_one_line(tmp_path, monkeypatch, capsys):
+    """``convert``/``eval`` of a converted file with ``--image-size 100000`` ended in
+    PyTorch's allocator traceback."""
+    monkeypatch.setattr("normfree.convert.convert_model", _too_big)
+    out = tmp_path / "x.pt"
+    assert main(["convert", SPEC, "--to", "nf", "--out", str(out), "--image-size", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    fix = "error: out of memory (37.3 GiB asked for): use a smaller --image-size or --batch"
+    assert err[-1] == fix and not out.exists()
+    monkeypatch.setattr("normfree.convert.is_converted_file", lambda path: True)
+    monkeypatch.setattr("normfree.convert.cli.evaluate_converted_file", _too_big)
+    assert main(["eval", str(out), "--data", "digits", "--image-size", "100000"]) == 2
+    assert capsys.readouterr().err.strip() == f"{fix}-size"
+
+
+def test_eval_of_a_converted_file_checks_its_json_path_first(tmp_path, monkeypatch, capsys):
+    """An unwritable ``--json`` was found only after the evaluation, as a traceback."""
+    ran: list[str] = []
+    monkeypatch.setattr("normfree.convert.is_converted_file", lambda path: True)
+    monkeypatch.setattr("normfree.convert.cli.evaluate_converted_file",
+                        lambda *a, **k: ran.append("eval"))  # fmt: skip
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    target = blocker / "r.json"  # below a regular file: can never be created
+    assert main(["eval", str(tmp_path / "m.pt"), "--data", "digits", "--json", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot write {target}") and len(err.splitlines()) == 1
+    assert ran == []  # refused before the evaluation

@@ -75,6 +75,23 @@ def test_imagefolder_errors(tmp_path: Path, make_image_tree: Callable) -> None:
         build_datasets("imagefolder:")
 
 
+def test_a_val_folder_without_train_is_refused(
+    tmp_path: Path, make_image_tree: Callable
+) -> None:
+    """``root/val/<class>/…`` with no ``root/train/`` was read as a class tree whose only class
+    is ``val``: every image labelled 0, silently."""
+    make_image_tree(tmp_path / "val", ["a", "b"], 3)
+    with pytest.raises(FileNotFoundError, match=r"there is no train/ folder"):
+        build_datasets(f"imagefolder:{tmp_path}")
+
+
+def test_synthetic_noise_must_be_finite() -> None:
+    """``noise=inf`` was accepted: every pixel saturates (or is NaN where ε is 0)."""
+    for bad in ("inf", "nan", "-1"):
+        with pytest.raises(ValueError, match="noise must be finite and >= 0"):
+            build_datasets(f"synthetic:noise={bad}")
+
+
 def test_synthetic_is_deterministic_and_learnable() -> None:
     spec = "synthetic:num_classes=4,size=8,channels=2,n=200,n_val=80"
     a, a2, other = (build_datasets(spec, seed=s) for s in (7, 7, 8))

@@ -237,3 +237,21 @@ def test_a_converted_training_checkpoint_exports_with_its_runs_data(tmp_path: Pa
     assert metadata["mean"] == pytest.approx(info["mean"])
     assert metadata["std"] == pytest.approx(info["std"])
     assert metadata["classes"] == info["classes"] and metadata["dataset"] == info["name"]
+
+
+def test_an_input_too_large_to_allocate_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``--image-size 100000`` ended in PyTorch's allocator traceback."""
+
+    def too_big(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 240000000000 bytes. Error code 12 (Cannot allocate "
+            "memory)"
+        )
+
+    monkeypatch.setattr(export_mod, "export_model", too_big)
+    out = tmp_path / "m.pt2"
+    assert main(["export", "nf_resnet_cifar20", "--out", str(out), "--image-size", "100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: out of memory (223.5 GiB asked for): use a smaller --image-size"
+    assert not out.exists()

@@ -243,3 +243,90 @@ def test_cli_unwritable_outputs_and_an_empty_out_are_one_line(tmp_path: Path, ca
     assert err.startswith("error: ") and "results.csv" in err and len(err.splitlines()) == 1
     assert main(["experiment", "proxy-norm", "--quick", "--out", ""]) == 2
     assert "--out is empty" in capsys.readouterr().err
+
+
+def test_cli_refuses_more_threads_than_cores(tmp_path: Path, capsys) -> None:
+    """``--threads 100000`` crashed the OpenMP runtime (segmentation fault) in the first cell."""
+    import os
+
+    too_many = (os.cpu_count() or 1) + 1
+    out = tmp_path / "o"
+    assert main(["experiment", "proxy-norm", "--quick", "--threads", str(too_many),
+                 "--out", str(out)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"--threads must be at most the {too_many - 1} CPU cores" in err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_cli_refuses_data_with_an_empty_split(tmp_path: Path, capsys) -> None:
+    """Two images a class leave the held-out split empty: every cell used to start and fail."""
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "tree" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "tree" / c / f"{i}.png")
+    out, spec = tmp_path / "o", f"imagefolder:{tmp_path / 'tree'}"
+    assert main(["experiment", "proxy-norm", "--quick", "--data", spec, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "its held-out split holds no images" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_no_figure_is_named_when_no_cell_finished(tmp_path: Path) -> None:
+    (tmp_path / "fail").write_text("")
+    only_failing = Experiment("f", "", lambda o: [Cell("mb-x4-s0", {"model": "b", "x": 4,
+                              "seed": 0})], _run, ["y"], _plot)  # fmt: skip
+    lines: list[str] = []
+    with pytest.raises(ExperimentError, match="1 cell"):
+        run_experiment(only_failing, tmp_path, GridOptions(), log=lines.append)
+    assert lines[-1].endswith("no figure (no results)") and not (tmp_path / "f.png").exists()
+
+
+SLOW_GRID = """
+import sys, time
+from pathlib import Path
+from normfree.experiments import Cell, Experiment, GridOptions, run_experiment
+
+
+def run_cell(cell, folder, options):
+    print("started", cell.key, flush=True)
+    time.sleep(60)
+    return {"y": 1.0}
+
+
+EXP = Experiment("slow", "", lambda o: [Cell(f"c{i}", {"i": i}) for i in range(6)], run_cell,
+                 ["y"], lambda rows, path, options: None)
+
+if __name__ == "__main__":
+    run_experiment(EXP, Path(sys.argv[1]), GridOptions(), jobs=2, log=lambda s: None)
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "killpg"), reason="POSIX signals")
+def test_ctrl_c_stops_a_parallel_grid_at_once(tmp_path: Path) -> None:
+    """Ctrl-C of ``--jobs 2`` stopped the two running cells, then the workers took the queued
+    cells and the grid process waited for all of them (6 cells of 60 s: 3 minutes)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "slowgrid.py").write_text(SLOW_GRID)
+    proc = subprocess.Popen([sys.executable, "slowgrid.py", "out"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None
+    started = {proc.stdout.readline().split()[-1] for _ in range(2)}  # both workers busy
+    assert len(started) == 2
+    t0 = time.monotonic()
+    os.kill(proc.pid, signal.SIGINT)  # the grid process only: its workers must end too
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail("the grid kept running queued cells after Ctrl-C")
+    assert proc.returncode != 0 and time.monotonic() - t0 < 30
+    assert proc.stdout.read().strip() == ""  # no queued cell started
+    assert not list((tmp_path / "out" / "cells").glob("*/result.json"))

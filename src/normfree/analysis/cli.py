@@ -22,7 +22,7 @@ from torch import nn
 
 from normfree.atomic import check_writable
 from normfree.checkpoints import CheckpointError
-from normfree.console import report_error, yaml_problem
+from normfree.console import out_of_memory, report_error, yaml_problem
 
 __all__ = [
     "LARGEST_RECORDED_SIDE", "add_parser", "add_trust_code_argument", "add_trust_pickle_argument",
@@ -123,6 +123,9 @@ def model_from_spec(
     names_a_file = "/" in spec or Path(spec).suffix in _FILE_SUFFIXES  # never a model name
     if names_a_file and not Path(spec).exists():
         raise ValueError(f"no file {spec!r} (a model is NAME, NAME[key=value,...] or module:fn)")
+    if names_a_file and Path(spec).is_dir():
+        raise ValueError(f"{spec} is a folder: give a model file in it (a run folder's best.pt "
+                         "or last.pt), or a model NAME")  # fmt: skip
     if (names_a_file and Path(spec).is_file()) or is_converted_file(spec):  # the load says why not
         if overrides:
             raise ValueError(f"{spec}: a converted model file takes no --override")
@@ -292,6 +295,11 @@ def run_spp(args: argparse.Namespace) -> int:
             print(f"wrote {args.out}")
     except (ValueError, TypeError, KeyError, ImportError, OSError, CheckpointError) as err:
         return report_error(err)
+    except RuntimeError as err:  # an input the machine cannot allocate (--image-size, --batch)
+        message = out_of_memory(err, "use a smaller --image-size or --batch")
+        if message is None:
+            raise
+        return report_error(RuntimeError(message))
     return 0
 
 
@@ -315,4 +323,9 @@ def run_diagnose(args: argparse.Namespace) -> int:
             result.to_json(args.json)
     except (ValueError, TypeError, KeyError, ImportError, OSError, CheckpointError) as err:
         return report_error(err)
+    except RuntimeError as err:  # an input the machine cannot allocate (--image-size, --batch)
+        message = out_of_memory(err, "use a smaller --image-size or --batch")
+        if message is None:
+            raise
+        return report_error(RuntimeError(message))
     return result.exit_code

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from normfree.analysis.cli import positive_int
-from normfree.console import report_error
+from normfree.console import out_of_memory, report_error
 
 __all__ = [
     "add_parser",
@@ -273,6 +273,11 @@ def run_convert(args: argparse.Namespace) -> int:
     except (ConversionError, CheckpointError, ValueError, TypeError, KeyError, ImportError,
             OSError) as e:  # fmt: skip
         return report_error(e)
+    except RuntimeError as e:  # an example the machine cannot allocate (--image-size, --batch)
+        message = out_of_memory(e, "use a smaller --image-size or --batch")
+        if message is None:
+            raise
+        return report_error(RuntimeError(message))
     print(report.summary())
     pickled = (
         " (a pickled module: `--trust-pickle` of eval, spp, diagnose and export reads it, "
@@ -319,9 +324,11 @@ def evaluate_converted_file(
 
 def run_eval_converted(args: argparse.Namespace) -> int:
     """``normfree eval FILE`` for a converted-model file (same output as for checkpoints)."""
+    from normfree.atomic import atomic_write_json, check_writable
     from normfree.checkpoints import CheckpointError
 
     try:
+        check_writable(args.json)  # before the evaluation, not after it
         result = evaluate_converted_file(
             args.checkpoint, args.data, batch_size=args.batch_size, split=args.split,
             device=args.device, image_size=args.image_size,
@@ -329,11 +336,17 @@ def run_eval_converted(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except (CheckpointError, ValueError, OSError, ImportError) as e:
         return report_error(e)
+    except RuntimeError as e:  # images the machine cannot allocate (--image-size, --batch-size)
+        message = out_of_memory(e, "use a smaller --image-size or --batch-size")
+        if message is None:
+            raise
+        return report_error(RuntimeError(message))
     m = result["raw"]
     print(f"{result['model']} on {result['data']} ({result['split']}, {result['count']} images)")
     print(f"  raw  top1 {m['top1']:6.2f}%  top5 {m['top5']:6.2f}%  loss {m['loss']:.4f}")
     if args.json:
-        from normfree.atomic import atomic_write_json
-
-        atomic_write_json(args.json, result)
+        try:
+            atomic_write_json(args.json, result)
+        except OSError as e:
+            return report_error(e)
     return 0

@@ -175,6 +175,11 @@ def _imagefolder(
             "root/{train,val}/<class>/<image>): not a directory"
         )
     tree = root / "train" if (root / "train").is_dir() else root
+    if tree == root and (root / "val").is_dir():  # else val/ would be read as one class
+        raise FileNotFoundError(
+            f"expected {root}/train/<class>/<image> next to {root}/val/: there is no train/ "
+            "folder (a class-folder tree without a split has no val/ folder)"
+        )
     files, labels, classes = scan_image_folder(tree)
     if tree != root and (root / "val").is_dir():
         vfiles, vlabels, _ = scan_image_folder(root / "val", classes)

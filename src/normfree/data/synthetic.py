@@ -9,6 +9,7 @@ large synthetic sets cost no memory and are identical across runs and workers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -56,8 +57,8 @@ class SyntheticSpec:
                 raise ValueError(f"synthetic {name} must be an int in [{lo}, {hi}], got {value!r}")
         if self.n_val is not None and not 1 <= self.n_val <= 1 << 27:
             raise ValueError(f"synthetic n_val must be in [1, {1 << 27}], got {self.n_val}")
-        if not self.noise >= 0:
-            raise ValueError(f"synthetic noise must be >= 0, got {self.noise}")
+        if not (self.noise >= 0 and math.isfinite(self.noise)):
+            raise ValueError(f"synthetic noise must be finite and >= 0, got {self.noise}")
 
 
 def parse_synthetic_spec(options: str) -> SyntheticSpec:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +61,10 @@ def run_cli(args: argparse.Namespace) -> int:
         for flag in ("seeds", "jobs", "threads"):
             if getattr(args, flag) < 1:
                 raise ExperimentError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+        cores = os.cpu_count() or 1
+        if args.threads > cores:  # thousands of threads crash the OpenMP runtime
+            raise ExperimentError(f"--threads must be at most the {cores} CPU cores of this "
+                                  f"machine, got {args.threads}")  # fmt: skip
         if args.data is not None:
             _check_data(args.data)
         if args.out is not None and not args.out.strip():
@@ -85,6 +90,10 @@ def _check_data(spec: str) -> None:
     from normfree.experiments.grid import ExperimentError
 
     try:
-        build_datasets(spec)
+        bundle = build_datasets(spec)
     except (OSError, ValueError, ImportError, TypeError) as e:
         raise ExperimentError(f"--data {spec!r}: {e}") from None
+    for split, name in ((bundle.train, "training"), (bundle.val, "held-out")):
+        if len(split) == 0:  # every cell would fail on it
+            raise ExperimentError(f"--data {spec!r}: its {name} split holds no images; give a "
+                                  "dataset with more images per class")  # fmt: skip

@@ -30,7 +30,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +164,19 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel the cells not started and end the running ones (their folders hold no result
+    file, so a rerun starts them afresh). A worker that got the same Ctrl-C would otherwise
+    report it and take the next queued cell, and ``shutdown`` would wait for the whole grid."""
+    processes = multiprocessing.active_children()  # the pool's workers: this process's children
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in processes:
+        proc.join(10)
+
+
 def _execute(
     run_cell: Callable[..., dict[str, Any]], cell: Cell, folder: str, options: GridOptions
 ) -> dict[str, Any]:
@@ -289,17 +302,26 @@ def run_experiment(
             report(i, cell, lambda c=cell, f=folder: _execute(exp.run_cell, c, f, options))
     else:
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_exit_with_parent,
-                                 initargs=(os.getpid(),)) as pool:  # fmt: skip
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_exit_with_parent,
+                                   initargs=(os.getpid(),))  # fmt: skip
+        try:
             futures: dict[Future[dict[str, Any]], tuple[int, Cell]] = {}
             for i, cell in pending:
                 fut = pool.submit(_execute, exp.run_cell, cell, str(cell_dir(out, cell)),
                                   options)  # fmt: skip
                 futures[fut] = (i, cell)
             log(f"running {len(pending)} cells in {jobs} processes")
-            for fut in as_completed(futures):  # a line per cell as soon as it finishes
-                i, cell = futures[fut]
-                report(i, cell, fut.result)
+            running = set(futures)
+            while running:  # a line per cell as soon as it finishes; short waits, so that a
+                # Ctrl-C delivered to one of the pool's threads is seen by this one at once
+                done, running = wait(running, timeout=0.25, return_when=FIRST_COMPLETED)
+                for fut in sorted(done, key=lambda f: futures[f][0]):
+                    i, cell = futures[fut]
+                    report(i, cell, fut.result)
+        except BaseException:  # Ctrl-C: stop now, not after every queued cell has run
+            _stop_pool(pool)
+            raise
+        pool.shutdown()
     rows = table_rows(exp, out, cells, options)
     write_table(exp, out, rows)
     if rows:
@@ -312,8 +334,8 @@ def run_experiment(
                 f"cannot draw {exp.name}.png from the results in {out} ({type(e).__name__}: "
                 f"{e}); a cell's result.json is damaged: delete that cell folder to rerun it"
             ) from None
-    figure = out / f"{exp.name}.png"
-    log(f"{len(rows)}/{n} cells done; table {out / 'results.csv'}, figure {figure}")
+    figure = f", figure {out / f'{exp.name}.png'}" if rows else ", no figure (no results)"
+    log(f"{len(rows)}/{n} cells done; table {out / 'results.csv'}{figure}")
     if failed:
         raise ExperimentError(f"{len(failed)} cell(s) failed: {', '.join(failed)}; "
                               "rerun the same command to retry them")  # fmt: skip

@@ -21,7 +21,7 @@ from normfree.analysis.cli import (
     positive_int,
 )
 from normfree.atomic import atomic_write_json, check_writable
-from normfree.console import report_error
+from normfree.console import out_of_memory, report_error
 
 __all__ = ["add_parser", "run_eval", "run_train"]
 
@@ -150,28 +150,6 @@ def _resolve(args: argparse.Namespace) -> Any:
     return resume_config(args.resume, overrides)
 
 
-_OOM_MARKERS = ("DefaultCPUAllocator", "out of memory", "can't allocate memory",
-                "not enough memory")  # fmt: skip
-
-
-def _out_of_memory(e: BaseException, fix: str) -> str | None:
-    """The one-line message of an allocation failure (PyTorch's CPU allocator, CUDA out of
-    memory), naming the size asked for and ``fix``; None for any other error."""
-    import re
-
-    text = str(e)
-    if not isinstance(e, RuntimeError) or not any(m in text for m in _OOM_MARKERS):
-        return None
-    size = ""
-    found = re.search(r"allocate (\d+) bytes", text)
-    if found:
-        size = f" ({int(found.group(1)) / 2**30:.1f} GiB asked for)"
-    else:
-        found = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B)", text)
-        size = f" ({found.group(1)} asked for)" if found else ""
-    return f"out of memory{size}: {fix}"
-
-
 def run_train(args: argparse.Namespace) -> int:
     """Entry point of ``normfree train`` (returns the exit code)."""
     from normfree.data.imagefolder import UnreadableImageError
@@ -225,7 +203,7 @@ def run_train(args: argparse.Namespace) -> int:
     except RuntimeError as e:  # an allocation the machine cannot serve (images too large)
         fix = ("use a smaller data.image_size / data.test_size or train.batch_size / "
                "data.eval_batch_size")  # fmt: skip
-        message = _out_of_memory(e, fix)
+        message = out_of_memory(e, fix)
         if message is None:
             raise
         return report_error(Exception(message), 1)
@@ -414,7 +392,7 @@ def run_eval(args: argparse.Namespace) -> int:
     except (CheckpointError, ConfigError, ValueError, OSError) as e:
         return report_error(e, 2)
     except RuntimeError as e:  # an allocation the machine cannot serve (images too large)
-        message = _out_of_memory(e, "use a smaller --test-size / --image-size or --batch-size")
+        message = out_of_memory(e, "use a smaller --test-size / --image-size or --batch-size")
         if message is None:
             raise
         return report_error(Exception(message), 1)
