@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import normfree
 from normfree.optim import attached, fused_available
 from normfree.optim.agc import (
     AGC,
@@ -267,7 +268,7 @@ def test_hook_with_adamw() -> None:
     opt_a = with_agc(torch.optim.AdamW(a.parameters(), lr=1e-2), model=a)
     opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2)
     opt_a.step()
-    adaptive_clip_grad_(p for n, p in b.named_parameters() if not n.startswith("fc."))
+    adaptive_clip_grad_(p for n, p in b.named_parameters() if n != "fc.weight")  # bias clipped
     opt_b.step()
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
@@ -276,7 +277,7 @@ def test_hook_with_adamw() -> None:
 @pytest.mark.parametrize(
     ("exclude", "excluded"),
     [
-        (None, {"fc.weight", "fc.bias"}),  # the model's declared classifier
+        (None, {"fc.weight"}),  # the declared classifier's weight; its bias is clipped
         ((), set()),
         ("fc.weight", {"fc.weight"}),
         (["conv*", "gain"], {"conv.weight", "conv.bias", "conv3d.weight", "gain"}),
@@ -454,7 +455,7 @@ def test_grad_scaler_clips_unscaled_gradients() -> None:
     b(x).square().mean().backward()
     with torch.no_grad():
         for n, p in b.named_parameters():
-            if p.grad is not None and not n.startswith("fc."):
+            if p.grad is not None and n != "fc.weight":
                 p.grad.copy_(reference_agc(p, p.grad))
     opt_b.step()
     for pa, pb in zip(a.parameters(), b.parameters()):
@@ -634,3 +635,16 @@ def test_a_tied_weight_is_excluded_by_either_name() -> None:
 def test_a_model_given_for_its_parameters_is_a_clear_error() -> None:
     with pytest.raises(TypeError, match=r"pass the model's parameters \(model.parameters\(\)\)"):
         adaptive_clip_grad_(nn.Linear(2, 2))
+
+
+def test_by_default_only_the_classifier_weight_goes_unclipped() -> None:
+    """The official NFNet split (DeepMind experiment_nfnets.py): the final linear weight has
+    clipping None, its bias is clipped with the gains and biases."""
+    from normfree.optim import unclipped_by_default
+
+    assert unclipped_by_default(TinyNet()) == ["fc.weight"]
+    assert unclipped_by_default(PlainNet()) == []  # declares no classifier
+    nfnet = normfree.create_model("nfnet_f0", depths=(1, 1, 1, 1), widths=(16, 16, 16, 16),
+                                  group_size=8, num_classes=3)  # fmt: skip
+    assert unclipped_by_default(nfnet) == ["head.fc.weight"]
+    assert unclipped_by_default(normfree.create_model("nf_resnet_cifar20", num_classes=0)) == []

@@ -2,7 +2,13 @@
 parameter groups, and the optimizer step (SGD, Adam, AdamW) of the Scaled-WS weights applied
 inside their backward."""
 
-from normfree.optim.agc import AGC, adaptive_clip_grad_, attach_agc, unitwise_norm
+from normfree.optim.agc import (
+    AGC,
+    adaptive_clip_grad_,
+    attach_agc,
+    unclipped_by_default,
+    unitwise_norm,
+)
 from normfree.optim.backward_update import BackwardUpdate, update_in_backward
 from normfree.optim.ema import ModelEMA, ema_decay
 from normfree.optim.fused import fused_available
@@ -35,6 +41,7 @@ __all__: list[str] = [
     "lr_factor",
     "project_zero_mean_",
     "scaled_peak_lr",
+    "unclipped_by_default",
     "unitwise_norm",
     "update_in_backward",
     "warmup_cosine_lr",

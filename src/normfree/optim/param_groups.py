@@ -7,8 +7,9 @@ the :class:`~normfree.models.NormFreeModel` contract:
 
 * ``model.no_weight_decay_names()`` – parameters that take no weight decay (gains, biases,
   scalars);
-* ``model.classifier_parameter_names()`` – parameters AGC leaves alone ("it is always better not
-  to clip the final linear layer", Brock et al. 2021b §4.1);
+* ``model.classifier_parameter_names()`` – the final linear layer, whose weight AGC leaves
+  alone ("it is always better not to clip the final linear layer", Brock et al. 2021b §4.1);
+  its bias is clipped as in the official code (:func:`normfree.optim.agc.unclipped_by_default`);
 * ``model.lr_scale(name)`` – per-parameter learning-rate multipliers (Fixup's scalar biases and
   multipliers at lr/10, Zhang et al. 2019 §3);
 * ``model.meta.recipe["agc"]`` – False for BatchNorm baselines (no clipping anywhere).
@@ -24,6 +25,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
+
+from normfree.optim.agc import unclipped_by_default
 
 __all__ = ["build_param_groups", "describe_param_groups"]
 
@@ -60,7 +63,8 @@ def build_param_groups(
         weight_decay: decay for the parameters not in ``no_weight_decay_names()``.
         clipping: AGC λ for the clipped groups, ``None`` to disable AGC everywhere. A model whose
             ``meta.recipe["agc"]`` is False (BN baselines) is never clipped.
-        clip_classifier: also clip the classifier (the paper advises against it).
+        clip_classifier: also clip the classifier's weight (the paper advises against it; its
+            bias is clipped either way, as in the official code).
         extra_no_weight_decay: further parameter names to exclude from weight decay.
         lr_scale: per-parameter lr multiplier ``name -> float``; default ``model.lr_scale``
             when the model declares it, else 1 (e.g. :func:`normfree.nn.fixup_lr_scale` for a
@@ -86,7 +90,8 @@ def build_param_groups(
     if extra - names:
         raise ValueError(f"extra_no_weight_decay names unknown parameters: {sorted(extra - names)}")
     no_decay |= extra
-    classifier = _declared(model, "classifier_parameter_names", names)
+    _declared(model, "classifier_parameter_names", names)  # checks what the model declares
+    unclipped = set(unclipped_by_default(model))
     meta = getattr(model, "meta", None)
     recipe = getattr(meta, "recipe", {}) or {}
     if not recipe.get("agc", True):
@@ -99,8 +104,7 @@ def build_param_groups(
         scale = float(lr_scale_fn(name)) if lr_scale_fn is not None else 1.0
         if scale <= 0:
             raise ValueError(f"model.lr_scale({name!r}) must be positive, got {scale}")
-        is_classifier = name in classifier
-        clip = None if clipping is None or (is_classifier and not clip_classifier) else clipping
+        clip = None if clipping is None or (name in unclipped and not clip_classifier) else clipping
         key = (decay, scale, clip)
         if key not in groups:
             label = ("decay" if decay else "no_decay") + ("" if clip is not None else "_noclip")

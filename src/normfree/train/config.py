@@ -113,7 +113,10 @@ class OptimConfig:
     agc: bool | None = _f(None, "Adaptive Gradient Clipping (null: the model's recipe, default on)")
     clipping: float = _f(0.01, "AGC λ (max ‖G‖/‖W‖ per unit)")
     agc_eps: float = _f(1e-3, "AGC ε (floor of ‖W‖)")
-    clip_classifier: bool = _f(False, "also clip the final classifier (the paper does not)")
+    clip_classifier: bool = _f(
+        False, "also clip the final classifier's weight (the official code does not; its bias "
+        "is clipped either way)"
+    )
     msr: bool | None = _f(
         None, "Mean Shift Rejection: keep conv kernels zero-mean (null: the model's recipe)"
     )
