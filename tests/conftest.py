@@ -27,6 +27,11 @@ def _register_and_keep(fn: object, op: str) -> None:
 
 torch.jit._builtins._register_builtin = _register_and_keep
 
+# Under pytest-xdist (``-n 2``) each worker process takes one intra-op thread, so that the
+# workers do not oversubscribe the cores they share.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
