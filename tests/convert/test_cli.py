@@ -3,12 +3,14 @@ the trainer, on a tiny BN ResNet (width 4) and the bundled digits."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
 
 from normfree.cli import main
 from normfree.convert import ConvertedModel, load_converted
+from normfree.convert.cli import evaluate_converted_file
 
 pytest.importorskip("sklearn")
 SPEC = "normfree.convert.experiment:bn_resnet_small[width=4]"
@@ -29,6 +31,14 @@ def test_convert_eval_and_train_hook(tmp_path, capsys):
     assert isinstance(model, ConvertedModel) and model.in_chans == 1 and model.num_classes == 10
     assert main(["eval", str(out), "--data", "digits", "--batch-size", "128"]) == 0
     assert "top1" in capsys.readouterr().out
+    # eval's other options reach a converted file too (they were ignored silently)
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(out), "--data", "digits", "--test-size", "12", "--precision",
+                 "bf16", "--workers", "1", "--json", str(report)]) == 0  # fmt: skip
+    result = json.loads(report.read_text())
+    assert result["test_size"] == 12 and result["count"] == 359  # round(1797 · 0.2)
+    with pytest.raises(ValueError, match="precision"):
+        evaluate_converted_file(str(out), "digits", precision="fp8")
 
     from normfree.train.builders import build_model
     from normfree.train.config import ConfigError

@@ -120,6 +120,16 @@ def test_bad_overrides_name_the_key(override: str, key: str) -> None:
         resolve_config(overrides=[override])
 
 
+def test_threads_above_the_core_count_are_refused() -> None:
+    """train.threads=100000 crashed the OpenMP runtime (a segmentation fault) at the start."""
+    import os
+
+    cores = os.cpu_count() or 1
+    assert resolve_config(overrides=[f"train.threads={cores}"]).train.threads == cores
+    with pytest.raises(ConfigError, match=rf"'train\.threads' must be in \[1, {cores}\]"):
+        resolve_config(overrides=[f"train.threads={cores + 1}"])
+
+
 def test_unknown_key_suggests_close_name() -> None:
     with pytest.raises(ConfigError, match="did you mean lr"):
         resolve_config(overrides=["optim.lrr=0.1"])
@@ -132,6 +142,8 @@ def test_yaml_file_layering_and_errors(tmp_path: Path) -> None:
     assert cfg.model == "nfnet_f0" and cfg.optim.lr == 0.05 and cfg.train.epochs == 4
     assert cfg.train.batch_size == 4096  # a file alone starts from the paper defaults
     assert resolve_config("digits", good).train.batch_size == 64  # recipe, then file
+    with pytest.raises(ConfigError, match="is a folder; --config takes a YAML file"):
+        resolve_config(config_file=tmp_path)  # said "does not exist"
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochz: 3\n")
     with pytest.raises(ConfigError, match=r"train\.epochz"):

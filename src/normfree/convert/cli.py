@@ -289,11 +289,13 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def evaluate_converted_file(
     path: str, data: str | None, *, batch_size: int | None = None, split: str = "val",
-    device: str = "auto", image_size: int | None = None, trust_pickle: bool = False,
+    device: str = "auto", image_size: int | None = None, test_size: int | None = None,
+    workers: int = 0, precision: str | None = None, trust_pickle: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """``normfree eval`` of a converted-model file: top-1/top-5/loss on ``data``'s held-out (or
     training) split, in the result layout of :func:`normfree.train.evaluate.evaluate_checkpoint`
-    (no EMA). A whole pickled module is read only with ``trust_pickle``."""
+    (no EMA), with the same options (``precision`` None: fp32, the file records no run). A
+    whole pickled module is read only with ``trust_pickle``."""
     from torch.utils.data import DataLoader
 
     from normfree.convert import load_converted
@@ -306,7 +308,7 @@ def evaluate_converted_file(
     if split not in ("val", "train"):
         raise ValueError(f"split must be 'val' or 'train', got {split!r}")
     model = load_converted(path, trust_pickle=trust_pickle)
-    bundle = build_datasets(data, image_size=image_size, augment=None)
+    bundle = build_datasets(data, image_size=image_size, test_size=test_size, augment=None)
     if model.num_classes is None:
         raise ValueError(f"{path} has no classifier (no nn.Linear): eval needs class logits")
     if bundle.num_classes != model.num_classes or bundle.in_chans != model.in_chans:
@@ -315,11 +317,12 @@ def evaluate_converted_file(
             f"{path} was built for {model.num_classes} × {model.in_chans}"
         )
     dataset = bundle.val if split == "val" else bundle.train
-    loader = DataLoader(dataset, batch_size=batch_size or 256, shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size or 256, shuffle=False, num_workers=workers)
     dev = select_device(device)
-    metrics = evaluate(model.to(dev), loader, dev)
+    metrics = evaluate(model.to(dev), loader, dev, precision=precision or "fp32")
     return {"checkpoint": str(path), "model": model.meta.name, "data": data, "split": split,
-            "count": metrics["count"], "raw": metrics, "ema": None}  # fmt: skip
+            "test_size": getattr(bundle, "test_size", None), "count": metrics["count"],
+            "raw": metrics, "ema": None}  # fmt: skip
 
 
 def run_eval_converted(args: argparse.Namespace) -> int:
@@ -331,7 +334,8 @@ def run_eval_converted(args: argparse.Namespace) -> int:
         check_writable(args.json)  # before the evaluation, not after it
         result = evaluate_converted_file(
             args.checkpoint, args.data, batch_size=args.batch_size, split=args.split,
-            device=args.device, image_size=args.image_size,
+            device=args.device, image_size=args.image_size, test_size=args.test_size,
+            workers=args.workers, precision=args.precision,
             trust_pickle=getattr(args, "trust_pickle", False),
         )  # fmt: skip
     except (CheckpointError, ValueError, OSError, ImportError) as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -361,7 +362,9 @@ def validate_config(cfg: Config) -> None:
         "train.stochdepth_rate",
         "in [0, 1)",
     )
-    need(t.threads is None or t.threads > 0, "train.threads", "> 0 or null")
+    cores = os.cpu_count() or 1  # more threads than cores only slows a run; thousands crash
+    need(t.threads is None or 0 < t.threads <= cores, "train.threads",
+         f"in [1, {cores}] (this machine's cores) or null")  # fmt: skip
     choice = native_kernel_choice(t.native_kernels)
     need(
         not isinstance(choice, tuple) or set(choice) <= set(KERNELS),

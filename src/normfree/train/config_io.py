@@ -235,6 +235,11 @@ def dump_config(cfg: Config, path: str | Path | None = None) -> str:
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a mapping (validated when applied)."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(
+            f"config file {str(p)!r} is a folder; --config takes a YAML file (a run folder's is "
+            "RUN/config.yaml; --resume RUN continues that run)"
+        )
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
