@@ -555,3 +555,56 @@ def test_autocast_steps_read_the_bfloat16_gradients(
         assert state_a.keys() == state_b.keys()
         for key, value in state_a.items():
             assert torch.equal(value, state_b[key]), key
+
+
+def test_an_agc_removed_clips_these_weights_no_more(kernels) -> None:
+    """``agc.remove()`` after the update began stops the clipping of every parameter, the
+    weights updated in the backward included: the following steps equal plain SGD's."""
+    plain, fused = _model(), _model()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9) for m in (plain, fused)]
+    agcs = [attach_agc(o, clipping=0.01, model=m) for o, m in zip(opts, (plain, fused))]
+    update_in_backward(opts[1], fused, agc=agcs[1])
+    for model, opt, agc in zip((plain, fused), opts, agcs):
+        _train(model, opt, range(1))
+        agc.remove()
+        _train(model, opt, range(1, 3))
+    _assert_same(plain, fused, opts[0], opts[1])
+
+
+def test_gradients_taken_without_accumulating_them_move_no_weight(kernels) -> None:
+    """``torch.autograd.grad`` (which returns the gradients) and ``backward(inputs=...)``
+    without the conv weights apply no step: the weights stay, and the returned gradients are
+    the plain backward's."""
+    plain, fused = _model(), _model()
+    opt = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
+    update_in_backward(opt, fused)
+    before = [w.detach().clone() for w in _conv_weights(fused)]
+    x, y = _batch(0)
+    expected = torch.autograd.grad(F.cross_entropy(plain(x), y), list(plain.parameters()))
+    got = torch.autograd.grad(F.cross_entropy(fused(x), y), list(fused.parameters()))
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+    gains = [m.gain for m in fused.modules() if isinstance(m, ScaledStdConv2d)]
+    torch.autograd.grad(F.cross_entropy(fused(x), y), gains)
+    F.cross_entropy(fused(x), y).backward(inputs=gains)
+    assert all(torch.equal(a, w) for a, w in zip(before, _conv_weights(fused)))
+    assert all(w.grad is None for w in _conv_weights(fused)) and not opt.state
+
+
+def test_a_weight_used_twice_under_a_closure_is_refused(kernels) -> None:
+    """``optimizer.step(closure)`` runs the backward inside the step: a conv weight that also
+    received a gradient from another term is refused there too, before the step applies it a
+    second time."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    update_in_backward(opt, model)
+    x, y = _batch(0)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y) + 3.0 * _conv_weights(model)[-1].sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="another use"):
+        opt.step(closure)

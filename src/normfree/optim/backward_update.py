@@ -52,12 +52,15 @@ Rules:
   partly updated; restore them from a checkpoint.
 * Refused when the update starts: several processes (``torch.distributed`` with more than
   one), and a Mean Shift Rejection or an AGC other than ``agc`` attached to the optimizer.
+  ``agc.remove()`` stops the clipping of these weights too, from the next backward on.
 * **Not detected**: ``GradScaler`` (its scaled gradients would be applied as they are) and
   ``clip_grad_norm_`` (it would leave these weights out). Do not combine them with this.
-* Every backward that reaches these weights' Scaled-WS nodes applies the step, including a
-  ``torch.autograd.grad`` for the convs' gains: call :meth:`BackwardUpdate.remove` before
-  taking gradients for anything but a training step. The optimizer's step hooks hold the
-  update, so it ends with the optimizer (the returned handle need not be kept).
+* Every backward that would accumulate these weights' gradients into ``.grad`` applies the
+  step: call :meth:`BackwardUpdate.remove` before a ``.backward()`` for anything but a
+  training step. One that would not (``torch.autograd.grad``, which returns the gradients,
+  or ``backward(inputs=...)`` without the weight) takes the plain backward and moves no
+  weight. The optimizer's step hooks hold the update, so it ends with the optimizer (the
+  returned handle need not be kept).
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ from normfree.nn import native
 from normfree.nn.param_updates import set_backward_update
 from normfree.nn.ws import ScaledStdConv2d
 from normfree.optim.agc import AGC
-from normfree.optim.hooks import attached
+from normfree.optim.hooks import attached, before_step_hook
 
 __all__ = ["BackwardUpdate", "update_in_backward"]
 
@@ -107,6 +110,22 @@ def _adam_step_dtype(group: dict) -> torch.dtype:
     if group.get("fused"):
         return torch.float32
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _accumulates(weight: Tensor) -> bool:
+    """Whether the running backward accumulates ``weight``'s gradient into ``weight.grad``:
+    not a ``torch.autograd.grad`` that returns it (PyTorch refuses the question for a leaf that
+    it captures) nor a ``backward(inputs=...)`` that leaves the weight out. Asked through the
+    engine's private query that ``torch.autograd.graph.register_multi_grad_hook`` uses (no
+    public one exists); True where a PyTorch release lacks it."""
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+    edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
+    if will_execute is None or edge is None:
+        return True
+    try:
+        return bool(will_execute(edge(weight).node))
+    except RuntimeError:  # torch.autograd.grad capturing this leaf's gradient
+        return False
 
 
 def _processes() -> int:
@@ -157,6 +176,7 @@ class BackwardUpdate:
                 "all-reduced before the update"
             )
         self.optimizer, self.agc = optimizer, agc
+        self._agc_attached = agc is not None  # whether agc still clips: read at each step
         # by type: before torch 2.7, AdamW was no subclass of Adam
         self._step = self._sgd if type(optimizer) is torch.optim.SGD else self._adam
         self._decoupled = type(optimizer) is torch.optim.AdamW
@@ -176,7 +196,8 @@ class BackwardUpdate:
         self._updated: set[int] = set()  # weights updated since the last optimizer step
         self._where: dict[int, tuple[int, int]] = {}  # id(weight) → (group, place) last found
         self._hooks = [
-            optimizer.register_step_pre_hook(self._check_before_step),
+            # after a closure passed to step(), which runs the backward inside the step
+            optimizer.register_step_pre_hook(before_step_hook(self._check_before_step)),
             optimizer.register_step_post_hook(self._after_step),
         ]
         for weight in self._weights.values():
@@ -214,8 +235,8 @@ class BackwardUpdate:
 
     def _clipping(self, weight: Tensor, group: dict) -> float:
         agc = self.agc
-        if agc is None or id(weight) in agc.excluded_ids:
-            return 0.0
+        if agc is None or not self._agc_attached or id(weight) in agc.excluded_ids:
+            return 0.0  # (an AGC detached by its remove() clips no gradient, these neither)
         clipping = group.get("clipping", agc.clipping)
         if clipping is None:
             return 0.0  # the kernel's "no clipping"
@@ -245,6 +266,8 @@ class BackwardUpdate:
         """The step for ``weight`` in its backward (the protocol of
         :func:`normfree.nn.param_updates.set_backward_update`)."""
         key = id(weight)
+        if not _accumulates(weight):  # the gradient is returned, or not asked for: no step
+            return False, None
         if key in self._updated:
             raise RuntimeError(
                 "a second backward through a weight that update_in_backward already updated "
@@ -328,24 +351,27 @@ class BackwardUpdate:
         """Refuse, before any weight of a step moves, what has changed since this update began
         that it cannot serve: a param group flag it does not implement (set by hand or by
         ``load_state_dict``), and step actions attached to the optimizer that would act on
-        gradients these weights never get."""
+        gradients these weights never get; and note whether ``agc`` still clips (its
+        ``remove()`` detaches it from every parameter, these weights included)."""
         flag = _unsupported_flag(self.optimizer)
         if flag is not None:
             raise RuntimeError(
                 f"a param group has {flag}=True, which update_in_backward does not support; "
                 "remove() the BackwardUpdate first"
             )
-        for action in attached(self.optimizer):
+        actions = attached(self.optimizer)
+        for action in actions:
             if action is not self.agc:
                 raise RuntimeError(
                     f"{type(action).__name__} was attached to the optimizer after "
                     "update_in_backward: it acts on gradients that the weights updated in the "
                     "backward never get; remove() the BackwardUpdate first"
                 )
+        self._agc_attached = any(action is self.agc for action in actions)
 
-    def _check_before_step(
-        self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict
-    ) -> None:
+    def _check_before_step(self) -> None:
+        """Refuse a step that would update a weight a second time: one updated in the
+        backward that has also received a gradient (from another use in the graph)."""
         for key in self._updated:
             if self._weights[key].grad is not None:
                 raise RuntimeError(
