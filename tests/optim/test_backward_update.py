@@ -389,6 +389,24 @@ def test_the_update_lives_as_long_as_the_optimizer(kernels) -> None:
     assert all(w.grad is not None for w in _conv_weights(model))
 
 
+def test_a_second_live_update_on_the_same_weights_is_refused(kernels) -> None:
+    """Two optimizers updating one model in the backward: the newest used to win silently, so
+    stepping the older optimizer applied the newer one's step to the conv weights. An optimizer
+    dropped but not yet collected (a notebook cell run again) no longer counts."""
+    model = _model()
+    first = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    handle = update_in_backward(first, model)
+    second = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match=r"already updated in the backward by BackwardUpdate"):
+        update_in_backward(second, model)
+    with pytest.raises(ValueError, match="call remove"):
+        update_in_backward(first, model)  # a second handle on the same optimizer too
+    handle.remove()
+    update_in_backward(second, model)  # the weights are free again
+    del second  # held in a cycle with its update: only the collector frees it
+    update_in_backward(torch.optim.SGD(model.parameters(), lr=0.1), model)
+
+
 def test_a_second_backward_before_the_step_raises(kernels) -> None:
     """Gradient accumulation cannot be served (the first backward already stepped): the second
     backward says so; after ``optimizer.step()`` the next backward runs."""

@@ -51,7 +51,8 @@ Rules:
   the weight it saved, or ``opt.step()`` refuses the late gradient. The weights are then
   partly updated; restore them from a checkpoint.
 * Refused when the update starts: several processes (``torch.distributed`` with more than
-  one), and a Mean Shift Rejection or an AGC other than ``agc`` attached to the optimizer.
+  one), a Mean Shift Rejection or an AGC other than ``agc`` attached to the optimizer, and
+  weights that another live update (of another optimizer, or an earlier call) already steps.
   ``agc.remove()`` stops the clipping of these weights too, from the next backward on.
 * **Not detected**: ``GradScaler`` (its scaled gradients would be applied as they are) and
   ``clip_grad_norm_`` (it would leave these weights out). Do not combine them with this.
@@ -65,6 +66,7 @@ Rules:
 
 from __future__ import annotations
 
+import gc
 import weakref
 from collections.abc import Callable
 from types import ModuleType
@@ -126,6 +128,33 @@ def _accumulates(weight: Tensor) -> bool:
         return bool(will_execute(edge(weight).node))
     except RuntimeError:  # torch.autograd.grad capturing this leaf's gradient
         return False
+
+
+# the BackwardUpdates not removed (each lives as long as its optimizer, whose hooks hold it)
+_LIVE: weakref.WeakSet[BackwardUpdate] = weakref.WeakSet()
+
+
+def _owner(weights: dict[int, Tensor]) -> BackwardUpdate | None:
+    """A live, not removed BackwardUpdate that already updates one of ``weights``."""
+    for handle in list(_LIVE):
+        if handle._hooks and any(handle._weights.get(k) is w for k, w in weights.items()):
+            return handle
+    return None
+
+
+def _refuse_a_second_owner(weights: dict[int, Tensor]) -> None:
+    """Refuse weights that another optimizer's update already steps in their backward: the
+    newest would win silently, and the older optimizer would apply the newer one's step. An
+    optimizer dropped but not yet collected (a notebook cell run again) is collected first."""
+    if _owner(weights) is None:
+        return
+    gc.collect()  # the optimizer and its update hold each other: only the collector frees them
+    other = _owner(weights)
+    if other is not None:
+        raise ValueError(
+            f"these weights are already updated in the backward by {other!r} on another "
+            "optimizer (or an earlier call on this one); call remove() on it first"
+        )
 
 
 def _processes() -> int:
@@ -193,6 +222,7 @@ class BackwardUpdate:
             raise ValueError(
                 "no float32/float64 Scaled-WS conv weight of the model is in the optimizer"
             )
+        _refuse_a_second_owner(self._weights)
         self._updated: set[int] = set()  # weights updated since the last optimizer step
         self._where: dict[int, tuple[int, int]] = {}  # id(weight) → (group, place) last found
         self._hooks = [
@@ -202,6 +232,7 @@ class BackwardUpdate:
         ]
         for weight in self._weights.values():
             set_backward_update(weight, self._updater(weight))
+        _LIVE.add(self)
 
     def __repr__(self) -> str:
         return f"BackwardUpdate({len(self.weights)} weights, agc={self.agc is not None})"
