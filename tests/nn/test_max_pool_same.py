@@ -53,6 +53,16 @@ def test_traces_as_one_fx_leaf() -> None:
     assert torch.equal(gm(x), reference(x, 3, 2))
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace is deprecated
+@pytest.mark.parametrize("size", [9, 10])
+def test_jit_trace_gives_the_padded_reference(size: int) -> None:
+    """Under ``torch.jit.trace`` the sizes are tensors, which ``ceil_mode`` cannot take: the
+    trace used to fail with "argument 'ceil_mode' must be bool, not Tensor"."""
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    traced = torch.jit.trace(MaxPoolSame(), (x,), check_trace=False)
+    assert torch.equal(traced(x), reference(x, 3, 2))
+
+
 # --- the channels-last CPU form (max_pool2d) against PyTorch's plain NCHW pool ---------------
 
 POOLS = [(3, 2, (0, 0), True), (3, 2, (1, 1), False), (2, 2, (0, 0), False), (3, 1, (1, 0), False)]

@@ -81,6 +81,25 @@ def test_quantiles_buffer_is_non_persistent_and_float32() -> None:
     assert torch.equal(m.quantiles, exact)  # recomputed in float64, not upcast from float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_meta_device_then_to_empty_recomputes_quantiles(dtype: torch.dtype) -> None:
+    """``to_empty`` leaves uninitialised memory in every buffer; the non-persistent quadrature
+    nodes are neither reset by ``reset_parameters`` nor loaded by ``load_state_dict``, so the
+    module must recompute them itself (it gave NaN outputs)."""
+    torch.manual_seed(0)
+    ref = ProxyNormActivation(4, "silu").to(dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    with torch.device("meta"):
+        m = ProxyNormActivation(4, "silu").to(dtype)
+    m.to_empty(device="cpu")
+    m.load_state_dict(ref.state_dict())
+    assert torch.equal(m.quantiles, ref.quantiles)
+    x = torch.randn(2, 4, 3, 3, dtype=dtype)
+    torch.testing.assert_close(m(x), ref(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["relu", "silu"])
 def test_proxy_moments_check_values(name: str) -> None:
     mean, var = ProxyNormActivation(4, name).proxy_moments()

@@ -71,6 +71,17 @@ def test_squeeze_excite_matches_manual_formula() -> None:
         SqueezeExcite(8, 0)
 
 
+def test_squeeze_excite_fx_trace_runs_with_and_without_out_gain() -> None:
+    """A ``torch.fx`` trace of the module alone makes ``out_gain`` an input; the traced graph
+    used to multiply by it unconditionally and fail on ``se(x)`` (None)."""
+    torch.manual_seed(0)
+    se = SqueezeExcite(8, 4)
+    gm = torch.fx.symbolic_trace(se)
+    x, gain = torch.randn(2, 8, 5, 5), torch.tensor(0.3)
+    torch.testing.assert_close(gm(x), se(x), rtol=0, atol=0)
+    torch.testing.assert_close(gm(x, gain), se(x, gain), rtol=0, atol=0)
+
+
 def test_expected_variance_resets_after_transitions() -> None:
     alpha = 0.2
     ev = ExpectedVariance(alpha)

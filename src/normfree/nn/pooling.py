@@ -63,7 +63,8 @@ def max_pool2d_same(x: torch.Tensor, kernel_size: int, stride: int) -> torch.Ten
     ``before`` plus ``ceil_mode`` (a last window that runs past the edge) covers the same
     windows, so the pool runs on ``x`` itself instead of on a ``-inf``-padded copy (one
     activation-sized write and its backward saved in the ResNet stem). Where it cannot express
-    the amounts, the explicit pad runs."""
+    the amounts, and under ``torch.jit.trace`` (whose sizes are tensors, which ``ceil_mode``
+    cannot take), the explicit pad runs."""
     k, s = kernel_size, stride
     h, w = x.shape[-2], x.shape[-1]
     top, bottom = same_padding_amounts(h, k, s)
@@ -71,7 +72,8 @@ def max_pool2d_same(x: torch.Tensor, kernel_size: int, stride: int) -> torch.Ten
     ceil_mode = bottom > top or right > left
     expected = ((h + s - 1) // s, (w + s - 1) // s)
     if (
-        bottom >= top
+        not torch.jit.is_tracing()
+        and bottom >= top
         and right >= left
         and 2 * max(top, left) <= k
         and _pool_out_size(h, k, s, top, ceil_mode) == expected[0]

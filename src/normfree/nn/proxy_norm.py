@@ -232,12 +232,17 @@ class ProxyNormActivation(nn.Module):
             self.proxy_bias.zero_()
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        # Casting the module recomputes the quadrature nodes: float64 nodes at full precision
-        # for float64 modules, float32 (never half precision) otherwise.
+        # Every conversion recomputes the quadrature nodes: float64 nodes at full precision for
+        # float64 modules, float32 (never half precision) otherwise. Also when the dtype stays:
+        # ``to_empty`` (meta-device initialisation) leaves uninitialised memory, which neither
+        # ``reset_parameters`` nor ``load_state_dict`` (the buffer is not persistent) restores.
         super()._apply(fn, recurse)
-        if self.quantiles.dtype != torch.float32:
-            dtype = torch.float64 if self.quantiles.dtype == torch.float64 else torch.float32
-            q = midpoint_normal_quantiles(self.num_quantiles, dtype, self.quantiles.device)
+        dtype = torch.float64 if self.quantiles.dtype == torch.float64 else torch.float32
+        q = midpoint_normal_quantiles(self.num_quantiles, dtype, self.quantiles.device)
+        if self.quantiles.dtype == dtype:
+            with torch.no_grad():  # in place: keeps shared memory (``share_memory``)
+                self.quantiles.copy_(q)
+        else:
             self.register_buffer("quantiles", q, persistent=False)
         return self
 

@@ -189,10 +189,17 @@ class SqueezeExcite(nn.Module):
         α times a skip gain) multiplies the small gate instead of the output."""
         s = x.mean(dim=(2, 3), keepdim=True)
         s = self.fc2(self.act(self.fc1(s)))
-        gate = torch.sigmoid(s) * self.gate_gain
-        if out_gain is not None:
-            gate = gate * out_gain
+        gate = _times_gain(torch.sigmoid(s) * self.gate_gain, out_gain)
         return x * gate
+
+
+def _times_gain(gate: torch.Tensor, out_gain: torch.Tensor | None) -> torch.Tensor:
+    """``gate·out_gain``, or ``gate`` when ``out_gain`` is None. A leaf of ``torch.fx`` traces:
+    a trace of :class:`SqueezeExcite` alone makes ``out_gain`` an input that may be None."""
+    return gate if out_gain is None else gate * out_gain
+
+
+torch.fx.wrap("_times_gain")
 
 
 class ExpectedVariance:

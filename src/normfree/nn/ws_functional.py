@@ -23,7 +23,6 @@ from types import ModuleType
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from normfree.nn import native
 from normfree.nn.eager_forms import has_tangent, under_functorch, untransformed
@@ -81,25 +80,47 @@ def _analytic_backward(
     return grad_weight, grad_gain
 
 
+def _differentiable_backward(
+    grad_out: Tensor, weight: Tensor, gain: Tensor | None, eps: float, gamma: float,
+    needs_weight: bool, needs_gain: bool,
+) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+    """The gradients of :func:`_analytic_backward` for a backward with ``create_graph=True``
+    (a gradient penalty over the weights, a Hessian-vector product): the formula recomputed
+    from the Function's inputs, so the gradients are differentiable ops of ``weight``,
+    ``gain`` and ``grad_out`` and autograd takes their derivatives. The Functions' fast
+    backwards read statistics saved without a graph; under ``once_differentiable`` a
+    ``torch.autograd.grad`` over the weights got no second derivative (None, or "not used in
+    the graph") instead of an error."""
+    _, centered, rstd, scale, floored = _scaled_standardize_parts(weight, gain, eps, gamma)
+    grad_out = grad_out.to(centered.dtype)  # a bfloat16 Ŵ's gradient (native ``bf16_out``)
+    return _analytic_backward(
+        grad_out, centered, rstd, scale, floored, gamma, needs_weight, needs_gain
+    )
+
+
 class _ScaledStandardize(torch.autograd.Function):
     """Scaled WS with an analytic backward (fewer passes over the weight than autograd's).
 
     With c = W − μ, r = rsqrt(max(Σc², eps)), a = gain·γ·r and upstream gradient δ (per unit):
     ``∂L/∂W = a·(δ − mean(δ)) − a·r²·(Σδc)·c`` (the last term vanishes where the floor is
-    active) and ``∂L/∂gain = γ·r·Σδc``. First-order only (``once_differentiable``).
+    active) and ``∂L/∂gain = γ·r·Σδc``. A backward with ``create_graph=True`` recomputes
+    the formula (:func:`_differentiable_backward`), so double backward works.
     """
 
     @staticmethod
     def forward(ctx, weight: Tensor, gain: Tensor | None, eps: float, gamma: float) -> Tensor:
         out, centered, rstd, scale, floored = _scaled_standardize_parts(weight, gain, eps, gamma)
-        ctx.save_for_backward(centered, rstd, scale, floored)
-        ctx.gamma = gamma
+        ctx.save_for_backward(weight, gain, centered, rstd, scale, floored)
+        ctx.eps, ctx.gamma = eps, gamma
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        centered, rstd, scale, floored = ctx.saved_tensors
+        weight, gain, centered, rstd, scale, floored = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return *_differentiable_backward(
+                grad_out, weight, gain, ctx.eps, ctx.gamma, *ctx.needs_input_grad[:2]
+            ), None, None  # fmt: skip
         grad_weight, grad_gain = _analytic_backward(
             grad_out, centered, rstd, scale, floored, ctx.gamma, *ctx.needs_input_grad[:2]
         )
@@ -189,7 +210,9 @@ class _ScaledStandardizeNative(torch.autograd.Function):
     (:func:`normfree.nn.param_updates.set_backward_update`), applies that step to the weight's
     rows instead of writing its gradient. With ``bf16_out`` a float32 weight's Ŵ comes out as
     bfloat16 (:func:`scaled_standardize`'s ``out_dtype``), and the backward reads the bfloat16
-    gradient as it comes. First-order only."""
+    gradient as it comes. A backward with ``create_graph=True`` recomputes the formula
+    instead (:func:`_differentiable_backward`: double backward works; no backward update or
+    gradient norms then)."""
 
     @staticmethod
     def forward(
@@ -209,10 +232,13 @@ class _ScaledStandardizeNative(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         weight, gain, mean, n_var = ctx.saved_tensors
         needs_weight, needs_gain = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph=True
+            return *_differentiable_backward(
+                grad_out, weight, gain, ctx.eps, ctx.gamma, needs_weight, needs_gain
+            ), None, None, None  # fmt: skip
         rows = weight.reshape(weight.shape[0], -1).contiguous()
         grad_rows = grad_out.reshape(rows.shape).contiguous()
         update = backward_update(weight) if needs_weight else None
@@ -270,22 +296,27 @@ class _ScaledStandardizeDevice(torch.autograd.Function):
     ``Σδ·x̂`` (the gain's gradient) on the way; then for the units under the floor
     (``N·var < eps``), where that last term vanishes, the term added back,
     ``a·(Σδx̂)/eps·c`` (there ``r² = N/eps``), with a coefficient that is zero for every other
-    unit, so that nothing asks the host which units are floored. First-order only."""
+    unit, so that nothing asks the host which units are floored. A backward with
+    ``create_graph=True`` recomputes the formula instead (:func:`_differentiable_backward`:
+    double backward works)."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, gain: Tensor | None, eps: float, gamma: float) -> Tensor:
         out, mean, var, floored_var, affine = _device_parts(weight, gain, eps, gamma)
         if isinstance(weight, nn.Parameter):
             remember_unit_stats(weight, mean, var=var)
-        ctx.save_for_backward(weight, mean, var, floored_var.rsqrt(), affine)
+        ctx.save_for_backward(weight, gain, mean, var, floored_var.rsqrt(), affine)
         ctx.eps, ctx.gamma = eps, gamma
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        weight, mean, var, inv_std, affine = ctx.saved_tensors
+        weight, gain, mean, var, inv_std, affine = ctx.saved_tensors
         needs_weight, needs_gain = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph=True
+            return *_differentiable_backward(
+                grad_out, weight, gain, ctx.eps, ctx.gamma, needs_weight, needs_gain
+            ), None, None  # fmt: skip
         rows = weight.reshape(1, weight.shape[0], -1)
         # dot = Σδ·x̂ per unit, x̂ = (W − μ)·rsqrt(max(var, eps/N)); always wanted (the floor)
         grad_rows, dot, _ = torch.ops.aten.native_batch_norm_backward(
@@ -348,10 +379,11 @@ def scaled_standardize(
     train and eval alike): one fused kernel forward, group norm's fused backward through
     autograd (double backward works). Where a unit's N·var is below ``eps``, and under
     tracing / ``torch.compile`` / devices other than CPU and CUDA, an analytic backward is
-    used when a gradient is needed (first-order only; double backward raises). In eager mode
+    used when a gradient is needed. In eager mode
     on CUDA it is batch normalization's inference kernel with the statistics of one
     ``var_mean``, the floor applied on the device (:class:`_ScaledStandardizeDevice`, no host
-    synchronisation, first-order only). With the optional
+    synchronisation). These analytic backwards recompute the formula when differentiated
+    twice (``create_graph=True``): double backward works on every path. With the optional
     native kernels switched on (:mod:`normfree.nn.native`), eager CPU float32/float64 weights
     run the C++ forward and analytic backward instead (:class:`_ScaledStandardizeNative`).
 
