@@ -53,11 +53,12 @@ def test_traces_as_one_fx_leaf() -> None:
     assert torch.equal(gm(x), reference(x, 3, 2))
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace is deprecated
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("size", [9, 10])
 def test_jit_trace_gives_the_padded_reference(size: int) -> None:
     """Under ``torch.jit.trace`` the sizes are tensors, which ``ceil_mode`` cannot take: the
-    trace used to fail with "argument 'ceil_mode' must be bool, not Tensor"."""
+    trace used to fail with "argument 'ceil_mode' must be bool, not Tensor". (A trace keeps
+    the padding of the size it was traced at, as PyTorch's TracerWarning says.)"""
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
     traced = torch.jit.trace(MaxPoolSame(), (x,), check_trace=False)
     assert torch.equal(traced(x), reference(x, 3, 2))
