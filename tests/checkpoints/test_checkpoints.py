@@ -265,3 +265,28 @@ def test_corrupt_or_malformed_haiku_files_raise_checkpoint_errors(tmp_path: Path
     flat.write_bytes(flat.read_bytes()[:40] + b"\0" * 16 + flat.read_bytes()[40:])
     with pytest.raises(CheckpointError, match=r"cannot read \.npz archive"):
         load_pretrained(model, flat)
+
+
+def test_pretrained_rgb_weights_adapt_to_other_input_channels_by_timms_rule(
+    tmp_path: Path,
+) -> None:
+    """``pretrained=True, in_chans=1`` was a shape-mismatch error; timm sums the RGB filters of
+    the first conv (one channel) or repeats them scaled by 3/in_chans."""
+    from normfree.checkpoints import adapt_input_conv
+
+    src = normfree.create_model("nf_resnet_cifar20", num_classes=10)
+    path = tmp_path / "rgb.safetensors"
+    save_model(src, path)
+    rgb = src.stem.conv.weight.detach()
+    for in_chans, expected in ((1, rgb.sum(1, keepdim=True)),
+                               (4, torch.cat([rgb, rgb[:, :1]], 1) * 0.75)):  # fmt: skip
+        model = normfree.create_model("nf_resnet_cifar20", pretrained=True, in_chans=in_chans,
+                                      pretrained_cfg_overlay={"file": str(path)})  # fmt: skip
+        assert torch.equal(model.stem.conv.weight, expected)
+        assert torch.equal(adapt_input_conv(rgb, in_chans), expected)
+        mine = dict(model.state_dict())
+        for name, value in src.state_dict().items():
+            if name != "stem.conv.weight":
+                assert torch.equal(mine[name], value), name
+    with pytest.raises(ValueError, match="3 input channels"):
+        adapt_input_conv(torch.zeros(4, 2, 3, 3), 1)

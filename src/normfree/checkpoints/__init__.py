@@ -1,6 +1,6 @@
 """Checkpoint interop: normfree files, DeepMind's Haiku NFNet files and timm state dicts."""
 
-from normfree.checkpoints.api import load_pretrained, save_model
+from normfree.checkpoints.api import adapt_input_conv, load_pretrained, save_model
 from normfree.checkpoints.deepmind import (
     deepmind_to_normfree,
     normfree_to_deepmind,
@@ -20,6 +20,7 @@ __all__ = [
     "CheckpointMismatchError",
     "LoadReport",
     "UnsafePickleError",
+    "adapt_input_conv",
     "atomic_save",
     "atomic_write_bytes",
     "compare_state_dict",

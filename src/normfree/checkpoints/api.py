@@ -18,7 +18,7 @@ from normfree.checkpoints.io import atomic_save, load_tensors, save_safetensors
 from normfree.checkpoints.state_dict import LoadReport, load_state_dict_checked
 from normfree.checkpoints.timm import is_timm_state_dict, timm_to_normfree
 
-__all__ = ["CheckpointFormat", "load_pretrained", "save_model"]
+__all__ = ["CheckpointFormat", "adapt_input_conv", "load_pretrained", "save_model"]
 
 CheckpointFormat = Literal["auto", "normfree", "timm", "deepmind", "state_dict"]
 MODEL_FILE_FORMAT = "normfree.model"
@@ -35,6 +35,27 @@ def save_model(model: nn.Module, path: str | os.PathLike[str]) -> None:
     else:
         atomic_save({"format": MODEL_FILE_FORMAT, "version": 1, "model_name": name,
                      "state_dict": state}, path)
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A first conv's weight ``(out, 3, kh, kw)``, trained on RGB, for ``in_chans`` input
+    channels, by timm's rule (``timm.models.adapt_input_conv``, which ``pretrained=True`` applies
+    when ``in_chans != 3``): one channel gets the sum of the three; more get the three repeated
+    in turn and scaled by ``3/in_chans``. An input with the same value in every channel then
+    gives the same pre-activation as the RGB model on the gray image. For a Scaled-WS conv
+    (every normfree stem) the standardization then renormalises each unit of the new weight,
+    as it does in timm's NF ports."""
+    if weight.dim() != 4 or weight.shape[1] != 3:
+        raise ValueError(f"expected a conv weight with 3 input channels, got {tuple(weight.shape)}")
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+        raise ValueError(f"in_chans must be an int >= 1, got {in_chans!r}")
+    work = weight if weight.dtype == torch.float64 else weight.float()  # sums of half floats
+    if in_chans == 1:
+        adapted = work.sum(dim=1, keepdim=True)
+    else:
+        repeats = -(-in_chans // 3)
+        adapted = work.repeat(1, repeats, 1, 1)[:, :in_chans] * (3 / in_chans)
+    return adapted.to(weight.dtype)
 
 
 def _is_tensor_mapping(obj: Any) -> bool:
@@ -76,6 +97,7 @@ def load_pretrained(
     use_ema: bool = False,
     trust_pickle: bool = False,
     exclude: Collection[str] = (),
+    adapt_first_conv: str | None = None,
 ) -> LoadReport:
     """Load weights into ``model`` from a file.
 
@@ -92,6 +114,9 @@ def load_pretrained(
     and mis-shaped parameters and loads nothing, unless ``strict=False``. Names in ``exclude``
     (state-dict keys of ``model``, e.g. ``model.classifier_parameter_names()`` to fine-tune on
     other classes) are neither loaded nor compared: the model keeps its own.
+    ``adapt_first_conv`` names the state-dict key of the first conv's weight: where the file's
+    has 3 input channels and the model's another number, it is adapted by
+    :func:`adapt_input_conv` (``create_model(pretrained=True, in_chans=1)`` passes it, as timm).
     """
     if format not in typing.get_args(CheckpointFormat):
         raise ValueError(
@@ -106,9 +131,23 @@ def load_pretrained(
         state = dict(_extract_state_dict(load_tensors(path), use_ema, path))
         if format == "timm" or (format == "auto_torch" and is_timm_state_dict(state)):
             state = timm_to_normfree(state)
+    if adapt_first_conv is not None:
+        _adapt_first_conv(model, state, adapt_first_conv)
     return load_state_dict_checked(
         model, state, strict=strict, source=str(path), exclude=frozenset(exclude)
     )
+
+
+def _adapt_first_conv(model: nn.Module, state: dict[str, torch.Tensor], key: str) -> None:
+    """Adapt ``state[key]`` in place to the model's input channels (:func:`adapt_input_conv`)
+    where the file's has 3 and the model's another count; anything else is left to the
+    load's own shape check."""
+    own = model.state_dict().get(key)
+    theirs = state.get(key)
+    if own is None or theirs is None or own.dim() != 4 or theirs.dim() != 4:
+        return
+    if theirs.shape[1] == 3 and own.shape[1] != 3 and own.shape[0] == theirs.shape[0]:
+        state[key] = adapt_input_conv(theirs, int(own.shape[1]))
 
 
 def _detect(path: Path) -> str:

@@ -144,8 +144,10 @@ def _load_pretrained(model: NormFreeModel, cfg: dict[str, Any]) -> None:
     if not _WEIGHTS_LOADER:  # pragma: no cover - installed whenever normfree is imported
         raise RuntimeError("no weights loader installed: import normfree first")
     # DeepMind's official files are pickles: read only on the cfg's explicit opt-in
-    trust = {"trust_pickle": True} if cfg.get("trust_pickle") is True else {}
-    _WEIGHTS_LOADER[0](model, str(file), **trust)
+    options: dict[str, Any] = {"trust_pickle": True} if cfg.get("trust_pickle") is True else {}
+    if model.in_chans != 3 and cfg.get("first_conv"):  # timm's rule for RGB weights
+        options["adapt_first_conv"] = f"{cfg['first_conv']}.weight"
+    _WEIGHTS_LOADER[0](model, str(file), **options)
 
 
 def create_model(
