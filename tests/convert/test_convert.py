@@ -79,11 +79,11 @@ def test_bn_free_resnet18_equals_eval_outputs_and_is_batch_independent(resnet18)
     resnet18.train()
     assert _batch_dependence(resnet18, x, chunk=2) > 1e-2  # sanity: the check can fail
     resnet18.eval()
-    # AGC groups: the classifier (last Linear) is found and its weight is not clipped
+    # AGC groups: the classifier (last Linear) is found and not clipped
     assert c.classifier_parameter_names() == ["net.fc.weight", "net.fc.bias"]
     groups = build_param_groups(c, lr=0.1, weight_decay=1e-4, clipping=0.01)
     unclipped = {n for g in groups if g["clipping"] is None for n in g["param_names"]}
-    assert unclipped == {"net.fc.weight"}
+    assert unclipped == {"net.fc.weight", "net.fc.bias"}
 
 
 def test_bn_free_mobilenet_v2_and_timm_resnet_exact():

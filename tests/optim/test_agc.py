@@ -268,7 +268,7 @@ def test_hook_with_adamw() -> None:
     opt_a = with_agc(torch.optim.AdamW(a.parameters(), lr=1e-2), model=a)
     opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2)
     opt_a.step()
-    adaptive_clip_grad_(p for n, p in b.named_parameters() if n != "fc.weight")  # bias clipped
+    adaptive_clip_grad_(p for n, p in b.named_parameters() if not n.startswith("fc."))
     opt_b.step()
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
@@ -277,7 +277,7 @@ def test_hook_with_adamw() -> None:
 @pytest.mark.parametrize(
     ("exclude", "excluded"),
     [
-        (None, {"fc.weight"}),  # the declared classifier's weight; its bias is clipped
+        (None, {"fc.weight", "fc.bias"}),  # the model's declared classifier
         ((), set()),
         ("fc.weight", {"fc.weight"}),
         (["conv*", "gain"], {"conv.weight", "conv.bias", "conv3d.weight", "gain"}),
@@ -455,7 +455,7 @@ def test_grad_scaler_clips_unscaled_gradients() -> None:
     b(x).square().mean().backward()
     with torch.no_grad():
         for n, p in b.named_parameters():
-            if p.grad is not None and n != "fc.weight":
+            if p.grad is not None and not n.startswith("fc."):
                 p.grad.copy_(reference_agc(p, p.grad))
     opt_b.step()
     for pa, pb in zip(a.parameters(), b.parameters()):
@@ -637,14 +637,19 @@ def test_a_model_given_for_its_parameters_is_a_clear_error() -> None:
         adaptive_clip_grad_(nn.Linear(2, 2))
 
 
-def test_by_default_only_the_classifier_weight_goes_unclipped() -> None:
-    """The official NFNet split (DeepMind experiment_nfnets.py): the final linear weight has
-    clipping None, its bias is clipped with the gains and biases."""
-    from normfree.optim import unclipped_by_default
+def test_the_classifier_left_unclipped_the_papers_way_or_the_official_codes() -> None:
+    """False: the whole final layer (the paper, timm); "bias": only its weight, its bias
+    clipped with the gains and biases (DeepMind experiment_nfnets.py); True: nothing."""
+    from normfree.optim import unclipped_classifier
 
-    assert unclipped_by_default(TinyNet()) == ["fc.weight"]
-    assert unclipped_by_default(PlainNet()) == []  # declares no classifier
+    assert unclipped_classifier(TinyNet()) == ["fc.weight", "fc.bias"]
+    assert unclipped_classifier(TinyNet(), "bias") == ["fc.weight"]
+    assert unclipped_classifier(TinyNet(), True) == []
+    assert unclipped_classifier(PlainNet(), "bias") == []  # declares no classifier
     nfnet = normfree.create_model("nfnet_f0", depths=(1, 1, 1, 1), widths=(16, 16, 16, 16),
                                   group_size=8, num_classes=3)  # fmt: skip
-    assert unclipped_by_default(nfnet) == ["head.fc.weight"]
-    assert unclipped_by_default(normfree.create_model("nf_resnet_cifar20", num_classes=0)) == []
+    assert unclipped_classifier(nfnet, "bias") == ["head.fc.weight"]
+    headless = normfree.create_model("nf_resnet_cifar20", num_classes=0)
+    assert unclipped_classifier(headless) == []
+    with pytest.raises(ValueError, match="clip_classifier must be False, True or 'bias'"):
+        unclipped_classifier(nfnet, "weight")  # type: ignore[arg-type]

@@ -19,12 +19,10 @@ def test_nf_resnet_groups_exact_membership() -> None:
     groups = _by_name(build_param_groups(model, lr=0.4, weight_decay=2e-5, clipping=0.01))
     named = dict(model.named_parameters())
     scalars_vectors = {n for n, p in named.items() if p.ndim <= 1}
-    # the official NFNet split: only the classifier's weight goes unclipped, its bias is
-    # clipped with the gains and biases (DeepMind experiment_nfnets.py)
-    assert set(groups) == {"decay", "no_decay", "decay_noclip"}
+    assert set(groups) == {"decay", "no_decay", "decay_noclip", "no_decay_noclip"}
     assert set(groups["decay_noclip"]["param_names"]) == {"head.fc.weight"}
-    assert set(groups["no_decay"]["param_names"]) == scalars_vectors
-    assert "head.fc.bias" in scalars_vectors
+    assert set(groups["no_decay_noclip"]["param_names"]) == {"head.fc.bias"}
+    assert set(groups["no_decay"]["param_names"]) == scalars_vectors - {"head.fc.bias"}
     assert set(groups["decay"]["param_names"]) == set(named) - scalars_vectors - {"head.fc.weight"}
     # every skip gain and WS gain/bias is in the no-decay group, every conv kernel decays
     assert any(n.endswith("skip_gain.gain") for n in groups["no_decay"]["param_names"])
@@ -84,3 +82,19 @@ def test_one_extra_name_is_a_name_not_its_characters() -> None:
     ]
     undecayed = [p for g in groups if g["weight_decay"] == 0 for p in g["params"]]
     assert any(p is model.stem.conv.weight for p in undecayed)
+
+
+def test_the_official_split_clips_the_classifier_bias_with_the_biases() -> None:
+    """clip_classifier="bias": DeepMind's experiment_nfnets.py leaves only the final linear
+    weight unclipped; its bias falls in the gains-and-biases group (the nfnet_imagenet
+    recipe)."""
+    model = normfree.create_model("nf_resnet_cifar20", num_classes=10)
+    scalars_vectors = {n for n, p in model.named_parameters() if p.ndim <= 1}
+    official = _by_name(build_param_groups(model, lr=0.4, weight_decay=2e-5, clipping=0.01,
+                                           clip_classifier="bias"))  # fmt: skip
+    assert set(official) == {"decay", "no_decay", "decay_noclip"}
+    assert set(official["decay_noclip"]["param_names"]) == {"head.fc.weight"}
+    assert set(official["no_decay"]["param_names"]) == scalars_vectors
+    clipped = _by_name(build_param_groups(model, lr=0.4, weight_decay=0.0, clipping=0.01,
+                                          clip_classifier=True))  # fmt: skip
+    assert all(g["clipping"] == 0.01 for g in clipped.values())

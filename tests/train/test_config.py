@@ -120,6 +120,14 @@ def test_bad_overrides_name_the_key(override: str, key: str) -> None:
         resolve_config(overrides=[override])
 
 
+def test_the_nfnet_recipe_clips_the_classifier_bias_as_the_official_code() -> None:
+    assert resolve_config("nfnet_imagenet").optim.clip_classifier == "bias"
+    assert resolve_config("digits").optim.clip_classifier is False  # the paper's reading
+    assert resolve_config(overrides=["optim.clip_classifier=true"]).optim.clip_classifier is True
+    with pytest.raises(ConfigError, match=r"optim\.clip_classifier"):
+        resolve_config(overrides=["optim.clip_classifier=weight"])
+
+
 def test_threads_above_the_core_count_are_refused() -> None:
     """train.threads=100000 crashed the OpenMP runtime (a segmentation fault) at the start."""
     import os

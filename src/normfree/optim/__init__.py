@@ -6,7 +6,7 @@ from normfree.optim.agc import (
     AGC,
     adaptive_clip_grad_,
     attach_agc,
-    unclipped_by_default,
+    unclipped_classifier,
     unitwise_norm,
 )
 from normfree.optim.backward_update import BackwardUpdate, update_in_backward
@@ -41,7 +41,7 @@ __all__: list[str] = [
     "lr_factor",
     "project_zero_mean_",
     "scaled_peak_lr",
-    "unclipped_by_default",
+    "unclipped_classifier",
     "unitwise_norm",
     "update_in_backward",
     "warmup_cosine_lr",

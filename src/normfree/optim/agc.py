@@ -12,8 +12,8 @@ a tensor with ``ndim ≤ 1`` (gains, biases, scalars) is a single unit, as in th
 
 :func:`adaptive_clip_grad_` is the functional form; :func:`attach_agc` (or :class:`AGC`) attaches
 the clipping to any optimizer through its public step pre-hook, excludes parameters by name,
-pattern or predicate (by default the weight of a normfree model's final linear layer,
-:func:`unclipped_by_default`) and supports per-group clipping values.
+pattern or predicate (by default a normfree model's final linear layer,
+:func:`unclipped_classifier`) and supports per-group clipping values.
 Norms are computed in float32 (float64 for float64 tensors), so bf16/fp16 gradients are handled.
 With ``GradScaler``, the functional form is called after ``scaler.unscale_``; the attached form
 is right either way: ``scaler.step(optimizer)`` unscales before the step of an ordinary
@@ -30,7 +30,7 @@ import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ from torch.optim import Optimizer
 from normfree.nn.unit_norms import unit_grad_norms_from_backward, unit_norms_from_forward
 from normfree.optim.hooks import before_step_hook, record_attached
 
-__all__ = ["AGC", "adaptive_clip_grad_", "attach_agc", "unclipped_by_default", "unitwise_norm"]
+__all__ = ["AGC", "adaptive_clip_grad_", "attach_agc", "unclipped_classifier", "unitwise_norm"]
 
 _MIN_GRAD_NORM = 1e-6  # denominator floor of the official code
 
@@ -242,27 +242,40 @@ def adaptive_clip_grad_(
         _adaptive_clip_grad(params, clipping, eps)
 
 
-def unclipped_by_default(model: nn.Module) -> list[str]:
-    """The parameters AGC leaves alone unless told otherwise: the weight of the final linear
-    layer, i.e. the entries of ``model.classifier_parameter_names()`` with two or more
-    dimensions (none when the model declares no classifier).
+ClassifierClipping = bool | Literal["bias"]
 
-    This is the official NFNet code's split (DeepMind ``experiment_nfnets.py``): the classifier
-    weight is the one group with ``clipping: None``, after the paper's "it is always better
-    not to clip the final linear layer" (Brock et al. 2021b, §4.1), while the classifier's
-    bias falls in the gains-and-biases group and is clipped like every other bias (timm's
-    ports skip both, by position)."""
+
+def unclipped_classifier(
+    model: nn.Module, clip_classifier: ClassifierClipping = False
+) -> list[str]:
+    """The classifier parameters AGC leaves alone, of ``model.classifier_parameter_names()``
+    (none when the model declares no classifier):
+
+    * ``False`` (the default): the whole final linear layer, after the paper's "it is always
+      better not to clip the final linear layer" (Brock et al. 2021b, §4.1), as timm's ports;
+    * ``"bias"``: only its weight, as DeepMind's ``experiment_nfnets.py`` (its bias falls in
+      the gains-and-biases group, clipped at λ; the ``nfnet_imagenet`` recipe's choice);
+    * ``True``: nothing (the classifier is clipped like every other layer).
+
+    The choice matters at small learning rates: with the bias clipped, a zero-initialised
+    bias moves by at most ``lr·λ·ε`` per step. NF-ResNet-20 of the small-batch experiment
+    lost 6 points at batch 4 (docs/experiments.md)."""
+    if clip_classifier not in (False, True, "bias"):
+        raise ValueError(f"clip_classifier must be False, True or 'bias', got {clip_classifier!r}")
     declared = getattr(model, "classifier_parameter_names", None)
-    if declared is None:
+    if declared is None or clip_classifier is True:
         return []
+    names = list(declared())
+    if clip_classifier is False:
+        return names
     params = dict(model.named_parameters(remove_duplicate=False))
-    return [name for name in declared() if name in params and params[name].ndim >= 2]
+    return [name for name in names if name in params and params[name].ndim >= 2]
 
 
 def _resolve_exclusions(model: nn.Module | None, exclude: ExcludeSpec) -> list[str]:
     """Names of the parameters of ``model`` that ``exclude`` selects (see :class:`AGC`)."""
     if exclude is None:
-        return [] if model is None else unclipped_by_default(model)
+        return [] if model is None else unclipped_classifier(model)
     if callable(exclude):
         if model is None:
             raise ValueError("an exclude predicate needs model= to name the parameters")
@@ -310,11 +323,11 @@ class AGC:
         eps: ε, the floor of the parameter norm.
         exclude: parameters never clipped, resolved once with ``model.named_parameters()``:
             names / ``fnmatch`` patterns (each must match something) or a predicate
-            ``(name, param) -> bool``. ``None`` excludes the classifier's weight
-            (:func:`unclipped_by_default`: the official NFNet code's choice, its bias clipped)
-            when the model declares its classifier (normfree models do), otherwise nothing.
-            Pass ``()`` to clip everything, ``model.classifier_parameter_names()`` to leave
-            the whole final layer alone (as timm's ports do).
+            ``(name, param) -> bool``. ``None`` excludes ``model.classifier_parameter_names()``
+            when the model declares it (normfree models do; the paper never clips the final
+            linear layer), otherwise nothing. Pass ``()`` to clip everything, or
+            ``unclipped_classifier(model, "bias")`` to clip the classifier's bias as DeepMind's
+            code does.
         model: the module owning the parameters (needed for exclusion by name).
     """
 

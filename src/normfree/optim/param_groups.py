@@ -7,9 +7,10 @@ the :class:`~normfree.models.NormFreeModel` contract:
 
 * ``model.no_weight_decay_names()`` – parameters that take no weight decay (gains, biases,
   scalars);
-* ``model.classifier_parameter_names()`` – the final linear layer, whose weight AGC leaves
-  alone ("it is always better not to clip the final linear layer", Brock et al. 2021b §4.1);
-  its bias is clipped as in the official code (:func:`normfree.optim.agc.unclipped_by_default`);
+* ``model.classifier_parameter_names()`` – the final linear layer, which AGC leaves alone
+  ("it is always better not to clip the final linear layer", Brock et al. 2021b §4.1);
+  ``clip_classifier="bias"`` clips its bias as the official code does
+  (:func:`normfree.optim.agc.unclipped_classifier`);
 * ``model.lr_scale(name)`` – per-parameter learning-rate multipliers (Fixup's scalar biases and
   multipliers at lr/10, Zhang et al. 2019 §3);
 * ``model.meta.recipe["agc"]`` – False for BatchNorm baselines (no clipping anywhere).
@@ -26,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from normfree.optim.agc import unclipped_by_default
+from normfree.optim.agc import ClassifierClipping, unclipped_classifier
 
 __all__ = ["build_param_groups", "describe_param_groups"]
 
@@ -50,7 +51,7 @@ def build_param_groups(
     weight_decay: float,
     clipping: float | None = 0.01,
     *,
-    clip_classifier: bool = False,
+    clip_classifier: ClassifierClipping = False,
     extra_no_weight_decay: Iterable[str] = (),
     lr_scale: Callable[[str], float] | None = None,
 ) -> list[dict[str, Any]]:
@@ -63,8 +64,8 @@ def build_param_groups(
         weight_decay: decay for the parameters not in ``no_weight_decay_names()``.
         clipping: AGC λ for the clipped groups, ``None`` to disable AGC everywhere. A model whose
             ``meta.recipe["agc"]`` is False (BN baselines) is never clipped.
-        clip_classifier: also clip the classifier's weight (the paper advises against it; its
-            bias is clipped either way, as in the official code).
+        clip_classifier: ``False``: the classifier is not clipped (the paper); ``"bias"``: its
+            bias is, its weight not (DeepMind's code); ``True``: both are.
         extra_no_weight_decay: further parameter names to exclude from weight decay.
         lr_scale: per-parameter lr multiplier ``name -> float``; default ``model.lr_scale``
             when the model declares it, else 1 (e.g. :func:`normfree.nn.fixup_lr_scale` for a
@@ -91,7 +92,7 @@ def build_param_groups(
         raise ValueError(f"extra_no_weight_decay names unknown parameters: {sorted(extra - names)}")
     no_decay |= extra
     _declared(model, "classifier_parameter_names", names)  # checks what the model declares
-    unclipped = set(unclipped_by_default(model))
+    unclipped = set(unclipped_classifier(model, clip_classifier))
     meta = getattr(model, "meta", None)
     recipe = getattr(meta, "recipe", {}) or {}
     if not recipe.get("agc", True):
@@ -104,7 +105,7 @@ def build_param_groups(
         scale = float(lr_scale_fn(name)) if lr_scale_fn is not None else 1.0
         if scale <= 0:
             raise ValueError(f"model.lr_scale({name!r}) must be positive, got {scale}")
-        clip = None if clipping is None or (name in unclipped and not clip_classifier) else clipping
+        clip = None if clipping is None or name in unclipped else clipping
         key = (decay, scale, clip)
         if key not in groups:
             label = ("decay" if decay else "no_decay") + ("" if clip is not None else "_noclip")

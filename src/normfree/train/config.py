@@ -114,9 +114,9 @@ class OptimConfig:
     agc: bool | None = _f(None, "Adaptive Gradient Clipping (null: the model's recipe, default on)")
     clipping: float = _f(0.01, "AGC λ (max ‖G‖/‖W‖ per unit)")
     agc_eps: float = _f(1e-3, "AGC ε (floor of ‖W‖)")
-    clip_classifier: bool = _f(
-        False, "also clip the final classifier's weight (the official code does not; its bias "
-        "is clipped either way)"
+    clip_classifier: bool | Literal["bias"] = _f(
+        False, "clip the final classifier with AGC: false (the paper), bias (only its bias, as "
+        "DeepMind's code and the nfnet_imagenet recipe) or true (weight and bias)"
     )
     msr: bool | None = _f(
         None, "Mean Shift Rejection: keep conv kernels zero-mean (null: the model's recipe)"
