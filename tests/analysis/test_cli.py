@@ -124,9 +124,15 @@ def test_an_input_too_large_to_allocate_is_one_line(monkeypatch, capsys, command
     assert err.startswith("error: out of memory (298.0 GiB asked for)") and "--image-size" in err
 
 
-def test_a_folder_given_as_a_model_says_so(tmp_path, capsys) -> None:
+def test_a_folder_given_as_a_model_says_so(tmp_path, capsys, monkeypatch) -> None:
     """A directory where a model file is expected was reported as an unknown model name."""
     assert main(["spp", str(tmp_path), "--image-size", "8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"error: {tmp_path} is a folder: give a model file in it (a run folder's "
                    "best.pt or last.pt), or a model NAME")  # fmt: skip
+    (tmp_path / "r3").mkdir()  # a bare folder name is a model name first, then a hint
+    monkeypatch.chdir(tmp_path)
+    assert main(["spp", "r3", "--image-size", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown model 'r3'") and err.count("\n") == 0
+    assert "'r3' is a folder here: give a model file in it (r3/best.pt or r3/last.pt" in err

@@ -141,9 +141,18 @@ def model_from_spec(
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name!r} returned {type(model).__name__}, not an nn.Module")
         return model
-    from normfree.models import create_model
+    from normfree.models import UnknownModelError, create_model
 
-    return create_model(name, **kwargs)
+    try:
+        return create_model(name, **kwargs)
+    except UnknownModelError as e:
+        if not Path(spec).is_dir():
+            raise
+        raise ValueError(
+            f"{str(e.args[0] if e.args else e).rstrip('.')}; {spec!r} is a folder here: give a "
+            "model file in it "
+            f"({Path(spec) / 'best.pt'} or {Path(spec) / 'last.pt'} of a run folder)"
+        ) from None
 
 
 LARGEST_RECORDED_SIDE = 4096  # an input size read from a file beyond this is not taken on trust
