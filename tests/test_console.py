@@ -22,6 +22,9 @@ def test_a_worker_traceback_gives_its_message_without_the_exception_path() -> No
     assert error_line(ValueError(short)) == message
     plain = "Traceback (most recent call last):\n  ...\nstill: a message with a colon"
     assert error_line(RuntimeError(plain)) == "still: a message with a colon"  # no class: kept
+    key = "Traceback (most recent call last):\n  ...\nbuiltins.KeyError: 'label'"
+    assert error_line(RuntimeError(key)) == "KeyError: 'label'"  # a bare repr keeps its class
+    assert error_line(RuntimeError(key.replace(": 'label'", ":"))) == "KeyError"
 
 
 def test_out_of_memory_names_the_size_and_the_fix() -> None:

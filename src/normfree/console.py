@@ -46,7 +46,15 @@ def error_line(e: BaseException) -> str:
     if not lines:
         return type(e).__name__
     if "Traceback (most recent call last)" in text:  # a worker's traceback: its error is last
-        return _RAISED.sub("", lines[-1]) or lines[-1]
+        last = lines[-1]
+        raised = _RAISED.match(last)
+        if raised is None:
+            return last
+        message = last[raised.end():]
+        if message and message[0] not in "'\"":
+            return message
+        # a bare repr (KeyError: 'label') says nothing without its class: keep the class
+        return f"{raised.group(0).split(':')[0].rsplit('.', 1)[-1]}: {message}".rstrip(": ")
     return " ".join(lines)  # a message with detail lines (e.g. a checkpoint mismatch) in one
 
 

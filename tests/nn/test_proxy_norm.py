@@ -598,3 +598,16 @@ def test_centering_only_variant_subtracts_the_proxy_mean() -> None:
     expected = torch.relu(y + pn.bias[None, :, None, None]) - mean[None, :, None, None]
     torch.testing.assert_close(pn(y), expected)
     torch.testing.assert_close(pn.folded()(y), pn(y))
+
+
+def test_a_module_built_under_inference_mode_still_converts() -> None:
+    """Recomputing the quantiles in place on every conversion failed for a module built under
+    torch.inference_mode(): "Inplace update to inference tensor outside InferenceMode"."""
+    with torch.inference_mode():
+        built = ProxyNormActivation(4)
+    plain = ProxyNormActivation(4)
+    x = torch.randn(2, 4, 3, 3)
+    for convert in (lambda m: m.to("cpu"), lambda m: m.float(), lambda m: m.double()):
+        with torch.no_grad():
+            assert torch.equal(convert(built)(x.to(built.quantiles.dtype)),
+                               convert(plain)(x.to(plain.quantiles.dtype)))  # fmt: skip

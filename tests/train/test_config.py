@@ -128,16 +128,6 @@ def test_the_nfnet_recipe_clips_the_classifier_bias_as_the_official_code() -> No
         resolve_config(overrides=["optim.clip_classifier=weight"])
 
 
-def test_threads_above_the_core_count_are_refused() -> None:
-    """train.threads=100000 crashed the OpenMP runtime (a segmentation fault) at the start."""
-    import os
-
-    cores = os.cpu_count() or 1
-    assert resolve_config(overrides=[f"train.threads={cores}"]).train.threads == cores
-    with pytest.raises(ConfigError, match=rf"'train\.threads' must be in \[1, {cores}\]"):
-        resolve_config(overrides=[f"train.threads={cores + 1}"])
-
-
 def test_unknown_key_suggests_close_name() -> None:
     with pytest.raises(ConfigError, match="did you mean lr"):
         resolve_config(overrides=["optim.lrr=0.1"])

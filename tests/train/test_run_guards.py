@@ -148,3 +148,24 @@ def test_a_resumed_run_purges_tensorboards_events_after_its_checkpoint(tmp_path:
               if e.HasField("session_log")]  # fmt: skip
     assert starts == [(4, 1)]  # SessionLog.START at step 4
     assert not any(e.HasField("session_log") for e in EventFileLoader(str(first)).Load())
+
+
+def test_more_threads_than_cores_run_on_the_cores_with_a_warning(
+    make_cfg: Callable[..., Config], caplog: pytest.LogCaptureFixture
+) -> None:
+    """train.threads=100000 crashed the OpenMP runtime (a segmentation fault) at the start;
+    a config from a bigger machine (or resumed here) runs on this one's cores instead."""
+    import os
+
+    cores = os.cpu_count() or 1
+    seen: list[int] = []
+
+    class Threads(Callback):
+        def on_step_end(self, trainer) -> None:  # type: ignore[no-untyped-def]
+            seen.append(torch.get_num_threads())
+
+    cfg = make_cfg(*SHORT, "train.threads=100000")
+    with caplog.at_level("WARNING", logger="normfree.train"):
+        train(cfg, callbacks=[Threads()])
+    assert seen and set(seen) == {cores}
+    assert f"train.threads=100000 is more than the {cores} cores: using {cores}" in caplog.text

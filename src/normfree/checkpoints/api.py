@@ -41,10 +41,10 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     """A first conv's weight ``(out, 3, kh, kw)``, trained on RGB, for ``in_chans`` input
     channels, by timm's rule (``timm.models.adapt_input_conv``, which ``pretrained=True`` applies
     when ``in_chans != 3``): one channel gets the sum of the three; more get the three repeated
-    in turn and scaled by ``3/in_chans``. An input with the same value in every channel then
-    gives the same pre-activation as the RGB model on the gray image. For a Scaled-WS conv
-    (every normfree stem) the standardization then renormalises each unit of the new weight,
-    as it does in timm's NF ports."""
+    in turn and scaled by ``3/in_chans``. For one channel, or a multiple of three, an input
+    with the same value in every channel then gives the plain conv's pre-activation on the
+    gray image. For a Scaled-WS conv (every normfree stem) the standardization renormalises
+    each unit of the new weight, as it does in timm's NF ports."""
     if weight.dim() != 4 or weight.shape[1] != 3:
         raise ValueError(f"expected a conv weight with 3 input channels, got {tuple(weight.shape)}")
     if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:

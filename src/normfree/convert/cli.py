@@ -340,8 +340,8 @@ def run_eval_converted(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except (CheckpointError, ValueError, OSError, ImportError) as e:
         return report_error(e)
-    except RuntimeError as e:  # images the machine cannot allocate (--image-size, --batch-size)
-        message = out_of_memory(e, "use a smaller --image-size or --batch-size")
+    except RuntimeError as e:  # images the machine cannot allocate (sizes, --batch-size)
+        message = out_of_memory(e, "use a smaller --test-size / --image-size or --batch-size")
         if message is None:
             raise
         return report_error(RuntimeError(message))

@@ -164,11 +164,13 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _stop_pool(pool: ProcessPoolExecutor) -> None:
+def _stop_pool(pool: ProcessPoolExecutor, others: set[Any]) -> None:
     """Cancel the cells not started and end the running ones (their folders hold no result
     file, so a rerun starts them afresh). A worker that got the same Ctrl-C would otherwise
-    report it and take the next queued cell, and ``shutdown`` would wait for the whole grid."""
-    processes = multiprocessing.active_children()  # the pool's workers: this process's children
+    report it and take the next queued cell, and ``shutdown`` would wait for the whole grid.
+    The workers are this process's children that were not there before the pool (``others``):
+    a child the caller started meanwhile from another thread would be ended too."""
+    processes = [p for p in multiprocessing.active_children() if p not in others]
     pool.shutdown(wait=False, cancel_futures=True)
     for proc in processes:
         if proc.is_alive():
@@ -302,6 +304,7 @@ def run_experiment(
             report(i, cell, lambda c=cell, f=folder: _execute(exp.run_cell, c, f, options))
     else:
         ctx = multiprocessing.get_context("spawn")
+        others = set(multiprocessing.active_children())  # the caller's own, left alone
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_exit_with_parent,
                                    initargs=(os.getpid(),))  # fmt: skip
         try:
@@ -313,13 +316,13 @@ def run_experiment(
             log(f"running {len(pending)} cells in {jobs} processes")
             running = set(futures)
             while running:  # a line per cell as soon as it finishes; short waits, so that a
-                # Ctrl-C delivered to one of the pool's threads is seen by this one at once
+                # Ctrl-C (raised in this, the main thread) is not held up by a long wait
                 done, running = wait(running, timeout=0.25, return_when=FIRST_COMPLETED)
                 for fut in sorted(done, key=lambda f: futures[f][0]):
                     i, cell = futures[fut]
                     report(i, cell, fut.result)
         except BaseException:  # Ctrl-C: stop now, not after every queued cell has run
-            _stop_pool(pool)
+            _stop_pool(pool, others)
             raise
         pool.shutdown()
     rows = table_rows(exp, out, cells, options)

@@ -239,10 +239,10 @@ class ProxyNormActivation(nn.Module):
         super()._apply(fn, recurse)
         dtype = torch.float64 if self.quantiles.dtype == torch.float64 else torch.float32
         q = midpoint_normal_quantiles(self.num_quantiles, dtype, self.quantiles.device)
-        if self.quantiles.dtype == dtype:
+        if self.quantiles.dtype == dtype and self.quantiles.is_shared():
             with torch.no_grad():  # in place: keeps shared memory (``share_memory``)
                 self.quantiles.copy_(q)
-        else:
+        else:  # a new tensor (an inference-mode buffer cannot be written in place outside it)
             self.register_buffer("quantiles", q, persistent=False)
         return self
 

@@ -152,8 +152,9 @@ def _refuse_a_second_owner(weights: dict[int, Tensor]) -> None:
     other = _owner(weights)
     if other is not None:
         raise ValueError(
-            f"these weights are already updated in the backward by {other!r} on another "
-            "optimizer (or an earlier call on this one); call remove() on it first"
+            f"these weights are already updated in the backward by {other!r} of another "
+            "optimizer (or an earlier call on this one): call remove() on that handle, or drop "
+            "every reference to that optimizer, first"
         )
 
 

@@ -111,7 +111,12 @@ class Trainer(TrainerState):
     def _setup(self, resume: str | Path | None, overwrite: bool) -> None:
         cfg, info = self.cfg, self.info
         t = cfg.train
-        threads = t.threads or max(1, (os.cpu_count() or 1) // local_world_size())
+        cores = os.cpu_count() or 1
+        threads = t.threads or max(1, cores // local_world_size())
+        if threads > cores:  # more only slows a run, and thousands crash the OpenMP runtime
+            log.warning("train.threads=%d is more than the %d cores: using %d", threads, cores,
+                        cores)  # fmt: skip
+            threads = cores
         torch.set_num_threads(threads)
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
