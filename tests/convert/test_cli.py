@@ -174,7 +174,10 @@ def test_an_input_too_large_to_allocate_is_one_line(tmp_path, monkeypatch, capsy
     monkeypatch.setattr("normfree.convert.is_converted_file", lambda path: True)
     monkeypatch.setattr("normfree.convert.cli.evaluate_converted_file", _too_big)
     assert main(["eval", str(out), "--data", "digits", "--image-size", "100000"]) == 2
-    assert capsys.readouterr().err.strip() == f"{fix}-size"
+    assert capsys.readouterr().err.strip() == (
+        "error: out of memory (37.3 GiB asked for): use a smaller --test-size / --image-size or "
+        "--batch-size"
+    )
 
 
 def test_eval_of_a_converted_file_checks_its_json_path_first(tmp_path, monkeypatch, capsys):
