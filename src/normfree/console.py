@@ -13,7 +13,8 @@ import re
 import sys
 
 __all__ = [
-    "error_line", "first_line", "name_list", "out_of_memory", "report_error", "yaml_problem",
+    "error_line", "first_line", "name_list", "out_of_memory", "report_error",
+    "report_out_of_memory", "yaml_problem",
 ]  # fmt: skip
 
 # PyTorch's CPU allocator and CUDA's messages for an allocation the machine cannot serve
@@ -86,3 +87,12 @@ def report_error(e: BaseException, code: int = 2) -> int:
     """Print ``error: <one line>`` for ``e`` on stderr and return ``code`` (the exit status)."""
     print(f"error: {error_line(e)}", file=sys.stderr)
     return code
+
+
+def report_out_of_memory(e: RuntimeError, fix: str, code: int = 2) -> int:
+    """:func:`report_error` of an allocation failure (:func:`out_of_memory`); any other
+    ``RuntimeError`` is raised again, as a bug with its traceback."""
+    message = out_of_memory(e, fix)
+    if message is None:
+        raise e
+    return report_error(RuntimeError(message), code)

@@ -22,7 +22,7 @@ from torch import nn
 
 from normfree.atomic import check_writable
 from normfree.checkpoints import CheckpointError
-from normfree.console import out_of_memory, report_error, yaml_problem
+from normfree.console import report_error, report_out_of_memory, yaml_problem
 
 __all__ = [
     "LARGEST_RECORDED_SIDE", "add_parser", "add_trust_code_argument", "add_trust_pickle_argument",
@@ -305,10 +305,7 @@ def run_spp(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, KeyError, ImportError, OSError, CheckpointError) as err:
         return report_error(err)
     except RuntimeError as err:  # an input the machine cannot allocate (--image-size, --batch)
-        message = out_of_memory(err, "use a smaller --image-size or --batch")
-        if message is None:
-            raise
-        return report_error(RuntimeError(message))
+        return report_out_of_memory(err, "use a smaller --image-size or --batch")
     return 0
 
 
@@ -333,8 +330,5 @@ def run_diagnose(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, KeyError, ImportError, OSError, CheckpointError) as err:
         return report_error(err)
     except RuntimeError as err:  # an input the machine cannot allocate (--image-size, --batch)
-        message = out_of_memory(err, "use a smaller --image-size or --batch")
-        if message is None:
-            raise
-        return report_error(RuntimeError(message))
+        return report_out_of_memory(err, "use a smaller --image-size or --batch")
     return result.exit_code

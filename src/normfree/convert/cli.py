@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from normfree.analysis.cli import positive_int
-from normfree.console import out_of_memory, report_error
+from normfree.console import report_error, report_out_of_memory
 
 __all__ = [
     "add_parser",
@@ -274,10 +274,7 @@ def run_convert(args: argparse.Namespace) -> int:
             OSError) as e:  # fmt: skip
         return report_error(e)
     except RuntimeError as e:  # an example the machine cannot allocate (--image-size, --batch)
-        message = out_of_memory(e, "use a smaller --image-size or --batch")
-        if message is None:
-            raise
-        return report_error(RuntimeError(message))
+        return report_out_of_memory(e, "use a smaller --image-size or --batch")
     print(report.summary())
     pickled = (
         " (a pickled module: `--trust-pickle` of eval, spp, diagnose and export reads it, "
@@ -341,10 +338,7 @@ def run_eval_converted(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError, OSError, ImportError) as e:
         return report_error(e)
     except RuntimeError as e:  # images the machine cannot allocate (sizes, --batch-size)
-        message = out_of_memory(e, "use a smaller --test-size / --image-size or --batch-size")
-        if message is None:
-            raise
-        return report_error(RuntimeError(message))
+        return report_out_of_memory(e, "use a smaller --test-size / --image-size or --batch-size")
     m = result["raw"]
     print(f"{result['model']} on {result['data']} ({result['split']}, {result['count']} images)")
     print(f"  raw  top1 {m['top1']:6.2f}%  top5 {m['top5']:6.2f}%  loss {m['loss']:.4f}")

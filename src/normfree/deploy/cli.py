@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from normfree.analysis.cli import add_trust_code_argument, check_recorded_size, positive_int
-from normfree.console import out_of_memory, report_error
+from normfree.console import report_error, report_out_of_memory
 from normfree.deploy.export import EXPORT_FORMATS
 
 __all__ = ["add_parser", "run_export"]
@@ -161,10 +161,7 @@ def run_export(args: argparse.Namespace) -> int:
             OSError) as e:  # fmt: skip
         return report_error(e)
     except RuntimeError as e:  # an input the machine cannot allocate (--image-size)
-        message = out_of_memory(e, "use a smaller --image-size")
-        if message is None:
-            raise
-        return report_error(RuntimeError(message))
+        return report_out_of_memory(e, "use a smaller --image-size")
     folded = ", ".join(f"{n} {k}" for k, n in result.folded.items()) or "nothing"
     check = (
         f"checked with {result.verified_with}: max |diff| {result.max_abs_diff:.2e}"

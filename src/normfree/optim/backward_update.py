@@ -114,18 +114,27 @@ def _adam_step_dtype(group: dict) -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def _accumulates(weight: Tensor) -> bool:
-    """Whether the running backward accumulates ``weight``'s gradient into ``weight.grad``:
-    not a ``torch.autograd.grad`` that returns it (PyTorch refuses the question for a leaf that
-    it captures) nor a ``backward(inputs=...)`` that leaves the weight out. Asked through the
-    engine's private query that ``torch.autograd.graph.register_multi_grad_hook`` uses (no
-    public one exists); True where a PyTorch release lacks it."""
-    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+def _accumulator(weight: Tensor) -> object | None:
+    """The autograd node that accumulates ``weight``'s gradient into ``.grad`` (public
+    ``get_gradient_edge``), or None where this PyTorch cannot be asked whether a backward
+    runs it (:func:`_accumulates`). Kept per weight: looking it up costs ~8 µs."""
     edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
-    if will_execute is None or edge is None:
+    if edge is None or not hasattr(torch._C, "_will_engine_execute_node"):
+        return None
+    return edge(weight).node
+
+
+def _accumulates(node: object | None) -> bool:
+    """Whether the running backward runs ``node`` (:func:`_accumulator`), i.e. accumulates the
+    weight's gradient into ``.grad``: not a ``torch.autograd.grad`` that returns it (PyTorch
+    refuses the question for a leaf that it captures) nor a ``backward(inputs=...)`` that
+    leaves the weight out. Asked through the engine's private query that
+    ``torch.autograd.graph.register_multi_grad_hook`` uses (no public one exists); True where
+    a PyTorch release lacks it."""
+    if node is None:
         return True
     try:
-        return bool(will_execute(edge(weight).node))
+        return bool(torch._C._will_engine_execute_node(node))
     except RuntimeError:  # torch.autograd.grad capturing this leaf's gradient
         return False
 
@@ -226,6 +235,8 @@ class BackwardUpdate:
         _refuse_a_second_owner(self._weights)
         self._updated: set[int] = set()  # weights updated since the last optimizer step
         self._where: dict[int, tuple[int, int]] = {}  # id(weight) → (group, place) last found
+        # id(weight) → its gradient accumulator, found at its first backward (_accumulates)
+        self._accumulators: dict[int, object | None] = {}
         self._hooks = [
             # after a closure passed to step(), which runs the backward inside the step
             optimizer.register_step_pre_hook(before_step_hook(self._check_before_step)),
@@ -298,7 +309,9 @@ class BackwardUpdate:
         """The step for ``weight`` in its backward (the protocol of
         :func:`normfree.nn.param_updates.set_backward_update`)."""
         key = id(weight)
-        if not _accumulates(weight):  # the gradient is returned, or not asked for: no step
+        if key not in self._accumulators:
+            self._accumulators[key] = _accumulator(weight)
+        if not _accumulates(self._accumulators[key]):  # returned, or not asked for: no step
             return False, None
         if key in self._updated:
             raise RuntimeError(

@@ -21,7 +21,7 @@ from normfree.analysis.cli import (
     positive_int,
 )
 from normfree.atomic import atomic_write_json, check_writable
-from normfree.console import out_of_memory, report_error
+from normfree.console import report_error, report_out_of_memory
 
 __all__ = ["add_parser", "run_eval", "run_train"]
 
@@ -203,10 +203,7 @@ def run_train(args: argparse.Namespace) -> int:
     except RuntimeError as e:  # an allocation the machine cannot serve (images too large)
         fix = ("use a smaller data.image_size / data.test_size or train.batch_size / "
                "data.eval_batch_size")  # fmt: skip
-        message = out_of_memory(e, fix)
-        if message is None:
-            raise
-        return report_error(Exception(message), 1)
+        return report_out_of_memory(e, fix, 1)
     except OSError as e:  # disk full, folder gone or read-only mid-run (names the file)
         return report_error(e, 1)
     except TrainingInterrupted as e:
@@ -392,10 +389,8 @@ def run_eval(args: argparse.Namespace) -> int:
     except (CheckpointError, ConfigError, ValueError, OSError) as e:
         return report_error(e, 2)
     except RuntimeError as e:  # an allocation the machine cannot serve (images too large)
-        message = out_of_memory(e, "use a smaller --test-size / --image-size or --batch-size")
-        if message is None:
-            raise
-        return report_error(Exception(message), 1)
+        fix = "use a smaller --test-size / --image-size or --batch-size"
+        return report_out_of_memory(e, fix, 1)
     print(f"{result['model']} on {result['data']} ({result['split']}, {result['count']} images)")
     for name in ("raw", "ema"):
         m = result[name]
