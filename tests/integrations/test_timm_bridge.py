@@ -84,3 +84,78 @@ def test_timm_features_only_and_local_pretrained_file(names: list[str], tmp_path
     feats = timm.create_model("normfree_nf_resnet_cifar20", features_only=True, out_indices=2)
     out = feats(torch.randn(1, 3, 16, 16))
     assert [t.shape[1] for t in out] == feats.feature_info.channels() == [32, 64]
+
+
+def _trained_like_nfnet(seed: int, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = normfree.create_model("nfnet_f0", num_classes=10, depths=(1, 1, 2, 1), **kwargs)
+    with torch.no_grad():  # gains away from 1 and biases away from 0: a wrong mapping shows
+        for name, p in model.named_parameters():
+            if name.endswith("gain"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+
+
+def test_timm_checkpoint_path_reads_timm_dm_nfnet_files(names: list[str], tmp_path) -> None:
+    """``timm.create_model(..., checkpoint_path=)`` hands the file to timm's own loader, which
+    calls ``model.load_state_dict`` with timm's key names (``final_conv``, ``skipinit_gain``,
+    4-D gains): it used to fail with missing and unexpected keys."""
+    from normfree.checkpoints import normfree_to_timm
+
+    raw, ema = _trained_like_nfnet(0), _trained_like_nfnet(1)
+    plain = tmp_path / "dm_nfnet.pth"
+    torch.save(normfree_to_timm(raw.state_dict()), plain)
+    model = timm.create_model("normfree_nfnet_f0", num_classes=10, depths=(1, 1, 2, 1),
+                              checkpoint_path=str(plain))  # fmt: skip
+    torch.testing.assert_close(_logits(model), _logits(raw), rtol=0, atol=0)
+    # a checkpoint timm's train.py writes: timm's loader takes its EMA by default
+    run = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 2, "state_dict": normfree_to_timm(raw.state_dict()),
+                "state_dict_ema": normfree_to_timm(ema.state_dict())}, run)  # fmt: skip
+    model = timm.create_model("normfree_nfnet_f0", num_classes=10, depths=(1, 1, 2, 1),
+                              checkpoint_path=str(run))  # fmt: skip
+    torch.testing.assert_close(_logits(model), _logits(ema), rtol=0, atol=0)
+    # normfree's own layout passes the hook unchanged, and a wrong file still fails strictly
+    model.load_state_dict(raw.state_dict())
+    torch.testing.assert_close(_logits(model), _logits(raw), rtol=0, atol=0)
+    other = normfree.create_model("nf_resnet_cifar20").state_dict()
+    with pytest.raises(RuntimeError, match="Missing key"):
+        model.load_state_dict(other)
+
+
+def test_timm_checkpoint_path_reads_deepmind_npz_files(names: list[str], tmp_path) -> None:
+    """timm hands ``.npz`` files to ``model.load_pretrained(path)``: it used to raise
+    NotImplementedError ("Model cannot load numpy checkpoint"). A flat archive loads; DeepMind's
+    pickled ``F*_haiku.npz`` needs the opt-in, given by calling the method itself."""
+    import pickle
+
+    import numpy as np
+
+    from normfree.checkpoints import CheckpointError, normfree_to_deepmind
+
+    src = _trained_like_nfnet(0)
+    tree = normfree_to_deepmind(src)
+    flat = tmp_path / "F0_flat.npz"
+    np.savez(flat, **{f"{module}/{param}": value
+                      for module, params in tree.items() for param, value in params.items()})
+    model = timm.create_model("normfree_nfnet_f0", num_classes=10, depths=(1, 1, 2, 1),
+                              checkpoint_path=str(flat))  # fmt: skip
+    torch.testing.assert_close(_logits(model), _logits(src), rtol=0, atol=0)
+
+    haiku = tmp_path / "F0_haiku.npz"
+    haiku.write_bytes(pickle.dumps(tree, protocol=4))
+    with pytest.raises(CheckpointError, match=r"model\.load_pretrained\(PATH, trust_pickle=True\)"):
+        timm.create_model("normfree_nfnet_f0", num_classes=10, depths=(1, 1, 2, 1),
+                          checkpoint_path=str(haiku))  # fmt: skip
+    model = timm.create_model("normfree_nfnet_f0", num_classes=10, depths=(1, 1, 2, 1))
+    model.load_pretrained(str(haiku), trust_pickle=True)
+    torch.testing.assert_close(_logits(model), _logits(src), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="prefix='model/' is not supported"):
+        model.load_pretrained(str(flat), prefix="model/")

@@ -106,7 +106,8 @@ def read_haiku_file(
             f"{path} is a pickle (DeepMind's Haiku weight files are dill pickles despite the "
             ".npz suffix). Unpickling can execute code from the file, so normfree only reads it "
             "with trust_pickle=True (CLI: --trust-pickle; create_model: pretrained_cfg_overlay="
-            "dict(file=PATH, trust_pickle=True)); do that only for files you trust."
+            "dict(file=PATH, trust_pickle=True); a model: model.load_pretrained(PATH, "
+            "trust_pickle=True)); do that only for files you trust."
         )
     try:
         with open(path, "rb") as f:

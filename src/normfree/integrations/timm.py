@@ -12,7 +12,9 @@ registration to happen in their process, e.g. a two-line launcher::
 
 The timm entrypoint forwards every keyword to :func:`normfree.models.create_model`, which has
 timm's semantics (``pretrained`` loads a local ``pretrained_cfg_overlay=dict(file=...)``;
-nothing is downloaded).
+nothing is downloaded). timm's ``checkpoint_path=`` reads what ``normfree.load_pretrained``
+reads: the models it builds take timm's ``dm_nfnet_f*`` key names in ``load_state_dict``,
+and ``.npz`` files go to :meth:`NormFreeModel.load_pretrained`.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
+from normfree.checkpoints.timm import is_timm_state_dict, timm_to_normfree
 from normfree.integrations import timm_models
 from normfree.models import create_model, list_models
+from normfree.models.features import FeatureExtractor
 
 __all__ = ["register_timm_models"]
 
@@ -39,9 +44,28 @@ def _import_timm() -> Any:
         ) from None
 
 
+def _read_timm_layout(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *_: Any
+) -> None:
+    """``load_state_dict`` pre-hook: a timm ``dm_nfnet_f*`` state dict is renamed to normfree's
+    keys (:func:`normfree.checkpoints.timm_to_normfree`) before it loads. timm's own loaders
+    call ``model.load_state_dict`` on what they read: ``timm.create_model(...,
+    checkpoint_path=)``, ``train.py --initial-checkpoint`` / ``--resume``. normfree's state
+    dicts have no such keys, so they pass unchanged."""
+    own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not is_timm_state_dict(own):
+        return
+    for key in own:
+        del state_dict[prefix + key]
+    state_dict.update({prefix + k: v for k, v in timm_to_normfree(own).items()})
+
+
 def _entrypoint(name: str, timm_name: str) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        return create_model(name, pretrained=pretrained, **kwargs)
+        model = create_model(name, pretrained=pretrained, **kwargs)
+        network = model.model if isinstance(model, FeatureExtractor) else model
+        network.register_load_state_dict_pre_hook(_read_timm_layout)
+        return model
 
     entrypoint.__name__ = entrypoint.__qualname__ = timm_name
     entrypoint.__module__ = timm_models.__name__

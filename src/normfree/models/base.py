@@ -17,6 +17,7 @@ scalars at lr/10) and its feature maps for use as a backbone.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -476,6 +477,27 @@ class NormFreeModel(nn.Module):
             paper_name=self.meta.paper or None,
         )  # fmt: skip
         return cfg
+
+    # ----------------------------------------------------------------- weights
+    def load_pretrained(
+        self, checkpoint_path: str | os.PathLike[str], prefix: str = "", *,
+        trust_pickle: bool = False,
+    ) -> None:
+        """Load a weights file, strictly, in any format :func:`normfree.load_pretrained` reads
+        (normfree files and checkpoints, timm ``dm_nfnet_f*`` state dicts, ``.safetensors``,
+        DeepMind's ``.npz``).
+
+        This is timm's method for files its own loader does not read: ``timm.models.
+        load_checkpoint``, and so ``timm.create_model(..., checkpoint_path=PATH)``, hands
+        ``.npz`` / ``.npy`` files to ``model.load_pretrained(PATH)``. DeepMind's official
+        ``F*_haiku.npz`` files are pickles and load only with ``trust_pickle=True`` (create the
+        model, then call this). ``prefix`` (timm's key prefix inside an archive) must be empty.
+        """
+        if prefix:
+            raise ValueError(f"prefix={prefix!r} is not supported: normfree reads whole files")
+        from normfree.models.registry import load_weights_file  # the registry imports this module
+
+        load_weights_file(self, checkpoint_path, trust_pickle=trust_pickle)
 
     def reset_parameters(self) -> None:
         """Re-initialise every submodule that defines ``reset_parameters``, then apply the

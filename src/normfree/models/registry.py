@@ -141,13 +141,19 @@ def _load_pretrained(model: NormFreeModel, cfg: dict[str, Any]) -> None:
             "pretrained_cfg_overlay=dict(file=PATH) (normfree, timm or DeepMind .npz weights), "
             "or pretrained=False with checkpoint_path=PATH; normfree downloads nothing"
         )
-    if not _WEIGHTS_LOADER:  # pragma: no cover - installed whenever normfree is imported
-        raise RuntimeError("no weights loader installed: import normfree first")
     # DeepMind's official files are pickles: read only on the cfg's explicit opt-in
     options: dict[str, Any] = {"trust_pickle": True} if cfg.get("trust_pickle") is True else {}
     if model.in_chans != 3 and cfg.get("first_conv"):  # timm's rule for RGB weights
         options["adapt_first_conv"] = f"{cfg['first_conv']}.weight"
-    _WEIGHTS_LOADER[0](model, str(file), **options)
+    load_weights_file(model, file, **options)
+
+
+def load_weights_file(model: nn.Module, path: str | os.PathLike[str], **options: Any) -> Any:
+    """Load a weights file into ``model`` with the installed loader (the checkpoint layer's
+    ``normfree.load_pretrained``: every format it reads; ``options`` are its keywords)."""
+    if not _WEIGHTS_LOADER:  # pragma: no cover - installed whenever normfree is imported
+        raise RuntimeError("no weights loader installed: import normfree first")
+    return _WEIGHTS_LOADER[0](model, str(path), **options)
 
 
 def create_model(
@@ -244,9 +250,7 @@ def create_model(
                                        and global_pool != model.head.global_pool):  # fmt: skip
         model.reset_classifier(wanted, global_pool)
     if checkpoint_path:
-        if not _WEIGHTS_LOADER:  # pragma: no cover
-            raise RuntimeError("no weights loader installed: import normfree first")
-        _WEIGHTS_LOADER[0](model, str(checkpoint_path))
+        load_weights_file(model, checkpoint_path)
     if features_only:
         from normfree.models.features import FeatureExtractor
 
