@@ -237,5 +237,8 @@ def test_bad_configurations_raise_clear_errors() -> None:
         NFRegNet(depths=(1, 2), widths=(48,))
     with pytest.raises(ValueError, match="group size"):
         NFRegNet(depths=(1,), widths=(8,))  # int(0.75·8) = 6 channels < one group of 8
+    for bad in (0, -8):  # 0 was a ZeroDivisionError
+        with pytest.raises(ValueError, match="group_size must be a positive int"):
+            NFRegNet(depths=(1, 1, 1, 1), widths=(48, 104, 208, 440), group_size=bad)
     with pytest.raises(TypeError):
         normfree.create_model("nf_regnet_b0", not_an_option=1)

@@ -379,5 +379,8 @@ def test_bad_configurations_raise_clear_errors() -> None:
         NFNet(depths=(1,), widths=(64,), strides=(1,))  # int(64·0.5) < 128
     with pytest.raises(ValueError, match="at least one block"):
         NFNet(depths=(0, 1, 1, 1), widths=(256, 512, 1536, 1536))
+    for bad in (0, -8, 1.5):  # 0 was a ZeroDivisionError, -8 blamed the bottleneck width
+        with pytest.raises(ValueError, match="group_size must be a positive int"):
+            NFNet(depths=(1, 1, 1, 1), widths=(256, 512, 1536, 1536), group_size=bad)
     with pytest.raises(TypeError):
         normfree.create_model("nfnet_f0", not_an_option=1)

@@ -236,3 +236,59 @@ def test_skipinit_1202_layers_builds_and_runs() -> None:
 def test_skipinit_10004_layers_builds_and_runs() -> None:
     """161M parameters (~0.65 GB); ~3 s to build and ~1 s forward on an idle CPU core."""
     _deep_forward("skipinit_resnet_cifar10004", 5001)  # 6·1667 + 2 layers
+
+
+@pytest.mark.parametrize("name", ["bn_resnet_cifar20", "efficientnet_b0_g1_bn"])
+def test_grad_checkpointing_updates_batchnorm_statistics_once_per_step(name: str) -> None:
+    """``set_grad_checkpointing`` recomputes each block's forward in the backward pass; the
+    recomputation must not update BatchNorm's running statistics again (they took two momentum
+    updates and ``num_batches_tracked`` counted 2 per step): one training step gives exactly
+    the state of the model without checkpointing, gradients included."""
+    small = {"depths": (1, 1, 1)} if "cifar" in name else {"width": 0.25, "depth": 0.25}
+    torch.manual_seed(0)
+    plain = normfree.create_model(name, num_classes=3, **small).train()
+    ckpt = normfree.create_model(name, num_classes=3, **small).train()
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.set_grad_checkpointing(True)
+    x = torch.randn(4, 3, 32, 32)
+    for model in (plain, ckpt):
+        torch.manual_seed(1)  # the same stochastic-depth masks
+        model(x).square().mean().backward()
+    for (key, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
+        assert torch.equal(a, b), key
+    for (key, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=key)
+    batches = [m.num_batches_tracked.item() for m in ckpt.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # fmt: skip
+    assert batches and set(batches) == {1}
+
+
+@pytest.mark.parametrize(
+    "name", ["nf_resnet_cifar20", "bn_resnet_cifar20", "skipinit_resnet_cifar20",
+             "fixup_resnet_cifar20", "msr_resnet_cifar20", "nf_resnet26"],
+)  # fmt: skip
+def test_an_empty_stage_is_a_clear_error(name: str) -> None:
+    """A stage of 0 blocks dropped its stride and channel change while ``feature_info`` still
+    announced them (nf_resnet_cifar20 with depths (1, 0, 1): stage 1 said 32 channels at
+    reduction 2, the map had 16 at reduction 1); NFNets and NF-RegNets already refused it."""
+    depths = (1, 0, 1) if "cifar" in name else (1, 0, 1, 1)
+    with pytest.raises(ValueError, match=r"every stage needs at least one block.*\[1, 0, 1"):
+        normfree.create_model(name, depths=depths)
+
+
+def test_compiled_grad_checkpointing_of_a_batchnorm_model() -> None:
+    """``torch.compile`` of a BN model with gradient checkpointing trains (Dynamo supports no
+    custom checkpoint context, so the compiled path keeps the plain checkpoint, whose
+    functional recomputation already updates the running statistics once)."""
+    torch.manual_seed(0)
+    plain = normfree.create_model("bn_resnet_cifar20", depths=(1, 1, 1), num_classes=3).train()
+    ckpt = normfree.create_model("bn_resnet_cifar20", depths=(1, 1, 1), num_classes=3).train()
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.set_grad_checkpointing(True)
+    x = torch.randn(4, 3, 16, 16)
+    plain(x).square().mean().backward()
+    torch.compile(ckpt, backend="aot_eager")(x).square().mean().backward()  # no slow codegen
+    for (key, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=key)
+    for (key, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=key)

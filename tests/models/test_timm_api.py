@@ -266,7 +266,7 @@ def test_bad_timm_arguments_fail_clearly() -> None:
         create_model(name).reset_classifier(2.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="a model name must be a str, got NoneType"):
         create_model(None)
-    with pytest.raises(TypeError, match="pattern must be a str, got int"):
+    with pytest.raises(TypeError, match="pattern must be a str or a list of str, got int"):
         normfree.list_models(5)
     # unset timm options (None) are ignored, as timm's create_model does
     model = create_model(name, drop_block_rate=None, bn_momentum=None, cache_dir=None)
@@ -323,3 +323,58 @@ def test_create_model_takes_timms_device_and_dtype() -> None:
     meta = create_model("nfnet_f0", device="meta", num_classes=3, **FAMILIES["nfnet"][1])
     assert {p.device.type for p in meta.parameters()} == {"meta"}
     assert meta(torch.empty(2, 3, 32, 32, device="meta")).shape == (2, 3)
+
+
+@pytest.mark.parametrize("family", IDS)
+def test_meta_model_to_empty_and_reset_parameters_gives_the_fresh_init(family: str) -> None:
+    """``create_model(device="meta")`` → ``to_empty`` → ``reset_parameters()`` (the deferred-init
+    recipe) gives the classifier of a fresh model: N(0, 0.01²) weights (Brock et al. 2021a/b)
+    or zeros (NF-RegNet, Fixup), zero bias, not ``nn.Linear``'s default uniform init, which
+    used to run after the head's own reset and overwrite it."""
+    fresh = _build(family, num_classes=500)
+    model = _build(family, num_classes=500, device="meta").to_empty(device="cpu")
+    model.reset_parameters()
+    got, want = model.get_classifier(), fresh.get_classifier()
+    assert torch.count_nonzero(got.bias) == 0
+    if torch.count_nonzero(want.weight) == 0:
+        assert torch.count_nonzero(got.weight) == 0
+    else:
+        assert got.weight.std().item() == pytest.approx(want.weight.std().item(), rel=0.05)
+    # every other tensor is finite and has its fresh scale (same shapes, same init rules)
+    for (name, a), (_, b) in zip(fresh.state_dict().items(), model.state_dict().items()):
+        assert torch.isfinite(b).all(), name
+        if a.is_floating_point() and a.numel() >= 1024:
+            assert b.std().item() == pytest.approx(a.std().item(), rel=0.2, abs=1e-6), name
+
+
+@pytest.mark.parametrize("family", IDS)
+def test_smallest_image_runs_and_empty_or_integer_images_are_clear_errors(family: str) -> None:
+    """Every model takes any image from 1×1 up (odd, non-square sizes included); an empty image
+    or an integer (uint8) batch is a ``ValueError`` naming the problem, not a conv's
+    "Kernel size can't be greater than actual input size" or "expected scalar type Byte"."""
+    model = _build(family).eval()
+    with torch.no_grad():
+        for h, w in ((1, 1), (1, 7), (13, 5)):
+            out = model(torch.randn(1, 3, h, w))
+            assert out.shape == (1, model.num_classes) and torch.isfinite(out).all()
+        with pytest.raises(ValueError, match="height and width must be at least 1 pixel"):
+            model(torch.randn(1, 3, 0, 8))
+        with pytest.raises(ValueError, match=r"floating-point image batch, got dtype torch\.uint8"):
+            model(torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8))
+
+
+def test_list_models_takes_timms_pattern_lists_and_exclude_filters() -> None:
+    """timm's ``list_models(filter, exclude_filters=...)``: a list of patterns selects the names
+    matching any of them, ``exclude_filters`` (a pattern or a list) removes names; both were a
+    ``TypeError`` for a list."""
+    assert normfree.list_models(["nfnet_f0*", "nf_regnet_b[01]"]) == [
+        "nf_regnet_b0", "nf_regnet_b1", "nfnet_f0", "nfnet_f0_plus",
+    ]  # fmt: skip
+    assert normfree.list_models("nfnet_f*", exclude_filters="*_plus") == [
+        f"nfnet_f{i}" for i in range(8)
+    ]
+    assert normfree.list_models("nfnet_f[01]*", exclude_filters=["*_plus", "*f1"]) == ["nfnet_f0"]
+    assert normfree.list_models(exclude_filters="*") == []
+    assert normfree.list_models([]) == normfree.list_models() == normfree.list_models("")
+    with pytest.raises(TypeError, match="exclude_filters must be a str or a list of str"):
+        normfree.list_models("nfnet*", exclude_filters=3)

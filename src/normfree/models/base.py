@@ -17,6 +17,7 @@ scalars at lr/10) and its feature maps for use as a backbone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -209,8 +210,8 @@ def feature_take_indices(
 
 
 def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
-    """Raise ``ValueError`` unless ``x`` is an ``(N, in_chans, H, W)`` batch (a ``torch.fx``
-    leaf, so that traced models keep the check)."""
+    """Raise ``ValueError`` unless ``x`` is a floating-point ``(N, in_chans, H, W)`` batch with
+    ``H, W >= 1`` (a ``torch.fx`` leaf, so that traced models keep the check)."""
     if x.dim() != 4:
         raise ValueError(
             "expected an image batch of shape (N, C, H, W), got shape " + str(x.shape)
@@ -220,9 +221,33 @@ def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
             "model expects " + str(in_chans) + " input channels, got "
             + str(x.shape[1]) + " (input shape " + str(x.shape) + ")"
         )
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(
+            "image height and width must be at least 1 pixel (normfree models take any size "
+            "from 1×1 up), got shape " + str(x.shape)
+        )
+    if not x.is_floating_point():
+        raise ValueError(
+            "expected a floating-point image batch, got dtype " + str(x.dtype)
+            + ": convert it first, e.g. x.float() / 255 and normalise with the model's "
+            "pretrained_cfg mean and std"
+        )
 
 
 torch.fx.wrap("check_image_batch")
+
+
+@contextlib.contextmanager
+def _buffers_kept(buffers: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Restore ``buffers`` on exit to their values on entry: the recomputation of a
+    checkpointed block must not update running statistics a second time."""
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in zip(buffers, saved):
+                b.copy_(v)
 
 
 class NormFreeModel(nn.Module):
@@ -256,10 +281,27 @@ class NormFreeModel(nn.Module):
         return self.stem(x)
 
     def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """One stage; per-block gradient checkpointing when enabled in training."""
+        """One stage; per-block gradient checkpointing when enabled in training.
+
+        The backward pass runs each block's forward a second time; that recomputation keeps
+        the block's buffers as the first pass left them (:func:`_buffers_kept`), so a
+        BatchNorm model's running statistics (and ``num_batches_tracked``) take one update per
+        step, as without checkpointing, not two."""
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            # a compiled graph recomputes functionally: its buffers update once already (and
+            # Dynamo takes no custom checkpoint context)
+            keep_buffers = not torch.compiler.is_compiling()
             for block in stage:
-                x = checkpoint(block, x, use_reentrant=False)
+                buffers = [b for b in block.buffers() if b.numel()] if keep_buffers else []
+                if buffers:
+                    x = checkpoint(
+                        block, x, use_reentrant=False,
+                        context_fn=lambda bufs=buffers: (
+                            contextlib.nullcontext(), _buffers_kept(bufs)
+                        ),
+                    )  # fmt: skip
+                else:
+                    x = checkpoint(block, x, use_reentrant=False)
             return x
         return stage(x)
 
@@ -501,9 +543,15 @@ class NormFreeModel(nn.Module):
 
     def reset_parameters(self) -> None:
         """Re-initialise every submodule that defines ``reset_parameters``, then apply the
-        model's own init (``init_weights``)."""
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
+        model's own init (``init_weights``).
+
+        Children are reset before the modules that hold them, so that a container's own init
+        of its children wins (e.g. :class:`~normfree.nn.ClassifierHead` draws ``fc.weight``
+        from N(0, 0.01²) or zeros, which ``nn.Linear``'s default reset would overwrite): after
+        ``model.to_empty(device=...)`` this gives the same distributions as a fresh model."""
+        modules = [m for m in self.modules() if m is not self]
+        for module in reversed(modules):  # descendants come after their ancestors in modules()
+            if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
         self.init_weights()
 

@@ -10,6 +10,7 @@ they are arranged.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from numbers import Integral
 from typing import Any
 
 from torch import nn
@@ -41,11 +42,17 @@ STEM_KINDS = ("imagenet", "small")
 def check_resnet_layout(
     depths: Sequence[int], channels: Sequence[int], strides: Sequence[int], stem: str
 ) -> None:
-    """The argument checks every ResNet-layout family shares (one entry per stage, a known stem)."""
+    """The argument checks every ResNet-layout family shares (one entry per stage, at least
+    one block in each, a known stem). An empty stage would drop its stride and channel change
+    while ``feature_info`` still announced them."""
     if not (len(depths) == len(channels) == len(strides)):
         raise ValueError(
             f"depths, channels and strides need one entry per stage, got {len(depths)}, "
             f"{len(channels)} and {len(strides)}"
+        )
+    if any(isinstance(d, bool) or not isinstance(d, Integral) or d < 1 for d in depths):
+        raise ValueError(
+            f"every stage needs at least one block (an int >= 1), got depths {list(depths)}"
         )
     if stem not in STEM_KINDS:
         raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")

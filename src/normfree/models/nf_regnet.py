@@ -181,6 +181,8 @@ class NFRegNet(NormFreeModel):
             )
         if any(d < 1 for d in depths):
             raise ValueError(f"every stage needs at least one block, got depths {list(depths)}")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
         self.in_chans = in_chans
         ch = int(widths[0] * width_mult)
         self.stem = nn.Sequential()

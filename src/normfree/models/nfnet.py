@@ -207,6 +207,8 @@ class NFNet(NormFreeModel):
             )
         if any(d < 1 for d in depths):
             raise ValueError(f"every stage needs at least one block, got depths {list(depths)}")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
         if len(stem_channels) != 3:
             raise ValueError(f"stem_channels needs 3 entries, got {list(stem_channels)}")
         self.in_chans = in_chans

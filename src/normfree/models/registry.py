@@ -49,13 +49,29 @@ def _ensure_loaded() -> None:
     import normfree.models  # noqa: F401  (importing the package registers every family)
 
 
-def list_models(pattern: str | None = None) -> list[str]:
-    """Registered model names, sorted, optionally filtered by an fnmatch ``pattern``."""
-    if pattern is not None and not isinstance(pattern, str):
-        raise TypeError(f"pattern must be a str, got {type(pattern).__name__}")
+def _patterns(value: str | Sequence[str] | None, what: str) -> list[str]:
+    """One fnmatch pattern or a list/tuple of them (timm's ``filter`` / ``exclude_filters``)."""
+    if value is None or isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
+        return [p for p in value if p]
+    raise TypeError(f"{what} must be a str or a list of str, got {type(value).__name__}")
+
+
+def list_models(
+    pattern: str | Sequence[str] | None = None,
+    exclude_filters: str | Sequence[str] | None = None,
+) -> list[str]:
+    """Registered model names, sorted, optionally filtered as timm's ``list_models``: names that
+    match the fnmatch ``pattern`` (or any of a list of patterns), minus those that match
+    ``exclude_filters`` (a pattern or a list). Matching is case-sensitive."""
+    include = _patterns(pattern, "pattern")
+    exclude = _patterns(exclude_filters, "exclude_filters")
     _ensure_loaded()
     names = sorted(_REGISTRY)
-    return [n for n in names if fnmatch.fnmatchcase(n, pattern)] if pattern else names
+    if include:
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include)]
+    return [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
 
 
 def model_entrypoint(name: str) -> Callable[..., NormFreeModel]:
