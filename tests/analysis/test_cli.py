@@ -6,6 +6,8 @@ import json
 import sys
 
 import pytest
+import torch
+from torch import nn
 
 from normfree.analysis.cli import parse_model_spec, parse_overrides
 from normfree.cli import main
@@ -56,6 +58,7 @@ def test_unwritable_outputs_fail_before_the_analysis(tmp_path, capsys) -> None:
     assert f"cannot write {target}" in captured.err and captured.out == ""  # nothing ran
     assert main(["diagnose", "nf_resnet_cifar20", "--image-size", "8", "--json", str(target)]) == 2
     assert f"cannot write {target}" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("command", ["spp", "diagnose"])
 def test_a_device_this_machine_lacks_is_a_one_line_error(capsys, command: str) -> None:
@@ -136,3 +139,155 @@ def test_a_folder_given_as_a_model_says_so(tmp_path, capsys, monkeypatch) -> Non
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown model 'r3'") and err.count("\n") == 0
     assert "'r3' is a folder here: give a model file in it (r3/best.pt or r3/last.pt" in err
+
+
+def test_a_bad_plot_format_fails_before_any_output_is_replaced(tmp_path, capsys) -> None:
+    """``--out plot.foo`` was refused by matplotlib only after --json/--csv had replaced the
+    files already there."""
+    pytest.importorskip("matplotlib")
+    js, cs = tmp_path / "spp.json", tmp_path / "spp.csv"
+    js.write_text("previous json")
+    cs.write_text("previous csv")
+    rc = main(["spp", "nf_resnet_cifar20", "--image-size", "8", "--batch", "2", "--json", str(js),
+               "--csv", str(cs), "--out", str(tmp_path / "plot.foo")])  # fmt: skip
+    assert rc == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith(f"error: cannot draw a figure as {tmp_path / 'plot.foo'}: "
+                                   "matplotlib does not write '.foo' files; use .png")  # fmt: skip
+    assert js.read_text() == "previous json" and cs.read_text() == "previous csv"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spp.csv", "spp.json"]
+
+
+def test_two_outputs_naming_one_file_are_refused(tmp_path, capsys, monkeypatch) -> None:
+    """``--json r.out --csv ./r.out`` wrote the JSON, then replaced it with the CSV."""
+    monkeypatch.chdir(tmp_path)
+    rc = main(["spp", "nf_resnet_cifar20", "--image-size", "8", "--json", "r.out", "--csv",
+               "./r.out"])  # fmt: skip
+    assert rc == 2
+    assert capsys.readouterr().err == (
+        "error: --json and --csv both name ./r.out; give each its own file\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_spp_of_a_model_that_gives_nan_exits_1_with_one_line(tmp_path, capsys) -> None:
+    """A NaN-producing model exited 0 with NaN tables and nothing on stderr."""
+    js = tmp_path / "nan.json"
+    rc = main(["spp", "nf_resnet_cifar20[alpha=.nan]", "--image-size", "8", "--batch", "2",
+               "--skip-gains-one", "--quiet", "--json", str(js)])  # fmt: skip
+    assert rc == 1
+    assert capsys.readouterr().err == (
+        "error: nf_resnet_cifar20[alpha=.nan] gives NaN or inf at 9 of 10 points, from "
+        "stages.0.0 on; check its initialisation and overrides (normfree diagnose)\n"
+    )
+    assert json.loads(js.read_text())[0]["config"]["non_finite_points"][0] == "stages.0.0"
+    assert main(["spp", "nf_resnet_cifar20", "--image-size", "8", "--batch", "2",
+                 "--skip-gains-one", "--quiet"]) == 0  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["spp", "diagnose"])
+def test_an_output_naming_the_model_file_is_refused(tmp_path, capsys, command: str) -> None:
+    """``normfree spp model.safetensors --json model.safetensors`` replaced the converted model
+    with the results."""
+    import torch
+
+    from normfree.convert import convert_model, save_converted
+    from normfree.convert.experiment import bn_resnet_small
+
+    kwargs = {"num_classes": 10, "in_chans": 1, "width": 4}
+    torch.manual_seed(0)
+    converted = convert_model(bn_resnet_small(**kwargs).eval(), "bn_free",
+                              source="normfree.convert.experiment:bn_resnet_small",
+                              source_kwargs=kwargs)  # fmt: skip
+    model_file = tmp_path / "model.safetensors"
+    save_converted(converted, model_file)
+    saved = model_file.read_bytes()
+    assert main([command, str(model_file), "--image-size", "8", "--json", str(model_file)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --json {model_file} would overwrite the model file {model_file}; write elsewhere\n"
+    )
+    assert model_file.read_bytes() == saved
+
+
+def test_a_model_without_residual_blocks_names_the_points_option(capsys) -> None:
+    """The error told a command-line user to pass ``points=[...]``, a Python argument."""
+    assert main(["spp", "torch.nn:Identity", "--image-size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: could not find residual blocks in Identity; pass points=[...] "
+                   "(--points on the command line): module names or globs such as 'layer?.*' "
+                   "or 'features.**.relu'\n")  # fmt: skip
+    assert main(["spp", "torch.nn:Identity", "--image-size", "8", "--points", "**"]) == 2
+    assert "matches no module" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["spp", "diagnose"])
+def test_a_seed_torch_cannot_take_is_refused_by_the_parser(capsys, command: str) -> None:
+    """``--seed 99999999999999999999999`` ended in torch's "Overflow when unpacking long long"."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "nf_resnet_cifar20", "--image-size", "8", "--seed", str(2**64)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --seed: {2**64} is out of range; use a seed from 0 to {2**63 - 2}" in err
+    assert "Overflow" not in err and "Traceback" not in err
+
+
+def _pooled_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(4))
+
+
+class _FixedSizeNet(nn.Module):
+    """Asserts its input size, as torchvision's ViT does (``torch._assert``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.shape[-1] == 16, f"Expected 16 but got {x.shape[-1]}!")
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("command", ["spp", "diagnose"])
+def test_a_model_that_cannot_take_the_input_size_is_one_line(monkeypatch, capsys,
+                                                             command: str) -> None:  # fmt: skip
+    """A model whose forward raises on the batch (a pool left with no pixels, a ViT's fixed
+    size) ended in a traceback."""
+    import types
+
+    fake = types.ModuleType("qa_fake_models")
+    fake.pooled = _pooled_net  # type: ignore[attr-defined]
+    fake.fixed = _FixedSizeNet  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "qa_fake_models", fake)
+    batch = "16" if command == "spp" else "8"
+    assert main([command, "qa_fake_models:pooled", "--image-size", "2", "--points", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: qa_fake_models:pooled fails on a batch of shape ({batch}, 3, 2, 2): "
+    )
+    assert "--image-size (and --batch) that it accepts" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert main([command, "qa_fake_models:fixed", "--image-size", "8", "--points", "conv"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: qa_fake_models:fixed fails on a batch of shape ({batch}, 3, 8, 8): Expected 16 "
+        "but got 8!; pass an --image-size (and --batch) that it accepts\n"
+    )
+    assert main([command, "qa_fake_models:fixed", "--image-size", "16", "--points", "conv"]) == 0
+    capsys.readouterr()
+    # BatchNorm's ValueError on one value per channel (--batch 1 down to 1x1 pixels)
+    fake.pooled_bn = lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1),  # type: ignore[attr-defined]
+                                           nn.BatchNorm2d(4))  # fmt: skip
+    argv = [command, "qa_fake_models:pooled_bn", "--image-size", "8", "--batch", "1"]
+    assert main([*argv, "--points", "1"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: qa_fake_models:pooled_bn fails on a batch of shape (1, 3, 8, 8): Expected more "
+        "than 1 value per channel when training"
+    )
+
+    # a RuntimeError of the analysis code itself is still a bug with its traceback
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("analysis bug")
+
+    monkeypatch.setattr(sys.modules["normfree.analysis.spp"], "channel_stats", broken)
+    with pytest.raises(RuntimeError, match="analysis bug"):
+        main([command, "qa_fake_models:fixed", "--image-size", "16", "--points", "conv"])

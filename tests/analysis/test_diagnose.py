@@ -143,3 +143,129 @@ def test_thresholds_must_be_positive_and_ordered() -> None:
         DiagnoseThresholds(var_high=-1)
     with pytest.raises(ValueError, match=r"var_low \(10\) must be below var_high \(5\)"):
         DiagnoseThresholds(var_low=10, var_high=5)
+
+
+def test_a_nan_model_is_not_reported_batch_dependent() -> None:
+    # NaN compared with NaN used to count as an infinite change: every module downstream of the
+    # first NaN was listed as coupling the batch and the model as batch dependent
+    model = _model("nf_resnet_cifar20", alpha=float("nan"))
+    diag = diagnose(model, input_shape=(3, 8, 8), batch_size=4)
+    assert _status(diag, "non-finite activations") == "problem"
+    assert _status(diag, "batch dependence (train mode)") == "ok"
+    assert _status(diag, "batch dependence (eval mode)") == "ok"
+    for res in batch_dependence(model, input_shape=(3, 8, 8), batch_size=4):
+        assert res.causes == [] and res.max_rel_diff == 0.0
+    # a BN model whose head outputs NaN still has its BatchNorms found as the causes
+    bn = _model("bn_resnet_cifar20")
+    with torch.no_grad():
+        bn.head.fc.weight.fill_(float("nan"))
+    train = batch_dependence(bn, input_shape=(3, 8, 8), batch_size=4, modes=("train",))[0]
+    bn_names = [n for n, m in bn.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert [n for n, _ in train.causes] == bn_names
+
+
+def test_relative_difference_of_non_finite_values() -> None:
+    from normfree.analysis.batch_dependence import _rel_diff
+
+    nan, inf = float("nan"), float("inf")
+    assert _rel_diff(torch.tensor([nan, 2.0]), torch.tensor([nan, 2.0])) == 0.0
+    assert _rel_diff(torch.tensor([inf, 2.0]), torch.tensor([inf, 1.0])) == 0.5
+    assert _rel_diff(torch.tensor([1.0, 2.0]), torch.tensor([1.0, nan])) == inf
+    assert _rel_diff(torch.tensor([nan, 4.0]), torch.tensor([1.0, 4.0])) == inf
+    assert _rel_diff(torch.tensor([0.0, 4.0]), torch.tensor([1.0, 4.0])) == 0.25
+
+
+class _HeadDropout(nn.Module):
+    """A classifier head with functional dropout, as timm's (``F.dropout(training=...)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(nn.functional.dropout(x, 0.5, training=self.training))
+
+
+def test_functional_dropout_is_neither_a_batch_dependence_nor_a_drain_on_the_rng() -> None:
+    # the two batches drew different dropout masks: a GN-free, BN-free model was reported
+    # batch dependent in train mode (with no module to blame), and the caller's RNG moved on
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), _HeadDropout())
+    x = torch.randn(4, 4)
+    state = torch.get_rng_state()
+    train, evl = batch_dependence(model, x)
+    assert (train.dependent, train.max_rel_diff, train.causes) == (False, 0.0, [])
+    assert not evl.dependent
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d`` layout: a BatchNorm with its activation as a submodule."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(super().forward(x))
+
+
+class _ScaledNorm(nn.Module):
+    """A module with a parameter of its own around a BatchNorm submodule."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.bn(x)
+
+
+def test_a_batchnorm_with_an_activation_submodule_is_found_as_the_cause() -> None:
+    # only leaves were re-run, so a BatchNorm holding its activation (timm's BatchNormAct2d,
+    # in every timm EfficientNet) was never blamed: "dependent, caused by 0 module(s)"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _BatchNormAct(4), nn.Conv2d(4, 4, 1), _ScaledNorm(4))
+    train, evl = batch_dependence(model, input_shape=(3, 6, 6), batch_size=4)
+    assert train.dependent and [n for n, _ in train.causes] == ["1", "3.bn"]
+    assert not evl.dependent and evl.causes == []
+
+
+class _MaskedNorm(nn.Module):
+    """A leaf called with a keyword argument it needs (as attention layers take masks)."""
+
+    def forward(self, x: torch.Tensor, *, scale: float) -> torch.Tensor:
+        return scale * (x - x.mean(dim=0, keepdim=True))  # couples the batch
+
+
+class _CallsWithKeyword(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.norm = _MaskedNorm()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.fc(x), scale=2.0)
+
+
+def test_a_module_called_with_keyword_arguments_is_re_run_with_them() -> None:
+    # the re-run dropped keyword arguments: "forward() missing 1 required keyword-only
+    # argument: 'scale'" stopped the whole check
+    torch.manual_seed(0)
+    train, _ = batch_dependence(_CallsWithKeyword(), input_shape=(4,), batch_size=4)
+    assert train.dependent and [n for n, _ in train.causes] == ["norm"]
+
+
+def test_an_unmeasured_branch_names_the_option_for_both_interfaces() -> None:
+    # the note named only the Python argument, not the command line's --branch-points
+    models = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    diag = diagnose(models.resnet18(weights=None), input_shape=(3, 16, 16),
+                    check_batch_dependence=False)  # fmt: skip
+    finding = next(f for f in diag.findings if f.check == "residual branches")
+    assert (finding.status, finding.message) == (
+        "info",
+        "no residual branch measured (name the last module of each branch with branch_points, "
+        "--branch-points on the command line, for models that are not normfree models)",
+    )

@@ -131,3 +131,53 @@ def test_the_sensitivity_pass_warns_about_nothing_of_pytorch_internals() -> None
         [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_shrinking_chi_is_fitted_not_called_no_growth() -> None:
+    # χ falling 100-fold was "no growth" (only chi[-1]/chi[0] < 1.25 was tested)
+    depths = list(range(1, 31))
+    exp = fit_growth([0.85**d for d in depths])
+    assert exp.verdict == "exponential" and exp.factor_per_layer == pytest.approx(0.85)
+    assert exp.growth == pytest.approx(0.85**29)
+    power = fit_growth([d**-0.5 for d in depths])
+    assert power.verdict == "power law" and power.exponent == pytest.approx(-0.5)
+    assert fit_growth([1.0, 0.99, 0.9, 0.81]).verdict == "no growth"  # 1/0.81 < 1.25
+
+
+def test_an_operation_without_forward_ad_names_the_model() -> None:
+    class Doubling(torch.autograd.Function):  # a custom Function without a jvp
+        @staticmethod
+        def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+            return 2 * grad
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return Doubling.apply(self.fc(x))
+
+    with pytest.raises(RuntimeError) as info:
+        propagate_moments(Net(), input_shape=(4,), batch_size=8, points=["fc"])
+    assert str(info.value).startswith("Net uses an operation without a forward-mode AD formula, "
+                                      "so the sensitivity cannot be propagated: You must "
+                                      "implement the jvp function")  # fmt: skip
+
+
+def test_an_input_without_variance_is_a_clear_error() -> None:
+    # a batch of one flat example (or a constant batch) has μ₂(x) = 0 at the input: the input χ
+    # ended in "ZeroDivisionError: float division by zero" after the whole forward pass
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    for kwargs in ({"input_shape": (4,), "batch_size": 1}, {"inputs": torch.ones(8, 4)}):
+        with pytest.raises(ValueError, match=r"has no variance within any channel .* so χ is "
+                           "undefined; use a larger batch or inputs that vary"):  # fmt: skip
+            propagate_moments(model, points=["0", "1"], **kwargs)
+    # one example with positions is fine: the per-channel moments run over H, W
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    r = propagate_moments(conv, input_shape=(3, 8, 8), batch_size=1, points=["0", "1"])
+    assert math.isfinite(r.input_chi) and r.input_chi > 0

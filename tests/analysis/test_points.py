@@ -102,3 +102,49 @@ def test_torchvision_resnet_blocks_found() -> None:
     model = models.resnet18(weights=None)
     names = [n for n, _ in find_residual_blocks(model)]
     assert names == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+
+
+class ConvNeXtBlock(nn.Module):
+    """A block known by its class name (timm's), with no shortcut attribute."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+class _Stage(nn.Module):
+    """timm's ``ConvNeXtStage`` layout: a ``downsample`` child, then a Sequential of blocks."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.downsample = nn.Conv2d(c_in, c_out, 2, stride=2) if c_in != c_out else nn.Identity()
+        self.blocks = nn.Sequential(ConvNeXtBlock(c_out), ConvNeXtBlock(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.downsample(x))
+
+
+def test_a_stage_with_a_downsample_attribute_is_not_taken_for_a_block() -> None:
+    # timm's ConvNeXtStage has a `downsample` child: it was taken for one residual block and
+    # its ConvNeXtBlocks, nested in it, were skipped (4 points for convnext_atto's 12 blocks)
+    model = nn.Sequential()
+    model.add_module("stem", nn.Conv2d(3, 4, 3))
+    model.add_module("stages", nn.Sequential(_Stage(4, 4), _Stage(4, 8)))
+    names = [n for n, _ in find_residual_blocks(model)]
+    assert names == ["stages.0.blocks.0", "stages.0.blocks.1", "stages.1.blocks.0",
+                     "stages.1.blocks.1"]  # fmt: skip
+    specs = default_points(model)
+    assert [s.stage for s in specs[1:]] == [0, 0, 1, 1]
+    # a torchvision-style block (found by its `downsample`) holding no block stays a block
+    assert [n for n, _ in find_residual_blocks(nn.Sequential(_Block(4, 8)))] == ["0"]
+
+
+def test_timm_convnext_blocks_found() -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("convnext_atto", pretrained=False)
+    names = [n for n, _ in find_residual_blocks(model)]
+    depths = (2, 2, 6, 2)
+    assert names == [f"stages.{i}.blocks.{j}" for i, d in enumerate(depths) for j in range(d)]

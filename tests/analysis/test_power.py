@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import normfree
 from normfree.analysis import FeedforwardProbe, PowerResult, power_decomposition, power_profile
+from normfree.nn import SkipInitGain
 
 
 def _slow_reference(y: torch.Tensor) -> dict[str, float]:
@@ -85,3 +87,18 @@ def test_instance_norm_has_zero_instance_variability() -> None:
 def test_empty_activations_are_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"need non-empty \(N, C, \.\.\.\) activations"):
         power_decomposition(torch.randn(0, 3, 4, 4))
+
+
+def test_power_profile_can_set_skip_gains_to_one_and_restores_them() -> None:
+    # power_profile had no skip_gains_to_one: with NF-ResNet's zero gains every block output is
+    # its input, so the profile of the block outputs was flat
+    torch.manual_seed(0)
+    model = normfree.create_model("nf_resnet_cifar20")
+    gains = [m.gain for m in model.modules() if isinstance(m, SkipInitGain)]
+    flat = power_profile(model, input_shape=(3, 8, 8), batch_size=4, points="stages.0.*")
+    assert len({p.total for p in flat.points}) == 1  # identities: the same tensor three times
+    live = power_profile(model, input_shape=(3, 8, 8), batch_size=4, points="stages.0.*",
+                         skip_gains_to_one=True)  # fmt: skip
+    assert live.points[1].total != live.points[0].total
+    assert live.config["skip_gains_to_one"] is True
+    assert all(g.item() == 0.0 for g in gains)

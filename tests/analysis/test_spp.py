@@ -218,3 +218,65 @@ def test_plot_without_matplotlib_raises_clear_import_error(monkeypatch) -> None:
     r = SPPResult("x", [], {})
     with pytest.raises(ImportError, match=r"normfree\[plot\]"):
         plot_spp(r)
+
+
+def test_a_float32_batch_runs_through_a_float64_model() -> None:
+    """A real float32 batch given to a float64 model ended in PyTorch's "Input type (float) and
+    bias type (double) should be the same"; it is cast like the Gaussian batch is."""
+    from normfree.analysis import batch_dependence, power_profile, propagate_moments
+
+    model = _model("nf_resnet_cifar20").double()
+    x32 = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    spp = signal_propagation(model, inputs=x32, skip_gains_to_one=True)
+    ref = signal_propagation(model, inputs=x32.double(), skip_gains_to_one=True)
+    assert spp.avg_var == ref.avg_var and spp.avg_sq_mean == ref.avg_sq_mean  # exact
+    chi = propagate_moments(model, inputs=x32, skip_gains_to_one=True).chi
+    assert chi == propagate_moments(model, inputs=x32.double(), skip_gains_to_one=True).chi
+    assert power_profile(model, inputs=x32, points="stages.*.*").points[0].total > 0
+    assert [r.dependent for r in batch_dependence(model, inputs=x32)] == [False, False]
+    # integer inputs (token ids) keep their dtype
+    emb = nn.Sequential(nn.Embedding(10, 4))
+    tokens = torch.randint(0, 10, (4, 5))
+    assert len(signal_propagation(emb, inputs=tokens, points=["0"], channel_dim=-1)) == 1
+
+
+def test_rrelu_runs_in_eval_mode_and_the_rng_is_left_alone() -> None:
+    # nn.RReLU draws random slopes in train mode: two SPPs of one model differed and each
+    # advanced the caller's random numbers
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.RReLU(), nn.Linear(8, 8))
+    state = torch.get_rng_state()
+    first = signal_propagation(model, input_shape=(8,), points=["1", "2"])
+    assert torch.equal(torch.get_rng_state(), state)
+    assert signal_propagation(model, input_shape=(8,), points=["1", "2"]).avg_var == first.avg_var
+    assert model[1].training  # the module's own flag is back
+
+
+def test_one_result_can_be_saved_like_a_list(tmp_path) -> None:
+    # write_csv(result, path) and save_results(result, path) failed with "'SPPResult' object is
+    # not iterable" (plot_spp takes one result or several)
+    result = signal_propagation(_model("nf_resnet_cifar20"), input_shape=(3, 8, 8), batch_size=2)
+    write_csv(result, tmp_path / "one.csv")
+    write_csv([result], tmp_path / "list.csv")
+    assert (tmp_path / "one.csv").read_text() == (tmp_path / "list.csv").read_text()
+    save_results(result, tmp_path / "one.json")
+    (back,) = SPPResult.from_json(tmp_path / "one.json")
+    assert back == result
+    with pytest.raises(TypeError, match="expected SPPResult objects, got dict"):
+        save_results([result.to_dict()], tmp_path / "bad.json")  # type: ignore[list-item]
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_log_scale_plot_of_all_zero_branches_stays_linear_without_warnings(tmp_path) -> None:
+    # Fixup's branches are exactly 0 at init: the log-scaled panel came out empty, with a
+    # misleading 1-10 axis and matplotlib's "Data has no positive values" warning on stderr
+    pytest.importorskip("matplotlib")
+    import warnings
+
+    r = signal_propagation(_model("fixup_resnet_cifar20"), input_shape=(3, 8, 8), batch_size=4)
+    assert all(v == 0.0 for v in r.res_avg_var[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plot_spp(r, tmp_path / "fixup.png", log_scale=True)
+    assert [ax.get_yscale() for ax in fig.axes] == ["log", "log", "linear"]
+    assert [t.get_text() for t in fig.axes[2].texts] == ["no positive values: linear scale"]

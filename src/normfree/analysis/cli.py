@@ -13,6 +13,9 @@ import argparse
 import importlib
 import re
 import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +25,18 @@ from torch import nn
 
 from normfree.atomic import check_writable
 from normfree.checkpoints import CheckpointError
-from normfree.console import report_error, report_out_of_memory, yaml_problem
+from normfree.console import (
+    error_line,
+    out_of_memory,
+    report_error,
+    report_out_of_memory,
+    yaml_problem,
+)
 
 __all__ = [
     "LARGEST_RECORDED_SIDE", "add_parser", "add_trust_code_argument", "add_trust_pickle_argument",
-    "check_recorded_size",
-    "model_from_spec", "parse_model_spec", "parse_overrides", "positive_int",
+    "check_outputs", "check_recorded_size", "model_from_spec", "model_input_errors",
+    "parse_model_spec", "parse_overrides", "positive_int", "seed_int",
 ]  # fmt: skip
 
 _FILE_SUFFIXES = (".pt", ".pth", ".safetensors", ".npz", ".bin", ".ckpt")
@@ -60,6 +69,22 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+SEED_RANGE = (-(2**63), 2**63 - 2)  # torch's 64-bit seeds; the sensitivity noise uses seed + 1
+
+
+def seed_int(text: str) -> int:
+    """argparse ``type`` of ``--seed``: an int that torch's 64-bit generators take (a larger
+    one ended in torch's "Overflow when unpacking long long")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    low, high = SEED_RANGE
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; use a seed from 0 to {high}")
     return value
 
 
@@ -177,6 +202,49 @@ def _input_shape(model: nn.Module, spec: str, image_size: int | None) -> tuple[i
     return (int(in_chans), int(image_size), int(image_size))
 
 
+def check_outputs(models: list[str] | None = None, **paths: str | None) -> None:
+    """Fail before the analysis when two output options (``json="a.json"`` for ``--json``) name
+    the same file (the second write would replace the first), or one names a model file being
+    read (``models``)."""
+    seen: dict[Path, str] = {}
+    for spec in models or []:
+        if Path(spec).is_file():
+            seen.setdefault(Path(spec).resolve(), f"the model file {spec}")
+    for option, given in paths.items():
+        if not given:
+            continue
+        key = Path(given).expanduser().resolve()
+        flag = f"--{option.replace('_', '-')}"
+        if key in seen and seen[key].startswith("the model file"):
+            raise ValueError(f"{flag} {given} would overwrite {seen[key]}; write elsewhere")
+        if key in seen:
+            raise ValueError(f"{seen[key]} and {flag} both name {given}; give each its own file")
+        seen[key] = flag
+
+
+def _raised_in_forward(err: BaseException) -> bool:
+    """``err`` came out of a module's forward pass (a frame of ``nn.Module.__call__`` is on its
+    traceback) and not out of the analysis code (no frame of ``normfree/analysis`` after it: the
+    measurement hooks run inside that call)."""
+    files = [Path(f.filename).as_posix() for f in traceback.extract_tb(err.__traceback__)]
+    calls = [i for i, f in enumerate(files) if f.endswith("torch/nn/modules/module.py")]
+    return bool(calls) and not any("normfree/analysis/" in f for f in files[calls[0] + 1 :])
+
+
+@contextmanager
+def model_input_errors(spec: str, shape: tuple[int, ...]) -> Iterator[None]:
+    """Report a model that raises on the analysis batch of ``shape`` (a pool left with no pixels,
+    a ViT's fixed image size) as the ``ValueError`` of a size it cannot take, in one line; an
+    allocation failure, or an error of the analysis code itself, passes through unchanged."""
+    try:
+        yield
+    except (RuntimeError, AssertionError, ValueError) as err:  # BN: "Expected more than 1 value"
+        if out_of_memory(err, "") is not None or not _raised_in_forward(err):
+            raise
+        raise ValueError(f"{spec} fails on a batch of shape {shape}: {error_line(err)}; pass an "
+                         "--image-size (and --batch) that it accepts") from err  # fmt: skip
+
+
 def _zero_gains(model: nn.Module) -> bool:
     from normfree.nn.residual import SkipInitGain
 
@@ -191,7 +259,8 @@ def _common(p: argparse.ArgumentParser, batch: int) -> None:
                    help=f"batch size (default {batch})")  # fmt: skip
     p.add_argument("--override", action="append", metavar="KEY=VALUE",
                    help="model option for every model, e.g. use_ws=False (repeatable)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of the Gaussian input and the model")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="seed of the Gaussian input and the model")  # fmt: skip
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
     add_trust_code_argument(p)
     add_trust_pickle_argument(p)
@@ -269,11 +338,14 @@ def _device(name: str) -> torch.device:
 
 
 def run_spp(args: argparse.Namespace) -> int:
-    from normfree.analysis.plots import plot_spp
+    from normfree.analysis.plots import check_figure_path, plot_spp
     from normfree.analysis.spp import save_results, signal_propagation, write_csv
 
     try:
         check_writable(args.json, args.csv, args.out)
+        check_outputs(args.models, json=args.json, csv=args.csv, out=args.out)
+        if args.out:  # before --json/--csv are written: a failing plot would leave them replaced
+            check_figure_path(args.out)
         device = _device(args.device)
         overrides = parse_overrides(args.override)
         results = []
@@ -286,12 +358,13 @@ def run_spp(args: argparse.Namespace) -> int:
                     "at init; pass --skip-gains-one to see the branches",
                     file=sys.stderr,
                 )
-            result = signal_propagation(
-                model, input_shape=_input_shape(model, spec, args.image_size),
-                points=args.points, branch_points=args.branch_points, batch_size=args.batch,
-                seed=args.seed, skip_gains_to_one=args.skip_gains_one, mode=args.mode,
-                label=spec,
-            )  # fmt: skip
+            shape = _input_shape(model, spec, args.image_size)
+            with model_input_errors(spec, (args.batch, *shape)):
+                result = signal_propagation(
+                    model, input_shape=shape, points=args.points,
+                    branch_points=args.branch_points, batch_size=args.batch, seed=args.seed,
+                    skip_gains_to_one=args.skip_gains_one, mode=args.mode, label=spec,
+                )  # fmt: skip
             results.append(result)
             if not args.quiet:
                 print(result.table())
@@ -306,7 +379,15 @@ def run_spp(args: argparse.Namespace) -> int:
         return report_error(err)
     except RuntimeError as err:  # an input the machine cannot allocate (--image-size, --batch)
         return report_out_of_memory(err, "use a smaller --image-size or --batch")
-    return 0
+    rc = 0
+    for result in results:  # the files are written: they show where the NaNs start
+        bad = result.config["non_finite_points"]
+        if bad:
+            rc = report_error(ValueError(
+                f"{result.label} gives NaN or inf at {len(bad)} of {len(result)} points, from "
+                f"{bad[0]} on; check its initialisation and overrides (normfree diagnose)"
+            ), code=1)  # fmt: skip
+    return rc
 
 
 def run_diagnose(args: argparse.Namespace) -> int:
@@ -314,16 +395,18 @@ def run_diagnose(args: argparse.Namespace) -> int:
 
     try:
         check_writable(args.json)
+        check_outputs([args.model], json=args.json)
         device = _device(args.device)
         torch.manual_seed(args.seed)
         overrides = parse_overrides(args.override)
         model = model_from_spec(args.model, overrides, trust_pickle=args.trust_pickle).to(device)
-        result = diagnose(
-            model, input_shape=_input_shape(model, args.model, args.image_size),
-            points=args.points, branch_points=args.branch_points, batch_size=args.batch,
-            seed=args.seed, skip_gains_to_one=not args.keep_skip_gains,
-            check_batch_dependence=not args.no_batch_check, label=args.model,
-        )  # fmt: skip
+        shape = _input_shape(model, args.model, args.image_size)
+        with model_input_errors(args.model, (args.batch, *shape)):
+            result = diagnose(
+                model, input_shape=shape, points=args.points, branch_points=args.branch_points,
+                batch_size=args.batch, seed=args.seed, skip_gains_to_one=not args.keep_skip_gains,
+                check_batch_dependence=not args.no_batch_check, label=args.model,
+            )  # fmt: skip
         print(result.to_text())
         if args.json:
             result.to_json(args.json)

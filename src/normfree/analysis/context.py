@@ -2,9 +2,11 @@
 
 :func:`analysis_mode` puts a model in the mode an analysis needs and restores it exactly
 afterwards, even when the forward pass raises: every module's ``training`` flag, every buffer
-(BatchNorm running statistics are updated by a train-mode forward) and, on request, SkipInit
-gains set to 1. :func:`make_inputs` builds the seeded Gaussian-noise batch of Signal
-Propagation Plots (Brock et al. 2021a, §3: unit-Gaussian inputs at initialisation).
+(BatchNorm running statistics are updated by a train-mode forward), the random number generator
+state of the CPU and of the model's GPU (functional dropout such as timm's heads draws from it
+in train mode) and, on request, SkipInit gains set to 1. :func:`make_inputs` builds the seeded
+Gaussian-noise batch of Signal Propagation Plots (Brock et al. 2021a, §3: unit-Gaussian inputs at
+initialisation).
 """
 
 from __future__ import annotations
@@ -34,12 +36,11 @@ ANALYSIS_MODES = ("train", "eval")
 STOCHASTIC_CLASS_NAMES: frozenset[str] = frozenset(
     {"DropPath", "StochasticDepth", "DropBlock", "DropBlock2d"}
 )
+_STOCHASTIC_TYPES = (nn.modules.dropout._DropoutNd, nn.RReLU, StochasticDepth, ChannelNoise)
 
 
 def _is_stochastic(module: nn.Module) -> bool:
-    return isinstance(module, (nn.modules.dropout._DropoutNd, StochasticDepth, ChannelNoise)) or (
-        type(module).__name__ in STOCHASTIC_CLASS_NAMES
-    )
+    return isinstance(module, _STOCHASTIC_TYPES) or type(module).__name__ in STOCHASTIC_CLASS_NAMES
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -68,12 +69,19 @@ def analysis_mode(
         model: any module.
         mode: ``"train"`` (normalization layers use batch statistics, as in the paper's SPPs of
             BN networks) or ``"eval"``. Dropout and stochastic-depth modules always run in eval
-            mode so the measurement is deterministic.
+            mode so the measurement is deterministic (see below).
         skip_gains_to_one: set every :class:`normfree.nn.SkipInitGain` to 1 (with the default
             zero gains every block outputs its shortcut and the plots are flat).
+
+    Dropout, RReLU and stochastic-depth modules always run in eval mode; randomness the model
+    draws otherwise (``F.dropout(x, training=self.training)``) comes from the generators whose
+    state is restored on exit.
     """
     if mode not in ANALYSIS_MODES:
         raise ValueError(f"mode must be one of {ANALYSIS_MODES}, got {mode!r}")
+    device = model_device(model)
+    cpu_rng = torch.get_rng_state()
+    gpu_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     flags = [(m, m.training) for m in model.modules()]
     buffers = []
     for module in model.modules():
@@ -103,6 +111,9 @@ def analysis_mode(
                 buf.copy_(saved)
         for module, training in flags:
             module.training = training
+        torch.set_rng_state(cpu_rng)
+        if gpu_rng is not None:
+            torch.cuda.set_rng_state(gpu_rng, device)
 
 
 def model_label(model: nn.Module) -> str:
@@ -131,7 +142,8 @@ def make_inputs(
 ) -> tuple[torch.Tensor, str]:
     """The analysis batch and a word for it (``"data"`` or ``"gaussian"``).
 
-    ``inputs`` (a real batch) wins; otherwise a seeded unit-Gaussian batch of shape
+    ``inputs`` (a real batch) wins, moved to the model's device (a floating-point batch also to
+    the model's floating dtype); otherwise a seeded unit-Gaussian batch of shape
     ``(batch_size, *input_shape)`` is drawn on the CPU (the same numbers on every device) and
     moved to the model's device in the model's dtype (``device``, if given, must name the device
     the model is on). ``input_shape`` is the shape of *one* example, e.g. ``(3, 32, 32)``; for a
@@ -154,6 +166,8 @@ def make_inputs(
             )
         if inputs.dim() < 1 or inputs.shape[0] < 1:
             raise ValueError(f"inputs must be a non-empty batch, got shape {tuple(inputs.shape)}")
+        if inputs.is_floating_point():  # a float32 batch of images for a float64 model
+            return inputs.to(device=dev, dtype=_model_dtype(model)), "data"
         return inputs.to(dev), "data"
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

@@ -194,8 +194,9 @@ def _check_branches(spp: SPPResult, input_var: float, t: DiagnoseThresholds) -> 
         return Finding(
             "residual branches",
             "info",
-            "no residual branch measured "
-            "(name branch_points for models that are not normfree models)",
+            "no residual branch measured (name the last module of each branch with "
+            "branch_points, --branch-points on the command line, for models that are not "
+            "normfree models)",
         )
     live = [p.res_avg_var for _, p in branch if p.res_avg_var > 0]
     if not live:

@@ -120,7 +120,8 @@ class GrowthFit:
     against ``log l`` (power law: ``χ ∝ l^exponent``), with their R².
 
     ``verdict`` is ``"exponential"`` or ``"power law"`` (the better R²), or ``"no growth"`` when
-    χ changes by less than ``min_growth`` between the first and last fitted points.
+    χ changes by less than ``min_growth``× (up or down) between the first and last fitted points;
+    a χ that shrinks more than that gets the verdict of its fit, with ``rate``/``exponent`` < 0.
     """
 
     rate: float
@@ -169,7 +170,7 @@ def fit_growth(
     rate, _, exp_r2 = _linear_fit(depths, log_chi)
     exponent, _, pow_r2 = _linear_fit([math.log(d) for d in depths], log_chi)
     growth = chi[-1] / chi[0]
-    if growth < min_growth:
+    if max(growth, 1.0 / growth) < min_growth:
         verdict = "no growth"
     else:
         verdict = "exponential" if exp_r2 > pow_r2 else "power law"
@@ -255,6 +256,13 @@ def propagate_moments(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     specs = resolve_points(model, points)
     x, kind = make_inputs(model, inputs, input_shape, batch_size, seed, device)
+    input_mu2 = moment_stats(x, channel_dim)["mu2"]
+    if not input_mu2 > 0:  # χ = sqrt(μ₂(dx)/μ₂(x)) of the input is undefined
+        raise ValueError(
+            f"the input batch of shape {tuple(x.shape)} has no variance within any channel "
+            "(a batch of 1 without positions, or a constant batch), so χ is undefined; use a "
+            "larger batch or inputs that vary"
+        )
     gen = torch.Generator().manual_seed(int(seed) + 1)
     dx = torch.randn(x.shape, generator=gen).to(device=x.device, dtype=x.dtype)
 
@@ -282,13 +290,15 @@ def propagate_moments(
         with torch.no_grad(), analysis_mode(model, mode, skip_gains_to_one):
             records, _ = record_points(model, run, specs, reduce)
     except RuntimeError as err:
-        if "forward AD" in str(err) or "forward-mode" in str(err):
+        # PyTorch says "forward AD" or "forward-mode"; a custom Function without a jvp says
+        # "forward mode AD" (a NotImplementedError, which is a RuntimeError)
+        text = str(err).lower()
+        if "forward ad" in text or "forward-mode" in text or "forward mode" in text:
             raise RuntimeError(
                 f"{type(model).__name__} uses an operation without a forward-mode AD formula, "
                 f"so the sensitivity cannot be propagated: {err}"
             ) from err
         raise
-    input_mu2 = moment_stats(x, channel_dim)["mu2"]
     input_chi = math.sqrt(float(dx.double().square().mean()) / input_mu2)
     kinds = {s.name: s.kind for s in specs}
     out, prev, depth = [], input_chi, 0

@@ -20,21 +20,40 @@ from normfree.analysis.power import PowerResult
 from normfree.analysis.spp import SPPResult
 from normfree.atomic import atomic_save_figure
 
-__all__ = ["plot_moments", "plot_power", "plot_spp"]
+__all__ = ["check_figure_path", "plot_moments", "plot_power", "plot_spp"]
 
 _STYLES = ("-", "--", "-.", ":")  # overlapping curves stay visible
 
 
-def _figure(ncols: int, width: float = 4.6, height: float = 3.6) -> tuple[Any, Any]:
+def _figure_class() -> Any:
     try:
         from matplotlib.figure import Figure
     except ImportError as err:  # pragma: no cover - exercised with matplotlib hidden
         raise ImportError(
             "plotting needs matplotlib: pip install 'normfree[plot]' (or pip install matplotlib)"
         ) from err
-    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    return Figure
+
+
+def _figure(ncols: int, width: float = 4.6, height: float = 3.6) -> tuple[Any, Any]:
+    fig = _figure_class()(figsize=(width * ncols, height), layout="constrained")
     axes = fig.subplots(1, ncols, squeeze=False)[0]
     return fig, axes
+
+
+def check_figure_path(path: str | Path) -> None:
+    """Fail early when matplotlib is missing or cannot draw the image format of ``path`` (its
+    suffix; PNG when there is none): ``ImportError`` / ``ValueError`` naming the fix. Call it
+    before a long analysis whose figure goes to ``path``."""
+    _figure_class()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        others = ", ".join(sorted(supported))
+        raise ValueError(f"cannot draw a figure as {path}: matplotlib does not write '.{fmt}' "
+                         f"files; use .png, .pdf or .svg (or one of {others})")  # fmt: skip
 
 
 def _labels(results: Sequence[Any], labels: Sequence[str] | None) -> list[str]:
@@ -72,8 +91,9 @@ def plot_spp(
 
     Panels: ``avg_sq_mean``, ``avg_var``, ``res_avg_var`` against the point index; the stage
     boundaries are dotted vertical lines (grey when all results share them, else in each
-    result's colour). ``log_scale`` puts the y axes on a log scale. Returns the matplotlib
-    ``Figure``.
+    result's colour). ``log_scale`` puts the y axes on a log scale, except a panel with no
+    positive value (all-zero branches of Fixup), which stays linear and says so. Returns the
+    matplotlib ``Figure``.
     """
     items = _as_list(results, SPPResult)
     names = _labels(items, labels)
@@ -97,11 +117,15 @@ def plot_spp(
             for b in result.stage_boundaries:
                 ax.axvline(b - 0.5, color="0.4" if same else f"C{k % 10}", linestyle=":",
                            linewidth=0.9)  # fmt: skip
-    for ax, (_, heading) in zip(axes, panels):
+    for ax, (attr, heading) in zip(axes, panels):
         ax.set_title(heading)
         ax.set_xlabel("point (0 = stem, then residual blocks)")
-        if log_scale:
+        positive = any(v is not None and v > 0 for r in items for v in getattr(r, attr))
+        if log_scale and positive:  # values ≤ 0 are left out of a log axis
             ax.set_yscale("log")
+        elif log_scale:  # e.g. Fixup's all-zero branches: a log axis would be empty
+            ax.text(0.5, 0.5, "no positive values: linear scale", transform=ax.transAxes,
+                    ha="center", va="center", color="0.4")  # fmt: skip
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     if title:

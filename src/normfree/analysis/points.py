@@ -124,6 +124,11 @@ def resolve_modules(
     return sorted(chosen.items(), key=lambda item: order[item[0]])
 
 
+def _known_block(module: nn.Module) -> bool:
+    """A residual block by type: a :class:`ResidualBlock` or a known residual class name."""
+    return isinstance(module, ResidualBlock) or type(module).__name__ in KNOWN_RESIDUAL_CLASSES
+
+
 def _looks_residual(module: nn.Module) -> bool:
     if isinstance(module, ResidualBlock):
         return True
@@ -134,6 +139,14 @@ def _looks_residual(module: nn.Module) -> bool:
     return any(
         attr in module._modules or (attr in module.__dict__ and module.__dict__[attr] is None)
         for attr in SHORTCUT_ATTRIBUTES
+    )
+
+
+def _is_stage(module: nn.Module) -> bool:
+    """A module taken for a block only through a shortcut attribute that holds residual blocks
+    below it is a *stage* (timm's ``ConvNeXtStage``: a ``downsample`` then ``blocks``)."""
+    return not _known_block(module) and any(
+        _looks_residual(m) for n, m in module.named_modules() if n
     )
 
 
@@ -153,13 +166,15 @@ def find_residual_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     A block is a :class:`normfree.nn.ResidualBlock`, a module whose class name is in
     :data:`KNOWN_RESIDUAL_CLASSES`, or a module with one of :data:`SHORTCUT_ATTRIBUTES`
     (``downsample``, ``shortcut``, ...) as a child or set to ``None``, as in torchvision and timm.
-    Containers and the model itself are never blocks; blocks nested in a block are skipped.
+    Containers and the model itself are never blocks; blocks nested in a block are skipped. A
+    module found only through a shortcut attribute that holds blocks below it is a stage (timm's
+    ``ConvNeXtStage`` has a ``downsample`` and ``blocks``): its blocks are returned instead.
     """
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if not name or any(name.startswith(f + ".") for f, _ in found):
             continue
-        if _looks_residual(module):
+        if _looks_residual(module) and not _is_stage(module):
             found.append((name, module))
     return found
 
@@ -228,7 +243,8 @@ def default_points(model: nn.Module) -> list[PointSpec]:
     if not blocks:
         raise ValueError(
             f"could not find residual blocks in {type(model).__name__}; pass points=[...] "
-            "(module names or globs such as 'layer?.*' or 'features.**.relu')"
+            "(--points on the command line): module names or globs such as 'layer?.*' or "
+            "'features.**.relu'"
         )
     specs = _block_specs(blocks)
     stem = model._modules.get("stem")

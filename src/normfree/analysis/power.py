@@ -128,10 +128,13 @@ def power_profile(
     device: torch.device | str | None = None,
     channel_dim: int = 1,
     label: str | None = None,
+    skip_gains_to_one: bool = False,
 ) -> PowerResult:
     """The power decomposition at each point of ``model`` (pass the pre-activations, e.g.
     ``points="layers.*.norm"`` for :class:`~normfree.analysis.probes.FeedforwardProbe`).
-    Inputs, points, modes and guarantees as in :func:`normfree.analysis.signal_propagation`."""
+    Inputs, points, modes, ``skip_gains_to_one`` (SkipInit gains at 1 for the measurement; with
+    zero gains every block of an NF-ResNet is the identity) and guarantees as in
+    :func:`normfree.analysis.signal_propagation`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     specs = resolve_points(model, points)
@@ -140,9 +143,9 @@ def power_profile(
     def reduce(t: torch.Tensor, name: str) -> dict[str, float]:
         return power_decomposition(t, channel_dim)
 
-    with torch.no_grad(), analysis_mode(model, mode):
+    with torch.no_grad(), analysis_mode(model, mode, skip_gains_to_one):
         records, _ = record_points(model, lambda: model(x), specs, reduce)
     out = [PowerPoint(i, name, **rec["value"]) for i, (name, rec) in enumerate(records.items())]
     config = {"input": kind, "input_shape": list(x.shape[1:]), "batch_size": int(x.shape[0]),
-              "seed": seed, "mode": mode}  # fmt: skip
+              "seed": seed, "mode": mode, "skip_gains_to_one": bool(skip_gains_to_one)}  # fmt: skip
     return PowerResult(label or model_label(model), out, config)

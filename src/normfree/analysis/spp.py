@@ -169,8 +169,17 @@ class SPPResult(JsonResult):
         return "\n".join(lines)
 
 
-def write_csv(results: Sequence[SPPResult], path: str | Path) -> Path:
-    """Write several results to one CSV file (a ``label`` column tells them apart)."""
+def _result_list(results: SPPResult | Sequence[SPPResult]) -> list[SPPResult]:
+    items = [results] if isinstance(results, SPPResult) else list(results)
+    for r in items:
+        if not isinstance(r, SPPResult):
+            raise TypeError(f"expected SPPResult objects, got {type(r).__name__}")
+    return items
+
+
+def write_csv(results: SPPResult | Sequence[SPPResult], path: str | Path) -> Path:
+    """Write one or several results to one CSV file (a ``label`` column tells them apart)."""
+    results = _result_list(results)
     buf = io.StringIO(newline="")
     writer = csv.DictWriter(buf, fieldnames=["label", *SPPPoint.__dataclass_fields__])
     writer.writeheader()
@@ -180,9 +189,10 @@ def write_csv(results: Sequence[SPPResult], path: str | Path) -> Path:
     return atomic_write_text(path, buf.getvalue())
 
 
-def save_results(results: Sequence[SPPResult], path: str | Path) -> Path:
-    """Write several results to one JSON file (a list); read back with ``SPPResult.from_json``."""
-    return atomic_write_json(path, [r.to_dict() for r in results])
+def save_results(results: SPPResult | Sequence[SPPResult], path: str | Path) -> Path:
+    """Write one or several results to one JSON file (a list); read back with
+    ``SPPResult.from_json``."""
+    return atomic_write_json(path, [r.to_dict() for r in _result_list(results)])
 
 
 def resolve_points(
