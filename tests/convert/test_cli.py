@@ -193,3 +193,78 @@ def test_eval_of_a_converted_file_checks_its_json_path_first(tmp_path, monkeypat
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: cannot write {target}") and len(err.splitlines()) == 1
     assert ran == []  # refused before the evaluation
+
+
+def test_an_output_that_is_another_output_or_the_source_is_refused(tmp_path, capsys):
+    """--json naming the --out file replaced the converted model by the JSON report (and
+    "wrote" it); --out naming the SOURCE file overwrote the model being converted."""
+    from normfree.checkpoints.io import atomic_save
+
+    out = tmp_path / "m.safetensors"
+    rc = main(["convert", SPEC, "--to", "bn_free", "--out", str(out), "--image-size", "8",
+               "--json", str(tmp_path / "." / "m.safetensors")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: --json and --out are the same file")
+    assert not out.exists()
+    source = tmp_path / "model.pt"
+    atomic_save({"format": "something"}, source)
+    before = source.read_bytes()
+    for flag in ("--out", "--json"):
+        args = ["convert", str(source), "--to", "bn_free", "--image-size", "8"]
+        args += ["--out", str(tmp_path / "o.pt")] if flag == "--json" else []
+        rc = main([*args, flag, str(source)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and err[-1] == (f"error: {flag} {source} is the SOURCE file: writing it "
+                                       "would destroy the model being converted; write the "
+                                       "result to another file")  # fmt: skip
+        assert source.read_bytes() == before
+
+
+def test_a_missing_source_file_is_named_as_a_missing_file(tmp_path, capsys):
+    """A SOURCE path that does not exist was read as a normfree model name ("cannot build
+    'normfree:runs/x/best.pt': unknown model")."""
+    for source in ("missing.pt", str(tmp_path / "runs" / "best")):
+        rc = main(["convert", source, "--to", "bn_free", "--out", str(tmp_path / "o.pt"),
+                   "--image-size", "8"])  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and err == [f"error: no file {source!r} (an architecture is "
+                                   "torchvision:NAME, timm:NAME, a normfree NAME or "
+                                   "module:factory)"]  # fmt: skip
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_a_float64_converted_file_evaluates_and_trains_in_float32(tmp_path):
+    """load_converted keeps a float64 file's dtype; eval and the trainer's hook, which feed
+    float32 data, take it as float32 (eval stopped with a dtype-mismatch traceback)."""
+    import torch
+
+    from normfree.convert import build_converted, convert_model, save_converted
+    from normfree.convert.experiment import bn_resnet_small
+
+    kwargs = {"num_classes": 10, "in_chans": 1, "width": 4}
+    model = bn_resnet_small(**kwargs).double()
+    model.train()(torch.randn(4, 1, 8, 8, dtype=torch.float64))
+    c = convert_model(model.eval(), "bn_free", source=SPEC.partition("[")[0],
+                      source_kwargs=kwargs)  # fmt: skip
+    out = tmp_path / "f64.safetensors"
+    save_converted(c, out)
+    assert next(load_converted(out).parameters()).dtype == torch.float64
+    result = evaluate_converted_file(str(out), "digits", batch_size=512)
+    assert result["count"] == 359
+    built = build_converted(f"converted:{out}", 10, 1)
+    assert built.training and {p.dtype for p in built.parameters()} == {torch.float32}
+
+
+def test_converting_a_converted_file_says_so(tmp_path, capsys):
+    """A converted file as SOURCE was called "neither a normfree training checkpoint nor a
+    normfree model file; for a bare state dict give the architecture as SOURCE"."""
+    first = tmp_path / "bn_free.safetensors"
+    assert main(["convert", SPEC, "--to", "bn_free", "--out", str(first),
+                 "--image-size", "8", "--batch", "2"]) == 0  # fmt: skip
+    capsys.readouterr()
+    rc = main(["convert", str(first), "--to", "nf", "--out", str(tmp_path / "nf.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"error: {first} is already a converted model (a `normfree convert` "
+                               "output, without BatchNorm): convert the BatchNorm model it came "
+                               "from"]  # fmt: skip
+    assert not (tmp_path / "nf.pt").exists()

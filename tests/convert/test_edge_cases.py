@@ -227,3 +227,197 @@ def test_a_torch_compile_wrapper_is_refused_and_an_in_place_compiled_model_conve
     assert converted.report.norms == 1
     eager = nn.Sequential(*model).eval()  # the same layers, not compiled (no compile in a test)
     torch.testing.assert_close(converted(_x()), eager(_x()), rtol=1e-5, atol=1e-6)
+
+
+def test_a_torchvision_regnet_saves_and_loads_although_its_builder_cannot_run_on_meta(tmp_path):
+    """torchvision's RegNet builders compute their widths from tensor values (``.tolist()``),
+    which the meta device cannot do: the rebuild check falls back to a real build instead of
+    refusing every torchvision RegNet."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 3}
+    model = _warm(torchvision.models.regnet_x_400mf(**kwargs))
+    c = convert_model(model, "bn_free", _x(), source="torchvision:regnet_x_400mf",
+                      source_kwargs=kwargs)  # fmt: skip
+    for suffix in (".safetensors", ".pt"):
+        normfree.convert.save_converted(c, tmp_path / f"r{suffix}")
+        back = normfree.convert.load_converted(tmp_path / f"r{suffix}")
+        with torch.no_grad():
+            assert torch.equal(back(_x()), c(_x()))
+
+
+def _frozen_values(model: nn.Module) -> nn.Module:
+    """Move every frozen BN's buffers off their init (identity statistics would hide errors)."""
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__.startswith("FrozenBatchNorm"):
+                c = m.running_mean.numel()
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(c, generator=gen) - 0.5)
+                m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+    return model.eval()
+
+
+def test_frozen_batchnorms_convert_like_the_batchnorms_they_froze(tmp_path):
+    """torchvision's FrozenBatchNorm2d (detection backbones, timm's freeze_batch_norm_2d) and
+    timm's FrozenBatchNormAct2d are BN sites: bn_free folds them exactly, the GN modes replace
+    them; they were refused as "no BatchNorm2d: nothing to convert"."""
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.ops import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    model = _frozen_values(torchvision.models.resnet18(num_classes=3, norm_layer=FrozenBatchNorm2d))
+    x = _x()
+    with torch.no_grad():
+        ref = model(x)
+    c = convert_model(model, "bn_free", x, source="torchvision:resnet18",
+                      source_kwargs={"num_classes": 3})  # fmt: skip
+    assert c.report.norms == 20 and c.report.residuals == 8 and c.report.rel_error < 1e-5
+    assert not any("Frozen" in type(m).__name__ for m in c.modules())
+    normfree.convert.save_converted(c, tmp_path / "r.safetensors")  # same layers as unfrozen
+    with torch.no_grad():
+        assert torch.equal(normfree.convert.load_converted(tmp_path / "r.safetensors")(x), c(x))
+    gn = convert_model(model, "gn", x)
+    assert not any("Frozen" in type(m).__name__ for m in gn.modules())
+    assert sum(isinstance(m, nn.GroupNorm) for m in gn.modules()) == 20
+
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model("mobilenetv3_small_050", num_classes=3)
+    net = _frozen_values(timm.layers.freeze_batch_norm_2d(net))
+    assert any(type(m).__name__ == "FrozenBatchNormAct2d" for m in net.modules())
+    with torch.no_grad():
+        ref = net(x)
+    for mode in ("bn_free", "nf", "gnpn"):
+        c = convert_model(net, mode, x)
+        assert not any("Frozen" in type(m).__name__ for m in c.modules()), mode
+        assert c.report.norms == 34, mode
+    with torch.no_grad():
+        out = convert_model(net, "bn_free", x)(x)
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_a_functional_batch_norm_of_a_weight_is_weight_standardization_not_a_bn_site():
+    """timm's StdConv2d standardizes its weight with F.batch_norm: that call reads no activation,
+    so it is no BN site. A BN after such a conv converts (as an exact affine), and a model with
+    no BN (timm's NF-ResNets, BiT) is "nothing to convert", not "replace the functional call"."""
+    timm = pytest.importorskip("timm")
+    from timm.layers import StdConv2d
+
+    torch.manual_seed(0)
+    model = _warm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), StdConv2d(4, 4, 3),
+                                nn.BatchNorm2d(4), nn.ReLU()))  # fmt: skip
+    x = _x()
+    with torch.no_grad():
+        ref = model(x)
+    c = convert_model(model, "bn_free", x, standalone_bn="affine")
+    assert c.report.norms == 2 and c.report.affine == 1
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConversionError, match="NormFreeNet has no BatchNorm2d: there is nothing"):
+        convert_model(timm.create_model("nf_resnet26", num_classes=2), "bn_free")
+
+    class Functional(nn.Module):  # on activations it is still refused
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.register_buffer("mean", torch.zeros(4))
+            self.register_buffer("var", torch.ones(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.batch_norm(self.conv(x), self.mean, self.var)
+
+    with pytest.raises(ConversionError, match="functional batch_norm call 'batch_norm'"):
+        convert_model(Functional(), "bn_free")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_float64_converted_model_loads_back_in_float64(tmp_path, suffix):
+    """load_converted rebuilt the source in float32 and cast the file's float64 tensors into it:
+    the model came back in float32, its outputs rounded."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = _warm(torchvision.models.resnet18(num_classes=3).double(), (4, 3, 16, 16))
+    x = _x(dtype=torch.float64)
+    c = convert_model(model, "bn_free", x, source="torchvision:resnet18",
+                      source_kwargs={"num_classes": 3})  # fmt: skip
+    normfree.convert.save_converted(c, tmp_path / f"m{suffix}")
+    back = normfree.convert.load_converted(tmp_path / f"m{suffix}")
+    assert {t.dtype for t in back.state_dict().values() if t.is_floating_point()} == {torch.float64}
+    with torch.no_grad():
+        assert torch.equal(back(x), c(x))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_a_bn_without_running_statistics_converts_to_the_gn_modes(affine):
+    """The GN modes take only a BN's γ and β, so a BN with track_running_stats=False (batch
+    statistics even in eval) converts to them; only the modes that fold running statistics
+    refuse it, naming the GN modes. It was refused in every mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, track_running_stats=False, affine=affine),
+        nn.ReLU(), nn.BatchNorm2d(8, track_running_stats=False, affine=affine),
+        nn.Conv2d(8, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    ).eval()  # fmt: skip
+    if affine:
+        with torch.no_grad():
+            model[1].weight.uniform_(0.5, 1.5)
+            model[1].bias.uniform_(-0.3, 0.3)
+    x = _x()
+    for mode in ("bn_free", "nf"):
+        with pytest.raises(ConversionError, match=r"'1' has no running statistics.*mode 'gn' or"):
+            convert_model(model, mode, standalone_bn="affine")
+    for mode in ("gn", "gnpn"):
+        c = convert_model(model.double(), mode, x.double())
+        assert c.report.norms == 2 and {p.dtype for p in c.parameters()} == {torch.float64}
+        norms = [m for m in c.modules() if isinstance(m, nn.GroupNorm)]
+        assert len(norms) == 2
+        if affine:  # the first BN's γ reaches its replacement
+            assert any(torch.equal(p, model[1].weight) for p in c.parameters())
+        with torch.no_grad():
+            whole = c(x.double())
+            alone = torch.cat([c(x[i : i + 1].double()) for i in range(len(x))])
+        assert torch.allclose(whole, alone, rtol=1e-10, atol=1e-12)
+        model.float()
+
+
+def test_a_bn_after_a_same_padded_conv_folds_into_it_at_every_input_size(tmp_path):
+    """timm's tf_* models pad "SAME" per input size (Conv2dSame): torch.fx could not trace them
+    ("cannot trace EfficientNet ... in Conv2dSame 'conv_stem'"). The conv is now one leaf call,
+    bn_free folds its BN into it (still "SAME", exact at any size), the GN modes keep it, and nf
+    names the conv unless the BN is kept as an affine."""
+    from normfree.nn.padding import Conv2dSame
+
+    torch.manual_seed(0)
+    model = _warm(nn.Sequential(Conv2dSame(3, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8),
+                                nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)))  # fmt: skip
+    c = convert_model(model, "bn_free", _x())
+    assert c.report.norms == 2 and c.report.affine == 0
+    assert isinstance(c.net.get_submodule("0"), Conv2dSame)
+    for size in (15, 16):  # "SAME" pads differently at odd and even sizes
+        x = torch.randn(2, 3, size, size + 3)
+        with torch.no_grad():
+            torch.testing.assert_close(c(x), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConversionError, match=r"follows Conv2dSame '0', which pads \"SAME\""):
+        convert_model(model, "nf", _x())
+    nf = convert_model(model, "nf", _x(), standalone_bn="affine")
+    assert nf.report.affine == 1 and isinstance(nf.net.get_submodule("0"), Conv2dSame)
+    gn = convert_model(model, "gn", _x())
+    assert isinstance(gn.net.get_submodule("0"), Conv2dSame)
+
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = _warm(timm.create_model("tf_mobilenetv3_small_minimal_100", num_classes=3))
+    kwargs = {"num_classes": 3}
+    c = convert_model(net, "bn_free", _x(), source="timm:tf_mobilenetv3_small_minimal_100",
+                      source_kwargs=kwargs)  # fmt: skip
+    assert c.report.norms == 34 and c.report.rel_error < 1e-5
+    x = torch.randn(2, 3, 33, 35)
+    with torch.no_grad():
+        assert float((c(x) - net(x)).norm() / net(x).norm()) < 1e-5
+    normfree.convert.save_converted(c, tmp_path / "tf.safetensors")
+    with torch.no_grad():
+        back = normfree.convert.load_converted(tmp_path / "tf.safetensors")
+        assert torch.equal(back(x), c(x))

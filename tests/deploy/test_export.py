@@ -255,3 +255,84 @@ def test_an_input_too_large_to_allocate_is_one_line(tmp_path: Path, monkeypatch,
     err = capsys.readouterr().err.strip()
     assert err == "error: out of memory (223.5 GiB asked for): use a smaller --image-size"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_a_features_only_backbone_exports_every_feature_map(tmp_path: Path, fmt: str) -> None:
+    """A backbone returning a list of feature maps exports as a graph with one output per map
+    (ONNX: output_0, output_1, ...), each checked against the eager model's."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model = normfree.create_model("nf_resnet_cifar20", features_only=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path / f"backbone.{fmt}"
+    result = export_model(model, path, (3, 16, 16))
+    assert result.verified_with is not None and result.max_abs_diff < 1e-4
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    if fmt == "pt2":
+        got = torch.export.load(str(path)).module()(x)
+    else:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [o.name for o in session.get_outputs()] == [f"output_{i}" for i in range(4)]
+        got = [torch.from_numpy(y) for y in session.run(None, {"input": x.numpy()})]
+    assert len(got) == len(expected) == 4
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_returning_neither_tensor_nor_tensors_is_an_export_error(tmp_path: Path) -> None:
+    class Dict(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"y": self.conv(x)}
+
+    with pytest.raises(ExportError, match="returns a dict; export takes a model that returns"):
+        export_model(Dict(), tmp_path / "d.pt2", (3, 4, 4))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_of_a_converted_file_refuses_weights_and_overrides(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--override num_classes=3 on a converted-model file was ignored: the export went ahead with
+    the file's own head and said nothing."""
+    pytest.importorskip("torchvision")
+    converted = tmp_path / "c.safetensors"
+    assert main(["convert", "torchvision:resnet18[num_classes=4]", "--to", "bn_free",
+                 "--out", str(converted), "--image-size", "8", "--batch", "2"]) == 0  # fmt: skip
+    capsys.readouterr()
+    for extra in (["--override", "num_classes=3"], ["--weights", str(converted)]):
+        rc = main(["export", str(converted), "--out", str(tmp_path / "m.pt2"), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and err == [
+            "error: --weights/--override apply to a model SOURCE, not a converted-model file"
+        ]
+    assert not (tmp_path / "m.pt2").exists()
+
+
+def test_export_command_of_a_features_only_backbone_reads_its_networks_metadata(
+    tmp_path: Path,
+) -> None:
+    """`normfree export NAME[features_only=true]` asked for --image-size and wrote no mean/std:
+    the backbone wrapper declares nothing, the network inside it does."""
+    out = tmp_path / "backbone.pt2"
+    assert main(["export", "nf_resnet_cifar20[features_only=true]", "--out", str(out)]) == 0
+    sidecar = json.loads(out.with_name("backbone.pt2.json").read_text())
+    declared = normfree.create_model("nf_resnet_cifar20").pretrained_cfg
+    assert sidecar["input_shape"] == [3, 32, 32]
+    assert sidecar["metadata"]["model"] == "nf_resnet_cifar20"
+    assert sidecar["metadata"]["mean"] == pytest.approx(list(declared["mean"]))
+    assert sidecar["metadata"]["std"] == pytest.approx(list(declared["std"]))
+    outputs = torch.export.load(str(out)).module()(torch.randn(2, 3, 32, 32))
+    assert [tuple(t.shape) for t in outputs] == [(2, 16, 32, 32), (2, 16, 32, 32),
+                                                 (2, 32, 16, 16), (2, 64, 8, 8)]  # fmt: skip

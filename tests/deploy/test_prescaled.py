@@ -103,3 +103,33 @@ def test_blocks_that_run_their_plain_form_stay_usable() -> None:
             want = model(inputs)
             got = prepare_for_inference(model)(inputs)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_wrapper_whose_first_conv_is_not_the_input_conv_folds_and_exports(tmp_path) -> None:
+    """The recording forward took its channels from the first conv in module order: a wrapper
+    registering a neck conv before its backbone could not be folded, nor exported even with
+    the input shape given ("expects 3 input channels, got 64")."""
+    from torch import nn
+
+    from normfree.deploy import export_model
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.neck = nn.Conv2d(64, 8, 1)  # registered first, reads the backbone's output
+            self.backbone = _trained_like("nf_resnet_cifar20")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.neck(self.backbone.forward_features(x))
+
+    model = Wrapper().eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+        for fast in (prepare_for_inference(model), prepare_for_inference(model, x)):
+            assert any(isinstance(m, PrescaledConv2d) for m in fast.modules())
+            torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
+    result = export_model(model, tmp_path / "w.pt2", (3, 16, 16))
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+    with pytest.raises(TypeError, match="example_input must be a tensor"):
+        prepare_for_inference(model, [x])  # type: ignore[arg-type]

@@ -356,6 +356,20 @@ def _rebuild(description: dict[str, Any]) -> ConvertedModel:
     )  # fmt: skip
 
 
+def _skeleton(description: dict[str, Any]) -> ConvertedModel:
+    """The converted model a description names, built on the meta device (no memory spent on
+    weights that the file or the model at hand must fill), or, for a builder that computes with
+    tensor values while it builds (torchvision's RegNets derive their widths with
+    ``torch.round(...).tolist()``, which the meta device cannot run), on the default device."""
+    try:
+        with torch.device("meta"):
+            return _rebuild(description)
+    except (ConversionError, NotImplementedError, RuntimeError):
+        if torch.get_default_device().type == "meta":
+            raise
+        return _rebuild(description)  # a real error fails here again, and is reported
+
+
 def _check_rebuilds(model: ConvertedModel) -> None:
     """Refuse to describe ``model`` by a source that does not rebuild it: the description is
     rebuilt on the meta device and must give the same tensors, modules and graph."""
@@ -364,8 +378,7 @@ def _check_rebuilds(model: ConvertedModel) -> None:
     fix = ("pass convert_model(..., source=..., source_kwargs=...) with every option the model "
            "was built with, or save with allow_pickle=True (a pickled module)")  # fmt: skip
     try:
-        with torch.device("meta"):
-            rebuilt = _rebuild(desc)
+        rebuilt = _skeleton(desc)
     except (ConversionError, CheckpointError, ValueError, TypeError) as e:
         raise ConversionError(f"the source {spec} cannot be rebuilt ({e}); {fix}") from e
     report = compare_state_dict(rebuilt, model.state_dict())
@@ -450,8 +463,9 @@ def load_converted(
 ) -> ConvertedModel:
     """Rebuild a model written by :func:`save_converted` (eval mode): the source architecture
     is built from the description, converted again (structure only) and the tensors loaded
-    strictly. Pickled full modules load only with ``trust_pickle=True``; a description naming
-    a ``package.module:factory`` other than normfree's own only with ``trust_code=True`` (see
+    strictly, in the dtype of the file's floating tensors. Pickled full modules load only with
+    ``trust_pickle=True``; a description naming a ``package.module:factory`` other than
+    normfree's own only with ``trust_code=True`` (see
     :func:`normfree.convert.sources.check_file_source`)."""
     path = Path(path)
     description, state = _read(path, trust_pickle)
@@ -464,8 +478,7 @@ def load_converted(
     if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
         raise CheckpointError(f"{path}: its weights are not a mapping of names to tensors")
     check_file_source(description["source"], description.get("source_kwargs"), path, trust_code)
-    with torch.device("meta"):  # the file's tensors must fill it before memory is spent on it
-        skeleton = _rebuild(description)
+    skeleton = _skeleton(description)  # the file's tensors must fit it before they are loaded
     report = compare_state_dict(skeleton, state)
     wrong = report.differences
     if wrong:
@@ -475,7 +488,11 @@ def load_converted(
         )
     if torch.get_default_device().type == "meta":  # a skeleton was asked for (shape checks)
         return skeleton.eval()
-    converted = _rebuild(description)
+    meta = any(t.is_meta for t in skeleton.state_dict().values())
+    converted = _rebuild(description) if meta else skeleton  # (built for real already)
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) == 1:  # a float64 (or bf16) model comes back in its own dtype, not float32
+        converted.to(dtype=dtypes.pop())
     load_state_dict_checked(converted, state, strict=True, source=str(path))
     if isinstance(description.get("data"), dict):  # the training data it records (export)
         converted.description["data"] = description["data"]
@@ -505,7 +522,7 @@ def build_converted(
     spec: str, num_classes: int, in_chans: int, kwargs: dict[str, Any] | None = None
 ) -> ConvertedModel:
     """The model of ``normfree train model=converted:PATH``: the converted model in ``PATH``
-    (training mode), checked against the dataset's classes and channels."""
+    (training mode, float32), checked against the dataset's classes and channels."""
     path = spec[len(CONVERTED_PREFIX):] if spec.startswith(CONVERTED_PREFIX) else spec
     if kwargs:
         raise ValueError(f"a converted model takes no model options, got {sorted(kwargs)}")
@@ -521,4 +538,4 @@ def build_converted(
             f"dataset has {num_classes} classes and {in_chans} channels; convert a model built "
             "for this dataset"
         )
-    return model.train()
+    return model.float().train()  # a float64 file trains in float32, as every model does

@@ -151,7 +151,13 @@ def _from_file(
     from normfree.checkpoints import CheckpointError
     from normfree.checkpoints.errors import UnsafePickleError
     from normfree.checkpoints.io import load_tensors, load_trusted_pickle
+    from normfree.convert.api import is_converted_file
 
+    if is_converted_file(path):  # not "a bare state dict": it has no BatchNorm left
+        raise ValueError(
+            f"{path} is already a converted model (a `normfree convert` output, without "
+            "BatchNorm): convert the BatchNorm model it came from"
+        )
     try:
         obj = load_tensors(path, trust_hint="--trust-pickle")
     except UnsafePickleError:
@@ -239,6 +245,51 @@ def _example(args: argparse.Namespace, model: nn.Module) -> torch.Tensor:
     return torch.randn(args.batch, in_chans or 3, size, size, generator=g)
 
 
+def _same_file(a: str | None, b: str | None) -> bool:
+    """Whether two paths name one file (the same path, or links to one existing file)."""
+    if not a or not b:
+        return False
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return pa.samefile(pb)
+    return pa.resolve() == pb.resolve()
+
+
+def _check_outputs_distinct(args: argparse.Namespace) -> None:
+    """Refuse an output path that is another output or an input: the report would replace the
+    converted model (``--json`` = ``--out``), or the result the model it was converted from."""
+    if _same_file(args.out, args.json):
+        raise ValueError(
+            f"--json and --out are the same file ({args.out}): the report would replace the "
+            "converted model; give the report another name"
+        )
+    for given, flag in ((args.source, "SOURCE"), (args.weights, "--weights")):
+        for out, out_flag in ((args.out, "--out"), (args.json, "--json")):
+            if given and Path(given).is_file() and _same_file(out, given):
+                raise ValueError(
+                    f"{out_flag} {out} is the {flag} file: writing it would destroy the model "
+                    "being converted; write the result to another file"
+                )
+
+
+def _check_source_exists(spec: str) -> None:
+    """A SOURCE that names a file (a path, or a checkpoint suffix) must exist: it is never a
+    model name, and "unknown model 'runs/x/best.pt'" would not say what is wrong."""
+    from normfree.analysis.cli import _FILE_SUFFIXES
+
+    path = Path(spec)
+    names_a_file = ":" not in spec and ("/" in spec or path.suffix in _FILE_SUFFIXES)
+    if path.is_file() or not names_a_file:  # (timm:hf-hub:org/name is an architecture)
+        return
+    if path.is_dir():
+        raise ValueError(f"{spec} is a folder: give a model file in it (a run folder's best.pt "
+                         "or last.pt), or an architecture")  # fmt: skip
+    raise ValueError(
+        f"no file {spec!r} (an architecture is torchvision:NAME, timm:NAME, a normfree NAME or "
+        "module:factory)"
+    )
+
+
 def run_convert(args: argparse.Namespace) -> int:
     """Entry point of ``normfree convert``."""
     from normfree.atomic import check_writable
@@ -246,10 +297,12 @@ def run_convert(args: argparse.Namespace) -> int:
     from normfree.convert import ConversionError, convert_model, save_converted
 
     try:
+        _check_outputs_distinct(args)
         check_writable(args.out, args.json)
         if Path(args.out).suffix not in (".safetensors", ".pt", ".pth"):
             raise ValueError(f"--out must end in .safetensors or .pt, got {args.out!r}")
         source = Path(args.source)
+        _check_source_exists(args.source)
         if source.is_file():
             if args.weights:
                 raise ValueError("--weights applies to an architecture SOURCE, not a file")
@@ -304,7 +357,7 @@ def evaluate_converted_file(
         raise ValueError(f"{path} is a converted model: pass --data (it records no dataset)")
     if split not in ("val", "train"):
         raise ValueError(f"split must be 'val' or 'train', got {split!r}")
-    model = load_converted(path, trust_pickle=trust_pickle)
+    model = load_converted(path, trust_pickle=trust_pickle).float()  # fp32, as the data
     bundle = build_datasets(data, image_size=image_size, test_size=test_size, augment=None)
     if model.num_classes is None:
         raise ValueError(f"{path} has no classifier (no nn.Linear): eval needs class logits")

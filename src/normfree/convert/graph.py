@@ -3,7 +3,8 @@
 Nothing here guesses from module names: every pattern is read from the traced graph.
 
 * :func:`trace` - ``torch.fx.symbolic_trace`` with every ``nn.modules.batchnorm._BatchNorm`` kept
-  as one leaf call (so that subclasses are seen as the BN they are).
+  as one leaf call (so that subclasses are seen as the BN they are), and every frozen BN
+  (torchvision's ``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d``: :func:`is_frozen_bn`).
 * :func:`find_norms` - each BatchNorm call with the conv that feeds it (a :data:`PLAIN_CONVS`
   module; when the BN's
   input is a conv used only by that BN: the foldable ``Conv→BN`` pattern of Ioffe & Szegedy 2015,
@@ -42,7 +43,11 @@ __all__ = [
     "find_norms",
     "find_residual_adds",
     "is_bn_act",
+    "is_frozen_bn",
+    "is_norm",
+    "is_same_conv",
     "last_linear",
+    "norm_channels",
     "trace",
 ]
 
@@ -59,7 +64,8 @@ _FUNCTIONAL_BN = {torch.nn.functional.batch_norm, torch.batch_norm}
 # Conv modules whose forward is exactly ``F.conv2d(x, weight, bias, ...)`` of their attributes:
 # kept as leaf calls, so that a BN after one folds into it. normfree's own convs of BN models
 # compute the same convolution in other forms (a 1×1 as a matrix product); other subclasses
-# (timm's Conv2dSame, StdConv2d) change it, and are traced through.
+# (timm's StdConv2d) change it, and are traced through. ``Conv2dSame`` (:func:`is_same_conv`)
+# pads first and is a leaf of its own kind.
 PLAIN_CONVS: tuple[type[nn.Conv2d], ...] = (nn.Conv2d, HeConv2d, PointwiseConv2d)
 
 
@@ -68,14 +74,49 @@ class ConversionError(ValueError):
     module and what the mode supports."""
 
 
+def is_frozen_bn(module: nn.Module) -> bool:
+    """A frozen BatchNorm: torchvision's ``FrozenBatchNorm2d`` (detection backbones, timm's
+    ``freeze_batch_norm_2d``) or timm's ``FrozenBatchNormAct2d``, the eval transform of a BN
+    held in buffers (``weight``, ``bias``, ``running_mean``, ``running_var``, ``eps``);
+    recognised by class name and those tensors (neither library is imported)."""
+    return (
+        type(module).__name__ in ("FrozenBatchNorm2d", "FrozenBatchNormAct2d")
+        and all(
+            isinstance(getattr(module, key, None), torch.Tensor) and getattr(module, key).dim() == 1
+            for key in ("weight", "bias", "running_mean", "running_var")
+        )
+        and isinstance(getattr(module, "eps", None), float)
+    )
+
+
+def is_same_conv(module: nn.Module | None) -> bool:
+    """timm's or normfree's ``Conv2dSame``: an ``nn.Conv2d`` that pads TF's ``"SAME"`` for each
+    input's size, then convolves with its own weight and bias (timm's ``tf_*`` models). Kept as
+    a leaf (its padding branches on the input's shape, which torch.fx cannot trace); ``bn_free``
+    folds a BN into it."""
+    return isinstance(module, nn.Conv2d) and type(module).__name__ == "Conv2dSame"
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A module conversion treats as one BatchNorm site: a ``_BatchNorm`` or a frozen BN."""
+    return isinstance(module, _BatchNorm) or is_frozen_bn(module)
+
+
+def norm_channels(module: nn.Module) -> int:
+    """The channels of a BN site (frozen BNs have no ``num_features``)."""
+    features = getattr(module, "num_features", None)
+    return int(features) if isinstance(features, int) else int(module.running_mean.numel())
+
+
 class _Tracer(fx.Tracer):
-    """Keeps every BatchNorm (subclasses too), every :data:`PLAIN_CONVS` conv and every plain
-    torch.nn module as a leaf."""
+    """Keeps every BatchNorm (subclasses and frozen BNs too), every :data:`PLAIN_CONVS` conv,
+    every ``Conv2dSame`` (:func:`is_same_conv`) and every plain torch.nn module as a leaf."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (
-            isinstance(m, _BatchNorm)
+            is_norm(m)
             or type(m) in PLAIN_CONVS
+            or is_same_conv(m)
             or super().is_leaf_module(m, module_qualified_name)
         )
 
@@ -156,46 +197,63 @@ def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
     return f"{node.op} {getattr(node.target, '__name__', node.target)}"
 
 
-def find_norms(gm: fx.GraphModule) -> list[NormSite]:
+def _input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes whose value depends on a graph input (activations, not only parameters: timm's
+    ``StdConv2d`` standardizes its weight with a functional ``batch_norm`` of the weight)."""
+    found: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(i in found for i in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
+def find_norms(gm: fx.GraphModule, running_stats: bool = True) -> list[NormSite]:
     """Every BatchNorm call of ``gm`` in graph order, with its feeding conv and following act.
 
-    Raises :class:`ConversionError` for: no BatchNorm at all, a functional ``batch_norm`` call,
+    Raises :class:`ConversionError` for: no BatchNorm at all, a functional ``batch_norm`` call
+    on activations (one on weights only, as timm's ``StdConv2d`` makes, is no BN site),
     a BN other than ``BatchNorm2d`` (e.g. ``BatchNorm1d`` in an MLP), a BN module called more
-    than once, a BN without running statistics, and a BN subclass with extra behaviour (e.g.
-    timm's ``BatchNormAct2d``).
+    than once, a BN without running statistics when ``running_stats`` (the modes that fold
+    them need them; the GN modes take only γ and β), and a BN subclass with extra behaviour
+    (e.g. timm's ``BatchNormAct2d``).
     """
     sites: list[NormSite] = []
     seen: dict[str, int] = {}
+    from_input = _input_dependent(gm)
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _FUNCTIONAL_BN:
+        if (node.op == "call_function" and node.target in _FUNCTIONAL_BN
+                and node in from_input):  # (on weights only: weight standardization)  # fmt: skip
             raise ConversionError(
                 f"functional batch_norm call '{node.name}': conversion handles BatchNorm2d "
                 "modules only (replace the functional call by an nn.BatchNorm2d)"
             )
         module = _module(gm, node)
-        if not isinstance(module, _BatchNorm):
+        if module is None or not is_norm(module):
             continue
         name = str(node.target)
         seen[name] = seen.get(name, 0) + 1
         fused = is_bn_act(module)
-        if type(module) not in (nn.BatchNorm2d, nn.SyncBatchNorm) and not fused:
+        frozen = is_frozen_bn(module)
+        if type(module) not in (nn.BatchNorm2d, nn.SyncBatchNorm) and not fused and not frozen:
             kind = type(module).__name__
             what = ("2-D conv nets (BatchNorm2d after a Conv2d)"
                     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm3d))
-                    else "plain BatchNorm2d and timm's BatchNormAct2d (this subclass adds "
-                    "behaviour the modes do not know)")
+                    else "plain BatchNorm2d, timm's BatchNormAct2d and frozen BNs (this "
+                    "subclass adds behaviour the modes do not know)")
             raise ConversionError(f"{kind} '{name}': conversion supports {what}")  # fmt: skip
-        if not module.track_running_stats or module.running_mean is None:
+        no_stats = not frozen and (not module.track_running_stats or module.running_mean is None)
+        if running_stats and no_stats:
             raise ConversionError(
                 f"BatchNorm2d '{name}' has no running statistics (track_running_stats=False): it "
                 "normalizes with the statistics of each batch even in eval mode, so there is no "
-                "fixed transform to convert; retrain it with running statistics"
+                "fixed transform to fold; use mode 'gn' or 'gnpn' (per-example statistics, "
+                "BN's affine), or retrain it with running statistics"
             )
         src = node.args[0]
         conv = None
         if (
             isinstance(src, fx.Node)
-            and type(_module(gm, src)) in PLAIN_CONVS
+            and (type(_module(gm, src)) in PLAIN_CONVS or is_same_conv(_module(gm, src)))
             and len(src.users) == 1
         ):
             conv = src
@@ -235,11 +293,14 @@ def find_norms(gm: fx.GraphModule) -> list[NormSite]:
 
 
 def is_bn_act(module: nn.Module) -> bool:
-    """timm's ``BatchNormAct2d``: BatchNorm2d → ``drop`` → ``act`` in one module (recognised by
-    class and its two submodules; timm is not imported)."""
+    """timm's ``BatchNormAct2d`` (or ``FrozenBatchNormAct2d``): BatchNorm2d → ``drop`` → ``act``
+    in one module (recognised by class and its two submodules; timm is not imported)."""
+    kind = type(module).__name__
     return (
-        isinstance(module, nn.BatchNorm2d)
-        and type(module).__name__ == "BatchNormAct2d"
+        (
+            (isinstance(module, nn.BatchNorm2d) and kind == "BatchNormAct2d")
+            or (kind == "FrozenBatchNormAct2d" and is_frozen_bn(module))
+        )
         and isinstance(getattr(module, "drop", None), nn.Module)
         and isinstance(getattr(module, "act", None), nn.Module)
     )

@@ -60,6 +60,8 @@ from normfree.convert.graph import (
     find_norms,
     find_residual_adds,
     is_bn_act,
+    is_same_conv,
+    norm_channels,
 )
 from normfree.convert.layers import ChannelAffine
 from normfree.nn.norm import group_norm_groups
@@ -138,8 +140,9 @@ class ConvertOptions:
         return cls(**data)
 
 
-def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
-    """``(s, t)`` in float64 with ``BN_eval(z) = s·z + t`` per channel."""
+def bn_scale_shift(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """``(s, t)`` in float64 with ``BN_eval(z) = s·z + t`` per channel (a BatchNorm's running
+    statistics and affine, or a frozen BN's buffers)."""
     mean = bn.running_mean.detach().double()
     inv = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
     gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mean)
@@ -148,7 +151,7 @@ def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]
     return scale, beta - mean * scale
 
 
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
     """``(W_f, b_f)`` in float64: the conv equal to ``BN_eval(conv(x))``."""
     scale, shift = bn_scale_shift(bn)
     weight = conv.weight.detach().double() * scale.reshape(-1, 1, 1, 1)
@@ -201,6 +204,16 @@ def _placed(module: nn.Module, like: Tensor) -> nn.Module:
     return module.to(device=like.device, dtype=like.dtype if like.is_floating_point() else None)
 
 
+def _reference_tensor(gm: fx.GraphModule, bn: nn.Module) -> Tensor:
+    """A tensor whose device and dtype a BN's replacement takes: its running mean, its weight,
+    else (a BN with neither) the model's first floating tensor."""
+    for t in (getattr(bn, "running_mean", None), getattr(bn, "weight", None)):
+        if isinstance(t, Tensor):
+            return t
+    tensors = [*gm.parameters(), *gm.buffers()]
+    return next((t for t in tensors if t.is_floating_point()), torch.zeros(()))
+
+
 def _like(param: Tensor, value: Tensor) -> Tensor:
     return value.to(dtype=param.dtype, device=param.device)
 
@@ -246,8 +259,17 @@ def _standalone_error(gm: fx.GraphModule, site: NormSite, mode: str) -> Conversi
     )
 
 
-def _affine_of(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
-    c = bn.num_features
+def _same_conv_error(kind: str, conv_name: str, bn_name: str) -> ConversionError:
+    return ConversionError(
+        f"BatchNorm2d '{bn_name}' follows {kind} '{conv_name}', which pads \"SAME\" for each "
+        "input's size: mode 'nf' has no Weight-Standardized conv with that padding; use mode "
+        "'bn_free', or pass standalone_bn='affine' (CLI: --standalone-bn affine) to keep the "
+        "conv and the BN as an exact per-channel affine after it"
+    )
+
+
+def _affine_of(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    c = norm_channels(bn)
     gamma = bn.weight.detach() if bn.weight is not None else torch.ones(c)
     beta = bn.bias.detach() if bn.bias is not None else torch.zeros(c)
     return gamma, beta
@@ -275,7 +297,7 @@ def replace_norms(
     weight is 0, which Weight Standardization would make of it."""
     if mode not in MODES:
         raise ConversionError(f"unknown mode {mode!r}; choose one of {sorted(MODES)}")
-    sites = find_norms(gm)
+    sites = find_norms(gm, running_stats=mode in ("bn_free", "nf"))
     folded: dict[str, tuple[Tensor, Tensor]] = {}
     affines = 0
     for site in sites:
@@ -284,12 +306,16 @@ def replace_norms(
         tail = [copy.deepcopy(bn.drop), copy.deepcopy(bn.act)] if is_bn_act(bn) else []
         conv_name = str(site.conv.target) if site.conv is not None else ""
         conv = gm.get_submodule(conv_name) if site.conv is not None else None
+        if is_same_conv(conv) and mode != "bn_free":  # no WS conv pads "SAME" dynamically
+            if mode == "nf" and options.standalone_bn != "affine":
+                raise _same_conv_error(type(conv).__name__, conv_name, site.bn_name)
+            conv = None  # the BN is kept as an affine (nf) or a GroupNorm after it (gn modes)
         if mode in ("bn_free", "nf"):
             if conv is None:
                 if options.standalone_bn != "affine":
                     raise _standalone_error(gm, site, mode)
                 scale, shift = bn_scale_shift(bn)
-                affine = _placed(ChannelAffine(bn.num_features), bn.running_mean)
+                affine = _placed(ChannelAffine(norm_channels(bn)), bn.running_mean)
                 with torch.no_grad():
                     affine.weight.copy_(scale)
                     affine.bias.copy_(shift)
@@ -297,7 +323,11 @@ def replace_norms(
                 affines += 1
                 continue
             weight, bias = fold_conv_bn(conv, bn)
-            if mode == "bn_free" or weight[0].numel() < 2:  # (a fan-in of 1: see the docstring)
+            if is_same_conv(conv):  # the same conv ("SAME" padding) with the folded tensors
+                new = copy.deepcopy(conv)
+                new.weight = nn.Parameter(_like(conv.weight, weight))
+                new.bias = nn.Parameter(_like(conv.weight, bias))
+            elif mode == "bn_free" or weight[0].numel() < 2:  # (a fan-in of 1: the docstring)
                 new = _uninitialised(nn.Conv2d, conv, **_conv_kwargs(conv, conv_name, plain=True),
                                      bias=True)  # fmt: skip
                 with torch.no_grad():
@@ -312,16 +342,17 @@ def replace_norms(
             else:
                 _drop_node(gm, site.bn, site.conv)
             continue
-        # GN modes
+        # GN modes (a BN without running statistics is fine: only γ and β are taken)
+        like = _reference_tensor(gm, bn)
         if conv is not None:
             _set_module(gm, conv_name, _ws_conv(conv, conv_name))
-        c = bn.num_features
+        c = norm_channels(bn)
         groups = group_norm_groups(c, options.max_groups)
         gamma, beta = _affine_of(bn)
         if mode == "gnpn" and site.act is not None:
             block = NormAct(c, "gn", proxy=True, activation=_activation_module(gm, site.act),
                             num_groups=groups, eps_norm=bn.eps)  # fmt: skip
-            _placed(block, bn.running_mean)
+            _placed(block, like)
             with torch.no_grad():
                 block.act.weight.copy_(gamma)
                 block.act.bias.copy_(beta)
@@ -331,15 +362,15 @@ def replace_norms(
             act = tail[1]
             if hasattr(act, "inplace"):
                 act.inplace = False
-            pn = _placed(ProxyNormActivation(c, act), bn.running_mean)
+            pn = _placed(ProxyNormActivation(c, act), like)
             with torch.no_grad():
                 pn.weight.copy_(gamma)
                 pn.bias.copy_(beta)
             norm = nn.GroupNorm(groups, c, eps=bn.eps, affine=False)
-            block = _placed(nn.Sequential(norm, tail[0], pn), bn.running_mean)
+            block = _placed(nn.Sequential(norm, tail[0], pn), like)
             _set_module(gm, site.bn_name, block)
         else:
-            norm = _placed(nn.GroupNorm(groups, c, eps=bn.eps, affine=True), bn.running_mean)
+            norm = _placed(nn.GroupNorm(groups, c, eps=bn.eps, affine=True), like)
             with torch.no_grad():
                 norm.weight.copy_(gamma)
                 norm.bias.copy_(beta)

@@ -80,6 +80,15 @@ def _described_data(description: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _described(model: nn.Module) -> nn.Module:
+    """The module that declares ``model``'s metadata (name, sizes, preprocessing): the network
+    inside a ``features_only`` backbone (:class:`~normfree.models.features.FeatureExtractor`),
+    else ``model``."""
+    from normfree.models.features import FeatureExtractor
+
+    return model.model if isinstance(model, FeatureExtractor) else model
+
+
 def _from_checkpoint(path: Path, raw: bool) -> tuple[nn.Module, dict[str, Any], str]:
     from normfree.train.checkpointing import checkpoint_model, load_checkpoint
 
@@ -115,11 +124,12 @@ def run_export(args: argparse.Namespace) -> int:
         from normfree.convert import is_converted_file, load_converted
 
         converted = None  # a `normfree convert` output file
+        if source.is_file() and (args.weights or args.override):
+            what = "converted-model file" if is_converted_file(source) else "checkpoint"
+            raise ValueError(f"--weights/--override apply to a model SOURCE, not a {what}")
         if is_converted_file(source):
             converted = load_converted(source)
         elif source.is_file():
-            if args.weights or args.override:
-                raise ValueError("--weights/--override apply to a model SOURCE, not a checkpoint")
             try:
                 model, info, weights = _from_checkpoint(source, args.raw)
             except UnsafePickleError as refused:
@@ -128,21 +138,21 @@ def run_export(args: argparse.Namespace) -> int:
                 converted = load_converted(source, trust_pickle=True)  # a pickled one
         else:
             model, info, weights = _from_spec(args), {}, args.weights or "initialisation"
-            declared = getattr(getattr(model, "meta", None), "data_config", None)
+            declared = getattr(getattr(_described(model), "meta", None), "data_config", None)
             if callable(declared):  # a normfree architecture's own preprocessing (pretrained_cfg)
-                config = declared(int(getattr(model, "in_chans", 3)))
+                config = declared(int(getattr(_described(model), "in_chans", 3)))
                 info = {"mean": list(config["mean"]), "std": list(config["std"])}
         if converted is not None:
             model, weights = converted, "raw"
             info = {"test_size": converted.meta.test_size, "in_chans": converted.in_chans,
                     **_described_data(converted.description)}  # fmt: skip
-        meta = getattr(model, "meta", None)
+        meta = getattr(_described(model), "meta", None)
         size = args.image_size or info.get("test_size") or getattr(meta, "test_size", None)
         if not size:
             raise ValueError("pass --image-size (neither the source nor the model declares one)")
         if args.image_size is None:
             size = check_recorded_size(size, source)
-        in_chans = int(info.get("in_chans") or getattr(model, "in_chans", 3))
+        in_chans = int(info.get("in_chans") or getattr(_described(model), "in_chans", 3))
         metadata = {
             "model": getattr(meta, "name", type(model).__name__),
             "source": str(args.source),

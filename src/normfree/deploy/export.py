@@ -98,14 +98,28 @@ def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def _eager_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The unfolded model's eval-mode output on its own device and in its own floating dtype
+def _output_list(out: Any) -> list[torch.Tensor]:
+    """A model's output as the list of tensors an exported graph returns: one tensor, or each
+    tensor of a list / tuple (a ``features_only`` backbone's feature maps)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)) and out and all(isinstance(t, torch.Tensor) for t in out):
+        return list(out)
+    raise ExportError(
+        f"the model returns a {type(out).__name__}; export takes a model that returns a tensor "
+        "or a list / tuple of tensors (wrap it to return one)"
+    )
+
+
+def _eager_output(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The unfolded model's eval-mode outputs on its own device and in its own floating dtype
     (a float64 model is checked in float64), as CPU float32."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else x.dtype
     with torch.no_grad(), _eval_mode(model):
-        return model(x.to(device=device, dtype=dtype)).float().cpu()
+        out = _output_list(model(x.to(device=device, dtype=dtype)))
+    return [t.float().cpu() for t in out]
 
 
 def _trace(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
@@ -132,7 +146,15 @@ def _exporter_logs_quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int | None) -> None:
+def _output_names(count: int) -> list[str]:
+    """The ONNX graph's output names: ``output``, or ``output_0``, ``output_1``, … for a model
+    returning several tensors."""
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
+def _save_onnx(
+    model: nn.Module, example: torch.Tensor, path: Path, opset: int | None, outputs: int = 1
+) -> None:
     try:
         import onnx
         import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
@@ -150,7 +172,8 @@ def _save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int |
     try:
         with export_trace(), _exporter_logs_quiet():
             program = torch.onnx.export(
-                model, (example,), dynamo=True, input_names=["input"], output_names=["output"],
+                model, (example,), dynamo=True, input_names=["input"],
+                output_names=_output_names(outputs),
                 dynamic_shapes=({0: batch},), opset_version=opset, verbose=False,
             )  # fmt: skip
     except Exception as e:
@@ -164,7 +187,7 @@ def _save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int |
     program.save(path)  # weights > 2 GB go to an external-data file beside it
 
 
-def _onnx_runner(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], str] | None:
+def _onnx_runner(path: Path) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], str] | None:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -178,36 +201,46 @@ def _onnx_runner(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], st
         except ImportError:
             return None
         session, name = ReferenceEvaluator(str(path)), "onnx.reference"
-    return (lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])), name
+    return (lambda x: [torch.from_numpy(y) for y in session.run(None, {"input": x.numpy()})]), name
 
 
-def _pt2_runner(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+def _pt2_runner(path: Path) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], str]:
     module = torch.export.load(str(path)).module()
-    return (lambda x: module(x)), "torch.export.load"
+    return (lambda x: _output_list(module(x))), "torch.export.load"
 
 
 def _verify(
-    run: Callable[[torch.Tensor], torch.Tensor],
-    reference: torch.Tensor,
+    run: Callable[[torch.Tensor], Any],
+    reference: list[torch.Tensor],
     check: torch.Tensor,
     atol: float,
     result: ExportResult,
     path: Path,
 ) -> None:
+    """Run the saved model on ``check``: each of its outputs must have the eager output's shape
+    and lie within ``atol·(1 + max|output|)`` of it (each output against its own scale)."""
     with torch.no_grad():
-        got = run(check)
-    if got.shape != reference.shape:
+        got = _output_list(run(check))
+    shapes = [tuple(t.shape) for t in got]
+    expected = [tuple(t.shape) for t in reference]
+    if shapes != expected:
+        def txt(s: list[tuple[int, ...]]) -> str:
+            return str(s[0]) if len(s) == 1 else ", ".join(map(str, s))
+
         raise ExportError(
-            f"the exported model returns shape {tuple(got.shape)} for a batch of "
-            f"{check.shape[0]}, the eager model {tuple(reference.shape)}"
+            f"the exported model returns shape {txt(shapes)} for a batch of "
+            f"{check.shape[0]}, the eager model {txt(expected)}"
         )
-    result.max_abs_diff = (got - reference).abs().max().item()
-    tol = atol * (1.0 + reference.abs().max().item())
-    if not result.max_abs_diff <= tol:
-        raise ExportError(
-            f"the exported model differs from the eager model by {result.max_abs_diff:.3g} "
-            f"(> {tol:.3g}); nothing was written to {path}"
-        )
+    result.max_abs_diff = 0.0
+    for out, ref in zip(got, reference):
+        diff = (out - ref).abs().max().item() if ref.numel() else 0.0
+        result.max_abs_diff = max(result.max_abs_diff, diff)
+        tol = atol * (1.0 + (ref.abs().max().item() if ref.numel() else 0.0))
+        if not diff <= tol:
+            raise ExportError(
+                f"the exported model differs from the eager model by {diff:.3g} "
+                f"(> {tol:.3g}); nothing was written to {path}"
+            )
 
 
 def export_model(
@@ -223,11 +256,13 @@ def export_model(
     metadata: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Fold ``model`` and export it to ``path`` (``.onnx`` or ``.pt2``) for inputs of shape
-    ``(B, *input_shape)`` with any batch size ``B``.
+    ``(B, *input_shape)`` with any batch size ``B``. The model returns one tensor (ONNX output
+    ``output``) or a list / tuple of tensors, e.g. a ``features_only`` backbone's feature maps
+    (ONNX outputs ``output_0``, ``output_1``, …; a ``.pt2`` program returns the list).
 
     With ``verify`` (default) the saved file is loaded back (onnxruntime, else the ``onnx``
     reference evaluator; ``torch.export.load`` for ``.pt2``) and run on a random batch of 3; its
-    outputs must match the eager model's within ``atol·(1 + max|output|)``, or
+    outputs must match the eager model's within ``atol·(1 + max|output|)`` (each output), or
     :class:`ExportError` is raised and ``path`` is left as it was. The file only appears at
     ``path`` once it is complete (and checked). ``metadata`` (e.g. input normalisation and
     class names) is stored with the result in a ``PATH.json`` sidecar.
@@ -241,16 +276,20 @@ def export_model(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     sidecar = path.with_name(path.name + ".json")
     check_writable(path, sidecar)  # before the work: both are replaced only if both can be
-    folded = prepare_for_inference(model).cpu().float()
     gen = torch.Generator().manual_seed(seed)
     example = torch.randn(2, *shape, generator=gen)  # batch 2: 1 would be specialised
     check = torch.randn(3, *shape, generator=gen)
+    try:  # the scales are recorded on an input of the shape exported
+        folded = prepare_for_inference(model, example).cpu().float()
+    except (RuntimeError, ValueError) as e:
+        raise ExportError(f"the model does not run on a {tuple(example.shape)} input: {e}") from e
     with torch.no_grad():
         try:
-            folded(example)
+            out = folded(example)
         except Exception as e:
             shape_txt = tuple(example.shape)
             raise ExportError(f"the model does not run on a {shape_txt} input: {e}") from e
+    outputs = len(_output_list(out))
     result = ExportResult(
         str(path), fmt, shape, folded_module_counts(model), metadata=dict(metadata or {})
     )
@@ -260,7 +299,7 @@ def export_model(
     try:
         staged = staging / path.name
         if fmt == "onnx":
-            _save_onnx(folded, example, staged, opset)
+            _save_onnx(folded, example, staged, opset, outputs)
         else:
             torch.export.save(_trace(folded, example), str(staged))
         if verify:

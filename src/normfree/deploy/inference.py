@@ -38,8 +38,13 @@ def folded_module_counts(model: nn.Module) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def prepare_for_inference(model: nn.Module) -> nn.Module:
+def prepare_for_inference(model: nn.Module, example_input: torch.Tensor | None = None) -> nn.Module:
     """A folded, frozen, eval-mode copy of ``model`` (``model`` itself is left untouched).
+
+    Baking the NF blocks' scales runs one eval forward to record them: on ``example_input``
+    (any valid input batch; only its first image is used) when given, else on a zero image of
+    the model's own ``in_chans`` and ``meta.test_size`` (:func:`_example_input`). Give it for
+    a wrapper whose input the model does not declare.
 
     Example:
         >>> import torch, normfree
@@ -52,17 +57,33 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if example_input is not None and not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
     folded = copy.deepcopy(model).eval()
     if any(isinstance(m, NFResidualBlock) for m in folded.modules()):
-        bake_block_scales(folded, _example_input(folded))
+        if example_input is None:
+            example = _example_input(folded)
+        else:
+            param = next(folded.parameters(), None)
+            example = example_input[:1].to(
+                device=param.device if param is not None else example_input.device,
+                dtype=param.dtype if param is not None else example_input.dtype,
+            )
+        bake_block_scales(folded, example)
     folded = fold_proxy_norm(fold_weight_standardization(folded, inplace=True), inplace=True)
     return folded.requires_grad_(False)
 
 
 def _example_input(model: nn.Module) -> torch.Tensor:
-    """One image for the recording forward of :func:`bake_block_scales`: the channels of the
-    first conv, the model's ``meta.test_size`` (64 without metadata), its device and dtype."""
-    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    size = int(getattr(getattr(model, "meta", None), "test_size", 64))
+    """One image for the recording forward of :func:`bake_block_scales`: the ``in_chans`` and
+    ``meta.test_size`` that ``model`` (or, in a wrapper, the outermost module declaring them)
+    declares, else the channels of the first conv and 64 pixels; its device and dtype."""
+    modules = list(model.modules())
+    declared = next((m.in_chans for m in modules
+                     if isinstance(getattr(m, "in_chans", None), int)), None)  # fmt: skip
+    first = next(m for m in modules if isinstance(m, nn.Conv2d))
+    sizes = (getattr(getattr(m, "meta", None), "test_size", None) for m in modules)
+    size = int(next((s for s in sizes if isinstance(s, int)), 64))
     w = first.weight
-    return torch.zeros(1, first.in_channels, size, size, device=w.device, dtype=w.dtype)
+    channels = declared if declared is not None else first.in_channels
+    return torch.zeros(1, channels, size, size, device=w.device, dtype=w.dtype)
