@@ -113,6 +113,8 @@ def test_overrides_are_typed() -> None:
         ("train.native_kernels=[bogus]", "train.native_kernels"),
         ("train.native_kernels=bogus", "train.native_kernels"),
         ("train.native_kernels=2", "train.native_kernels"),
+        ("distill.teacher=", "distill.teacher"),  # was the current folder: '.' holds no best.pt
+        ("distill.teacher=  ", "distill.teacher"),
     ],
 )
 def test_bad_overrides_name_the_key(override: str, key: str) -> None:
@@ -154,6 +156,11 @@ def test_yaml_file_layering_and_errors(tmp_path: Path) -> None:
         resolve_config(config_file=bad)
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_config(config_file=tmp_path / "missing.yaml")
+    # a section whose keys are all commented out is empty (YAML null), not an error
+    empty = tmp_path / "empty_sections.yaml"
+    empty.write_text("train:\n  epochs: 3\ndistill:\n  # teacher: runs/bn\nema:\n")
+    cfg = resolve_config(config_file=empty)
+    assert cfg.train.epochs == 3 and cfg.distill.teacher is None and cfg.ema.enabled
 
 
 def test_dump_and_reload_roundtrip(tmp_path: Path) -> None:
@@ -244,6 +251,21 @@ def test_non_finite_number_is_one_cli_line(capsys: pytest.CaptureFixture[str]) -
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "'optim.clipping' must be a finite number (default 0.01), got inf" in err
+
+
+@pytest.mark.parametrize("seed", [2**64 - 1, 2**63, -(2**63) - 1, 10**20])
+def test_a_seed_torch_cannot_take_is_one_cli_line(
+    seed: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torch's generators take 64-bit seeds and the run seeds epoch ``e``'s loader with
+    ``seed + e``: 2**64 - 1 trained its first epoch, then the second ended in a traceback
+    (``Overflow when unpacking long long``); larger seeds failed at the start."""
+    assert main(["train", "--print-config", f"seed={seed}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"'seed' must be an integer in [-2**63, 2**63), got {seed}" in err
+    for fine in (0, -1, 2**63 - 1, -(2**63)):  # the edges of the range are accepted
+        assert resolve_config(overrides=[f"seed={fine}"]).seed == fine
 
 
 def test_options_and_overrides_come_in_any_order(capsys: pytest.CaptureFixture[str]) -> None:

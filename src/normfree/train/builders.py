@@ -349,17 +349,20 @@ def check_input_size(model: nn.Module, size: int | None, key: str) -> None:
 
 def init_weights_from(cfg: Config, model: nn.Module) -> None:
     """Load ``cfg.init_from`` into a fresh model (fine-tuning): a run folder means its
-    ``best.pt``; any format :func:`normfree.load_pretrained` reads is accepted. With
-    ``init_head=false`` the classifier is not loaded (the model keeps its new one)."""
+    ``best.pt``, else its ``last.pt`` (a run stopped before its first evaluation), as for
+    ``normfree eval`` and ``distill.teacher``; any format :func:`normfree.load_pretrained`
+    reads is accepted. With ``init_head=false`` the classifier is not loaded (the model keeps
+    its new one)."""
     if not cfg.init_from:
         return
     from pathlib import Path
 
     from normfree.checkpoints import CheckpointMismatchError, load_pretrained
+    from normfree.train.evaluate import resolve_checkpoint_path
 
     path = Path(cfg.init_from)
     if path.is_dir():
-        path = path / "best.pt"
+        path = resolve_checkpoint_path(path)
     head = list(getattr(model, "classifier_parameter_names", list)())
     try:
         load_pretrained(

@@ -185,6 +185,12 @@ def run_train(args: argparse.Namespace) -> int:
                        "one GPU, which NCCL refuses: use train.device=auto (one GPU per "
                        "process) or dist.backend=gloo")  # fmt: skip
             return report_error(ConfigError(message), 2)
+        from normfree.train.config import validate_world_size
+
+        try:  # each worker would refuse it, after rank 0 had written the run folder
+            validate_world_size(cfg, max(args.nproc, 1))
+        except ConfigError as e:
+            return report_error(e, 2)
         if args.nproc > 1 and cfg.optim.update_in_backward:  # each worker would refuse it
             from normfree.train.config import UPDATE_IN_BACKWARD_ONE_PROCESS
 
@@ -208,7 +214,8 @@ def run_train(args: argparse.Namespace) -> int:
         return report_error(e, 1)
     except TrainingInterrupted as e:
         if rank == 0:
-            print(f"{e}; last.pt written. Continue with --resume <run folder>", file=sys.stderr)
+            done = "last.pt written" if e.saved else "last.pt holds the last checkpoint before it"
+            print(f"{e}; {done}. Continue with --resume <run folder>", file=sys.stderr)
         return 130
     if rank == 0:
         ema = summary.get("ema_val_top1")

@@ -36,6 +36,7 @@ __all__ = [
     "chosen_kernels",
     "native_kernel_choice",
     "validate_config",
+    "validate_world_size",
 ]
 
 
@@ -265,8 +266,9 @@ class Config:
     seed: int = _f(0, "seed of initialisation, data order, augmentation and mixing")
     init_from: str | None = _f(
         None,
-        "initialise the weights from a checkpoint before training: a run folder (its best.pt), "
-        "a normfree/timm/.safetensors file (fine-tuning; see normfree.load_pretrained)",
+        "initialise the weights from a checkpoint before training: a run folder (its best.pt, "
+        "else last.pt), a normfree/timm/.safetensors file (fine-tuning; see "
+        "normfree.load_pretrained)",
     )
     init_use_ema: bool = _f(False, "with init_from: take the checkpoint's EMA weights")
     init_head: bool = _f(
@@ -348,6 +350,8 @@ def validate_config(cfg: Config) -> None:
 
     t, o, d = cfg.train, cfg.optim, cfg.data
     need(bool(cfg.model), "model", "a model name")
+    # torch's generators take 64-bit seeds, and the run seeds its loaders with seed + epoch
+    need(-(2**63) <= cfg.seed < 2**63, "seed", "an integer in [-2**63, 2**63)")
     try:
         if not cfg.model.startswith("converted:"):  # normfree.convert.CONVERTED_PREFIX
             model_entrypoint(cfg.model)
@@ -404,6 +408,12 @@ def validate_config(cfg: Config) -> None:
     need(d.image_size is None or d.image_size > 0, "data.image_size", "> 0 or null")
     need(d.test_size is None or d.test_size > 0, "data.test_size", "> 0 or null")
     need(d.workers >= 0, "data.workers", ">= 0")
+    teacher = cfg.distill.teacher
+    need(  # an empty value read as the current folder, a run folder to distil from
+        teacher is None or bool(teacher.strip()),
+        "distill.teacher",
+        "a run folder, a checkpoint or a model spec, or null (no distillation)",
+    )
     need(0.0 <= cfg.distill.weight <= 1.0, "distill.weight", "in [0, 1]")
     need(cfg.distill.temperature > 0, "distill.temperature", "> 0")
     need(d.pad >= 0, "data.pad", ">= 0")
@@ -428,3 +438,20 @@ def validate_config(cfg: Config) -> None:
     need(
         t.best_metric == "val_top1" or cfg.ema.enabled, "train.best_metric", "val_top1 without EMA"
     )
+
+
+def validate_world_size(cfg: Config, world_size: int) -> None:
+    """Refuse (:class:`ConfigError`) a ``train.batch_size`` that ``world_size`` processes of
+    ``train.accum_steps`` equal micro-batches cannot split: the global batch of each step is
+    ``world_size × accum_steps`` micro-batches of one size (Brock et al. 2021b train at one
+    global batch however many devices share it). Checked before processes are spawned and
+    before a run folder is written."""
+    t = cfg.train
+    parts = world_size * t.accum_steps
+    if t.batch_size % parts:
+        below, above = t.batch_size // parts * parts, (t.batch_size // parts + 1) * parts
+        near = f"{below} or {above}" if below else str(above)
+        raise ConfigError(
+            f"config key 'train.batch_size' must be divisible by processes × train.accum_steps "
+            f"= {world_size} × {t.accum_steps} = {parts}, got {t.batch_size}; use e.g. {near}"
+        )

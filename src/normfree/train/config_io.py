@@ -166,8 +166,9 @@ _RETIRED_SECTIONS = ("debug",)
 
 def _merge(base: dict[str, Any], data: Any, cls: Any, prefix: str) -> None:
     """Lay ``data`` over ``base`` (both plain mappings of the dataclass ``cls``): sections are
-    merged key by key (a string is a section's shorthand, e.g. ``data: digits``), every other
-    value replaces the one below. Validation happens afterwards, on the whole tree."""
+    merged key by key (a string is a section's shorthand, e.g. ``data: digits``; an empty
+    section, YAML's null, sets nothing), every other value replaces the one below. Validation
+    happens afterwards, on the whole tree."""
     if not isinstance(data, dict):
         where = prefix.rstrip(".") or "<root>"
         raise ConfigError(f"config section {where!r} must be a mapping, got {data!r}")
@@ -175,6 +176,8 @@ def _merge(base: dict[str, Any], data: Any, cls: Any, prefix: str) -> None:
     for key, value in data.items():
         tp = hints.get(key)
         if _is_section(tp):
+            if value is None:  # "distill:" with every key below commented out: nothing set
+                continue
             shorthand = getattr(tp, "SHORTHAND", None)
             if isinstance(value, str) and shorthand:
                 value = {shorthand: value}

@@ -13,14 +13,21 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C / SIGINT: ``last.pt`` was written at the last completed step."""
+    """Ctrl-C / SIGINT / SIGTERM: ``last.pt`` was written at the last completed step
+    (``saved``), or, after a second signal or one inside a parameter update, left as the last
+    checkpoint wrote it (``saved=False``)."""
+
+    def __init__(self, message: str = "", saved: bool = True) -> None:
+        super().__init__(message)
+        self.saved = saved
 
 
 class RunAlreadyComplete(Exception):
     """``--resume`` of a run that has trained all its epochs: there is nothing to train, and
     nothing of the run folder was rewritten (its ``summary.json`` stays as it was).
     ``finetune_pending``: the run has a fine-tuning phase (``train.finetune_epochs``) that
-    never started; ``config`` and ``model_args`` are the checkpoint's."""
+    wrote no checkpoint yet; ``finetune_partial``: one whose last checkpoint has not trained
+    all its epochs; ``config`` and ``model_args`` are the checkpoint's."""
 
     def __init__(
         self,
@@ -29,7 +36,8 @@ class RunAlreadyComplete(Exception):
         config: Any = None,
         model_args: dict[str, Any] | None = None,
         finetune_pending: bool = False,
+        finetune_partial: bool = False,
     ) -> None:
         super().__init__(message)
         self.run_dir, self.config, self.model_args = run_dir, config, model_args
-        self.finetune_pending = finetune_pending
+        self.finetune_pending, self.finetune_partial = finetune_pending, finetune_partial

@@ -18,7 +18,13 @@ from torch.utils.data import DataLoader
 
 from normfree.train.distributed import DistInfo, all_reduce_sum
 
-__all__ = ["autocast_context", "evaluate", "evaluate_checkpoint", "resolve_checkpoint_path"]
+__all__ = [
+    "autocast_context",
+    "evaluate",
+    "evaluate_checkpoint",
+    "resolve_checkpoint_path",
+    "target_rank",
+]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -30,6 +36,22 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     if precision not in _DTYPES:
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+def target_rank(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The 0-based rank of each example's true class among its logits, ties going to the lower
+    class index (as ``argmax`` breaks them): the number of classes scoring higher, plus those
+    scoring the same with a lower index. Top-k accuracy counts ``rank < k``. ``topk``'s order
+    among equal logits is unspecified (it differs between devices and class counts: zero
+    logits put class 8 first of 10 on CPU), and equal logits are common (a zero-initialised
+    classifier, bf16 logits), so top-1/top-5 are defined through this rank instead. A row with
+    a NaN logit gets the largest int64 (a miss for every k)."""
+    target = target.long()
+    t = logits.gather(1, target[:, None])
+    classes = torch.arange(logits.shape[1], device=logits.device)
+    ahead = (logits > t) | ((logits == t) & (classes[None, :] < target[:, None]))
+    rank = ahead.sum(dim=1)
+    return rank.masked_fill(logits.isnan().any(dim=1), torch.iinfo(rank.dtype).max)
 
 
 @torch.no_grad()
@@ -45,7 +67,9 @@ def evaluate(
     """Top-1 / top-5 accuracy (percent) and mean cross-entropy (no label smoothing) of
     ``model`` on ``loader``; with ``info`` the per-rank sums are all-reduced.
 
-    Top-5 is top-``min(5, num_classes)``. Returns ``{"top1", "top5", "loss", "count"}``.
+    Top-k counts an example when its true class ranks below ``k`` (:func:`target_rank`: ties
+    go to the lower class index, as ``argmax``); top-5 of fewer than 5 classes is 100%.
+    Returns ``{"top1", "top5", "loss", "count"}``.
     """
     was_training = model.training
     model.eval()
@@ -58,12 +82,10 @@ def evaluate(
         with autocast_context(device, precision):
             logits = model(x)
         logits = logits.float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top.eq(y[:, None])
+        rank = target_rank(logits, y)
         sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
-        sums[1] += hit[:, 0].sum()
-        sums[2] += hit.any(dim=1).sum()
+        sums[1] += (rank < 1).sum()
+        sums[2] += (rank < 5).sum()
         sums[3] += y.numel()
     model.train(was_training)
     if info is not None:

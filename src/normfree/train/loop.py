@@ -48,8 +48,9 @@ from normfree.train.config import (
     chosen_kernels,
     native_kernel_choice,
     validate_config,
+    validate_world_size,
 )
-from normfree.train.config_io import checked_config, dump_config
+from normfree.train.config_io import checked_config, config_to_dict, dump_config
 from normfree.train.distill import check_teacher_fits, distillation_loss, load_teacher
 from normfree.train.distributed import (
     DistInfo,
@@ -90,6 +91,7 @@ class Trainer(TrainerState):
         overwrite: bool = False,
     ) -> None:
         validate_config(cfg)
+        validate_world_size(cfg, info.world_size)  # before the run folder is written
         self.cfg, self.info, self.t0 = cfg, info, time.perf_counter()
         self.callbacks = list(callbacks)
         self._lock: RunFolderLock | None = None
@@ -149,11 +151,19 @@ class Trainer(TrainerState):
         model = B.build_model(self.model_args)
         B.check_input_size(model, getattr(self.bundle, "image_size", None), "data.image_size")
         B.check_input_size(model, getattr(self.bundle, "test_size", None), "data.test_size")
+        if t.finetune_epochs > 0:  # now, not when the fine-tuning phase starts, epochs later
+            B.check_input_size(model, t.finetune_size, "train.finetune_size")
         if state is None:
             B.init_weights_from(cfg, model)
         model = setup_sync_batchnorm(model, cfg, info)
         if t.grad_checkpointing:
-            model.set_grad_checkpointing(True)
+            recompute = getattr(model, "set_grad_checkpointing", None)
+            if recompute is None:  # e.g. a model made by normfree convert: no block list
+                raise ConfigError(
+                    f"train.grad_checkpointing=true: {cfg.model} does not say which blocks to "
+                    "recompute (no set_grad_checkpointing); set train.grad_checkpointing=false"
+                )
+            recompute(True)
         model.to(info.device)
         if t.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -222,6 +232,7 @@ class Trainer(TrainerState):
         if info.is_main:
             dump_config(cfg, self.run_dir / "config.yaml")
         self._stop_requested = False
+        self._aborted = False  # a second SIGINT/SIGTERM: stop at once, without saving
         self._updating = False
 
     def _refuse_if_complete(self, state: dict[str, Any]) -> None:
@@ -238,10 +249,8 @@ class Trainer(TrainerState):
             if not path.is_file() or path.read_text() != text:
                 dump_config(stored, path)
         finetune = run_dir / "finetune"
-        pending = stored.train.finetune_epochs > 0 and not (finetune / "last.pt").is_file()
-        also = ""
-        if stored.train.finetune_epochs > 0 and not pending:
-            also = f" (its fine-tuning phase is {finetune}, resumed with --resume {finetune})"
+        phase = _finetune_phase(finetune) if stored.train.finetune_epochs > 0 else None
+        also = f" (its fine-tuning phase {finetune} too)" if phase == "complete" else ""
         raise RunAlreadyComplete(
             f"run {str(run_dir)!r} is already complete ({done} of {epochs} epochs), nothing to "
             f"train{also}; to train further, start a new run from its weights: normfree train "
@@ -249,7 +258,8 @@ class Trainer(TrainerState):
             run_dir,
             config=stored,
             model_args=state["model_args"],
-            finetune_pending=pending,
+            finetune_pending=phase == "pending",
+            finetune_partial=phase == "partial",
         )
 
     def _build_backward_update(self) -> BackwardUpdate | None:
@@ -643,11 +653,18 @@ class Trainer(TrainerState):
             raise
         except KeyboardInterrupt:
             status = "interrupted"
-            if self._updating or self.info.distributed:
-                log.error("interrupted inside a parameter update: last.pt not updated")
-            else:
+            why = None
+            if self._aborted:  # what the first signal's message promised
+                why = "aborted by a second Ctrl-C / SIGTERM"
+            elif self._updating or self.info.distributed:
+                why = "interrupted inside a parameter update"
+            if why is None:
                 self.save()
-            raise TrainingInterrupted(f"interrupted at step {self.global_step}") from None
+                raise TrainingInterrupted(f"interrupted at step {self.global_step}") from None
+            log.error("%s: last.pt not updated", why)
+            raise TrainingInterrupted(
+                f"{why} (last completed step: {self.global_step})", saved=False
+            ) from None
         finally:
             if restore is not None:
                 for sig, handler in restore.items():
@@ -668,6 +685,7 @@ class Trainer(TrainerState):
         """SIGINT (Ctrl-C) or SIGTERM (preemption, torchrun stopping workers): finish the step,
         write last.pt, stop. A second signal aborts at once."""
         if self._stop_requested:
+            self._aborted = True
             raise KeyboardInterrupt
         self._stop_requested = True
         if self.info.is_main:
@@ -713,8 +731,9 @@ def train(
     """Train ``cfg`` (joining the torchrun process group if there is one) and return the run
     summary. ``resume`` is a run folder whose ``last.pt`` is continued (``cfg`` may differ from
     the checkpoint's config only in :func:`~normfree.train.run_folder.resume_overridable` keys);
-    ``callbacks`` hook into the loop (:class:`~normfree.train.callbacks.Callback`);
-    ``overwrite`` lets a new run replace an earlier run's files in ``cfg.out_dir``."""
+    ``callbacks`` hook into the loop of both phases, training and ``train.finetune_epochs``
+    (:class:`~normfree.train.callbacks.Callback`); ``overwrite`` lets a new run replace an
+    earlier run's files in ``cfg.out_dir``."""
     cfg = checked_config(cfg)  # types and ranges, before anything is started or written
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     info = init_distributed(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s)
@@ -722,26 +741,71 @@ def train(
         try:
             trainer = Trainer(cfg, info, resume=resume, callbacks=callbacks, overwrite=overwrite)
         except RunAlreadyComplete as done:
-            if not done.finetune_pending:
+            if not (done.finetune_pending or done.finetune_partial):
                 raise
-            # the run ended before its fine-tuning phase started: that phase is what is left
             summary = _read_summary(done.run_dir)
-            with torch.device("meta"):  # for its metadata only (finetune_config)
-                model = B.build_model(done.model_args or {})
-            finetune_cfg = finetune_config(done.config, done.run_dir, model)
-            summary["finetune"] = Trainer(finetune_cfg, info).fit()
+            summary["finetune"] = _finish_finetune(done, cfg, info, callbacks)
             cleanup_distributed(sync=True)
             return summary
         summary = trainer.fit()
         if cfg.train.finetune_epochs > 0 and summary.get("status") == "completed":
             finetune_cfg = finetune_config(cfg, trainer.run_dir, trainer.model)
-            summary["finetune"] = Trainer(finetune_cfg, info).fit()
+            summary["finetune"] = Trainer(finetune_cfg, info, callbacks=callbacks).fit()
         cleanup_distributed(sync=True)
         return summary
     finally:
         cleanup_distributed()
         torch.set_num_threads(threads)  # leave the caller's process as it was
         torch.use_deterministic_algorithms(deterministic)
+
+
+def _finish_finetune(
+    done: RunAlreadyComplete, cfg: Config, info: DistInfo, callbacks: Sequence[Callback]
+) -> dict[str, Any]:
+    """``--resume RUN_DIR`` of a run whose training is complete but whose fine-tuning phase is
+    not: that phase is what is left. One that wrote no checkpoint starts afresh, replacing what
+    the attempt left in its folder (config.yaml, metrics.jsonl, summary.json: else the folder
+    refuses the new attempt and no --resume could ever finish the run); one with a checkpoint
+    continues from it. The resume's changes of the machine-level keys
+    (:data:`~normfree.train.run_folder.RESUME_OVERRIDABLE`: device, threads, logging, ...)
+    apply to that phase too; a recovery change (learning rate, schedule) is the main run's."""
+    from normfree.train.config_io import config_diff, config_from_dict
+    from normfree.train.run_folder import RESUME_OVERRIDABLE, resume_config
+
+    changes = config_diff(done.config, cfg)
+    changes.pop("out_dir", None)
+    machine = {k: new for k, (_, new) in changes.items() if k.startswith(RESUME_OVERRIDABLE)}
+
+    def with_machine(phase_cfg: Config) -> Config:
+        tree = config_to_dict(phase_cfg)
+        for key, value in machine.items():
+            *sections, leaf = key.split(".")
+            node = tree
+            for part in sections:
+                node = node[part]
+            node[leaf] = value
+        return config_from_dict(tree)
+
+    ft_dir = done.run_dir / "finetune"
+    if done.finetune_partial:
+        ft_cfg = with_machine(resume_config(ft_dir, []))
+        return Trainer(ft_cfg, info, resume=ft_dir, callbacks=callbacks).fit()
+    with torch.device("meta"):  # for its metadata only (finetune_config)
+        model = B.build_model(done.model_args or {})
+    ft_cfg = finetune_config(with_machine(done.config), done.run_dir, model)
+    return Trainer(ft_cfg, info, callbacks=callbacks, overwrite=True).fit()
+
+
+def _finetune_phase(finetune: Path) -> str:
+    """Where the fine-tuning phase in ``finetune`` (``RUN_DIR/finetune``) stands: ``pending``
+    (no checkpoint yet), ``partial`` (its last.pt has trained fewer than its epochs) or
+    ``complete``."""
+    last = finetune / "last.pt"
+    if not last.is_file():
+        return "pending"
+    state = load_checkpoint(last)
+    done = int(state["position"]["epoch"])
+    return "complete" if done >= checkpoint_config(state, last).train.epochs else "partial"
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any]:

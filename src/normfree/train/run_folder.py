@@ -7,8 +7,10 @@
 * :func:`check_new_run_folder` — a new run refuses a folder that holds any earlier run's files
   (``best.pt``, ``metrics.jsonl``, …, not only ``last.pt``) unless asked to overwrite them.
 * :func:`record_config_change` — ``config_history.jsonl``: what a resume changed and when.
-* :func:`resume_overridable` — the keys a resume may change: logging, workers and devices, and
-  what rescues a diverged run (learning rate and schedule, clipping, skipping non-finite steps).
+* :func:`resume_overridable` — the keys a resume may change: logging, workers, devices and how
+  the same step is computed (compilation, activation recomputation, memory format, evaluation
+  batch, checkpoint interval), and what rescues a diverged run (learning rate and schedule,
+  clipping, skipping non-finite steps).
 """
 
 from __future__ import annotations
@@ -59,10 +61,15 @@ RUN_FILES = (
     "curves.png", "tensorboard", HISTORY_FILE, "finetune",
 )  # fmt: skip
 _WRITTEN_INTO = ("tensorboard", "finetune")  # the run folder's subfolders a run writes into
-# keys a resume may change: they do not affect the weights already trained ...
-RESUME_OVERRIDABLE = ("log.", "dist.", "data.workers", "data.skip_unreadable", "train.threads",
-                      "train.device", "train.tune_malloc", "train.native_kernels", "out_dir",
-                      "optim.fused", "optim.update_in_backward")  # fmt: skip
+# keys a resume may change: they do not affect the weights already trained, and a run resumed
+# on another machine may need them changed (no compiler for train.compile, less memory for the
+# evaluation batch, a preemptible job saving more often) ...
+RESUME_OVERRIDABLE = ("log.", "dist.", "data.workers", "data.skip_unreadable",
+                      "data.eval_batch_size", "train.threads", "train.device",
+                      "train.tune_malloc", "train.native_kernels", "train.compile",
+                      "train.grad_checkpointing", "train.channels_last", "train.deterministic",
+                      "train.checkpoint_every_steps", "out_dir", "optim.fused",
+                      "optim.update_in_backward")  # fmt: skip
 # ... or they are what recovers a diverged run (Brock et al. 2021b, §4: lower lr, tighter AGC)
 RECOVERY_OVERRIDABLE = ("optim.lr", "optim.base_lr", "schedule.", "optim.clipping",
                         "optim.agc_eps", "train.skip_nonfinite")  # fmt: skip
@@ -238,6 +245,27 @@ def resume_changes(
     return changes
 
 
+def _no_checkpoint(run_dir: Path) -> Exception:
+    """``--resume`` of a folder without ``last.pt``: the run stopped before its first
+    checkpoint. What starts it again: the parent run's ``--resume`` for a fine-tuning phase
+    (``RUN_DIR/finetune``), else a new run into the same folder."""
+    from normfree.train.checkpointing import CheckpointError
+
+    where = f"--resume {str(run_dir)!r}: no checkpoint file at {str(run_dir / 'last.pt')!r}"
+    parent = run_dir.parent
+    if run_dir.name == "finetune" and (parent / "last.pt").is_file():
+        return CheckpointError(
+            f"{where}: the fine-tuning phase stopped before its first checkpoint; start it "
+            f"again with --resume {parent}"
+        )
+    again = f"normfree train --out {run_dir} --overwrite ..."
+    if (run_dir / "config.yaml").is_file():  # the run's whole config, out_dir included
+        again = f"normfree train --config {run_dir / 'config.yaml'} --overwrite"
+    return CheckpointError(
+        f"{where}: the run stopped before its first checkpoint; start it again: {again}"
+    )
+
+
 def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
     """The config to resume ``run_dir`` with: the checkpoint's, plus ``overrides`` (only
     :func:`resume_overridable` keys, or other keys given the value they have). An edited
@@ -266,7 +294,11 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
                 f"{str(run_dir)!r}; to branch it, start a new run from its weights "
                 f"(out_dir=NEW init_from={run_dir / 'last.pt'})"
             )
-        return ConfigError(f"cannot change {key!r} when resuming (only {overridable_listed()})")
+        return ConfigError(
+            f"cannot change {key!r} when resuming (only {overridable_listed()}); to train "
+            f"with another value, start a new run from its weights: "
+            f"init_from={run_dir / 'last.pt'} --out NEW_DIR"
+        )
 
     keys = [item.split("=", 1)[0].strip() for item in overrides]
     fixed = [key for key in keys if key == "out_dir" or not resume_overridable(key)]
@@ -276,6 +308,8 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
     except CheckpointError:
         if fixed:  # nothing to compare with: a key that cannot change is the first problem
             raise refused(fixed[0]) from None
+        if not os.path.lexists(last):
+            raise _no_checkpoint(run_dir) from None
         raise
     for key, item in zip(keys, overrides):
         if key in fixed and config_diff(cfg, apply_overrides(cfg, [item])):

@@ -197,6 +197,8 @@ class TrainerState:
         self.last_eval = dict(prog.get("last_eval", {}))
         self.wall_offset = float(prog.get("wall_time_s", 0.0))
         self.skipped_steps = int(prog.get("skipped_steps", 0))
+        # train.skip_nonfinite: the run stops at MAX_SKIPPED_IN_A_ROW in a row, across a resume
+        self.skipped_in_a_row = int(prog.get("skipped_in_a_row", 0))
         totals = prog.get("epoch_totals")  # absent in checkpoints of older versions
         if self.step_in_epoch and isinstance(totals, dict):
             self.epoch_totals = {k: float(totals.get(k, 0.0)) for k in ("loss", "n", "correct")}
@@ -243,6 +245,7 @@ class TrainerState:
                 "last_eval": self.last_eval,
                 "wall_time_s": self.wall_time(),
                 "skipped_steps": self.skipped_steps,
+                "skipped_in_a_row": self.skipped_in_a_row,
                 # the epoch's running train loss/accuracy sums, for a mid-epoch resume
                 "epoch_totals": dict(self.epoch_totals) if self.step_in_epoch else None,
             },
