@@ -119,6 +119,27 @@ def test_a_model_whose_output_is_not_a_tensor_is_a_clear_error():
     with pytest.raises(ConversionError, match="returns a dict, not a tensor"):
         convert_model(_warm(Dict()), "bn_free", _x())
 
+    class Ordered(Dict):
+        def forward(self, x):
+            return __import__("collections").OrderedDict(out=self.bn(self.conv(x)))
+
+    with pytest.raises(ConversionError, match="returns an OrderedDict, not a tensor"):
+        convert_model(_warm(Ordered()), "bn_free", _x())
+
+
+def test_example_batches_of_different_image_sizes_are_a_conversion_error():
+    """A list of calibration batches is concatenated: batches of different sizes used to end in
+    torch.cat's raw RuntimeError."""
+    model = _warm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    batches = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 20, 20)]
+    shapes = r"different \(C, H, W\): \[3, 16, 16\], \[3, 20, 20\]"
+    with pytest.raises(ConversionError, match=shapes):
+        convert_model(model, "bn_free", batches)
+    with pytest.raises(ConversionError, match=r"an image batch .* or a list of them"):
+        convert_model(model, "bn_free", [])
+    same = convert_model(model, "bn_free", [torch.randn(2, 3, 16, 16), torch.randn(3, 3, 16, 16)])
+    assert same.report.rel_error < 1e-5
+
 
 def test_modules_the_eval_forward_never_calls_are_reported():
     """torchvision's GoogLeNet calls its auxiliary heads only in training: the trace (eval)

@@ -384,3 +384,22 @@ def test_bad_configurations_raise_clear_errors() -> None:
             NFNet(depths=(1, 1, 1, 1), widths=(256, 512, 1536, 1536), group_size=bad)
     with pytest.raises(TypeError):
         normfree.create_model("nfnet_f0", not_an_option=1)
+
+
+@pytest.mark.parametrize(
+    "name", ["nf_resnet_cifar20", "nfnet_f0", "nf_regnet_b0", "efficientnet_b0_g16_gn"]
+)
+def test_an_activation_that_halves_the_channels_is_refused(name: str) -> None:
+    """``glu`` is in the official γ table, but it splits the channels in two: a model built
+    with it used to fail in its first conv with a shape error."""
+    with pytest.raises(ValueError, match=r"'glu' halves the channels.*keeps them: .*relu"):
+        normfree.create_model(name, activation="glu")
+    with pytest.raises(ValueError, match="unknown activation 'nope'"):
+        normfree.create_model(name, activation="nope")
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -0.1])
+def test_alpha_must_be_finite_and_non_negative(alpha: float) -> None:
+    """NaN slipped through ``alpha < 0`` and gave NaN outputs."""
+    with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):
+        normfree.create_model("nf_resnet_cifar20", alpha=alpha)

@@ -180,13 +180,28 @@ class ConvertedModel(nn.Module):
         return f"mode={self.mode!r}, source={self.description.get('source')!r}"
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def _as_batch(example_input: Tensor | Sequence[Tensor] | None) -> Tensor | None:
     if example_input is None:
         return None
     if isinstance(example_input, Tensor):
         batch = example_input
     else:
-        batch = torch.cat(list(example_input))
+        batches = list(example_input)
+        if not batches or not all(isinstance(b, Tensor) and b.dim() == 4 for b in batches):
+            raise ConversionError(
+                "example_input must be an image batch (N, C, H, W) or a list of them"
+            )
+        if len({tuple(b.shape[1:]) for b in batches}) > 1:
+            shapes = sorted({str(list(b.shape[1:])) for b in batches})
+            raise ConversionError(
+                f"the example_input batches have different (C, H, W): {', '.join(shapes)}; "
+                "give images of one size (resize or crop them as the model was evaluated)"
+            )
+        batch = torch.cat(batches)
     if batch.dim() != 4:
         raise ConversionError(
             f"example_input must be an image batch (N, C, H, W), got shape {list(batch.shape)}"
@@ -219,8 +234,8 @@ def measure_conversion(
             m.train(training)
     if not isinstance(ref, Tensor):
         raise ConversionError(
-            f"the model returns a {type(ref).__name__}, not a tensor: conversion measures "
-            "models whose output is one tensor (wrap the model to return it)"
+            f"the model returns {_article(type(ref).__name__)} {type(ref).__name__}, not a tensor: "
+            "conversion measures models whose output is one tensor (wrap the model to return it)"
         )
     ref, out = ref.double(), out.double()
     diff = out - ref

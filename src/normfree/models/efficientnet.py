@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
 from normfree.models.registry import register_model
-from normfree.nn.activations import get_activation
+from normfree.nn.activations import check_block_activation, get_activation
 from normfree.nn.conv import HeConv2d
 from normfree.nn.head import ClassifierHead
 from normfree.nn.norm import group_norm_groups, norm_layer
@@ -312,6 +312,7 @@ class EfficientNet(NormFreeModel):
         meta: ModelMeta | None = None,
     ) -> None:
         super().__init__()
+        check_block_activation(activation)
         if not (width > 0 and depth > 0):
             raise ValueError(f"width and depth multipliers must be > 0, got {width}, {depth}")
         if expand_ratio < 1 or group_size < 1:

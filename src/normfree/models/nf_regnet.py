@@ -42,7 +42,7 @@ from torch import nn
 
 from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
 from normfree.models.registry import register_model
-from normfree.nn.activations import nf_activation
+from normfree.nn.activations import check_block_activation, nf_activation
 from normfree.nn.conv import grouped_width
 from normfree.nn.head import ClassifierHead
 from normfree.nn.pooling import AvgPoolShortcut
@@ -174,6 +174,7 @@ class NFRegNet(NormFreeModel):
         meta: ModelMeta | None = None,
     ) -> None:
         super().__init__()
+        check_block_activation(activation)
         if len(depths) != len(widths) or not depths:
             raise ValueError(
                 "depths and widths need one entry per stage (at least one), got "

@@ -39,7 +39,7 @@ from normfree.models.layouts import (
     small_image_layout,
 )
 from normfree.models.registry import register_model
-from normfree.nn.activations import nf_activation
+from normfree.nn.activations import check_block_activation, nf_activation
 from normfree.nn.conv import HeConv2d
 from normfree.nn.head import ClassifierHead
 from normfree.nn.residual import (
@@ -181,6 +181,7 @@ class NFResNet(NormFreeModel):
         meta: ModelMeta | None = None,
     ) -> None:
         super().__init__()
+        check_block_activation(activation)
         check_resnet_layout(depths, channels, strides, stem)
         self.in_chans = in_chans
         self.stem, reduction = resnet_stem(

@@ -48,7 +48,7 @@ from torch import nn
 
 from normfree.models.base import FeatureInfo, ModelMeta, NormFreeModel
 from normfree.models.registry import register_model
-from normfree.nn.activations import nf_activation
+from normfree.nn.activations import check_block_activation, nf_activation
 from normfree.nn.conv import grouped_width
 from normfree.nn.head import ClassifierHead
 from normfree.nn.pooling import AvgPoolShortcut
@@ -200,6 +200,7 @@ class NFNet(NormFreeModel):
         meta: ModelMeta | None = None,
     ) -> None:
         super().__init__()
+        check_block_activation(activation)
         if not (len(depths) == len(widths) == len(strides)) or not depths:
             raise ValueError(
                 "depths, widths and strides need one entry per stage (at least one), got "

@@ -52,6 +52,7 @@ __all__ = [
     "TanhGELU",
     "activation_gamma",
     "activation_names",
+    "check_block_activation",
     "get_activation",
     "nf_activation",
 ]
@@ -211,6 +212,24 @@ def _check_name(name: str) -> str:
     if key not in _FACTORIES:
         raise ValueError(
             f"unknown activation {name!r}; known activations: {', '.join(activation_names())}"
+        )
+    return key
+
+
+#: activations whose output has other channels than their input (``glu`` halves them)
+CHANNEL_CHANGING = frozenset({"glu"})
+
+
+def check_block_activation(name: str) -> str:
+    """``name`` checked as the activation between a model's convolutions (the lower-case key):
+    a known activation that keeps the channel count (``glu`` halves it, so no conv after it
+    would fit)."""
+    key = _check_name(name)
+    if key in CHANNEL_CHANGING:
+        keep = ", ".join(n for n in activation_names() if n not in CHANNEL_CHANGING)
+        raise ValueError(
+            f"activation {name!r} halves the channels (a·sigmoid(b) of the two halves), so the "
+            f"model's convolutions would not fit; choose one that keeps them: {keep}"
         )
     return key
 

@@ -217,8 +217,8 @@ class ExpectedVariance:
     """
 
     def __init__(self, alpha: float, initial_variance: float = 1.0) -> None:
-        if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        if not (math.isfinite(alpha) and alpha >= 0):  # NaN passed `alpha < 0`
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
         self.alpha = float(alpha)
         self.variance = float(initial_variance)
         self.history: list[float] = []
