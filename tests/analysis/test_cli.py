@@ -171,14 +171,25 @@ def test_two_outputs_naming_one_file_are_refused(tmp_path, capsys, monkeypatch) 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_spp_of_a_model_that_gives_nan_exits_1_with_one_line(tmp_path, capsys) -> None:
+def test_spp_of_a_model_that_gives_nan_exits_1_with_one_line(
+    tmp_path, capsys, monkeypatch
+) -> None:
     """A NaN-producing model exited 0 with NaN tables and nothing on stderr."""
+    (tmp_path / "nan_models.py").write_text(
+        "import torch, normfree\n"
+        "def first_block_nan():\n"
+        "    model = normfree.create_model('nf_resnet_cifar20')\n"
+        "    with torch.no_grad():\n"
+        "        model.stages[0][0].conv2.bias.fill_(float('nan'))  # NaN from the first block\n"
+        "    return model\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
     js = tmp_path / "nan.json"
-    rc = main(["spp", "nf_resnet_cifar20[alpha=.nan]", "--image-size", "8", "--batch", "2",
+    rc = main(["spp", "nan_models:first_block_nan", "--image-size", "8", "--batch", "2",
                "--skip-gains-one", "--quiet", "--json", str(js)])  # fmt: skip
     assert rc == 1
     assert capsys.readouterr().err == (
-        "error: nf_resnet_cifar20[alpha=.nan] gives NaN or inf at 9 of 10 points, from "
+        "error: nan_models:first_block_nan gives NaN or inf at 9 of 10 points, from "
         "stages.0.0 on; check its initialisation and overrides (normfree diagnose)\n"
     )
     assert json.loads(js.read_text())[0]["config"]["non_finite_points"][0] == "stages.0.0"

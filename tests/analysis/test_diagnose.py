@@ -148,7 +148,9 @@ def test_thresholds_must_be_positive_and_ordered() -> None:
 def test_a_nan_model_is_not_reported_batch_dependent() -> None:
     # NaN compared with NaN used to count as an infinite change: every module downstream of the
     # first NaN was listed as coupling the batch and the model as batch dependent
-    model = _model("nf_resnet_cifar20", alpha=float("nan"))
+    model = _model("nf_resnet_cifar20")
+    with torch.no_grad():
+        model.stages[0][0].conv2.bias.fill_(float("nan"))  # NaN from the first block on
     diag = diagnose(model, input_shape=(3, 8, 8), batch_size=4)
     assert _status(diag, "non-finite activations") == "problem"
     assert _status(diag, "batch dependence (train mode)") == "ok"
