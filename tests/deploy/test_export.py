@@ -285,6 +285,12 @@ def test_a_features_only_backbone_exports_every_feature_map(tmp_path: Path, fmt:
     assert len(got) == len(expected) == 4
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+    # the sidecar names each output and its shape (batch first), in the graph's order
+    sidecar = json.loads(path.with_name(path.name + ".json").read_text())
+    assert sidecar["outputs"] == [
+        {"name": f"output_{i}", "shape": ["batch", *e.shape[1:]]} for i, e in enumerate(expected)
+    ]
+    assert [o["shape"][1] for o in sidecar["outputs"]] == model.feature_info.channels()
 
 
 def test_a_model_returning_neither_tensor_nor_tensors_is_an_export_error(tmp_path: Path) -> None:

@@ -57,6 +57,9 @@ def test_skipinit_gain_starts_at_zero_and_resets() -> None:
     g.reset_parameters()
     assert g.gain.item() == 0.0
     assert SkipInitGain(0.5).gain.item() == 0.5
+    for bad in (float("nan"), float("inf")):  # NaN made every block output NaN
+        with pytest.raises(ValueError, match="initial value must be finite"):
+            SkipInitGain(bad)
 
 
 def test_squeeze_excite_matches_manual_formula() -> None:

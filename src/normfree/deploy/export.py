@@ -43,7 +43,10 @@ class ExportResult:
 
     ``max_abs_diff`` is the largest difference between the saved model's outputs and the eager
     (unfolded, eval-mode) model's on a random batch whose size differs from the traced one;
-    ``verified_with`` names the runtime that ran the saved file (``None``: not verified).
+    ``verified_with`` names the runtime that ran the saved file (``None``: not verified);
+    ``outputs`` lists the graph's outputs in order, ``{"name", "shape"}`` with the shape's
+    first entry ``"batch"`` (one ``output``, or ``output_0``, ``output_1``, … for a backbone
+    returning several feature maps; a ``.pt2`` program returns them as a list in this order).
     """
 
     path: str
@@ -53,6 +56,7 @@ class ExportResult:
     max_abs_diff: float | None = None
     verified_with: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": 1, **asdict(self)}
@@ -106,7 +110,8 @@ def _output_list(out: Any) -> list[torch.Tensor]:
     if isinstance(out, (list, tuple)) and out and all(isinstance(t, torch.Tensor) for t in out):
         return list(out)
     raise ExportError(
-        f"the model returns a {type(out).__name__}; export takes a model that returns a tensor "
+        f"the model returns {'an' if type(out).__name__[:1].lower() in 'aeiou' else 'a'} "
+        f"{type(out).__name__}; export takes a model that returns a tensor "
         "or a list / tuple of tensors (wrap it to return one)"
     )
 
@@ -289,10 +294,13 @@ def export_model(
         except Exception as e:
             shape_txt = tuple(example.shape)
             raise ExportError(f"the model does not run on a {shape_txt} input: {e}") from e
-    outputs = len(_output_list(out))
+    out_list = _output_list(out)
+    outputs = len(out_list)
     result = ExportResult(
-        str(path), fmt, shape, folded_module_counts(model), metadata=dict(metadata or {})
-    )
+        str(path), fmt, shape, folded_module_counts(model), metadata=dict(metadata or {}),
+        outputs=[{"name": name, "shape": ["batch", *t.shape[1:]]}
+                 for name, t in zip(_output_names(outputs), out_list)],
+    )  # fmt: skip
 
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

@@ -145,6 +145,8 @@ class SkipInitGain(nn.Module):
     def __init__(self, init: float = 0.0) -> None:
         super().__init__()
         self.init = float(init)
+        if not math.isfinite(self.init):
+            raise ValueError(f"the skip gain's initial value must be finite, got {init}")
         self.gain = nn.Parameter(torch.empty(()))
         self.reset_parameters()
 
