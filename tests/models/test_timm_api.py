@@ -214,6 +214,13 @@ def test_feature_info_entries_are_timm_dicts() -> None:
     assert FeatureInfo("stem", 3, 1) == {"module": "stem", "num_chs": 3, "reduction": 1}
 
 
+def test_feature_info_takes_any_sequence_of_indices() -> None:
+    # idx is annotated int | Sequence[int]: a range or another sequence reads several entries
+    info = _build("nf_resnet").feature_info
+    assert info.channels(range(2)) == info.channels([0, 1]) == [16, 16]
+    assert info.get_dicts(["num_chs"], idx=range(1, 3)) == [{"num_chs": 16}, {"num_chs": 32}]
+
+
 def test_pretrained_loads_a_local_file_the_timm_way(tmp_path) -> None:
     source = _build("nf_resnet", seed=5)
     _perturb(source)

@@ -157,7 +157,7 @@ class FeatureInfoList(list):
     def get(self, key: str, idx: int | Sequence[int] | None = None) -> Any:
         if idx is None:
             return [self[i][key] for i in self.out_indices]
-        if isinstance(idx, (tuple, list)):
+        if isinstance(idx, Sequence):  # a list, tuple, range...: the annotation's Sequence[int]
             return [self[i][key] for i in idx]
         return self[idx][key]
 
@@ -169,7 +169,7 @@ class FeatureInfoList(list):
 
         if idx is None:
             return [pick(i) for i in self.out_indices]
-        if isinstance(idx, (tuple, list)):
+        if isinstance(idx, Sequence):
             return [pick(i) for i in idx]
         return pick(idx)
 

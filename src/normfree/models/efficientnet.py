@@ -380,7 +380,9 @@ class EfficientNet(NormFreeModel):
 
 
 # ----------------------------------------------------------------------------- registry
-def _build(size: str, conv: str, norm: str, num_classes: int, overrides: dict[str, Any]):
+def _build(
+    size: str, conv: str, norm: str, num_classes: int, overrides: dict[str, Any]
+) -> EfficientNet:
     width, depth, native, dropout, reduced = EFFICIENTNET_SCALING[size]
     group_size, expand = _CONV_VARIANTS[conv]
     norm_kind, proxy = _NORM_VARIANTS[norm]

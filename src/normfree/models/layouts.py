@@ -212,7 +212,7 @@ def register_depths(
     doc: str,
     imagenet_depths: Sequence[int],
     small_depths: Sequence[int],
-    build: Callable[..., nn.Module],
+    build: Callable[..., NormFreeModel],
     namespace: dict[str, Any],
 ) -> None:
     """Register ``{family}{d}`` for ``imagenet_depths`` and ``{family}_cifar{d}`` for
@@ -220,7 +220,7 @@ def register_depths(
     also bound in ``namespace`` (the family module's ``globals()``)."""
 
     def register(depth: int, small: bool) -> None:
-        def entry(num_classes: int = 10 if small else 1000, **overrides: Any) -> nn.Module:
+        def entry(num_classes: int = 10 if small else 1000, **overrides: Any) -> NormFreeModel:
             return build(depth, small, num_classes, overrides)
 
         name = f"{family}_cifar{depth}" if small else f"{family}{depth}"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
@@ -41,7 +42,9 @@ def _fused_step_runs(cls: type[Optimizer], device: torch.device, dtype: torch.dt
     return True
 
 
-def fused_available(optimizer_class: type[Optimizer], params: Iterable[torch.Tensor]) -> bool:
+def fused_available(
+    optimizer_class: type[Optimizer], params: Iterable[torch.Tensor | dict[str, Any]]
+) -> bool:
     """True when ``optimizer_class(params, fused=True)`` can step every parameter of
     ``params`` (tensors or param-group dicts) on this PyTorch build: the class has a fused
     kernel for each of their (device, dtype) pairs. False for an empty ``params``, for classes

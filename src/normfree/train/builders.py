@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from normfree.models import NormFreeModel, UnknownModelError, count_params, create_model
+from normfree.models import UnknownModelError, count_params, create_model
 from normfree.optim.fused import fused_available
 from normfree.optim.param_groups import build_param_groups
 from normfree.optim.schedules import WarmupDecayLR, scaled_peak_lr
@@ -140,7 +140,7 @@ def model_args(cfg: Config, num_classes: int, in_chans: int) -> dict[str, Any]:
     return {"name": cfg.model, "num_classes": num_classes, "in_chans": in_chans, "kwargs": kwargs}
 
 
-def build_model(args: dict[str, Any]) -> NormFreeModel:
+def build_model(args: dict[str, Any]) -> nn.Module:
     """``create_model`` from :func:`model_args` output; dropout and stochastic depth come from
     the model's metadata unless the config overrides them. ``model=converted:PATH`` loads a
     model written by ``normfree convert`` (:func:`normfree.convert.build_converted`)."""
@@ -151,7 +151,7 @@ def build_model(args: dict[str, Any]) -> NormFreeModel:
         from normfree.convert.api import build_converted
 
         try:
-            return build_converted(  # type: ignore[return-value]
+            return build_converted(
                 args["name"], args["num_classes"], args["in_chans"], args["kwargs"]
             )
         except (OSError, ValueError) as e:
