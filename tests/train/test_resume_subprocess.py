@@ -102,7 +102,7 @@ def test_killed_or_interrupted_then_resume(
         assert state["position"]["global_step"] in (4, 6, 8)  # every 2 steps / epoch end
     else:
         assert proc.returncode == 130, err
-        assert "last.pt written" in err
+        assert "last.pt written" in err and f"Continue with --resume {run}" in err
         # Ctrl-C saves at the step it interrupted, not at the last periodic checkpoint
         steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").open()]
         assert state["position"]["global_step"] == max(steps)

@@ -206,6 +206,7 @@ def test_a_second_ctrl_c_aborts_without_saving(
     with pytest.raises(TrainingInterrupted, match="aborted by a second") as stop:
         train(cfg, callbacks=[CtrlC()])
     assert not stop.value.saved and "last completed step: 4" in str(stop.value)
+    assert stop.value.resume_folder() == Path(cfg.out_dir)  # the CLI names it, not "<run folder>"
     assert saves == [2, 4]  # the stop's save was started once and not repeated
     assert load_checkpoint(Path(cfg.out_dir) / "last.pt")["position"]["global_step"] == 2
     summary = json.loads((Path(cfg.out_dir) / "summary.json").read_text())
@@ -354,3 +355,18 @@ def test_grad_checkpointing_on_a_model_without_blocks_is_one_line(
     with pytest.raises(ConfigError, match=r"set train\.grad_checkpointing=false$"):
         train(cfg)
     assert not Path(cfg.out_dir).exists()
+
+
+def test_an_interrupted_finetune_is_continued_through_its_run(tmp_path: Path) -> None:
+    """The Ctrl-C message said "--resume <run folder>"; it names the folder, and for the
+    fine-tuning phase the run's own (``--resume RUN`` continues that phase, also before its
+    first checkpoint, where ``RUN/finetune`` has no last.pt)."""
+    from normfree.train import TrainingInterrupted
+
+    run = tmp_path / "run"
+    (run / "finetune").mkdir(parents=True)
+    assert TrainingInterrupted("x", run_dir=run).resume_folder() == run
+    assert TrainingInterrupted("x", run_dir=run / "finetune").resume_folder() == run / "finetune"
+    (run / "last.pt").write_bytes(b"")
+    assert TrainingInterrupted("x", run_dir=run / "finetune").resume_folder() == run
+    assert TrainingInterrupted("x").resume_folder() is None

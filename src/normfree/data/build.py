@@ -2,7 +2,7 @@
 
 =====================================  =========================================================
 ``digits``                             scikit-learn's bundled 8×8 digits, stratified held-out split
-``hard-digits[:size=16]``              the same digits upsampled and distorted once (harder)
+``hard-digits[:size=8]``               the same digits (resized) and distorted once (harder)
 ``cifar10:/path``, ``cifar100:/path``  python-pickle archives on disk; the official test set is val
 ``imagefolder:/path``                  ``path/{train,val}/<class>/<img>`` or ``path/<class>/<img>``
 ``synthetic[:k=v,…]``                  deterministic random images with a class signal
@@ -24,7 +24,7 @@ __all__ = ["DATASET_KINDS", "IMAGENET_MEAN_STD", "build_datasets", "default_augm
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 DATASET_KINDS = ("digits", "hard-digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 _SPEC_HELP = (
-    "digits | hard-digits[:size=16] | cifar10:/dir | cifar100:/dir | imagefolder:/dir | "
+    "digits | hard-digits[:size=8] | cifar10:/dir | cifar100:/dir | imagefolder:/dir | "
     "synthetic[:num_classes=10,size=32,channels=3,n=512]"
 )
 

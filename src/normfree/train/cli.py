@@ -215,7 +215,8 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as e:
         if rank == 0:
             done = "last.pt written" if e.saved else "last.pt holds the last checkpoint before it"
-            print(f"{e}; {done}. Continue with --resume <run folder>", file=sys.stderr)
+            folder = e.resume_folder() or "<run folder>"
+            print(f"{e}; {done}. Continue with --resume {folder}", file=sys.stderr)
         return 130
     if rank == 0:
         ema = summary.get("ema_val_top1")

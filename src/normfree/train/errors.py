@@ -17,9 +17,21 @@ class TrainingInterrupted(KeyboardInterrupt):
     (``saved``), or, after a second signal or one inside a parameter update, left as the last
     checkpoint wrote it (``saved=False``)."""
 
-    def __init__(self, message: str = "", saved: bool = True) -> None:
+    def __init__(
+        self, message: str = "", saved: bool = True, run_dir: Path | None = None
+    ) -> None:
         super().__init__(message)
         self.saved = saved
+        self.run_dir = run_dir
+
+    def resume_folder(self) -> Path | None:
+        """The folder to pass to ``--resume``: the run's, or for its fine-tuning phase
+        (``RUN/finetune``) the run's own, whose ``--resume`` continues that phase."""
+        folder = self.run_dir
+        parent_run = folder is not None and (folder.parent / "last.pt").is_file()
+        if folder is not None and folder.name == "finetune" and parent_run:
+            return folder.parent
+        return folder
 
 
 class RunAlreadyComplete(Exception):

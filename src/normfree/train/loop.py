@@ -508,7 +508,9 @@ class Trainer(TrainerState):
         every = cfg.train.checkpoint_every_steps
         if out["stop"]:
             self.save()
-            raise TrainingInterrupted(f"interrupted at step {self.global_step}")
+            raise TrainingInterrupted(
+                f"interrupted at step {self.global_step}", run_dir=self.run_dir
+            )
         if every and self.global_step % every == 0 and self.step_in_epoch < self.steps_per_epoch:
             self.save()
         for cb in self.callbacks:
@@ -660,10 +662,13 @@ class Trainer(TrainerState):
                 why = "interrupted inside a parameter update"
             if why is None:
                 self.save()
-                raise TrainingInterrupted(f"interrupted at step {self.global_step}") from None
+                raise TrainingInterrupted(
+                    f"interrupted at step {self.global_step}", run_dir=self.run_dir
+                ) from None
             log.error("%s: last.pt not updated", why)
             raise TrainingInterrupted(
-                f"{why} (last completed step: {self.global_step})", saved=False
+                f"{why} (last completed step: {self.global_step})", saved=False,
+                run_dir=self.run_dir,
             ) from None
         finally:
             if restore is not None:
