@@ -176,3 +176,22 @@ def test_a_finetune_size_below_the_models_minimum_is_refused_before_training(
     with pytest.raises(ConfigError, match=r"^train\.finetune_size=2: 2x2 inputs are below"):
         train(cfg)
     assert not Path(cfg.out_dir).exists()
+
+
+def test_the_command_prints_the_fine_tuned_result_too(tmp_path: Path, capsys) -> None:
+    """With ``train.finetune_epochs`` the command printed only the first phase's result; the
+    fine-tuned model's is what the run is for, so it gets its own line."""
+    import json
+
+    from run_options import QUIET
+
+    from normfree.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *QUIET, *SHORT, "train.finetune_epochs=1",
+                 "train.finetune_size=12"]) == 0  # fmt: skip
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("val_top1")]
+    ft = json.loads((run / "finetune" / "summary.json").read_text())
+    assert len(lines) == 2 and lines[0].endswith(f"run folder {run}")
+    assert lines[1].startswith(f"val_top1 {ft['val_top1']:.2f}%")
+    assert lines[1].endswith(f"fine-tuned at 12 px, in {run / 'finetune'}")

@@ -219,14 +219,24 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"{e}; {done}. Continue with --resume {folder}", file=sys.stderr)
         return 130
     if rank == 0:
-        ema = summary.get("ema_val_top1")
-        ema_txt = f" (EMA {ema:.2f}%)" if ema is not None else ""
-        print(
-            f"val_top1 {summary['val_top1']:.2f}%{ema_txt}, best {summary['best_val_top1']:.2f}% "
-            f"at epoch {summary['best_epoch']}; {summary['wall_time_s']:.1f}s; "
-            f"run folder {summary['run_dir']}"
-        )
+        print(_result_line(summary, "run folder"))
+        finetune = summary.get("finetune")
+        if isinstance(finetune, dict) and "val_top1" in finetune:  # the phase's own result
+            size = finetune.get("image_size")
+            at = f" at {size} px" if size else ""
+            print(_result_line(finetune, f"fine-tuned{at}, in"))
     return 0
+
+
+def _result_line(summary: dict[str, Any], folder_label: str) -> str:
+    """The one-line result of a phase: its final (and EMA) top-1, its best, time, folder."""
+    ema = summary.get("ema_val_top1")
+    ema_txt = f" (EMA {ema:.2f}%)" if ema is not None else ""
+    return (
+        f"val_top1 {summary['val_top1']:.2f}%{ema_txt}, best {summary['best_val_top1']:.2f}% "
+        f"at epoch {summary['best_epoch']}; {summary['wall_time_s']:.1f}s; "
+        f"{folder_label} {summary['run_dir']}"
+    )
 
 
 def _spawned_worker(local_rank: int, nproc: int, port: int, argv: list[str]) -> None:
