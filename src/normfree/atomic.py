@@ -29,6 +29,7 @@ __all__ = [
     "check_writable",
     "file_mode",
     "remove_stale_temp_files",
+    "same_file",
     "to_json",
 ]
 
@@ -94,6 +95,19 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[IO[bytes]]
     except OSError:
         pass
     return path
+
+
+def same_file(a: str | os.PathLike[str] | None, b: str | os.PathLike[str] | None) -> bool:
+    """Whether two paths name one file: the same path once ``~`` and links are resolved, or two
+    names of one existing file. ``None`` or ``""`` (an option not given) names no file. The
+    commands check their outputs with it, so that one write cannot replace another output or
+    an input."""
+    if not a or not b:
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.samefile(pb)
+    return pa.resolve() == pb.resolve()
 
 
 def check_writable(*paths: str | os.PathLike[str] | None) -> None:

@@ -23,7 +23,7 @@ import torch
 import yaml
 from torch import nn
 
-from normfree.atomic import check_writable
+from normfree.atomic import check_writable, same_file
 from normfree.checkpoints import CheckpointError
 from normfree.console import (
     error_line,
@@ -34,12 +34,14 @@ from normfree.console import (
 )
 
 __all__ = [
-    "LARGEST_RECORDED_SIDE", "add_parser", "add_trust_code_argument", "add_trust_pickle_argument",
+    "LARGEST_RECORDED_SIDE", "MODEL_FILE_SUFFIXES", "add_parser", "add_trust_code_argument",
+    "add_trust_pickle_argument",
     "check_outputs", "check_recorded_size", "model_from_spec", "model_input_errors",
     "parse_model_spec", "parse_overrides", "positive_int", "seed_int",
 ]  # fmt: skip
 
-_FILE_SUFFIXES = (".pt", ".pth", ".safetensors", ".npz", ".bin", ".ckpt")
+#: suffixes that make a model spec a file path, never a model name (also ``normfree convert``)
+MODEL_FILE_SUFFIXES = (".pt", ".pth", ".safetensors", ".npz", ".bin", ".ckpt")
 _SPEC = re.compile(r"^(?P<name>[^\[\]]+?)(?:\[(?P<kw>.*)\])?$")
 
 
@@ -145,7 +147,7 @@ def model_from_spec(
     ``trust_pickle``)."""
     from normfree.convert import is_converted_file, load_converted
 
-    names_a_file = "/" in spec or Path(spec).suffix in _FILE_SUFFIXES  # never a model name
+    names_a_file = "/" in spec or Path(spec).suffix in MODEL_FILE_SUFFIXES  # never a model name
     if names_a_file and not Path(spec).exists():
         raise ValueError(f"no file {spec!r} (a model is NAME, NAME[key=value,...] or module:fn)")
     if names_a_file and Path(spec).is_dir():
@@ -206,20 +208,20 @@ def check_outputs(models: list[str] | None = None, **paths: str | None) -> None:
     """Fail before the analysis when two output options (``json="a.json"`` for ``--json``) name
     the same file (the second write would replace the first), or one names a model file being
     read (``models``)."""
-    seen: dict[Path, str] = {}
-    for spec in models or []:
-        if Path(spec).is_file():
-            seen.setdefault(Path(spec).resolve(), f"the model file {spec}")
+    read = [spec for spec in models or [] if Path(spec).is_file()]
+    taken: list[tuple[str, str]] = []  # (option, path) of the outputs checked so far
     for option, given in paths.items():
         if not given:
             continue
-        key = Path(given).expanduser().resolve()
         flag = f"--{option.replace('_', '-')}"
-        if key in seen and seen[key].startswith("the model file"):
-            raise ValueError(f"{flag} {given} would overwrite {seen[key]}; write elsewhere")
-        if key in seen:
-            raise ValueError(f"{seen[key]} and {flag} both name {given}; give each its own file")
-        seen[key] = flag
+        model = next((spec for spec in read if same_file(given, spec)), None)
+        if model is not None:
+            raise ValueError(f"{flag} {given} would overwrite the model file {model}; write "
+                             "elsewhere")  # fmt: skip
+        other = next((f for f, path in taken if same_file(given, path)), None)
+        if other is not None:
+            raise ValueError(f"{other} and {flag} both name {given}; give each its own file")
+        taken.append((flag, given))
 
 
 def _raised_in_forward(err: BaseException) -> bool:

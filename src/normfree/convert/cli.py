@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from normfree.analysis.cli import positive_int
+from normfree.atomic import same_file
 from normfree.console import report_error, report_out_of_memory
 
 __all__ = [
@@ -245,27 +246,17 @@ def _example(args: argparse.Namespace, model: nn.Module) -> torch.Tensor:
     return torch.randn(args.batch, in_chans or 3, size, size, generator=g)
 
 
-def _same_file(a: str | None, b: str | None) -> bool:
-    """Whether two paths name one file (the same path, or links to one existing file)."""
-    if not a or not b:
-        return False
-    pa, pb = Path(a), Path(b)
-    if pa.exists() and pb.exists():
-        return pa.samefile(pb)
-    return pa.resolve() == pb.resolve()
-
-
 def _check_outputs_distinct(args: argparse.Namespace) -> None:
     """Refuse an output path that is another output or an input: the report would replace the
     converted model (``--json`` = ``--out``), or the result the model it was converted from."""
-    if _same_file(args.out, args.json):
+    if same_file(args.out, args.json):
         raise ValueError(
             f"--json and --out are the same file ({args.out}): the report would replace the "
             "converted model; give the report another name"
         )
     for given, flag in ((args.source, "SOURCE"), (args.weights, "--weights")):
         for out, out_flag in ((args.out, "--out"), (args.json, "--json")):
-            if given and Path(given).is_file() and _same_file(out, given):
+            if given and Path(given).is_file() and same_file(out, given):
                 raise ValueError(
                     f"{out_flag} {out} is the {flag} file: writing it would destroy the model "
                     "being converted; write the result to another file"
@@ -275,10 +266,10 @@ def _check_outputs_distinct(args: argparse.Namespace) -> None:
 def _check_source_exists(spec: str) -> None:
     """A SOURCE that names a file (a path, or a checkpoint suffix) must exist: it is never a
     model name, and "unknown model 'runs/x/best.pt'" would not say what is wrong."""
-    from normfree.analysis.cli import _FILE_SUFFIXES
+    from normfree.analysis.cli import MODEL_FILE_SUFFIXES
 
     path = Path(spec)
-    names_a_file = ":" not in spec and ("/" in spec or path.suffix in _FILE_SUFFIXES)
+    names_a_file = ":" not in spec and ("/" in spec or path.suffix in MODEL_FILE_SUFFIXES)
     if path.is_file() or not names_a_file:  # (timm:hf-hub:org/name is an architecture)
         return
     if path.is_dir():
