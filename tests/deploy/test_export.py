@@ -342,3 +342,137 @@ def test_export_command_of_a_features_only_backbone_reads_its_networks_metadata(
     outputs = torch.export.load(str(out)).module()(torch.randn(2, 3, 32, 32))
     assert [tuple(t.shape) for t in outputs] == [(2, 16, 32, 32), (2, 16, 32, 32),
                                                  (2, 32, 16, 16), (2, 64, 8, 8)]  # fmt: skip
+
+
+def _small_nfnet() -> nn.Module:
+    """An NFNet with "SAME" padding everywhere (strided convs, the shortcut's average pool),
+    small enough to export in seconds."""
+    return _trained_like("nfnet_f0", num_classes=6, depths=(1, 1, 1, 1), widths=(32, 64, 96, 96),
+                         group_size=8, stem_channels=(8, 8, 16))  # fmt: skip
+
+
+@pytest.mark.slow  # ~50 s each: torch.export with symbolic sizes through a whole NFNet
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_a_dynamic_size_export_takes_every_multiple_of_the_total_stride(
+    tmp_path: Path, fmt: str
+) -> None:
+    """With size_multiple the saved model takes any height and width that are multiples of it,
+    each size's SAME padding as the eager model's (odd multiples of 32 reach the stages with odd
+    sizes, where the pads are asymmetric)."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxscript")
+        ort = pytest.importorskip("onnxruntime")
+    model = _small_nfnet()
+    assert export_mod.total_stride(model) == 32
+    path = tmp_path / f"f0.{fmt}"
+    result = export_model(model, path, (3, 64, 96), size_multiple=32)
+    assert result.size_multiple == 32 and result.input_shape == (3, 64, 96)
+    assert result.verified_with is not None and result.max_abs_diff < 1e-4
+    if fmt == "pt2":
+        program = torch.export.load(str(path)).module()
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return program(x)
+    else:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+    for shape in [(1, 3, 64, 64), (2, 3, 96, 160), (1, 3, 224, 64)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            expected = model.eval()(x)
+        assert expected.abs().max() > 1e-2
+        torch.testing.assert_close(run(x), expected, rtol=1e-4, atol=1e-4)
+    sidecar = json.loads(path.with_name(path.name + ".json").read_text())
+    assert sidecar["size_multiple"] == 32 and sidecar["outputs"][0]["shape"] == ["batch", 6]
+
+
+def test_a_dynamic_size_backbone_names_each_maps_reduction(tmp_path: Path) -> None:
+    model = _trained_like("nf_resnet_cifar20", features_only=True)
+    path = tmp_path / "backbone.pt2"
+    result = export_model(model, path, (3, 8, 12), size_multiple=4)
+    assert result.input_shape == (3, 8, 12) and result.max_abs_diff < 1e-4
+    assert [o["shape"] for o in result.outputs] == [
+        ["batch", 16, "height", "width"], ["batch", 16, "height", "width"],
+        ["batch", 32, "height/2", "width/2"], ["batch", 64, "height/4", "width/4"],
+    ]  # fmt: skip
+    maps = torch.export.load(str(path)).module()(torch.randn(1, 3, 20, 8))
+    assert [tuple(t.shape[2:]) for t in maps] == [(20, 8), (20, 8), (10, 4), (5, 2)]
+
+
+def test_a_dynamic_size_export_refuses_what_it_cannot_keep(tmp_path: Path) -> None:
+    model = _small_nfnet()
+    with pytest.raises(ValueError, match=r"image size 48x64 is not a multiple of size_multiple="
+                                         r"32; choose a size that is \(e\.g\. 64\)"):  # fmt: skip
+        export_model(model, tmp_path / "m.pt2", (3, 48, 64), size_multiple=32)
+    with pytest.raises(ValueError, match="size_multiple must be 1 to"):
+        export_model(model, tmp_path / "m.pt2", (3, 64, 64), size_multiple=0)
+    with pytest.raises(TypeError, match="size_multiple must be an int"):
+        export_model(model, tmp_path / "m.pt2", (3, 64, 64), size_multiple=True)
+    with pytest.raises(ValueError, match="sizes up to 8192, got 8224x64"):
+        export_model(model, tmp_path / "m.pt2", (3, 8224, 64), size_multiple=32)
+    assert export_mod.total_stride(nn.Sequential(nn.Conv2d(3, 3, 1))) is None
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # ~2 min: torch.export gives up on the NFNet's symbolic shapes slowly
+def test_a_dynamic_size_export_of_any_size_works_or_is_refused_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """Multiples of 1 (any size): either every size gives the eager model's output, or the
+    export is refused in one line that names the fix, and nothing is written (PyTorch 2.14
+    cannot prove the shapes of the SAME pads' parity: refused)."""
+    model = _small_nfnet()
+    path = tmp_path / "any.pt2"
+    try:
+        export_model(model, path, (3, 34, 34), size_multiple=1)
+    except ExportError as e:
+        assert "\n" not in str(e) and "choose a multiple of the model's total stride" in str(e)
+        assert list(tmp_path.iterdir()) == []
+    else:
+        program = torch.export.load(str(path)).module()
+        for size in (33, 35, 40):
+            x = torch.randn(1, 3, size, size + 1)
+            with torch.no_grad():
+                torch.testing.assert_close(program(x), model.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_export_command_dynamic_size_reads_the_models_stride(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m.pt2"
+    assert main(["export", "nf_resnet_cifar20", "--out", str(out), "--dynamic-size",
+                 "--image-size", "16"]) == 0  # fmt: skip
+    assert "input (B, 3, H, W; H and W multiples of 4 from 8)" in capsys.readouterr().out
+    sidecar = json.loads(out.with_name("m.pt2.json").read_text())
+    assert sidecar["size_multiple"] == 4
+    assert sidecar["metadata"]["input"].endswith("B is free, H and W multiples of 4 from 8")
+    assert torch.export.load(str(out)).module()(torch.randn(2, 3, 12, 20)).shape == (2, 10)
+    rc = main(["export", "nf_resnet_cifar20", "--out", str(out), "--dynamic-size", "8",
+               "--image-size", "12"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [
+        "error: the image size 12x12 is not a multiple of size_multiple=8; choose a size that "
+        "is (e.g. 16)"
+    ]
+
+
+def test_a_dynamic_size_onnx_file_has_a_symbolic_height_and_width(tmp_path: Path) -> None:
+    pytest.importorskip("onnxscript")
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = _trained_like("nf_resnet_cifar20", num_classes=3)
+    path = tmp_path / "m.onnx"
+    result = export_model(model, path, (3, 8, 8), size_multiple=4)
+    assert result.verified_with == "onnxruntime" and result.max_abs_diff < 1e-4
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert [bool(d.dim_param) for d in dims] == [True, False, True, True]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in [(1, 3, 8, 24), (2, 3, 28, 12)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            expected = model.eval()(x)
+        got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -191,3 +191,17 @@ def test_export_and_channels_last_inputs_take_the_plain_pool_when_compiled() -> 
     with direct_export():
         program = torch.export.export(MaxPoolSame(), (torch.randn(2, 4, 12, 12),))
     assert "normfree" not in str(program.graph)  # an exported program holds only ATen ops
+
+
+def test_the_same_pool_exports_with_a_free_even_size() -> None:
+    """Under torch.export the "SAME" amounts of a symbolic size are symbolic, and ``ceil_mode``
+    was then a SymBool that ``F.max_pool2d`` refused (TypeError): nf_resnet50 could not be
+    exported with a free height and width."""
+    pool = MaxPoolSame(3, 2)
+    h, w = torch.export.Dim("h", min=2, max=64), torch.export.Dim("w", min=2, max=64)
+    program = torch.export.export(
+        pool, (torch.randn(2, 2, 8, 12),), dynamic_shapes=({2: 2 * h, 3: 2 * w},)
+    ).module()
+    for size in [(6, 10), (16, 4)]:
+        x = torch.randn(2, 2, *size)
+        torch.testing.assert_close(program(x), pool(x), rtol=0, atol=0)

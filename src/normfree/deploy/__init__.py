@@ -3,7 +3,13 @@
 See :func:`prepare_for_inference` and :func:`export_model`; ``normfree export`` is the command.
 """
 
-from normfree.deploy.export import EXPORT_FORMATS, ExportError, ExportResult, export_model
+from normfree.deploy.export import (
+    EXPORT_FORMATS,
+    ExportError,
+    ExportResult,
+    export_model,
+    total_stride,
+)
 from normfree.deploy.inference import folded_module_counts, prepare_for_inference
 
 __all__ = [
@@ -13,4 +19,5 @@ __all__ = [
     "export_model",
     "folded_module_counts",
     "prepare_for_inference",
+    "total_stride",
 ]

@@ -26,9 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "export",
         help="fold a model and export it (ONNX or torch.export .pt2)",
         description="Fold weight standardization and proxy normalization into plain layers, "
-        "export with a dynamic batch size at a fixed image size, and check the saved file "
-        "against the eager model. Writes PATH and PATH.json (input shape, normalisation, "
-        "classes, the check's result).",
+        "export with a dynamic batch size at a fixed image size (or, with --dynamic-size, any "
+        "multiple of the model's total stride), and check the saved file against the eager "
+        "model. Writes PATH and PATH.json (input shape, normalisation, classes, the check's "
+        "result).",
     )
     p.add_argument("source", metavar="SOURCE",
                    help="training checkpoint (.pt) or model: NAME, NAME[key=value,...], "
@@ -40,6 +41,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=positive_int, default=None,
                    help="input height = width (default: the checkpoint's test size, else the "
                    "model's)")  # fmt: skip
+    p.add_argument("--dynamic-size", nargs="?", const=0, type=positive_int, default=None,
+                   metavar="MULTIPLE",
+                   help="height and width free too: any multiple of MULTIPLE from twice it "
+                   "(default: the model's total stride, e.g. 32); --image-size is then the size "
+                   "traced and checked first")  # fmt: skip
     p.add_argument("--weights", default=None,
                    help="weights for a model SOURCE (normfree, timm or DeepMind file)")
     p.add_argument("--trust-pickle", action="store_true",
@@ -113,6 +119,24 @@ def _from_spec(args: argparse.Namespace) -> nn.Module:
     return model
 
 
+def _size_multiple(model: nn.Module, asked: int | None) -> int | None:
+    """``--dynamic-size``: None (absent), the value given, or (given bare, 0) the model's
+    total stride."""
+    if not asked:
+        if asked is None:
+            return None
+        from normfree.deploy.export import total_stride
+
+        stride = total_stride(model)
+        if stride is None:
+            raise ValueError(
+                "the model declares no feature_info to take its total stride from: give it, "
+                "e.g. --dynamic-size 32"
+            )
+        return stride
+    return asked
+
+
 def run_export(args: argparse.Namespace) -> int:
     """Entry point of ``normfree export``."""
     from normfree.checkpoints import CheckpointError
@@ -153,11 +177,15 @@ def run_export(args: argparse.Namespace) -> int:
         if args.image_size is None:
             size = check_recorded_size(size, source)
         in_chans = int(info.get("in_chans") or getattr(_described(model), "in_chans", 3))
+        multiple = _size_multiple(model, args.dynamic_size)
+        free = "B is free"
+        if multiple is not None:
+            free += f", H and W multiples of {multiple} from {2 * multiple}"
         metadata = {
             "model": getattr(meta, "name", type(model).__name__),
             "source": str(args.source),
             "weights": weights,
-            "input": "normalised float32 (B, C, H, W); B is free",
+            "input": f"normalised float32 (B, C, H, W); {free}",
             "mean": info.get("mean"),
             "std": info.get("std"),
             "classes": info.get("classes"),
@@ -166,6 +194,7 @@ def run_export(args: argparse.Namespace) -> int:
         result = export_model(
             model, args.out, (in_chans, int(size), int(size)), format=args.format,
             opset=args.opset, verify=not args.no_verify, metadata=metadata,
+            size_multiple=multiple,
         )  # fmt: skip
     except (CheckpointError, ExportError, ValueError, TypeError, KeyError, ImportError,
             OSError) as e:  # fmt: skip
@@ -179,5 +208,8 @@ def run_export(args: argparse.Namespace) -> int:
         else "not checked"
     )
     shape = ", ".join(map(str, result.input_shape))
+    if result.size_multiple is not None:
+        m = result.size_multiple
+        shape = f"{result.input_shape[0]}, H, W; H and W multiples of {m} from {2 * m}"
     print(f"wrote {result.path} ({result.format}, input (B, {shape}), folded {folded}; {check})")
     return 0

@@ -1,10 +1,15 @@
 """Export a model for deployment: fold it (:func:`prepare_for_inference`), trace it with
-``torch.export`` at a fixed image size and a dynamic batch dimension, save it as ONNX or as a
-``torch.export`` program (``.pt2``), and check the saved file against the eager model before it
-replaces anything at the destination.
+``torch.export`` with a dynamic batch dimension, save it as ONNX or as a ``torch.export``
+program (``.pt2``), and check the saved file against the eager model before it replaces anything
+at the destination.
 
-The image size is fixed because TF/JAX "SAME" padding (NFNets, NF-RegNets) depends on it; the
-batch size is free. Inputs are normalised ``(B, C, H, W)`` float32 tensors, as in training.
+The image size is fixed by default. With ``size_multiple=m`` the height and width are free
+too, as any multiples of ``m`` from ``2m`` (:func:`total_stride`: the model's total stride,
+e.g. 32). On such sizes every stage's size is exact, so TF/JAX "SAME" padding (NFNets,
+NF-RegNets), whose amounts follow each stage's input size, pads alike at every size; on
+arbitrary sizes ``torch.export`` cannot prove the shapes (PyTorch 2.14 raises "Constraints
+violated" on the pads' parity), which is why the sizes are multiples. Inputs are normalised
+``(B, C, H, W)`` float32 tensors, as in training.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ from normfree.atomic import atomic_write_json, check_writable
 from normfree.deploy.inference import folded_module_counts, prepare_for_inference
 from normfree.nn.eager_forms import export_trace
 
-__all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "export_model"]
+__all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "export_model", "total_stride"]
 
 # format name -> file suffix
 EXPORT_FORMATS: dict[str, str] = {"onnx": ".onnx", "pt2": ".pt2"}
 _MAX_BATCH = 1 << 16
+_MAX_SIZE = 1 << 13  # the largest height / width of a dynamic-size export
 
 
 class ExportError(RuntimeError):
@@ -46,7 +52,10 @@ class ExportResult:
     ``verified_with`` names the runtime that ran the saved file (``None``: not verified);
     ``outputs`` lists the graph's outputs in order, ``{"name", "shape"}`` with the shape's
     first entry ``"batch"`` (one ``output``, or ``output_0``, ``output_1``, … for a backbone
-    returning several feature maps; a ``.pt2`` program returns them as a list in this order).
+    returning several feature maps; a ``.pt2`` program returns them as a list in this order);
+    with ``size_multiple`` (height and width free, multiples of it) a feature map's height and
+    width read ``"height/R"`` and ``"width/R"`` (``R`` its reduction), and ``input_shape`` is
+    the size that was traced and checked first.
     """
 
     path: str
@@ -57,6 +66,7 @@ class ExportResult:
     verified_with: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     outputs: list[dict[str, Any]] = field(default_factory=list)
+    size_multiple: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": 1, **asdict(self)}
@@ -88,6 +98,64 @@ def _check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
     if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
         raise ValueError(f"input_shape must be three positive ints (C, H, W), got {shape}")
     return shape  # type: ignore[return-value]
+
+
+def total_stride(model: nn.Module) -> int | None:
+    """The largest reduction that ``model.feature_info`` declares (timm's convention: a list of
+    dicts with ``"reduction"``; normfree's models and ``features_only`` backbones, timm's
+    models), i.e. the factor by which the model shrinks an image; None where it declares none.
+    Heights and widths that are multiples of it keep every stage's size exact
+    (:func:`export_model`'s ``size_multiple``)."""
+    infos = getattr(model, "feature_info", None)
+    try:
+        reductions = [int(info["reduction"]) for info in infos]  # type: ignore[union-attr]
+    except (TypeError, KeyError, ValueError):
+        return None
+    return max(reductions) if reductions and min(reductions) > 0 else None
+
+
+def _check_multiple(size_multiple: Any, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The traced input shape of a dynamic-size export: ``shape``, whose height and width must
+    be multiples of ``size_multiple``, each raised to at least twice it (``torch.export``
+    specialises a size whose traced value is 1)."""
+    if isinstance(size_multiple, bool) or not isinstance(size_multiple, int):
+        raise TypeError(f"size_multiple must be an int, got {type(size_multiple).__name__}")
+    if not 1 <= size_multiple <= _MAX_SIZE // 2:
+        raise ValueError(f"size_multiple must be 1 to {_MAX_SIZE // 2}, got {size_multiple}")
+    c, h, w = shape
+    if h % size_multiple or w % size_multiple:
+        raise ValueError(
+            f"the image size {h}x{w} is not a multiple of size_multiple={size_multiple}; "
+            f"choose a size that is (e.g. {size_multiple * max(2, round(h / size_multiple))})"
+        )
+    if max(h, w) > _MAX_SIZE:
+        raise ValueError(f"a dynamic-size export takes sizes up to {_MAX_SIZE}, got {h}x{w}")
+    return c, max(h, 2 * size_multiple), max(w, 2 * size_multiple)
+
+
+def _dynamic_shapes(size_multiple: int | None) -> tuple[dict[int, Any]]:
+    """``torch.export``'s ``dynamic_shapes`` of the one input: the batch free, and with
+    ``size_multiple`` the height and width too, as its multiples from twice it up to
+    :data:`_MAX_SIZE` (from twice: a stage whose size may be 1 is one whose broadcasts
+    ``torch.export`` cannot prove, so a program traced at a larger size asserts it is not)."""
+    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=_MAX_BATCH)}
+    if size_multiple is not None:
+        for axis, name in ((2, "height"), (3, "width")):
+            free = torch.export.Dim(name, min=2, max=_MAX_SIZE // size_multiple)
+            dims[axis] = free if size_multiple == 1 else size_multiple * free
+    return (dims,)
+
+
+def _output_shape(out: torch.Tensor, example: torch.Tensor, dynamic: bool) -> list[Any]:
+    """An output's shape for the sidecar: ``"batch"`` first; with a dynamic size, a feature
+    map's height and width as ``"height/R"`` / ``"width/R"`` (R its reduction)."""
+    shape: list[Any] = ["batch", *out.shape[1:]]
+    if dynamic and out.dim() == 4:
+        for axis, name in ((2, "height"), (3, "width")):
+            size, reduction = out.shape[axis], example.shape[axis] // max(out.shape[axis], 1)
+            if reduction * size == example.shape[axis]:
+                shape[axis] = name if reduction == 1 else f"{name}/{reduction}"
+    return shape
 
 
 @contextlib.contextmanager
@@ -127,13 +195,28 @@ def _eager_output(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [t.float().cpu() for t in out]
 
 
-def _trace(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
-    batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
+def _trace_error(e: Exception, size_multiple: int | None) -> ExportError:
+    """The error of a failed trace; for a dynamic size whose shapes ``torch.export`` could not
+    prove, one line naming the fix."""
+    if size_multiple is not None and "Constraints violated" in str(e):
+        return ExportError(
+            f"torch.export cannot prove the model's shapes for every multiple of "
+            f"{size_multiple}: choose a multiple of the model's total stride (e.g. 32), or "
+            "export at a fixed size"
+        )
+    return ExportError(f"torch.export could not trace the model: {type(e).__name__}: {e}")
+
+
+def _trace(
+    model: nn.Module, example: torch.Tensor, size_multiple: int | None = None
+) -> torch.export.ExportedProgram:
     try:
         with export_trace():
-            return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+            return torch.export.export(
+                model, (example,), dynamic_shapes=_dynamic_shapes(size_multiple)
+            )
     except Exception as e:  # torch raises many types here; all mean "cannot trace"
-        raise ExportError(f"torch.export could not trace the model: {type(e).__name__}: {e}") from e
+        raise _trace_error(e, size_multiple) from e
 
 
 @contextlib.contextmanager
@@ -158,7 +241,12 @@ def _output_names(count: int) -> list[str]:
 
 
 def _save_onnx(
-    model: nn.Module, example: torch.Tensor, path: Path, opset: int | None, outputs: int = 1
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    opset: int | None,
+    outputs: int = 1,
+    size_multiple: int | None = None,
 ) -> None:
     try:
         import onnx
@@ -173,15 +261,17 @@ def _save_onnx(
             f"opset {opset} does not exist (this onnx knows 1 to {newest}); choose one up to "
             f"{newest} or leave --opset out"
         )
-    batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
     try:
         with export_trace(), _exporter_logs_quiet():
             program = torch.onnx.export(
                 model, (example,), dynamo=True, input_names=["input"],
                 output_names=_output_names(outputs),
-                dynamic_shapes=({0: batch},), opset_version=opset, verbose=False,
+                dynamic_shapes=_dynamic_shapes(size_multiple), opset_version=opset,
+                verbose=False,
             )  # fmt: skip
     except Exception as e:
+        if size_multiple is not None and "Constraints violated" in str(e):
+            raise _trace_error(e, size_multiple) from e
         raise ExportError(f"ONNX export failed: {type(e).__name__}: {e}") from e
     written = dict(program.model.opset_imports).get("")
     if opset is not None and written != opset:
@@ -219,11 +309,11 @@ def _verify(
     reference: list[torch.Tensor],
     check: torch.Tensor,
     atol: float,
-    result: ExportResult,
     path: Path,
-) -> None:
+) -> float:
     """Run the saved model on ``check``: each of its outputs must have the eager output's shape
-    and lie within ``atol·(1 + max|output|)`` of it (each output against its own scale)."""
+    and lie within ``atol·(1 + max|output|)`` of it (each output against its own scale);
+    returns the largest difference."""
     with torch.no_grad():
         got = _output_list(run(check))
     shapes = [tuple(t.shape) for t in got]
@@ -233,19 +323,21 @@ def _verify(
             return str(s[0]) if len(s) == 1 else ", ".join(map(str, s))
 
         raise ExportError(
-            f"the exported model returns shape {txt(shapes)} for a batch of "
-            f"{check.shape[0]}, the eager model {txt(expected)}"
+            f"the exported model returns shape {txt(shapes)} for an input of shape "
+            f"{tuple(check.shape)}, the eager model {txt(expected)}"
         )
-    result.max_abs_diff = 0.0
+    largest = 0.0
     for out, ref in zip(got, reference):
         diff = (out - ref).abs().max().item() if ref.numel() else 0.0
-        result.max_abs_diff = max(result.max_abs_diff, diff)
+        largest = max(largest, diff)
         tol = atol * (1.0 + (ref.abs().max().item() if ref.numel() else 0.0))
         if not diff <= tol:
             raise ExportError(
                 f"the exported model differs from the eager model by {diff:.3g} "
-                f"(> {tol:.3g}); nothing was written to {path}"
+                f"(> {tol:.3g}) on an input of shape {tuple(check.shape)}; nothing was "
+                f"written to {path}"
             )
+    return largest
 
 
 def export_model(
@@ -259,15 +351,22 @@ def export_model(
     atol: float = 1e-4,
     seed: int = 0,
     metadata: dict[str, Any] | None = None,
+    size_multiple: int | None = None,
 ) -> ExportResult:
     """Fold ``model`` and export it to ``path`` (``.onnx`` or ``.pt2``) for inputs of shape
     ``(B, *input_shape)`` with any batch size ``B``. The model returns one tensor (ONNX output
     ``output``) or a list / tuple of tensors, e.g. a ``features_only`` backbone's feature maps
     (ONNX outputs ``output_0``, ``output_1``, …; a ``.pt2`` program returns the list).
 
+    ``size_multiple=m`` frees the height and width too: the saved model takes any multiple of
+    ``m`` from ``2m`` to 8192 for each (``m`` = :func:`total_stride` of the model, e.g. 32,
+    keeps every stage's size exact; ``input_shape``'s height and width must be multiples of
+    ``m``, and are traced at ``2m`` at least).
+
     With ``verify`` (default) the saved file is loaded back (onnxruntime, else the ``onnx``
-    reference evaluator; ``torch.export.load`` for ``.pt2``) and run on a random batch of 3; its
-    outputs must match the eager model's within ``atol·(1 + max|output|)`` (each output), or
+    reference evaluator; ``torch.export.load`` for ``.pt2``) and run on a random batch of 3
+    (with ``size_multiple``, also on a batch of 2 at another height and width); its outputs
+    must match the eager model's within ``atol·(1 + max|output|)`` (each output), or
     :class:`ExportError` is raised and ``path`` is left as it was. The file only appears at
     ``path`` once it is complete (and checked). ``metadata`` (e.g. input normalisation and
     class names) is stored with the result in a ``PATH.json`` sidecar.
@@ -277,13 +376,18 @@ def export_model(
     path = Path(path)
     fmt = _format_of(path, format)
     shape = _check_shape(input_shape)
+    if size_multiple is not None:
+        shape = _check_multiple(size_multiple, shape)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     sidecar = path.with_name(path.name + ".json")
     check_writable(path, sidecar)  # before the work: both are replaced only if both can be
     gen = torch.Generator().manual_seed(seed)
     example = torch.randn(2, *shape, generator=gen)  # batch 2: 1 would be specialised
-    check = torch.randn(3, *shape, generator=gen)
+    checks = [torch.randn(3, *shape, generator=gen)]
+    if size_multiple is not None:  # another height and width, the two apart
+        c, h, w = shape
+        checks.append(torch.randn(2, c, h + size_multiple, w + 2 * size_multiple, generator=gen))
     try:  # the scales are recorded on an input of the shape exported
         folded = prepare_for_inference(model, example).cpu().float()
     except (RuntimeError, ValueError) as e:
@@ -298,8 +402,9 @@ def export_model(
     outputs = len(out_list)
     result = ExportResult(
         str(path), fmt, shape, folded_module_counts(model), metadata=dict(metadata or {}),
-        outputs=[{"name": name, "shape": ["batch", *t.shape[1:]]}
+        outputs=[{"name": name, "shape": _output_shape(t, example, size_multiple is not None)}
                  for name, t in zip(_output_names(outputs), out_list)],
+        size_multiple=size_multiple,
     )  # fmt: skip
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -307,14 +412,17 @@ def export_model(
     try:
         staged = staging / path.name
         if fmt == "onnx":
-            _save_onnx(folded, example, staged, opset, outputs)
+            _save_onnx(folded, example, staged, opset, outputs, size_multiple)
         else:
-            torch.export.save(_trace(folded, example), str(staged))
+            torch.export.save(_trace(folded, example, size_multiple), str(staged))
         if verify:
             runner = _onnx_runner(staged) if fmt == "onnx" else _pt2_runner(staged)
             if runner is not None:
                 run, result.verified_with = runner
-                _verify(run, _eager_output(model, check), check, atol, result, path)
+                result.max_abs_diff = max(
+                    _verify(run, _eager_output(model, check), check, atol, path)
+                    for check in checks
+                )
         staged_sidecar = atomic_write_json(staging / sidecar.name, result.to_dict())
         for extra in sorted(staging.iterdir()):  # external-data files first, the model last
             if extra.name not in (path.name, sidecar.name):

@@ -69,7 +69,7 @@ def max_pool2d_same(x: torch.Tensor, kernel_size: int, stride: int) -> torch.Ten
     h, w = x.shape[-2], x.shape[-1]
     top, bottom = same_padding_amounts(h, k, s)
     left, right = same_padding_amounts(w, k, s)
-    ceil_mode = bottom > top or right > left
+    ceil_mode = bool(bottom > top or right > left)  # a SymBool under torch.export: a bool
     expected = ((h + s - 1) // s, (w + s - 1) // s)
     if (
         not torch.jit.is_tracing()
