@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from normfree.console import error_line, out_of_memory
+from normfree.console import error_line, out_of_memory, with_article
 
 
 def test_a_worker_traceback_gives_its_message_without_the_exception_path() -> None:
@@ -35,3 +35,9 @@ def test_out_of_memory_names_the_size_and_the_fix() -> None:
     assert out_of_memory(cuda, "x") == "out of memory (2.00 GiB asked for): x"
     assert out_of_memory(RuntimeError("shape mismatch"), "x") is None
     assert out_of_memory(ValueError("out of memory"), "x") is None
+
+
+def test_a_type_name_takes_its_article() -> None:
+    assert [with_article(w) for w in ("int", "OrderedDict", "tuple", "Tensor", "")] == [
+        "an int", "an OrderedDict", "a tuple", "a Tensor", "a "
+    ]  # fmt: skip

@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     # words errors as the commands do (console: yaml_problem, first_line); console, like
     # atomic, imports nothing of normfree
     "train": {"atomic", "console", "nn", "models", "optim", "checkpoints", "data", "convert"},
-    "deploy": {"atomic", "nn", "models"},
+    "deploy": {"atomic", "console", "nn", "models"},
     "convert": {"atomic", "console", "nn", "models", "optim", "checkpoints", "data"},
     "integrations": {"atomic", "nn", "models", "checkpoints"},
     "experiments": {"atomic", "nn", "models", "optim", "data", "analysis", "train", "convert"},

@@ -14,7 +14,7 @@ import sys
 
 __all__ = [
     "error_line", "first_line", "name_list", "out_of_memory", "report_error",
-    "report_out_of_memory", "yaml_problem",
+    "report_out_of_memory", "with_article", "yaml_problem",
 ]  # fmt: skip
 
 # PyTorch's CPU allocator and CUDA's messages for an allocation the machine cannot serve
@@ -34,6 +34,12 @@ def name_list(names: list[str], limit: int = 12) -> str:
     """``a, b, c, … (+n)``: at most ``limit`` names of a long list, in a message."""
     shown = ", ".join(names[:limit])
     return shown + (f", … (+{len(names) - limit})" if len(names) > limit else "")
+
+
+def with_article(word: str) -> str:
+    """``word`` after its indefinite article, as a message names a type: ``"a tuple"``,
+    ``"an int"`` (by the first letter's spelling)."""
+    return f"{'an' if word and word[0].lower() in 'aeiou' else 'a'} {word}"
 
 
 def error_line(e: BaseException) -> str:

@@ -30,6 +30,7 @@ from normfree.checkpoints.io import (
     save_safetensors,
 )
 from normfree.checkpoints.state_dict import compare_state_dict, load_state_dict_checked
+from normfree.console import with_article
 from normfree.convert.graph import ConversionError, last_linear, trace
 from normfree.convert.modes import (
     MODES,
@@ -180,10 +181,6 @@ class ConvertedModel(nn.Module):
         return f"mode={self.mode!r}, source={self.description.get('source')!r}"
 
 
-def _article(word: str) -> str:
-    return "an" if word[:1].lower() in "aeiou" else "a"
-
-
 def _as_batch(example_input: Tensor | Sequence[Tensor] | None) -> Tensor | None:
     if example_input is None:
         return None
@@ -234,7 +231,7 @@ def measure_conversion(
             m.train(training)
     if not isinstance(ref, Tensor):
         raise ConversionError(
-            f"the model returns {_article(type(ref).__name__)} {type(ref).__name__}, not a tensor: "
+            f"the model returns {with_article(type(ref).__name__)}, not a tensor: "
             "conversion measures models whose output is one tensor (wrap the model to return it)"
         )
     ref, out = ref.double(), out.double()

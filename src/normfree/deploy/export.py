@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from normfree.atomic import atomic_write_json, check_writable
+from normfree.console import with_article
 from normfree.deploy.inference import folded_module_counts, prepare_for_inference
 from normfree.nn.eager_forms import export_trace
 
@@ -178,9 +179,8 @@ def _output_list(out: Any) -> list[torch.Tensor]:
     if isinstance(out, (list, tuple)) and out and all(isinstance(t, torch.Tensor) for t in out):
         return list(out)
     raise ExportError(
-        f"the model returns {'an' if type(out).__name__[:1].lower() in 'aeiou' else 'a'} "
-        f"{type(out).__name__}; export takes a model that returns a tensor "
-        "or a list / tuple of tensors (wrap it to return one)"
+        f"the model returns {with_article(type(out).__name__)}; export takes a model that "
+        "returns a tensor or a list / tuple of tensors (wrap it to return one)"
     )
 
 
