@@ -454,9 +454,16 @@ def test_export_command_dynamic_size_reads_the_models_stride(
                "--image-size", "12"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == [
-        "error: the image size 12x12 is not a multiple of size_multiple=8; choose a size that "
-        "is (e.g. 16)"
+        "error: --image-size 12 is not a multiple of --dynamic-size 8: choose one that is "
+        "(e.g. 16)"
     ]
+    # a declared size that is no multiple (EfficientNet-B1's 240) is only the traced size:
+    # the nearest multiple is traced instead
+    assert main(["export", "nf_resnet_cifar20[num_classes=3]", "--out", str(out),
+                 "--dynamic-size", "12"]) == 0  # fmt: skip
+    assert "input (B, 3, H, W; H and W multiples of 12 from 24)" in capsys.readouterr().out
+    assert json.loads(out.with_name("m.pt2.json").read_text())["input_shape"] == [3, 36, 36]
+    assert not list(tmp_path.glob(".m.pt2.*"))
 
 
 def test_a_dynamic_size_onnx_file_has_a_symbolic_height_and_width(tmp_path: Path) -> None:
@@ -476,3 +483,22 @@ def test_a_dynamic_size_onnx_file_has_a_symbolic_height_and_width(tmp_path: Path
             expected = model.eval()(x)
         got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_size_of_a_model_without_feature_info_asks_for_the_multiple(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("torchvision")
+    converted = tmp_path / "c.safetensors"
+    assert main(["convert", "torchvision:resnet18[num_classes=4]", "--to", "bn_free",
+                 "--out", str(converted), "--image-size", "32", "--batch", "2"]) == 0  # fmt: skip
+    capsys.readouterr()
+    out = tmp_path / "m.pt2"
+    assert main(["export", str(converted), "--out", str(out), "--dynamic-size"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: the model declares no feature_info to take its total stride from: give it, "
+        "e.g. --dynamic-size 32"
+    ]
+    assert main(["export", str(converted), "--out", str(out), "--dynamic-size", "32"]) == 0
+    program = torch.export.load(str(out)).module()
+    assert program(torch.randn(2, 3, 96, 64)).shape == (2, 4)

@@ -137,6 +137,21 @@ def _size_multiple(model: nn.Module, asked: int | None) -> int | None:
     return asked
 
 
+def _traced_size(size: int, multiple: int, given: bool) -> int:
+    """The size a ``--dynamic-size`` export is traced and first checked at: ``--image-size``,
+    which must be a multiple; else the declared size rounded to the nearest one (at least two:
+    it is only the size traced, the file takes every multiple)."""
+    if size % multiple == 0 and size >= 2 * multiple:
+        return size
+    nearest = multiple * max(2, round(size / multiple))
+    if given and size % multiple:
+        raise ValueError(
+            f"--image-size {size} is not a multiple of --dynamic-size {multiple}: choose one "
+            f"that is (e.g. {nearest})"
+        )
+    return nearest
+
+
 def run_export(args: argparse.Namespace) -> int:
     """Entry point of ``normfree export``."""
     from normfree.checkpoints import CheckpointError
@@ -178,6 +193,8 @@ def run_export(args: argparse.Namespace) -> int:
             size = check_recorded_size(size, source)
         in_chans = int(info.get("in_chans") or getattr(_described(model), "in_chans", 3))
         multiple = _size_multiple(model, args.dynamic_size)
+        if multiple is not None:
+            size = _traced_size(int(size), multiple, args.image_size is not None)
         free = "B is free"
         if multiple is not None:
             free += f", H and W multiples of {multiple} from {2 * multiple}"
