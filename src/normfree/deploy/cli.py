@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "export",
         help="fold a model and export it (ONNX or torch.export .pt2)",
         description="Fold weight standardization and proxy normalization into plain layers, "
-        "export with a dynamic batch size at a fixed image size (or, with --dynamic-size, any "
+        "export with a dynamic batch size at a fixed image size (or, with --dynamic-size, at any "
         "multiple of the model's total stride), and check the saved file against the eager "
         "model. Writes PATH and PATH.json (input shape, normalisation, classes, the check's "
         "result).",
