@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -445,10 +446,10 @@ def test_export_command_dynamic_size_reads_the_models_stride(
     out = tmp_path / "m.pt2"
     assert main(["export", "nf_resnet_cifar20", "--out", str(out), "--dynamic-size",
                  "--image-size", "16"]) == 0  # fmt: skip
-    assert "input (B, 3, H, W; H and W multiples of 4 from 8)" in capsys.readouterr().out
+    assert "input (B, 3, H, W; H and W multiples of 4 from 8 to 8192)" in capsys.readouterr().out
     sidecar = json.loads(out.with_name("m.pt2.json").read_text())
     assert sidecar["size_multiple"] == 4
-    assert sidecar["metadata"]["input"].endswith("B is free, H and W multiples of 4 from 8")
+    assert sidecar["metadata"]["input"].endswith("B is free, H and W multiples of 4 from 8 to 8192")
     assert torch.export.load(str(out)).module()(torch.randn(2, 3, 12, 20)).shape == (2, 10)
     rc = main(["export", "nf_resnet_cifar20", "--out", str(out), "--dynamic-size", "8",
                "--image-size", "12"])  # fmt: skip
@@ -461,7 +462,7 @@ def test_export_command_dynamic_size_reads_the_models_stride(
     # the nearest multiple is traced instead
     assert main(["export", "nf_resnet_cifar20[num_classes=3]", "--out", str(out),
                  "--dynamic-size", "12"]) == 0  # fmt: skip
-    assert "input (B, 3, H, W; H and W multiples of 12 from 24)" in capsys.readouterr().out
+    assert "input (B, 3, H, W; H and W multiples of 12 from 24 to 8192)" in capsys.readouterr().out
     assert json.loads(out.with_name("m.pt2.json").read_text())["input_shape"] == [3, 36, 36]
     assert not list(tmp_path.glob(".m.pt2.*"))
 
@@ -502,3 +503,65 @@ def test_dynamic_size_of_a_model_without_feature_info_asks_for_the_multiple(
     assert main(["export", str(converted), "--out", str(out), "--dynamic-size", "32"]) == 0
     program = torch.export.load(str(out)).module()
     assert program(torch.randn(2, 3, 96, 64)).shape == (2, 4)
+
+
+class _Strided(nn.Module):
+    """A stride-32 model that declares its stride; returns the map, a pooled 1×1 map and a
+    pooled 2×2 map (sizes that do not follow the input's)."""
+
+    feature_info: ClassVar[list[dict[str, object]]] = [
+        {"num_chs": 2, "reduction": 32, "module": "conv"}
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 32, stride=32)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = self.conv(x)
+        return [y, nn.functional.adaptive_avg_pool2d(y, 1), nn.functional.adaptive_avg_pool2d(y, 2)]
+
+
+def test_a_dynamic_size_export_at_the_largest_size_checks_a_size_it_takes(tmp_path: Path) -> None:
+    """Traced at 8192 high, the second check ran at 8224 (traced + the multiple), above what the
+    program takes: the .pt2 program's guard raised an AssertionError (a traceback from the
+    command); a multiple that leaves no free size failed in torch.export."""
+    torch.manual_seed(0)
+    path = tmp_path / "m.pt2"
+    result = export_model(_Strided(), path, (3, 8192, 64), size_multiple=32)
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+    with pytest.raises(ValueError, match="size_multiple must be 1 to 2730, got 2731"):
+        export_model(_Strided(), path, (3, 5462, 5462), size_multiple=2731)
+
+
+def test_a_dynamic_size_sidecar_names_only_the_sizes_that_follow_the_input(
+    tmp_path: Path,
+) -> None:
+    """A pooled map's height and width are fixed: they read 1 and 2, not "height/64"."""
+    torch.manual_seed(0)
+    result = export_model(_Strided(), tmp_path / "m.pt2", (3, 64, 128), size_multiple=32)
+    assert [o["shape"] for o in result.outputs] == [
+        ["batch", 2, "height/32", "width/32"], ["batch", 2, 1, 1], ["batch", 2, 2, 2],
+    ]  # fmt: skip
+
+
+def test_a_saved_file_that_cannot_run_the_check_is_one_short_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A .pt2 program's guard (a size it does not take) raised a bare AssertionError whose text
+    can run to thousands of characters: now an ExportError of one short line, nothing written."""
+
+    def refusing_runner(p: Path):
+        def run(x: torch.Tensor) -> torch.Tensor:
+            raise AssertionError("Guard failed: " + "x.size()[2] + " * 100 + "1 > 0")
+
+        return run, "refusing"
+
+    monkeypatch.setattr(export_mod, "_pt2_runner", refusing_runner)
+    with pytest.raises(ExportError) as raised:
+        export_model(_trained_like("nf_resnet_cifar20"), tmp_path / "m.pt2", (3, 8, 8))
+    message = str(raised.value)
+    assert message.startswith("the exported model does not run on an input of shape (3, 3, 8, 8)")
+    assert "\n" not in message and len(message) < 400 and message.endswith("nothing was written to "
+                                                                          f"{tmp_path / 'm.pt2'}")
+    assert list(tmp_path.iterdir()) == []

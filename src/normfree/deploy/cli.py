@@ -16,7 +16,7 @@ from torch import nn
 
 from normfree.analysis.cli import add_trust_code_argument, check_recorded_size, positive_int
 from normfree.console import report_error, report_out_of_memory
-from normfree.deploy.export import EXPORT_FORMATS
+from normfree.deploy.export import EXPORT_FORMATS, sizes_text
 
 __all__ = ["add_parser", "run_export"]
 
@@ -143,7 +143,9 @@ def _traced_size(size: int, multiple: int, given: bool) -> int:
     it is only the size traced, the file takes every multiple)."""
     if size % multiple == 0 and size >= 2 * multiple:
         return size
-    nearest = multiple * max(2, round(size / multiple))
+    from normfree.deploy.export import nearest_size
+
+    nearest = nearest_size(size, multiple)
     if given and size % multiple:
         raise ValueError(
             f"--image-size {size} is not a multiple of --dynamic-size {multiple}: choose one "
@@ -197,7 +199,7 @@ def run_export(args: argparse.Namespace) -> int:
             size = _traced_size(int(size), multiple, args.image_size is not None)
         free = "B is free"
         if multiple is not None:
-            free += f", H and W multiples of {multiple} from {2 * multiple}"
+            free += f", {sizes_text(multiple)}"
         metadata = {
             "model": getattr(meta, "name", type(model).__name__),
             "source": str(args.source),
@@ -226,7 +228,6 @@ def run_export(args: argparse.Namespace) -> int:
     )
     shape = ", ".join(map(str, result.input_shape))
     if result.size_multiple is not None:
-        m = result.size_multiple
-        shape = f"{result.input_shape[0]}, H, W; H and W multiples of {m} from {2 * m}"
+        shape = f"{result.input_shape[0]}, H, W; {sizes_text(result.size_multiple)}"
     print(f"wrote {result.path} ({result.format}, input (B, {shape}), folded {folded}; {check})")
     return 0

@@ -28,16 +28,25 @@ import torch
 from torch import nn
 
 from normfree.atomic import atomic_write_json, check_writable
-from normfree.console import with_article
+from normfree.console import first_line, with_article
 from normfree.deploy.inference import folded_module_counts, prepare_for_inference
 from normfree.nn.eager_forms import export_trace
 
-__all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "export_model", "total_stride"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "ExportError",
+    "ExportResult",
+    "export_model",
+    "nearest_size",
+    "sizes_text",
+    "total_stride",
+]
 
 # format name -> file suffix
 EXPORT_FORMATS: dict[str, str] = {"onnx": ".onnx", "pt2": ".pt2"}
 _MAX_BATCH = 1 << 16
 _MAX_SIZE = 1 << 13  # the largest height / width of a dynamic-size export
+_MAX_MULTIPLE = _MAX_SIZE // 3  # a larger multiple leaves one size (2m) at most: nothing free
 
 
 class ExportError(RuntimeError):
@@ -115,19 +124,30 @@ def total_stride(model: nn.Module) -> int | None:
     return max(reductions) if reductions and min(reductions) > 0 else None
 
 
+def nearest_size(size: int, size_multiple: int) -> int:
+    """The size a dynamic-size export with ``size_multiple`` takes that is nearest ``size``
+    (a multiple of it, at least twice it)."""
+    return size_multiple * max(2, round(size / size_multiple))
+
+
+def sizes_text(size_multiple: int) -> str:
+    """The heights and widths a dynamic-size export takes, in words."""
+    return f"H and W multiples of {size_multiple} from {2 * size_multiple} to {_MAX_SIZE}"
+
+
 def _check_multiple(size_multiple: Any, shape: tuple[int, int, int]) -> tuple[int, int, int]:
     """The traced input shape of a dynamic-size export: ``shape``, whose height and width must
     be multiples of ``size_multiple``, each raised to at least twice it (``torch.export``
     specialises a size whose traced value is 1)."""
     if isinstance(size_multiple, bool) or not isinstance(size_multiple, int):
         raise TypeError(f"size_multiple must be an int, got {type(size_multiple).__name__}")
-    if not 1 <= size_multiple <= _MAX_SIZE // 2:
-        raise ValueError(f"size_multiple must be 1 to {_MAX_SIZE // 2}, got {size_multiple}")
+    if not 1 <= size_multiple <= _MAX_MULTIPLE:
+        raise ValueError(f"size_multiple must be 1 to {_MAX_MULTIPLE}, got {size_multiple}")
     c, h, w = shape
     if h % size_multiple or w % size_multiple:
         raise ValueError(
             f"the image size {h}x{w} is not a multiple of size_multiple={size_multiple}; "
-            f"choose a size that is (e.g. {size_multiple * max(2, round(h / size_multiple))})"
+            f"choose a size that is (e.g. {nearest_size(h, size_multiple)})"
         )
     if max(h, w) > _MAX_SIZE:
         raise ValueError(f"a dynamic-size export takes sizes up to {_MAX_SIZE}, got {h}x{w}")
@@ -147,14 +167,34 @@ def _dynamic_shapes(size_multiple: int | None) -> tuple[dict[int, Any]]:
     return (dims,)
 
 
-def _output_shape(out: torch.Tensor, example: torch.Tensor, dynamic: bool) -> list[Any]:
-    """An output's shape for the sidecar: ``"batch"`` first; with a dynamic size, a feature
-    map's height and width as ``"height/R"`` / ``"width/R"`` (R its reduction)."""
+def _other_size(size: int, size_multiple: int, step: int) -> int:
+    """A multiple of ``size_multiple`` other than ``size`` that a dynamic-size export takes
+    (from twice it up to :data:`_MAX_SIZE`), ``step`` multiples away where that is in range."""
+    top = size_multiple * (_MAX_SIZE // size_multiple)
+    for other in (size + step * size_multiple, size - step * size_multiple,
+                  size + size_multiple, size - size_multiple):  # fmt: skip
+        if 2 * size_multiple <= other <= top:
+            return other
+    return size  # unreachable for size_multiple <= _MAX_MULTIPLE
+
+
+def _output_shape(
+    out: torch.Tensor, example: torch.Tensor, probe: tuple[torch.Tensor, torch.Tensor] | None
+) -> list[Any]:
+    """An output's shape for the sidecar: ``"batch"`` first; with a dynamic size (``probe``:
+    the output at another input size, and that input), a feature map's height and width as
+    ``"height/R"`` / ``"width/R"`` (R its reduction) where they follow the input's at both
+    sizes, else the fixed size (e.g. a pooled map's 1)."""
     shape: list[Any] = ["batch", *out.shape[1:]]
-    if dynamic and out.dim() == 4:
+    if probe is not None and out.dim() == 4:
+        other, other_input = probe
         for axis, name in ((2, "height"), (3, "width")):
             size, reduction = out.shape[axis], example.shape[axis] // max(out.shape[axis], 1)
-            if reduction * size == example.shape[axis]:
+            if (
+                reduction * size == example.shape[axis]
+                and other.dim() == 4
+                and reduction * other.shape[axis] == other_input.shape[axis]
+            ):
                 shape[axis] = name if reduction == 1 else f"{name}/{reduction}"
     return shape
 
@@ -315,7 +355,17 @@ def _verify(
     and lie within ``atol·(1 + max|output|)`` of it (each output against its own scale);
     returns the largest difference."""
     with torch.no_grad():
-        got = _output_list(run(check))
+        try:
+            got = _output_list(run(check))
+        except ExportError:
+            raise
+        except Exception as e:  # e.g. a .pt2 program's guard: a size outside what it takes
+            said = first_line(e)  # a guard of symbolic sizes can run to thousands of characters
+            said = said if len(said) <= 200 else said[:200] + "…"
+            raise ExportError(
+                f"the exported model does not run on an input of shape {tuple(check.shape)}: "
+                f"{type(e).__name__}: {said}; nothing was written to {path}"
+            ) from e
     shapes = [tuple(t.shape) for t in got]
     expected = [tuple(t.shape) for t in reference]
     if shapes != expected:
@@ -387,7 +437,8 @@ def export_model(
     checks = [torch.randn(3, *shape, generator=gen)]
     if size_multiple is not None:  # another height and width, the two apart
         c, h, w = shape
-        checks.append(torch.randn(2, c, h + size_multiple, w + 2 * size_multiple, generator=gen))
+        other = (_other_size(h, size_multiple, 1), _other_size(w, size_multiple, 2))
+        checks.append(torch.randn(2, c, *other, generator=gen))
     try:  # the scales are recorded on an input of the shape exported
         folded = prepare_for_inference(model, example).cpu().float()
     except (RuntimeError, ValueError) as e:
@@ -400,10 +451,20 @@ def export_model(
             raise ExportError(f"the model does not run on a {shape_txt} input: {e}") from e
     out_list = _output_list(out)
     outputs = len(out_list)
+    probes: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * outputs
+    if size_multiple is not None:  # which sizes follow the input's: the maps at a second size
+        try:
+            with torch.no_grad():
+                at_other = _output_list(folded(checks[1][:1]))
+        except Exception as e:
+            shape_txt = tuple(checks[1][:1].shape)
+            raise ExportError(f"the model does not run on a {shape_txt} input: {e}") from e
+        if len(at_other) == outputs:
+            probes = [(t, checks[1]) for t in at_other]
     result = ExportResult(
         str(path), fmt, shape, folded_module_counts(model), metadata=dict(metadata or {}),
-        outputs=[{"name": name, "shape": _output_shape(t, example, size_multiple is not None)}
-                 for name, t in zip(_output_names(outputs), out_list)],
+        outputs=[{"name": name, "shape": _output_shape(t, example, probe)}
+                 for name, t, probe in zip(_output_names(outputs), out_list, probes)],
         size_multiple=size_multiple,
     )  # fmt: skip
 
