@@ -484,6 +484,10 @@ def test_a_dynamic_size_onnx_file_has_a_symbolic_height_and_width(tmp_path: Path
             expected = model.eval()(x)
         got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # any other size is refused, not answered with the pads of the multiples
+    for shape in [(1, 3, 9, 8), (1, 3, 8, 14)]:
+        with pytest.raises(Exception, match="cannot be reshaped to the requested shape"):
+            session.run(None, {"input": torch.randn(shape).numpy()})
 
 
 def test_dynamic_size_of_a_model_without_feature_info_asks_for_the_multiple(

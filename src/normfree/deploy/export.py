@@ -235,6 +235,25 @@ def _eager_output(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [t.float().cpu() for t in out]
 
 
+class _SizeGuard(nn.Module):
+    """``model`` behind a check that the height and width are multiples of ``multiple``, for an
+    ONNX file of a dynamic-size export: ONNX has no assertion, and its graph, traced on those
+    multiples, pads each SAME conv by amounts that hold only for them. The check is a reshape
+    to ``(B, C, H // m, m, W // m, m)`` and back: free, and on any other size the runtime
+    refuses it (onnxruntime: "The input tensor cannot be reshaped to the requested shape")
+    instead of returning wrong outputs."""
+
+    def __init__(self, model: nn.Module, multiple: int) -> None:
+        super().__init__()
+        self.model = model
+        self.multiple = multiple
+
+    def forward(self, x: torch.Tensor) -> Any:
+        b, c, h, w = x.shape
+        m = self.multiple
+        return self.model(x.reshape(b, c, h // m, m, w // m, m).reshape(b, c, h, w))
+
+
 def _trace_error(e: Exception, size_multiple: int | None) -> ExportError:
     """The error of a failed trace; for a dynamic size whose shapes ``torch.export`` could not
     prove, one line naming the fix."""
@@ -473,7 +492,10 @@ def export_model(
     try:
         staged = staging / path.name
         if fmt == "onnx":
-            _save_onnx(folded, example, staged, opset, outputs, size_multiple)
+            guarded = folded
+            if size_multiple is not None and size_multiple > 1:
+                guarded = _SizeGuard(folded, size_multiple).eval()
+            _save_onnx(guarded, example, staged, opset, outputs, size_multiple)
         else:
             torch.export.save(_trace(folded, example, size_multiple), str(staged))
         if verify:
