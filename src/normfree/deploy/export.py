@@ -142,7 +142,9 @@ def _check_multiple(size_multiple: Any, shape: tuple[int, int, int]) -> tuple[in
     if isinstance(size_multiple, bool) or not isinstance(size_multiple, int):
         raise TypeError(f"size_multiple must be an int, got {type(size_multiple).__name__}")
     if not 1 <= size_multiple <= _MAX_MULTIPLE:
-        raise ValueError(f"size_multiple must be 1 to {_MAX_MULTIPLE}, got {size_multiple}")
+        raise ValueError(
+            f"size_multiple (--dynamic-size) must be 1 to {_MAX_MULTIPLE}, got {size_multiple}"
+        )
     c, h, w = shape
     if h % size_multiple or w % size_multiple:
         raise ValueError(
@@ -254,14 +256,19 @@ class _SizeGuard(nn.Module):
         return self.model(x.reshape(b, c, h // m, m, w // m, m).reshape(b, c, h, w))
 
 
-def _trace_error(e: Exception, size_multiple: int | None) -> ExportError:
+def _trace_error(e: Exception, size_multiple: int | None, model: nn.Module) -> ExportError:
     """The error of a failed trace; for a dynamic size whose shapes ``torch.export`` could not
     prove, one line naming the fix."""
     if size_multiple is not None and "Constraints violated" in str(e):
+        stride = total_stride(model)
+        fix = (
+            f"choose a multiple of {stride}, the model's total stride"
+            if stride is not None and stride % size_multiple == 0 and stride != size_multiple
+            else "choose a multiple of the model's total stride"
+        )
         return ExportError(
             f"torch.export cannot prove the model's shapes for every multiple of "
-            f"{size_multiple}: choose a multiple of the model's total stride (e.g. 32), or "
-            "export at a fixed size"
+            f"{size_multiple}: {fix}, or export at a fixed size"
         )
     return ExportError(f"torch.export could not trace the model: {type(e).__name__}: {e}")
 
@@ -275,7 +282,7 @@ def _trace(
                 model, (example,), dynamic_shapes=_dynamic_shapes(size_multiple)
             )
     except Exception as e:  # torch raises many types here; all mean "cannot trace"
-        raise _trace_error(e, size_multiple) from e
+        raise _trace_error(e, size_multiple, model) from e
 
 
 @contextlib.contextmanager
@@ -330,7 +337,7 @@ def _save_onnx(
             )  # fmt: skip
     except Exception as e:
         if size_multiple is not None and "Constraints violated" in str(e):
-            raise _trace_error(e, size_multiple) from e
+            raise _trace_error(e, size_multiple, model) from e
         raise ExportError(f"ONNX export failed: {type(e).__name__}: {e}") from e
     written = dict(program.model.opset_imports).get("")
     if opset is not None and written != opset:
