@@ -16,7 +16,7 @@ from torch import nn
 
 from normfree.analysis.cli import add_trust_code_argument, check_recorded_size, positive_int
 from normfree.console import report_error, report_out_of_memory
-from normfree.deploy.export import EXPORT_FORMATS, sizes_text
+from normfree.deploy.export import EXPORT_FORMATS, nearest_size, sizes_text, total_stride
 
 __all__ = ["add_parser", "run_export"]
 
@@ -125,8 +125,6 @@ def _size_multiple(model: nn.Module, asked: int | None) -> int | None:
     if not asked:
         if asked is None:
             return None
-        from normfree.deploy.export import total_stride
-
         stride = total_stride(model)
         if stride is None:
             raise ValueError(
@@ -143,8 +141,6 @@ def _traced_size(size: int, multiple: int, given: bool) -> int:
     it is only the size traced, the file takes every multiple)."""
     if size % multiple == 0 and size >= 2 * multiple:
         return size
-    from normfree.deploy.export import nearest_size
-
     nearest = nearest_size(size, multiple)
     if given and size % multiple:
         raise ValueError(
