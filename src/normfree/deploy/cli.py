@@ -122,17 +122,15 @@ def _from_spec(args: argparse.Namespace) -> nn.Module:
 def _size_multiple(model: nn.Module, asked: int | None) -> int | None:
     """``--dynamic-size``: None (absent), the value given, or (given bare, 0) the model's
     total stride."""
-    if not asked:
-        if asked is None:
-            return None
-        stride = total_stride(model)
-        if stride is None:
-            raise ValueError(
-                "the model declares no feature_info to take its total stride from: give it, "
-                "e.g. --dynamic-size 32"
-            )
-        return stride
-    return asked
+    if asked is None or asked > 0:
+        return asked
+    stride = total_stride(model)
+    if stride is None:
+        raise ValueError(
+            "the model declares no feature_info to take its total stride from: give it, "
+            "e.g. --dynamic-size 32"
+        )
+    return stride
 
 
 def _traced_size(size: int, multiple: int, given: bool) -> int:

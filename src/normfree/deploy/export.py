@@ -15,6 +15,7 @@ violated" on the pads' parity), which is why the sizes are multiples. Inputs are
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -226,6 +227,18 @@ def _output_list(out: Any) -> list[torch.Tensor]:
     )
 
 
+def _run_on(run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> list[torch.Tensor]:
+    """``run(x)``'s outputs as a list (:func:`_output_list`), without autograd; an
+    :class:`ExportError` naming the input's shape where the model cannot take it."""
+    try:
+        with torch.no_grad():
+            return _output_list(run(x))
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"the model does not run on a {tuple(x.shape)} input: {e}") from e
+
+
 def _eager_output(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """The unfolded model's eval-mode outputs on its own device and in its own floating dtype
     (a float64 model is checked in float64), as CPU float32."""
@@ -256,9 +269,14 @@ class _SizeGuard(nn.Module):
         return self.model(x.reshape(b, c, h // m, m, w // m, m).reshape(b, c, h, w))
 
 
-def _trace_error(e: Exception, size_multiple: int | None, model: nn.Module) -> ExportError:
-    """The error of a failed trace; for a dynamic size whose shapes ``torch.export`` could not
-    prove, one line naming the fix."""
+def _trace_error(
+    e: Exception,
+    size_multiple: int | None,
+    model: nn.Module,
+    failed: str = "torch.export could not trace the model",
+) -> ExportError:
+    """The error of a failed trace (``failed``: what failed, for any other cause); for a
+    dynamic size whose shapes ``torch.export`` could not prove, one line naming the fix."""
     if size_multiple is not None and "Constraints violated" in str(e):
         stride = total_stride(model)
         fix = (
@@ -270,7 +288,7 @@ def _trace_error(e: Exception, size_multiple: int | None, model: nn.Module) -> E
             f"torch.export cannot prove the model's shapes for every multiple of "
             f"{size_multiple}: {fix}, or export at a fixed size"
         )
-    return ExportError(f"torch.export could not trace the model: {type(e).__name__}: {e}")
+    return ExportError(f"{failed}: {type(e).__name__}: {e}")
 
 
 def _trace(
@@ -336,9 +354,7 @@ def _save_onnx(
                 verbose=False,
             )  # fmt: skip
     except Exception as e:
-        if size_multiple is not None and "Constraints violated" in str(e):
-            raise _trace_error(e, size_multiple, model) from e
-        raise ExportError(f"ONNX export failed: {type(e).__name__}: {e}") from e
+        raise _trace_error(e, size_multiple, model, "ONNX export failed") from e
     written = dict(program.model.opset_imports).get("")
     if opset is not None and written != opset:
         raise ExportError(
@@ -469,24 +485,18 @@ def export_model(
         folded = prepare_for_inference(model, example).cpu().float()
     except (RuntimeError, ValueError) as e:
         raise ExportError(f"the model does not run on a {tuple(example.shape)} input: {e}") from e
-    with torch.no_grad():
-        try:
-            out = folded(example)
-        except Exception as e:
-            shape_txt = tuple(example.shape)
-            raise ExportError(f"the model does not run on a {shape_txt} input: {e}") from e
-    out_list = _output_list(out)
+    out_list = _run_on(folded, example)
     outputs = len(out_list)
+    # the eager outputs the saved file is checked against; with a free size, the second
+    # check's also tell which output sizes follow the input's
+    references = (
+        [_run_on(functools.partial(_eager_output, model), c) for c in checks]
+        if verify or size_multiple is not None
+        else []
+    )
     probes: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * outputs
-    if size_multiple is not None:  # which sizes follow the input's: the maps at a second size
-        try:
-            with torch.no_grad():
-                at_other = _output_list(folded(checks[1][:1]))
-        except Exception as e:
-            shape_txt = tuple(checks[1][:1].shape)
-            raise ExportError(f"the model does not run on a {shape_txt} input: {e}") from e
-        if len(at_other) == outputs:
-            probes = [(t, checks[1]) for t in at_other]
+    if size_multiple is not None and len(references[1]) == outputs:
+        probes = [(t, checks[1]) for t in references[1]]
     result = ExportResult(
         str(path), fmt, shape, folded_module_counts(model), metadata=dict(metadata or {}),
         outputs=[{"name": name, "shape": _output_shape(t, example, probe)}
@@ -510,8 +520,8 @@ def export_model(
             if runner is not None:
                 run, result.verified_with = runner
                 result.max_abs_diff = max(
-                    _verify(run, _eager_output(model, check), check, atol, path)
-                    for check in checks
+                    _verify(run, reference, check, atol, path)
+                    for check, reference in zip(checks, references)
                 )
         staged_sidecar = atomic_write_json(staging / sidecar.name, result.to_dict())
         for extra in sorted(staging.iterdir()):  # external-data files first, the model last
