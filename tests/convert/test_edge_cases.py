@@ -141,6 +141,30 @@ def test_example_batches_of_different_image_sizes_are_a_conversion_error():
     assert same.report.rel_error < 1e-5
 
 
+def test_a_non_square_example_keeps_the_sources_square_size(tmp_path):
+    """The meta's sizes are square: a (20, 12) calibration batch used to be recorded as a
+    12 px model. Now a square example names the size, a non-square one leaves the source's own
+    (``test_size``) and the description keeps the example's (H, W), through a file too."""
+    from normfree.convert import load_converted, save_converted
+    from normfree.models import create_model
+
+    torch.manual_seed(0)
+    model = _warm(create_model("bn_resnet_cifar20", num_classes=10), (4, 3, 16, 16), 1)
+    declared = model.meta.test_size
+    wide = convert_model(model, "bn_free", torch.randn(2, 3, 20, 12), standalone_bn="affine")
+    assert (wide.meta.test_size, wide.meta.train_size) == (declared, declared)
+    assert wide.description["image_size"] == declared
+    assert wide.description["example_size"] == [20, 12]
+    save_converted(wide, tmp_path / "wide.safetensors")
+    back = load_converted(tmp_path / "wide.safetensors")
+    assert back.description["example_size"] == [20, 12]
+    assert back.meta.test_size == declared
+
+    square = convert_model(model, "bn_free", torch.randn(2, 3, 24, 24), standalone_bn="affine")
+    assert square.meta.test_size == 24 and square.description["example_size"] == [24, 24]
+    assert "example_size" not in convert_model(model, "bn_free", standalone_bn="affine").description
+
+
 def test_modules_the_eval_forward_never_calls_are_reported():
     """torchvision's GoogLeNet calls its auxiliary heads only in training: the trace (eval)
     has no copy of them, and the report says so."""

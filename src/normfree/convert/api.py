@@ -31,7 +31,12 @@ from normfree.checkpoints.io import (
 )
 from normfree.checkpoints.state_dict import compare_state_dict, load_state_dict_checked
 from normfree.console import with_article
-from normfree.convert.graph import ConversionError, last_linear, trace
+from normfree.convert.graph import (
+    ConversionError,
+    keep_train_time_regularizers,
+    last_linear,
+    trace,
+)
 from normfree.convert.modes import (
     MODES,
     ConvertOptions,
@@ -79,6 +84,9 @@ class ConversionReport:
         top1_agreement: fraction of examples whose argmax agrees (2-D outputs only).
         dropped: modules holding parameters that the traced (eval-mode) forward never calls,
             e.g. auxiliary heads used only in training: the converted model has no copy.
+        regularizers: dropout and stochastic-depth calls of the converted model, each active
+            in ``train()`` only, as in the source
+            (:func:`normfree.convert.graph.keep_train_time_regularizers`).
     """
 
     mode: str
@@ -91,6 +99,7 @@ class ConversionReport:
     rel_error: float | None = None
     top1_agreement: float | None = None
     dropped: list[str] = field(default_factory=list)
+    regularizers: int = 0
 
     def summary(self) -> str:
         text = (
@@ -106,6 +115,8 @@ class ConversionReport:
             )
             if self.top1_agreement is not None:
                 text += f", top-1 agreement {100 * self.top1_agreement:.1f}%"
+        if self.regularizers:
+            text += f"; {self.regularizers} dropout / stochastic-depth calls kept for train()"
         if self.dropped:
             text += (
                 f"; not converted, because the eval-mode forward never calls them (so the "
@@ -301,8 +312,11 @@ def convert_model(
         if inferred is not None:
             source, inferred_kwargs = inferred
             source_kwargs = {**inferred_kwargs, **(source_kwargs or {})}
-    image_size = int(example.shape[-1]) if example is not None else None
-    if image_size is None:
+    # the meta's sizes are square (ModelMeta.test_size): a square example names one, else the
+    # source's own size stands and the description keeps the example's (H, W) as it was
+    if example is not None and example.shape[-2] == example.shape[-1]:
+        image_size = int(example.shape[-1])
+    else:
         image_size = getattr(getattr(model, "meta", None), "test_size", None)
     return _convert(model, to, options, example, source, source_kwargs or {}, image_size)
 
@@ -324,6 +338,7 @@ def _convert(
 ) -> ConvertedModel:
     work = copy.deepcopy(model).eval()
     gm = trace(work)
+    regularizers = keep_train_time_regularizers(gm)
     kept = {name for name, _ in gm.named_modules()}
     dropped = [name for name, m in work.named_modules() if name and name not in kept
                and any(True for _ in m.parameters(recurse=False))]  # fmt: skip
@@ -342,12 +357,15 @@ def _convert(
         "in_chans": _in_chans(gm),
         "image_size": image_size,
     }
+    if example is not None:  # the (H, W) it was calibrated and measured at
+        description["example_size"] = [int(example.shape[-2]), int(example.shape[-1])]
     converted = ConvertedModel(gm, description).eval()
     converted.analysis_points = [f"net.{n}" for n in outputs] or None
     report = ConversionReport(
         mode, norms, affine, len(outputs), bool(folded) and example is not None
     )
     report.dropped = sorted({_outermost_missing(name, kept) for name in dropped})
+    report.regularizers = regularizers
     if example is not None:
         reference = copy.deepcopy(model).eval()
         report.examples = int(example.shape[0])
@@ -508,6 +526,11 @@ def load_converted(
     load_state_dict_checked(converted, state, strict=True, source=str(path))
     if isinstance(description.get("data"), dict):  # the training data it records (export)
         converted.description["data"] = description["data"]
+    example_size = description.get("example_size")
+    if isinstance(example_size, list) and len(example_size) == 2 and all(
+        type(v) is int and v > 0 for v in example_size
+    ):  # the (H, W) it was calibrated at, when it says so in a well-formed way
+        converted.description["example_size"] = example_size
     return converted.eval()
 
 

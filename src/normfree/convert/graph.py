@@ -15,6 +15,10 @@ Nothing here guesses from module names: every pattern is read from the traced gr
   the residual branch ``F(x)``, the other the skip path (identity or projection shortcut), as in
   ``h + F(h)`` of He et al. 2016. Sums of equally deep operands are left alone.
 * :func:`last_linear` - the classifier: the last ``nn.Linear`` call in graph order.
+* :func:`keep_train_time_regularizers` - the trace is the eval-mode forward, so stochastic-depth
+  modules are kept as leaf calls (:func:`is_stochastic_depth`) and every functional dropout
+  with ``p > 0`` (recorded with ``training=False``) becomes its ``nn.Dropout*`` module: the
+  converted model drops out in ``train()`` as the source did.
 
 Every structural problem raises :class:`ConversionError` naming the module and what the modes
 support.
@@ -24,14 +28,17 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfree.console import first_line
 from normfree.nn.conv import HeConv2d
 from normfree.nn.pointwise_conv import PointwiseConv2d
+from normfree.nn.residual import StochasticDepth
 
 __all__ = [
     "ELEMENTWISE_ACTIVATIONS",
@@ -46,6 +53,8 @@ __all__ = [
     "is_frozen_bn",
     "is_norm",
     "is_same_conv",
+    "is_stochastic_depth",
+    "keep_train_time_regularizers",
     "last_linear",
     "norm_channels",
     "trace",
@@ -97,6 +106,68 @@ def is_same_conv(module: nn.Module | None) -> bool:
     return isinstance(module, nn.Conv2d) and type(module).__name__ == "Conv2dSame"
 
 
+def is_stochastic_depth(module: nn.Module) -> bool:
+    """A stochastic-depth (or DropBlock) module: normfree's ``StochasticDepth``, timm's
+    ``DropPath`` and ``DropBlock2d``, torchvision's ``StochasticDepth``. Each is the identity in
+    eval mode, so an eval-mode trace through it would drop it; it is kept as a leaf call
+    instead. The others are recognised by class name and their rate attribute (neither library
+    is imported)."""
+    return _stochastic_depth_rate(module) is not None
+
+
+def _stochastic_depth_rate(module: nn.Module) -> float | None:
+    if isinstance(module, StochasticDepth):
+        return module.drop_rate
+    name = type(module).__name__
+    rate = getattr(module, "p" if name == "StochasticDepth" else "drop_prob", None)
+    known = name in ("DropPath", "DropBlock2d", "StochasticDepth")
+    return float(rate) if known and isinstance(rate, float) else None
+
+
+# functional dropouts and the module that applies each in train() only (Srivastava et al. 2014)
+_FUNCTIONAL_DROPOUT: dict[Any, type[nn.Module]] = {
+    F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,
+    F.dropout3d: nn.Dropout3d, F.alpha_dropout: nn.AlphaDropout,
+    F.feature_alpha_dropout: nn.FeatureAlphaDropout,
+}  # fmt: skip
+_DROPOUT_PREFIX = "functional_dropout"
+
+
+def keep_train_time_regularizers(gm: fx.GraphModule) -> int:
+    """Make the eval-mode trace ``gm`` drop out in training as its source does; returns the
+    dropout and stochastic-depth calls (with a rate above 0) the graph now has, which act in
+    ``train()`` only.
+
+    A functional dropout traced in eval mode is a call with ``training=False`` (the value
+    ``self.training`` had): each one with ``p > 0`` becomes a call of its ``nn.Dropout*`` module
+    (same ``p`` and ``inplace``), which reads the converted model's mode. A dropout the source
+    wrote with ``training=False`` literally never drops anything either way, so reading it as
+    ``self.training`` is the only reading that changes training. Dropout modules and the leaf
+    stochastic-depth calls (:func:`is_stochastic_depth`) already follow ``train()``."""
+    made = 0
+    for node in list(gm.graph.nodes):
+        kind = _FUNCTIONAL_DROPOUT.get(node.target) if node.op == "call_function" else None
+        if kind is None:
+            continue
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+        inplace = node.args[3] if len(node.args) > 3 else node.kwargs.get("inplace", False)
+        if not isinstance(p, float) or p <= 0.0:
+            continue  # p = 0 is the identity; a traced p cannot be made a module's constant
+        name = f"{_DROPOUT_PREFIX}{made}"
+        gm.add_submodule(name, kind(p, inplace=bool(inplace)))
+        with gm.graph.inserting_after(node):
+            call = gm.graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        made += 1
+    if made:
+        gm.recompile()
+    dropouts = tuple(_FUNCTIONAL_DROPOUT.values())
+    called = [gm.get_submodule(str(n.target)) for n in gm.graph.nodes if n.op == "call_module"]
+    rates = [m.p if isinstance(m, dropouts) else _stochastic_depth_rate(m) for m in called]
+    return sum(rate is not None and rate > 0 for rate in rates)
+
+
 def is_norm(module: nn.Module) -> bool:
     """A module conversion treats as one BatchNorm site: a ``_BatchNorm`` or a frozen BN."""
     return isinstance(module, _BatchNorm) or is_frozen_bn(module)
@@ -110,13 +181,15 @@ def norm_channels(module: nn.Module) -> int:
 
 class _Tracer(fx.Tracer):
     """Keeps every BatchNorm (subclasses and frozen BNs too), every :data:`PLAIN_CONVS` conv,
-    every ``Conv2dSame`` (:func:`is_same_conv`) and every plain torch.nn module as a leaf."""
+    every ``Conv2dSame`` (:func:`is_same_conv`), every stochastic-depth module
+    (:func:`is_stochastic_depth`) and every plain torch.nn module as a leaf."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (
             is_norm(m)
             or type(m) in PLAIN_CONVS
             or is_same_conv(m)
+            or is_stochastic_depth(m)
             or super().is_leaf_module(m, module_qualified_name)
         )
 

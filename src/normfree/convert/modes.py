@@ -61,6 +61,7 @@ from normfree.convert.graph import (
     find_residual_adds,
     is_bn_act,
     is_same_conv,
+    is_stochastic_depth,
     norm_channels,
 )
 from normfree.convert.layers import ChannelAffine
@@ -489,11 +490,12 @@ def calibrate_nf(
 
 
 def _scale_free(module: nn.Module) -> bool:
-    """A module that commutes with a positive scale: identity, dropout, or a sequence of them
-    (the drop → act tail timm's ``BatchNormAct2d`` leaves where its activation is Identity)."""
+    """A module that commutes with a positive scale: identity, dropout, stochastic depth
+    (a per-example 0/1 mask), or a sequence of them (the drop → act tail timm's
+    ``BatchNormAct2d`` leaves where its activation is Identity)."""
     if isinstance(module, nn.Sequential):
         return all(_scale_free(m) for m in module)
-    return isinstance(module, (nn.Identity, nn.Dropout))
+    return isinstance(module, (nn.Identity, nn.Dropout)) or is_stochastic_depth(module)
 
 
 def _through_identities(gm: fx.GraphModule, node: fx.Node) -> fx.Node:

@@ -147,8 +147,9 @@ def _torchvision_model(torchvision: Any, name: str, kwargs: dict[str, Any]) -> n
 
 
 def infer_source(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
-    """The source spec of a normfree model (its registered name, classes and input channels),
-    else None (torchvision / timm / own models need an explicit ``source=``)."""
+    """The source spec of a normfree model (its registered name, classes, input channels and
+    its dropout and stochastic-depth rates, which a conversion keeps for training), else None
+    (torchvision / timm / own models need an explicit ``source=``)."""
     meta = getattr(model, "meta", None)
     head = getattr(model, "head", None)
     if meta is None or head is None or not hasattr(head, "num_classes"):
@@ -156,4 +157,6 @@ def infer_source(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
     return f"normfree:{meta.name}", {
         "num_classes": int(head.num_classes),
         "in_chans": int(getattr(model, "in_chans", 3)),
+        "drop_rate": float(meta.drop_rate),
+        "stochdepth_rate": float(meta.stochdepth_rate),
     }
