@@ -314,6 +314,7 @@ def convert_model(
             source_kwargs = {**inferred_kwargs, **(source_kwargs or {})}
     # the meta's sizes are square (ModelMeta.test_size): a square example names one, else the
     # source's own size stands and the description keeps the example's (H, W) as it was
+    image_size: int | None
     if example is not None and example.shape[-2] == example.shape[-1]:
         image_size = int(example.shape[-1])
     else:

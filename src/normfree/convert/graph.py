@@ -162,10 +162,15 @@ def keep_train_time_regularizers(gm: fx.GraphModule) -> int:
         made += 1
     if made:
         gm.recompile()
-    dropouts = tuple(_FUNCTIONAL_DROPOUT.values())
     called = [gm.get_submodule(str(n.target)) for n in gm.graph.nodes if n.op == "call_module"]
-    rates = [m.p if isinstance(m, dropouts) else _stochastic_depth_rate(m) for m in called]
-    return sum(rate is not None and rate > 0 for rate in rates)
+    rates = [_dropout_rate(m) or _stochastic_depth_rate(m) or 0.0 for m in called]
+    return sum(rate > 0 for rate in rates)
+
+
+def _dropout_rate(module: nn.Module) -> float | None:
+    dropouts = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                nn.FeatureAlphaDropout)  # fmt: skip
+    return float(module.p) if isinstance(module, dropouts) else None
 
 
 def is_norm(module: nn.Module) -> bool:
