@@ -408,7 +408,8 @@ class ScaledStdConv2d(StdConv2dBase):
         """As :meth:`effective_weight_bias` while ``torch.fx`` traces (parameters are proxies:
         dtype and rank come from the real parameter, the formula is the plain one)."""
         real = dict(self.named_parameters(recurse=False))["weight"]  # fx proxies self.weight
-        weight, gain = self.weight, self.gain
+        weight: Tensor = self.weight
+        gain: Tensor = self.gain
         low = real.dtype == torch.float16 or real.dtype == torch.bfloat16
         work = weight.float() if low else weight
         gain = gain.float() if low else gain

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from normfree.optim.ema import ModelEMA
+from normfree.optim.schedules import WarmupDecayLR
 from normfree.train import builders as B
 from normfree.train.checkpointing import (
     CheckpointError,
@@ -69,7 +71,7 @@ def default_run_dir(cfg: Config, data_name: str, root: str | Path = "runs") -> P
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _on_main(info: DistInfo, action: Callable[[], None]) -> None:
+def _on_main(info: DistInfo, action: Callable[[], object]) -> None:
     """Run ``action`` on rank 0; a ConfigError there is raised on every rank (no rank waits
     at the next collective for a rank that stopped)."""
     error = [""]
@@ -149,6 +151,24 @@ class TrainerState:
     info: DistInfo
     run_dir: Path
     malloc: str | None  # what normfree.train.tune_malloc did; None where it was not asked
+    # set by Trainer.__init__ (declared here for the type checker):
+    t0: float
+    wall_offset: float
+    bundle: Any  # a normfree.data.DatasetBundle
+    model_args: dict[str, Any]
+    model: nn.Module
+    num_params: int
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    scheduler: WarmupDecayLR
+    scaler: torch.amp.GradScaler
+    ema: ModelEMA | None
+    epoch: int
+    step_in_epoch: int
+    global_step: int
+    epoch_totals: dict[str, float]
+    best: dict[str, Any]
+    last_eval: dict[str, Any]
 
     def wall_time(self) -> float:
         """Seconds of training so far, including earlier segments of a resumed run."""
