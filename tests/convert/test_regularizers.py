@@ -3,6 +3,8 @@ both are the identity, yet the converted model must drop out in ``train()`` as i
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,3 +127,109 @@ def test_timm_drop_path_and_head_dropout_are_kept():
     assert c.report.regularizers == 8 and c.report.rel_error < 1e-5
     assert sum(type(m).__name__ == "DropPath" for m in c.modules()) == 7
     assert [m.p for m in c.modules() if isinstance(m, nn.Dropout)] == [0.25]
+
+
+class _DropBetween(nn.Module):
+    """Conv→BN stem, a functional dropout of rate ``p`` between it and the residual branch's
+    conv, and a branch ending in ``F.dropout2d`` of rate ``p``; ``training`` is what each
+    dropout is given (None: ``self.training``)."""
+
+    def __init__(self, p: float, training: bool | None = None) -> None:
+        super().__init__()
+        self.p, self.training_arg = p, training
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        training = self.training if self.training_arg is None else self.training_arg
+        h = F.dropout(F.relu(self.bn0(self.stem(x))), self.p, training)
+        h = h + F.dropout2d(self.bn(self.conv(h)), self.p, training)
+        return self.fc(F.adaptive_avg_pool2d(F.relu(h), 1).flatten(1))
+
+
+def _warm_drop_between(p: float, training: bool | None = None) -> nn.Module:
+    torch.manual_seed(0)
+    model = _DropBetween(p, training)
+    model.p = 0.0  # the same running statistics for every p
+    warm_bn(model, (8, 3, 12, 12), 2)
+    model.p = p
+    return model.eval()
+
+
+def test_nf_calibration_runs_the_new_dropouts_in_eval_mode():
+    """The dropouts made from functional calls take the traced model's (eval) mode, so the NF
+    calibration pass sees no dropout: converting with p = 0.5 twice gives the same tensors, and
+    the eval outputs equal those of the same model with p = 0 (to 1e-5; they used to differ by
+    the dropped calibration inputs, rel. error 0.08 instead of 0.04). The branch's
+    ``Dropout2d`` is scale-free, so the branch gets its α (one ``· 0.2`` in the graph)."""
+    x = torch.randn(16, 3, 12, 12)
+    a, b = (convert_model(_warm_drop_between(0.5), "nf", x) for _ in range(2))
+    none = convert_model(_warm_drop_between(0.0), "nf", x)
+    assert a.report.regularizers == 2
+    for (name, t), u in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(t, u), name
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), none(x), rtol=0, atol=1e-5)
+    assert abs(a.report.rel_error - none.report.rel_error) < 1e-5
+    assert a.net.code.count("* 0.2") == 1
+
+
+def test_a_dropout_recorded_with_training_true_is_left_as_called():
+    """``F.dropout(x, p, True)`` drops out in eval mode too (Monte-Carlo dropout): it is not
+    made a module, so the converted model drops out in eval mode as its source does (two eval
+    calls differ), and no regularizer is counted."""
+    model = _warm_drop_between(0.5, training=True)
+    c = convert_model(model, "bn_free", torch.randn(4, 3, 12, 12))
+    assert c.report.regularizers == 0
+    assert not [m for m in c.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))]
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        assert not torch.equal(c.eval()(x), c(x))
+
+
+def test_a_rate_given_as_an_int_is_kept():
+    """``F.dropout(x, 1, self.training)`` (p an int) becomes ``nn.Dropout(p=1.0)``: in train
+    mode the output is the classifier's bias alone (every feature dropped), in eval mode the
+    BN model's."""
+    model = _warm_drop_between(1)
+    c = convert_model(model, "bn_free", torch.randn(4, 3, 12, 12))
+    assert c.report.regularizers == 2 and c.report.rel_error < 1e-5
+    assert [m.p for m in c.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))] == [1.0, 1.0]
+    with torch.no_grad():
+        y = c.train()(torch.randn(2, 3, 12, 12))
+    torch.testing.assert_close(y, c.net.fc.bias.expand(2, -1), rtol=0, atol=0)
+
+
+class _Through(nn.Module):
+    """The identity, as a module torch.fx traces through (not a leaf)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_gnpn_finds_the_activation_past_timm_drop_block():
+    """timm's ResNet with ``drop_block_rate``: BN → ``DropBlock2d`` → ReLU in its last 4
+    blocks. The DropBlock is a leaf call now, yet GN+PN still makes each such BN and ReLU one
+    Proxy-Norm ``NormAct`` (it made a plain GroupNorm, another function), 5 with the stem's,
+    keeps the 4 DropBlocks and gives the eval outputs of the same model whose DropBlocks the
+    trace passes through (to 1e-6)."""
+    timm = pytest.importorskip("timm")
+    from normfree.nn.proxy_norm import NormAct
+
+    torch.manual_seed(0)
+    drop = timm.create_model("resnet18", num_classes=5, drop_block_rate=0.1)
+    warm_bn(drop, (2, 3, 32, 32), 1)
+    through = copy.deepcopy(drop)
+    for block in through.modules():
+        if type(getattr(block, "drop_block", None)).__name__ == "DropBlock2d":
+            block.drop_block = _Through()
+    x = torch.randn(2, 3, 32, 32)
+    c, ref = convert_model(drop, "gnpn", x), convert_model(through, "gnpn", x)
+    assert sum(type(m).__name__ == "DropBlock2d" for m in c.modules()) == 4
+    assert sum(isinstance(m, NormAct) for m in c.modules()) == 5
+    assert sum(isinstance(m, NormAct) for m in ref.modules()) == 5
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), ref(x), rtol=0, atol=1e-6)

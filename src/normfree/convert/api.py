@@ -417,7 +417,8 @@ def _check_rebuilds(model: ConvertedModel) -> None:
     if wrong:
         what = f"{len(wrong)} tensors differ: {', '.join(wrong[:3])}"
     elif repr(rebuilt.net) != repr(model.net) or rebuilt.net.code != model.net.code:
-        what = "its layers or their settings differ (e.g. a stride or a padding)"
+        what = ("its layers or their settings differ (e.g. a stride, a padding, or a dropout "
+                "or stochastic-depth rate, such as timm's drop_path_rate)")  # fmt: skip
     else:
         return
     raise ConversionError(f"the source {spec} does not rebuild this model ({what}); {fix}")
@@ -561,7 +562,11 @@ def build_converted(
     (training mode, float32), checked against the dataset's classes and channels."""
     path = spec[len(CONVERTED_PREFIX):] if spec.startswith(CONVERTED_PREFIX) else spec
     if kwargs:
-        raise ValueError(f"a converted model takes no model options, got {sorted(kwargs)}")
+        raise ValueError(
+            f"a converted model takes no model options, got {sorted(kwargs)}: it trains with the "
+            "dropout and stochastic-depth rates it was converted with; leave train.drop_rate, "
+            "train.stochdepth_rate and model_kwargs unset"
+        )
     try:
         model = load_converted(path)
     except CheckpointError as e:

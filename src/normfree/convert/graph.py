@@ -26,6 +26,7 @@ support.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,17 @@ _FUNCTIONAL_DROPOUT: dict[Any, type[nn.Module]] = {
     F.feature_alpha_dropout: nn.FeatureAlphaDropout,
 }  # fmt: skip
 _DROPOUT_PREFIX = "functional_dropout"
+_DROPOUT_ARGS = ("input", "p", "training", "inplace")  # each functional dropout's parameters
+
+
+def _argument(node: fx.Node, index: int, key: str) -> Any:
+    """Argument ``key`` (parameter ``index``) of the call ``node``: as passed, else its default."""
+    if len(node.args) > index:
+        return node.args[index]
+    if key in node.kwargs:
+        return node.kwargs[key]
+    assert callable(node.target)  # (a call_function node)
+    return inspect.signature(node.target).parameters[key].default
 
 
 def keep_train_time_regularizers(gm: fx.GraphModule) -> int:
@@ -140,23 +152,25 @@ def keep_train_time_regularizers(gm: fx.GraphModule) -> int:
 
     A functional dropout traced in eval mode is a call with ``training=False`` (the value
     ``self.training`` had): each one with ``p > 0`` becomes a call of its ``nn.Dropout*`` module
-    (same ``p`` and ``inplace``), which reads the converted model's mode. A dropout the source
-    wrote with ``training=False`` literally never drops anything either way, so reading it as
-    ``self.training`` is the only reading that changes training. Dropout modules and the leaf
-    stochastic-depth calls (:func:`is_stochastic_depth`) already follow ``train()``."""
+    (same ``p`` and ``inplace``, in ``gm``'s mode), which reads the converted model's mode. A
+    dropout the source wrote with ``training=False`` literally never drops anything either way,
+    so reading it as ``self.training`` is the only reading that changes training. One recorded
+    with ``training=True`` (written so, or the default of ``F.dropout``) drops out in eval mode
+    too, and is left as it is. Dropout modules and the leaf stochastic-depth calls
+    (:func:`is_stochastic_depth`) already follow ``train()``."""
     made = 0
     for node in list(gm.graph.nodes):
         kind = _FUNCTIONAL_DROPOUT.get(node.target) if node.op == "call_function" else None
         if kind is None:
             continue
-        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-        inplace = node.args[3] if len(node.args) > 3 else node.kwargs.get("inplace", False)
-        if not isinstance(p, float) or p <= 0.0:
+        x, p, training, inplace = (_argument(node, i, key) for i, key in enumerate(_DROPOUT_ARGS))
+        rate = float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) else 0.0
+        if rate <= 0.0 or training is not False:  # (training=True: it drops in eval too)
             continue  # p = 0 is the identity; a traced p cannot be made a module's constant
         name = f"{_DROPOUT_PREFIX}{made}"
-        gm.add_submodule(name, kind(p, inplace=bool(inplace)))
+        gm.add_submodule(name, kind(rate, inplace=bool(inplace)).train(gm.training))
         with gm.graph.inserting_after(node):
-            call = gm.graph.call_module(name, (node.args[0],))
+            call = gm.graph.call_module(name, (x,))
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
         made += 1
@@ -236,8 +250,9 @@ class NormSite:
     Attributes:
         bn: the BN call node; ``bn_name`` its module's qualified name.
         conv: the ``nn.Conv2d`` call feeding it when that conv's only user is this BN, else None.
-        act: the elementwise activation call that is the BN's only user, else None (always
-            None for a fused ``BatchNormAct2d``, whose activation is inside it).
+        act: the elementwise activation call that is the BN's only user (or the only user of
+            a stochastic-depth call that is), else None (always None for a fused
+            ``BatchNormAct2d``, whose activation is inside it).
     """
 
     bn: fx.Node
@@ -337,8 +352,12 @@ def find_norms(gm: fx.GraphModule, running_stats: bool = True) -> list[NormSite]
             conv = src
         users = list(node.users)
         act = None
-        if not fused and len(users) == 1 and _is_activation(gm, users[0]):
-            act = users[0]
+        if not fused and len(users) == 1:
+            after = users[0]  # past a stochastic-depth call: timm's BN → DropBlock2d → act
+            drop = _module(gm, after)
+            if drop is not None and is_stochastic_depth(drop) and len(after.users) == 1:
+                after = next(iter(after.users))
+            act = after if _is_activation(gm, after) else None
         sites.append(NormSite(node, name, conv, act))
     if not sites:
         raise ConversionError(

@@ -358,7 +358,9 @@ def replace_norms(
                 block.act.weight.copy_(gamma)
                 block.act.bias.copy_(beta)
             _set_module(gm, site.bn_name, block)
-            _drop_node(gm, site.act, site.bn)
+            # (a DropBlock between them now follows it: the same function in eval mode)
+            before = site.act.args[0]
+            _drop_node(gm, site.act, before if isinstance(before, fx.Node) else site.bn)
         elif mode == "gnpn" and tail and type(tail[1]) in ELEMENTWISE_ACTIVATIONS:
             act = tail[1]
             if hasattr(act, "inplace"):
@@ -495,7 +497,10 @@ def _scale_free(module: nn.Module) -> bool:
     ``BatchNormAct2d`` leaves where its activation is Identity)."""
     if isinstance(module, nn.Sequential):
         return all(_scale_free(m) for m in module)
-    return isinstance(module, (nn.Identity, nn.Dropout)) or is_stochastic_depth(module)
+    dropouts = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # (not AlphaDropout)
+    if isinstance(module, (nn.Identity, *dropouts)):
+        return True  # (timm's DropBlock2d with_noise fills dropped blocks with noise: not)
+    return is_stochastic_depth(module) and getattr(module, "with_noise", False) is not True
 
 
 def _through_identities(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
