@@ -41,3 +41,17 @@ def test_a_type_name_takes_its_article() -> None:
     assert [with_article(w) for w in ("int", "OrderedDict", "tuple", "Tensor", "")] == [
         "an int", "an OrderedDict", "a tuple", "a Tensor", "a "
     ]  # fmt: skip
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys) -> None:
+    """Building the parser imports every command's module, which takes a second or two; a
+    Ctrl-C then used to print a ``KeyboardInterrupt`` traceback (found stopping a grid just
+    after it started). It now ends ``normfree`` as Ctrl-C does later: ``interrupted``, 130."""
+    import normfree.cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(normfree.cli, "build_parser", interrupted)
+    assert normfree.cli.main(["train", "--help"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"

@@ -64,6 +64,16 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``normfree`` command; Ctrl-C at any point after the package is imported (building
+    the parser imports the commands' modules) ends it with one line and code 130."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = _parse(parser, argv)
     if not getattr(args, "func", None):
@@ -74,12 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from normfree.convert import trusting_code
 
         trusted = trusting_code()
-    try:
-        with trusted:
-            return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with trusted:
+        return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

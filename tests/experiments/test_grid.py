@@ -340,3 +340,64 @@ def test_ctrl_c_stops_a_parallel_grid_at_once(tmp_path: Path) -> None:
     assert proc.returncode != 0 and time.monotonic() - t0 < 30
     assert proc.stdout.read().strip() == "other alive True"  # no queued cell started
     assert not list((tmp_path / "out" / "cells").glob("*/result.json"))
+
+
+TRAPPING_GRID = """
+import os, signal, sys, time
+from pathlib import Path
+from normfree.experiments import Cell, Experiment, GridOptions, run_experiment
+
+
+def run_cell(cell, folder, options):  # as the trainer: SIGINT and SIGTERM finish the step
+    signal.signal(signal.SIGINT, lambda *a: print("worker got SIGINT", flush=True))
+    signal.signal(signal.SIGTERM, lambda *a: None)
+    print("started", os.getpid(), flush=True)
+    time.sleep(60)
+    return {"y": 1.0}
+
+
+EXP = Experiment("trap", "", lambda o: [Cell(f"c{i}", {"i": i}) for i in range(4)], run_cell,
+                 ["y"], lambda rows, path, options: None)
+
+if __name__ == "__main__":
+    try:
+        run_experiment(EXP, Path(sys.argv[1]), GridOptions(), jobs=2, log=lambda s: None)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "killpg"), reason="POSIX signals")
+def test_ctrl_c_of_the_process_group_ends_cells_that_trap_sigterm(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches the grid process and its workers. A cell's trainer traps
+    SIGINT and SIGTERM (finish the step, then stop): the workers then outlived the grid's
+    SIGTERM and its exit, which joins them, hung for good."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "trapgrid.py").write_text(TRAPPING_GRID)
+    proc = subprocess.Popen([sys.executable, "trapgrid.py", "out"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    assert proc.stdout is not None
+    workers = [int(proc.stdout.readline().split()[-1]) for _ in range(2)]  # both cells running
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole process group
+    try:
+        out, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the grid process hung after Ctrl-C")
+    assert proc.returncode == 130 and time.monotonic() - t0 < 15
+    assert err.strip() == "interrupted"  # one line: no worker's traceback
+    assert "worker got SIGINT" not in out  # the grid process alone handles Ctrl-C
+    for pid in workers:  # killed and reaped by the grid process
+        assert not Path(f"/proc/{pid}").exists() or (
+            Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
+        )
+    assert not list((tmp_path / "out" / "cells").glob("*/result.json"))

@@ -16,6 +16,7 @@ Rerunning the same command resumes: finished cells are skipped, unfinished ones 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -29,7 +30,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,17 +165,35 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+@contextlib.contextmanager
+def _workers_deaf_to_ctrl_c() -> Iterator[None]:
+    """Start the cell workers inside this: they inherit SIGINT blocked (POSIX), for life.
+    Ctrl-C reaches the whole process group; a worker would print a traceback (while it
+    imports) or take it as its trainer's "finish the step, then stop". This process alone
+    handles it (:func:`_stop_pool`); one pressed meanwhile is raised on leaving."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def _stop_pool(pool: ProcessPoolExecutor, others: set[Any]) -> None:
-    """Cancel the cells not started and end the running ones (their folders hold no result
-    file, so a rerun starts them afresh). A worker that got the same Ctrl-C would otherwise
-    report it and take the next queued cell, and ``shutdown`` would wait for the whole grid.
+    """Cancel the cells not started and kill the running ones (their folders hold no result
+    file, so a rerun starts them afresh). A worker left alive would take the next queued cell,
+    and ``shutdown`` would wait for the whole grid. SIGKILL, not SIGTERM: a cell's trainer
+    traps SIGTERM to finish its step, after which its worker waited for work forever and the
+    interpreter's exit, which joins the pool's workers, hung.
     The workers are this process's children that were not there before the pool (``others``):
     a child the caller started meanwhile from another thread would be ended too."""
     processes = [p for p in multiprocessing.active_children() if p not in others]
     pool.shutdown(wait=False, cancel_futures=True)
     for proc in processes:
         if proc.is_alive():
-            proc.terminate()
+            proc.kill()
     for proc in processes:
         proc.join(10)
 
@@ -309,10 +328,11 @@ def run_experiment(
                                    initargs=(os.getpid(),))  # fmt: skip
         try:
             futures: dict[Future[dict[str, Any]], tuple[int, Cell]] = {}
-            for i, cell in pending:
-                fut = pool.submit(_execute, exp.run_cell, cell, str(cell_dir(out, cell)),
-                                  options)  # fmt: skip
-                futures[fut] = (i, cell)
+            with _workers_deaf_to_ctrl_c():  # submit starts the workers
+                for i, cell in pending:
+                    fut = pool.submit(_execute, exp.run_cell, cell, str(cell_dir(out, cell)),
+                                      options)  # fmt: skip
+                    futures[fut] = (i, cell)
             log(f"running {len(pending)} cells in {jobs} processes")
             running = set(futures)
             while running:  # a line per cell as soon as it finishes; short waits, so that a
