@@ -108,3 +108,26 @@ def test_step_counts_must_be_ints() -> None:
     with pytest.raises(TypeError, match="total_steps must be an int"):
         lr_factor(0, 1, 5.5)
     assert lr_factor(1, np.int64(2), np.int64(4)) == pytest.approx(0.5)
+
+
+def test_exponential_decay_is_tensorflows_staircase_from_step_zero() -> None:
+    """EfficientNet's schedule: warmup to the peak, then ``rate^⌊t/P⌋`` with t counted from
+    step 0 (so warmup's periods count: at t = W = 25 with P = 10 the factor is 0.5² already),
+    held after ``total_steps``, never below ``final_ratio``."""
+    f = [lr_factor(t, 25, 100, 0.0, "exponential", 0.5, 10) for t in range(0, 120)]
+    assert f[:25] == [t / 25 for t in range(25)]
+    assert f[25:30] == [0.25] * 5 and f[30] == 0.125 and f[99] == 0.5**9
+    assert f[100:] == [0.5**10] * 20
+    assert lr_factor(99, 0, 100, 0.01, "exponential", 0.5, 10) == 0.01  # the floor
+    sched = WarmupDecayLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0), 0, 50,
+                          decay="exponential", decay_rate=0.97, decay_steps=3)  # fmt: skip
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    assert lrs == pytest.approx([2.0 * 0.97 ** (t // 3) for t in range(10)], rel=1e-15)
+    with pytest.raises(ValueError, match="decay_steps"):
+        lr_factor(5, 0, 10, 0.0, "exponential")
+    with pytest.raises(ValueError, match="decay_rate"):
+        lr_factor(5, 0, 10, 0.0, "exponential", 1.5, 2)

@@ -30,11 +30,12 @@ def test_sgd_nesterov_with_agc_and_the_classifier_unclipped(
     assert all(g["lr"] == pytest.approx(0.4) for g in opt.param_groups)
 
 
-@pytest.mark.parametrize("name", ["adamw", "adam", "rmsprop"])
+@pytest.mark.parametrize("name", ["adamw", "adam", "rmsprop", "rmsprop_tf"])
 def test_other_optimizers_still_clip(make_cfg: Callable[..., Config], name: str) -> None:
     cfg = make_cfg(f"optim.name={name}")
     opt = B.build_optimizer(cfg, normfree.create_model("nf_resnet_cifar20", num_classes=10))
-    assert [type(a) for a in attached(opt)] == [AGC] and type(opt).__name__.lower() == name
+    assert [type(a) for a in attached(opt)] == [AGC]
+    assert type(opt).__name__.lower() == name.replace("_", "")
 
 
 def test_model_recipe_hints(make_cfg: Callable[..., Config]) -> None:
@@ -164,3 +165,24 @@ def test_fused_true_without_a_fused_kernel_is_a_config_error(
         B.build_optimizer(make_cfg("optim.name=rmsprop", "optim.fused=true"), model)
     plain = B.build_optimizer(make_cfg("optim.name=rmsprop"), model)  # null: the loop
     assert isinstance(plain, torch.optim.RMSprop)
+
+
+def test_efficientnet_optimizer_and_schedule(make_cfg: Callable[..., Config]) -> None:
+    """``optim.name=rmsprop_tf`` builds TensorFlow's RMSprop with its decay 0.9 (PyTorch's
+    RMSprop keeps its 0.99) unless ``optim.alpha`` says otherwise; ``schedule.decay=exponential``
+    turns ``decay_epochs`` into steps (0.5 epoch of 10 steps: 5) at ``decay_rate``."""
+    model = normfree.create_model("nf_resnet_cifar20", num_classes=10)
+    tf = B.build_optimizer(make_cfg("optim.name=rmsprop_tf", "optim.eps=0.001"), model)
+    assert {(g["alpha"], g["eps"]) for g in tf.param_groups} == {(0.9, 0.001)}
+    plain = B.build_optimizer(make_cfg("optim.name=rmsprop"), model)
+    assert plain.param_groups[0]["alpha"] == 0.99
+    tuned = B.build_optimizer(make_cfg("optim.name=rmsprop_tf", "optim.alpha=0.95"), model)
+    assert tuned.param_groups[0]["alpha"] == 0.95
+    cfg = make_cfg("schedule.decay=exponential", "schedule.decay_epochs=0.5",
+                   "schedule.decay_rate=0.9", "schedule.warmup_epochs=0")  # fmt: skip
+    sched = B.build_scheduler(cfg, tf, steps_per_epoch=10)
+    assert (sched.decay_steps, sched.decay_rate, sched.factor(14)) == (5, 0.9, 0.9**2)
+    with pytest.raises(ConfigError, match=r"schedule\.decay_rate"):
+        make_cfg("schedule.decay_rate=0")
+    with pytest.raises(ConfigError, match=r"optim\.alpha"):
+        make_cfg("optim.alpha=2")

@@ -35,8 +35,9 @@ Resolution (FixRes-style recipe of Masters et al. §5): ``meta.train_size`` is t
 training resolution (B0 160, B1 176, B2 196, B3 204, B4 252, B5 328, about half the pixels) and
 ``meta.test_size`` the native one; ``meta.recipe`` records ``native_size``, ``reduced_size``
 and ``finetune_size`` (= native) so that ``normfree train`` can train at the reduced size and
-fine-tune briefly at the test size. The paper's recipe (RMSprop, 350 epochs, batch 768, weight
-decay 1e-5, EMA, mixup/cutmix) is not encoded here.
+fine-tune briefly at the test size. The paper's training recipe (TensorFlow's RMSprop, 350
+epochs, batch 768, weight decay 1e-5, exponential decay, EMA, mixup) is the
+``efficientnet_lowres`` recipe of ``normfree train``, not part of the model.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Optimisation for normalizer-free training: AGC, MSR gradient projection, schedules, EMA and
-parameter groups, and the optimizer step (SGD, Adam, AdamW) of the Scaled-WS weights applied
-inside their backward."""
+"""Optimisation for normalizer-free training: AGC, MSR gradient projection, schedules, EMA,
+parameter groups, TensorFlow's RMSprop (the EfficientNet recipes), and the optimizer step (SGD,
+Adam, AdamW) of the Scaled-WS weights applied inside their backward."""
 
 from normfree.optim.agc import (
     AGC,
@@ -20,6 +20,7 @@ from normfree.optim.msr import (
     zero_mean_eligible,
 )
 from normfree.optim.param_groups import build_param_groups, describe_param_groups
+from normfree.optim.rmsprop_tf import RMSpropTF
 from normfree.optim.schedules import WarmupDecayLR, lr_factor, scaled_peak_lr, warmup_cosine_lr
 
 __all__: list[str] = [
@@ -27,6 +28,7 @@ __all__: list[str] = [
     "BackwardUpdate",
     "MeanShiftRejection",
     "ModelEMA",
+    "RMSpropTF",
     "WarmupDecayLR",
     "adaptive_clip_grad_",
     "after_step_hook",

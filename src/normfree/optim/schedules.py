@@ -1,4 +1,5 @@
-"""Per-step learning-rate schedules: linear warmup, then cosine (or linear / constant) decay.
+"""Per-step learning-rate schedules: linear warmup, then cosine (or linear, exponential or
+constant) decay.
 
 The NFNet recipe (Brock et al. 2021b, App. C; DeepMind ``optim.WarmupCosineDecay``) warms the
 learning rate up linearly from 0 to the peak over the first epochs and then decays it with a
@@ -11,6 +12,11 @@ with ``W`` warmup steps and ``T`` total steps (clamped at ``T``). The peak is ``
 in the paper (:func:`scaled_peak_lr`). :class:`WarmupDecayLR` applies the *factor*
 ``lr(t)/peak`` to each parameter group's own base lr, so groups with an lr multiplier
 (Fixup's scalars at lr/10) keep their ratio throughout.
+
+``"exponential"`` is the EfficientNet schedule (Tan & Le 2019's TPU code; Masters et al. 2021
+decay at rate 0.97): ``lr(t) = peak · rate^⌊t / P⌋`` with ``P`` steps per period, counted from
+step 0 as ``tf.train.exponential_decay(..., staircase=True)`` is there, so the lr after warmup
+starts at ``rate^⌊W / P⌋`` of the peak; it never goes below ``final · peak``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 __all__ = ["DECAYS", "WarmupDecayLR", "lr_factor", "scaled_peak_lr", "warmup_cosine_lr"]
 
-DECAYS = ("cosine", "linear", "constant")
+DECAYS = ("cosine", "linear", "constant", "exponential")
 
 
 def scaled_peak_lr(base_lr: float, batch_size: int, reference_batch: int = 256) -> float:
@@ -36,8 +42,14 @@ def scaled_peak_lr(base_lr: float, batch_size: int, reference_batch: int = 256) 
     return base_lr * batch_size / reference_batch
 
 
-def _check(warmup_steps: int, total_steps: int, final_ratio: float, decay: str) -> None:
-    for name, value in (("warmup_steps", warmup_steps), ("total_steps", total_steps)):
+def _check(warmup_steps: int, total_steps: int, final_ratio: float, decay: str,
+           decay_rate: float = 0.97, decay_steps: int | None = None) -> None:  # fmt: skip
+    counts = [("warmup_steps", warmup_steps), ("total_steps", total_steps)]
+    if decay == "exponential":
+        if decay_steps is None:
+            raise ValueError("exponential decay needs decay_steps (the steps of one period)")
+        counts.append(("decay_steps", decay_steps))
+    for name, value in counts:
         try:
             operator.index(value)  # ints of any kind (numpy's too), never 5.5
         except TypeError:
@@ -54,24 +66,40 @@ def _check(warmup_steps: int, total_steps: int, final_ratio: float, decay: str) 
         raise ValueError(f"final_ratio must be in [0, 1], got {final_ratio}")
     if decay not in DECAYS:
         raise ValueError(f"decay must be one of {DECAYS}, got {decay!r}")
+    if decay == "exponential":
+        if not 0.0 < decay_rate <= 1.0:
+            raise ValueError(f"decay_rate must be in (0, 1], got {decay_rate}")
+        if decay_steps is not None and decay_steps <= 0:
+            raise ValueError(f"decay_steps must be positive, got {decay_steps}")
 
 
 def lr_factor(
-    step: int, warmup_steps: int, total_steps: int, final_ratio: float = 0.0, decay: str = "cosine"
+    step: int,
+    warmup_steps: int,
+    total_steps: int,
+    final_ratio: float = 0.0,
+    decay: str = "cosine",
+    decay_rate: float = 0.97,
+    decay_steps: int | None = None,
 ) -> float:
     """Multiplier of the peak learning rate at optimizer step ``step`` (0-based).
 
     Linear warmup ``step / warmup_steps`` for ``step < warmup_steps``; afterwards ``decay``:
-    ``"cosine"`` (half cosine from 1 to ``final_ratio`` at ``total_steps``), ``"linear"`` or
-    ``"constant"`` (stays at 1). Steps beyond ``total_steps`` keep the final value.
+    ``"cosine"`` (half cosine from 1 to ``final_ratio`` at ``total_steps``), ``"linear"``,
+    ``"exponential"`` (``decay_rate^⌊step / decay_steps⌋``, at least ``final_ratio``; see the
+    module docstring) or ``"constant"`` (stays at 1). Steps beyond ``total_steps`` keep the
+    final value.
     """
-    _check(warmup_steps, total_steps, final_ratio, decay)
+    _check(warmup_steps, total_steps, final_ratio, decay, decay_rate, decay_steps)
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if step < warmup_steps:
         return step / warmup_steps
     if decay == "constant":
         return 1.0
+    if decay == "exponential":
+        assert decay_steps is not None  # (checked)
+        return max(final_ratio, decay_rate ** (min(step, total_steps) // decay_steps))
     span = total_steps - warmup_steps
     progress = 1.0 if span == 0 else min(step - warmup_steps, span) / span
     if decay == "cosine":
@@ -109,16 +137,21 @@ class WarmupDecayLR(LRScheduler):
         final_ratio: float = 0.0,
         decay: str = "cosine",
         last_epoch: int = -1,
+        decay_rate: float = 0.97,
+        decay_steps: int | None = None,
     ) -> None:
-        _check(warmup_steps, total_steps, final_ratio, decay)
+        _check(warmup_steps, total_steps, final_ratio, decay, decay_rate, decay_steps)
         self.warmup_steps = int(warmup_steps)
         self.total_steps = int(total_steps)
         self.final_ratio = float(final_ratio)
         self.decay = decay
+        self.decay_rate = float(decay_rate)
+        self.decay_steps = None if decay_steps is None else int(decay_steps)
         super().__init__(optimizer, last_epoch)
 
     def factor(self, step: int) -> float:
-        return lr_factor(step, self.warmup_steps, self.total_steps, self.final_ratio, self.decay)
+        return lr_factor(step, self.warmup_steps, self.total_steps, self.final_ratio, self.decay,
+                         self.decay_rate, self.decay_steps)  # fmt: skip
 
     def get_lr(self) -> list[float]:
         f = self.factor(max(self.last_epoch, 0))

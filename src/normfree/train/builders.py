@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from normfree.models import UnknownModelError, count_params, create_model
 from normfree.optim.fused import fused_available
 from normfree.optim.param_groups import build_param_groups
+from normfree.optim.rmsprop_tf import RMSpropTF
 from normfree.optim.schedules import WarmupDecayLR, scaled_peak_lr
 from normfree.train.config import Config, ConfigError
 from normfree.train.distributed import SeededDataset, ShardedBatchSampler, shard_indices
@@ -199,7 +200,7 @@ def peak_lr(cfg: Config) -> float:
 # optim.name → the torch.optim class
 _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
-    "rmsprop": torch.optim.RMSprop,
+    "rmsprop": torch.optim.RMSprop, "rmsprop_tf": RMSpropTF,
 }  # fmt: skip
 
 
@@ -208,8 +209,9 @@ def _optimizer_kwargs(cfg: Config) -> dict[str, Any]:
     o = cfg.optim
     if o.name == "sgd":
         return {"momentum": o.momentum, "nesterov": o.nesterov and o.momentum > 0}
-    if o.name == "rmsprop":
-        return {"momentum": o.momentum, "eps": o.eps}
+    if o.name in ("rmsprop", "rmsprop_tf"):
+        alpha = {} if o.alpha is None else {"alpha": o.alpha}  # (None: the class's own)
+        return {"momentum": o.momentum, "eps": o.eps, **alpha}
     return {"betas": o.betas, "eps": o.eps}
 
 
@@ -277,14 +279,18 @@ def warmup_steps(cfg: Config, steps_per_epoch: int, total_steps: int) -> int:
 def build_scheduler(
     cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int
 ) -> WarmupDecayLR:
-    """Per-step linear warmup then ``schedule.decay`` over ``epochs · steps_per_epoch`` steps."""
+    """Per-step linear warmup then ``schedule.decay`` over ``epochs · steps_per_epoch`` steps
+    (an exponential decay's period: ``schedule.decay_epochs`` in steps, at least 1)."""
     total = cfg.train.epochs * steps_per_epoch
+    s = cfg.schedule
     return WarmupDecayLR(
         optimizer,
         warmup_steps=warmup_steps(cfg, steps_per_epoch, total),
         total_steps=total,
-        final_ratio=cfg.schedule.final_ratio,
-        decay=cfg.schedule.decay,
+        final_ratio=s.final_ratio,
+        decay=s.decay,
+        decay_rate=s.decay_rate,
+        decay_steps=max(1, round(s.decay_epochs * steps_per_epoch)),
     )
 
 

@@ -98,14 +98,21 @@ class OptimConfig:
 
     __pydantic_config__: ClassVar[ConfigDict] = _PYDANTIC
 
-    name: Literal["sgd", "adamw", "adam", "rmsprop"] = _f("sgd", "optimizer")
+    name: Literal["sgd", "adamw", "adam", "rmsprop", "rmsprop_tf"] = _f(
+        "sgd", "optimizer (rmsprop_tf: TensorFlow 1's RMSprop of the EfficientNet recipes, "
+        "normfree.optim.RMSpropTF)"
+    )
     lr: float | None = _f(None, "peak learning rate (null: base_lr · batch_size / 256)")
     base_lr: float = _f(0.1, "learning rate per 256 examples when lr is null")
     momentum: float = _f(0.9, "SGD/RMSprop momentum")
+    alpha: float | None = _f(
+        None, "RMSprop's decay of the squared-gradient average (null: 0.99 for rmsprop, "
+        "PyTorch's default; 0.9 for rmsprop_tf, TensorFlow's)"
+    )
     nesterov: bool = _f(True, "Nesterov momentum for SGD")
     weight_decay: float = _f(2e-5, "weight decay (not on gains, biases, scalars)")
     betas: tuple[float, float] = _f((0.9, 0.999), "Adam/AdamW betas")
-    eps: float = _f(1e-8, "Adam/AdamW/RMSprop epsilon")
+    eps: float = _f(1e-8, "Adam/AdamW/RMSprop epsilon (rmsprop_tf: inside the square root)")
     fused: bool | None = _f(
         None,
         "PyTorch's fused SGD/Adam/AdamW kernel (same update, one kernel per tensor; null: "
@@ -142,10 +149,18 @@ class ScheduleConfig:
 
     __pydantic_config__: ClassVar[ConfigDict] = _PYDANTIC
 
-    decay: Literal["cosine", "linear", "constant"] = _f("cosine", "decay after warmup")
+    decay: Literal["cosine", "linear", "constant", "exponential"] = _f(
+        "cosine", "decay after warmup (exponential: decay_rate every decay_epochs, the "
+        "EfficientNet schedule)"
+    )
     warmup_epochs: float = _f(5.0, "linear warmup length in epochs")
     warmup_steps: int | None = _f(None, "warmup length in optimizer steps (overrides epochs)")
-    final_ratio: float = _f(0.0, "final lr as a fraction of the peak")
+    final_ratio: float = _f(0.0, "final lr as a fraction of the peak (exponential: its floor)")
+    decay_rate: float = _f(0.97, "exponential decay: the lr's factor per period")
+    decay_epochs: float = _f(
+        2.4, "exponential decay: epochs per period (staircase, counted from the first step, as "
+        "TensorFlow's EfficientNet code)"
+    )
 
 
 @dataclass
@@ -389,6 +404,7 @@ def validate_config(cfg: Config) -> None:
     need(o.clip_grad_norm is None or o.clip_grad_norm > 0, "optim.clip_grad_norm", "> 0 or null")
     need(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", "two numbers in [0, 1)")
     need(o.eps > 0, "optim.eps", "> 0")
+    need(o.alpha is None or 0.0 <= o.alpha <= 1.0, "optim.alpha", "in [0, 1] or null")
     if o.update_in_backward:  # an optimizer step inside the backward: one backward per step
         for ok, key, rule in (
             (o.name in ("sgd", "adam", "adamw"), "optim.name", "sgd, adam or adamw"),
@@ -404,6 +420,8 @@ def validate_config(cfg: Config) -> None:
     need(s.warmup_epochs >= 0, "schedule.warmup_epochs", ">= 0")
     need(s.warmup_steps is None or s.warmup_steps >= 0, "schedule.warmup_steps", ">= 0 or null")
     need(0.0 <= s.final_ratio <= 1.0, "schedule.final_ratio", "in [0, 1]")
+    need(0.0 < s.decay_rate <= 1.0, "schedule.decay_rate", "in (0, 1]")
+    need(s.decay_epochs > 0, "schedule.decay_epochs", "> 0")
     need(0.0 < d.val_fraction < 1.0, "data.val_fraction", "in (0, 1)")
     need(d.image_size is None or d.image_size > 0, "data.image_size", "> 0 or null")
     need(d.test_size is None or d.test_size > 0, "data.test_size", "> 0 or null")
