@@ -385,3 +385,20 @@ def test_list_models_takes_timms_pattern_lists_and_exclude_filters() -> None:
     assert normfree.list_models([]) == normfree.list_models() == normfree.list_models("")
     with pytest.raises(TypeError, match="exclude_filters must be a str or a list of str"):
         normfree.list_models("nfnet*", exclude_filters=3)
+
+
+def test_cfg_num_classes_and_input_channels_are_the_defaults_as_in_timm() -> None:
+    # timm's _update_default_model_kwargs: without pretrained weights too, the cfg's num_classes
+    # and input_size[0] are the defaults of num_classes and in_chans
+    model = create_model("nf_resnet_cifar20", pretrained_cfg_overlay=dict(num_classes=100),
+                         **SHORT)  # fmt: skip
+    assert model.num_classes == model.pretrained_cfg["num_classes"] == 100
+    model = create_model("nf_resnet_cifar20", pretrained_cfg=dict(input_size=(1, 32, 32)), **SHORT)
+    assert model.in_chans == 1 and model.pretrained_cfg["input_size"] == (1, 32, 32)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    # an explicit argument still wins; the cfg keeps describing the source weights
+    model = create_model("nf_resnet_cifar20", num_classes=4, in_chans=2,
+                         pretrained_cfg_overlay=dict(num_classes=100), **SHORT)  # fmt: skip
+    assert model.num_classes == 4 and model.in_chans == 2
+    assert model.pretrained_cfg["num_classes"] == 100

@@ -198,10 +198,13 @@ def create_model(
             (``num_classes`` of the cfg, the family's default unless overlaid); a different
             ``num_classes`` then gets a fresh classifier.
         num_classes: size of the classifier (0: no classifier, pooled features out); ``None``
-            keeps the family's default (1000 for ImageNet models, 10 for the ``*_cifar*`` ones).
+            takes the cfg's ``num_classes`` when one is given, else the family's default (1000
+            for ImageNet models, 10 for the ``*_cifar*`` ones), as timm.
         pretrained_cfg / pretrained_cfg_overlay: a ``pretrained_cfg`` dict (or a timm
             ``PretrainedCfg``) and entries replacing those of the model's own
             (:attr:`NormFreeModel.pretrained_cfg`); the result is the model's ``pretrained_cfg``.
+            As in timm, its ``num_classes`` and ``input_size[0]`` are the defaults of
+            ``num_classes`` and ``in_chans``.
         checkpoint_path: a weights file loaded (strictly) after creation, as in timm.
         features_only: return a :class:`~normfree.models.features.FeatureExtractor` of the
             feature maps ``out_indices`` (timm's rule; ``None`` all of them) instead.
@@ -247,9 +250,13 @@ def create_model(
 
     cfg_updates = _resolve_pretrained_cfg(name, pretrained_cfg, pretrained_cfg_overlay)
     weights_classes = cfg_updates.get("num_classes", _default_num_classes(fn))
-    build_classes = weights_classes if pretrained else num_classes
+    # as timm (_update_default_model_kwargs): the cfg's class count and input_size channels are
+    # the defaults of num_classes and in_chans, with or without pretrained weights
+    build_classes = weights_classes if pretrained or num_classes is None else num_classes
     if build_classes is not None:
         overrides["num_classes"] = build_classes
+    if cfg_updates.get("input_size") is not None:
+        overrides.setdefault("in_chans", cfg_updates["input_size"][0])
     # timm's factory keywords (timm 1.0.31 passes them on): parameters on device, in dtype
     device, dtype = overrides.pop("device", None), overrides.pop("dtype", None)
     with torch.device(device) if device is not None else contextlib.nullcontext():
