@@ -569,3 +569,48 @@ def test_a_saved_file_that_cannot_run_the_check_is_one_short_error(
     assert "\n" not in message and len(message) < 400 and message.endswith("nothing was written to "
                                                                           f"{tmp_path / 'm.pt2'}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_command_refuses_an_out_that_is_a_file_it_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--format pt2 --out`` the ``--weights`` file (or the checkpoint SOURCE, or a file the
+    sidecar PATH.json would be) replaced the input with the export: refused, input unchanged."""
+    weights = tmp_path / "w.pt"
+    torch.save(normfree.create_model("nf_resnet_cifar20").state_dict(), weights)
+    before = weights.read_bytes()
+    for out in (weights, tmp_path / "w"):  # the model file itself; a sidecar w.json
+        sidecar_input = tmp_path / "w.json"
+        if out.name == "w":
+            weights = weights.rename(sidecar_input)
+        rc = main(["export", "nf_resnet_cifar20", "--weights", str(weights), "--format", "pt2",
+                   "--out", str(out), "--image-size", "8"])  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "would overwrite the --weights file" in err[0], err
+        assert weights.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json"]
+
+
+def test_a_multiple_not_of_the_stride_that_the_program_cannot_take_names_the_fix(
+    tmp_path: Path,
+) -> None:
+    """``size_multiple=3`` of a stride-4 ResNet: the .pt2 program traced at 12×12 holds a stage
+    size's parity and refused the second check (15×18) with only PyTorch's guard; the error now
+    names the fix (a multiple of the total stride), and nothing is written."""
+    model = _trained_like("nf_resnet_cifar20", num_classes=3)
+    path = tmp_path / "m.pt2"
+    try:
+        export_model(model, path, (3, 12, 12), size_multiple=3)
+    except ExportError as e:
+        message = str(e)
+        assert "\n" not in message and message.startswith("the exported model does not run on")
+        assert message.endswith("the saved model does not take every multiple of 3: choose a "
+                                "multiple of 4, its total stride (--dynamic-size), or export at "
+                                "a fixed size")  # fmt: skip
+        assert list(tmp_path.iterdir()) == []
+    else:  # a PyTorch that proves the shapes: every multiple of 3 gives the eager outputs
+        x = torch.randn(1, 3, 15, 21)
+        with torch.no_grad():
+            expected = model.eval()(x)
+            torch.testing.assert_close(torch.export.load(str(path)).module()(x), expected,
+                                       rtol=1e-4, atol=1e-4)  # fmt: skip

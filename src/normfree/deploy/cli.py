@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from normfree.analysis.cli import add_trust_code_argument, check_recorded_size, positive_int
+from normfree.atomic import same_file
 from normfree.console import report_error, report_out_of_memory
 from normfree.deploy.export import EXPORT_FORMATS, nearest_size, sizes_text, total_stride
 
@@ -148,6 +149,21 @@ def _traced_size(size: int, multiple: int, given: bool) -> int:
     return nearest
 
 
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` whose file or sidecar (``PATH.json``) is a file being read (SOURCE,
+    ``--weights``): the export reads it first, then would replace it with the exported model."""
+    out = Path(args.out)
+    for given, flag in ((args.source, "SOURCE"), (args.weights, "--weights")):
+        if not given or not Path(given).is_file():
+            continue
+        for written in (out, out.with_name(out.name + ".json")):
+            if same_file(written, given):
+                raise ValueError(
+                    f"--out {args.out} would overwrite the {flag} file {given} (export writes "
+                    f"{written.name}); write the export to another file"
+                )
+
+
 def run_export(args: argparse.Namespace) -> int:
     """Entry point of ``normfree export``."""
     from normfree.checkpoints import CheckpointError
@@ -156,6 +172,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     source = Path(args.source)
     try:
+        _check_out(args)
         from normfree.convert import is_converted_file, load_converted
 
         converted = None  # a `normfree convert` output file
