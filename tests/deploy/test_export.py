@@ -591,6 +591,7 @@ def test_export_command_refuses_an_out_that_is_a_file_it_reads(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json"]
 
 
+@pytest.mark.slow  # a dynamic-size torch.export of a ResNet-20: ~14 s
 def test_a_multiple_not_of_the_stride_that_the_program_cannot_take_names_the_fix(
     tmp_path: Path,
 ) -> None:
