@@ -490,21 +490,21 @@ def test_a_dynamic_size_onnx_file_has_a_symbolic_height_and_width(tmp_path: Path
             session.run(None, {"input": torch.randn(shape).numpy()})
 
 
-def test_dynamic_size_of_a_model_without_feature_info_asks_for_the_multiple(
+def test_dynamic_size_of_a_model_without_feature_info_measures_the_multiple(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A converted torchvision ResNet-18 declares no ``feature_info``: a bare
+    ``--dynamic-size`` takes its measured total stride, 32, says so, and the file takes
+    96×64."""
     pytest.importorskip("torchvision")
     converted = tmp_path / "c.safetensors"
     assert main(["convert", "torchvision:resnet18[num_classes=4]", "--to", "bn_free",
                  "--out", str(converted), "--image-size", "32", "--batch", "2"]) == 0  # fmt: skip
     capsys.readouterr()
     out = tmp_path / "m.pt2"
-    assert main(["export", str(converted), "--out", str(out), "--dynamic-size"]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "error: the model declares no feature_info to take its total stride from: give it, "
-        "e.g. --dynamic-size 32"
-    ]
-    assert main(["export", str(converted), "--out", str(out), "--dynamic-size", "32"]) == 0
+    assert main(["export", str(converted), "--out", str(out), "--dynamic-size"]) == 0
+    assert "its measured total stride is 32" in capsys.readouterr().err
+    assert json.loads(Path(f"{out}.json").read_text())["size_multiple"] == 32
     program = torch.export.load(str(out)).module()
     assert program(torch.randn(2, 3, 96, 64)).shape == (2, 4)
 
@@ -615,3 +615,30 @@ def test_a_multiple_not_of_the_stride_that_the_program_cannot_take_names_the_fix
             expected = model.eval()(x)
             torch.testing.assert_close(torch.export.load(str(path)).module()(x), expected,
                                        rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+def test_a_model_without_feature_info_gets_its_measured_total_stride(capsys) -> None:
+    """A converted model declares no ``feature_info``; a bare ``--dynamic-size`` used to stop
+    with "give it, e.g. --dynamic-size 32" (wrong for a CIFAR ResNet, whose stride is 4). The
+    stride is now measured (the feature maps that double with the input): equal to the
+    declared one on the models that declare it, 4 for a converted CIFAR ResNet; a model with
+    no feature map that scales still gets the one-line error."""
+    from normfree.convert import convert_model
+    from normfree.deploy import measured_stride, total_stride
+    from normfree.deploy.cli import _size_multiple
+
+    for name in ("nf_resnet_cifar20", "nf_regnet_b0"):
+        model = normfree.create_model(name)
+        assert measured_stride(model, 3) == total_stride(model) == {"nf_resnet_cifar20": 4}.get(
+            name, 32
+        )
+    torch.manual_seed(0)
+    source = normfree.create_model("bn_resnet_cifar20", num_classes=10).eval()
+    converted = convert_model(source, "bn_free", torch.randn(2, 3, 16, 16), standalone_bn="affine")
+    assert total_stride(converted) is None and converted.training is False
+    assert _size_multiple(converted, 0, 3) == 4 and converted.training is False
+    assert "its measured total stride is 4" in capsys.readouterr().err
+    assert _size_multiple(converted, 8, 3) == 8  # a value given is taken as it is
+    flat = nn.Sequential(nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(ValueError, match="its total stride is unknown: give it"):
+        _size_multiple(flat, 0, 3)

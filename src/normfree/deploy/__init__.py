@@ -8,6 +8,7 @@ from normfree.deploy.export import (
     ExportError,
     ExportResult,
     export_model,
+    measured_stride,
     total_stride,
 )
 from normfree.deploy.inference import folded_module_counts, prepare_for_inference
@@ -18,6 +19,7 @@ __all__ = [
     "ExportResult",
     "export_model",
     "folded_module_counts",
+    "measured_stride",
     "prepare_for_inference",
     "total_stride",
 ]

@@ -9,6 +9,7 @@ EMA weights unless ``--raw``) or a model spec as for ``normfree spp`` (registere
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,13 @@ from torch import nn
 from normfree.analysis.cli import add_trust_code_argument, check_recorded_size, positive_int
 from normfree.atomic import same_file
 from normfree.console import report_error, report_out_of_memory
-from normfree.deploy.export import EXPORT_FORMATS, nearest_size, sizes_text, total_stride
+from normfree.deploy.export import (
+    EXPORT_FORMATS,
+    measured_stride,
+    nearest_size,
+    sizes_text,
+    total_stride,
+)
 
 __all__ = ["add_parser", "run_export"]
 
@@ -120,17 +127,21 @@ def _from_spec(args: argparse.Namespace) -> nn.Module:
     return model
 
 
-def _size_multiple(model: nn.Module, asked: int | None) -> int | None:
+def _size_multiple(model: nn.Module, asked: int | None, in_chans: int) -> int | None:
     """``--dynamic-size``: None (absent), the value given, or (given bare, 0) the model's
-    total stride."""
+    total stride: declared in its ``feature_info``, else measured (a converted model)."""
     if asked is None or asked > 0:
         return asked
     stride = total_stride(model)
     if stride is None:
-        raise ValueError(
-            "the model declares no feature_info to take its total stride from: give it, "
-            "e.g. --dynamic-size 32"
-        )
+        stride = measured_stride(model, in_chans)
+        if stride is None:
+            raise ValueError(
+                "the model declares no feature_info and no feature map of it scales with the "
+                "input, so its total stride is unknown: give it, e.g. --dynamic-size 32"
+            )
+        print(f"note: the model declares no feature_info; its measured total stride is {stride}",
+              file=sys.stderr)  # fmt: skip
     return stride
 
 
@@ -205,7 +216,7 @@ def run_export(args: argparse.Namespace) -> int:
         if args.image_size is None:
             size = check_recorded_size(size, source)
         in_chans = int(info.get("in_chans") or getattr(_described(model), "in_chans", 3))
-        multiple = _size_multiple(model, args.dynamic_size)
+        multiple = _size_multiple(model, args.dynamic_size, in_chans)
         if multiple is not None:
             size = _traced_size(int(size), multiple, args.image_size is not None)
         free = "B is free"

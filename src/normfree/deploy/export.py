@@ -38,6 +38,7 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "export_model",
+    "measured_stride",
     "nearest_size",
     "sizes_text",
     "total_stride",
@@ -123,6 +124,46 @@ def total_stride(model: nn.Module) -> int | None:
     except (TypeError, KeyError, ValueError):
         return None
     return max(reductions) if reductions and min(reductions) > 0 else None
+
+
+@torch.no_grad()
+def measured_stride(model: nn.Module, in_chans: int, size: int = 64) -> int | None:
+    """The factor by which ``model`` shrinks an image, measured where it declares no
+    ``feature_info`` (:func:`total_stride`): a forward at ``size`` and at ``2·size`` (eval mode,
+    zeros), the largest ``size / h`` over the 4-D outputs of its leaf modules whose height ``h``
+    doubles with the input (a global pool's 1×1 does not, and is not a stage). None where no
+    output scales with the input, or where the model does not run at both sizes."""
+    heights: list[tuple[str, int]] = []  # (leaf module, output height), in call order
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor) and out.dim() == 4:
+                heights.append((name, int(out.shape[-2])))
+
+        return hook
+
+    leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
+    ref = next(iter(model.parameters()), None)
+    device, dtype = (None, None) if ref is None else (ref.device, ref.dtype)
+    was_training = model.training
+    handles = [m.register_forward_hook(record(name)) for name, m in leaves]
+    model.eval()
+    try:
+        model(torch.zeros(1, in_chans, size, size, device=device, dtype=dtype))
+        small = list(heights)
+        heights.clear()
+        model(torch.zeros(1, in_chans, 2 * size, 2 * size, device=device, dtype=dtype))
+    except (RuntimeError, ValueError):  # a model of one input size has no stride to find
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if len(small) != len(heights):
+        return None
+    strides = [size // h for (a, h), (b, h2) in zip(small, heights)
+               if a == b and h > 0 and h2 == 2 * h and size % h == 0]  # fmt: skip
+    return max(strides) if strides else None
 
 
 def nearest_size(size: int, size_multiple: int) -> int:
