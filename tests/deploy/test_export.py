@@ -167,6 +167,9 @@ def test_an_opset_the_exporter_cannot_write_is_an_error(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     export_model(model, path, (3, 8, 8), opset=18, verify=False)
     assert {o.domain: o.version for o in onnx.load(str(path)).opset_import}[""] == 18
+    with pytest.raises(ExportError, match=r"an opset \(18\) is for ONNX files, not pt2"):
+        export_model(model, tmp_path / "m.pt2", (3, 8, 8), opset=18)  # it used to be ignored
+    assert not (tmp_path / "m.pt2").exists()
 
 
 def test_export_command_refuses_sizes_below_one(capsys: pytest.CaptureFixture[str]) -> None:

@@ -523,6 +523,8 @@ def export_model(
     """
     path = Path(path)
     fmt = _format_of(path, format)
+    if opset is not None and fmt != "onnx":
+        raise ExportError(f"an opset ({opset}) is for ONNX files, not {fmt}: leave --opset out")
     shape = _check_shape(input_shape)
     if size_multiple is not None:
         shape = _check_multiple(size_multiple, shape)
