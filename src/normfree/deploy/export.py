@@ -268,16 +268,35 @@ def _output_list(out: Any) -> list[torch.Tensor]:
     )
 
 
-def _run_on(run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> list[torch.Tensor]:
+def _cannot_run(who: str, x: torch.Tensor, e: Exception, path: Path | None = None) -> ExportError:
+    """One line: ``who`` fails on ``x``'s shape, with the first line of ``e`` (a ``.pt2``
+    program's guard of symbolic sizes can run to thousands of characters: cut at 200) and,
+    for a saved file that failed its check, that nothing was written to ``path``."""
+    said = first_line(e)
+    said = said if len(said) <= 200 else said[:200] + "…"
+    tail = "" if path is None else f"; nothing was written to {path}"
+    return ExportError(
+        f"{who} does not run on an input of shape {tuple(x.shape)}: {type(e).__name__}: "
+        f"{said}{tail}"
+    )
+
+
+def _run_on(
+    run: Callable[[torch.Tensor], Any],
+    x: torch.Tensor,
+    who: str = "the model",
+    path: Path | None = None,
+) -> list[torch.Tensor]:
     """``run(x)``'s outputs as a list (:func:`_output_list`), without autograd; an
-    :class:`ExportError` naming the input's shape where the model cannot take it."""
+    :class:`ExportError` naming the input's shape where ``run`` cannot take it
+    (:func:`_cannot_run`)."""
     try:
         with torch.no_grad():
             return _output_list(run(x))
     except ExportError:
         raise
-    except Exception as e:
-        raise ExportError(f"the model does not run on a {tuple(x.shape)} input: {e}") from e
+    except Exception as e:  # e.g. a .pt2 program's guard: a size outside what it takes
+        raise _cannot_run(who, x, e, path) from e
 
 
 def _eager_output(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -332,14 +351,16 @@ def _trace_error(
     return ExportError(f"{failed}: {type(e).__name__}: {e}")
 
 
-def _other_size_error(e: ExportError, size_multiple: int | None, model: nn.Module) -> ExportError:
+def _stride_advice(
+    e: ExportError, size_multiple: int | None, model: nn.Module
+) -> ExportError | None:
     """``e``, the failed check of a dynamic-size export at its second size, with the fix where
     ``size_multiple`` is no multiple of the model's total stride (unknown counts as no): the
     program, traced at one size, may hold e.g. one parity of a stage's size (``--dynamic-size 3``
-    of a stride-4 ResNet refused 15×18 with a guard); else ``e``, a bug to report."""
+    of a stride-4 ResNet refused 15×18 with a guard); None otherwise (``e`` is a bug to report)."""
     stride = total_stride(model) if size_multiple is not None else None
     if size_multiple is None or (stride is not None and size_multiple % stride == 0):
-        return e
+        return None
     stride_text = "the model's total stride" if stride is None else f"{stride}, its total stride"
     return ExportError(
         f"{e}; the saved model does not take every multiple of {size_multiple}: choose a "
@@ -452,18 +473,7 @@ def _verify(
     """Run the saved model on ``check``: each of its outputs must have the eager output's shape
     and lie within ``atol·(1 + max|output|)`` of it (each output against its own scale);
     returns the largest difference."""
-    with torch.no_grad():
-        try:
-            got = _output_list(run(check))
-        except ExportError:
-            raise
-        except Exception as e:  # e.g. a .pt2 program's guard: a size outside what it takes
-            said = first_line(e)  # a guard of symbolic sizes can run to thousands of characters
-            said = said if len(said) <= 200 else said[:200] + "…"
-            raise ExportError(
-                f"the exported model does not run on an input of shape {tuple(check.shape)}: "
-                f"{type(e).__name__}: {said}; nothing was written to {path}"
-            ) from e
+    got = _run_on(run, check, "the exported model", path)
     shapes = [tuple(t.shape) for t in got]
     expected = [tuple(t.shape) for t in reference]
     if shapes != expected:
@@ -542,7 +552,7 @@ def export_model(
     try:  # the scales are recorded on an input of the shape exported
         folded = prepare_for_inference(model, example).cpu().float()
     except (RuntimeError, ValueError) as e:
-        raise ExportError(f"the model does not run on a {tuple(example.shape)} input: {e}") from e
+        raise _cannot_run("the model", example, e) from e
     out_list = _run_on(folded, example)
     outputs = len(out_list)
     # the eager outputs the saved file is checked against; with a free size, the second
@@ -582,10 +592,10 @@ def export_model(
                     try:
                         diffs.append(_verify(run, reference, check, atol, path))
                     except ExportError as e:  # the other size of a multiple not of the stride
-                        told = _other_size_error(e, size_multiple, model) if diffs else e
-                        if told is e:
+                        advised = _stride_advice(e, size_multiple, model) if diffs else None
+                        if advised is None:
                             raise
-                        raise told from e
+                        raise advised from e
                 result.max_abs_diff = max(diffs)
         staged_sidecar = atomic_write_json(staging / sidecar.name, result.to_dict())
         for extra in sorted(staging.iterdir()):  # external-data files first, the model last
