@@ -13,6 +13,7 @@ from normfree.atomic import (
     atomic_write_json,
     atomic_write_text,
     file_mode,
+    overwritten_input,
     remove_stale_temp_files,
 )
 
@@ -133,3 +134,18 @@ def test_stale_temp_files_are_removed(tmp_path: Path) -> None:
     removed = remove_stale_temp_files(tmp_path)
     assert sorted(p.name for p in removed) == [".best.pt.k_9z.tmp", ".last.pt.abc123.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.tmp", "last.pt"]
+
+
+def test_overwritten_input_finds_an_output_naming_an_existing_input(tmp_path: Path) -> None:
+    """The first input file (in order) that some output names, through a link too; inputs
+    not given or not existing, and outputs elsewhere, are no clash."""
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"weights")
+    link = tmp_path / "link.pt"
+    link.symlink_to(model)
+    outs = [("--out", tmp_path / "x.pt2"), ("--json", str(link))]
+    assert overwritten_input(outs, [("SOURCE", None), ("--weights", str(model))]) == (
+        "--json", str(link), "--weights", str(model)
+    )
+    assert overwritten_input(outs, [("SOURCE", tmp_path / "absent.pt")]) is None
+    assert overwritten_input([("--out", tmp_path / "y.pt")], [("SOURCE", model)]) is None

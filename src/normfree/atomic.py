@@ -17,7 +17,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write_text",
     "check_writable",
     "file_mode",
+    "overwritten_input",
     "remove_stale_temp_files",
     "same_file",
     "to_json",
@@ -108,6 +109,24 @@ def same_file(a: str | os.PathLike[str] | None, b: str | os.PathLike[str] | None
     if pa.exists() and pb.exists():
         return pa.samefile(pb)
     return pa.resolve() == pb.resolve()
+
+
+def overwritten_input(
+    outputs: Sequence[tuple[str, str | os.PathLike[str] | None]],
+    inputs: Sequence[tuple[str, str | os.PathLike[str] | None]],
+) -> tuple[str, str, str, str] | None:
+    """The first ``(output name, output, input name, input)`` where an output path names an
+    existing input file (:func:`same_file`), inputs in order, each against every output; None
+    where none does. ``outputs`` and ``inputs`` are ``(name, path)`` pairs (an option's flag
+    and its value; a path not given is skipped). A command refuses such an output before it
+    reads anything: writing it would destroy the input."""
+    for in_name, given in inputs:
+        if not given or not Path(given).is_file():
+            continue
+        for out_name, out in outputs:
+            if same_file(out, given):
+                return out_name, str(out), in_name, str(given)
+    return None
 
 
 def check_writable(*paths: str | os.PathLike[str] | None) -> None:

@@ -23,7 +23,7 @@ import torch
 import yaml
 from torch import nn
 
-from normfree.atomic import check_writable, same_file
+from normfree.atomic import check_writable, overwritten_input, same_file
 from normfree.checkpoints import CheckpointError
 from normfree.console import (
     error_line,
@@ -214,9 +214,9 @@ def check_outputs(models: list[str] | None = None, **paths: str | None) -> None:
         if not given:
             continue
         flag = f"--{option.replace('_', '-')}"
-        model = next((spec for spec in read if same_file(given, spec)), None)
-        if model is not None:
-            raise ValueError(f"{flag} {given} would overwrite the model file {model}; write "
+        clash = overwritten_input([(flag, given)], [(spec, spec) for spec in read])
+        if clash is not None:
+            raise ValueError(f"{flag} {given} would overwrite the model file {clash[3]}; write "
                              "elsewhere")  # fmt: skip
         other = next((f for f, path in taken if same_file(given, path)), None)
         if other is not None:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from normfree.analysis.cli import positive_int
-from normfree.atomic import same_file
+from normfree.atomic import overwritten_input, same_file
 from normfree.console import report_error, report_out_of_memory
 
 __all__ = [
@@ -254,13 +254,14 @@ def _check_outputs_distinct(args: argparse.Namespace) -> None:
             f"--json and --out are the same file ({args.out}): the report would replace the "
             "converted model; give the report another name"
         )
-    for given, flag in ((args.source, "SOURCE"), (args.weights, "--weights")):
-        for out, out_flag in ((args.out, "--out"), (args.json, "--json")):
-            if given and Path(given).is_file() and same_file(out, given):
-                raise ValueError(
-                    f"{out_flag} {out} is the {flag} file: writing it would destroy the model "
-                    "being converted; write the result to another file"
-                )
+    clash = overwritten_input([("--out", args.out), ("--json", args.json)],
+                              [("SOURCE", args.source), ("--weights", args.weights)])  # fmt: skip
+    if clash is not None:
+        out_flag, out, flag, _ = clash
+        raise ValueError(
+            f"{out_flag} {out} is the {flag} file: writing it would destroy the model being "
+            "converted; write the result to another file"
+        )
 
 
 def _check_source_exists(spec: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from normfree.analysis.cli import add_trust_code_argument, check_recorded_size, positive_int
-from normfree.atomic import same_file
+from normfree.atomic import overwritten_input
 from normfree.console import report_error, report_out_of_memory
 from normfree.deploy.export import (
     EXPORT_FORMATS,
@@ -164,15 +164,14 @@ def _check_out(args: argparse.Namespace) -> None:
     """Refuse an ``--out`` whose file or sidecar (``PATH.json``) is a file being read (SOURCE,
     ``--weights``): the export reads it first, then would replace it with the exported model."""
     out = Path(args.out)
-    for given, flag in ((args.source, "SOURCE"), (args.weights, "--weights")):
-        if not given or not Path(given).is_file():
-            continue
-        for written in (out, out.with_name(out.name + ".json")):
-            if same_file(written, given):
-                raise ValueError(
-                    f"--out {args.out} would overwrite the {flag} file {given} (export writes "
-                    f"{written.name}); write the export to another file"
-                )
+    clash = overwritten_input([("--out", out), ("--out", out.with_name(out.name + ".json"))],
+                              [("SOURCE", args.source), ("--weights", args.weights)])  # fmt: skip
+    if clash is not None:
+        _, written, flag, given = clash
+        raise ValueError(
+            f"--out {args.out} would overwrite the {flag} file {given} (export writes "
+            f"{Path(written).name}); write the export to another file"
+        )
 
 
 def run_export(args: argparse.Namespace) -> int:
