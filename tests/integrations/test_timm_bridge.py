@@ -159,3 +159,24 @@ def test_timm_checkpoint_path_reads_deepmind_npz_files(names: list[str], tmp_pat
     torch.testing.assert_close(_logits(model), _logits(src), rtol=0, atol=0)
     with pytest.raises(ValueError, match="prefix='model/' is not supported"):
         model.load_pretrained(str(flat), prefix="model/")
+
+
+def test_timm_s_lookups_before_building_find_each_model_s_own_cfg(names: list[str], caplog) -> None:
+    """timm's scripts resolve ``create_model``'s keywords from the registry before the model
+    exists (``resolve_model_input_args``); with no registered cfg timm substituted its generic
+    224 px / crop 0.875 one, which then overrode NFNet-F0's 192 px / 256 px test size."""
+    from timm.models import get_pretrained_cfg_value, resolve_model_input_args
+
+    assert get_pretrained_cfg_value("normfree_nfnet_f0", "input_size") == (3, 192, 192)
+    assert get_pretrained_cfg_value("normfree_nfnet_f0", "first_conv") == "stem.conv1"
+    assert get_pretrained_cfg_value("normfree_nf_resnet_cifar20", "num_classes") == 10
+    assert timm.list_models("normfree_*", pretrained=True) == []  # no weights are registered
+    with caplog.at_level("WARNING"):
+        kwargs = resolve_model_input_args("normfree_nfnet_f0", {}, depths=(1, 1, 1, 1),
+                                          widths=(32, 64, 96, 96), group_size=8)  # fmt: skip
+    assert "No pretrained configuration" not in caplog.text
+    model = timm.create_model(**kwargs)
+    data = resolve_data_config({}, model=model)
+    assert data["input_size"] == (3, 192, 192) and data["crop_pct"] == pytest.approx(192 / 224)
+    test = resolve_data_config({}, model=model, use_test_size=True)
+    assert test["input_size"] == (3, 256, 256)

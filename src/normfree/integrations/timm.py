@@ -1,7 +1,10 @@
 """Make normfree models timm models: :func:`register_timm_models` adds every normfree model to
 timm's registry, so ``timm.create_model("normfree_nfnet_f0")``, timm's ``train.py`` /
 ``validate.py`` (``--model normfree_nfnet_f0``) and ``timm.data.resolve_data_config`` work
-with them unchanged.
+with them unchanged. Each model is registered with its ``pretrained_cfg``
+(:mod:`normfree.integrations.timm_cfgs`), so what timm looks up before it builds a model
+(``timm.models.resolve_model_input_args``, ``get_pretrained_cfg_value``) has the model's own input
+sizes, crop and first conv rather than timm's generic defaults.
 
 timm is optional: this module imports it when :func:`register_timm_models` runs and fails with a
 one-line hint when it is missing (``pip install "normfree[timm]"``). timm's scripts need the
@@ -28,6 +31,7 @@ from torch import nn
 
 from normfree.checkpoints.timm import is_timm_state_dict, timm_to_normfree
 from normfree.integrations import timm_models
+from normfree.integrations.timm_cfgs import shipped_cfgs
 from normfree.models import create_model, list_models
 from normfree.models.features import FeatureExtractor
 
@@ -103,11 +107,14 @@ def register_timm_models(prefix: str = "normfree_", pattern: str | None = None) 
             f"{'…' if len(held) > 5 else ''}: choose another prefix (e.g. 'normfree_')"
         )
     registered = []
+    cfgs = shipped_cfgs()
     for name in names:
         timm_name = prefix + name
         if not models.is_model(timm_name):
             fn = _entrypoint(name, timm_name)
             setattr(timm_models, timm_name, fn)
+            if name in cfgs:  # timm reads a module's default_cfgs when it registers a model
+                timm_models.default_cfgs[timm_name] = cfgs[name]
             models.register_model(fn)
         registered.append(timm_name)
     return registered
