@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bn_stats import warm_bn
-from normfree.convert import convert_model, load_converted, save_converted
+from normfree.convert import FeatureDropout, convert_model, load_converted, save_converted
 from normfree.convert.graph import is_stochastic_depth
 from normfree.nn import StochasticDepth
 
@@ -233,3 +233,61 @@ def test_gnpn_finds_the_activation_past_timm_drop_block():
     assert sum(isinstance(m, NormAct) for m in ref.modules()) == 5
     with torch.no_grad():
         torch.testing.assert_close(c(x), ref(x), rtol=0, atol=1e-6)
+
+
+class _TorchDropouts(nn.Module):
+    """torch's own dropouts, as older code calls them: ``torch.dropout``, ``torch.feature_dropout``
+    (its ``train`` passed by keyword) and the in-place ``torch.alpha_dropout_``."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.dropout(F.relu(self.bn(self.stem(x))), self.p, self.training)
+        h = torch.feature_dropout(h, self.p, train=self.training)
+        h = torch.alpha_dropout_(F.adaptive_avg_pool2d(h, 1).flatten(1), self.p, self.training)
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("p", [0.25, 1.0])
+def test_torch_s_own_dropouts_become_modules(p: float):
+    """``torch.dropout`` / ``feature_dropout`` / ``alpha_dropout_`` traced in eval mode become
+    ``nn.Dropout``, :class:`FeatureDropout` and an in-place ``nn.AlphaDropout`` (they used to be
+    left with ``train=False``, so the converted model never dropped out). In eval mode the
+    converted model computes the BN model's outputs; in train mode with p = 1 every feature is
+    dropped and each row is the classifier's bias."""
+    torch.manual_seed(0)
+    model = _TorchDropouts(p)
+    warm_bn(model, (8, 3, 12, 12), 2)
+    x = torch.randn(4, 3, 12, 12)
+    c = convert_model(model.eval(), "bn_free", x)
+    assert c.report.regularizers == 3
+    kinds = [(type(m), m.p, m.inplace) for m in c.modules()
+             if isinstance(m, (nn.Dropout, FeatureDropout, nn.AlphaDropout))]  # fmt: skip
+    assert kinds == [(nn.Dropout, p, False), (FeatureDropout, p, False), (nn.AlphaDropout, p, True)]
+    assert "dropout(" not in c.net.code.replace("functional_dropout", "")
+    with torch.no_grad():
+        torch.testing.assert_close(c.eval()(x), model(x), rtol=0, atol=1e-5)
+        if p == 1.0:
+            assert torch.equal(c.train()(x), c.net.get_submodule("fc").bias.expand(4, 4))
+
+
+def test_feature_dropout_matches_torch_s_on_every_rank():
+    """:class:`FeatureDropout` drops whole channels of inputs of rank 2 to 5 exactly as
+    ``torch.feature_dropout`` (same seed, same mask), and is the identity in eval mode."""
+    layer = FeatureDropout(0.5)
+    for shape in [(6, 5), (6, 5, 7), (6, 5, 3, 4), (6, 5, 2, 3, 4)]:
+        x = torch.randn(shape)
+        torch.manual_seed(1)
+        want = torch.feature_dropout(x, 0.5, True)
+        torch.manual_seed(1)
+        assert torch.equal(layer.train()(x), want)
+        kept = want.flatten(2).abs().sum(-1) > 0 if x.ndim > 2 else want != 0
+        assert 0 < kept.float().mean() < 1
+        assert torch.equal(layer.eval()(x), x)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        FeatureDropout(1.5)

@@ -14,7 +14,7 @@ from normfree.convert.api import (
     save_converted,
 )
 from normfree.convert.graph import ConversionError, find_norms, find_residual_adds, trace
-from normfree.convert.layers import ChannelAffine
+from normfree.convert.layers import ChannelAffine, FeatureDropout
 from normfree.convert.modes import MODES, ConvertOptions
 from normfree.convert.sources import build_source, trusting_code
 
@@ -27,6 +27,7 @@ __all__ = [
     "ConversionReport",
     "ConvertOptions",
     "ConvertedModel",
+    "FeatureDropout",
     "build_converted",
     "build_source",
     "convert_model",

@@ -17,7 +17,8 @@ Nothing here guesses from module names: every pattern is read from the traced gr
 * :func:`last_linear` - the classifier: the last ``nn.Linear`` call in graph order.
 * :func:`keep_train_time_regularizers` - the trace is the eval-mode forward, so stochastic-depth
   modules are kept as leaf calls (:func:`is_stochastic_depth`) and every functional dropout
-  with ``p > 0`` (recorded with ``training=False``) becomes its ``nn.Dropout*`` module: the
+  with ``p > 0`` (recorded with ``training=False``; ``torch.nn.functional``'s or torch's own
+  ``torch.dropout`` family) becomes its ``nn.Dropout*`` module: the
   converted model drops out in ``train()`` as the source did.
 
 Every structural problem raises :class:`ConversionError` naming the module and what the modes
@@ -37,6 +38,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfree.console import first_line
+from normfree.convert.layers import FeatureDropout
 from normfree.nn.conv import HeConv2d
 from normfree.nn.pointwise_conv import PointwiseConv2d
 from normfree.nn.residual import StochasticDepth
@@ -131,8 +133,32 @@ _FUNCTIONAL_DROPOUT: dict[Any, type[nn.Module]] = {
     F.dropout3d: nn.Dropout3d, F.alpha_dropout: nn.AlphaDropout,
     F.feature_alpha_dropout: nn.FeatureAlphaDropout,
 }  # fmt: skip
-_DROPOUT_PREFIX = "functional_dropout"
 _DROPOUT_ARGS = ("input", "p", "training", "inplace")  # each functional dropout's parameters
+# torch's own dropouts, (input, p, train) with no defaults, and ``_``: in place
+_TORCH_DROPOUT: dict[Any, tuple[type[nn.Module], bool]] = {
+    torch.dropout: (nn.Dropout, False), torch.dropout_: (nn.Dropout, True),
+    torch.alpha_dropout: (nn.AlphaDropout, False), torch.alpha_dropout_: (nn.AlphaDropout, True),
+    torch.feature_dropout: (FeatureDropout, False),
+    torch.feature_dropout_: (FeatureDropout, True),
+    torch.feature_alpha_dropout: (nn.FeatureAlphaDropout, False),
+    torch.feature_alpha_dropout_: (nn.FeatureAlphaDropout, True),
+}  # fmt: skip
+_DROPOUT_PREFIX = "functional_dropout"
+
+
+def _dropout_call(node: fx.Node) -> tuple[type[nn.Module], Any, Any, Any, Any] | None:
+    """``(module kind, input, p, training, inplace)`` of a dropout call node, else None."""
+    if node.op != "call_function":
+        return None
+    if node.target in _FUNCTIONAL_DROPOUT:
+        x, p, training, inplace = (_argument(node, i, key) for i, key in enumerate(_DROPOUT_ARGS))
+        return _FUNCTIONAL_DROPOUT[node.target], x, p, training, inplace
+    if node.target in _TORCH_DROPOUT:
+        kind, inplace = _TORCH_DROPOUT[node.target]
+        args: list[Any] = [*node.args]
+        args += [node.kwargs[k] for k in ("input", "p", "train") if k in node.kwargs]
+        return (kind, args[0], args[1], args[2], inplace) if len(args) == 3 else None
+    return None
 
 
 def _argument(node: fx.Node, index: int, key: str) -> Any:
@@ -160,18 +186,18 @@ def keep_train_time_regularizers(gm: fx.GraphModule) -> int:
     (:func:`is_stochastic_depth`) already follow ``train()``."""
     made = 0
     for node in list(gm.graph.nodes):
-        kind = _FUNCTIONAL_DROPOUT.get(node.target) if node.op == "call_function" else None
-        if kind is None:
+        call = _dropout_call(node)
+        if call is None:
             continue
-        x, p, training, inplace = (_argument(node, i, key) for i, key in enumerate(_DROPOUT_ARGS))
+        kind, x, p, training, inplace = call
         rate = float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) else 0.0
         if rate <= 0.0 or training is not False:  # (training=True: it drops in eval too)
             continue  # p = 0 is the identity; a traced p cannot be made a module's constant
         name = f"{_DROPOUT_PREFIX}{made}"
         gm.add_submodule(name, kind(rate, inplace=bool(inplace)).train(gm.training))
         with gm.graph.inserting_after(node):
-            call = gm.graph.call_module(name, (x,))
-        node.replace_all_uses_with(call)
+            module_call = gm.graph.call_module(name, (x,))
+        node.replace_all_uses_with(module_call)
         gm.graph.erase_node(node)
         made += 1
     if made:
@@ -183,7 +209,7 @@ def keep_train_time_regularizers(gm: fx.GraphModule) -> int:
 
 def _dropout_rate(module: nn.Module) -> float | None:
     dropouts = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                nn.FeatureAlphaDropout)  # fmt: skip
+                nn.FeatureAlphaDropout, FeatureDropout)  # fmt: skip
     return float(module.p) if isinstance(module, dropouts) else None
 
 

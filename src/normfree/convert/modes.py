@@ -64,7 +64,7 @@ from normfree.convert.graph import (
     is_stochastic_depth,
     norm_channels,
 )
-from normfree.convert.layers import ChannelAffine
+from normfree.convert.layers import ChannelAffine, FeatureDropout
 from normfree.nn.norm import group_norm_groups
 from normfree.nn.proxy_norm import NormAct, ProxyNormActivation
 from normfree.nn.residual import SkipInitGain
@@ -497,7 +497,7 @@ def _scale_free(module: nn.Module) -> bool:
     ``BatchNormAct2d`` leaves where its activation is Identity)."""
     if isinstance(module, nn.Sequential):
         return all(_scale_free(m) for m in module)
-    dropouts = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # (not AlphaDropout)
+    dropouts = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, FeatureDropout)  # (not alpha)
     if isinstance(module, (nn.Identity, *dropouts)):
         return True  # (timm's DropBlock2d with_noise fills dropped blocks with noise: not)
     return is_stochastic_depth(module) and getattr(module, "with_noise", False) is not True
