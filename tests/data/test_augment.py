@@ -146,6 +146,11 @@ def test_augment_config_validation() -> None:
     with pytest.raises(ValueError, match="randaugment"):
         AugmentConfig(randaugment=(1, 2, 3))  # type: ignore[arg-type]
     assert AugmentConfig(randaugment=[4, 5]).randaugment == (4, 5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"randaugment must be \(num_ops, magnitude\), got 5"):
+        AugmentConfig(randaugment=5)  # type: ignore[arg-type]
+    for name in ("scale", "ratio"):  # a scalar used to be a bare "cannot unpack" TypeError
+        with pytest.raises(ValueError, match=f"{name} must be a pair"):
+            AugmentConfig(**{name: 0.5})  # type: ignore[arg-type]
     assert AugmentConfig().is_identity and not AugmentConfig(flip=True).is_identity
     assert default_augment("cifar10:/x") == AugmentConfig(crop="pad", pad=4, flip=True)
     assert default_augment("imagefolder:/x").crop == "random_resized"

@@ -108,6 +108,9 @@ def test_missing_locations_and_files(
         ({b"data": np.zeros((4, 3072), np.float32), b"labels": [0] * 4}, "float32"),
         ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 3}, r"expected \(4,\)"),
         ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]}, r"\[0, 10\)"),
+        ({b"data": np.zeros((1, 3072), np.uint8), b"labels": [2**70]}, "list of integers"),
+        ({b"data": np.zeros((1, 3072), np.uint8), b"labels": [1.7]}, r"integers \(found float"),
+        ({b"data": np.zeros((1, 3072), np.uint8), b"labels": [True]}, r"integers \(found bool"),
         ({b"labels": [0] * 4}, "missing key b'data'"),
         ([1, 2, 3], "expected a pickled dict"),
     ],
@@ -172,3 +175,60 @@ def test_an_archive_member_larger_than_any_cifar_file_is_refused_unread(tmp_path
     archive.write_bytes(member.tobuf())
     with pytest.raises(ValueError, match=r"data_batch_1 holds 3072 MiB, more than any CIFAR-10"):
         build_datasets(f"cifar10:{archive}")
+
+
+class _Inflated:
+    """An array that ``numpy.ndarray`` builds from an 8-byte buffer with zero strides: a few
+    hundred bytes of pickle stand for any number of images."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str) -> None:
+        self.shape, self.dtype = shape, dtype
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        strides = (0,) * len(self.shape)
+        return (np.ndarray, (self.shape, np.dtype(self.dtype), b"\0" * 8, 0, strides))
+
+
+def test_an_array_not_held_by_the_file_s_bytes_is_refused(cifar10_dir: Path) -> None:
+    """Only allowed globals, yet 50,000 images from a 281-byte file (its copy used to take
+    2 GB, and more images the whole memory): refused before any copy."""
+    blob = pickle.dumps({b"data": _Inflated((50_000, 3072), "u1"),
+                         b"labels": _Inflated((50_000,), "i8")}, protocol=2)  # fmt: skip
+    assert len(blob) < 400
+    (cifar10_dir / "data_batch_3").write_bytes(blob)
+    with pytest.raises(ValueError, match=r"data_batch_3: b'data' \(50000 images\) is not stored"):
+        build_datasets(f"cifar10:{cifar10_dir}")
+
+
+def test_protocol_5_pickles_load(cifar10_dir: Path) -> None:
+    """numpy pickles arrays at protocol 5 with ``numpy._core.numeric._frombuffer``: allowed,
+    and the archive re-pickled so reads the same tensors."""
+    before = build_datasets(f"cifar10:{cifar10_dir}")
+    for f in cifar10_dir.iterdir():
+        obj = pickle.loads(f.read_bytes(), encoding="bytes")
+        f.write_bytes(pickle.dumps(obj, protocol=5))
+    assert b"_frombuffer" in (cifar10_dir / "test_batch").read_bytes()
+    after = build_datasets(f"cifar10:{cifar10_dir}")
+    assert torch.equal(after.train.images, before.train.images)
+    assert torch.equal(after.val.labels, before.val.labels)
+
+
+def test_a_corrupt_gzip_stream_is_a_one_line_error(
+    cifar10_dir: Path, tmp_path: Path, write_tar: Callable
+) -> None:
+    """Flipping bytes inside the deflate stream of the .tar.gz: each gives the archive's
+    ``ValueError`` (a ``zlib.error`` used to escape as a traceback)."""
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    write_tar(cifar10_dir, archive)
+    good = archive.read_bytes()
+    bad = tmp_path / "bad.tar.gz"
+    zlib_errors = 0
+    for pos in range(40, len(good) - 20, 7):
+        flipped = bytearray(good)
+        flipped[pos] ^= 0xFF
+        bad.write_bytes(bytes(flipped))
+        try:  # (a flip in the gzip header's time stamp, say, changes nothing)
+            build_datasets(f"cifar10:{bad}")
+        except (ValueError, FileNotFoundError) as e:  # anything else fails the test
+            zlib_errors += "decompressing" in str(e)
+    assert zlib_errors > 0  # (the case that used to escape is among them)

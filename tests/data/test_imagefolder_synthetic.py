@@ -13,6 +13,7 @@ from PIL import Image
 
 from normfree.data import AugmentConfig, build_datasets
 from normfree.data.build import IMAGENET_MEAN_STD
+from normfree.data.imagefolder import scan_image_folder
 
 
 def test_imagefolder_without_split_dirs(tmp_path: Path, make_image_tree: Callable) -> None:
@@ -130,3 +131,46 @@ def test_synthetic_defaults_and_spec_errors() -> None:
         build_datasets("synthetic:n=1000000000000")  # 8 TB of labels, refused before any
     with pytest.raises(ValueError, match="key=value"):
         build_datasets("synthetic:n")
+
+
+def test_decoding_limits_and_odd_images(tmp_path: Path, make_image_tree: Callable) -> None:
+    """A decompression bomb is an ``UnreadableImageError`` (skipped with ``skip_unreadable``);
+    an index out of range raises ``IndexError`` with ``skip_unreadable`` too (it used to wrap
+    around, so iteration never ended); a 16-bit grey PNG is scaled to 8 bits (Pillow's
+    ``convert`` clipped it, nearly all white); a float image is refused."""
+    from normfree.data.augment import Compose
+    from normfree.data.imagefolder import ImageFolderDataset, UnreadableImageError
+
+    make_image_tree(tmp_path, ["a"], 2)
+    files = sorted((tmp_path / "a").iterdir())
+    Image.new("L", (20_000, 10_000)).save(files[0])  # 2e8 pixels, over Pillow's bomb limit
+    labels = torch.tensor([0, 0])
+    with pytest.raises(UnreadableImageError, match="MAX_IMAGE_PIXELS"):
+        ImageFolderDataset(files, labels, Compose([]))[0]
+    lenient = ImageFolderDataset(files, labels, Compose([]), skip_unreadable=True)
+    assert lenient[0][0].shape == (3, 30, 40)  # the next readable file stands in
+    assert lenient[-1][0].shape == (3, 30, 40)
+    with pytest.raises(IndexError, match="out of range"):
+        lenient[2]
+    assert len(list(lenient)) == 2
+
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(files[0])
+    assert Image.open(files[0]).mode == "I;16"
+    x = ImageFolderDataset(files, labels, Compose([])).raw(0)
+    want = np.rint(ramp * (255 / 65535)).astype(np.uint8)
+    assert x.dtype == torch.uint8 and all(np.array_equal(c, want) for c in x.numpy())
+    Image.fromarray(ramp.astype(np.float32)).save(files[0].with_suffix(".tif"))
+    with pytest.raises(UnreadableImageError, match="floating-point image"):
+        ImageFolderDataset([files[0].with_suffix(".tif")], labels[:1], Compose([])).raw(0)
+
+
+def test_linked_sub_folders_are_followed(tmp_path: Path, make_image_tree: Callable) -> None:
+    """Images in a symlinked folder inside a class folder count, as in torchvision's
+    ``make_dataset`` (``rglob`` did not follow the link)."""
+    make_image_tree(tmp_path / "tree", ["a", "b"], 2)
+    make_image_tree(tmp_path / "elsewhere", ["more"], 3)
+    (tmp_path / "tree" / "a" / "linked").symlink_to(tmp_path / "elsewhere" / "more")
+    files, labels, classes = scan_image_folder(tmp_path / "tree")
+    assert classes == ["a", "b"] and np.bincount(labels.numpy()).tolist() == [5, 2]
+    assert sum("linked" in f.parts for f in files) == 3

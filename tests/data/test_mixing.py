@@ -121,3 +121,19 @@ def test_errors() -> None:
     with pytest.raises(ValueError, match=r"\(B, K\)"):
         soft_target_cross_entropy(torch.zeros(2, K), torch.zeros(2, K + 1))
     assert not BatchMixer(K).enabled
+
+
+def test_a_cutmix_box_has_the_drawn_side_odd_or_even() -> None:
+    """Away from the borders the pasted box is exactly int(H·√(1−λ)) × int(W·√(1−λ)), odd
+    sides included (as timm's ``rand_bbox``; ``cy ± ch // 2`` was one pixel short)."""
+    mixer = BatchMixer(K, cutmix_alpha=1.0)
+    sides = set()
+    for seed in range(400):
+        g = torch.Generator().manual_seed(seed)
+        lam = float(torch.rand(()))
+        top, bottom, left, right = mixer._cutmix_box(lam, 64, 64, g)
+        ch = int(64 * (1 - lam) ** 0.5)
+        if 0 < top and bottom < 64 and 0 < left and right < 64:
+            assert (bottom - top, right - left) == (ch, ch)
+            sides.add(ch % 2)
+    assert sides == {0, 1}

@@ -86,12 +86,17 @@ class AugmentConfig:
         if not isinstance(self.flip, bool):
             raise TypeError(f"AugmentConfig.flip must be a bool, got {self.flip!r}")
         if self.randaugment is not None:
-            ra = tuple(self.randaugment)
+            ra = tuple(self.randaugment) if isinstance(self.randaugment, (tuple, list)) else ()
             if len(ra) != 2:
                 raise ValueError(
-                    f"AugmentConfig.randaugment must be (num_ops, magnitude), got {ra!r}"
+                    "AugmentConfig.randaugment must be (num_ops, magnitude), got "
+                    f"{self.randaugment!r}"
                 )
             self.randaugment = (ra[0], ra[1])
+        for name in ("scale", "ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or len(value) != 2:
+                raise ValueError(f"AugmentConfig.{name} must be a pair (lo, hi), got {value!r}")
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(

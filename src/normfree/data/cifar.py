@@ -7,17 +7,23 @@ Accepted locations (nothing is downloaded): the batches directory itself
 The files are pickles (Python 2 era, read with ``encoding="bytes"``) of dicts of numpy arrays,
 lists and bytes. :class:`RestrictedUnpickler` resolves only the globals such a pickle needs:
 ``numpy.core.multiarray._reconstruct`` (also spelled ``numpy._core.multiarray`` by numpy ≥ 2),
-``numpy.ndarray`` and ``numpy.dtype`` to rebuild the arrays, and ``_codecs.encode``, which
-Python 3 writes for ``bytes`` at protocol ≤ 2 (archives re-pickled by Python 3). Any other global
-(``os.system``, ``builtins.eval``, …) is refused, so a tampered archive cannot run code.
+``numpy.ndarray`` and ``numpy.dtype`` to rebuild the arrays, ``numpy._core.numeric._frombuffer``
+for arrays pickled at protocol 5, and ``_codecs.encode``, which Python 3 writes for ``bytes`` at
+protocol ≤ 2 (archives re-pickled by Python 3). Any other global (``os.system``,
+``builtins.eval``, …) is refused, so a tampered archive cannot run code. An array must also be
+held by the file's own bytes (C-contiguous, no larger than the file): ``numpy.ndarray`` can build
+a zero-stride or uninitialised array of any size from a few bytes, which a copy would then
+inflate until memory runs out.
 """
 
 from __future__ import annotations
 
 import codecs
 import io
+import lzma
 import pickle
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -47,9 +53,19 @@ def _reconstruct() -> Any:
     return fn
 
 
+def _frombuffer() -> Any:
+    try:
+        from numpy._core.numeric import _frombuffer as fn  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.numeric import _frombuffer as fn
+    return fn
+
+
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,  # arrays pickled at protocol 5
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
     ("_codecs", "encode"): lambda: codecs.encode,
@@ -158,7 +174,7 @@ def _read_tar(path: Path, lay: _Layout) -> dict[str, bytes]:
                 f = tar.extractfile(member)
                 if f is not None:
                     out[p.name] = f.read(_LARGEST_MEMBER + 1)
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
         raise ValueError(f"expected {lay.title} python archive at {path}: {exc}") from exc
     missing = [f for f in lay.files if f not in out]
     if missing:
@@ -218,14 +234,24 @@ def _parse_batch(blob: bytes, where: str, lay: _Layout) -> tuple[Tensor, Tensor]
             f"{where}: b'data' is {data.dtype} with shape {data.shape}, expected uint8 (N, 3072) "
             "(32x32 RGB, channel-major)"
         )
+    if not data.flags.c_contiguous or data.nbytes > len(blob):
+        raise ValueError(
+            f"{where}: b'data' ({data.shape[0]} images) is not stored in the file's "
+            f"{len(blob)} bytes: not a CIFAR batch"
+        )
     try:
-        labels = np.asarray(_get(obj, lay.label_key, where), dtype=np.int64)
-    except (TypeError, ValueError) as exc:
+        labels = np.asarray(_get(obj, lay.label_key, where))
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"{where}: {lay.label_key!r} is not a list of integers") from exc
-    if labels.shape != (data.shape[0],):
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):  # (floats, bools, objects)
+        raise ValueError(
+            f"{where}: {lay.label_key!r} is not a list of integers (found {labels.dtype})"
+        )
+    if labels.shape != (data.shape[0],):  # (before any copy: its size is now bounded)
         raise ValueError(
             f"{where}: {lay.label_key!r} has shape {labels.shape}, expected ({data.shape[0]},)"
         )
+    labels = labels.astype(np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= lay.num_classes):
         raise ValueError(
             f"{where}: labels must lie in [0, {lay.num_classes}), got "

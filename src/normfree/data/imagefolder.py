@@ -9,7 +9,9 @@ A file that cannot be decoded raises :class:`UnreadableImageError` naming it, or
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,9 +34,27 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    """The image files under ``folder``, sorted, following linked sub-folders (as
+    torchvision's ``make_dataset``: ``os.walk(followlinks=True)``)."""
+    found = []
+    for parent, _, names in os.walk(folder, followlinks=True):
+        found += [Path(parent, n) for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(p for p in found if p.is_file())
+
+
+def _to_rgb(im: Any) -> np.ndarray:
+    """A decoded Pillow image as RGB ``uint8`` ``(H, W, 3)``. 16-bit grey images (PNG, TIFF:
+    Pillow's ``I;16*`` modes, and ``I`` holding them) are scaled by 255/65535 first; Pillow's own
+    ``convert("RGB")`` clips them at 255, which turns nearly every pixel white."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        grey = np.asarray(im, dtype=np.float64) * (255 / 65535)
+        return np.repeat(np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    if im.mode == "F":
+        raise ValueError(
+            "a floating-point image (Pillow mode F) has no fixed range to map to 8 bits; "
+            "convert it to an 8- or 16-bit image"
+        )
+    return np.asarray(im.convert("RGB"))
 
 
 def scan_image_folder(
@@ -104,17 +124,20 @@ class ImageFolderDataset(ImageDataset):
         path = self.files[index]
         try:
             with image_mod.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
-        except (OSError, ValueError) as exc:
+                arr = _to_rgb(im)
+        except (OSError, ValueError, image_mod.DecompressionBombError) as exc:
+            bomb = isinstance(exc, image_mod.DecompressionBombError)
             raise UnreadableImageError(
-                f"cannot decode image {path} ({exc}); remove or replace the file, or set "
-                "data.skip_unreadable=true to skip unreadable files"
+                f"cannot decode image {path} ({exc}); remove or replace the file, "
+                + ("raise PIL.Image.MAX_IMAGE_PIXELS if it is a real image, " if bomb else "")
+                + "or set data.skip_unreadable=true to skip unreadable files"
             ) from exc
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        if not self.skip_unreadable:
-            return super().__getitem__(index)
+        if not self.skip_unreadable or not -len(self) <= index < len(self):
+            return super().__getitem__(index)  # (an index out of range: its IndexError)
+        index %= len(self)
         for k in range(len(self)):  # the next readable file stands in for an unreadable one
             i = (index + k) % len(self)
             if self.files[i] in self.unreadable:

@@ -100,8 +100,10 @@ class BatchMixer:
         ch, cw = int(h * cut), int(w * cut)
         cy = int(torch.randint(h, (), generator=generator))
         cx = int(torch.randint(w, (), generator=generator))
-        top, bottom = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-        left, right = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        # a box of ch × cw before clipping, odd sides included (as timm's rand_bbox; the
+        # original code's cy ± ch // 2 is one pixel short for odd sides)
+        top, bottom = max(cy - ch // 2, 0), min(cy + (ch + 1) // 2, h)
+        left, right = max(cx - cw // 2, 0), min(cx + (cw + 1) // 2, w)
         return top, bottom, left, right
 
     def targets(self, y: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
