@@ -19,6 +19,7 @@ inflate until memory runs out.
 from __future__ import annotations
 
 import codecs
+import importlib
 import io
 import lzma
 import pickle
@@ -55,10 +56,10 @@ def _reconstruct() -> Any:
 
 def _frombuffer() -> Any:
     try:
-        from numpy._core.numeric import _frombuffer as fn  # numpy >= 2
+        numeric = importlib.import_module("numpy._core.numeric")  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.numeric import _frombuffer as fn
-    return fn
+        numeric = importlib.import_module("numpy.core.numeric")
+    return numeric._frombuffer
 
 
 _ALLOWED_GLOBALS = {
