@@ -164,3 +164,27 @@ def test_options_that_would_download_or_load_are_refused_when_set(tmp_path) -> N
     from normfree.convert.sources import file_loading_options
 
     assert file_loading_options({"pretrained": False, "checkpoint_path": None, "width": 2}) == []
+
+
+def test_a_model_file_in_safetensors_converts_as_the_torch_one(tmp_path, capsys) -> None:
+    """``save_model``'s ``.safetensors`` records its model in the header: ``normfree convert``
+    reads it as it reads the ``.pt`` (it refused the file as "neither a checkpoint nor a model
+    file")."""
+    import normfree
+    from normfree.checkpoints import save_model
+
+    torch.manual_seed(0)
+    model = normfree.create_model("bn_resnet_cifar20")
+    outs = []
+    for suffix in (".pt", ".safetensors"):
+        path = tmp_path / f"m{suffix}"
+        save_model(model, path)
+        out = tmp_path / f"o{suffix}"
+        argv = ["convert", str(path), "--to", "bn_free", "--out", str(out), "--image-size", "8",
+                "--standalone-bn", "affine"]  # fmt: skip
+        assert main(argv) == 0, capsys.readouterr().err
+        outs.append(out)
+    from normfree.convert import load_converted
+
+    a, b = (load_converted(p) for p in outs)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

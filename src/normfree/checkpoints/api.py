@@ -14,9 +14,15 @@ from torch import nn
 
 from normfree.checkpoints.deepmind import deepmind_to_normfree, read_haiku_file
 from normfree.checkpoints.errors import CheckpointError
-from normfree.checkpoints.io import atomic_save, load_tensors, save_safetensors
+from normfree.checkpoints.io import (
+    atomic_save,
+    load_tensors,
+    missing_file_message,
+    save_safetensors,
+)
 from normfree.checkpoints.state_dict import LoadReport, load_state_dict_checked
 from normfree.checkpoints.timm import is_timm_state_dict, timm_to_normfree
+from normfree.nn.wrappers import strip_wrapper_prefixes, unwrap_model
 
 __all__ = ["CheckpointFormat", "adapt_input_conv", "load_pretrained", "save_model"]
 
@@ -26,7 +32,9 @@ MODEL_FILE_FORMAT = "normfree.model"
 
 def save_model(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Save a model's weights atomically: ``.safetensors`` (tensors + model name in the metadata)
-    or a torch file readable with ``weights_only=True``."""
+    or a torch file readable with ``weights_only=True``. A DDP or ``torch.compile`` wrapper is
+    looked through (:func:`normfree.nn.unwrap_model`): the file has the model's own keys."""
+    model = unwrap_model(model)
     meta = getattr(model, "meta", None)
     name = meta.name if meta is not None else type(model).__name__
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -64,11 +72,16 @@ def _is_tensor_mapping(obj: Any) -> bool:
     )
 
 
-def _extract_state_dict(obj: Any, use_ema: bool, path: Path) -> Mapping[str, torch.Tensor]:
+def _extract_state_dict(obj: Any, use_ema: bool, path: object) -> Mapping[str, torch.Tensor]:
     """normfree model files, normfree training checkpoints (``model`` / ``ema``) or plain state
     dicts (``state_dict`` / ``model`` wrappers as other tools write them; timm's ``train.py``
     keeps its EMA as ``state_dict_ema``)."""
     if _is_tensor_mapping(obj):
+        if use_ema:
+            raise CheckpointError(
+                f"{path} has no EMA weights (it is one bare state dict): load it with "
+                "use_ema=False, or give the training checkpoint that holds the EMA"
+            )
         return obj
     if isinstance(obj, Mapping):
         keys = ("ema", "state_dict_ema") if use_ema else ("state_dict", "model", "model_state")
@@ -90,7 +103,7 @@ def _extract_state_dict(obj: Any, use_ema: bool, path: Path) -> Mapping[str, tor
 
 def load_pretrained(
     model: nn.Module,
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Mapping[str, Any],
     *,
     format: CheckpointFormat = "auto",
     strict: bool = True,
@@ -108,7 +121,13 @@ def load_pretrained(
     * timm state dicts of its ``dm_nfnet_f*`` ports (renamed, gains reshaped);
     * DeepMind's official ``F*_haiku.npz`` NFNet files, which are pickles: they load only with
       ``trust_pickle=True`` (see :func:`normfree.checkpoints.read_haiku_file`);
-    * ``.safetensors`` files and plain state dicts.
+    * ``.safetensors`` files and plain state dicts;
+    * a state dict (or a checkpoint dict) already in memory, given as ``path``: it goes through
+      the same steps as a file's (``create_model``'s ``pretrained_cfg=dict(state_dict=...)``).
+
+    Keys saved from a DDP or ``torch.compile`` wrapper (``module.``, ``_orig_mod.``) are read as
+    the model's own, and a wrapped ``model`` is loaded through its wrapper
+    (:func:`normfree.nn.unwrap_model`).
 
     A mismatched checkpoint raises :class:`CheckpointMismatchError` listing missing, unexpected
     and mis-shaped parameters and loads nothing, unless ``strict=False``. Names in ``exclude``
@@ -122,19 +141,30 @@ def load_pretrained(
         raise ValueError(
             f"format must be one of {', '.join(typing.get_args(CheckpointFormat))}, got {format!r}"
         )
-    path = Path(path)
-    if format == "auto":
-        format = _detect(path)
-    if format == "deepmind":
-        state = deepmind_to_normfree(read_haiku_file(path, trust_pickle=trust_pickle), model)
+    model = unwrap_model(model)
+    kind: str = format
+    if isinstance(path, Mapping):
+        if format == "deepmind":
+            raise ValueError("format='deepmind' reads a file: pass its path")
+        source, raw = "the given state dict", path
     else:
-        state = dict(_extract_state_dict(load_tensors(path), use_ema, path))
-        if format == "timm" or (format == "auto_torch" and is_timm_state_dict(state)):
+        file = Path(path)
+        source = str(file)
+        kind = _detect(file) if format == "auto" else format
+        if kind == "deepmind":
+            tree = read_haiku_file(file, trust_pickle=trust_pickle)
+        else:
+            raw = load_tensors(file)
+    if kind == "deepmind":
+        state = deepmind_to_normfree(tree, model)
+    else:
+        state = strip_wrapper_prefixes(_extract_state_dict(raw, use_ema, source))
+        if kind == "timm" or (kind in ("auto", "auto_torch") and is_timm_state_dict(state)):
             state = timm_to_normfree(state)
     if adapt_first_conv is not None:
         _adapt_first_conv(model, state, adapt_first_conv)
     return load_state_dict_checked(
-        model, state, strict=strict, source=str(path), exclude=frozenset(exclude)
+        model, state, strict=strict, source=source, exclude=frozenset(exclude)
     )
 
 
@@ -152,7 +182,7 @@ def _adapt_first_conv(model: nn.Module, state: dict[str, torch.Tensor], key: str
 
 def _detect(path: Path) -> str:
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(missing_file_message(path))
     if path.suffix == ".safetensors":
         return "auto_torch"
     if path.suffix in (".npz", ".pkl", ".pickle", ".dill"):

@@ -5,7 +5,9 @@ Despite the suffix these files are pickles (written with ``dill``) of a two-leve
 ``NFNet/~/nf_block_3/~/conv1b`` (Brock et al. 2021b, official ``utils.load_haiku_file``).
 Unpickling can execute code, so :func:`read_haiku_file` refuses unless the caller opts in with
 ``trust_pickle=True``; even then it uses a restricted unpickler that only rebuilds numpy arrays
-and plain/Haiku mappings (Haiku's mapping classes become dicts, haiku is never imported).
+(also as dill writes them, through ``dill._dill._create_array``, whose stand-in accepts numpy's
+reconstructor only) and plain/Haiku mappings (Haiku's mapping classes become dicts; neither
+haiku nor dill is imported).
 A real ``.npz`` archive with flat ``module/param`` keys is read with ``allow_pickle=False``.
 
 Layouts: conv kernels are HWIO (→ OIHW), linear weights ``(in, out)`` (→ ``(out, in)``; the
@@ -37,6 +39,7 @@ _ALLOWED_GLOBALS = frozenset({
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
     ("_codecs", "encode"),  # protocol-2 pickles spell bytes as _codecs.encode(str, "latin1")
     ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"),
     ("builtins", "set"), ("builtins", "frozenset"),
@@ -62,13 +65,33 @@ class _MappingShim(dict):
                     self.update(item)
 
 
+def _dill_create_array(f: Any, args: Any, state: Any, npdict: Any = None) -> np.ndarray:
+    """Stands in for ``dill._dill._create_array``, which dill writes for every numpy array
+    (``f(*args)``, then ``__setstate__(state)``): ``f`` must be numpy's ``_reconstruct`` (the
+    unpickler resolved it through the same allow-list), and an array with attributes of its
+    own (``npdict``: a subclass) is refused."""
+    if getattr(f, "__name__", None) != "_reconstruct" or not str(
+        getattr(f, "__module__", "")
+    ).startswith("numpy"):
+        raise pickle.UnpicklingError(f"dill array rebuilt by {f!r}, not numpy's _reconstruct")
+    if npdict:
+        raise pickle.UnpicklingError("a dill array with attributes (an ndarray subclass)")
+    array = f(*args)
+    if type(array) is not np.ndarray:
+        raise pickle.UnpicklingError(f"dill array of type {type(array).__name__}")
+    array.__setstate__(state)
+    return array
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the exact pairs of ``_ALLOWED_GLOBALS`` (and the Haiku mapping shims);
-    the name is checked before anything is imported."""
+    """Resolves only the exact pairs of ``_ALLOWED_GLOBALS`` (and the Haiku mapping shims and
+    dill's array builder); the name is checked before anything is imported."""
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _MAPPING_GLOBALS:
             return _MappingShim
+        if (module, name) == ("dill._dill", "_create_array"):
+            return _dill_create_array
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(
@@ -92,6 +115,12 @@ def read_haiku_file(
     if not path.is_file():
         raise CheckpointError(f"weight file not found: {path}")
     tree: dict[str, dict[str, np.ndarray]] = {}
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head in (b"PK\x03\x04", b"PK\x05\x06") and not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is a corrupt or truncated .npz (zip) archive; restore it from a copy"
+        )
     if zipfile.is_zipfile(path):
         try:
             with np.load(path, allow_pickle=False) as npz:

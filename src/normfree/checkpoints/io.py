@@ -23,7 +23,7 @@ from normfree.console import first_line
 
 __all__ = [
     "atomic_save", "atomic_write_bytes", "load_tensors", "load_torch_file", "load_trusted_pickle",
-    "save_safetensors",
+    "missing_file_message", "safetensors_metadata", "save_safetensors",
 ]  # fmt: skip
 
 
@@ -58,33 +58,36 @@ def save_safetensors(
     atomic_write_bytes(path, lambda f: f.write(data))
 
 
-class _Inert:
-    """What :class:`_GlobalsOnly` builds in place of every class or function a pickle names:
-    it accepts any arguments, state and items, and does nothing with them."""
+class _InertType(type):
+    """The type of what :class:`_GlobalsOnly` builds in place of every class, function and
+    object a pickle names or makes: each is itself a class (a pickle may use anything it built
+    as the class of a ``NEWOBJ``), and calling it, building it from state, or giving it items
+    does nothing but make another such class."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __call__(cls, *args: Any, **kwargs: Any) -> type:
+        return _inert()
+
+    def __setstate__(cls, state: Any) -> None:
         pass
 
-    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
-        return self
-
-    def __setstate__(self, state: Any) -> None:
+    def __setitem__(cls, key: Any, value: Any) -> None:
         pass
 
-    def __setitem__(self, key: Any, value: Any) -> None:
+    def append(cls, item: Any) -> None:
         pass
 
-    def append(self, item: Any) -> None:
+    def extend(cls, items: Any) -> None:
         pass
 
-    def extend(self, items: Any) -> None:
-        pass
+
+def _inert() -> type:
+    return _InertType("_Inert", (), {"__new__": lambda cls, *args, **kwargs: _inert()})
 
 
 class _GlobalsOnly(pickle.Unpickler):
     """An unpickler that records every global a pickle names (``find_class``, exact with any
-    protocol and memoised strings) and builds :class:`_Inert` instead: nothing is imported,
-    called or built from the file."""
+    protocol and memoised strings) and builds inert classes (:class:`_InertType`) instead:
+    nothing is imported, called or built from the file."""
 
     def __init__(self, f: Any) -> None:
         super().__init__(f)
@@ -92,10 +95,10 @@ class _GlobalsOnly(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         self.names.append(f"{module}.{name}")
-        return _Inert
+        return _inert()
 
     def persistent_load(self, pid: Any) -> Any:
-        return _Inert()
+        return _inert()
 
 
 _LARGEST_INSPECTED = 64 << 20  # a raw pickle bigger than this is not read to name a global
@@ -103,20 +106,32 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of torch's pre-1.6 (n
 _LEGACY_PICKLES = 5  # magic, protocol, sys_info, the object, its storage keys; raw data follows
 
 
+def _head(path: str | os.PathLike[str], size: int = 24) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(size)
+
+
+def _is_legacy(head: bytes) -> bool:
+    """The first pickle of torch's legacy format: PROTO, (at protocol 4 and up a FRAME), then
+    the 10-byte magic number."""
+    start = 11 if head[2:3] == b"\x95" else 2  # FRAME: its opcode and an 8-byte length
+    return head[:1] == b"\x80" and head[start : start + 2] == b"\x8a\x0a"
+
+
 def _pickled_globals(path: str | os.PathLike[str]) -> tuple[bool, list[str]] | None:
     """Whether a non-zip file is in torch's legacy format, and the globals (``module.name``) its
     pickles name: every pickle of that format, or the one pickle of a raw pickle file. None
     when a pickle ends early or is not one (the file is truncated or corrupt), or a raw pickle
-    is too big to inspect."""
+    is too big to inspect (its size is checked before anything is read)."""
     try:
+        if not _is_legacy(_head(path)) and os.path.getsize(path) > _LARGEST_INSPECTED:
+            return None
         with open(path, "rb") as f:
             unpickler = _GlobalsOnly(f)
             legacy = unpickler.load() == _LEGACY_MAGIC
             if legacy:
                 for _ in range(_LEGACY_PICKLES - 1):
                     unpickler.load()
-            elif os.path.getsize(path) > _LARGEST_INSPECTED:
-                return None
     except Exception:
         return None
     return legacy, unpickler.names
@@ -165,15 +180,23 @@ def _refusal_reason(e: BaseException, path: str | os.PathLike[str]) -> str | Non
         return f"it names {in_order[0]}"
     if not isinstance(e, pickle.UnpicklingError):
         return None
+    named = re.search(r"GLOBAL ([\w.]+)", str(e))  # what PyTorch's loader refused, if it says
     found = _pickled_globals(path)
-    if found is None or not found[1]:
+    if found is None:  # (a truncated file's message may name a clipped global: not trusted)
+        if _head(path)[:1] == b"\x80" and os.path.getsize(path) > _LARGEST_INSPECTED:
+            return "it is a pickle written by pickle.dump or another tool, not by torch.save"
+        return None
+    if not found[1]:
         return None
     legacy, names = found
-    named = re.search(r"GLOBAL ([\w.]+)", str(e))
     if named and named.group(1) in names:
         return f"it names {named.group(1)}"
-    foreign = [n for n in names if not (legacy and _written_by_torch_save(n))]
-    return f"it names {foreign[0]}" if foreign else "objects the safe loader does not read"
+    foreign = [n for n in names if not _written_by_torch_save(n)]
+    if foreign:
+        return f"it names {foreign[0]}"
+    if not legacy:  # tensors pickled by pickle.dump: their storages need full unpickling
+        return "it is a pickle.dump of tensors, not a torch.save file"
+    return "objects the safe loader does not read"
 
 
 def _first_line(e: BaseException) -> str:
@@ -182,6 +205,49 @@ def _first_line(e: BaseException) -> str:
     if not first and isinstance(e, EOFError):
         first = "the file ends early"
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _pickle_protocol(path: str | os.PathLike[str]) -> int:
+    """The pickle protocol of a torch file (its zip archive's ``data.pkl`` or, in the legacy
+    and raw forms, the file itself); 0 when unknown."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+                with archive.open(member) as f:
+                    head = f.read(2)
+        else:
+            head = _head(path, 2)
+    except Exception:
+        return 0
+    return head[1] if len(head) == 2 and head[:1] == b"\x80" else 0
+
+
+def _check_crcs(path: str | os.PathLike[str]) -> None:
+    """A torch zip file whose records do not match their CRC-32 is corrupt (PyTorch's reader
+    does not check them: a flipped byte in a tensor's record loads as a wrong value)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError):
+        return  # unreadable as a zip: torch.load's own error says so
+    if bad is not None:
+        raise CheckpointError(
+            f"{path} is corrupt: its record {bad} does not match its checksum; restore it from "
+            "a copy or give another file"
+        )
+
+
+def missing_file_message(path: str | os.PathLike[str]) -> str:
+    """``checkpoint not found: PATH``, or for a folder which file to give instead."""
+    if Path(path).is_dir():
+        return (
+            f"{path} is a folder, not a weights file: give a file in it (a training run keeps "
+            "best.pt and last.pt)"
+        )
+    return f"checkpoint not found: {path}"
 
 
 def load_torch_file(
@@ -196,11 +262,21 @@ def load_torch_file(
     the caller's explicit opt-in, where there is one). PyTorch's warning about an unusual pickle
     protocol is not shown; the file loads or is refused all the same.
     """
+    _check_crcs(path)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
+        protocol = _pickle_protocol(path)
+        saved_by_torch = zipfile.is_zipfile(path) or _is_legacy(_head(path))
+        if protocol >= 4 and saved_by_torch and "Unsupported operand" in str(e):
+            raise CheckpointError(
+                f"{path} was written with pickle protocol {protocol} (torch.save(..., "
+                f"pickle_protocol={protocol})), which PyTorch's safe loader (torch.load with "
+                "weights_only=True) cannot read; save it again with torch.save's default "
+                "protocol, or as .safetensors"
+            ) from e
         reason = _refusal_reason(e, path)
         if reason is not None:
             raise UnsafePickleError(str(path), reason, trust_hint) from e
@@ -237,7 +313,7 @@ def load_tensors(path: str | os.PathLike[str], *, trust_hint: str | None = None)
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(missing_file_message(path))
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -248,3 +324,17 @@ def load_tensors(path: str | os.PathLike[str], *, trust_hint: str | None = None)
         except Exception as e:
             raise CheckpointError(f"corrupt safetensors file {path}: {e}") from e
     return load_torch_file(path, trust_hint=trust_hint)
+
+
+def safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file's header (``{}`` when it has none), read
+    without loading its tensors (:func:`save_model` records ``format`` and ``model_name``)."""
+    try:
+        from safetensors import safe_open
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError('safetensors is needed: pip install "normfree[safetensors]"') from e
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise CheckpointError(f"corrupt safetensors file {path}: {e}") from e

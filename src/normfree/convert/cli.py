@@ -151,7 +151,7 @@ def _from_file(
     its source spec and options, and the training data a checkpoint records (or ``{}``)."""
     from normfree.checkpoints import CheckpointError
     from normfree.checkpoints.errors import UnsafePickleError
-    from normfree.checkpoints.io import load_tensors, load_trusted_pickle
+    from normfree.checkpoints.io import load_tensors, load_trusted_pickle, safetensors_metadata
     from normfree.convert.api import is_converted_file
 
     if is_converted_file(path):  # not "a bare state dict": it has no BatchNorm left
@@ -161,6 +161,10 @@ def _from_file(
         )
     try:
         obj = load_tensors(path, trust_hint="--trust-pickle")
+        if path.suffix == ".safetensors":  # save_model records the model in the header
+            header = safetensors_metadata(path)
+            if header.get("format") == "normfree.model" and "model_name" in header:
+                obj = {"format": "normfree.model", "model_name": header["model_name"]}
     except UnsafePickleError:
         if not args.trust_pickle:
             raise

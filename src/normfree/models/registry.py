@@ -8,7 +8,7 @@ import difflib
 import fnmatch
 import inspect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -145,10 +145,7 @@ def _resolve_pretrained_cfg(
 
 def _load_pretrained(model: NormFreeModel, cfg: dict[str, Any]) -> None:
     state, file = cfg.get("state_dict"), cfg.get("file")
-    if state is not None:
-        model.load_state_dict(state, strict=True)
-        return
-    if not file:
+    if state is None and not file:
         remote = [k for k in ("url", "hf_hub_id") if cfg.get(k)]
         hint = (f" (its {' / '.join(remote)} is not downloaded: fetch the file yourself)"
                 if remote else "")  # fmt: skip
@@ -161,15 +158,20 @@ def _load_pretrained(model: NormFreeModel, cfg: dict[str, Any]) -> None:
     options: dict[str, Any] = {"trust_pickle": True} if cfg.get("trust_pickle") is True else {}
     if model.in_chans != 3 and cfg.get("first_conv"):  # timm's rule for RGB weights
         options["adapt_first_conv"] = f"{cfg['first_conv']}.weight"
-    load_weights_file(model, file, **options)
+    # a state dict in memory goes through the same steps as a file's (timm's names, the first
+    # conv's adaptation, the checked all-or-nothing load)
+    load_weights_file(model, state if state is not None else str(file), **options)
 
 
-def load_weights_file(model: nn.Module, path: str | os.PathLike[str], **options: Any) -> Any:
-    """Load a weights file into ``model`` with the installed loader (the checkpoint layer's
-    ``normfree.load_pretrained``: every format it reads; ``options`` are its keywords)."""
+def load_weights_file(
+    model: nn.Module, path: str | os.PathLike[str] | Mapping[str, Any], **options: Any
+) -> Any:
+    """Load a weights file (or a state dict in memory) into ``model`` with the installed loader
+    (the checkpoint layer's ``normfree.load_pretrained``: every format it reads; ``options``
+    are its keywords)."""
     if not _WEIGHTS_LOADER:  # pragma: no cover - installed whenever normfree is imported
         raise RuntimeError("no weights loader installed: import normfree first")
-    return _WEIGHTS_LOADER[0](model, str(path), **options)
+    return _WEIGHTS_LOADER[0](model, path if isinstance(path, Mapping) else str(path), **options)
 
 
 def create_model(

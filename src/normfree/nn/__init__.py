@@ -62,6 +62,7 @@ from normfree.nn.residual import (
     plain_forward,
     stochastic_depth_rates,
 )
+from normfree.nn.wrappers import WRAPPER_PREFIXES, strip_wrapper_prefixes, unwrap_model
 from normfree.nn.ws import (
     ScaledStdConv2d,
     StdConv2dBase,
@@ -77,6 +78,7 @@ __all__ = [
     "FIXUP_SCALAR_LR_SCALE",
     "GAMMA_TABLE",
     "NORM_SPECS",
+    "WRAPPER_PREFIXES",
     "AvgPool2dSame",
     "AvgPoolShortcut",
     "ChannelNoise",
@@ -140,6 +142,8 @@ __all__ = [
     "set_pointwise_matmul",
     "static_same_padding",
     "stochastic_depth_rates",
+    "strip_wrapper_prefixes",
+    "unwrap_model",
     "zero_mean_conv_weights",
     "zero_mean_init_",
 ]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from normfree.console import name_list
+from normfree.nn.wrappers import unwrap_model
 
 __all__ = ["ModelEMA", "ema_decay"]
 
@@ -32,17 +33,6 @@ def ema_decay(decay: float, step: int, warmup: bool = True) -> float:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"EMA step must be an int >= 0, got {step!r}")
     return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 class ModelEMA:
@@ -65,7 +55,7 @@ class ModelEMA:
         ema_decay(decay, 0)  # validates
         self.decay = float(decay)
         self.warmup = bool(warmup)
-        self.module = copy.deepcopy(_unwrap(model)).eval()
+        self.module = copy.deepcopy(unwrap_model(model)).eval()
         if device is not None:
             self.module.to(device)
         for p in self.module.parameters():
@@ -76,7 +66,7 @@ class ModelEMA:
     def update(self, model: nn.Module) -> float:
         """Fold the current weights of ``model`` into the average; returns the decay used."""
         d = ema_decay(self.decay, self.num_updates, self.warmup)
-        src = _unwrap(model).state_dict()
+        src = unwrap_model(model).state_dict()
         averaged = self.module.state_dict()
         if src.keys() != averaged.keys():
             missing = [n for n in averaged if n not in src]
