@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from normfree.atomic import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    check_writable,
     file_mode,
     overwritten_input,
     remove_stale_temp_files,
@@ -149,3 +151,26 @@ def test_overwritten_input_finds_an_output_naming_an_existing_input(tmp_path: Pa
     )
     assert overwritten_input(outs, [("SOURCE", tmp_path / "absent.pt")]) is None
     assert overwritten_input([("--out", tmp_path / "y.pt")], [("SOURCE", model)]) is None
+
+
+def test_a_fifo_or_a_link_to_one_is_written_into_not_replaced(tmp_path: Path) -> None:
+    """A target that exists and is no regular file (a FIFO here; ``/dev/null``, ``/dev/stdout``)
+    is written into: the rename used to replace the node or the link with a plain file (as
+    root, ``--csv /dev/null`` would have replaced the system's ``/dev/null``)."""
+    import stat
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "link"
+    link.symlink_to(fifo)
+    for target in (fifo, link):
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda out=got: out.append(fifo.read_bytes()))
+        reader.start()
+        check_writable(target)
+        atomic_write_text(target, "streamed\n")
+        reader.join(timeout=10)
+        assert got == [b"streamed\n"]
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode) and link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link"]  # no temp files

@@ -61,11 +61,27 @@ def _write_error(path: Path, e: OSError) -> OSError:
     return OSError(e.errno, f"cannot write {path}: {what}; {path.name} was left as it was")
 
 
+def _is_stream(path: Path) -> bool:
+    """An existing target that is neither a regular file nor a folder (links followed)."""
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
     """Call ``write(fileobj)`` on a binary temporary file next to ``path``, fsync it, then rename
     it over ``path`` (parent folders are created). On any error the temporary file is removed
-    and ``path`` is untouched. Returns ``path``."""
+    and ``path`` is untouched. Returns ``path``.
+
+    A ``path`` that exists and is not a regular file or a folder (a FIFO, ``/dev/null``,
+    ``/dev/stdout``: a stream, where a partial write cannot be undone anyway) is written into
+    directly: renaming over it would replace the device node or link with a plain file."""
     path = Path(path)
+    if _is_stream(path):
+        try:
+            with open(path, "wb") as stream:
+                write(stream)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+        return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -140,6 +156,10 @@ def check_writable(*paths: str | os.PathLike[str] | None) -> None:
         path = Path(given)
         if path.is_dir():
             raise OSError(errno.EISDIR, f"cannot write {path}: it is a folder")
+        if _is_stream(path):  # written into directly (atomic_write_bytes)
+            if not os.access(path, os.W_OK):
+                raise OSError(errno.EACCES, f"cannot write {path}: permission denied")
+            continue
         folder = path.parent
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent

@@ -302,3 +302,25 @@ def test_a_model_that_cannot_take_the_input_size_is_one_line(monkeypatch, capsys
     monkeypatch.setattr(sys.modules["normfree.analysis.spp"], "channel_stats", broken)
     with pytest.raises(RuntimeError, match="analysis bug"):
         main([command, "qa_fake_models:fixed", "--image-size", "16", "--points", "conv"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["spp", "nf_resnet_cifar20", "--image-size", "10000000000", "--batch", "64"],
+         "too large to allocate"),
+        (["diagnose", "nf_resnet_cifar20", "--image-size", "3037000500"], "too large to allocate"),
+        (["spp", "nf_resnet_cifar20[alpha=1.0e+200]", "--image-size", "8"], "α² overflows"),
+        (["spp", "{empty}", "--image-size", "8"], "corrupt safetensors file"),
+        (["diagnose", "{empty}", "--image-size", "8"], "corrupt safetensors file"),
+    ],
+    ids=["spp-size", "diagnose-size", "alpha", "spp-safetensors", "diagnose-safetensors"],
+)  # fmt: skip
+def test_inputs_that_ended_in_a_traceback_are_one_line(tmp_path, capsys, argv, needle) -> None:
+    """A size whose byte count overflows int64 (PyTorch: "Storage size calculation
+    overflowed"), an α whose square overflows, an empty .safetensors model file."""
+    (tmp_path / "e.safetensors").write_bytes(b"")
+    argv = [a.replace("{empty}", str(tmp_path / "e.safetensors")) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and needle in err.splitlines()[-1]

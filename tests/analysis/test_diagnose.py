@@ -271,3 +271,25 @@ def test_an_unmeasured_branch_names_the_option_for_both_interfaces() -> None:
         "no residual branch measured (name the last module of each branch with branch_points, "
         "--branch-points on the command line, for models that are not normfree models)",
     )
+
+
+def test_points_with_too_few_values_per_channel_are_information() -> None:
+    """nf_resnet50 at 32 px with a batch of 1: its last stage is 1×1, one value per channel, so
+    the biased variance is 0 and mean² / variance infinite by construction; it used to be
+    reported as mean shift and vanishing variance. Those points are now left out, named as
+    information, and the rest is checked (healthy); at 128 px (4×4 last maps) there is nothing
+    to leave out."""
+    model = _model("nf_resnet50")
+    diag = diagnose(model, input_shape=(3, 32, 32), batch_size=1)
+    few = next(f for f in diag.findings if f.check == "sample size")
+    assert few.status == "info" and "1 at stages.3" in few.message
+    assert all(p.samples == 1 for p in diag.spp.points if p.name.startswith("stages.3"))
+    assert diag.exit_code == 0 and _status(diag, "mean shift") == "ok"
+    # the bias is as stated: n = 2 values of a zero-mean channel give mean² / var ≈ 1
+    x = torch.randn(2, 4096, generator=torch.Generator().manual_seed(0))
+    var, mean = torch.var_mean(x, dim=0, correction=0)
+    assert float(mean.square().mean() / var.mean()) == pytest.approx(1.0, rel=0.1)
+    larger = diagnose(model, input_shape=(3, 128, 128), batch_size=1, check_batch_dependence=False)
+    assert all(f.check != "sample size" for f in larger.findings)
+    with pytest.raises(ValueError, match="min_samples"):
+        DiagnoseThresholds(min_samples=0)

@@ -181,3 +181,18 @@ def test_an_input_without_variance_is_a_clear_error() -> None:
     conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     r = propagate_moments(conv, input_shape=(3, 8, 8), batch_size=1, points=["0", "1"])
     assert math.isfinite(r.input_chi) and r.input_chi > 0
+
+
+def test_a_non_finite_moments_result_reads_back_and_prints(tmp_path) -> None:
+    """A constant point has kurtosis NaN and χ inf, which JSON writes as null: they read back
+    as NaN (they were None, on which ``table()`` failed)."""
+    from normfree.analysis.moments import GrowthFit, MomentsPoint, MomentsResult
+
+    values = dict(nu1_abs=1.0, nu2=1.0, mu2=0.0, mu4=0.0, kurtosis=math.nan, nu1_abs_z=math.nan,
+                  eff_rank=1.0, mu2_dx=0.0, eff_rank_dx=1.0, chi=math.inf, delta_chi=math.nan)
+    result = MomentsResult("const", [MomentsPoint(0, "stem", "stem", 0, **values)], math.inf,
+                           GrowthFit(math.nan, 0.0, 1.0, 0.5, math.inf, "no growth"))
+    back = MomentsResult.from_json(result.to_json(tmp_path / "m.json"))
+    assert math.isnan(back.points[0].kurtosis) and math.isnan(back.points[0].chi)
+    assert math.isnan(back.input_chi) and math.isnan(back.fit.growth)
+    assert "nan" in back.table()

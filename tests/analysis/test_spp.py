@@ -84,9 +84,11 @@ def test_json_and_csv_round_trip(tmp_path) -> None:
     both = SPPResult.from_json(save_results([result, result], tmp_path / "two.json"))
     assert both == [result, result]
     lines = write_csv([result], tmp_path / "spp.csv").read_text().splitlines()
-    assert lines[0] == "label,index,name,kind,stage,is_transition,avg_sq_mean,avg_var,res_avg_var"
+    assert lines[0] == (
+        "label,index,name,kind,stage,is_transition,avg_sq_mean,avg_var,res_avg_var,samples"
+    )
     assert len(lines) == 1 + len(result)
-    assert lines[1].endswith(",")  # the stem has no residual branch
+    assert lines[1].endswith(",,256")  # the stem has no residual branch; 4 × 8 × 8 values
     with pytest.raises(ValueError, match="not a normfree SPP"):
         SPPResult.from_dict({"format": "other"})
 
@@ -280,3 +282,22 @@ def test_log_scale_plot_of_all_zero_branches_stays_linear_without_warnings(tmp_p
         fig = plot_spp(r, tmp_path / "fixup.png", log_scale=True)
     assert [ax.get_yscale() for ax in fig.axes] == ["log", "log", "linear"]
     assert [t.get_text() for t in fig.axes[2].texts] == ["no positive values: linear scale"]
+
+
+def test_a_non_finite_result_reads_back_and_prints(tmp_path) -> None:
+    """JSON writes NaN and inf as null: reading it back gave None in float fields, on which
+    ``table()`` failed. They read back as NaN now, and old files without ``samples`` load."""
+    import json
+    import math
+
+    model = _model("nf_resnet_cifar20", alpha=1e39)  # α² overflows float32: inf, then NaN
+    result = signal_propagation(model, input_shape=(3, 8, 8), batch_size=2, skip_gains_to_one=True)
+    assert result.config["non_finite_points"]
+    back = SPPResult.from_json(result.to_json(tmp_path / "nan.json"))
+    assert isinstance(back, SPPResult) and "nan" in back.table()
+    assert all(math.isnan(p.avg_var) for p, q in zip(back.points, result.points)
+               if not math.isfinite(q.avg_var))  # fmt: skip
+    data = json.loads((tmp_path / "nan.json").read_text())
+    for point in data["points"]:
+        del point["samples"]
+    assert all(p.samples is None for p in SPPResult.from_dict(data).points)

@@ -11,6 +11,7 @@ initialisation).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -179,6 +180,11 @@ def make_inputs(
         )
     if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
         raise ValueError(f"input_shape must be positive ints (one example), got {shape!r}")
+    if math.prod((batch_size, *shape)) * 8 >= 2**63:  # torch's byte count would overflow
+        raise ValueError(
+            f"an input batch of {batch_size}×{'×'.join(map(str, shape))} values is too large "
+            "to allocate; choose a smaller image size or batch"
+        )
     gen = torch.Generator().manual_seed(int(seed))
     x = torch.randn((batch_size, *shape), generator=gen)
     return x.to(device=dev, dtype=_model_dtype(model)), "gaussian"

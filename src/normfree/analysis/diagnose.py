@@ -21,6 +21,11 @@ Checks, with the thresholds of :class:`DiagnoseThresholds` (ratios are dimension
   (:func:`~normfree.analysis.batch_dependence.batch_dependence`), with the modules responsible.
 * **non-finite activations** - NaN or inf at any point.
 
+Points whose statistics average fewer than ``min_samples`` (16) values per channel (N·H·W: a
+batch of 1 at a 1×1 map) are left out of the mean-shift, variance and branch checks and named
+as information: with n values a zero-mean channel's squared mean over its biased variance is
+≈ 1/(n − 1) (1 at n = 2), and its variance reads (1 − 1/n)·σ² (0 at n = 1).
+
 By default the SPP runs with SkipInit gains set to 1 (``skip_gains_to_one``): with zero gains
 every block is the identity at initialisation and the checks would see nothing.
 """
@@ -30,7 +35,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +63,7 @@ class DiagnoseThresholds:
     branch_spread: float = 10.0
     batch_rtol: float = 1e-3
     top_layers: int = 3
+    min_samples: int = 16
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -282,10 +288,21 @@ def diagnose(
             )
         )
     input_var = channel_stats(x)[1] if x.dim() >= 2 else 1.0
-    if not bad:
-        findings.append(_check_mean_shift(spp, t))
-        findings.append(_check_variance(spp, input_var if input_var > 0 else 1.0, t))
-        findings.append(_check_branches(spp, input_var, t))
+    few = [p for p in spp.points if p.samples is not None and p.samples < t.min_samples]
+    if few:
+        least = min(few, key=lambda p: p.samples or 0)
+        findings.append(Finding(
+            "sample size", "info",
+            f"{len(few)} point(s) average fewer than {t.min_samples} values per channel "
+            f"({least.samples} at {least.name}): not checked (too few values for a mean or a "
+            "variance); measure with a larger batch or image size",
+            [p.name for p in few[: t.top_layers]],
+        ))  # fmt: skip
+    checked = replace(spp, points=[p for p in spp.points if p not in few])
+    if not bad and checked.points:
+        findings.append(_check_mean_shift(checked, t))
+        findings.append(_check_variance(checked, input_var if input_var > 0 else 1.0, t))
+        findings.append(_check_branches(checked, input_var, t))
     if check_batch_dependence and x.shape[0] < 2:
         findings.append(Finding("batch dependence", "info", "batch of 1; not checked"))
     elif check_batch_dependence:

@@ -41,7 +41,7 @@ from torch import nn
 
 from normfree.analysis.context import analysis_mode, make_inputs, model_label
 from normfree.analysis.recorder import record_points
-from normfree.analysis.result_io import JsonResult
+from normfree.analysis.result_io import JsonResult, from_fields
 from normfree.analysis.spp import resolve_points
 
 __all__ = [
@@ -209,9 +209,10 @@ class MomentsResult(JsonResult):
     def from_dict(cls, data: dict[str, Any]) -> MomentsResult:
         if data.get("format") != "normfree.moments":
             raise ValueError("not a normfree moments result (missing format 'normfree.moments')")
-        fit = GrowthFit(**data["fit"]) if data.get("fit") else None
-        points = [MomentsPoint(**p) for p in data["points"]]
-        return cls(data["label"], points, data["input_chi"], fit, dict(data.get("config", {})))
+        fit = from_fields(GrowthFit, data["fit"]) if data.get("fit") else None
+        points = [from_fields(MomentsPoint, p) for p in data["points"]]
+        chi = math.nan if data["input_chi"] is None else data["input_chi"]
+        return cls(data["label"], points, chi, fit, dict(data.get("config", {})))
 
     def table(self) -> str:
         head = (f"{'#':>4} {'point':32s} {'l':>4} {'mu2':>10} {'kurt':>7} {'nu1|z|':>7} "

@@ -27,7 +27,7 @@ from torch import nn
 
 from normfree.analysis.context import analysis_mode, make_inputs, model_label
 from normfree.analysis.recorder import record_points
-from normfree.analysis.result_io import JsonResult
+from normfree.analysis.result_io import JsonResult, from_fields
 from normfree.analysis.spp import resolve_points
 
 __all__ = ["PowerPoint", "PowerResult", "power_decomposition", "power_profile"]
@@ -104,7 +104,7 @@ class PowerResult(JsonResult):
     def from_dict(cls, data: dict[str, Any]) -> PowerResult:
         if data.get("format") != "normfree.power":
             raise ValueError("not a normfree power result (missing format 'normfree.power')")
-        points = [PowerPoint(**p) for p in data["points"]]
+        points = [from_fields(PowerPoint, p) for p in data["points"]]
         return cls(data["label"], points, dict(data.get("config", {})))
 
     def table(self) -> str:

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from normfree.atomic import atomic_write_json
 
-__all__ = ["JsonResult", "read_json"]
+__all__ = ["JsonResult", "from_fields", "read_json"]
+
+T = TypeVar("T")
+
+
+def from_fields(cls: type[T], data: Mapping[str, Any]) -> T:
+    """``cls(**data)`` for a result dataclass read from JSON, with ``null`` in a field typed
+    ``float`` read back as NaN: :func:`normfree.atomic.to_json` writes every non-finite number
+    as ``null`` (strict JSON), and a result that went NaN is still a result to print and plot.
+    (An infinity reads back as NaN too.)"""
+    floats = {f.name for f in dataclasses.fields(cls) if f.type in ("float", float)}  # type: ignore[arg-type]
+    return cls(**{k: math.nan if v is None and k in floats else v for k, v in data.items()})
 
 
 def read_json(path: str | Path) -> Any:

@@ -30,7 +30,7 @@ from torch import nn
 from normfree.analysis.context import analysis_mode, make_inputs, model_label
 from normfree.analysis.points import PointSpec, default_points, points_from_patterns
 from normfree.analysis.recorder import attach_branches, record_points
-from normfree.analysis.result_io import JsonResult, read_json
+from normfree.analysis.result_io import JsonResult, from_fields, read_json
 from normfree.atomic import atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -68,6 +68,8 @@ class SPPPoint:
     avg_sq_mean: float
     avg_var: float
     res_avg_var: float | None = None
+    #: values per channel the statistics average over (N·H·W; None in files from before it)
+    samples: int | None = None
 
 
 @dataclass
@@ -134,7 +136,7 @@ class SPPResult(JsonResult):
             raise ValueError(f"unsupported SPP format version {data.get('version')!r}")
         return cls(
             label=data["label"],
-            points=[SPPPoint(**p) for p in data["points"]],
+            points=[from_fields(SPPPoint, p) for p in data["points"]],
             config=dict(data.get("config", {})),
         )
 
@@ -151,7 +153,7 @@ class SPPResult(JsonResult):
 
     def to_csv(self, path: str | Path) -> Path:
         """Write one row per point: label, index, name, kind, stage, is_transition, avg_sq_mean,
-        avg_var, res_avg_var (empty when not measured)."""
+        avg_var, res_avg_var (empty when not measured), samples (values per channel)."""
         return write_csv([self], path)
 
     def table(self) -> str:
@@ -254,8 +256,8 @@ def signal_propagation(
     specs = resolve_points(model, points, branch_points)
     x, kind = make_inputs(model, inputs, input_shape, batch_size, seed, device)
 
-    def stats(t: torch.Tensor, name: str) -> tuple[float, float]:
-        return channel_stats(t, channel_dim)
+    def stats(t: torch.Tensor, name: str) -> tuple[float, float, int]:
+        return (*channel_stats(t, channel_dim), t.numel() // max(t.shape[channel_dim], 1))
 
     def branch_var(t: torch.Tensor, name: str) -> float:
         return channel_stats(t, channel_dim)[1]
@@ -266,10 +268,10 @@ def signal_propagation(
     out = []
     for i, (name, rec) in enumerate(records.items()):
         spec = by_name[name]
-        sq_mean, var = rec["value"]
+        sq_mean, var, samples = rec["value"]
         out.append(
             SPPPoint(i, name, spec.kind, spec.stage, spec.is_transition, sq_mean, var,
-                     rec["branch"])
+                     rec["branch"], samples)
         )  # fmt: skip
     bad = [p.name for p in out if not (math.isfinite(p.avg_var) and math.isfinite(p.avg_sq_mean))]
     config = {

@@ -254,7 +254,8 @@ def load_torch_file(
     path: str | os.PathLike[str], map_location: Any = "cpu", *, mmap: bool = False,
     trust_hint: str | None = None,
 ) -> Any:
-    """``torch.load(path, weights_only=True)`` with one-line errors.
+    """``torch.load(path, weights_only=True)`` with one-line errors, after checking the zip
+    records' CRC-32 (not with ``mmap``, which reads the structure only).
 
     Raises :class:`CheckpointError` naming ``path`` and what to do: for a truncated or corrupt
     file, and for one whose pickle holds more than tensors and plain containers (which could
@@ -262,7 +263,8 @@ def load_torch_file(
     the caller's explicit opt-in, where there is one). PyTorch's warning about an unusual pickle
     protocol is not shown; the file loads or is refused all the same.
     """
-    _check_crcs(path)
+    if not mmap:  # (a memory-mapped load reads the structure, not the tensors' records)
+        _check_crcs(path)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")

@@ -27,6 +27,7 @@ from normfree.checkpoints.io import (
     load_tensors,
     load_torch_file,
     load_trusted_pickle,
+    safetensors_metadata,
     save_safetensors,
 )
 from normfree.checkpoints.state_dict import compare_state_dict, load_state_dict_checked
@@ -467,10 +468,7 @@ def save_converted(
 def _read(path: Path, trust_pickle: bool) -> tuple[dict[str, Any] | None, Any]:
     """``(description, state_dict)``, or ``(None, module)`` for a trusted pickled module."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+        meta = safetensors_metadata(path)
         if meta.get("format") != CONVERTED_FORMAT:
             raise CheckpointError(f"{path} is not a converted-model file (no {CONVERTED_FORMAT})")
         return json.loads(meta["description"]), load_tensors(path)
@@ -544,10 +542,7 @@ def is_converted_file(path: str | os.PathLike[str]) -> bool:
         return False
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                return (f.metadata() or {}).get("format") == CONVERTED_FORMAT
+            return safetensors_metadata(path).get("format") == CONVERTED_FORMAT
         # mmap: the tensors are not read, only the small pickled structure
         obj = load_torch_file(path, mmap=True)
     except Exception:

@@ -221,6 +221,8 @@ class ExpectedVariance:
     def __init__(self, alpha: float, initial_variance: float = 1.0) -> None:
         if not (math.isfinite(alpha) and alpha >= 0):  # NaN passed `alpha < 0`
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+        if alpha > 1e150:  # α² would overflow a float (the expected variance, 1/β with it)
+            raise ValueError(f"alpha must be at most 1e150 (α² overflows), got {alpha}")
         self.alpha = float(alpha)
         self.variance = float(initial_variance)
         self.history: list[float] = []
