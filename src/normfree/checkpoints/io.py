@@ -59,13 +59,13 @@ def save_safetensors(
 
 
 class _InertType(type):
-    """The type of what :class:`_GlobalsOnly` builds in place of every class, function and
-    object a pickle names or makes: each is itself a class (a pickle may use anything it built
-    as the class of a ``NEWOBJ``), and calling it, building it from state, or giving it items
-    does nothing but make another such class."""
+    """The type of :data:`_INERT`, the one object :class:`_GlobalsOnly` builds in place of
+    every class, function and object a pickle names or makes: it is a class (a pickle may use
+    anything it built as the class of a ``NEWOBJ``), and calling it, building it from state or
+    giving it items does nothing and gives :data:`_INERT` again."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> type:
-        return _inert()
+        return cls
 
     def __setstate__(cls, state: Any) -> None:
         pass
@@ -80,14 +80,13 @@ class _InertType(type):
         pass
 
 
-def _inert() -> type:
-    return _InertType("_Inert", (), {"__new__": lambda cls, *args, **kwargs: _inert()})
+_INERT = _InertType("_Inert", (), {"__new__": lambda cls, *args, **kwargs: cls})
 
 
 class _GlobalsOnly(pickle.Unpickler):
     """An unpickler that records every global a pickle names (``find_class``, exact with any
-    protocol and memoised strings) and builds inert classes (:class:`_InertType`) instead:
-    nothing is imported, called or built from the file."""
+    protocol and memoised strings) and builds :data:`_INERT` instead: nothing is imported,
+    called or built from the file."""
 
     def __init__(self, f: Any) -> None:
         super().__init__(f)
@@ -95,10 +94,10 @@ class _GlobalsOnly(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         self.names.append(f"{module}.{name}")
-        return _inert()
+        return _INERT
 
     def persistent_load(self, pid: Any) -> Any:
-        return _inert()
+        return _INERT
 
 
 _LARGEST_INSPECTED = 64 << 20  # a raw pickle bigger than this is not read to name a global
