@@ -221,3 +221,15 @@ def test_a_flipped_byte_in_a_tensor_record_is_caught(tmp_path: Path) -> None:
 def test_a_folder_is_named_as_a_folder(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"is a folder, not a weights file.*best\.pt"):
         load_pretrained(normfree.create_model("nf_resnet_cifar20"), tmp_path)
+
+
+def test_wrapper_prefixes_stop_at_the_model_s_own_keys() -> None:
+    """A container whose one child is named ``module`` keeps that prefix; a DDP copy of it
+    loses only DDP's."""
+    from normfree.nn import strip_wrapper_prefixes
+
+    assert strip_wrapper_prefixes({"module.a": 1, "module.b": 2}) == {"a": 1, "b": 2}
+    assert strip_wrapper_prefixes({"module._orig_mod.a": 1}) == {"a": 1}
+    assert strip_wrapper_prefixes({"module.a": 1}, ["module.a"]) == {"module.a": 1}
+    assert strip_wrapper_prefixes({"module.module.a": 1}, ["module.a"]) == {"module.a": 1}
+    assert strip_wrapper_prefixes({"module.a": 1, "b": 2}) == {"module.a": 1, "b": 2}

@@ -158,7 +158,9 @@ def load_pretrained(
     if kind == "deepmind":
         state = deepmind_to_normfree(tree, model)
     else:
-        state = strip_wrapper_prefixes(_extract_state_dict(raw, use_ema, source))
+        state = strip_wrapper_prefixes(
+            _extract_state_dict(raw, use_ema, source), model.state_dict().keys()
+        )
         if kind == "timm" or (kind in ("auto", "auto_torch") and is_timm_state_dict(state)):
             state = timm_to_normfree(state)
     if adapt_first_conv is not None:

@@ -5,7 +5,7 @@ loaded and averaged on the model itself so that files carry the plain keys."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TypeVar
 
 from torch import nn
@@ -31,13 +31,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         return model
 
 
-def strip_wrapper_prefixes(state: Mapping[str, V]) -> dict[str, V]:
+def strip_wrapper_prefixes(
+    state: Mapping[str, V], model_keys: Collection[str] = ()
+) -> dict[str, V]:
     """``state`` with the wrapper prefixes (``module.``, ``_orig_mod.``, nested) that *every*
     key carries taken off, as a state dict saved from a wrapped model has them (timm's
     ``clean_state_dict`` does this for ``module.``); other state dicts are returned as they
-    are."""
+    are. Given the target's own keys (``model_keys``), stripping stops as soon as the keys
+    meet them: a model whose one child is named ``module`` keeps that prefix."""
     out = dict(state)
-    while out:
+    own = set(model_keys)
+    while out and not (own and own.intersection(out)):
         prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in out)), None)
         if prefix is None:
             break
