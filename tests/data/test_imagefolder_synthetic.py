@@ -174,3 +174,6 @@ def test_linked_sub_folders_are_followed(tmp_path: Path, make_image_tree: Callab
     files, labels, classes = scan_image_folder(tmp_path / "tree")
     assert classes == ["a", "b"] and np.bincount(labels.numpy()).tolist() == [5, 2]
     assert sum("linked" in f.parts for f in files) == 3
+    (tmp_path / "tree" / "b" / "loop").symlink_to(tmp_path / "tree" / "b")  # a cycle: once
+    files, labels, _ = scan_image_folder(tmp_path / "tree")
+    assert np.bincount(labels.numpy()).tolist() == [5, 2]

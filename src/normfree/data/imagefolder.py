@@ -35,9 +35,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 def _images_in(folder: Path) -> list[Path]:
     """The image files under ``folder``, sorted, following linked sub-folders (as
-    torchvision's ``make_dataset``: ``os.walk(followlinks=True)``)."""
+    torchvision's ``make_dataset``: ``os.walk(followlinks=True)``), each real folder once (a
+    link back up the tree would otherwise be walked for ever)."""
     found = []
-    for parent, _, names in os.walk(folder, followlinks=True):
+    seen = {os.path.realpath(folder)}
+    for parent, dirs, names in os.walk(folder, followlinks=True):
+        real = [(d, os.path.realpath(os.path.join(parent, d))) for d in dirs]
+        dirs[:] = [d for d, r in real if r not in seen]
+        seen.update(r for _, r in real)
         found += [Path(parent, n) for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
     return sorted(p for p in found if p.is_file())
 
