@@ -112,12 +112,12 @@ def test_a_damaged_result_file_reruns_its_cell_or_is_one_error(tmp_path: Path) -
         CALLS.clear()
         run_experiment(FAKE, tmp_path, GridOptions(), log=lambda s: None)
         assert CALLS == ["ma-x1-s0"], damaged
-    curves = Experiment("curves", "", _cells, _run, ["y"],
+    curves = Experiment("fake", "", _cells, _run, ["y"],
                         lambda rows, path, o: [r["curve"] for r in rows])  # fmt: skip
     stored = json.loads(result.read_text())
     del stored["result"]["curve"]  # valid JSON, the right shape, a field the figure needs gone
     result.write_text(json.dumps(stored))
-    with pytest.raises(ExperimentError, match=r"cannot draw curves\.png .*'curve'.*delete that"):
+    with pytest.raises(ExperimentError, match=r"cannot draw fake\.png .*'curve'.*delete that"):
         run_experiment(curves, tmp_path, GridOptions(), log=lambda s: None)
 
 
@@ -151,8 +151,10 @@ def test_failed_cell_is_reported_kept_out_of_the_table_and_retried(tmp_path: Pat
 def test_bad_grid_options_and_keys_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ExperimentError, match="--jobs must be >= 1"):
         run_experiment(FAKE, tmp_path, jobs=0)
-    with pytest.raises(ExperimentError, match="--seeds must be >= 1"):
-        run_experiment(FAKE, tmp_path, GridOptions(seeds=0))
+    for seeds in (0, 1001):  # (a huge count filled the memory with cells before any ran)
+        with pytest.raises(ExperimentError, match="--seeds must be from 1 to 1000"):
+            run_experiment(FAKE, tmp_path / "s", GridOptions(seeds=seeds))
+    assert not (tmp_path / "s").exists()
     bad = Experiment("bad", "", lambda o: [Cell("../up", {})], _run, ["y"], _plot)
     with pytest.raises(ValueError, match="letters, digits"):
         run_experiment(bad, tmp_path / "b", log=lambda s: None)
@@ -235,8 +237,14 @@ def test_cell_workers_end_when_the_grid_process_is_killed(tmp_path: Path) -> Non
 
 
 def test_cli_unwritable_outputs_and_an_empty_out_are_one_line(tmp_path: Path, capsys) -> None:
+    from normfree.experiments.grid import RESULT_FILE, cell_dir, get_experiment
+
     out = tmp_path / "pn"
-    (out / "cells").mkdir(parents=True)
+    cell = get_experiment("proxy-norm").cells(GridOptions(quick=True))[0]
+    cell_dir(out, cell).mkdir(parents=True)  # one finished cell, so that --report writes
+    (cell_dir(out, cell) / RESULT_FILE).write_text(json.dumps(
+        {"cell": cell.key, "params": cell.params, "quick": True, "result": {"deep_share": 0.1}}
+    ))  # fmt: skip
     (out / "results.csv").mkdir()  # the table cannot be written
     assert main(["experiment", "proxy-norm", "--quick", "--report", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
@@ -401,3 +409,29 @@ def test_ctrl_c_of_the_process_group_ends_cells_that_trap_sigterm(tmp_path: Path
             Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
         )
     assert not list((tmp_path / "out" / "cells").glob("*/result.json"))
+
+
+def test_one_folder_never_holds_two_grids(tmp_path: Path) -> None:
+    """The quick and the full grid share no cell, and another experiment none either: the check
+    of the cells being run let both into one folder, and ``--report`` without ``--quick`` on a
+    quick folder emptied its table. Every finished cell is checked now, threads included (they
+    change the last digits of a result)."""
+    run_experiment(FAKE, tmp_path, GridOptions(quick=True), log=lambda s: None)
+    table = (tmp_path / "results.csv").read_text()
+    full = Experiment("fake", "", lambda o: [Cell(f"full-{c.key}", c.params) for c in _cells(o)],
+                      _run, ["y", "diverged"], _plot)  # fmt: skip
+    other = Experiment("other", "", _cells, _run, ["y"], _plot)
+    for exp, options, was in ((full, GridOptions(), "quick=True"),
+                              (other, GridOptions(quick=True), "experiment 'fake'"),
+                              (FAKE, GridOptions(quick=True, threads=2), "threads=1")):  # fmt: skip
+        CALLS.clear()
+        for report_only in (False, True):
+            with pytest.raises(ExperimentError, match=f"made with other settings .*{was}"):
+                run_experiment(exp, tmp_path, options, log=lambda s: None, report_only=report_only)
+        assert CALLS == []
+    assert (tmp_path / "results.csv").read_text() == table
+    empty = tmp_path / "empty"
+    (empty / "cells").mkdir(parents=True)
+    with pytest.raises(ExperimentError, match="--report: no finished cell of this grid"):
+        run_experiment(FAKE, empty, GridOptions(), log=lambda s: None, report_only=True)
+    assert not (empty / "results.csv").exists()

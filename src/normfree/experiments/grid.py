@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 RESULT_FILE = "result.json"
+MAX_SEEDS = 1000  # seeds per grid point (a grid holds cells × seeds folders)
 
 
 class ExperimentError(ValueError):
@@ -199,7 +200,8 @@ def _stop_pool(pool: ProcessPoolExecutor, others: set[Any]) -> None:
 
 
 def _execute(
-    run_cell: Callable[..., dict[str, Any]], cell: Cell, folder: str, options: GridOptions
+    run_cell: Callable[..., dict[str, Any]], experiment: str, cell: Cell, folder: str,
+    options: GridOptions,
 ) -> dict[str, Any]:
     """Run one cell (in this or a worker process) and write its result file atomically."""
     import torch
@@ -209,15 +211,44 @@ def _execute(
     t0 = time.perf_counter()
     result = dict(run_cell(cell, path, options))
     result.setdefault("wall_s", round(time.perf_counter() - t0, 2))
-    atomic_write_json(path / RESULT_FILE, {"cell": cell.key, **_settings(cell, options),
-                                           "result": result})  # fmt: skip
+    atomic_write_json(path / RESULT_FILE, {"cell": cell.key, "experiment": experiment,
+                                           **_settings(cell, options), "result": result})
     return result
+
+
+def _grid_settings(options: GridOptions) -> dict[str, Any]:
+    """What every cell of a grid shares that its result depends on: the quick variant, the
+    data and the CPU threads (the order of float sums, so the last digits, depends on them)."""
+    return {"quick": options.quick, "data": options.data, "threads": options.threads}
 
 
 def _settings(cell: Cell, options: GridOptions) -> dict[str, Any]:
     """What a cell's result depends on besides its seed (its key): stored with the result and
     compared on a rerun, so a folder made with other settings is never read as this grid's."""
-    return {"params": cell.params, "quick": options.quick, "data": options.data}
+    return {"params": cell.params, **_grid_settings(options)}
+
+
+def _check_folder(out: Path, experiment: str, options: GridOptions) -> None:
+    """:class:`ExperimentError` when any finished cell in ``out`` (of this grid or not: the
+    quick and the full grid share no cell) belongs to another experiment or was made with other
+    grid settings: one folder never holds two grids, and a report never reads another's."""
+    expected = json.loads(json.dumps(_grid_settings(options)))  # as JSON reads it back
+    for path in sorted((out / "cells").glob(f"*/{RESULT_FILE}")):
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # (a damaged file: its cell reruns, or is not this grid's)
+        if not isinstance(stored, dict):
+            continue
+        theirs = stored.get("experiment", experiment)  # (files of earlier versions lack it)
+        differ = [k for k, v in expected.items() if k in stored and stored[k] != v]
+        if theirs != experiment or differ:
+            was = ", ".join(f"{k}={stored[k]!r}" for k in differ) or f"experiment {theirs!r}"
+            now = ", ".join(f"{k}={expected[k]!r}" for k in differ) or f"experiment {experiment!r}"
+            raise ExperimentError(
+                f"{out} was made with other settings (cell {path.parent.name}: {was}; now "
+                f"{now}); use another --out, or the options it was made with"
+            )
 
 
 def _load_result(
@@ -279,9 +310,11 @@ def run_experiment(
     options = options or GridOptions()
     if jobs < 1:
         raise ExperimentError(f"--jobs must be >= 1, got {jobs}")
-    if options.seeds < 1:
-        raise ExperimentError(f"--seeds must be >= 1, got {options.seeds}")
+    if not 1 <= options.seeds <= MAX_SEEDS:
+        raise ExperimentError(f"--seeds must be from 1 to {MAX_SEEDS}, got {options.seeds}")
     out = Path(out)
+    if (out / "cells").is_dir():
+        _check_folder(out, exp.name, options)
     try:
         (out / "cells").mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -320,7 +353,8 @@ def run_experiment(
         for i, cell in pending:
             log(f"[{i}/{n}] {cell.key}: running")
             folder = str(cell_dir(out, cell))
-            report(i, cell, lambda c=cell, f=folder: _execute(exp.run_cell, c, f, options))
+            report(i, cell,
+                   lambda c=cell, f=folder: _execute(exp.run_cell, exp.name, c, f, options))
     else:
         ctx = multiprocessing.get_context("spawn")
         others = set(multiprocessing.active_children())  # the caller's own, left alone
@@ -330,8 +364,8 @@ def run_experiment(
             futures: dict[Future[dict[str, Any]], tuple[int, Cell]] = {}
             with _workers_deaf_to_ctrl_c():  # submit starts the workers
                 for i, cell in pending:
-                    fut = pool.submit(_execute, exp.run_cell, cell, str(cell_dir(out, cell)),
-                                      options)  # fmt: skip
+                    fut = pool.submit(_execute, exp.run_cell, exp.name, cell,
+                                      str(cell_dir(out, cell)), options)  # fmt: skip
                     futures[fut] = (i, cell)
             log(f"running {len(pending)} cells in {jobs} processes")
             running = set(futures)
@@ -346,6 +380,11 @@ def run_experiment(
             raise
         pool.shutdown()
     rows = table_rows(exp, out, cells, options)
+    if report_only and not rows:  # (the tables of a finished grid are not emptied)
+        raise ExperimentError(
+            f"--report: no finished cell of this grid in {out}; nothing was written (was it "
+            "made with --quick, or with other --seeds?)"
+        )
     write_table(exp, out, rows)
     if rows:
         try:
