@@ -308,3 +308,26 @@ def test_resume_help_lists_every_key_a_resume_may_change(
     for key in RESUME_OVERRIDABLE + RECOVERY_OVERRIDABLE:
         if key != "out_dir":
             assert (key + "*" if key.endswith(".") else key) in resume, key
+
+
+def test_a_key_given_twice_in_yaml_and_a_flag_with_its_key_are_refused(tmp_path, capsys) -> None:
+    """Two ``optim:`` sections: PyYAML kept the second and dropped ``lr`` and ``clipping``
+    silently. ``--data`` with ``data.spec=`` (or ``data=``), ``--out`` with ``out_dir=``,
+    ``--compile`` with ``train.compile=``: the flag always won, whatever the order."""
+    from normfree.cli import main
+
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("optim:\n  lr: 0.1\n  clipping: 0.05\nschedule:\n  decay: linear\n"
+                   "optim:\n  weight_decay: 5e-5\n")  # fmt: skip
+    assert main(["train", "--config", str(dup), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "the key 'optim' is given twice (first at line 1) at line 6" in err
+    assert err.count("\n") == 1
+    for argv, flag in ((["--data", "digits", "data.spec=synthetic"], "--data and data.spec="),
+                       (["data=synthetic", "--data", "digits"], "--data and data="),
+                       (["-o", str(tmp_path / "a"), f"out_dir={tmp_path / 'b'}"], "--out and"),
+                       (["train.compile=false", "--compile"], "--compile and")):  # fmt: skip
+        assert main(["train", *argv, "--print-config"]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and "give one" in err and err.count("\n") == 1
+    assert main(["train", "--data", "digits", "train.epochs=1", "--print-config"]) == 0

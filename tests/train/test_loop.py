@@ -18,6 +18,7 @@ from normfree.cli import main
 from normfree.data import BatchMixer, soft_target_cross_entropy
 from normfree.optim import fused_available
 from normfree.train import (
+    Callback,
     CheckpointError,
     Config,
     ConfigError,
@@ -390,3 +391,43 @@ def test_a_mid_epoch_resume_keeps_the_epoch_train_metrics(
     train(older, resume=older.out_dir)
     assert_same_weights(final_weights(Path(ref.out_dir)), final_weights(Path(older.out_dir)))
     assert epoch_row(older)["train_loss"] != epoch_row(ref)["train_loss"]
+
+
+class _LrLog(Callback):
+    """The learning rate each optimizer step ran with, by global step."""
+
+    def __init__(self) -> None:
+        self.lr: dict[int, float] = {}
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        self.lr[trainer.global_step] = trainer.optimizer.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("change", ["schedule.decay_rate=0.5", "schedule.decay_epochs=0.2"])
+def test_a_resume_that_changes_the_exponential_decay_follows_it(
+    make_cfg: Callable[..., Config], change: str
+) -> None:
+    """Diverged-run recovery with a steeper exponential decay: the resume logged the new rate
+    and period but kept stepping the checkpoint's (only the peak, warmup, length, final ratio
+    and decay kind were taken over). From the checkpoint's step on, the learning rates equal a
+    fresh run's with the new setting."""
+    base = ["train.epochs=2", "train.max_steps_per_epoch=5", "train.batch_size=32",
+            "schedule.warmup_steps=1", "schedule.decay=exponential", "schedule.decay_epochs=0.5",
+            "schedule.decay_rate=0.9"]  # fmt: skip
+    fresh_log = _LrLog()
+    train(make_cfg(*base, change, out="fresh"), callbacks=[fresh_log])
+    crashed = make_cfg(*base, out="crashed")
+    with pytest.raises(InjectedCrash):
+        train(crashed, callbacks=[CrashAfter(7)])
+    state = load_checkpoint(Path(crashed.out_dir) / "last.pt")
+    key, value = change.split("=")
+    resumed = config_from_dict(state["config"])
+    setattr(resumed.schedule, key.split(".")[1], float(value))
+    resumed_log = _LrLog()
+    train(resumed, resume=crashed.out_dir, callbacks=[resumed_log])
+    steps = sorted(resumed_log.lr)
+    assert steps[0] == state["position"]["global_step"] + 1 and steps[-1] == 10
+    assert [resumed_log.lr[s] for s in steps] == pytest.approx([fresh_log.lr[s] for s in steps])
+    old = _LrLog()  # (and they differ from the checkpoint's schedule: the change shows)
+    train(make_cfg(*base, out="old"), callbacks=[old])
+    assert [old.lr[s] for s in steps] != pytest.approx([fresh_log.lr[s] for s in steps])

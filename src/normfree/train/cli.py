@@ -129,6 +129,13 @@ def _resolve(args: argparse.Namespace) -> Any:
     from normfree.train.run_folder import resume_config
 
     overrides = list(args.overrides)
+    keys = {item.split("=", 1)[0].strip() for item in overrides}
+    for flag, given, names in (("--out", args.out, ("out_dir",)),
+                               ("--data", args.data, ("data.spec", "data")),
+                               ("--compile", getattr(args, "compile", False), ("train.compile",))):
+        key = next((k for k in names if k in keys), None)  # fmt: skip
+        if given and key:  # (argparse does not keep a flag's place among the overrides)
+            raise ConfigError(f"{flag} and {key}= both given: {flag} is the same key; give one")
     if args.out:
         overrides.append(f"out_dir={args.out}")
     if args.data:

@@ -246,7 +246,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = _load_yaml(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(
             f"config file {str(p)!r} is not a UTF-8 text file; --config takes a YAML file "
@@ -261,6 +261,31 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: ``safe_load`` keeps the
+    last one silently, so a second ``optim:`` section drops the first's settings."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)  # (merge keys ``<<`` first, as the base class does)
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) or key is None:
+                continue  # (an unhashable key: the base class reports it)
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice (first at line {first[key]})",
+                    key_node.start_mark,
+                )  # fmt: skip
+            first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with every key of a mapping given once (:class:`_StrictLoader`)."""
+    return yaml.load(text, Loader=_StrictLoader)  # (a SafeLoader subclass: no arbitrary tags)
+
+
 def list_recipes() -> list[str]:
     """Names of the recipes shipped in ``normfree/recipes``."""
     root = importlib.resources.files("normfree") / "recipes"
@@ -273,7 +298,7 @@ def load_recipe(name: str) -> dict[str, Any]:
     if name not in names:
         raise ConfigError(f"unknown recipe {name!r}; shipped recipes: {', '.join(names)}")
     text = (importlib.resources.files("normfree") / "recipes" / f"{name}.yaml").read_text()
-    return yaml.safe_load(text) or {}
+    return _load_yaml(text) or {}
 
 
 # --------------------------------------------------------------------------- overrides
@@ -292,7 +317,7 @@ def _override_value(item: str, key: str, raw: str, tp: Any) -> Any:
         if "," in raw and not raw.strip().startswith(("[", "(")):
             raw = f"[{raw}]"
     try:
-        return yaml.safe_load(raw)
+        return _load_yaml(raw)
     except yaml.YAMLError as e:
         raise ConfigError(
             f"override {item!r}: the value of {key!r} is not valid YAML ({yaml_problem(e)}); "

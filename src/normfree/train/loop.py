@@ -308,8 +308,11 @@ class Trainer(TrainerState):
             sched = B.build_scheduler(cfg, fresh, self.steps_per_epoch)
             for group, new in zip(self.optimizer.param_groups, fresh.param_groups):
                 group.update({k: v for k, v in new.items() if k not in ("params", "lr")})
-            for attr in ("base_lrs", "warmup_steps", "total_steps", "final_ratio", "decay"):
-                setattr(self.scheduler, attr, copy.copy(getattr(sched, attr)))
+            # the new schedule's shape (every key of its state but where it stands)
+            state = sched.state_dict()
+            where = self.scheduler.state_dict()
+            state.update({k: v for k, v in where.items() if k.startswith("_") or k == "last_epoch"})
+            self.scheduler.load_state_dict(state)
             for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
                 group["lr"] = lr
             for action in attached(self.optimizer):  # ε lives on the AGC hook, not the groups
