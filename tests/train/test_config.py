@@ -60,7 +60,7 @@ def test_shipped_recipes_resolve() -> None:
         resolve_config(recipe=name)
     imagenet = resolve_config(recipe="nfnet_imagenet")
     assert imagenet.model == "nfnet_f0" and peak_lr(imagenet) == pytest.approx(1.6)
-    assert imagenet.data.randaugment == (4, 5) and imagenet.train.stochdepth_rate == 0.25
+    assert imagenet.data.randaugment == "model" and imagenet.train.stochdepth_rate == 0.25
     with pytest.raises(ConfigError, match="unknown recipe 'imagenette'"):
         resolve_config(recipe="imagenette")
 
@@ -331,3 +331,28 @@ def test_a_key_given_twice_in_yaml_and_a_flag_with_its_key_are_refused(tmp_path,
         err = capsys.readouterr().err
         assert flag in err and "give one" in err and err.count("\n") == 1
     assert main(["train", "--data", "digits", "train.epochs=1", "--print-config"]) == 0
+
+
+@pytest.mark.parametrize(("model", "level"), [("nfnet_f0", (4, 5)), ("nfnet_f1", (4, 10)),
+                                              ("nfnet_f3", (4, 15)), ("nfnet_f7", (4, 15))])
+def test_the_nfnet_recipe_takes_each_variant_s_randaugment_level(model: str, level) -> None:
+    """The recipe wrote F0's (4, 5) for every variant: ``model=nfnet_f3`` trained with F0's
+    augmentation. ``data.randaugment: model`` reads the variant's official RA_level
+    (DeepMind's experiment_nfnets.py: "405", "410", "415"...)."""
+    from normfree.models import create_model
+    from normfree.train.builders import randaugment_setting, weight_decay_setting
+
+    cfg = resolve_config(recipe="nfnet_imagenet", overrides=[f"model={model}"])
+    meta = create_model(model, depths=(1, 1, 1, 1), widths=(16, 16, 16, 16), group_size=8).meta
+    assert randaugment_setting(cfg, meta) == level
+    fixed = resolve_config(recipe="nfnet_imagenet", overrides=["data.randaugment=[2,9]"])
+    assert randaugment_setting(fixed, meta) == (2, 9)
+    regnet = create_model("nf_regnet_b0")
+    wd = resolve_config(overrides=["model=nf_regnet_b0", "optim.weight_decay=model"])
+    assert weight_decay_setting(wd, regnet) == 5e-5
+    no_wd = resolve_config(overrides=["model=nfnet_f0", "optim.weight_decay=model"])
+    with pytest.raises(ConfigError, match=r"'optim\.weight_decay' is model, but nfnet_f0 records"):
+        weight_decay_setting(no_wd, create_model("nfnet_f0", depths=(1, 1, 1, 1)))
+    with pytest.raises(ConfigError, match=r"'data\.randaugment' is model, but nf_resnet_cifar20"):
+        randaugment_setting(resolve_config(overrides=["data.randaugment=model"]),
+                            create_model("nf_resnet_cifar20").meta)

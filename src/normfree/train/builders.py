@@ -80,10 +80,48 @@ def model_resolution(cfg: Config, meta: Any | None = None) -> tuple[int | None, 
     size, test = cfg.data.image_size, cfg.data.test_size
     if dataset_kind(cfg.data.spec) != "imagefolder" or (size and test):
         return size, test
-    if meta is None:  # probe: a throw-away instance only for its metadata
+    meta = _model_meta(cfg, meta)
+    return size or meta.train_size, test or meta.test_size
+
+
+def _model_meta(cfg: Config, meta: Any | None) -> Any:
+    """``meta``, or the configured model's (a throw-away instance, only for its metadata)."""
+    if meta is None:
         _refuse_file_loading(cfg.model_kwargs)
         meta = create_model(cfg.model, num_classes=1, **cfg.model_kwargs).meta
-    return size or meta.train_size, test or meta.test_size
+    return meta
+
+
+def _model_hint(cfg: Config, meta: Any | None, key: str, config_key: str, fix: str) -> Any:
+    """The model's recorded official setting ``meta.recipe[key]``, for a config value
+    ``model``; a :class:`ConfigError` naming ``config_key`` when the model records none."""
+    recipe = getattr(meta, "recipe", None) or {}
+    if recipe.get(key) is None:
+        raise ConfigError(
+            f"config key '{config_key}' is model, but {cfg.model} records no official "
+            f"{key.replace('_', ' ')}; {fix}"
+        )
+    return recipe[key]
+
+
+def randaugment_setting(cfg: Config, meta: Any | None = None) -> tuple[int, int] | None:
+    """``data.randaugment`` as ``(num_ops, magnitude)``: ``model`` takes the model's official
+    level (NFNets: DeepMind's ``RA_level``, layers then magnitude, "405" for F0)."""
+    value = cfg.data.randaugment
+    if value != "model":
+        return (int(value[0]), int(value[1])) if value else None
+    level = str(_model_hint(cfg, _model_meta(cfg, meta), "randaugment", "data.randaugment",
+                            "give [num_ops, magnitude] or null"))  # fmt: skip
+    return int(level[0]), int(level[1:])
+
+
+def weight_decay_setting(cfg: Config, model: nn.Module) -> float:
+    """``optim.weight_decay``: ``model`` takes the model's official value (NF-RegNets)."""
+    value = cfg.optim.weight_decay
+    if value != "model":
+        return float(value)
+    meta = getattr(model, "meta", None)
+    return float(_model_hint(cfg, meta, "weight_decay", "optim.weight_decay", "give a number"))
 
 
 def build_data(
@@ -98,6 +136,8 @@ def build_data(
     from normfree.data import AugmentConfig, build_datasets
 
     d = cfg.data
+    if meta is None and d.randaugment == "model" and train_augment:
+        meta = _model_meta(cfg, None)  # (one probe for both the level and the sizes)
     image_size, default_test = model_resolution(cfg, meta)
     augment = None
     if train_augment:
@@ -105,7 +145,7 @@ def build_data(
             crop=d.crop,
             pad=d.pad,
             flip=d.flip,
-            randaugment=tuple(d.randaugment) if d.randaugment else None,
+            randaugment=randaugment_setting(cfg, meta),
         )
     try:
         bundle = build_datasets(
@@ -241,7 +281,7 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     groups = build_param_groups(
         model,
         lr=lr,
-        weight_decay=o.weight_decay,
+        weight_decay=weight_decay_setting(cfg, model),
         clipping=o.clipping if use_agc else None,
         clip_classifier=o.clip_classifier,
     )

@@ -81,7 +81,10 @@ class DataConfig:
     crop: Literal["none", "pad", "random_resized"] = _f("none", "training crop")
     pad: int = _f(4, "padding of the 'pad' crop, in pixels")
     flip: bool = _f(False, "random horizontal flips")
-    randaugment: tuple[int, int] | None = _f(None, "RandAugment [num_ops, magnitude] or null")
+    randaugment: tuple[int, int] | Literal["model"] | None = _f(
+        None, "RandAugment [num_ops, magnitude], model (the model's official level: NFNet "
+        "F0 [4, 5], F1-F2 [4, 10], F3-F7 [4, 15]) or null"
+    )
     mixup_alpha: float = _f(0.0, "MixUp Beta(α, α) (0: off; NFNet: 0.2)")
     cutmix_alpha: float = _f(0.0, "CutMix Beta(α, α) (0: off; NFNet: 1.0, uniform area)")
     mix_switch_prob: float = _f(0.5, "probability of CutMix when both are on")
@@ -110,7 +113,10 @@ class OptimConfig:
         "PyTorch's default; 0.9 for rmsprop_tf, TensorFlow's)"
     )
     nesterov: bool = _f(True, "Nesterov momentum for SGD")
-    weight_decay: float = _f(2e-5, "weight decay (not on gains, biases, scalars)")
+    weight_decay: float | Literal["model"] = _f(
+        2e-5, "weight decay (not on gains, biases, scalars); model: the model's official value "
+        "(NF-RegNets: 5e-5 for B0)"
+    )
     betas: tuple[float, float] = _f((0.9, 0.999), "Adam/AdamW betas")
     eps: float = _f(1e-8, "Adam/AdamW/RMSprop epsilon (rmsprop_tf: inside the square root)")
     fused: bool | None = _f(
@@ -397,7 +403,7 @@ def validate_config(cfg: Config) -> None:
     need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", ">= 0")
     need(o.lr is None or o.lr > 0, "optim.lr", "> 0 or null")
     need(o.base_lr > 0, "optim.base_lr", "> 0")
-    need(o.weight_decay >= 0, "optim.weight_decay", ">= 0")
+    need(o.weight_decay == "model" or o.weight_decay >= 0, "optim.weight_decay", ">= 0 or model")
     need(0.0 <= o.momentum < 1.0, "optim.momentum", "in [0, 1)")
     need(o.clipping > 0, "optim.clipping", "> 0")
     need(o.agc_eps > 0, "optim.agc_eps", "> 0")
@@ -436,9 +442,9 @@ def validate_config(cfg: Config) -> None:
     need(cfg.distill.temperature > 0, "distill.temperature", "> 0")
     need(d.pad >= 0, "data.pad", ">= 0")
     need(
-        d.randaugment is None or (d.randaugment[0] >= 0 and d.randaugment[1] >= 0),
+        not isinstance(d.randaugment, tuple) or (d.randaugment[0] >= 0 and d.randaugment[1] >= 0),
         "data.randaugment",
-        "[num_ops >= 0, magnitude >= 0] or null",
+        "[num_ops >= 0, magnitude >= 0], model or null",
     )
     need(d.mixup_alpha >= 0, "data.mixup_alpha", ">= 0")
     need(d.cutmix_alpha >= 0, "data.cutmix_alpha", ">= 0")
