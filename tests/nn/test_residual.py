@@ -124,3 +124,27 @@ def test_classifier_head_refuses_bad_arguments(kwargs: dict, message: str) -> No
     args = {"in_features": 16, "num_classes": 10, **kwargs}
     with pytest.raises(ValueError, match=message):
         ClassifierHead(**args)
+
+
+def test_squeeze_excite_starts_as_the_official_hk_linear() -> None:
+    """nfnets/base.py builds its SE from two ``hk.Linear``: weights N(0, 1/fan_in) truncated at
+    ±2 std (std 0.8796/√fan_in), biases zero. The layers kept ``nn.Conv2d``'s uniform init with
+    a random bias (std 0.577/√fan_in), so each channel's gate started away from 1. Checked on
+    NFNet-F0's last block (1536 → 768 → 1536) and after ``reset_parameters``."""
+    import math
+
+    import normfree
+
+    torch.manual_seed(0)
+    model = normfree.create_model("nfnet_f0")
+    for _ in range(2):
+        se = [m for m in model.modules() if isinstance(m, SqueezeExcite)][-1]
+        for fc, fan_in in ((se.fc1, 1536), (se.fc2, 768)):
+            w = fc.weight.detach() * math.sqrt(fan_in)
+            assert abs(float(w.std()) - 0.87962566) < 0.01  # std of N(0,1) cut at ±2
+            assert float(w.abs().max()) <= 2.0 and abs(float(w.mean())) < 0.01
+            assert torch.equal(fc.bias.detach(), torch.zeros_like(fc.bias))
+        with torch.no_grad():  # a zero pooled input gives logit 0: the gate is 2·sigmoid(0) = 1
+            logit = se.fc2(se.act(se.fc1(torch.zeros(1, 1536, 1, 1))))
+        assert torch.equal(logit, torch.zeros_like(logit))
+        model.reset_parameters()

@@ -185,6 +185,18 @@ class SqueezeExcite(nn.Module):
         self.fc1 = PointwiseConv2d(channels, hidden_channels)
         self.act = activation if activation is not None else nn.ReLU()
         self.fc2 = PointwiseConv2d(hidden_channels, channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official NF models' init (``nfnets/base.py`` ``SqueezeExcite``: two ``hk.Linear``
+        with Haiku's defaults): weights from a normal of std ``1/√fan_in`` truncated at ±2 std,
+        biases zero, so that the gate is exactly ``gate_gain·sigmoid(0)`` for a zero input.
+        (``nn.Conv2d``'s own default, a uniform ±1/√fan_in with a random bias, is ~35 %
+        narrower and shifts every channel's gate.) EfficientNets re-initialise theirs."""
+        for fc in (self.fc1, self.fc2):
+            std = 1.0 / math.sqrt(fc.in_channels)
+            nn.init.trunc_normal_(fc.weight, std=std, a=-2.0 * std, b=2.0 * std)
+            nn.init.zeros_(fc.bias)
 
     def forward(self, x: torch.Tensor, out_gain: torch.Tensor | None = None) -> torch.Tensor:
         """``x·gate``; ``out_gain`` (a tensor broadcastable to the ``(B, C, 1, 1)`` gate, e.g.
