@@ -196,7 +196,8 @@ class SqueezeExcite(nn.Module):
         for fc in (self.fc1, self.fc2):
             std = 1.0 / math.sqrt(fc.in_channels)
             nn.init.trunc_normal_(fc.weight, std=std, a=-2.0 * std, b=2.0 * std)
-            nn.init.zeros_(fc.bias)
+            if fc.bias is not None:
+                nn.init.zeros_(fc.bias)
 
     def forward(self, x: torch.Tensor, out_gain: torch.Tensor | None = None) -> torch.Tensor:
         """``x·gate``; ``out_gain`` (a tensor broadcastable to the ``(B, C, 1, 1)`` gate, e.g.
