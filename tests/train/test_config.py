@@ -356,3 +356,21 @@ def test_the_nfnet_recipe_takes_each_variant_s_randaugment_level(model: str, lev
     with pytest.raises(ConfigError, match=r"'data\.randaugment' is model, but nf_resnet_cifar20"):
         randaugment_setting(resolve_config(overrides=["data.randaugment=model"]),
                             create_model("nf_resnet_cifar20").meta)
+
+
+def test_small_cli_messages_and_the_default_run_folder_name(tmp_path, monkeypatch) -> None:
+    """``--resume FILE`` says it is a file; an unknown recipe lists ``none`` too; a converted
+    model in a subfolder names one run folder (``converted:sub/nf.safetensors`` made the
+    nested folder ``runs/converted:sub/``)."""
+    from normfree.train.run_folder import resume_config
+    from normfree.train.trainer_state import default_run_dir
+
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match=r"notes\.txt': a file, not a run folder"):
+        resume_config(afile, [])
+    with pytest.raises(ConfigError, match=r"\(or none: the defaults alone\)"):
+        resolve_config(recipe="cifr")
+    cfg = resolve_config(overrides=["model=converted:sub/nf.safetensors"])
+    run = default_run_dir(cfg, "digits", root=tmp_path / "runs")
+    assert run.parent == tmp_path / "runs" and run.name.startswith("converted_sub_nf.safetensors-")

@@ -72,8 +72,8 @@ class DataConfig:
 
     spec: str = _f(
         "digits",
-        "dataset: digits | cifar10:/dir | cifar100:/dir | imagefolder:/dir | "
-        "synthetic:num_classes=10,size=32,channels=3,n=512",
+        "dataset: digits | hard-digits[:size=8] | cifar10:/dir | cifar100:/dir | "
+        "imagefolder:/dir | synthetic:num_classes=10,size=32,channels=3,n=512",
     )
     image_size: int | None = _f(None, "training resolution (null: the dataset's own size)")
     test_size: int | None = _f(None, "evaluation resolution (null: as the data package decides)")

@@ -296,7 +296,10 @@ def load_recipe(name: str) -> dict[str, Any]:
     """The mapping of a shipped recipe (``digits``, ``cifar``, ``nfnet_imagenet``)."""
     names = list_recipes()
     if name not in names:
-        raise ConfigError(f"unknown recipe {name!r}; shipped recipes: {', '.join(names)}")
+        raise ConfigError(
+            f"unknown recipe {name!r}; shipped recipes: {', '.join(names)} (or none: the "
+            "defaults alone)"
+        )
     text = (importlib.resources.files("normfree") / "recipes" / f"{name}.yaml").read_text()
     return _load_yaml(text) or {}
 

@@ -285,7 +285,8 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ConfigError(f"--resume {str(run_dir)!r}: no such run folder")
+        what = "a file, not a run folder" if run_dir.is_file() else "no such run folder"
+        raise ConfigError(f"--resume {str(run_dir)!r}: {what}")
 
     def refused(key: str) -> ConfigError:
         if key == "out_dir":

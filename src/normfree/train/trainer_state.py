@@ -52,8 +52,10 @@ def default_run_dir(cfg: Config, data_name: str, root: str | Path = "runs") -> P
     directory), created here: each name is taken atomically (``mkdir``), so two runs started in
     the same second get two folders, the second with ``-2`` appended (then ``-3``, ...)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in data_name)
-    base = Path(root) / f"{cfg.model}-{safe}-{stamp}"
+    def safe(name: str) -> str:  # (``converted:sub/nf.safetensors`` made nested folders)
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+    base = Path(root) / f"{safe(cfg.model)}-{safe(data_name)}-{stamp}"
     try:
         base.parent.mkdir(parents=True, exist_ok=True)
         for n in itertools.count(1):
