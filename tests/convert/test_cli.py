@@ -268,3 +268,26 @@ def test_converting_a_converted_file_says_so(tmp_path, capsys):
                                "output, without BatchNorm): convert the BatchNorm model it came "
                                "from"]  # fmt: skip
     assert not (tmp_path / "nf.pt").exists()
+
+
+def test_a_converted_checkpoint_keeps_its_run_s_size_and_data(tmp_path, capsys):
+    """A digits run's checkpoint converted without --data: the noise batch is 8×8, the run's
+    size (it was the model's 32 px, which became the file's test size and its export's input),
+    and ``normfree eval`` of the file uses the recorded digits (it asked for --data)."""
+    from normfree.convert import load_converted
+    from normfree.train import train
+    from normfree.train.config_io import resolve_config
+
+    run = tmp_path / "run"
+    overrides = [f"out_dir={run}", "model=bn_resnet_cifar20", "train.epochs=1",
+                 "train.max_steps_per_epoch=2", "log.progress=false"]  # fmt: skip
+    train(resolve_config(overrides=overrides))
+    capsys.readouterr()
+    out = tmp_path / "bnfree.pt"
+    assert main(["convert", str(run / "last.pt"), "--to", "bn_free", "--standalone-bn", "affine",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert "Gaussian noise at 8×8 (its training run's size)" in capsys.readouterr().err
+    assert load_converted(out).meta.test_size == 8
+    assert main(["eval", str(out), "--json", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["data"] == "digits" and result["count"] == 359

@@ -227,7 +227,12 @@ def _input_channels(model: nn.Module) -> int | None:
     return None if takes is None else int(takes)
 
 
-def _example(args: argparse.Namespace, model: nn.Module) -> torch.Tensor:
+def _example(
+    args: argparse.Namespace, model: nn.Module, run_data: dict[str, Any] | None = None
+) -> torch.Tensor:
+    """The calibration batch: ``--data``'s training images, else Gaussian noise at
+    ``--image-size``, else at the size the source's training run fed it (a checkpoint's
+    ``data_info``: digits are 8×8 where nf_resnet_cifar20 declares 32), else the model's."""
     in_chans = _input_channels(model)
     if args.data:
         from normfree.data import build_datasets
@@ -242,11 +247,14 @@ def _example(args: argparse.Namespace, model: nn.Module) -> torch.Tensor:
         g = torch.Generator().manual_seed(args.seed)
         idx = torch.randperm(len(bundle.train), generator=g)[:n].tolist()
         return torch.stack([bundle.train[i][0] for i in idx])
-    size = args.image_size or getattr(getattr(model, "meta", None), "test_size", None)
+    run_size = (run_data or {}).get("test_size") or (run_data or {}).get("image_size")
+    size = args.image_size or run_size or getattr(getattr(model, "meta", None), "test_size", None)
     if not size:
         raise ValueError("pass --data or --image-size (the model declares no input size)")
     g = torch.Generator().manual_seed(args.seed)
-    print("note: no --data: calibrating and measuring on Gaussian noise", file=sys.stderr)
+    where = " (its training run's size)" if size == run_size and not args.image_size else ""
+    print(f"note: no --data: calibrating and measuring on Gaussian noise at {size}×{size}"
+          f"{where}", file=sys.stderr)  # fmt: skip
     return torch.randn(args.batch, in_chans or 3, size, size, generator=g)
 
 
@@ -305,7 +313,7 @@ def run_convert(args: argparse.Namespace) -> int:
             model, spec, kwargs, data = _from_file(source, args)
         else:
             (model, spec, kwargs), data = _from_spec(args), {}
-        example = _example(args, model)
+        example = _example(args, model, data)
         converted = convert_model(
             model, args.to, example, source=spec, source_kwargs=kwargs,
             standalone_bn=args.standalone_bn, residual_alpha=args.alpha,
@@ -333,6 +341,10 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+#: data specs that name their data alone (a recorded ``cifar10`` or ``imagefolder`` needs a path)
+_PATH_FREE_DATA = ("digits", "hard-digits")
+
+
 def evaluate_converted_file(
     path: str, data: str | None, *, batch_size: int | None = None, split: str = "val",
     device: str = "auto", image_size: int | None = None, test_size: int | None = None,
@@ -349,11 +361,20 @@ def evaluate_converted_file(
     from normfree.train.distributed import select_device
     from normfree.train.evaluate import evaluate
 
-    if not data:
-        raise ValueError(f"{path} is a converted model: pass --data (it records no dataset)")
     if split not in ("val", "train"):
         raise ValueError(f"split must be 'val' or 'train', got {split!r}")
     model = load_converted(path, trust_pickle=trust_pickle).float()  # fp32, as the data
+    if not data:  # the training run's data, where a converted checkpoint records it
+        recorded = (getattr(model, "description", None) or {}).get("data") or {}
+        name = recorded.get("name")
+        if name not in _PATH_FREE_DATA:
+            held = (f"it records dataset {name!r}, which needs its path (e.g. --data "
+                    f"{name}:/path)" if name else "it records no dataset")  # fmt: skip
+            raise ValueError(f"{path} is a converted model: pass --data ({held})")
+        size = recorded.get("image_size")
+        data = f"{name}:size={size}" if name == "hard-digits" and size else name
+        image_size = image_size or size
+        test_size = test_size or recorded.get("test_size")
     bundle = build_datasets(data, image_size=image_size, test_size=test_size, augment=None)
     if model.num_classes is None:
         raise ValueError(f"{path} has no classifier (no nn.Linear): eval needs class logits")
