@@ -8,6 +8,8 @@ import difflib
 import fnmatch
 import inspect
 import os
+import re
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -109,6 +111,26 @@ def set_weights_loader(loader: Callable[..., Any]) -> None:
     """Install the function ``create_model(pretrained=True)`` loads weight files with
     (``loader(model, path)``, and ``trust_pickle=True`` when the cfg says so)."""
     _WEIGHTS_LOADER[:] = [loader]
+
+
+_INTERNAL = ("self", "meta")  # constructor arguments that are not user options
+
+
+def _options(fn: Callable[..., NormFreeModel]) -> dict[str, Any]:
+    """``{option: default}`` of the model class a factory returns (its return annotation) and
+    of the factory itself; ``{}`` where the class cannot be told."""
+    try:
+        cls = typing.get_type_hints(fn).get("return")
+    except Exception:  # (an annotation that does not resolve)
+        return {}
+    if not isinstance(cls, type):
+        return {}
+    out: dict[str, Any] = {}
+    for func in (getattr(cls, "__init__"), fn):  # noqa: B009 (the class's, for its signature)
+        for p in inspect.signature(func).parameters.values():
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in _INTERNAL:
+                out.setdefault(p.name, p.default)
+    return out
 
 
 def _default_num_classes(fn: Callable[..., NormFreeModel]) -> int:
@@ -261,8 +283,21 @@ def create_model(
         overrides.setdefault("in_chans", cfg_updates["input_size"][0])
     # timm's factory keywords (timm 1.0.31 passes them on): parameters on device, in dtype
     device, dtype = overrides.pop("device", None), overrides.pop("dtype", None)
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = fn(**overrides)
+    options = _options(fn)
+    for key, value in overrides.items():
+        if isinstance(options.get(key), bool) and not isinstance(value, bool):
+            raise TypeError(f"{name}: option {key}={value!r} must be true or false")
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = fn(**overrides)
+    except TypeError as e:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if unknown is None or not options:
+            raise
+        close = difflib.get_close_matches(unknown.group(1), list(options), n=3, cutoff=0.6)
+        hint = (f"did you mean {', '.join(close)}?" if close
+                else f"its options: {', '.join(options)}")  # fmt: skip
+        raise TypeError(f"{name} has no option {unknown.group(1)!r}; {hint}") from None
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     cfg = model.default_pretrained_cfg(num_classes=weights_classes)
