@@ -371,6 +371,8 @@ def test_small_cli_messages_and_the_default_run_folder_name(tmp_path, monkeypatc
         resume_config(afile, [])
     with pytest.raises(ConfigError, match=r"\(or none: the defaults alone\)"):
         resolve_config(recipe="cifr")
+    with pytest.raises(ConfigError, match=r"'model_kwargs\.num_classes': the trainer takes"):
+        resolve_config(overrides=["model_kwargs.num_classes=5"])  # (Python's "multiple values")
     cfg = resolve_config(overrides=["model=converted:sub/nf.safetensors"])
     run = default_run_dir(cfg, "digits", root=tmp_path / "runs")
     assert run.parent == tmp_path / "runs" and run.name.startswith("converted_sub_nf.safetensors-")

@@ -378,6 +378,13 @@ def validate_config(cfg: Config) -> None:
             model_entrypoint(cfg.model)
     except UnknownModelError as e:
         raise ConfigError(f"model={cfg.model!r}: {e}") from None
+    for key in ("num_classes", "in_chans"):  # (they come from the data)
+        if key in cfg.model_kwargs:
+            raise ConfigError(
+                f"config key 'model_kwargs.{key}': the trainer takes {key} from the dataset; "
+                "drop it (to fine-tune a model trained on other classes, give init_from= with "
+                "init_head=false)"
+            )
     need(t.epochs > 0, "train.epochs", "> 0")
     need(t.batch_size > 0, "train.batch_size", "> 0")
     need(t.accum_steps > 0, "train.accum_steps", "> 0")
