@@ -174,3 +174,11 @@ def test_a_fifo_or_a_link_to_one_is_written_into_not_replaced(tmp_path: Path) ->
         assert got == [b"streamed\n"]
         assert stat.S_ISFIFO(os.stat(fifo).st_mode) and link.is_symlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link"]  # no temp files
+
+
+def test_a_path_ending_in_a_separator_names_a_folder(tmp_path: Path) -> None:
+    """``--json out/x/`` wrote a file named ``x``: the trailing slash meant a folder."""
+    for write in (lambda p: check_writable(p), lambda p: atomic_write_text(p, "x")):
+        with pytest.raises(OSError, match="ends in a separator, so it names a folder"):
+            write(f"{tmp_path}/new/x/")
+    assert not (tmp_path / "new").exists()

@@ -61,6 +61,16 @@ def _write_error(path: Path, e: OSError) -> OSError:
     return OSError(e.errno, f"cannot write {path}: {what}; {path.name} was left as it was")
 
 
+def _refuse_folder_name(given: str | os.PathLike[str]) -> None:
+    """A path written with a trailing separator names a folder (``Path`` would drop it and
+    write a file of the last name)."""
+    if os.fspath(given).endswith(("/", os.sep)):
+        raise OSError(
+            errno.EISDIR, f"cannot write {os.fspath(given)}: it ends in a separator, so it names "
+            "a folder; give a file name"
+        )  # fmt: skip
+
+
 def _is_stream(path: Path) -> bool:
     """An existing target that is neither a regular file nor a folder (links followed)."""
     return path.exists() and not path.is_file() and not path.is_dir()
@@ -74,6 +84,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[IO[bytes]]
     A ``path`` that exists and is not a regular file or a folder (a FIFO, ``/dev/null``,
     ``/dev/stdout``: a stream, where a partial write cannot be undone anyway) is written into
     directly: renaming over it would replace the device node or link with a plain file."""
+    _refuse_folder_name(path)
     path = Path(path)
     if _is_stream(path):
         try:
@@ -153,6 +164,7 @@ def check_writable(*paths: str | os.PathLike[str] | None) -> None:
     for given in paths:
         if given is None:
             continue
+        _refuse_folder_name(given)
         path = Path(given)
         if path.is_dir():
             raise OSError(errno.EISDIR, f"cannot write {path}: it is a folder")
