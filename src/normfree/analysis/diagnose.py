@@ -289,6 +289,7 @@ def diagnose(
         )
     input_var = channel_stats(x)[1] if x.dim() >= 2 else 1.0
     few = [p for p in spp.points if p.samples is not None and p.samples < t.min_samples]
+    left_out = {p.index for p in few}
     if few:
         least = min(few, key=lambda p: p.samples or 0)
         findings.append(Finding(
@@ -298,7 +299,7 @@ def diagnose(
             "variance); measure with a larger batch or image size",
             [p.name for p in few[: t.top_layers]],
         ))  # fmt: skip
-    checked = replace(spp, points=[p for p in spp.points if p not in few])
+    checked = replace(spp, points=[p for p in spp.points if p.index not in left_out])
     if not bad and checked.points:
         findings.append(_check_mean_shift(checked, t))
         findings.append(_check_variance(checked, input_var if input_var > 0 else 1.0, t))

@@ -255,8 +255,9 @@ def _load_result(
     folder: Path, cell: Cell, options: GridOptions | None
 ) -> dict[str, Any] | None:
     """The cell's stored result; None when it has none or an unreadable one (the cell reruns).
-    :class:`ExperimentError` when it was made with settings other than ``options`` (None:
-    not compared)."""
+    :class:`ExperimentError` when it was made with other params (``options`` None: not
+    compared); the settings every cell shares are checked once per folder
+    (:func:`_check_folder`, before a run or a report reads anything)."""
     path = folder / RESULT_FILE
     if not path.is_file():
         return None
@@ -268,9 +269,9 @@ def _load_result(
         return None
     if options is None:
         return stored["result"]
-    expected = json.loads(json.dumps(_settings(cell, options)))  # as JSON reads it back
+    expected = json.loads(json.dumps({"params": cell.params}))  # as JSON reads it back
     differ = [k for k, v in expected.items() if k in stored and stored[k] != v]
-    if differ:  # (files of earlier versions lack quick/data: their params still decide)
+    if differ:
         was = ", ".join(f"{k}={stored[k]!r}" for k in differ)
         raise ExperimentError(
             f"{path.parent.parent.parent} was made with other settings (cell {cell.key}: {was}; "
@@ -408,7 +409,8 @@ def table_rows(
     exp: Experiment, out: Path, cells: list[Cell], options: GridOptions | None = None
 ) -> list[dict[str, Any]]:
     """One row per finished cell, in grid order: its params then its result (with ``options``,
-    a folder made with other settings is refused)."""
+    a cell made with other params is refused; :func:`run_experiment` checks the rest of the
+    folder's settings first)."""
     rows = []
     for cell in cells:
         result = _load_result(cell_dir(out, cell), cell, options)
